@@ -1,0 +1,469 @@
+//! Batched datagram syscalls: `recvmmsg`, `sendmmsg` and `SO_RXQ_OVFL`.
+//!
+//! This is the only module of udphub with `unsafe` code. It hides the raw
+//! `mmsghdr`/`iovec`/`cmsghdr` arrays behind two plain, safe types:
+//!
+//! - [`RecvBatch`] reads up to `capacity` datagrams with one `recvmmsg` and
+//!   hands them out as [`Datagram`]s (bytes, source, truncation, kernel drop
+//!   counter);
+//! - [`SendBatch`] sends *one* payload to many [`RawAddr`]s with one
+//!   `sendmmsg`: every header points at the same `iovec`, so a fan-out of one
+//!   pre-rendered buffer to 256 clients costs one syscall and no copies.
+//!
+//! Why libc and not nix: nix's `MultiHeaders` re-encodes every destination
+//! from a `SockaddrLike` on each call and its `recvmmsg` returns an iterator
+//! that borrows the headers, which makes the "same buffer to every
+//! destination" fan-out and the control-message parse awkward; the raw calls
+//! are a few dozen lines and every pointer they take is documented below.
+//!
+//! Linux only: `recvmmsg`/`sendmmsg`/`SO_RXQ_OVFL` are Linux APIs.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr;
+
+use crate::addr::{RawAddr, SOCKADDR_MAX};
+
+/// Room for one control message carrying a `u32` (SO_RXQ_OVFL), with margin.
+/// `u64` elements give the 8-byte alignment `cmsghdr` needs.
+const CONTROL_WORDS: usize = 8;
+
+/// One datagram out of a [`RecvBatch`].
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// The bytes received (at most the batch's slot length).
+    pub data: &'a [u8],
+    /// Who sent it; `None` only if the kernel reported an unknown family.
+    pub source: Option<RawAddr>,
+    /// The datagram was longer than the slot and was cut (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// The socket's cumulative kernel drop counter (`SO_RXQ_OVFL`), if the
+    /// kernel attached it (it does once the counter is non-zero).
+    pub kernel_drops: Option<u32>,
+}
+
+/// Reusable buffers for `recvmmsg`.
+pub struct RecvBatch {
+    /// Bytes per datagram slot; longer datagrams come back `truncated`.
+    slot_len: usize,
+    /// `capacity * slot_len` bytes of datagram payload.
+    bufs: Vec<u8>,
+    /// Source address per slot, written by the kernel.
+    names: Vec<libc::sockaddr_storage>,
+    /// Control-message buffer per slot (for SO_RXQ_OVFL).
+    control: Vec<[u64; CONTROL_WORDS]>,
+    /// One `iovec` per slot, pointing into `bufs`.
+    iovs: Vec<libc::iovec>,
+    /// The header array handed to the kernel.
+    hdrs: Vec<libc::mmsghdr>,
+    /// Kernel drop counter parsed per slot after each call.
+    drops: Vec<Option<u32>>,
+    /// How many slots the last `recv` filled.
+    filled: usize,
+}
+
+impl RecvBatch {
+    /// Buffers for `capacity` datagrams of up to `slot_len` bytes each.
+    pub fn new(capacity: usize, slot_len: usize) -> RecvBatch {
+        let capacity = capacity.max(1);
+        let slot_len = slot_len.max(1);
+        RecvBatch {
+            slot_len,
+            bufs: vec![0; capacity * slot_len],
+            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            names: vec![unsafe { mem::zeroed() }; capacity],
+            control: vec![[0; CONTROL_WORDS]; capacity],
+            iovs: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ],
+            // SAFETY: mmsghdr is plain old data (integers and null pointers).
+            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+            drops: vec![None; capacity],
+            filled: 0,
+        }
+    }
+
+    /// How many datagrams one call can return.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Reads up to `capacity` datagrams without blocking.
+    ///
+    /// Returns how many were read; `WouldBlock` when none are waiting.
+    /// `Interrupted` is retried here.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.filled = 0;
+        let cap = self.capacity();
+        for i in 0..cap {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i * self.slot_len..].as_mut_ptr().cast(),
+                iov_len: self.slot_len,
+            };
+            let hdr = &mut self.hdrs[i];
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
+            hdr.msg_hdr.msg_controllen = mem::size_of::<[u64; CONTROL_WORDS]>() as _;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        let n = retry_if_interrupted(|| {
+            // SAFETY: `hdrs[..cap]` are initialised above; every pointer in
+            // them (name, iovec, iovec's buffer, control) points into a Vec
+            // owned by `self` with the length given beside it, and none of
+            // those Vecs is touched until the call returns. The kernel writes
+            // at most those lengths. A null timeout means "no timeout".
+            unsafe {
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    cap as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    ptr::null_mut(),
+                )
+            }
+        })?;
+        self.filled = n;
+        for i in 0..n {
+            self.drops[i] = parse_rxq_ovfl(&self.hdrs[i].msg_hdr);
+        }
+        Ok(n)
+    }
+
+    /// How many datagrams the last [`recv`](Self::recv) returned.
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    /// Whether the last [`recv`](Self::recv) returned nothing.
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    /// The `i`-th datagram of the last call.
+    ///
+    /// # Panics
+    /// If `i >= self.len()` (a bug in the caller, not an input condition).
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        assert!(i < self.filled, "datagram index out of range");
+        let hdr = &self.hdrs[i];
+        let len = (hdr.msg_len as usize).min(self.slot_len);
+        let start = i * self.slot_len;
+        let name_len = (hdr.msg_hdr.msg_namelen as usize).min(SOCKADDR_MAX);
+        let name = sockaddr_bytes(&self.names[i], name_len);
+        Datagram {
+            data: &self.bufs[start..start + len],
+            source: RawAddr::from_kernel(name),
+            truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            kernel_drops: self.drops[i],
+        }
+    }
+}
+
+/// The first `len` bytes of a `sockaddr_storage`.
+fn sockaddr_bytes(storage: &libc::sockaddr_storage, len: usize) -> &[u8] {
+    let len = len.min(mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: `storage` is a live, initialised (zeroed, then written by the
+    // kernel) `sockaddr_storage`; any byte pattern is a valid `u8`, and `len`
+    // is clamped to its size. The slice borrows `storage`.
+    unsafe { std::slice::from_raw_parts((storage as *const libc::sockaddr_storage).cast(), len) }
+}
+
+/// Finds the SO_RXQ_OVFL control message, if the kernel attached one.
+fn parse_rxq_ovfl(msg: &libc::msghdr) -> Option<u32> {
+    if msg.msg_controllen == 0 || msg.msg_control.is_null() {
+        return None;
+    }
+    // SAFETY: `msg` is the header the kernel just filled: `msg_control`
+    // points at our control buffer and `msg_controllen` is the length the
+    // kernel wrote (never more than we offered). CMSG_FIRSTHDR/NXTHDR only
+    // return headers that lie wholly inside that range, or null.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_SOCKET
+                && c.cmsg_type == libc::SO_RXQ_OVFL
+                && c.cmsg_len as usize >= libc::CMSG_LEN(mem::size_of::<u32>() as u32) as usize
+            {
+                // The payload may not be 4-aligned relative to our buffer's
+                // view of it; read unaligned.
+                return Some(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u32>()));
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
+}
+
+/// Reusable header array for `sendmmsg` of one payload to many destinations.
+pub struct SendBatch {
+    /// The header array handed to the kernel; pointers are refreshed per call.
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl SendBatch {
+    /// Room for `capacity` destinations per syscall (the kernel caps one
+    /// call at `UIO_MAXIOV` = 1024).
+    pub fn new(capacity: usize) -> SendBatch {
+        let capacity = capacity.clamp(1, 1024);
+        SendBatch {
+            // SAFETY: mmsghdr is plain old data (integers and null pointers).
+            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+        }
+    }
+
+    /// Destinations per syscall.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Sends `payload` to each of `dests` (at most `capacity` of them are
+    /// used) in one `sendmmsg`, without blocking.
+    ///
+    /// Returns how many leading destinations were handed to the kernel. When
+    /// that is fewer than asked, the next one failed; sending from it again
+    /// returns its error. An error means `dests[0]` failed and nothing was
+    /// sent. `Interrupted` is retried here.
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        payload: &[u8],
+        dests: &[RawAddr],
+    ) -> io::Result<usize> {
+        let n = dests.len().min(self.capacity());
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut iov = libc::iovec {
+            // The kernel only reads through this pointer when sending.
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        };
+        for (hdr, dest) in self.hdrs.iter_mut().zip(&dests[..n]) {
+            let name = dest.as_bytes();
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            hdr.msg_hdr.msg_namelen = name.len() as libc::socklen_t;
+            hdr.msg_hdr.msg_iov = &mut iov;
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = ptr::null_mut();
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        let sent = retry_if_interrupted(|| {
+            // SAFETY: `hdrs[..n]` were all set above. Their `msg_name`s point
+            // into `dests` and their `msg_iov` at `iov`, which points at
+            // `payload`; `dests`, `iov` and `payload` are borrowed for this
+            // whole function, so all outlive the call. The kernel only reads
+            // the names and the payload on send (the casts to `*mut` are for
+            // the C signature) and writes only `msg_len` in `hdrs`.
+            unsafe {
+                libc::sendmmsg(
+                    fd.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            }
+        })?;
+        // Don't leave pointers to borrowed data behind.
+        for hdr in &mut self.hdrs[..n] {
+            hdr.msg_hdr.msg_name = ptr::null_mut();
+            hdr.msg_hdr.msg_iov = ptr::null_mut();
+        }
+        Ok(sent)
+    }
+}
+
+/// Asks the kernel to report its receive-queue drop counter with each
+/// datagram (`SO_RXQ_OVFL`).
+pub fn enable_rxq_ovfl(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the option value is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Runs a libc call returning `-1`/errno until it is not `EINTR`.
+fn retry_if_interrupted<F>(mut call: F) -> io::Result<usize>
+where
+    F: FnMut() -> libc::c_int,
+{
+    loop {
+        let rc = call();
+        if rc >= 0 {
+            return Ok(rc as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{SocketAddr, UdpSocket};
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    fn bound(addr: &str) -> UdpSocket {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    }
+
+    /// Waits (bounded) until `batch` holds at least one datagram.
+    fn recv_some(batch: &mut RecvBatch, sock: &UdpSocket) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match batch.recv(sock.as_fd()) {
+                Ok(n) => return n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("recv failed: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn recv_reads_several_datagrams_with_their_sources() {
+        let server = bound("127.0.0.1:0");
+        let a = bound("127.0.0.1:0");
+        let b = bound("127.0.0.1:0");
+        a.send_to(b"one", server.local_addr().unwrap()).unwrap();
+        b.send_to(b"two", server.local_addr().unwrap()).unwrap();
+        a.send_to(b"three", server.local_addr().unwrap()).unwrap();
+        let mut batch = RecvBatch::new(8, 64);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let n = recv_some(&mut batch, &server);
+            for i in 0..n {
+                let d = batch.get(i);
+                assert!(!d.truncated);
+                got.push((d.data.to_vec(), d.source.unwrap().to_socket_addr()));
+            }
+        }
+        assert_eq!(got[0], (b"one".to_vec(), a.local_addr().unwrap()));
+        assert_eq!(got[1], (b"two".to_vec(), b.local_addr().unwrap()));
+        assert_eq!(got[2], (b"three".to_vec(), a.local_addr().unwrap()));
+        // Drained: the next call says WouldBlock instead of blocking.
+        let err = batch.recv(server.as_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn recv_flags_truncation_instead_of_returning_a_cut_datagram_silently() {
+        let server = bound("127.0.0.1:0");
+        let c = bound("127.0.0.1:0");
+        c.send_to(&[7u8; 100], server.local_addr().unwrap())
+            .unwrap();
+        c.send_to(&[8u8; 10], server.local_addr().unwrap()).unwrap();
+        let mut batch = RecvBatch::new(4, 10);
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let n = recv_some(&mut batch, &server);
+            for i in 0..n {
+                let d = batch.get(i);
+                seen.push((d.data.len(), d.truncated));
+            }
+        }
+        assert_eq!(seen, vec![(10, true), (10, false)]);
+    }
+
+    #[test]
+    fn send_fans_one_payload_out_to_v4_and_v6_destinations() {
+        let server = bound("[::]:0");
+        let v4 = bound("127.0.0.1:0");
+        let v6 = bound("[::1]:0");
+        let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{}", v4.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+        let dests = [
+            RawAddr::from(mapped),
+            RawAddr::from(v6.local_addr().unwrap()),
+        ];
+        let mut batch = SendBatch::new(16);
+        let sent = batch.send(server.as_fd(), b"hello all", &dests).unwrap();
+        assert_eq!(sent, 2);
+        let mut buf = [0u8; 64];
+        for s in [&v4, &v6] {
+            let (n, from) = s.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"hello all");
+            assert_eq!(from.port(), server.local_addr().unwrap().port());
+        }
+    }
+
+    #[test]
+    fn send_more_destinations_than_capacity_sends_only_capacity() {
+        let server = bound("127.0.0.1:0");
+        let sinks: Vec<UdpSocket> = (0..5).map(|_| bound("127.0.0.1:0")).collect();
+        let dests: Vec<RawAddr> = sinks
+            .iter()
+            .map(|s| s.local_addr().unwrap().into())
+            .collect();
+        let mut batch = SendBatch::new(3);
+        assert_eq!(batch.send(server.as_fd(), b"x", &dests).unwrap(), 3);
+        assert_eq!(batch.send(server.as_fd(), b"x", &dests[3..]).unwrap(), 2);
+        assert_eq!(batch.send(server.as_fd(), b"x", &[]).unwrap(), 0);
+        let mut buf = [0u8; 8];
+        for s in &sinks {
+            assert_eq!(s.recv(&mut buf).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn send_to_a_v6_destination_from_a_v4_socket_is_an_error_not_a_crash() {
+        let server = bound("127.0.0.1:0");
+        let dest = RawAddr::from("[::1]:9".parse::<SocketAddr>().unwrap());
+        let err = SendBatch::new(4)
+            .send(server.as_fd(), b"x", &[dest])
+            .unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn rxq_ovfl_reports_kernel_drops() {
+        let server = bound("127.0.0.1:0");
+        enable_rxq_ovfl(server.as_fd()).unwrap();
+        let sock = socket2::SockRef::from(&server);
+        sock.set_recv_buffer_size(4096).unwrap();
+        let c = bound("127.0.0.1:0");
+        // A small receive buffer overflows after a handful of datagrams;
+        // 2000 sends is far beyond that and bounded.
+        for _ in 0..2000 {
+            let _ = c.send_to(&[1u8; 512], server.local_addr().unwrap());
+        }
+        // The counter rides on datagrams queued *after* the drops: drain
+        // what was queued before, then send one more.
+        let mut batch = RecvBatch::new(64, 1024);
+        while batch.recv(server.as_fd()).is_ok() {}
+        c.send_to(b"after", server.local_addr().unwrap()).unwrap();
+        let n = recv_some(&mut batch, &server);
+        let drops = (0..n).filter_map(|i| batch.get(i).kernel_drops).max();
+        assert!(drops.unwrap_or(0) > 0, "kernel drop counter not reported");
+    }
+}

@@ -1,0 +1,292 @@
+//! The wire protocol: what a datagram means, and what recipients receive.
+//!
+//! Both halves are pure functions of bytes, so they are unit- and
+//! property-tested here and benchmarked in `benches/hot_paths.rs`:
+//!
+//! - [`classify`] turns a datagram into a [`Kind`] (heartbeat, quit, message),
+//!   exactly as the seed servers did with `data.strip()`;
+//! - [`Template`] is the `--format`, parsed once at start-up and rendered
+//!   once per message into a buffer that every recipient then shares.
+
+use std::fmt;
+use std::io::Write as _;
+
+use crate::addr::RawAddr;
+
+/// The heartbeat control word (seed 002's `^hb^`).
+pub const HEARTBEAT: &[u8] = b"^hb^";
+/// The leave control word.
+pub const QUIT: &[u8] = b"quit";
+/// What every live client receives when the relay shuts down.
+pub const BYE: &[u8] = b"bye";
+
+/// What a datagram asks of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    /// `^hb^` or an empty body: register or refresh the sender, relay nothing.
+    Heartbeat,
+    /// `quit`: the sender leaves now.
+    Quit,
+    /// Anything else: relay this body to every live client.
+    Message(&'a [u8]),
+}
+
+/// A datagram's body: its bytes with one trailing `\n` or `\r\n` removed
+/// (what `echo text | nc -u` adds).
+pub fn body(datagram: &[u8]) -> &[u8] {
+    let without_lf = match datagram.strip_suffix(b"\n") {
+        Some(rest) => rest,
+        None => return datagram,
+    };
+    without_lf.strip_suffix(b"\r").unwrap_or(without_lf)
+}
+
+/// Classifies a datagram. Control words are matched on the body trimmed of
+/// ASCII whitespace; a message keeps its body untrimmed.
+pub fn classify(datagram: &[u8]) -> Kind<'_> {
+    let body = body(datagram);
+    match body.trim_ascii() {
+        b"" | HEARTBEAT => Kind::Heartbeat,
+        QUIT => Kind::Quit,
+        _ => Kind::Message(body),
+    }
+}
+
+/// One piece of a parsed [`Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    /// Bytes copied as they are.
+    Literal(Vec<u8>),
+    /// The message body.
+    Body,
+    /// The sender's IP address.
+    Ip,
+    /// The sender's port.
+    Port,
+}
+
+/// The `--format` template: what each recipient receives for a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    /// The template split at its placeholders.
+    segments: Vec<Segment>,
+}
+
+/// Why a `--format` string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateError {
+    /// What was wrong, for a one-line message.
+    reason: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+impl Template {
+    /// The default template, seed 002's `'{}. from {}:{}'`.
+    pub const DEFAULT: &'static str = "{body}. from {ip}:{port}";
+
+    /// Parses a template. `raw` means the body unchanged; otherwise
+    /// `{body}`, `{ip}` and `{port}` are placeholders and `{{`/`}}` are
+    /// literal braces.
+    pub fn parse(spec: &str) -> Result<Template, TemplateError> {
+        if spec == "raw" {
+            return Ok(Template {
+                segments: vec![Segment::Body],
+            });
+        }
+        let mut segments = Vec::new();
+        let mut literal = Vec::new();
+        let mut rest = spec;
+        while let Some(c) = rest.chars().next() {
+            if rest.starts_with("{{") || rest.starts_with("}}") {
+                literal.push(rest.as_bytes()[0]);
+                rest = &rest[2..];
+            } else if c == '{' {
+                let close = rest.find('}').ok_or_else(|| TemplateError {
+                    reason: format!(
+                        "unclosed '{{' in format {spec:?} (use '{{{{' for a literal brace)"
+                    ),
+                })?;
+                let segment = match &rest[1..close] {
+                    "body" => Segment::Body,
+                    "ip" => Segment::Ip,
+                    "port" => Segment::Port,
+                    other => {
+                        return Err(TemplateError {
+                            reason: format!(
+                                "unknown placeholder {{{other}}} in format {spec:?} (known: {{body}}, {{ip}}, {{port}})"
+                            ),
+                        })
+                    }
+                };
+                if !literal.is_empty() {
+                    segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                }
+                segments.push(segment);
+                rest = &rest[close + 1..];
+            } else if c == '}' {
+                return Err(TemplateError {
+                    reason: format!(
+                        "unmatched '}}' in format {spec:?} (use '}}}}' for a literal brace)"
+                    ),
+                });
+            } else {
+                literal.extend_from_slice(&rest.as_bytes()[..c.len_utf8()]);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        if !literal.is_empty() {
+            segments.push(Segment::Literal(literal));
+        }
+        Ok(Template { segments })
+    }
+
+    /// Whether this template relays the body unchanged (`raw`), so the
+    /// received bytes can be sent without rendering.
+    pub fn is_raw(&self) -> bool {
+        self.segments == [Segment::Body]
+    }
+
+    /// Renders a message from `from` into `out` (cleared first). Bodies are
+    /// bytes: non-UTF-8 passes through untouched.
+    pub fn render(&self, body: &[u8], from: &RawAddr, out: &mut Vec<u8>) {
+        out.clear();
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(bytes) => out.extend_from_slice(bytes),
+                Segment::Body => out.extend_from_slice(body),
+                // Writing to a Vec cannot fail.
+                Segment::Ip => {
+                    let _ = write!(out, "{}", from.display_ip());
+                }
+                Segment::Port => {
+                    let _ = write!(out, "{}", from.port());
+                }
+            }
+        }
+    }
+}
+
+impl Default for Template {
+    fn default() -> Template {
+        match Template::parse(Template::DEFAULT) {
+            Ok(t) => t,
+            Err(e) => unreachable!("the default template is valid: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn from(s: &str) -> RawAddr {
+        s.parse::<SocketAddr>().unwrap().into()
+    }
+
+    #[test]
+    fn heartbeat_variants() {
+        for d in [
+            &b"^hb^"[..],
+            b"^hb^\n",
+            b"^hb^\r\n",
+            b"  ^hb^  ",
+            b"\t^hb^\n",
+            b"",
+            b"\n",
+            b"\r\n",
+            b"   ",
+        ] {
+            assert_eq!(classify(d), Kind::Heartbeat, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn quit_variants() {
+        for d in [&b"quit"[..], b"quit\n", b"quit\r\n", b" quit "] {
+            assert_eq!(classify(d), Kind::Quit, "{d:?}");
+        }
+        assert_eq!(classify(b"QUIT"), Kind::Message(b"QUIT"));
+        assert_eq!(classify(b"quitting"), Kind::Message(b"quitting"));
+    }
+
+    #[test]
+    fn message_loses_exactly_one_trailing_newline() {
+        assert_eq!(classify(b"123abc\n"), Kind::Message(b"123abc"));
+        assert_eq!(classify(b"123abc\r\n"), Kind::Message(b"123abc"));
+        assert_eq!(classify(b"a\n\n"), Kind::Message(b"a\n"));
+        assert_eq!(classify(b" a "), Kind::Message(b" a "));
+        assert_eq!(classify(b"\xff\xfe\n"), Kind::Message(b"\xff\xfe"));
+    }
+
+    #[test]
+    fn default_template_is_seed_002_format() {
+        let mut out = Vec::new();
+        Template::default().render(b"123abc", &from("127.0.0.1:5555"), &mut out);
+        assert_eq!(out, b"123abc. from 127.0.0.1:5555");
+    }
+
+    #[test]
+    fn template_placeholders_and_escapes() {
+        let t = Template::parse("[{ip}]:{port} {{says}} {body}!").unwrap();
+        let mut out = Vec::new();
+        t.render(b"hi", &from("[::1]:7"), &mut out);
+        assert_eq!(out, b"[::1]:7 {says} hi!");
+        t.render(b"\xff", &from("[::ffff:10.0.0.1]:8"), &mut out);
+        assert_eq!(out, b"[10.0.0.1]:8 {says} \xff!");
+    }
+
+    #[test]
+    fn raw_template_is_the_body() {
+        let t = Template::parse("raw").unwrap();
+        assert!(t.is_raw());
+        assert!(!Template::default().is_raw());
+        let mut out = vec![1, 2, 3];
+        t.render(b"\x00bin", &from("1.2.3.4:5"), &mut out);
+        assert_eq!(out, b"\x00bin");
+    }
+
+    #[test]
+    fn bad_templates_are_rejected_with_a_reason() {
+        for (spec, needle) in [
+            ("{body", "unclosed"),
+            ("{name}", "unknown placeholder {name}"),
+            ("a}b", "unmatched"),
+        ] {
+            let err = Template::parse(spec).unwrap_err().to_string();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+        assert_eq!(Template::parse("").unwrap().segments, vec![]);
+        assert_eq!(
+            Template::parse("héllo {body}").unwrap().segments[0],
+            Segment::Literal("héllo ".as_bytes().to_vec())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn classify_never_panics_and_messages_are_bodies(d in proptest::collection::vec(any::<u8>(), 0..64)) {
+            match classify(&d) {
+                Kind::Message(b) => {
+                    prop_assert_eq!(b, body(&d));
+                    prop_assert!(!b.trim_ascii().is_empty());
+                }
+                Kind::Heartbeat => prop_assert!(matches!(body(&d).trim_ascii(), b"" | b"^hb^")),
+                Kind::Quit => prop_assert_eq!(body(&d).trim_ascii(), b"quit"),
+            }
+        }
+
+        #[test]
+        fn template_parse_never_panics(spec in "\\PC{0,24}") {
+            let _ = Template::parse(&spec);
+        }
+    }
+}
