@@ -55,6 +55,10 @@ pub const MAX_BATCHES_PER_PASS: usize = 64;
 pub const EXPIRY_BUDGET: usize = 8192;
 /// Consecutive unexpected `recvmmsg` errors after which the relay gives up.
 const MAX_RECV_ERRORS: u32 = 100;
+/// How often the loop reads the kernel's drop counter with SO_MEMINFO
+/// (besides what SO_RXQ_OVFL reports with each datagram), and the longest
+/// it sleeps, so a flood's final drops are counted within a second.
+const KERNEL_DROPS_INTERVAL: Duration = Duration::from_secs(1);
 /// At most one log line per this interval for per-datagram errors.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -161,8 +165,10 @@ struct Core {
     due: Vec<Entry>,
     /// Counters and their handles.
     metrics: Metrics,
-    /// Last SO_RXQ_OVFL value seen (the kernel's counter is cumulative).
+    /// Last value of the kernel's cumulative drop counter seen.
     kernel_drops_seen: u32,
+    /// When the drop counter was last read with SO_MEMINFO.
+    kernel_drops_checked: Instant,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
 }
@@ -228,6 +234,7 @@ impl Relay {
                 due: Vec::with_capacity(EXPIRY_BUDGET),
                 metrics: Metrics::register(),
                 kernel_drops_seen: 0,
+                kernel_drops_checked: Instant::now(),
                 send_errors: RateLimitedLog::default(),
             },
         })
@@ -305,6 +312,7 @@ impl Relay {
                 read_pending = self.drain()?;
             }
             expiry_pending = self.core.expire();
+            self.core.check_kernel_drops(self.socket.as_fd());
             let counts = &mut self.core.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
             self.core.flush();
@@ -344,14 +352,18 @@ impl Relay {
 }
 
 impl Core {
-    /// How long poll may sleep: until the wheel's next due tick.
+    /// How long poll may sleep: until the wheel's next due tick, or the
+    /// next drop-counter check, whichever is sooner.
     fn next_wakeup(&self) -> Option<Duration> {
-        let tick = self.wheel.next_wakeup()?;
-        Some(
-            self.clock
-                .instant_of(tick)
-                .saturating_duration_since(Instant::now()),
-        )
+        let check = KERNEL_DROPS_INTERVAL.saturating_sub(self.kernel_drops_checked.elapsed());
+        let Some(tick) = self.wheel.next_wakeup() else {
+            return Some(check);
+        };
+        let due = self
+            .clock
+            .instant_of(tick)
+            .saturating_duration_since(Instant::now());
+        Some(due.min(check))
     }
 
     fn handle_batch(
@@ -377,9 +389,7 @@ impl Core {
         fd: std::os::fd::BorrowedFd<'_>,
     ) {
         if let Some(total) = d.kernel_drops {
-            let new = total.wrapping_sub(self.kernel_drops_seen);
-            self.metrics.counts.kernel_rx_dropped += u64::from(new);
-            self.kernel_drops_seen = total;
+            self.observe_kernel_drops(total);
         }
         let Some(source) = d.source else {
             self.metrics.counts.drop(DropReason::BadSource);
@@ -411,6 +421,28 @@ impl Core {
                         .push(received_at.elapsed().as_secs_f64());
                 }
             }
+        }
+    }
+
+    /// Counts the growth of the kernel's cumulative (wrapping u32) drop
+    /// counter. A value older than one already seen (a datagram stamped
+    /// before the last SO_MEMINFO read) looks like a huge jump: ignored.
+    fn observe_kernel_drops(&mut self, total: u32) {
+        let new = total.wrapping_sub(self.kernel_drops_seen);
+        if new > 0 && new < 1 << 31 {
+            self.metrics.counts.kernel_rx_dropped += u64::from(new);
+            self.kernel_drops_seen = total;
+        }
+    }
+
+    /// Reads the drop counter with SO_MEMINFO, at most once per interval.
+    fn check_kernel_drops(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        if self.kernel_drops_checked.elapsed() < KERNEL_DROPS_INTERVAL {
+            return;
+        }
+        self.kernel_drops_checked = Instant::now();
+        if let Ok(total) = crate::batch_io::socket_drops(fd) {
+            self.observe_kernel_drops(total);
         }
     }
 

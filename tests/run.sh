@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: installs the real tools the tests drive (nc, socat,
+# promtool, tmux, ip) from Debian if they are missing, then runs every test.
+# Under CI=true a tool that is still missing fails its test; it never skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v nc >/dev/null || missing+=(netcat-openbsd)
+command -v socat >/dev/null || missing+=(socat)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v tmux >/dev/null || missing+=(tmux)
+command -v ip >/dev/null || missing+=(iproute2)
+if ((${#missing[@]})); then
+    echo "tests/run.sh: installing ${missing[*]}" >&2
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo test --workspace --locked "$@"

@@ -1,0 +1,320 @@
+//! Shared helpers for the integration tests: start the real `udphub` binary
+//! on loopback, talk to it with real UDP sockets, scrape its metrics.
+//!
+//! Every wait here is bounded; nothing ever targets an address off this
+//! machine.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single expected event may take before a test fails. Long,
+/// because CI machines are shared; only failures ever wait this long.
+pub const PATIENCE: Duration = Duration::from_secs(5);
+
+/// A `udphub serve` child process, killed on drop.
+pub struct RelayProc {
+    /// The child.
+    pub child: Child,
+    /// Where it relays.
+    pub addr: SocketAddr,
+    /// Where it serves metrics, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// Its stderr lines, as they arrive.
+    pub log: mpsc::Receiver<String>,
+}
+
+/// The path of the built `udphub` binary.
+pub fn udphub_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_udphub")
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free TCP port on loopback")
+}
+
+/// Starts `udphub serve --bind 127.0.0.1:0` with metrics on a free port.
+pub fn spawn_relay(extra: &[&str]) -> RelayProc {
+    spawn_relay_on("127.0.0.1:0", true, extra)
+}
+
+/// Starts `udphub serve` on `bind`, with or without metrics, plus `extra`
+/// flags, and waits (bounded) until it says where it relays.
+pub fn spawn_relay_on(bind: &str, metrics: bool, extra: &[&str]) -> RelayProc {
+    spawn_relay_with(bind, metrics, &[], extra)
+}
+
+/// [`spawn_relay_on`] with extra environment variables for the child.
+pub fn spawn_relay_with(
+    bind: &str,
+    metrics: bool,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> RelayProc {
+    // The metrics port is picked free then handed over, so another process
+    // could grab it in between: retry a few times on that one failure.
+    for _ in 0..5 {
+        let metrics_addr: Option<SocketAddr> =
+            metrics.then(|| SocketAddr::from(([127, 0, 0, 1], free_tcp_port())));
+        let metrics_arg = metrics_addr.map_or("off".to_string(), |a| a.to_string());
+        let mut child = Command::new(udphub_bin())
+            .args([
+                "serve",
+                "--bind",
+                bind,
+                "--metrics",
+                &metrics_arg,
+                "--log-level",
+                "info",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udphub");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("relaying on ").nth(1) {
+                        let addr = rest
+                            .split(' ')
+                            .next()
+                            .unwrap()
+                            .parse()
+                            .expect("relay address");
+                        return RelayProc {
+                            child,
+                            addr,
+                            metrics: metrics_addr,
+                            log: rx,
+                        };
+                    }
+                    seen.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = seen.join("\n");
+        if text.contains("cannot bind metrics listener") {
+            continue;
+        }
+        panic!("udphub did not start:\n{text}");
+    }
+    panic!("no free metrics port after 5 tries");
+}
+
+impl RelayProc {
+    /// Sends a signal to the relay.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the relay to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "relay did not exit");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The relay's metrics page.
+    pub fn scrape(&self) -> String {
+        scrape(self.metrics.expect("metrics enabled"))
+    }
+
+    /// One sample from the metrics page (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(&self.scrape(), series)
+    }
+
+    /// Waits (bounded) until `series` reaches `at_least`; returns its value.
+    pub fn wait_metric(&self, series: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let v = self.metric(series);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET /metrics over plain HTTP/1.0.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, PATIENCE).expect("connect to metrics");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The value of one series (`name` or `name{labels}`) in a scrape; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The sum of every series of a metric family (all label values).
+pub fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            let base = name.split('{').next()?;
+            (base == family)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// A chat client: a UDP socket on loopback.
+pub struct Client {
+    /// The socket.
+    pub sock: UdpSocket,
+    /// The relay.
+    pub relay: SocketAddr,
+}
+
+impl Client {
+    /// A client of `relay`, bound to the matching loopback address.
+    pub fn new(relay: SocketAddr) -> Client {
+        let local = if relay.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let sock = UdpSocket::bind(local).expect("bind client");
+        Client { sock, relay }
+    }
+
+    /// A client that has registered with a heartbeat (and been seen to, by
+    /// waiting for the relay's joined counter when metrics are on).
+    pub fn joined(relay: &RelayProc) -> Client {
+        let c = Client::new(relay.addr);
+        let before = relay
+            .metrics
+            .map(|_| relay.metric("udphub_clients_joined_total"));
+        c.send(b"^hb^");
+        if let Some(before) = before {
+            relay.wait_metric("udphub_clients_joined_total", before + 1.0);
+        }
+        c
+    }
+
+    /// The client's own address.
+    pub fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    /// Sends one datagram to the relay.
+    pub fn send(&self, data: &[u8]) {
+        self.sock.send_to(data, self.relay).expect("send");
+    }
+
+    /// The next datagram within `wait`, if any.
+    pub fn recv_within(&self, wait: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        match self.sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                assert_eq!(from, self.relay, "datagram from a stranger");
+                buf.truncate(n);
+                Some(buf)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The next datagram; fails the test if none comes within [`PATIENCE`].
+    pub fn recv(&self) -> Vec<u8> {
+        self.recv_within(PATIENCE)
+            .expect("expected a datagram from the relay")
+    }
+
+    /// Asserts nothing arrives for a short while. Used only after a later
+    /// datagram proved the relay has already handled the earlier ones.
+    pub fn expect_silence(&self) {
+        if let Some(d) = self.recv_within(Duration::from_millis(200)) {
+            panic!("unexpected datagram {:?}", String::from_utf8_lossy(&d));
+        }
+    }
+}
+
+/// `text. from ip:port` for a client, the seed's format.
+pub fn seed_format(text: &str, from: SocketAddr) -> Vec<u8> {
+    format!("{text}. from {}:{}", from.ip(), from.port()).into_bytes()
+}
+
+/// Whether `tool` is on PATH; under CI a missing tool fails the test.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{tool} is required under CI (install it in .ci/run)");
+        }
+        eprintln!("skipping: {tool} not installed (tests/run.sh installs it)");
+    }
+    found
+}
