@@ -320,16 +320,15 @@ fn main() {
     println!("| clients | relay | deliveries/s | CPU ns/delivery | loss | p50 µs | p99 µs | deliveries/s vs baseline | CPU/delivery vs baseline |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &clients in &clients_list {
-        let mut results: [(Vec<f64>, Vec<f64>, u64, u64, Histogram<u64>); 2] =
-            std::array::from_fn(|_| {
-                (
-                    Vec::new(),
-                    Vec::new(),
-                    0,
-                    0,
-                    Histogram::new_with_bounds(1, 10_000_000_000, 3).unwrap(),
-                )
-            });
+        let mut results: [Totals; 2] = std::array::from_fn(|_| {
+            (
+                Vec::new(),
+                Vec::new(),
+                0,
+                0,
+                Histogram::new_with_bounds(1, 10_000_000_000, 3).unwrap(),
+            )
+        });
         for _ in 0..rounds {
             // Alternate, so drift in the machine's load hits both alike.
             for (k, start) in [start_baseline as fn() -> Running, start_udphub]
