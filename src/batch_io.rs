@@ -9,7 +9,9 @@
 //!   counter);
 //! - [`SendBatch`] sends *one* payload to many [`RawAddr`]s with one
 //!   `sendmmsg`: every header points at the same `iovec`, so a fan-out of one
-//!   pre-rendered buffer to 256 clients costs one syscall and no copies.
+//!   pre-rendered buffer to 256 clients costs one syscall and no copies;
+//! - [`ReplyBatch`] sends different payloads to different destinations
+//!   (an echo server's replies) with one `sendmmsg`.
 //!
 //! Why libc and not nix: nix's `MultiHeaders` re-encodes every destination
 //! from a `SockaddrLike` on each call and its `recvmmsg` returns an iterator
@@ -285,6 +287,96 @@ impl SendBatch {
     }
 }
 
+/// Reusable headers for `sendmmsg` of *different* payloads to different
+/// destinations (an echo server's replies).
+pub struct ReplyBatch {
+    /// One `iovec` per message, pointing into the caller's arena.
+    iovs: Vec<libc::iovec>,
+    /// The header array handed to the kernel.
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl ReplyBatch {
+    /// Room for `capacity` messages per syscall (at most 1024).
+    pub fn new(capacity: usize) -> ReplyBatch {
+        let capacity = capacity.clamp(1, 1024);
+        ReplyBatch {
+            iovs: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ],
+            // SAFETY: mmsghdr is plain old data (integers and null pointers).
+            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+        }
+    }
+
+    /// Messages per syscall.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Sends `arena[range]` to `dest` for each of `msgs` (at most
+    /// `capacity` of them) in one `sendmmsg`, without blocking. Returns how
+    /// many leading messages were sent, like [`SendBatch::send`].
+    /// A range outside `arena` is an `InvalidInput` error, before any send.
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        arena: &[u8],
+        msgs: &[(std::ops::Range<usize>, RawAddr)],
+    ) -> io::Result<usize> {
+        let n = msgs.len().min(self.capacity());
+        if n == 0 {
+            return Ok(0);
+        }
+        for (i, (range, dest)) in msgs[..n].iter().enumerate() {
+            let payload = arena.get(range.clone()).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "reply range outside the arena")
+            })?;
+            self.iovs[i] = libc::iovec {
+                // The kernel only reads through this pointer when sending.
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: payload.len(),
+            };
+            let name = dest.as_bytes();
+            let hdr = &mut self.hdrs[i];
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            hdr.msg_hdr.msg_namelen = name.len() as libc::socklen_t;
+            hdr.msg_hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = ptr::null_mut();
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        let sent = retry_if_interrupted(|| {
+            // SAFETY: `hdrs[..n]` were all set above. Each `msg_name` points
+            // into `msgs` and each `msg_iov` at `iovs[i]`, which points at a
+            // checked sub-slice of `arena`; `msgs` and `arena` are borrowed
+            // for this whole function and `iovs` is owned by `self`, so all
+            // outlive the call. The kernel only reads names and payloads on
+            // send and writes only `msg_len` in `hdrs`.
+            unsafe {
+                libc::sendmmsg(
+                    fd.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            }
+        })?;
+        for (hdr, iov) in self.hdrs[..n].iter_mut().zip(&mut self.iovs[..n]) {
+            hdr.msg_hdr.msg_name = ptr::null_mut();
+            hdr.msg_hdr.msg_iov = ptr::null_mut();
+            iov.iov_base = ptr::null_mut();
+        }
+        Ok(sent)
+    }
+}
+
 /// Asks the kernel to report its receive-queue drop counter with each
 /// datagram (`SO_RXQ_OVFL`).
 pub fn enable_rxq_ovfl(fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -469,6 +561,31 @@ mod tests {
         for s in &sinks {
             assert_eq!(s.recv(&mut buf).unwrap(), 1);
         }
+    }
+
+    #[test]
+    fn reply_batch_sends_each_its_own_payload() {
+        let server = bound("127.0.0.1:0");
+        let a = bound("127.0.0.1:0");
+        let b = bound("127.0.0.1:0");
+        let arena = b"firstsecond";
+        let msgs = [
+            (0..5, RawAddr::from(a.local_addr().unwrap())),
+            (5..11, RawAddr::from(b.local_addr().unwrap())),
+        ];
+        let mut batch = ReplyBatch::new(8);
+        assert_eq!(batch.send(server.as_fd(), arena, &msgs).unwrap(), 2);
+        let mut buf = [0u8; 16];
+        let n = a.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"first");
+        let n = b.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"second");
+        // A range outside the arena is refused before anything is sent.
+        let bad = [(0..5, msgs[0].1), (8..40, msgs[1].1)];
+        let err = batch.send(server.as_fd(), arena, &bad).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        a.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert!(a.recv(&mut buf).is_err());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Relay datagrams between clients (the chat server).
     Serve(ServeArgs),
+    /// Send every datagram back to its sender (an echo server).
+    Echo(crate::echo::EchoArgs),
 }
 
 /// Runs a parsed command line.
@@ -29,6 +31,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let config = Config::from_args(&args)?;
             init_logging(&config.log_level)?;
             crate::relay::serve(&config)
+        }
+        Command::Echo(args) => {
+            init_logging(&args.log_level)?;
+            crate::echo::run(&args)
         }
     }
 }

@@ -90,34 +90,53 @@ where
             return out;
         }
         out.recipients += staging.len() as u64;
-        let mut i = 0;
-        while i < staging.len() {
-            match send(&staging[i..]) {
-                Ok(0) => {
-                    // Not expected from sendmmsg; treat like an error on
-                    // this destination so the loop always progresses.
-                    out.send_error += 1;
-                    i += 1;
-                }
-                Ok(n) => {
-                    let n = n.min(staging.len() - i);
-                    out.delivered += n as u64;
-                    i += n;
-                }
-                Err(e) if is_buffer_full(&e) => {
-                    let rest = dests.count() as u64;
-                    out.recipients += rest;
-                    out.buffer_full += (staging.len() - i) as u64 + rest;
-                    return out;
-                }
-                Err(e) => {
-                    out.send_error += 1;
-                    out.first_error.get_or_insert(e);
-                    i += 1;
-                }
+        if deliver(staging.len(), &mut out, |i| send(&staging[i..])) {
+            let rest = dests.count() as u64;
+            out.recipients += rest;
+            out.buffer_full += rest;
+            return out;
+        }
+    }
+}
+
+/// The send policy over `len` queued messages, shared by fan-out and the
+/// echo server's replies: `send(i)` hands the kernel messages `i..` and says
+/// how many it took, or fails on message `i`.
+///
+/// A full buffer drops everything from `i` on (returns `true`: the caller
+/// drops whatever else it had queued too); any other error drops message
+/// `i` alone and goes on. Adds to `out`'s delivered/dropped counts, so that
+/// `len` = delivered + buffer_full + send_error afterwards.
+pub fn deliver<S>(len: usize, out: &mut Outcome, mut send: S) -> bool
+where
+    S: FnMut(usize) -> io::Result<usize>,
+{
+    let mut i = 0;
+    while i < len {
+        match send(i) {
+            Ok(0) => {
+                // Not expected from sendmmsg; treat like an error on this
+                // message so the loop always progresses.
+                out.send_error += 1;
+                i += 1;
+            }
+            Ok(n) => {
+                let n = n.min(len - i);
+                out.delivered += n as u64;
+                i += n;
+            }
+            Err(e) if is_buffer_full(&e) => {
+                out.buffer_full += (len - i) as u64;
+                return true;
+            }
+            Err(e) => {
+                out.send_error += 1;
+                out.first_error.get_or_insert(e);
+                i += 1;
             }
         }
     }
+    false
 }
 
 /// `EAGAIN`/`EWOULDBLOCK` (socket send buffer full) or `ENOBUFS` (device

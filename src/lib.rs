@@ -15,6 +15,7 @@
 //!
 //! - [`event_loop`]: the mio loop shared by every server, and its [`event_loop::Service`] trait.
 //! - [`relay`]: the chat relay service, and [`serve`], what `udphub serve` runs.
+//! - [`echo`]: `udphub echo`, the seeds' echo server as a service on the same loop.
 //! - [`protocol`]: classifying datagrams and rendering the `--format` template.
 //! - [`table`]: the client table (address → slab slot, with generations).
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
@@ -34,6 +35,7 @@ pub mod addr;
 pub mod batch_io;
 pub mod cli;
 pub mod config;
+pub mod echo;
 pub mod error;
 pub mod event_loop;
 pub mod fanout;

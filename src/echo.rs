@@ -1,0 +1,137 @@
+//! `udphub echo`: the echo server of the seeds (004's plain echo, 001's
+//! upper-casing one), as a [`Service`] on the same [`EventLoop`] as the
+//! relay — so it has the same batching, drop accounting, metrics and signal
+//! handling, and makes an honest round-trip baseline for load tests.
+//!
+//! Every datagram is sent back to its sender (ASCII-upper-cased with
+//! `--upper`, like Python's `bytes.upper()`). Unlike seed 004, `quit` is
+//! echoed, not obeyed: no datagram from the network may stop a server.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use clap::Args;
+
+use crate::addr::RawAddr;
+use crate::batch_io::ReplyBatch;
+use crate::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
+use crate::error::Error;
+use crate::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
+use crate::fanout::{self, Outcome};
+use crate::socket;
+
+/// `udphub echo` flags.
+#[derive(Debug, Clone, Args)]
+pub struct EchoArgs {
+    /// Address to answer on (seed 004 used port 50007)
+    #[arg(long, env = "UDPHUB_ECHO_BIND", value_name = "ADDR", default_value = "127.0.0.1:50007")]
+    pub bind: SocketAddr,
+
+    /// Reply in upper case (ASCII letters), like seed 001
+    #[arg(long)]
+    pub upper: bool,
+
+    /// Prometheus endpoint address, or `off`
+    #[arg(long, env = "UDPHUB_ECHO_METRICS", value_name = "ADDR|off", default_value = "off", value_parser = config::parse_metrics)]
+    pub metrics: MetricsAddr,
+
+    /// Drop (and count) datagrams longer than this many bytes
+    #[arg(long, value_name = "BYTES", default_value_t = config::DEFAULT_MAX_DATAGRAM)]
+    pub max_datagram: usize,
+
+    /// Log filter
+    #[arg(long, env = "UDPHUB_LOG_LEVEL", value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+}
+
+/// The echo server's state: this batch's replies.
+pub struct Echo {
+    /// `--upper`.
+    upper: bool,
+    /// This batch's reply bytes, back to back.
+    arena: Vec<u8>,
+    /// Each reply: its bytes in `arena`, and where it goes.
+    replies: Vec<(Range<usize>, RawAddr)>,
+    /// `sendmmsg` headers.
+    batch: ReplyBatch,
+    /// Throttles send-error logging.
+    send_errors: RateLimitedLog,
+}
+
+impl Echo {
+    /// An echo service; `upper` upper-cases replies.
+    pub fn new(upper: bool, max_datagram: usize) -> Echo {
+        Echo {
+            upper,
+            arena: Vec::with_capacity(RECV_BATCH * max_datagram),
+            replies: Vec::with_capacity(RECV_BATCH),
+            batch: ReplyBatch::new(RECV_BATCH),
+            send_errors: RateLimitedLog::default(),
+        }
+    }
+}
+
+impl Service for Echo {
+    fn handle(&mut self, data: &[u8], source: RawAddr, io: &mut Io<'_>) {
+        io.counts.messages += 1;
+        let start = self.arena.len();
+        self.arena.extend_from_slice(data);
+        if self.upper {
+            self.arena[start..].make_ascii_uppercase();
+        }
+        self.replies.push((start..self.arena.len(), source));
+    }
+
+    /// Sends the batch's replies with one `sendmmsg` (or a few).
+    fn end_batch(&mut self, io: &mut Io<'_>) {
+        let mut out = Outcome {
+            recipients: self.replies.len() as u64,
+            ..Outcome::default()
+        };
+        let Echo {
+            arena,
+            replies,
+            batch,
+            ..
+        } = self;
+        fanout::deliver(replies.len(), &mut out, |i| {
+            batch.send(io.fd, arena, &replies[i..])
+        });
+        let c = &mut *io.counts;
+        c.recipients += out.recipients;
+        c.delivered += out.delivered;
+        c.delivery_buffer_full += out.buffer_full;
+        c.delivery_send_error += out.send_error;
+        let elapsed = io.received_at.elapsed().as_secs_f64();
+        c.fanout_seconds
+            .extend(std::iter::repeat_n(elapsed, self.replies.len()));
+        if let Some(e) = out.first_error {
+            self.send_errors.warn("sendmmsg", &e);
+        }
+        self.arena.clear();
+        self.replies.clear();
+    }
+}
+
+/// Runs `udphub echo` until SIGINT/SIGTERM.
+pub fn run(args: &EchoArgs) -> Result<(), Error> {
+    if args.max_datagram == 0 || args.max_datagram > MAX_UDP_PAYLOAD {
+        return Err(Error::Config(format!(
+            "--max-datagram must be between 1 and {MAX_UDP_PAYLOAD} bytes, got {}",
+            args.max_datagram
+        )));
+    }
+    if let MetricsAddr::At(addr) = args.metrics {
+        crate::metrics::install_exporter(addr)?;
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let bound = socket::bind(args.bind, DEFAULT_SOCKET_BUFFER, DEFAULT_SOCKET_BUFFER)?;
+    tracing::info!(
+        "udphub echo on {}{}",
+        bound.local_addr,
+        if args.upper { " (upper-casing)" } else { "" }
+    );
+    let mut server = EventLoop::new(bound, args.max_datagram, Echo::new(args.upper, args.max_datagram))?;
+    server.handle_signals()?;
+    server.run()
+}
