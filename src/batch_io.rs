@@ -584,7 +584,8 @@ mod tests {
         let bad = [(0..5, msgs[0].1), (8..40, msgs[1].1)];
         let err = batch.send(server.as_fd(), arena, &bad).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        a.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         assert!(a.recv(&mut buf).is_err());
     }
 

@@ -22,19 +22,41 @@ pub enum Command {
     Serve(ServeArgs),
     /// Send every datagram back to its sender (an echo server).
     Echo(crate::echo::EchoArgs),
+    /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).
+    Chat(crate::chat::ChatArgs),
+    /// Send one datagram and print the replies.
+    Send(crate::send::SendArgs),
+}
+
+/// How a command ended, when it ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Done,
+    /// `send --expect-reply` got nothing: exit 1.
+    NoReply,
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<(), Error> {
+pub fn run(cli: Cli) -> Result<Outcome, Error> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
             init_logging(&config.log_level)?;
-            crate::relay::serve(&config)
+            crate::relay::serve(&config).map(|()| Outcome::Done)
         }
         Command::Echo(args) => {
             init_logging(&args.log_level)?;
-            crate::echo::run(&args)
+            crate::echo::run(&args).map(|()| Outcome::Done)
+        }
+        Command::Chat(args) => crate::chat::run(&args).map(|()| Outcome::Done),
+        Command::Send(args) => {
+            let replies = crate::send::run(&args)?;
+            Ok(if replies == 0 && args.expect_reply {
+                Outcome::NoReply
+            } else {
+                Outcome::Done
+            })
         }
     }
 }

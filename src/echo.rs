@@ -24,7 +24,12 @@ use crate::socket;
 #[derive(Debug, Clone, Args)]
 pub struct EchoArgs {
     /// Address to answer on (seed 004 used port 50007)
-    #[arg(long, env = "UDPHUB_ECHO_BIND", value_name = "ADDR", default_value = "127.0.0.1:50007")]
+    #[arg(
+        long,
+        env = "UDPHUB_ECHO_BIND",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50007"
+    )]
     pub bind: SocketAddr,
 
     /// Reply in upper case (ASCII letters), like seed 001
@@ -40,7 +45,12 @@ pub struct EchoArgs {
     pub max_datagram: usize,
 
     /// Log filter
-    #[arg(long, env = "UDPHUB_LOG_LEVEL", value_name = "FILTER", default_value = "info")]
+    #[arg(
+        long,
+        env = "UDPHUB_LOG_LEVEL",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
     pub log_level: String,
 }
 
@@ -131,7 +141,11 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         bound.local_addr,
         if args.upper { " (upper-casing)" } else { "" }
     );
-    let mut server = EventLoop::new(bound, args.max_datagram, Echo::new(args.upper, args.max_datagram))?;
+    let mut server = EventLoop::new(
+        bound,
+        args.max_datagram,
+        Echo::new(args.upper, args.max_datagram),
+    )?;
     server.handle_signals()?;
     server.run()
 }

@@ -249,7 +249,9 @@ impl<S: Service> EventLoop<S> {
                     SIGNALS => {
                         if let Some(signals) = &mut self.signals {
                             for sig in signals.pending() {
-                                tracing::info!("received signal {sig}; shutting down (again to exit at once)");
+                                tracing::info!(
+                                    "received signal {sig}; shutting down (again to exit at once)"
+                                );
                                 stop = true;
                             }
                         }

@@ -16,6 +16,8 @@
 //! - [`event_loop`]: the mio loop shared by every server, and its [`event_loop::Service`] trait.
 //! - [`relay`]: the chat relay service, and [`serve`], what `udphub serve` runs.
 //! - [`echo`]: `udphub echo`, the seeds' echo server as a service on the same loop.
+//! - [`chat`]: `udphub chat`, the terminal/pipe client; [`lan`]: its `--lan` broadcast room.
+//! - [`send`]: `udphub send`, one datagram and its replies.
 //! - [`protocol`]: classifying datagrams and rendering the `--format` template.
 //! - [`table`]: the client table (address → slab slot, with generations).
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
@@ -33,15 +35,18 @@
 
 pub mod addr;
 pub mod batch_io;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod echo;
 pub mod error;
 pub mod event_loop;
 pub mod fanout;
+pub mod lan;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
+pub mod send;
 pub mod socket;
 pub mod table;
 pub mod wheel;

@@ -1,5 +1,6 @@
 //! The `udphub` binary: parse the command line, run, map errors to exit codes
-//! (2 for anything the user can fix, 1 otherwise).
+//! (2 for anything the user can fix, 1 otherwise or when `send
+//! --expect-reply` got no reply).
 
 use std::process::ExitCode;
 
@@ -19,7 +20,8 @@ fn main() -> ExitCode {
         }
     };
     match cli::run(parsed) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(cli::Outcome::Done) => ExitCode::SUCCESS,
+        Ok(cli::Outcome::NoReply) => ExitCode::from(1),
         Err(err) => {
             eprintln!("udphub: {err}");
             ExitCode::from(err.exit_code())

@@ -135,7 +135,11 @@ impl Hub {
     /// table is full.
     fn join_or_refresh(&mut self, addr: RawAddr, now: u64, counts: &mut Counts) -> Option<u32> {
         match self.table.touch(addr, now) {
-            Touch::Joined { key, generation, due } => {
+            Touch::Joined {
+                key,
+                generation,
+                due,
+            } => {
                 self.wheel.schedule(key, generation, due);
                 counts.joined += 1;
                 tracing::debug!("{addr} joined");
@@ -245,7 +249,9 @@ impl Service for Hub {
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        self.wheel.next_wakeup().map(|tick| self.clock.instant_of(tick))
+        self.wheel
+            .next_wakeup()
+            .map(|tick| self.clock.instant_of(tick))
     }
 
     /// Sends `bye` to every live client and empties the table.

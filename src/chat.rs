@@ -1,0 +1,374 @@
+//! `udphub chat`: the people side — a terminal chat client for a relay
+//! (seeds 000/002's client), or with `--lan` a serverless broadcast room
+//! (seed 003, see [`crate::lan`]).
+//!
+//! On a terminal it runs a line editor (rustyline) whose external printer
+//! shows incoming messages above the line being typed, without garbling it.
+//! With stdin not a terminal it is a filter: each input line is sent, each
+//! received message is written to stdout as one line, so it scripts well.
+//!
+//! Three threads: the input (the main thread), a receiver, and — for a
+//! relay — a heartbeat sender, so a quiet user is never expired.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rustyline::error::ReadlineError;
+use rustyline::ExternalPrinter as _;
+
+use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::error::Error;
+use crate::protocol;
+
+/// `udphub chat` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    /// The relay to join, e.g. 127.0.0.1:9999 or localhost:9999
+    #[arg(
+        long,
+        env = "UDPHUB_SERVER",
+        value_name = "ADDR",
+        required_unless_present = "lan"
+    )]
+    pub server: Option<String>,
+
+    /// How often to send a heartbeat to the relay (below its --timeout)
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Prefix your messages with `NAME: `
+    #[arg(long, env = "UDPHUB_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// In pipe mode, after input ends, keep printing what arrives this long
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub linger: Duration,
+
+    /// Serverless LAN room over UDP broadcast (seed 003), no relay needed
+    #[arg(long, conflicts_with = "server")]
+    pub lan: bool,
+
+    /// The LAN room's port
+    #[arg(long, value_name = "PORT", default_value_t = 7788, requires = "lan")]
+    pub port: u16,
+
+    /// The LAN broadcast address [default: the first interface's subnet broadcast, else 255.255.255.255]
+    #[arg(long, value_name = "IPV4", requires = "lan")]
+    pub broadcast: Option<std::net::Ipv4Addr>,
+}
+
+/// What the receiver makes of a datagram.
+pub(crate) enum Incoming {
+    /// A line to show (raw bytes; a terminal gets them sanitised).
+    Line(Vec<u8>),
+    /// The relay said `bye`: it is shutting down.
+    Bye,
+}
+
+/// One chat conversation, relay or LAN: how to send, what to show.
+pub(crate) struct Session {
+    /// Where datagrams are read from.
+    pub(crate) recv: UdpSocket,
+    /// Where datagrams are sent from (the same socket for a relay).
+    pub(crate) send: UdpSocket,
+    /// Where typed lines go.
+    pub(crate) dest: SocketAddr,
+    /// `--name`.
+    pub(crate) name: Option<String>,
+    /// Heartbeat interval, for a relay.
+    pub(crate) heartbeat: Option<Duration>,
+    /// Sent first (a heartbeat to register, or a LAN join announcement).
+    pub(crate) hello: Vec<u8>,
+    /// Sent last (`quit`, or a LAN leave announcement).
+    pub(crate) goodbye: Vec<u8>,
+    /// Pipe mode: how long to keep printing after input ends.
+    pub(crate) linger: Duration,
+    /// Turns a received datagram into something to show.
+    pub(crate) render: fn(&[u8], SocketAddr) -> Incoming,
+}
+
+/// Runs `udphub chat`.
+pub fn run(args: &ChatArgs) -> Result<(), Error> {
+    if args.lan {
+        return crate::lan::run(args);
+    }
+    let spec = args.server.as_deref().unwrap_or_default();
+    let server = resolve(spec)?;
+    if args.heartbeat.is_zero() {
+        return Err(Error::Config("--heartbeat must be longer than 0".into()));
+    }
+    let local: SocketAddr = if server.is_ipv6() {
+        "[::]:0"
+            .parse()
+            .map_err(|_| Error::Config("bad local address".into()))?
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    };
+    let socket = UdpSocket::bind(local).map_err(|e| Error::io("bind the chat socket", e))?;
+    // Connected: the kernel then drops datagrams from anyone but the relay.
+    socket
+        .connect(server)
+        .map_err(|e| Error::io("connect to the relay", e))?;
+    let send = socket
+        .try_clone()
+        .map_err(|e| Error::io("clone the chat socket", e))?;
+    Session {
+        recv: socket,
+        send,
+        dest: server,
+        name: args.name.clone(),
+        heartbeat: Some(args.heartbeat),
+        hello: protocol::HEARTBEAT.to_vec(),
+        goodbye: protocol::QUIT.to_vec(),
+        linger: args.linger,
+        render: |data, _from| {
+            if data == protocol::BYE {
+                Incoming::Bye
+            } else {
+                Incoming::Line(data.to_vec())
+            }
+        },
+    }
+    .run()
+}
+
+/// Resolves `host:port` (or an address literal) to the first address.
+pub(crate) fn resolve(spec: &str) -> Result<SocketAddr, Error> {
+    let bad = |why: String| Error::Config(format!("--server {spec:?}: {why}"));
+    spec.to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("no address found".into()))
+}
+
+impl Session {
+    /// Runs the conversation until the user leaves or the relay says bye.
+    pub(crate) fn run(self) -> Result<(), Error> {
+        let tty = io::stdin().is_terminal() && io::stdout().is_terminal();
+        self.send_raw(&self.hello);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let heartbeat = self.heartbeat.map(|every| {
+            let sock = self.send.try_clone();
+            let dest = self.dest;
+            thread::spawn(move || {
+                let Ok(sock) = sock else { return };
+                // A stoppable sleep: the sender side is dropped at exit.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(every) {
+                    let _ = sock.send_to(protocol::HEARTBEAT, dest);
+                }
+            })
+        });
+        let result = if tty {
+            self.run_terminal(&stop)
+        } else {
+            self.run_pipe(&stop)
+        };
+        self.send_raw(&self.goodbye);
+        stop.store(true, Ordering::SeqCst);
+        drop(stop_tx);
+        if let Some(h) = heartbeat {
+            let _ = h.join();
+        }
+        result
+    }
+
+    fn send_raw(&self, data: &[u8]) {
+        if let Err(e) = self.send.send_to(data, self.dest) {
+            eprintln!("udphub: send to {}: {e}", self.dest);
+        }
+    }
+
+    /// Sends a typed line, with the name prefix.
+    fn send_line(&self, line: &[u8]) {
+        let mut msg = Vec::with_capacity(line.len() + 16);
+        if let Some(name) = &self.name {
+            msg.extend_from_slice(name.as_bytes());
+            msg.extend_from_slice(b": ");
+        }
+        msg.extend_from_slice(line);
+        if msg.len() > MAX_UDP_PAYLOAD {
+            eprintln!(
+                "udphub: line not sent: {} bytes is more than a datagram holds ({MAX_UDP_PAYLOAD})",
+                msg.len()
+            );
+            return;
+        }
+        self.send_raw(&msg);
+    }
+
+    /// Starts the receiver thread, which hands each datagram to `show`.
+    fn spawn_receiver<F>(
+        &self,
+        stop: &Arc<AtomicBool>,
+        mut show: F,
+    ) -> Result<thread::JoinHandle<()>, Error>
+    where
+        F: FnMut(Incoming) + Send + 'static,
+    {
+        let sock = self
+            .recv
+            .try_clone()
+            .map_err(|e| Error::io("clone the chat socket", e))?;
+        // Wake up now and then to notice `stop`.
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| Error::io("set a read timeout", e))?;
+        let render = self.render;
+        let stop = Arc::clone(stop);
+        Ok(thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop.load(Ordering::SeqCst) {
+                match sock.recv_from(&mut buf) {
+                    Ok((n, from)) => show(render(&buf[..n], from)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    // ICMP "port unreachable" from a relay that is not (yet)
+                    // running shows up here on a connected socket: keep going.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        eprintln!("udphub: receive: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Interactive: a line editor, with incoming messages printed above it.
+    fn run_terminal(&self, stop: &Arc<AtomicBool>) -> Result<(), Error> {
+        let term_err = |e: ReadlineError| Error::io("terminal", io::Error::other(e.to_string()));
+        let mut editor = rustyline::DefaultEditor::new().map_err(term_err)?;
+        let mut printer = editor.create_external_printer().map_err(term_err)?;
+        // Saved before the editor enters raw mode, to restore it if the
+        // relay's `bye` ends the program while a line is being edited.
+        let saved = nix::sys::termios::tcgetattr(io::stdin()).ok();
+        let receiver = self.spawn_receiver(stop, move |incoming| match incoming {
+            Incoming::Line(bytes) => {
+                let _ = printer.print(sanitize(&bytes));
+            }
+            Incoming::Bye => {
+                if let Some(t) = &saved {
+                    let _ = nix::sys::termios::tcsetattr(
+                        io::stdin(),
+                        nix::sys::termios::SetArg::TCSANOW,
+                        t,
+                    );
+                }
+                let mut out = io::stdout();
+                let _ = write!(out, "\r\n*** the relay said bye: it is shutting down\r\n");
+                let _ = out.flush();
+                std::process::exit(0);
+            }
+        })?;
+        let prompt = match &self.name {
+            Some(n) => format!("{n}> "),
+            None => "> ".to_string(),
+        };
+        loop {
+            match editor.readline(&prompt) {
+                Ok(line) => {
+                    if line.trim() == "quit" {
+                        break;
+                    }
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let _ = editor.add_history_entry(line.as_str());
+                    self.send_line(line.as_bytes());
+                }
+                // Ctrl-C and Ctrl-D both leave, politely.
+                Err(ReadlineError::Interrupted | ReadlineError::Eof) => break,
+                Err(e) => return Err(term_err(e)),
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = receiver.join();
+        Ok(())
+    }
+
+    /// Pipe mode: lines in, messages out.
+    fn run_pipe(&self, stop: &Arc<AtomicBool>) -> Result<(), Error> {
+        let receiver = self.spawn_receiver(stop, |incoming| match incoming {
+            Incoming::Line(mut bytes) => {
+                bytes.push(b'\n');
+                let mut out = io::stdout().lock();
+                // A closed stdout (e.g. `| head`) is not our problem to report.
+                let _ = out.write_all(&bytes).and_then(|()| out.flush());
+            }
+            Incoming::Bye => {
+                eprintln!("udphub: the relay said bye: it is shutting down");
+                let _ = io::stdout().flush();
+                std::process::exit(0);
+            }
+        })?;
+        let stdin = io::stdin();
+        for line in stdin.lock().split(b'\n') {
+            let mut line = line.map_err(|e| Error::io("read stdin", e))?;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line.trim_ascii() == protocol::QUIT {
+                break;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            self.send_line(&line);
+        }
+        // Input is done; give replies a moment to arrive before leaving.
+        let until = Instant::now() + self.linger;
+        while Instant::now() < until {
+            thread::sleep(
+                Duration::from_millis(10).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = receiver.join();
+        Ok(())
+    }
+}
+
+/// Makes received bytes safe to show on a terminal: lossy UTF-8, and
+/// control characters (which could move the cursor or recolour the screen)
+/// escaped, e.g. `\u{1b}`.
+pub(crate) fn sanitize(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_escapes_terminal_control() {
+        assert_eq!(sanitize(b"hi\x1b[2Jthere"), "hi\\u{1b}[2Jthere");
+        assert_eq!(sanitize(b"tab\there"), "tab\there");
+        assert_eq!(sanitize(b"\xff ok"), "\u{fffd} ok");
+        assert_eq!(sanitize("héllo".as_bytes()), "héllo");
+    }
+
+    #[test]
+    fn resolve_reports_bad_addresses_as_usage_errors() {
+        assert_eq!(resolve("127.0.0.1:9").unwrap().port(), 9);
+        let err = resolve("no-port-here").unwrap_err();
+        assert!(err.is_usage());
+        assert!(err.to_string().contains("--server"));
+    }
+}

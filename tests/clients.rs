@@ -1,0 +1,396 @@
+//! The people side: `udphub chat` (in tmux, as a person types, and as a
+//! pipe), `udphub send`, and `udphub echo`, through the real binary.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::UdpSocket;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{seed_format, spawn_relay, udphub_bin, Client, PATIENCE};
+
+/// A `udphub` child with piped stdin/stdout, lines of stdout on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(udphub_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udphub");
+        let out: ChildStdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).split(b'\n') {
+                let Ok(line) = line else { break };
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The next stdout line containing `needle`, within PATIENCE.
+    fn expect_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                if line.contains(needle) {
+                    return line;
+                }
+                seen.push(line);
+            }
+        }
+        panic!("no line with {needle:?}; saw {seen:?}");
+    }
+
+    /// Waits (bounded) for exit; returns the code and stderr.
+    fn wait(mut self) -> (Option<i32>, String) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.code(), err);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("udphub did not exit");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pipe mode: a line on stdin is relayed; what the relay sends is printed,
+/// one per line; end of input sends `quit` and exits 0.
+#[test]
+fn chat_in_a_pipe_sends_lines_and_prints_messages() {
+    let relay = spawn_relay(&[]);
+    let server = relay.addr.to_string();
+    let mut alice = Proc::spawn(&[
+        "chat", "--server", &server, "--name", "alice", "--linger", "0s",
+    ]);
+    let bob = Proc::spawn(&["chat", "--server", &server]);
+    relay.wait_metric("udphub_clients", 2.0);
+    alice.write_line("hello bob");
+    let line = bob.expect_line("alice: hello bob. from 127.0.0.1:");
+    assert!(line.starts_with("alice: hello bob. from "), "{line}");
+    alice.expect_line("alice: hello bob");
+    let (code, _) = alice.wait();
+    assert_eq!(code, Some(0));
+    assert_eq!(relay.wait_metric("udphub_clients_left_total", 1.0), 1.0);
+}
+
+/// The chat client heartbeats on its own: a silent member outlives the
+/// relay's timeout.
+#[test]
+fn chat_heartbeats_keep_a_quiet_member_alive() {
+    let relay = spawn_relay(&["--timeout", "300ms"]);
+    let server = relay.addr.to_string();
+    let quiet = Proc::spawn(&["chat", "--server", &server, "--heartbeat", "50ms"]);
+    relay.wait_metric("udphub_clients", 1.0);
+    thread::sleep(Duration::from_millis(900));
+    let talker = Client::new(relay.addr);
+    talker.send(b"still there?");
+    quiet.expect_line("still there?. from");
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 0.0);
+}
+
+/// When the relay shuts down, the chat client says so and exits 0.
+#[test]
+fn chat_exits_when_the_relay_says_bye() {
+    let relay = spawn_relay(&[]);
+    let member = Proc::spawn(&["chat", "--server", &relay.addr.to_string()]);
+    relay.wait_metric("udphub_clients", 1.0);
+    relay.signal("TERM");
+    let (code, stderr) = member.wait_with_stdin_open();
+    assert_eq!(code, Some(0));
+    assert!(stderr.contains("said bye"), "{stderr}");
+}
+
+impl Proc {
+    /// Like `wait`, but without closing stdin first (the exit must come
+    /// from elsewhere).
+    fn wait_with_stdin_open(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.code(), err);
+            }
+            assert!(Instant::now() < deadline, "udphub did not exit");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A person at a terminal (tmux): typed lines are sent, an incoming
+/// message is shown without garbling the half-typed line, `quit` exits 0.
+#[test]
+fn chat_in_a_terminal() {
+    if !util::require_tool("tmux") {
+        return;
+    }
+    let relay = spawn_relay(&[]);
+    let session = format!("udphub-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("run tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let wait_screen = |needle: &str| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = screen();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "screen never showed {needle:?}:\n{s}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let cmd = format!(
+        "{} chat --server {} --name alice; echo EXIT=$?; sleep 30",
+        udphub_bin(),
+        relay.addr
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "20",
+        &cmd,
+    ]);
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["-L", &self.0, "kill-server"])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+
+    wait_screen("alice>");
+    relay.wait_metric("udphub_clients", 1.0);
+    let bob = Client::joined(&relay);
+
+    // A half-typed line, then a message arrives.
+    tmux(&["send-keys", "-t", &session, "half a thou"]);
+    wait_screen("alice> half a thou");
+    bob.send(b"interrupting");
+    let s = wait_screen("interrupting. from 127.0.0.1:");
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let msg = lines
+        .iter()
+        .position(|l| l.starts_with("interrupting. from"))
+        .unwrap();
+    assert_eq!(
+        lines.get(msg + 1).map(|l| l.trim_end()),
+        Some("alice> half a thou"),
+        "{s}"
+    );
+
+    // Finish the line: bob receives it, attributed to alice.
+    tmux(&["send-keys", "-t", &session, "ght", "Enter"]);
+    let got = loop {
+        let d = bob.recv();
+        if !d.starts_with(b"interrupting") {
+            break d;
+        }
+    };
+    let text = String::from_utf8(got).unwrap();
+    assert!(
+        text.starts_with("alice: half a thought. from 127.0.0.1:"),
+        "{text}"
+    );
+
+    tmux(&["send-keys", "-t", &session, "quit", "Enter"]);
+    wait_screen("EXIT=0");
+    assert_eq!(relay.wait_metric("udphub_clients_left_total", 1.0), 1.0);
+}
+
+/// `udphub send`: prints the reply; `--expect-reply` makes silence exit 1.
+#[test]
+fn send_prints_replies_and_can_require_one() {
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    let responder = thread::spawn(move || {
+        echo.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = echo.recv_from(&mut buf).unwrap();
+        echo.send_to(&buf[..n], from).unwrap();
+        echo.send_to(b"second", from).unwrap();
+    });
+    let out = Command::new(udphub_bin())
+        .args([
+            "send",
+            "--server",
+            &addr.to_string(),
+            "ping",
+            "--wait",
+            "500ms",
+            "--expect-reply",
+        ])
+        .output()
+        .unwrap();
+    responder.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ping\nsecond\n");
+
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(udphub_bin())
+        .args([
+            "send",
+            "--server",
+            &silent.local_addr().unwrap().to_string(),
+            "x",
+        ])
+        .args(["--wait", "200ms", "--expect-reply"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+}
+
+/// `udphub echo --upper`: replies like seed 001, is counted like the relay,
+/// and shuts down on SIGTERM with exit 0.
+#[test]
+fn echo_server_replies_and_counts() {
+    let metrics = util::free_tcp_port();
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let bind = format!("127.0.0.1:{port}");
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let mut echo = Proc::spawn(&[
+        "echo",
+        "--bind",
+        &bind,
+        "--upper",
+        "--metrics",
+        &metrics_addr,
+    ]);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    // The server may still be starting: retry (bounded) until it answers.
+    let deadline = Instant::now() + PATIENCE;
+    let reply = loop {
+        client.send_to(b"hello, World \xff", &bind).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        assert!(Instant::now() < deadline, "echo never answered");
+    };
+    assert_eq!(reply, b"HELLO, WORLD \xff");
+    client.send_to(b"quit", &bind).unwrap();
+    let (n, _) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"QUIT", "quit is echoed, not obeyed");
+    client.send_to(&[b'x'; 1500], &bind).unwrap();
+    client.send_to(b"last", &bind).unwrap();
+    let (n, _) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"LAST", "oversize was not echoed");
+
+    let scrape = util::scrape(metrics_addr.parse().unwrap());
+    let received = util::metric(&scrape, "udphub_datagrams_received_total{kind=\"message\"}");
+    assert!(received >= 3.0, "{scrape}");
+    assert_eq!(
+        util::metric(&scrape, "udphub_dropped_total{reason=\"oversize\"}"),
+        1.0
+    );
+    assert_eq!(util::metric(&scrape, "udphub_deliveries_total"), received);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &echo.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(echo.child.stdin.take());
+    let (code, _) = echo.wait();
+    assert_eq!(code, Some(0));
+}
+
+/// A server address that doesn't parse or resolve is a usage error.
+#[test]
+fn chat_and_send_reject_bad_addresses() {
+    for args in [
+        vec!["chat", "--server", "nowhere"],
+        vec!["send", "--server", "127.0.0.1", "x"],
+        vec!["chat"],
+        vec!["chat", "--lan", "--server", "127.0.0.1:1"],
+    ] {
+        let out = Command::new(udphub_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+/// `seed_format` is what the chat client prints for a relayed message.
+#[test]
+fn chat_prints_relayed_messages_verbatim() {
+    let relay = spawn_relay(&["--no-echo"]);
+    let member = Proc::spawn(&["chat", "--server", &relay.addr.to_string()]);
+    relay.wait_metric("udphub_clients", 1.0);
+    let other = Client::new(relay.addr);
+    other.send(b"verbatim \xffbytes");
+    let want =
+        String::from_utf8_lossy(&seed_format("verbatim \u{fffd}bytes", other.addr())).into_owned();
+    let line = member.expect_line("verbatim");
+    assert_eq!(line, want);
+}
