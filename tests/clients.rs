@@ -394,3 +394,106 @@ fn chat_prints_relayed_messages_verbatim() {
     let line = member.expect_line("verbatim");
     assert_eq!(line, want);
 }
+
+/// A chat client in a tmux session of its own, killed on drop.
+struct TmuxChat {
+    socket: String,
+}
+
+impl TmuxChat {
+    fn start(tag: &str, relay: &util::RelayProc) -> TmuxChat {
+        let socket = format!("udphub-{tag}-{}", std::process::id());
+        // After the client exits, show its status and whether the terminal
+        // is back in canonical (cooked) mode: `stty` prints `icanon` then.
+        let cmd = format!(
+            "{} chat --server {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x icanon; sleep 30",
+            udphub_bin(),
+            relay.addr
+        );
+        let t = TmuxChat { socket };
+        t.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            "chat",
+            "-x",
+            "80",
+            "-y",
+            "10",
+            &cmd,
+        ]);
+        t.wait_screen(">");
+        t
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("run tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_screen(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.tmux(&["capture-pane", "-p", "-t", "chat"]);
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "screen never showed {needle:?}:\n{s}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TmuxChat {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+/// Ctrl-C and Ctrl-D at the prompt both send `quit` and exit 0.
+#[test]
+fn chat_in_a_terminal_leaves_on_ctrl_c_and_ctrl_d() {
+    if !util::require_tool("tmux") {
+        return;
+    }
+    let relay = spawn_relay(&[]);
+    for (n, key) in [(1.0, "C-c"), (2.0, "C-d")] {
+        let chat = TmuxChat::start(&format!("key{n}"), &relay);
+        relay.wait_metric("udphub_clients", 1.0);
+        chat.tmux(&["send-keys", "-t", "chat", key]);
+        chat.wait_screen("EXIT=0");
+        assert_eq!(relay.wait_metric("udphub_clients_left_total", n), n);
+    }
+}
+
+/// When the relay shuts down, the terminal client says so, exits 0, and
+/// leaves the terminal usable (not in raw mode).
+#[test]
+fn chat_in_a_terminal_exits_on_bye() {
+    if !util::require_tool("tmux") {
+        return;
+    }
+    let mut relay = spawn_relay(&[]);
+    let chat = TmuxChat::start("bye", &relay);
+    relay.wait_metric("udphub_clients", 1.0);
+    chat.tmux(&["send-keys", "-t", "chat", "typing"]);
+    chat.wait_screen("> typing");
+    relay.signal("TERM");
+    chat.wait_screen("EXIT=0");
+    let screen = chat.wait_screen("icanon");
+    assert!(screen.contains("the relay said bye"), "{screen}");
+    assert!(
+        screen.lines().any(|l| l.trim() == "icanon"),
+        "terminal left raw:\n{screen}"
+    );
+    assert_eq!(relay.wait_exit().code(), Some(0));
+}
