@@ -1,0 +1,484 @@
+//! The `fanout` scenario: N clients register and heartbeat, S of them send
+//! stamped messages (closed loop with a window, or open loop at a rate),
+//! and every client counts what it receives.
+//!
+//! One thread, one mio poll over all client sockets: on a 2-core machine
+//! the relay gets the other core.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::payload::{self, Stamp};
+use crate::report::{Common, FanoutReport, Latency, Progress, RelayUsage, TimelinePoint};
+use crate::tracker::{Arrival, Stream};
+use crate::{metrics, procfs};
+
+/// `loadtest fanout` flags.
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Shared flags.
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Clients (each its own socket), senders included
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+
+    /// How many of the clients send
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+
+    /// Message size in bytes (at least 46, the stamp)
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+
+    /// Open loop: total messages per second, whatever happens
+    #[arg(long, conflicts_with = "window")]
+    pub rate: Option<f64>,
+
+    /// Closed loop: messages in flight per sender (the default mode, window 8)
+    #[arg(long)]
+    pub window: Option<u64>,
+
+    /// Stop after this many messages (besides --duration)
+    #[arg(long)]
+    pub messages: Option<u64>,
+
+    /// How often every client sends a heartbeat
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+
+    /// The relay does not echo to the sender (udphub --no-echo)
+    #[arg(long)]
+    pub no_echo: bool,
+}
+
+/// One client socket.
+struct ClientSock {
+    sock: mio::net::UdpSocket,
+}
+
+/// The live state of a fan-out run.
+pub struct Engine {
+    poll: Poll,
+    events: Events,
+    clients: Vec<ClientSock>,
+    relay: SocketAddr,
+    /// Recipients per message.
+    expect: u64,
+    senders: usize,
+    /// `streams[receiver * senders + sender]`.
+    streams: Vec<Stream>,
+    /// Messages sent, per sender.
+    sent: Vec<u64>,
+    /// Run start: the zero of every timestamp.
+    start: Instant,
+    /// New deliveries so far.
+    pub delivered: u64,
+    /// Duplicate deliveries.
+    pub duplicates: u64,
+    /// Reordered deliveries.
+    pub reordered: u64,
+    /// Datagrams that were not loadtest messages (e.g. relay notices).
+    pub other: u64,
+    /// The relay said `bye`.
+    pub bye: bool,
+    /// Latency of every delivery.
+    pub latency: Histogram<u64>,
+    /// Latency since the last timeline point.
+    interval_latency: Histogram<u64>,
+    interval_delivered: u64,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    payload: usize,
+    next_heartbeat: Instant,
+    heartbeat: Duration,
+    next_sender: usize,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 100 s in nanoseconds, 3 significant digits.
+    Histogram::new_with_bounds(1_000, 100_000_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+}
+
+impl Engine {
+    /// Opens `clients` sockets next to the relay's address family and
+    /// registers them with a heartbeat each.
+    pub fn new(
+        relay: SocketAddr,
+        clients: usize,
+        senders: usize,
+        payload: usize,
+        heartbeat: Duration,
+        no_echo: bool,
+    ) -> io::Result<Engine> {
+        let poll = Poll::new()?;
+        let local: SocketAddr = if relay.is_ipv6() {
+            "[::1]:0"
+                .parse()
+                .map_err(|_| io::Error::other("bad address"))?
+        } else {
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|_| io::Error::other("bad address"))?
+        };
+        let mut socks = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let s = UdpSocket::bind(local)?;
+            s.set_nonblocking(true)?;
+            // Room for bursts of fan-out while this one thread is busy.
+            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(1 << 20);
+            let mut sock = mio::net::UdpSocket::from_std(s);
+            poll.registry()
+                .register(&mut sock, Token(i), Interest::READABLE)?;
+            socks.push(ClientSock { sock });
+        }
+        let senders = senders.clamp(1, clients.max(1));
+        let mut e = Engine {
+            poll,
+            events: Events::with_capacity(1024),
+            clients: socks,
+            relay,
+            expect: (clients as u64).saturating_sub(u64::from(no_echo)),
+            senders,
+            streams: vec![Stream::default(); clients * senders],
+            sent: vec![0; senders],
+            start: Instant::now(),
+            delivered: 0,
+            duplicates: 0,
+            reordered: 0,
+            other: 0,
+            bye: false,
+            latency: histogram(),
+            interval_latency: histogram(),
+            interval_delivered: 0,
+            buf: vec![0; 65_536],
+            out: Vec::with_capacity(payload),
+            payload: payload.max(payload::HEADER_LEN),
+            next_heartbeat: Instant::now(),
+            heartbeat,
+            next_sender: 0,
+        };
+        e.heartbeat_all()?;
+        Ok(e)
+    }
+
+    /// Recipients per message.
+    pub fn expect(&self) -> u64 {
+        self.expect
+    }
+
+    /// Messages sent so far, all senders.
+    pub fn messages_sent(&self) -> u64 {
+        self.sent.iter().sum()
+    }
+
+    /// Deliveries the messages sent so far call for.
+    pub fn expected(&self) -> u64 {
+        self.messages_sent() * self.expect
+    }
+
+    fn heartbeat_all(&mut self) -> io::Result<()> {
+        for c in &self.clients {
+            send_retrying(&c.sock, b"^hb^", self.relay)?;
+        }
+        self.next_heartbeat = Instant::now() + self.heartbeat;
+        Ok(())
+    }
+
+    /// Sends the probe until every client has received one (the relay
+    /// knows them all), or `limit` passes. Returns how many got it.
+    pub fn wait_registered(&mut self, limit: Duration) -> io::Result<u64> {
+        let deadline = Instant::now() + limit;
+        let mut got = vec![false; self.clients.len()];
+        let mut count = 0u64;
+        let need = self.expect;
+        let mut next_probe = Instant::now();
+        while count < need && Instant::now() < deadline {
+            if Instant::now() >= next_probe {
+                send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay)?;
+                next_probe = Instant::now() + Duration::from_millis(300);
+            }
+            self.poll
+                .poll(&mut self.events, Some(Duration::from_millis(20)))?;
+            let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+            for i in ready {
+                while let Ok((n, _)) = self.clients[i].sock.recv_from(&mut self.buf) {
+                    if self.buf[..n].starts_with(b"loadtest probe") && !got[i] {
+                        got[i] = true;
+                        count += 1;
+                    }
+                }
+            }
+        }
+        // Let stragglers' extra probe copies drain before measuring.
+        self.start = Instant::now();
+        Ok(count)
+    }
+
+    /// Sends the next message, from the next sender in turn.
+    pub fn send_one(&mut self) -> io::Result<()> {
+        let sender = self.next_sender;
+        self.next_sender = (self.next_sender + 1) % self.senders;
+        let stamp = Stamp {
+            sender: sender as u32,
+            seq: self.sent[sender],
+            sent_ns: self.start.elapsed().as_nanos() as u64,
+        };
+        payload::encode(&mut self.out, stamp, self.payload);
+        send_retrying(&self.clients[sender].sock, &self.out, self.relay)?;
+        self.sent[sender] += 1;
+        Ok(())
+    }
+
+    /// Heartbeats when due; polls for up to `wait` and counts arrivals.
+    pub fn step(&mut self, wait: Duration) -> io::Result<()> {
+        if Instant::now() >= self.next_heartbeat {
+            self.heartbeat_all()?;
+        }
+        match self.poll.poll(&mut self.events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+        for receiver in ready {
+            loop {
+                let n = match self.clients[receiver].sock.recv_from(&mut self.buf) {
+                    Ok((n, _)) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // ICMP errors surface here; they are not deliveries.
+                    Err(_) => break,
+                };
+                self.arrive(receiver, n);
+            }
+        }
+        Ok(())
+    }
+
+    fn arrive(&mut self, receiver: usize, n: usize) {
+        let data = &self.buf[..n];
+        let Some(stamp) = payload::decode(data) else {
+            if data == b"bye" {
+                self.bye = true;
+            }
+            self.other += 1;
+            return;
+        };
+        let sender = stamp.sender as usize;
+        if sender >= self.senders {
+            self.other += 1;
+            return;
+        }
+        match self.streams[receiver * self.senders + sender].arrive(stamp.seq) {
+            Arrival::Duplicate => {
+                self.duplicates += 1;
+                return;
+            }
+            Arrival::Reordered | Arrival::TooOld => self.reordered += 1,
+            Arrival::New => {}
+        }
+        self.delivered += 1;
+        self.interval_delivered += 1;
+        let now = self.start.elapsed().as_nanos() as u64;
+        let latency = now.saturating_sub(stamp.sent_ns).max(1_000);
+        let _ = self.latency.record(latency);
+        let _ = self.interval_latency.record(latency);
+    }
+
+    /// Closes the current timeline interval.
+    pub fn timeline_point(&mut self, t: Duration, interval: Duration) -> TimelinePoint {
+        let secs = interval.as_secs_f64().max(1e-9);
+        let p = TimelinePoint {
+            t_s: t.as_secs_f64(),
+            deliveries_per_s: self.interval_delivered as f64 / secs,
+            p50_us: self.interval_latency.value_at_quantile(0.5) as f64 / 1e3,
+            p99_us: self.interval_latency.value_at_quantile(0.99) as f64 / 1e3,
+        };
+        self.interval_delivered = 0;
+        self.interval_latency.reset();
+        p
+    }
+
+    /// Nanoseconds since the run's start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Sends, retrying a full buffer briefly (bounded) rather than losing the
+/// datagram on our side, which would be counted as the relay's loss.
+fn send_retrying(sock: &mio::net::UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<()> {
+    for _ in 0..1000 {
+        match sock.send_to(data, to) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ENOBUFS) =>
+            {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "send buffer stayed full",
+    ))
+}
+
+/// Runs the scenario and reports.
+pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
+    let c = &args.common;
+    let relay = c.relay_addr()?;
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let before = c.scrape_optional()?;
+    let mut e = Engine::new(
+        relay,
+        args.clients,
+        args.senders,
+        args.payload,
+        args.heartbeat,
+        args.no_echo,
+    )
+    .map_err(|e| format!("open client sockets: {e}"))?;
+    let registered = e
+        .wait_registered(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if registered < e.expect() {
+        return Err(format!(
+            "only {registered} of {} clients received the probe: is the relay at {relay} running (and --no-echo right)?",
+            e.expect()
+        ));
+    }
+    let window = args.window.unwrap_or(8);
+    let mode = match args.rate {
+        Some(r) => format!("open loop, {r} msgs/s"),
+        None => format!("closed loop, window {window}"),
+    };
+    let cpu0 = c.relay_pid.and_then(procfs::cpu_seconds);
+    let progress = Progress::new(c, c.duration);
+    let interval = Duration::from_millis(if c.duration < Duration::from_secs(5) {
+        100
+    } else {
+        500
+    });
+    let mut timeline = Vec::new();
+    let mut next_point = interval;
+    let send_until = c.duration;
+    let max_messages = args.messages.unwrap_or(u64::MAX);
+    let mut last_progress = (Instant::now(), 0u64);
+    let start = Instant::now();
+    let per_message = e.expect();
+    loop {
+        let t = e.elapsed();
+        if t >= next_point {
+            timeline.push(e.timeline_point(t, interval));
+            progress.tick(t, e.delivered);
+            next_point += interval;
+        }
+        let sending = t < send_until && e.messages_sent() < max_messages && !e.bye;
+        if !sending {
+            break;
+        }
+        let wait = match args.rate {
+            Some(rate) => {
+                // Open loop: the schedule says how many should be out by now.
+                let due = (t.as_secs_f64() * rate) as u64;
+                let mut n = 0;
+                while e.messages_sent() < due.min(max_messages) && n < 64 {
+                    e.send_one().map_err(|e| e.to_string())?;
+                    n += 1;
+                }
+                Duration::from_micros(200)
+            }
+            None => {
+                let outstanding = e.expected() - e.delivered.min(e.expected());
+                let stalled = last_progress.0.elapsed() > Duration::from_millis(200);
+                if outstanding < window * per_message * args.senders as u64 || stalled {
+                    e.send_one().map_err(|e| e.to_string())?;
+                    if stalled {
+                        last_progress = (Instant::now(), e.delivered);
+                    }
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(5)
+                }
+            }
+        };
+        e.step(wait).map_err(|e| e.to_string())?;
+        if e.delivered != last_progress.1 {
+            last_progress = (Instant::now(), e.delivered);
+        }
+    }
+    let sending_time = start.elapsed();
+    let delivered_while_sending = e.delivered;
+    // Drain: stragglers for up to a second.
+    let drain_until = Instant::now() + Duration::from_secs(1);
+    while e.delivered < e.expected() && Instant::now() < drain_until && !e.bye {
+        e.step(Duration::from_millis(10))
+            .map_err(|e| e.to_string())?;
+    }
+    progress.finish();
+    let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
+    let after = c.scrape_optional()?;
+    let secs = sending_time.as_secs_f64().max(1e-9);
+    let expected = e.expected();
+    let relay_usage = c.relay_pid.map(|pid| {
+        let cpu = match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        RelayUsage {
+            pid,
+            cpu_seconds: cpu,
+            cpu_ns_per_delivery: cpu.map(|s| s * 1e9 / e.delivered.max(1) as f64),
+            rss_bytes: procfs::rss_bytes(pid),
+        }
+    });
+    let metrics_check = match (before, after) {
+        (Some(b), Some(a)) => Some(crate::report::MetricsCheck::new(
+            &metrics::Scrape::delta(&b, &a),
+            e.messages_sent(),
+            e.delivered + e.duplicates,
+        )),
+        _ => None,
+    };
+    Ok(FanoutReport {
+        scenario: "fanout".into(),
+        relay: relay.to_string(),
+        clients: args.clients,
+        senders: e.senders,
+        payload_bytes: args.payload.max(payload::HEADER_LEN),
+        mode,
+        seconds: secs,
+        messages_sent: e.messages_sent(),
+        deliveries_expected: expected,
+        deliveries: e.delivered,
+        lost: expected.saturating_sub(e.delivered),
+        loss_ratio: if expected == 0 {
+            0.0
+        } else {
+            expected.saturating_sub(e.delivered) as f64 / expected as f64
+        },
+        duplicates: e.duplicates,
+        reordered: e.reordered,
+        messages_per_s: e.messages_sent() as f64 / secs,
+        deliveries_per_s: delivered_while_sending as f64 / secs,
+        latency_us: Latency::from(&e.latency),
+        relay_said_bye: e.bye,
+        relay_usage,
+        metrics_check,
+        timeline,
+    })
+}

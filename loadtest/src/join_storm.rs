@@ -1,0 +1,378 @@
+//! The `join-storm` scenario: as many distinct sources as asked (up to
+//! millions) register and keep heartbeating. It measures the heartbeat rate
+//! the relay ingests and, with `--relay-pid`, the relay's memory per client;
+//! with `--expire`, it then falls silent and watches the relay expire them
+//! all, reporting the relay's longest loop iterations meanwhile.
+//!
+//! Sources are `127.x.y.z:port`: a few sockets bound to ephemeral ports on
+//! 0.0.0.0, each sending from many loopback addresses chosen per datagram
+//! with IP_PKTINFO (every 127/8 address is local on Linux). Heartbeats get
+//! no reply, so nothing ever needs to reach those addresses.
+
+use std::io::IoSlice;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+use serde::Serialize;
+
+use crate::metrics::Scrape;
+use crate::procfs;
+use crate::report::{row, Common, Progress};
+
+/// `loadtest join-storm` flags.
+#[derive(Debug, Clone, Args)]
+pub struct JoinStormArgs {
+    /// Shared flags.
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Distinct sources to register
+    #[arg(long, default_value_t = 100_000)]
+    pub clients: u32,
+
+    /// Sending sockets (ports); sources are spread over them
+    #[arg(long, default_value_t = 16)]
+    pub ports: u32,
+
+    /// Each source heartbeats this often (0 = as fast as possible)
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Afterwards, go silent and wait (up to this long) for the relay to
+    /// expire every client (needs --metrics-url)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expire: Option<Duration>,
+}
+
+/// The `join-storm` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinStormReport {
+    /// "join-storm".
+    pub scenario: String,
+    /// Sources.
+    pub clients: u32,
+    /// Seconds to send one heartbeat from every source.
+    pub join_seconds: f64,
+    /// Heartbeats loadtest sent during the steady phase, per second.
+    pub heartbeats_sent_per_s: f64,
+    /// Heartbeats the relay counted in the steady phase, per second.
+    pub heartbeats_ingested_per_s: Option<f64>,
+    /// Relay CPU nanoseconds per heartbeat ingested in the steady phase
+    /// (`--relay-pid` and `--metrics-url`).
+    pub relay_cpu_ns_per_heartbeat: Option<f64>,
+    /// Heartbeats/s one core would ingest at that cost: the relay's
+    /// capacity even when loadtest can't send that fast.
+    pub relay_capacity_per_s: Option<f64>,
+    /// Datagrams the relay's kernel queue dropped during the run.
+    pub kernel_rx_dropped: Option<f64>,
+    /// `udphub_clients` at the end of the steady phase.
+    pub relay_clients: Option<f64>,
+    /// Relay RSS before any source joined.
+    pub rss_before_bytes: Option<u64>,
+    /// Relay RSS with every source registered.
+    pub rss_after_bytes: Option<u64>,
+    /// `(after - before) / clients`.
+    pub rss_bytes_per_client: Option<f64>,
+    /// With `--expire`: what the mass expiry did.
+    pub expiry: Option<ExpiryReport>,
+}
+
+/// How the relay handled every client expiring at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpiryReport {
+    /// Seconds from the last heartbeat until `udphub_clients` reached 0.
+    pub seconds_to_empty: Option<f64>,
+    /// Clients the relay expired meanwhile.
+    pub expired: f64,
+    /// Loop iterations during the expiry.
+    pub loop_iterations: f64,
+    /// Of those, longer than 5 ms.
+    pub iterations_over_5ms: f64,
+    /// The smallest histogram bound the longest iteration fits under, seconds.
+    pub longest_iteration_at_most_s: Option<f64>,
+}
+
+/// The source address of client `k`: 127.x.y.z, skipping 127.0.0.0/16.
+fn source_ip(k: u32, ports: u32) -> Ipv4Addr {
+    let a = k / ports + 65_536;
+    Ipv4Addr::from((127u32 << 24) | (a & 0x00ff_ffff))
+}
+
+struct Storm {
+    socks: Vec<UdpSocket>,
+    dest: SockaddrIn,
+    clients: u32,
+}
+
+impl Storm {
+    fn new(relay: SocketAddr, clients: u32, ports: u32) -> Result<Storm, String> {
+        let SocketAddr::V4(v4) = relay else {
+            return Err("join-storm needs an IPv4 relay address (sources are 127.x.y.z)".into());
+        };
+        if u64::from(clients) > u64::from(ports) * 0xfe_0000 {
+            return Err("too many clients for the loopback range; add --ports".into());
+        }
+        let mut socks = Vec::new();
+        for _ in 0..ports {
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            let _ = socket2::SockRef::from(&s).set_send_buffer_size(4 << 20);
+            socks.push(s);
+        }
+        Ok(Storm {
+            socks,
+            dest: SockaddrIn::from(v4),
+            clients,
+        })
+    }
+
+    /// Sends one heartbeat from client `k`; retries briefly if the socket
+    /// buffer is full.
+    fn heartbeat(&self, k: u32) -> Result<(), String> {
+        let ports = self.socks.len() as u32;
+        let sock = &self.socks[(k % ports) as usize];
+        let ip = source_ip(k, ports);
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        let iov = [IoSlice::new(b"^hb^")];
+        let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+        for _ in 0..10_000 {
+            match sendmsg(
+                sock.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&self.dest),
+            ) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => {
+                    std::thread::sleep(Duration::from_micros(20))
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("send from {ip}: {e}")),
+            }
+        }
+        Err("send buffer stayed full".into())
+    }
+}
+
+/// Runs the scenario.
+pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
+    let c = &args.common;
+    let storm = Storm::new(c.relay_addr()?, args.clients, args.ports.max(1))?;
+    let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
+    let scrape0 = c.scrape_optional()?;
+
+    // Phase 1: every source joins once, as fast as the relay takes it.
+    let t0 = Instant::now();
+    for k in 0..storm.clients {
+        storm.heartbeat(k)?;
+    }
+    let join_seconds = t0.elapsed().as_secs_f64();
+
+    // Phase 2: keep every source alive for --duration.
+    let progress = Progress::new(c, c.duration);
+    let scrape1 = c.scrape_optional()?;
+    let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
+    let t1 = Instant::now();
+    let mut sent = 0u64;
+    let per_heartbeat = args.heartbeat;
+    let mut round_start = Instant::now();
+    let mut k = 0;
+    while t1.elapsed() < c.duration {
+        storm.heartbeat(k)?;
+        sent += 1;
+        k += 1;
+        if k == storm.clients {
+            k = 0;
+            progress.tick(t1.elapsed(), sent);
+            // Pace to one heartbeat per source per interval.
+            let spent = round_start.elapsed();
+            if spent < per_heartbeat {
+                std::thread::sleep(
+                    (per_heartbeat - spent).min(c.duration.saturating_sub(t1.elapsed())),
+                );
+            }
+            round_start = Instant::now();
+        }
+    }
+    let steady = t1.elapsed().as_secs_f64();
+    progress.finish();
+    // Let the relay's counters catch up with the last datagrams.
+    std::thread::sleep(Duration::from_millis(1500));
+    let scrape2 = c.scrape_optional()?;
+    let cpu2 = c.relay_pid.and_then(procfs::cpu_seconds);
+    let rss_after = c.relay_pid.and_then(procfs::rss_bytes);
+
+    let heartbeats = |s: &Scrape| s.get("udphub_datagrams_received_total{kind=\"heartbeat\"}");
+    let ingested = match (&scrape1, &scrape2) {
+        (Some(a), Some(b)) => Some((heartbeats(b) - heartbeats(a)) / steady),
+        _ => None,
+    };
+    let cpu_ns_per_heartbeat = match (cpu1, cpu2, ingested) {
+        (Some(a), Some(b), Some(rate)) if rate > 0.0 => Some((b - a) * 1e9 / (rate * steady)),
+        _ => None,
+    };
+    let kernel = match (&scrape0, &scrape2) {
+        (Some(a), Some(b)) => {
+            Some(b.get("udphub_kernel_rx_dropped_total") - a.get("udphub_kernel_rx_dropped_total"))
+        }
+        _ => None,
+    };
+    let expiry = match (args.expire, &c.metrics_url) {
+        (Some(limit), Some(url)) => Some(watch_expiry(url, limit, scrape2.as_ref())?),
+        (Some(_), None) => return Err("--expire needs --metrics-url".into()),
+        _ => None,
+    };
+    Ok(JoinStormReport {
+        scenario: "join-storm".into(),
+        clients: args.clients,
+        join_seconds,
+        heartbeats_sent_per_s: sent as f64 / steady.max(1e-9),
+        heartbeats_ingested_per_s: ingested,
+        relay_cpu_ns_per_heartbeat: cpu_ns_per_heartbeat,
+        relay_capacity_per_s: cpu_ns_per_heartbeat.map(|ns| 1e9 / ns.max(1e-9)),
+        kernel_rx_dropped: kernel,
+        relay_clients: scrape2.as_ref().map(|s| s.get("udphub_clients")),
+        rss_before_bytes: rss_before,
+        rss_after_bytes: rss_after,
+        rss_bytes_per_client: match (rss_before, rss_after) {
+            (Some(a), Some(b)) => Some((b as f64 - a as f64) / f64::from(args.clients.max(1))),
+            _ => None,
+        },
+        expiry,
+    })
+}
+
+/// Waits (bounded) for `udphub_clients` to reach 0, then reads the loop
+/// iteration histogram's growth.
+fn watch_expiry(
+    url: &str,
+    limit: Duration,
+    before: Option<&Scrape>,
+) -> Result<ExpiryReport, String> {
+    let start = Instant::now();
+    let before = match before {
+        Some(s) => s.clone(),
+        None => crate::metrics::scrape(url)?,
+    };
+    let mut emptied = None;
+    while start.elapsed() < limit {
+        let s = crate::metrics::scrape(url)?;
+        if s.get("udphub_clients") == 0.0 {
+            emptied = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = crate::metrics::scrape(url)?;
+    let d = Scrape::delta(&before, &after);
+    let count = d.get("udphub_loop_iteration_seconds_count");
+    let under_5ms = d.get("udphub_loop_iteration_seconds_bucket{le=\"0.005\"}");
+    // The longest iteration is at most the first bucket holding them all.
+    let mut bounds: Vec<(f64, f64)> = d
+        .series
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k
+                .strip_prefix("udphub_loop_iteration_seconds_bucket{le=\"")?
+                .strip_suffix("\"}")?;
+            Some((le.parse().ok()?, *v))
+        })
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let longest = bounds.iter().find(|(_, v)| *v >= count).map(|(le, _)| *le);
+    Ok(ExpiryReport {
+        seconds_to_empty: emptied,
+        expired: d.get("udphub_clients_expired_total"),
+        loop_iterations: count,
+        iterations_over_5ms: count - under_5ms,
+        longest_iteration_at_most_s: longest,
+    })
+}
+
+impl JoinStormReport {
+    /// The human-readable table.
+    pub fn print_table(&self) {
+        println!("join-storm: {} sources", self.clients);
+        row(
+            "join",
+            format!(
+                "{:.2} s ({:.0} joins/s sent)",
+                self.join_seconds,
+                f64::from(self.clients) / self.join_seconds.max(1e-9)
+            ),
+        );
+        row(
+            "heartbeats sent",
+            format!("{:.0}/s", self.heartbeats_sent_per_s),
+        );
+        if let Some(r) = self.heartbeats_ingested_per_s {
+            row("relay ingested", format!("{r:.0} heartbeats/s"));
+        }
+        if let (Some(ns), Some(cap)) = (self.relay_cpu_ns_per_heartbeat, self.relay_capacity_per_s)
+        {
+            row(
+                "relay CPU",
+                format!("{ns:.0} ns per heartbeat: one core ingests ~{cap:.0}/s"),
+            );
+        }
+        if let Some(k) = self.kernel_rx_dropped {
+            row("kernel rx drops", format!("{k}"));
+        }
+        if let Some(n) = self.relay_clients {
+            row("relay clients", format!("{n}"));
+        }
+        if let (Some(a), Some(b)) = (self.rss_before_bytes, self.rss_after_bytes) {
+            row(
+                "relay RSS",
+                format!(
+                    "{:.1} MiB -> {:.1} MiB",
+                    a as f64 / 1048576.0,
+                    b as f64 / 1048576.0
+                ),
+            );
+        }
+        if let Some(p) = self.rss_bytes_per_client {
+            row("RSS per client", format!("{p:.0} bytes"));
+        }
+        if let Some(e) = &self.expiry {
+            row(
+                "expiry",
+                format!(
+                    "{} expired, empty after {}; {} loop iterations, {} over 5 ms, longest <= {}",
+                    e.expired,
+                    e.seconds_to_empty
+                        .map_or("(not yet)".into(), |s| format!("{s:.1} s")),
+                    e.loop_iterations,
+                    e.iterations_over_5ms,
+                    e.longest_iteration_at_most_s
+                        .map_or("?".into(), |s| format!("{:.1} ms", s * 1e3)),
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_distinct_loopback_addresses() {
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..200_000u32 {
+            let ip = source_ip(k, 16);
+            assert!(ip.is_loopback());
+            assert_ne!(ip.octets()[1], 0, "127.0.x.x is left alone");
+            assert!(seen.insert((ip, k % 16)));
+        }
+    }
+}

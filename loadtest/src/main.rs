@@ -1,0 +1,113 @@
+//! `loadtest`: how much can a relay take, and what happens past that?
+//!
+//! A black box: it talks to the relay only over the wire and, optionally,
+//! its Prometheus endpoint and `/proc`, so it measures udphub, the bare
+//! baseline loop and the seeds' Python server alike.
+//!
+//! # Layout
+//! - `fanout` (default): stamped messages fanned out to N clients.
+//! - `join_storm`: millions of distinct sources heartbeating; memory per client; mass expiry.
+//! - `soak`: a long mixed load, sampling growth.
+//! - `abuse`: nasty datagrams, one by one.
+//! - `payload`, `tracker`: message stamps; loss/duplicate/reorder bookkeeping.
+//! - `report`, `plot`: reports (table, JSON, SVG); `metrics`, `procfs`: what the relay says.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod abuse;
+mod fanout;
+mod join_storm;
+mod metrics;
+mod payload;
+mod plot;
+mod procfs;
+mod report;
+mod soak;
+mod tracker;
+
+/// Flood generator and benchmark driver for UDP chat relays.
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// (no subcommand: `fanout`)
+    #[command(flatten)]
+    fanout: fanout::FanoutArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Messages from S senders fanned out to N clients (the default)
+    Fanout(fanout::FanoutArgs),
+    /// Many distinct sources register and heartbeat
+    JoinStorm(join_storm::JoinStormArgs),
+    /// A long mixed load, sampling relay memory and counters
+    Soak(soak::SoakArgs),
+    /// Nasty datagrams, and what the relay did with each
+    Abuse(abuse::AbuseArgs),
+}
+
+fn emit<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> Result<(), String> {
+    if json {
+        use std::io::Write;
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        // A closed pipe (`| head`) is the reader's choice, not an error.
+        let _ = writeln!(std::io::stdout(), "{text}");
+    } else {
+        table(report);
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command.unwrap_or(Command::Fanout(cli.fanout)) {
+        Command::Fanout(args) => {
+            let r = fanout::run(&args)?;
+            if let Some(path) = &args.common.plot {
+                let title = format!("fanout: {} clients, {}", r.clients, r.mode);
+                plot::write(path, &title, &r.timeline)?;
+            }
+            emit(args.common.json, &r, |r| r.print_table())
+        }
+        Command::JoinStorm(args) => emit(args.common.json, &join_storm::run(&args)?, |r| {
+            r.print_table()
+        }),
+        Command::Soak(args) => emit(args.common.json, &soak::run(&args)?, |r| r.print_table()),
+        Command::Abuse(args) => emit(args.common.json, &abuse::run(&args)?, |r| r.print_table()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid command line");
+            eprintln!(
+                "loadtest: {} (see `loadtest --help`)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! What a run reports: the shared flags, the report structs (JSON via
+//! serde), the human table, and the live progress bar.
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::metrics::{self, Scrape};
+
+/// Flags every scenario takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The relay under test
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    pub relay: String,
+
+    /// How long to send
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// The relay's Prometheus endpoint: scraped before and after, and its
+    /// counters cross-checked against what loadtest saw
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+
+    /// The relay's process id: its CPU time (/proc/PID/stat) and RSS are reported
+    #[arg(long, value_name = "PID")]
+    pub relay_pid: Option<u32>,
+
+    /// Print the report as JSON on stdout (no table, no progress bar)
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write a latency/throughput-over-time chart (SVG)
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+impl Common {
+    /// `--relay`, resolved.
+    pub fn relay_addr(&self) -> Result<SocketAddr, String> {
+        self.relay
+            .to_socket_addrs()
+            .map_err(|e| format!("--relay {}: {e}", self.relay))?
+            .next()
+            .ok_or_else(|| format!("--relay {}: no address", self.relay))
+    }
+
+    /// Scrapes `--metrics-url`, if given.
+    pub fn scrape_optional(&self) -> Result<Option<Scrape>, String> {
+        self.metrics_url.as_deref().map(metrics::scrape).transpose()
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl From<&Histogram<u64>> for Latency {
+    fn from(h: &Histogram<u64>) -> Latency {
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        Latency {
+            p50: us(0.5),
+            p90: us(0.9),
+            p99: us(0.99),
+            p999: us(0.999),
+            max: h.max() as f64 / 1e3,
+        }
+    }
+}
+
+/// The relay process's resource use over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayUsage {
+    /// Its pid.
+    pub pid: u32,
+    /// User + system CPU seconds during the run.
+    pub cpu_seconds: Option<f64>,
+    /// CPU nanoseconds per delivery received.
+    pub cpu_ns_per_delivery: Option<f64>,
+    /// Resident memory at the end.
+    pub rss_bytes: Option<u64>,
+}
+
+/// The relay's own counters against what loadtest saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsCheck {
+    /// `udphub_datagrams_received_total` growth, all kinds.
+    pub relay_received: f64,
+    /// `udphub_datagrams_received_total{kind="message"}` growth.
+    pub relay_messages: f64,
+    /// Messages loadtest sent (plus probes).
+    pub loadtest_messages: u64,
+    /// `udphub_deliveries_total` growth.
+    pub relay_deliveries: f64,
+    /// Deliveries loadtest received (new + duplicates).
+    pub loadtest_deliveries: u64,
+    /// `udphub_dropped_total` growth by reason (non-zero only).
+    pub relay_dropped: Vec<(String, f64)>,
+    /// `udphub_delivery_dropped_total` growth by reason (non-zero only).
+    pub relay_delivery_dropped: Vec<(String, f64)>,
+    /// `udphub_kernel_rx_dropped_total` growth.
+    pub relay_kernel_rx_dropped: f64,
+    /// Deliveries the relay handed the kernel that never reached loadtest.
+    pub lost_after_relay: f64,
+}
+
+impl MetricsCheck {
+    /// Compares a scrape delta with loadtest's own counts.
+    pub fn new(delta: &Scrape, messages: u64, deliveries: u64) -> MetricsCheck {
+        let by_reason = |family: &str| -> Vec<(String, f64)> {
+            delta
+                .series
+                .iter()
+                .filter(|(k, v)| k.split('{').next() == Some(family) && **v != 0.0)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        let relay_deliveries = delta.get("udphub_deliveries_total");
+        MetricsCheck {
+            relay_received: delta.sum("udphub_datagrams_received_total"),
+            relay_messages: delta.get("udphub_datagrams_received_total{kind=\"message\"}"),
+            loadtest_messages: messages,
+            relay_deliveries,
+            loadtest_deliveries: deliveries,
+            relay_dropped: by_reason("udphub_dropped_total"),
+            relay_delivery_dropped: by_reason("udphub_delivery_dropped_total"),
+            relay_kernel_rx_dropped: delta.get("udphub_kernel_rx_dropped_total"),
+            lost_after_relay: relay_deliveries - deliveries as f64,
+        }
+    }
+}
+
+/// One point of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the start.
+    pub t_s: f64,
+    /// Deliveries per second in the interval.
+    pub deliveries_per_s: f64,
+    /// Median latency in the interval, µs.
+    pub p50_us: f64,
+    /// 99th percentile latency in the interval, µs.
+    pub p99_us: f64,
+}
+
+/// The `fanout` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    /// "fanout".
+    pub scenario: String,
+    /// The relay address.
+    pub relay: String,
+    /// Clients.
+    pub clients: usize,
+    /// Senders.
+    pub senders: usize,
+    /// Bytes per message.
+    pub payload_bytes: usize,
+    /// Closed or open loop.
+    pub mode: String,
+    /// Sending time.
+    pub seconds: f64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Deliveries those messages call for.
+    pub deliveries_expected: u64,
+    /// Distinct deliveries received.
+    pub deliveries: u64,
+    /// Expected deliveries never received.
+    pub lost: u64,
+    /// `lost / deliveries_expected`.
+    pub loss_ratio: f64,
+    /// Deliveries received more than once.
+    pub duplicates: u64,
+    /// Deliveries received after a later message from the same sender.
+    pub reordered: u64,
+    /// Messages per second.
+    pub messages_per_s: f64,
+    /// Deliveries per second.
+    pub deliveries_per_s: f64,
+    /// Send-to-receive latency.
+    pub latency_us: Latency,
+    /// The relay shut down during the run.
+    pub relay_said_bye: bool,
+    /// With `--relay-pid`.
+    pub relay_usage: Option<RelayUsage>,
+    /// With `--metrics-url`.
+    pub metrics_check: Option<MetricsCheck>,
+    /// Per-interval throughput and latency.
+    pub timeline: Vec<TimelinePoint>,
+}
+
+impl FanoutReport {
+    /// The human-readable table.
+    pub fn print_table(&self) {
+        println!(
+            "fanout against {} ({}; {} clients, {} senders, {} B)",
+            self.relay, self.mode, self.clients, self.senders, self.payload_bytes
+        );
+        row(
+            "sent",
+            format!(
+                "{} messages in {:.2} s ({:.0} msgs/s)",
+                self.messages_sent, self.seconds, self.messages_per_s
+            ),
+        );
+        row(
+            "deliveries",
+            format!(
+                "{} of {} ({:.0}/s)",
+                self.deliveries, self.deliveries_expected, self.deliveries_per_s
+            ),
+        );
+        row(
+            "loss",
+            format!("{} ({:.4}%)", self.lost, self.loss_ratio * 100.0),
+        );
+        row("duplicates", self.duplicates.to_string());
+        row("reordered", self.reordered.to_string());
+        let l = &self.latency_us;
+        row(
+            "latency µs",
+            format!(
+                "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            ),
+        );
+        if let Some(u) = &self.relay_usage {
+            row(
+                "relay",
+                format!(
+                    "pid {}: {} CPU, {} per delivery, RSS {}",
+                    u.pid,
+                    u.cpu_seconds.map_or("?".into(), |s| format!("{s:.2} s")),
+                    u.cpu_ns_per_delivery
+                        .map_or("?".into(), |n| format!("{n:.0} ns")),
+                    u.rss_bytes
+                        .map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+                ),
+            );
+        }
+        if let Some(m) = &self.metrics_check {
+            row(
+                "relay messages",
+                format!(
+                    "{} counted by the relay, {} sent",
+                    m.relay_messages, m.loadtest_messages
+                ),
+            );
+            row(
+                "relay deliveries",
+                format!(
+                    "{} handed to the kernel, {} received ({} lost after the relay)",
+                    m.relay_deliveries, m.loadtest_deliveries, m.lost_after_relay
+                ),
+            );
+            row(
+                "relay drops",
+                format!(
+                    "{:?} deliveries {:?} kernel rx {}",
+                    m.relay_dropped, m.relay_delivery_dropped, m.relay_kernel_rx_dropped
+                ),
+            );
+        }
+        if self.relay_said_bye {
+            row(
+                "note",
+                "the relay said bye (shut down) during the run".into(),
+            );
+        }
+    }
+}
+
+/// One `label: value` line of a table.
+pub fn row(label: &str, value: String) {
+    println!("  {label:<18} {value}");
+}
+
+/// A progress bar on a terminal (stderr), nothing otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// A bar over `duration`, unless `--json` or stderr is not a terminal.
+    pub fn new(common: &Common, duration: Duration) -> Progress {
+        if common.json || !std::io::stderr().is_terminal() {
+            return Progress { bar: None };
+        }
+        let bar = ProgressBar::new(duration.as_millis() as u64);
+        if let Ok(style) = ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}") {
+            bar.set_style(style);
+        }
+        Progress { bar: Some(bar) }
+    }
+
+    /// Moves the bar to `t`, showing the running totals.
+    pub fn tick(&self, t: Duration, deliveries: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(t.as_millis() as u64);
+            b.set_message(format!(
+                "{deliveries} deliveries ({:.0}/s)",
+                deliveries as f64 / t.as_secs_f64().max(1e-9)
+            ));
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
