@@ -17,6 +17,9 @@
 //! loss, latency, and the relay thread's own CPU time per delivery (from
 //! `/proc/self/task/TID/schedstat`, nanosecond precision).
 //!
+//! With `--serve ADDR` it runs only the baseline relay, as its own process,
+//! for `loadtest/compare.sh`.
+//!
 //! Environment knobs: `UDPHUB_BENCH_CLIENTS` (default `64,1000`),
 //! `UDPHUB_BENCH_SECS` (per round, default 4), `UDPHUB_BENCH_ROUNDS` (3).
 
@@ -124,6 +127,25 @@ fn start_baseline() -> Running {
         }),
         thread,
     }
+}
+
+/// The baseline relay alone, on `addr`, until killed.
+fn serve(addr: &str) {
+    let std_sock = UdpSocket::bind(addr).unwrap_or_else(|e| {
+        eprintln!("baseline_relay: cannot bind {addr}: {e}");
+        std::process::exit(2);
+    });
+    std_sock.set_nonblocking(true).unwrap();
+    let s2 = socket2::SockRef::from(&std_sock);
+    let _ = s2.set_recv_buffer_size(8 << 20);
+    let _ = s2.set_send_buffer_size(8 << 20);
+    let mut sock = mio::net::UdpSocket::from_std(std_sock);
+    let mut poll = Poll::new().unwrap();
+    poll.registry()
+        .register(&mut sock, Token(0), Interest::READABLE)
+        .unwrap();
+    eprintln!("baseline_relay: relaying on {addr}");
+    baseline_loop(&mut poll, &sock, &AtomicBool::new(false));
 }
 
 /// The bare relay loop.
@@ -296,9 +318,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // `--serve ADDR`: run only the bare relay, as a process of its own, for
+    // loadtest/compare.sh to measure like any other relay. Stop it with a
+    // signal (no goodbyes: it is the baseline).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve") {
+        let addr = args
+            .get(i + 1)
+            .map(String::as_str)
+            .unwrap_or("127.0.0.1:9999");
+        serve(addr);
+        return;
+    }
     // `cargo test --benches` runs bench targets with no `--bench` flag:
     // there, only check that this builds and starts.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("baseline_relay: run with `cargo bench --bench baseline_relay`");
         return;
     }

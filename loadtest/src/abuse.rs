@@ -88,12 +88,14 @@ pub fn run(args: &AbuseArgs) -> Result<AbuseReport, String> {
         sock.send_to(&data, relay)
             .map_err(|e| format!("{name}: {e}"))?;
         let (replies, first) = collect(&sock, args.wait, &mut buf);
-        // Leave, so later cases don't fan out to this socket.
-        let _ = sock.send_to(b"quit", relay);
         let counters = match (before, c.scrape_optional()?) {
             (Some(b), Some(a)) => changed(&Scrape::delta(&b, &a)),
             _ => Vec::new(),
         };
+        // Leave, so later cases don't fan out to this socket, and give the
+        // relay a moment so the leave isn't counted in the next case.
+        let _ = sock.send_to(b"quit", relay);
+        std::thread::sleep(Duration::from_millis(30));
         results.push(CaseResult {
             case: name.to_string(),
             sent_bytes: data.len(),

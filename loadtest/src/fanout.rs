@@ -56,6 +56,10 @@ pub struct FanoutArgs {
     /// The relay does not echo to the sender (udphub --no-echo)
     #[arg(long)]
     pub no_echo: bool,
+
+    /// How long to wait for every client to be registered (probe received)
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub register_timeout: Duration,
 }
 
 /// One client socket.
@@ -96,7 +100,10 @@ pub struct Engine {
     buf: Vec<u8>,
     out: Vec<u8>,
     payload: usize,
-    next_heartbeat: Instant,
+    /// Start of the current heartbeat round.
+    round_start: Instant,
+    /// Next client to heartbeat in this round.
+    round_next: usize,
     heartbeat: Duration,
     next_sender: usize,
 }
@@ -161,11 +168,12 @@ impl Engine {
             buf: vec![0; 65_536],
             out: Vec::with_capacity(payload),
             payload: payload.max(payload::HEADER_LEN),
-            next_heartbeat: Instant::now(),
+            round_start: Instant::now(),
+            round_next: 0,
             heartbeat,
             next_sender: 0,
         };
-        e.heartbeat_all()?;
+        e.register_all()?;
         Ok(e)
     }
 
@@ -184,11 +192,39 @@ impl Engine {
         self.messages_sent() * self.expect
     }
 
-    fn heartbeat_all(&mut self) -> io::Result<()> {
-        for c in &self.clients {
-            send_retrying(&c.sock, b"^hb^", self.relay)?;
+    /// The first heartbeat of every client, paced (64 per millisecond) so
+    /// that a relay with a small receive buffer isn't flooded into
+    /// dropping the same late-comers every time.
+    fn register_all(&mut self) -> io::Result<()> {
+        for chunk in self.clients.chunks(64) {
+            for c in chunk {
+                send_retrying(&c.sock, b"^hb^", self.relay)?;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.next_heartbeat = Instant::now() + self.heartbeat;
+        self.round_start = Instant::now();
+        self.round_next = 0;
+        Ok(())
+    }
+
+    /// Heartbeats spread evenly over each interval: the clients whose turn
+    /// has come since the last call.
+    fn heartbeat_due(&mut self) -> io::Result<()> {
+        let n = self.clients.len();
+        let elapsed = self.round_start.elapsed();
+        let due = if elapsed >= self.heartbeat {
+            n
+        } else {
+            (n as f64 * elapsed.as_secs_f64() / self.heartbeat.as_secs_f64().max(1e-9)) as usize
+        };
+        while self.round_next < due.min(n) {
+            send_retrying(&self.clients[self.round_next].sock, b"^hb^", self.relay)?;
+            self.round_next += 1;
+        }
+        if self.round_next >= n {
+            self.round_start += self.heartbeat.max(Duration::from_millis(1));
+            self.round_next = 0;
+        }
         Ok(())
     }
 
@@ -239,9 +275,7 @@ impl Engine {
 
     /// Heartbeats when due; polls for up to `wait` and counts arrivals.
     pub fn step(&mut self, wait: Duration) -> io::Result<()> {
-        if Instant::now() >= self.next_heartbeat {
-            self.heartbeat_all()?;
-        }
+        self.heartbeat_due()?;
         match self.poll.poll(&mut self.events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The comparison run, in one command: udphub, the bare recvmmsg/sendmmsg
+# baseline loop, and seed 002's Python server, each started on loopback and
+# driven by `loadtest fanout` the same way (closed loop), alternating rounds
+# so the machine's drift hits all alike. Writes a markdown table with ratios
+# to the baseline (docs/BENCHMARKS.md has the committed one).
+#
+#   bash loadtest/compare.sh                      # 64 and 1000 clients, 3 rounds of 5 s
+#   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS="${CLIENTS:-64 1000}"
+ROUNDS="${ROUNDS:-3}"
+SECS="${SECS:-5s}"
+WINDOW="${WINDOW:-8}"
+RELAYS="${RELAYS:-baseline udphub seed}"
+OUT="${OUT:-target/compare}"
+PORT="${PORT:-19870}"
+
+# The interpreter itself, not a launcher script (pyenv's shims are bash
+# scripts), so that --relay-pid measures the server's own process.
+PYTHON="$(python3 -c 'import sys; print(sys.executable)')"
+
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json
+cargo build --release --locked -p udphub -p loadtest >&2
+baseline_bin=$(cargo bench --locked --bench baseline_relay --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "baseline_relay" in m["executable"]:
+        print(m["executable"])' | tail -1)
+[ -x "$baseline_bin" ] || { echo "compare.sh: baseline_relay bench binary not found" >&2; exit 1; }
+
+start_relay() {
+    case "$1" in
+    baseline) "$baseline_bin" --serve "127.0.0.1:$PORT" 2>/dev/null & ;;
+    udphub) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn 2>/dev/null & ;;
+    seed) "$PYTHON" loadtest/baselines/seed002_server.py 127.0.0.1 "$PORT" >/dev/null 2>&1 & ;;
+    *) echo "unknown relay $1" >&2; exit 2 ;;
+    esac
+    relay_pid=$!
+    sleep 0.5
+}
+
+stop_relay() {
+    kill -TERM "$relay_pid" 2>/dev/null || true
+    wait "$relay_pid" 2>/dev/null || true
+}
+trap 'stop_relay' EXIT
+
+for clients in $CLIENTS; do
+    for round in $(seq 1 "$ROUNDS"); do
+        for relay in $RELAYS; do
+            start_relay "$relay"
+            echo "compare.sh: $relay, $clients clients, round $round" >&2
+            target/release/loadtest fanout --relay "127.0.0.1:$PORT" --clients "$clients" \
+                --window "$WINDOW" --duration "$SECS" --relay-pid "$relay_pid" --json \
+                >"$OUT/$relay-$clients-$round.json" || echo "compare.sh: $relay run failed" >&2
+            stop_relay
+        done
+    done
+done
+
+{
+    echo "Measured $(date -u +%Y-%m-%d) on $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), Linux $(uname -r); $ROUNDS rounds of $SECS, closed loop window $WINDOW, 64-byte messages. Values are medians over rounds; ratios are medians of each round's ratio to that round's baseline run (the rounds alternate relays, so a paired ratio cancels the machine's drift)."
+    echo
+    python3 loadtest/baselines/table.py "$OUT"
+} | tee "$OUT/table.md"

@@ -1,0 +1,221 @@
+//! loadtest against fake relays on loopback that misbehave on purpose:
+//! it must see the loss, the duplicates, and print JSON that parses.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// How a fake relay misbehaves.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Relays faithfully (to everyone, sender included).
+    None,
+    /// Skips every `n`-th delivery.
+    DropEvery(u64),
+    /// Sends every delivery twice.
+    Duplicate,
+}
+
+/// A seed-protocol relay on a thread, stopped on drop.
+struct FakeRelay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl FakeRelay {
+    fn start(fault: Fault) -> FakeRelay {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut clients: Vec<SocketAddr> = Vec::new();
+            let mut known = HashSet::new();
+            let mut buf = [0u8; 2048];
+            let mut n_delivery = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if known.insert(from) {
+                    clients.push(from);
+                }
+                let body = &buf[..n];
+                if body.trim_ascii() == b"^hb^" || body.trim_ascii().is_empty() {
+                    continue;
+                }
+                for c in &clients {
+                    n_delivery += 1;
+                    match fault {
+                        Fault::DropEvery(k) if n_delivery % k == 0 => continue,
+                        Fault::Duplicate => {
+                            let _ = sock.send_to(body, c);
+                        }
+                        _ => {}
+                    }
+                    let _ = sock.send_to(body, c);
+                }
+            }
+        });
+        FakeRelay {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn loadtest(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .output()
+        .expect("run loadtest");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fanout_json(relay: &FakeRelay, extra: &[&str]) -> Value {
+    let addr = relay.addr.to_string();
+    let mut args = vec![
+        "fanout",
+        "--relay",
+        &addr,
+        "--clients",
+        "8",
+        "--duration",
+        "700ms",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = loadtest(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON: {e}\n{stdout}"))
+}
+
+/// A faithful relay: every delivery arrives once, and the JSON says so.
+#[test]
+fn a_faithful_relay_shows_no_loss_and_the_json_parses() {
+    let relay = FakeRelay::start(Fault::None);
+    let r = fanout_json(&relay, &[]);
+    assert_eq!(r["scenario"], "fanout");
+    let sent = r["messages_sent"].as_u64().unwrap();
+    assert!(sent > 0);
+    assert_eq!(r["deliveries_expected"].as_u64().unwrap(), sent * 8);
+    assert_eq!(r["deliveries"].as_u64().unwrap(), sent * 8);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicates"], 0);
+    assert!(r["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(!r["timeline"].as_array().unwrap().is_empty());
+}
+
+/// A relay that drops every 7th delivery: loadtest counts the loss.
+#[test]
+fn loss_is_detected() {
+    let relay = FakeRelay::start(Fault::DropEvery(7));
+    let r = fanout_json(&relay, &["--rate", "300"]);
+    let expected = r["deliveries_expected"].as_u64().unwrap();
+    let lost = r["lost"].as_u64().unwrap();
+    assert!(expected > 0);
+    // One in seven deliveries, give or take the last message's.
+    let ratio = lost as f64 / expected as f64;
+    assert!(
+        (0.10..0.18).contains(&ratio),
+        "loss ratio {ratio} ({lost}/{expected})"
+    );
+    assert_eq!(r["duplicates"], 0);
+}
+
+/// A relay that sends everything twice: loadtest counts the duplicates and
+/// does not mistake them for deliveries.
+#[test]
+fn duplicates_are_detected() {
+    let relay = FakeRelay::start(Fault::Duplicate);
+    let r = fanout_json(&relay, &[]);
+    let deliveries = r["deliveries"].as_u64().unwrap();
+    assert!(deliveries > 0);
+    assert_eq!(r["deliveries"], r["deliveries_expected"]);
+    assert_eq!(r["duplicates"].as_u64().unwrap(), deliveries);
+    assert_eq!(r["lost"], 0);
+}
+
+/// `--plot` writes an SVG.
+#[test]
+fn plot_writes_an_svg() {
+    let relay = FakeRelay::start(Fault::None);
+    let dir = std::env::temp_dir().join(format!("loadtest-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.svg");
+    let addr = relay.addr.to_string();
+    let (code, stdout, stderr) = loadtest(&[
+        "--relay",
+        &addr,
+        "--clients",
+        "4",
+        "--duration",
+        "500ms",
+        "--plot",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("deliveries"), "{stdout}");
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+}
+
+/// `abuse` runs every case and reports JSON, even against a relay with no
+/// metrics endpoint.
+#[test]
+fn abuse_reports_every_case() {
+    let relay = FakeRelay::start(Fault::None);
+    let addr = relay.addr.to_string();
+    let (code, stdout, stderr) =
+        loadtest(&["abuse", "--relay", &addr, "--wait", "100ms", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let non_utf8 = cases.iter().find(|c| c["case"] == "non-UTF-8").unwrap();
+    assert_eq!(non_utf8["replies"], 1);
+    assert_eq!(r["alive_after"], true);
+}
+
+/// Nothing listening: a clear error, not a hang or a panic.
+#[test]
+fn no_relay_is_a_clear_error() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let (code, _, stderr) = loadtest(&[
+        "--relay",
+        &addr,
+        "--clients",
+        "2",
+        "--duration",
+        "200ms",
+        "--register-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("received the probe"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}
