@@ -7,6 +7,7 @@
 #
 #   bash loadtest/compare.sh                      # 64 and 1000 clients, 3 rounds of 5 s
 #   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
+#   RELAYS="baseline udphub udphub-raw" bash loadtest/compare.sh   # + udphub --format raw
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,8 @@ start_relay() {
     baseline) "$baseline_bin" --serve "127.0.0.1:$PORT" 2>/dev/null & ;;
     udphub) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn 2>/dev/null & ;;
+    udphub-raw) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn --format raw 2>/dev/null & ;;
     seed) "$PYTHON" loadtest/baselines/seed002_server.py 127.0.0.1 "$PORT" >/dev/null 2>&1 & ;;
     *) echo "unknown relay $1" >&2; exit 2 ;;
     esac
