@@ -252,39 +252,56 @@ impl SendBatch {
             iov_len: payload.len(),
         };
         for (hdr, dest) in self.hdrs.iter_mut().zip(&dests[..n]) {
-            let name = dest.as_bytes();
-            hdr.msg_len = 0;
-            hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
-            hdr.msg_hdr.msg_namelen = name.len() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = &mut iov;
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
-            hdr.msg_hdr.msg_flags = 0;
+            set_send_header(hdr, dest, &mut iov);
         }
-        let sent = retry_if_interrupted(|| {
-            // SAFETY: `hdrs[..n]` were all set above. Their `msg_name`s point
-            // into `dests` and their `msg_iov` at `iov`, which points at
-            // `payload`; `dests`, `iov` and `payload` are borrowed for this
-            // whole function, so all outlive the call. The kernel only reads
-            // the names and the payload on send (the casts to `*mut` are for
-            // the C signature) and writes only `msg_len` in `hdrs`.
-            unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs.as_mut_ptr(),
-                    n as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            }
-        })?;
-        // Don't leave pointers to borrowed data behind.
-        for hdr in &mut self.hdrs[..n] {
-            hdr.msg_hdr.msg_name = ptr::null_mut();
-            hdr.msg_hdr.msg_iov = ptr::null_mut();
-        }
-        Ok(sent)
+        // SAFETY: `hdrs[..n]` were all set above. Their `msg_name`s point
+        // into `dests` and their `msg_iov` at `iov`, which points at
+        // `payload`; `dests`, `iov` and `payload` are borrowed for this
+        // whole function, so all outlive the call.
+        unsafe { send_headers(fd, &mut self.hdrs[..n]) }
     }
+}
+
+/// Points one `sendmmsg` header at a destination and an `iovec`.
+fn set_send_header(hdr: &mut libc::mmsghdr, dest: &RawAddr, iov: *mut libc::iovec) {
+    let name = dest.as_bytes();
+    hdr.msg_len = 0;
+    // The kernel only reads the name when sending; `*mut` is the C type.
+    hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+    hdr.msg_hdr.msg_namelen = name.len() as libc::socklen_t;
+    hdr.msg_hdr.msg_iov = iov;
+    hdr.msg_hdr.msg_iovlen = 1;
+    hdr.msg_hdr.msg_control = ptr::null_mut();
+    hdr.msg_hdr.msg_controllen = 0;
+    hdr.msg_hdr.msg_flags = 0;
+}
+
+/// One non-blocking `sendmmsg` of `hdrs` (retrying `EINTR`); then clears
+/// the headers' pointers so none to borrowed data is left behind.
+///
+/// # Safety
+/// Every header's `msg_name` must point at `msg_namelen` readable bytes,
+/// its `msg_iov` at `msg_iovlen` live `iovec`s, and those at readable
+/// buffers of their lengths, all valid for the duration of the call.
+unsafe fn send_headers(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let sent = retry_if_interrupted(|| {
+        // SAFETY: the caller guarantees every pointer in `hdrs` is valid;
+        // `hdrs` itself is a live slice of `hdrs.len()` headers. The kernel
+        // only reads names and payloads on send and writes only `msg_len`.
+        unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        }
+    });
+    for hdr in hdrs.iter_mut() {
+        hdr.msg_hdr.msg_name = ptr::null_mut();
+        hdr.msg_hdr.msg_iov = ptr::null_mut();
+    }
+    sent
 }
 
 /// Reusable headers for `sendmmsg` of *different* payloads to different
@@ -341,39 +358,18 @@ impl ReplyBatch {
                 iov_base: payload.as_ptr() as *mut libc::c_void,
                 iov_len: payload.len(),
             };
-            let name = dest.as_bytes();
-            let hdr = &mut self.hdrs[i];
-            hdr.msg_len = 0;
-            hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
-            hdr.msg_hdr.msg_namelen = name.len() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = &mut self.iovs[i];
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
-            hdr.msg_hdr.msg_flags = 0;
+            set_send_header(&mut self.hdrs[i], dest, &mut self.iovs[i]);
         }
-        let sent = retry_if_interrupted(|| {
-            // SAFETY: `hdrs[..n]` were all set above. Each `msg_name` points
-            // into `msgs` and each `msg_iov` at `iovs[i]`, which points at a
-            // checked sub-slice of `arena`; `msgs` and `arena` are borrowed
-            // for this whole function and `iovs` is owned by `self`, so all
-            // outlive the call. The kernel only reads names and payloads on
-            // send and writes only `msg_len` in `hdrs`.
-            unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs.as_mut_ptr(),
-                    n as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            }
-        })?;
-        for (hdr, iov) in self.hdrs[..n].iter_mut().zip(&mut self.iovs[..n]) {
-            hdr.msg_hdr.msg_name = ptr::null_mut();
-            hdr.msg_hdr.msg_iov = ptr::null_mut();
+        // SAFETY: `hdrs[..n]` were all set above. Each `msg_name` points
+        // into `msgs` and each `msg_iov` at `iovs[i]`, which points at a
+        // checked sub-slice of `arena`; `msgs` and `arena` are borrowed for
+        // this whole function and `iovs` is owned by `self` and not touched
+        // during the call, so all outlive it.
+        let sent = unsafe { send_headers(fd, &mut self.hdrs[..n]) };
+        for iov in &mut self.iovs[..n] {
             iov.iov_base = ptr::null_mut();
         }
-        Ok(sent)
+        sent
     }
 }
 

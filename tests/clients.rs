@@ -64,25 +64,10 @@ impl Proc {
         panic!("no line with {needle:?}; saw {seen:?}");
     }
 
-    /// Waits (bounded) for exit; returns the code and stderr.
+    /// Closes stdin, then waits (bounded) for exit; returns the code and stderr.
     fn wait(mut self) -> (Option<i32>, String) {
         drop(self.child.stdin.take());
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status.code(), err);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("udphub did not exit");
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_with_stdin_open()
     }
 }
 
