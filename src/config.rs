@@ -61,6 +61,11 @@ pub struct ServeArgs {
     #[arg(long, env = "UDPHUB_MAX_CLIENTS", value_name = "N")]
     pub max_clients: Option<usize>,
 
+    /// Reserve table room for this many clients at start, so the table never
+    /// pauses to grow on the way there (costs ~90 B per client up front) [default: 0]
+    #[arg(long, env = "UDPHUB_EXPECT_CLIENTS", value_name = "N")]
+    pub expect_clients: Option<usize>,
+
     /// SO_RCVBUF to request, in bytes [default: 8388608]
     #[arg(long, env = "UDPHUB_RECV_BUFFER", value_name = "BYTES")]
     pub recv_buffer: Option<usize>,
@@ -94,6 +99,7 @@ struct FileConfig {
     no_echo: Option<bool>,
     max_datagram: Option<usize>,
     max_clients: Option<usize>,
+    expect_clients: Option<usize>,
     recv_buffer: Option<usize>,
     send_buffer: Option<usize>,
     log_level: Option<String>,
@@ -116,6 +122,8 @@ pub struct Config {
     pub max_datagram: usize,
     /// Most clients in the table at once.
     pub max_clients: usize,
+    /// Clients to reserve table room for at start.
+    pub expect_clients: usize,
     /// SO_RCVBUF requested.
     pub recv_buffer: usize,
     /// SO_SNDBUF requested.
@@ -134,6 +142,7 @@ impl Default for Config {
             echo: true,
             max_datagram: DEFAULT_MAX_DATAGRAM,
             max_clients: 1_000_000,
+            expect_clients: 0,
             recv_buffer: DEFAULT_SOCKET_BUFFER,
             send_buffer: DEFAULT_SOCKET_BUFFER,
             log_level: "info".to_string(),
@@ -191,6 +200,10 @@ impl Config {
                 .max_clients
                 .or(file.max_clients)
                 .unwrap_or(d.max_clients),
+            expect_clients: args
+                .expect_clients
+                .or(file.expect_clients)
+                .unwrap_or(d.expect_clients),
             recv_buffer: args
                 .recv_buffer
                 .or(file.recv_buffer)
@@ -223,6 +236,12 @@ impl Config {
                 "--max-clients must be between 1 and {}, got {}",
                 u32::MAX - 1,
                 self.max_clients
+            ));
+        }
+        if self.expect_clients > self.max_clients {
+            return bad(format!(
+                "--expect-clients ({}) is more than --max-clients ({})",
+                self.expect_clients, self.max_clients
             ));
         }
         if self.timeout < Duration::from_millis(1)
@@ -350,6 +369,10 @@ mod tests {
             (args(&["--max-datagram", "0"]), "--max-datagram"),
             (args(&["--max-datagram", "70000"]), "--max-datagram"),
             (args(&["--max-clients", "0"]), "--max-clients"),
+            (
+                args(&["--max-clients", "10", "--expect-clients", "11"]),
+                "--expect-clients",
+            ),
             (args(&["--format", "{nope}"]), "unknown placeholder"),
             (args(&["--timeout", "0s"]), "--timeout"),
             (args(&["--log-level", "=="]), "--log-level"),

@@ -122,7 +122,7 @@ impl Hub {
         // about once per timeout; capped to bound the ring's memory.
         let slots = (timeout_ticks as usize + 2).min(1 << 16);
         Hub {
-            table: Table::new(config.max_clients, timeout_ticks),
+            table: Table::with_capacity(config.max_clients, timeout_ticks, config.expect_clients),
             wheel: Wheel::new(slots, 0),
             clock,
             fanout: Fanout::default(),

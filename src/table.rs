@@ -88,10 +88,18 @@ impl Table {
     /// An empty table admitting up to `max_clients`, expiring clients after
     /// `timeout` ticks of silence.
     pub fn new(max_clients: usize, timeout: u64) -> Table {
+        Table::with_capacity(max_clients, timeout, 0)
+    }
+
+    /// Like [`Table::new`], with room for `reserve` clients allocated now,
+    /// so that joining up to that many never pauses to grow the table
+    /// (growing a big one rehashes every entry and copies the slab).
+    pub fn with_capacity(max_clients: usize, timeout: u64, reserve: usize) -> Table {
+        let reserve = reserve.min(max_clients);
         Table {
-            index: HashTable::new(),
+            index: HashTable::with_capacity(reserve),
             hasher: DefaultHashBuilder::default(),
-            clients: Slab::new(),
+            clients: Slab::with_capacity(reserve),
             max_clients: max_clients.min(u32::MAX as usize),
             timeout,
             next_generation: 0,
@@ -237,6 +245,14 @@ mod tests {
         assert!(t.remove(&addr(1)));
         assert!(!t.remove(&addr(1)));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn reserved_room_is_there_up_front() {
+        let t = Table::with_capacity(1000, 5, 500);
+        assert!(t.clients.capacity() >= 500);
+        assert!(t.index.capacity() >= 500);
+        assert!(Table::with_capacity(10, 5, 500).clients.capacity() < 500);
     }
 
     #[test]
