@@ -49,8 +49,8 @@ pub struct ServeArgs {
     #[arg(long, env = "UDPHUB_FORMAT", value_name = "TEMPLATE")]
     pub format: Option<String>,
 
-    /// Do not send a message back to its sender.
-    #[arg(long, env = "UDPHUB_NO_ECHO")]
+    /// Do not send a message back to its sender (env: 1/0, true/false, yes/no, on/off).
+    #[arg(long, env = "UDPHUB_NO_ECHO", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_echo: bool,
 
     /// Drop (and count) datagrams longer than this many bytes [default: 1472]
@@ -62,7 +62,7 @@ pub struct ServeArgs {
     pub max_clients: Option<usize>,
 
     /// Reserve table room for this many clients at start, so the table never
-    /// pauses to grow on the way there (costs ~90 B per client up front) [default: 0]
+    /// pauses to grow on the way there (~70 B of address space per client, resident as used) [default: 0]
     #[arg(long, env = "UDPHUB_EXPECT_CLIENTS", value_name = "N")]
     pub expect_clients: Option<usize>,
 

@@ -334,3 +334,14 @@ fn netcat_is_a_client() {
     let out = nc.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
 }
+
+/// Boolean environment variables take the usual spellings (`1`, `yes`…).
+#[test]
+fn no_echo_from_the_environment() {
+    let relay = util::spawn_relay_with("127.0.0.1:0", true, &[("UDPHUB_NO_ECHO", "1")], &[]);
+    let a = Client::joined(&relay);
+    let b = Client::joined(&relay);
+    a.send(b"quietly");
+    assert_eq!(b.recv(), seed_format("quietly", a.addr()));
+    a.expect_silence();
+}
