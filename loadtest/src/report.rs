@@ -110,7 +110,7 @@ pub struct MetricsCheck {
     pub loadtest_messages: u64,
     /// `udphub_deliveries_total` growth.
     pub relay_deliveries: f64,
-    /// Deliveries loadtest received (new + duplicates).
+    /// Deliveries loadtest received (new + duplicates + probe copies).
     pub loadtest_deliveries: u64,
     /// `udphub_dropped_total` growth by reason (non-zero only).
     pub relay_dropped: Vec<(String, f64)>,

@@ -219,3 +219,90 @@ fn no_relay_is_a_clear_error() {
     assert!(stderr.contains("received the probe"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+/// The real udphub (built by `cargo test --workspace`), started on loopback.
+fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
+    use std::io::{BufRead, BufReader};
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/udphub");
+    if !bin.exists() {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{} missing: CI runs `cargo test --workspace`, which builds it",
+                bin.display()
+            );
+        }
+        eprintln!("skipping: build udphub first (cargo test --workspace does)");
+        return None;
+    }
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics",
+            &metrics,
+            "--log-level",
+            "info",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn udphub");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("udphub exited").expect("read stderr");
+        if let Some(rest) = line.split("relaying on ").nth(1) {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the relay never blocks on a full pipe.
+    thread::spawn(move || for _ in lines {});
+    Some((child, addr, format!("http://{metrics}/metrics")))
+}
+
+/// Against the real udphub: the relay's own counters agree with what
+/// loadtest sent and received, exactly.
+#[test]
+fn the_metrics_cross_check_agrees_with_udphub() {
+    let Some((mut child, addr, url)) = spawn_udphub() else {
+        return;
+    };
+    let pid = child.id().to_string();
+    let (code, stdout, stderr) = loadtest(&[
+        "--relay",
+        &addr,
+        "--clients",
+        "16",
+        "--duration",
+        "700ms",
+        "--metrics-url",
+        &url,
+        "--relay-pid",
+        &pid,
+        "--json",
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["lost"], 0);
+    let m = &r["metrics_check"];
+    assert_eq!(
+        m["relay_messages"].as_f64(),
+        m["loadtest_messages"].as_f64(),
+        "{m}"
+    );
+    assert_eq!(
+        m["relay_deliveries"].as_f64(),
+        m["loadtest_deliveries"].as_f64(),
+        "{m}"
+    );
+    assert_eq!(m["lost_after_relay"].as_f64(), Some(0.0));
+    assert!(r["relay_usage"]["cpu_seconds"].as_f64().is_some());
+    assert!(r["relay_usage"]["rss_bytes"].as_u64().unwrap() > 0);
+}
