@@ -155,7 +155,14 @@ fn duplicates_are_detected() {
     let deliveries = r["deliveries"].as_u64().unwrap();
     assert!(deliveries > 0);
     assert_eq!(r["deliveries"], r["deliveries_expected"]);
-    assert_eq!(r["duplicates"].as_u64().unwrap(), deliveries);
+    // Every delivery came twice, but loadtest stops listening once all
+    // deliveries are in, so the last message's second copies (up to one per
+    // client) may still be on their way.
+    let duplicates = r["duplicates"].as_u64().unwrap();
+    assert!(
+        (deliveries.saturating_sub(8)..=deliveries).contains(&duplicates),
+        "{duplicates} duplicates for {deliveries} deliveries"
+    );
     assert_eq!(r["lost"], 0);
 }
 
