@@ -480,6 +480,11 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     }
     progress.finish();
     let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
+    if c.metrics_url.is_some() {
+        // The relay publishes its counters after each batch; let the last
+        // batch's flush land before reading them.
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let after = c.scrape_optional()?;
     let secs = sending_time.as_secs_f64().max(1e-9);
     let expected = e.expected();
