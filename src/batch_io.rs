@@ -77,15 +77,8 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
             names: vec![unsafe { mem::zeroed() }; capacity],
             control: vec![[0; CONTROL_WORDS]; capacity],
-            iovs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                capacity
-            ],
-            // SAFETY: mmsghdr is plain old data (integers and null pointers).
-            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+            iovs: empty_iovecs(capacity),
+            hdrs: zeroed_headers(capacity),
             drops: vec![None; capacity],
             filled: 0,
         }
@@ -171,6 +164,24 @@ impl RecvBatch {
     }
 }
 
+/// `n` zeroed `mmsghdr`s, to be filled before each call.
+fn zeroed_headers(n: usize) -> Vec<libc::mmsghdr> {
+    // SAFETY: mmsghdr is plain old data (integers and null pointers), for
+    // which all-zero bytes are a valid value.
+    vec![unsafe { mem::zeroed() }; n]
+}
+
+/// `n` empty `iovec`s, to be pointed at buffers before each call.
+fn empty_iovecs(n: usize) -> Vec<libc::iovec> {
+    vec![
+        libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0
+        };
+        n
+    ]
+}
+
 /// The first `len` bytes of a `sockaddr_storage`.
 fn sockaddr_bytes(storage: &libc::sockaddr_storage, len: usize) -> &[u8] {
     let len = len.min(mem::size_of::<libc::sockaddr_storage>());
@@ -219,8 +230,7 @@ impl SendBatch {
     pub fn new(capacity: usize) -> SendBatch {
         let capacity = capacity.clamp(1, 1024);
         SendBatch {
-            // SAFETY: mmsghdr is plain old data (integers and null pointers).
-            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+            hdrs: zeroed_headers(capacity),
         }
     }
 
@@ -318,15 +328,8 @@ impl ReplyBatch {
     pub fn new(capacity: usize) -> ReplyBatch {
         let capacity = capacity.clamp(1, 1024);
         ReplyBatch {
-            iovs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                capacity
-            ],
-            // SAFETY: mmsghdr is plain old data (integers and null pointers).
-            hdrs: vec![unsafe { mem::zeroed() }; capacity],
+            iovs: empty_iovecs(capacity),
+            hdrs: zeroed_headers(capacity),
         }
     }
 

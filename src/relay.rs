@@ -58,8 +58,11 @@ impl Clock {
         )
     }
 
+    /// Runs once per datagram: plain u64 division (u128 would be a
+    /// library call); u64 nanoseconds last 584 years.
     fn tick_at(&self, t: Instant) -> u64 {
-        (t.saturating_duration_since(self.start).as_nanos() / self.tick.as_nanos()) as u64
+        let elapsed = t.saturating_duration_since(self.start).as_nanos() as u64;
+        elapsed / (self.tick.as_nanos() as u64).max(1)
     }
 
     fn now(&self) -> u64 {
