@@ -153,65 +153,16 @@ fn chat_in_a_terminal() {
         return;
     }
     let relay = spawn_relay(&[]);
-    let session = format!("udphub-test-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        let out = Command::new("tmux")
-            .args(["-L", &session])
-            .args(args)
-            .output()
-            .expect("run tmux");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
-    let wait_screen = |needle: &str| {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let s = screen();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "screen never showed {needle:?}:\n{s}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    };
-    let cmd = format!(
-        "{} chat --server {} --name alice; echo EXIT=$?; sleep 30",
-        udphub_bin(),
-        relay.addr
-    );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "20",
-        &cmd,
-    ]);
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux")
-                .args(["-L", &self.0, "kill-server"])
-                .output();
-        }
-    }
-    let _kill = Kill(session.clone());
-
-    wait_screen("alice>");
+    let chat = TmuxChat::start("typing", &relay, &["--name", "alice"]);
+    chat.wait_screen("alice>");
     relay.wait_metric("udphub_clients", 1.0);
     let bob = Client::joined(&relay);
 
     // A half-typed line, then a message arrives.
-    tmux(&["send-keys", "-t", &session, "half a thou"]);
-    wait_screen("alice> half a thou");
+    chat.tmux(&["send-keys", "-t", "chat", "half a thou"]);
+    chat.wait_screen("alice> half a thou");
     bob.send(b"interrupting");
-    let s = wait_screen("interrupting. from 127.0.0.1:");
+    let s = chat.wait_screen("interrupting. from 127.0.0.1:");
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     let msg = lines
         .iter()
@@ -224,7 +175,7 @@ fn chat_in_a_terminal() {
     );
 
     // Finish the line: bob receives it, attributed to alice.
-    tmux(&["send-keys", "-t", &session, "ght", "Enter"]);
+    chat.tmux(&["send-keys", "-t", "chat", "ght", "Enter"]);
     let got = loop {
         let d = bob.recv();
         if !d.starts_with(b"interrupting") {
@@ -237,8 +188,8 @@ fn chat_in_a_terminal() {
         "{text}"
     );
 
-    tmux(&["send-keys", "-t", &session, "quit", "Enter"]);
-    wait_screen("EXIT=0");
+    chat.tmux(&["send-keys", "-t", "chat", "quit", "Enter"]);
+    chat.wait_screen("EXIT=0");
     assert_eq!(relay.wait_metric("udphub_clients_left_total", 1.0), 1.0);
 }
 
@@ -386,14 +337,15 @@ struct TmuxChat {
 }
 
 impl TmuxChat {
-    fn start(tag: &str, relay: &util::RelayProc) -> TmuxChat {
+    fn start(tag: &str, relay: &util::RelayProc, extra: &[&str]) -> TmuxChat {
         let socket = format!("udphub-{tag}-{}", std::process::id());
         // After the client exits, show its status and whether the terminal
         // is back in canonical (cooked) mode: `stty` prints `icanon` then.
         let cmd = format!(
-            "{} chat --server {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x icanon; sleep 30",
+            "{} chat --server {} {}; echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x icanon; sleep 30",
             udphub_bin(),
-            relay.addr
+            relay.addr,
+            extra.join(" ")
         );
         let t = TmuxChat { socket };
         t.tmux(&[
@@ -402,9 +354,9 @@ impl TmuxChat {
             "-s",
             "chat",
             "-x",
-            "80",
+            "100",
             "-y",
-            "10",
+            "20",
             &cmd,
         ]);
         t.wait_screen(">");
@@ -452,7 +404,7 @@ fn chat_in_a_terminal_leaves_on_ctrl_c_and_ctrl_d() {
     }
     let relay = spawn_relay(&[]);
     for (n, key) in [(1.0, "C-c"), (2.0, "C-d")] {
-        let chat = TmuxChat::start(&format!("key{n}"), &relay);
+        let chat = TmuxChat::start(&format!("key{n}"), &relay, &[]);
         relay.wait_metric("udphub_clients", 1.0);
         chat.tmux(&["send-keys", "-t", "chat", key]);
         chat.wait_screen("EXIT=0");
@@ -468,7 +420,7 @@ fn chat_in_a_terminal_exits_on_bye() {
         return;
     }
     let mut relay = spawn_relay(&[]);
-    let chat = TmuxChat::start("bye", &relay);
+    let chat = TmuxChat::start("bye", &relay, &[]);
     relay.wait_metric("udphub_clients", 1.0);
     chat.tmux(&["send-keys", "-t", "chat", "typing"]);
     chat.wait_screen("> typing");
