@@ -197,11 +197,6 @@ impl<S: Service> EventLoop<S> {
         self.shutdown.clone()
     }
 
-    /// The service.
-    pub fn service(&self) -> &S {
-        &self.service
-    }
-
     /// Makes SIGINT/SIGTERM shut the loop down gracefully; a second signal
     /// during shutdown exits the process at once (status 130).
     pub fn handle_signals(&mut self) -> Result<(), Error> {

@@ -202,9 +202,8 @@ impl Metrics {
                 *v = 0;
             }
         };
-        let dropped_sum: u64 = c.dropped.iter().sum();
-        let mut dropped_sum_mut = dropped_sum;
-        add(&self.received_dropped, &mut dropped_sum_mut);
+        // received{kind="dropped"} is the sum of the per-reason drops.
+        add(&self.received_dropped, &mut c.dropped.iter().sum());
         add(&self.received_heartbeat, &mut c.heartbeats);
         add(&self.received_quit, &mut c.quits);
         add(&self.received_message, &mut c.messages);
