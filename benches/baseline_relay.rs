@@ -7,7 +7,7 @@
 //!   source in a `Vec`, and hand every datagram unchanged to every known
 //!   source with `sendmmsg`. No classification beyond `^hb^`, no template,
 //!   no expiry, no metrics;
-//! - **udphub**: the real [`udphub::Relay`] with every feature on: default
+//! - **udphub**: the real relay loop ([`udphub::RelayLoop`]) with every feature on: default
 //!   `{body}. from {ip}:{port}` format, the timer wheel, and the Prometheus
 //!   exporter installed and serving.
 //!
@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
-use udphub::addr::RawAddr;
-use udphub::batch_io::{RecvBatch, SendBatch};
+use udphub::core::addr::RawAddr;
+use udphub::net::batch_io::{RecvBatch, SendBatch};
 
 /// Messages outstanding per client in the closed loop.
 const WINDOW: u64 = 8;
@@ -77,7 +77,7 @@ fn start_udphub() -> Running {
             timeout: Duration::from_secs(60),
             ..udphub::Config::default()
         };
-        let relay = udphub::Relay::bind(&config).expect("bind udphub");
+        let relay = udphub::bind(&config).expect("bind udphub");
         let handle = relay.shutdown_handle();
         tx.send((relay.local_addr(), current_tid(), handle))
             .unwrap();
@@ -345,11 +345,7 @@ fn main() {
     let rounds: usize = env_or("UDPHUB_BENCH_ROUNDS", 3);
 
     // udphub with metrics on, as deployed: install the exporter once.
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    udphub::metrics::install_exporter(metrics).expect("metrics exporter");
+    udphub::runtime::exporter::start("127.0.0.1:0".parse().unwrap()).expect("metrics exporter");
 
     println!("| clients | relay | deliveries/s | CPU ns/delivery | loss | p50 µs | p99 µs | deliveries/s vs baseline | CPU/delivery vs baseline |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");

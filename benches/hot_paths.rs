@@ -1,7 +1,8 @@
 //! Micro benchmarks of the per-datagram work, apart from the syscalls:
 //! classify, template rendering, client-table refresh/join/remove at
-//! several table sizes, the timer wheel with a million deadlines, and
-//! walking the table to build fan-out batches.
+//! several table sizes, the timer wheel with a million deadlines (and the
+//! idle `next_wakeup` asked before every poll), walking a room's members to
+//! build fan-out batches, and the whole sans-I/O hub per datagram.
 //!
 //! `cargo bench --bench hot_paths`; groups are named after their parameters.
 
@@ -9,10 +10,16 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use udphub::addr::RawAddr;
-use udphub::protocol::{classify, Template};
-use udphub::table::Table;
-use udphub::wheel::Wheel;
+use std::time::{Duration, Instant};
+
+use udphub::core::addr::RawAddr;
+use udphub::core::admission::Arrival;
+use udphub::core::counts::Counts;
+use udphub::core::hub::{Effect, Hub, HubConfig};
+use udphub::core::protocol::{classify, Template};
+use udphub::core::rooms::LOBBY;
+use udphub::core::table::Table;
+use udphub::core::wheel::Wheel;
 
 fn addr(i: u32) -> RawAddr {
     // Distinct loopback sources: 127.x.y.z with a port.
@@ -54,21 +61,25 @@ fn table(c: &mut Criterion) {
     let mut g = c.benchmark_group("table");
     g.throughput(Throughput::Elements(1));
     for size in [1_000u32, 100_000, 1_000_000] {
-        let mut t = Table::new(2_000_000, 1000);
+        let mut t = Table::new(1000);
         for i in 0..size {
-            t.touch(addr(i), 0);
+            t.insert(addr(i), 0);
         }
         let mut i = 0u32;
         g.bench_function(BenchmarkId::new("refresh", size), |b| {
             b.iter(|| {
                 i = (i + 7919) % size;
-                t.touch(black_box(addr(i)), 1)
+                if let Some(k) = t.find(black_box(&addr(i))) {
+                    t.refresh(k, 1);
+                }
             })
         });
         g.bench_function(BenchmarkId::new("join_then_quit", size), |b| {
             b.iter(|| {
                 let a = addr(size + 1);
-                t.touch(black_box(a), 1);
+                if t.find(black_box(&a)).is_none() {
+                    t.insert(a, 1);
+                }
                 t.remove(&a)
             })
         });
@@ -77,15 +88,15 @@ fn table(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("fanout_batches");
     for size in [64u32, 1_000, 100_000] {
-        let mut t = Table::new(2_000_000, 1000);
+        let mut t = Table::new(1000);
         for i in 0..size {
-            t.touch(addr(i), 0);
+            t.insert(addr(i), 0);
         }
         let mut staging: Vec<RawAddr> = Vec::with_capacity(256);
         g.throughput(Throughput::Elements(u64::from(size)));
         g.bench_function(BenchmarkId::from_parameter(size), |b| {
             b.iter(|| {
-                let mut it = t.recipients(1).map(|(_, a)| a);
+                let mut it = t.recipients(LOBBY, 1, None);
                 let mut batches = 0;
                 loop {
                     staging.clear();
@@ -136,7 +147,74 @@ fn wheel(c: &mut Criterion) {
         )
     });
     g.finish();
+
+    // Asked before every idle poll: with a 1-hour timeout the ring has
+    // 65,536 slots; one far-away entry is the worst case for a scan.
+    let mut g = c.benchmark_group("wheel_next_wakeup");
+    g.throughput(Throughput::Elements(1));
+    for slots in [512usize, 65_536] {
+        let mut w = Wheel::new(slots, 0);
+        w.schedule(0, 0, slots as u64 - 1);
+        g.bench_function(BenchmarkId::from_parameter(slots), |b| {
+            b.iter(|| black_box(&w).next_wakeup())
+        });
+    }
+    g.finish();
 }
 
-criterion_group!(benches, protocol, table, wheel);
+/// The whole hub per datagram, no sockets: a heartbeat from a known client,
+/// and a message rendered and fanned out (recipients walked) to N members.
+fn hub(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hub");
+    g.throughput(Throughput::Elements(1));
+    for members in [64u32, 1_000] {
+        let config = HubConfig {
+            timeout: Duration::from_secs(60),
+            format: Template::default(),
+            echo: true,
+            max_clients: 1_000_000,
+            expect_clients: 0,
+            max_datagram: 1472,
+        };
+        let t0 = Instant::now();
+        let mut hub = Hub::new(&config, t0);
+        let mut counts = Counts::default();
+        for i in 0..members {
+            let a = Arrival {
+                data: b"^hb^",
+                source: Some(addr(i)),
+                truncated: false,
+            };
+            let _ = hub.handle(t0, a, &mut counts);
+        }
+        let now = t0 + Duration::from_millis(1);
+        let body = [b'm'; 64];
+        g.bench_function(BenchmarkId::new("heartbeat", members), |b| {
+            b.iter(|| {
+                let a = Arrival {
+                    data: b"^hb^",
+                    source: Some(addr(7)),
+                    truncated: false,
+                };
+                matches!(hub.handle(now, black_box(a), &mut counts), Effect::Nothing)
+            })
+        });
+        g.bench_function(BenchmarkId::new("message_fanout", members), |b| {
+            b.iter(|| {
+                let a = Arrival {
+                    data: &body,
+                    source: Some(addr(7)),
+                    truncated: false,
+                };
+                match hub.handle(now, black_box(a), &mut counts) {
+                    Effect::Fanout(f) => f.recipients.fold(0, |n, a| n + a.port() as usize),
+                    Effect::Nothing => 0,
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, protocol, table, wheel, hub);
 criterion_main!(benches);

@@ -20,8 +20,8 @@ fn main() -> ExitCode {
         }
     };
     match cli::run(parsed) {
-        Ok(cli::Outcome::Done) => ExitCode::SUCCESS,
-        Ok(cli::Outcome::NoReply) => ExitCode::from(1),
+        Ok(cli::Exit::Done) => ExitCode::SUCCESS,
+        Ok(cli::Exit::NoReply) => ExitCode::from(1),
         Err(err) => {
             eprintln!("udphub: {err}");
             ExitCode::from(err.exit_code())

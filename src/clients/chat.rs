@@ -21,9 +21,9 @@ use clap::Args;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter as _;
 
-use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::core::protocol;
 use crate::error::Error;
-use crate::protocol;
 
 /// `udphub chat` flags.
 #[derive(Debug, Clone, Args)]
@@ -95,7 +95,7 @@ pub(crate) struct Session {
 /// Runs `udphub chat`.
 pub fn run(args: &ChatArgs) -> Result<(), Error> {
     if args.lan {
-        return crate::lan::run(args);
+        return crate::clients::lan::run(args);
     }
     let spec = args.server.as_deref().unwrap_or_default();
     let server = resolve(spec)?;

@@ -1,99 +1,26 @@
-//! Prometheus metrics: counted locally in the loop, flushed once per batch.
+//! Prometheus metrics: counted locally in each loop, flushed once per batch.
 //!
 //! The hot path increments plain `u64` fields of [`Counts`]; [`Metrics::flush`]
 //! adds them to the `metrics` facade handles (one atomic add per non-zero
-//! counter per batch, not per datagram) and resets them. The exporter
-//! (`metrics-exporter-prometheus` with its `http-listener` feature) serves
-//! `/metrics` from its own thread running a small current-thread tokio
-//! runtime, so rendering a scrape — or a slow scraper — never runs on the
-//! relay's loop.
+//! counter per batch, not per datagram) and resets them. Handles with the
+//! same name and labels are the same series, so several loops in one
+//! process add up; the `udphub_clients` gauge is moved by each loop's
+//! change since its last flush, never set, so loops don't overwrite each
+//! other. The HTTP endpoint is [`crate::runtime::exporter`].
 //!
-//! Accounting (checked by `tests/accounting.rs` from a live scrape):
+//! Accounting (checked from a live scrape by `tests/metrics.rs`):
 //! `sum(udphub_datagrams_received_total) = heartbeat + quit + message +
 //! sum(udphub_dropped_total)` and `udphub_fanout_recipients_total =
 //! udphub_deliveries_total + sum(udphub_delivery_dropped_total)`.
 
-use std::net::SocketAddr;
-
 use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::error::Error;
+use crate::core::counts::{Counts, DeliveryDrop};
+use crate::core::DropReason;
 
-/// Why a datagram was dropped (`udphub_dropped_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Longer than `--max-datagram`.
-    Oversize,
-    /// From a new client while the table is at `--max-clients`.
-    TableFull,
-    /// The kernel reported a source address that is not IPv4/IPv6.
-    BadSource,
-}
-
-impl DropReason {
-    /// Every reason, for registration.
-    pub const ALL: [DropReason; 3] = [
-        DropReason::Oversize,
-        DropReason::TableFull,
-        DropReason::BadSource,
-    ];
-
-    /// The `reason` label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::Oversize => "oversize",
-            DropReason::TableFull => "table_full",
-            DropReason::BadSource => "bad_source",
-        }
-    }
-}
-
-/// Counts gathered by the loop between two flushes.
-#[derive(Debug, Default, Clone)]
-pub struct Counts {
-    /// Heartbeats and empty keepalives.
-    pub heartbeats: u64,
-    /// `quit`s (also from senders that were not clients).
-    pub quits: u64,
-    /// Messages fanned out.
-    pub messages: u64,
-    /// Datagram drops, indexed like [`DropReason::ALL`].
-    pub dropped: [u64; 3],
-    /// Deliveries the fan-outs attempted.
-    pub recipients: u64,
-    /// Deliveries handed to the kernel.
-    pub delivered: u64,
-    /// Deliveries dropped: socket buffer full.
-    pub delivery_buffer_full: u64,
-    /// Deliveries dropped: other send error.
-    pub delivery_send_error: u64,
-    /// Clients that joined.
-    pub joined: u64,
-    /// Clients expired by the wheel.
-    pub expired: u64,
-    /// Clients that sent `quit`.
-    pub left: u64,
-    /// Datagrams the kernel dropped before we read them (SO_RXQ_OVFL delta).
-    pub kernel_rx_dropped: u64,
-    /// Fan-out durations (seconds) since the last flush.
-    pub fanout_seconds: Vec<f64>,
-    /// recvmmsg batch sizes since the last flush.
-    pub batch_sizes: Vec<f64>,
-    /// Loop iteration durations (seconds) since the last flush.
-    pub loop_seconds: Vec<f64>,
-}
-
-impl Counts {
-    /// Counts one dropped datagram.
-    pub fn drop(&mut self, reason: DropReason) {
-        self.dropped[reason as usize] += 1;
-    }
-}
-
-/// Handles to every udphub metric, plus the local counts.
+/// Handles to every udphub metric, plus one loop's local counts.
 pub struct Metrics {
     /// What the loop counts between flushes.
     pub counts: Counts,
@@ -101,16 +28,18 @@ pub struct Metrics {
     received_quit: Counter,
     received_message: Counter,
     received_dropped: Counter,
-    dropped: [Counter; 3],
+    dropped: [Counter; DropReason::COUNT],
     recipients: Counter,
     deliveries: Counter,
-    delivery_buffer_full: Counter,
-    delivery_send_error: Counter,
+    delivery_dropped: [Counter; DeliveryDrop::COUNT],
     joined: Counter,
     expired: Counter,
     left: Counter,
     kernel_rx_dropped: Counter,
+    recv_errors: Counter,
     clients: Gauge,
+    /// This loop's client count at the last flush (its share of the gauge).
+    clients_reported: usize,
     fanout_seconds: Histogram,
     batch_size: Histogram,
     loop_seconds: Histogram,
@@ -132,35 +61,12 @@ pub const LOOP_BUCKETS: [f64; 10] = [
 /// Buckets for `udphub_recv_batch_size`: powers of two up to the batch size.
 pub const BATCH_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
-/// Installs the Prometheus recorder and starts its HTTP listener thread.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), Error> {
-    let bind_error = |reason: String| Error::Bind {
-        what: "metrics listener",
-        addr,
-        reason,
-    };
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            Matcher::Full("udphub_fanout_duration_seconds".into()),
-            &FANOUT_BUCKETS,
-        )
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full("udphub_recv_batch_size".into()),
-                &BATCH_BUCKETS,
-            )
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full("udphub_loop_iteration_seconds".into()),
-                &LOOP_BUCKETS,
-            )
-        })
-        .map_err(|e| bind_error(e.to_string()))?
-        .install()
-        .map_err(|e| bind_error(e.to_string()))
-}
+/// Every histogram and its buckets, for the exporter.
+pub const HISTOGRAMS: [(&str, &[f64]); 3] = [
+    ("udphub_fanout_duration_seconds", &FANOUT_BUCKETS),
+    ("udphub_recv_batch_size", &BATCH_BUCKETS),
+    ("udphub_loop_iteration_seconds", &LOOP_BUCKETS),
+];
 
 impl Metrics {
     /// Registers (and describes) every metric with the installed recorder;
@@ -168,31 +74,34 @@ impl Metrics {
     pub fn register() -> Metrics {
         describe();
         let received = |kind: &'static str| metrics::counter!("udphub_datagrams_received_total", "kind" => kind);
-        let delivery_dropped = |reason: &'static str| metrics::counter!("udphub_delivery_dropped_total", "reason" => reason);
         Metrics {
             counts: Counts::default(),
             received_heartbeat: received("heartbeat"),
             received_quit: received("quit"),
             received_message: received("message"),
             received_dropped: received("dropped"),
-            dropped: DropReason::ALL
-                .map(|r| metrics::counter!("udphub_dropped_total", "reason" => r.label())),
+            dropped: std::array::from_fn(
+                |i| metrics::counter!("udphub_dropped_total", "reason" => DropReason::ALL[i].label()),
+            ),
             recipients: metrics::counter!("udphub_fanout_recipients_total"),
             deliveries: metrics::counter!("udphub_deliveries_total"),
-            delivery_buffer_full: delivery_dropped("buffer_full"),
-            delivery_send_error: delivery_dropped("send_error"),
+            delivery_dropped: std::array::from_fn(
+                |i| metrics::counter!("udphub_delivery_dropped_total", "reason" => DeliveryDrop::ALL[i].label()),
+            ),
             joined: metrics::counter!("udphub_clients_joined_total"),
             expired: metrics::counter!("udphub_clients_expired_total"),
             left: metrics::counter!("udphub_clients_left_total"),
             kernel_rx_dropped: metrics::counter!("udphub_kernel_rx_dropped_total"),
+            recv_errors: metrics::counter!("udphub_recv_errors_total"),
             clients: metrics::gauge!("udphub_clients"),
+            clients_reported: 0,
             fanout_seconds: metrics::histogram!("udphub_fanout_duration_seconds"),
             batch_size: metrics::histogram!("udphub_recv_batch_size"),
             loop_seconds: metrics::histogram!("udphub_loop_iteration_seconds"),
         }
     }
 
-    /// Publishes the local counts and the current client count, then
+    /// Publishes the local counts and this loop's client count, then
     /// resets the counts.
     pub fn flush(&mut self, clients: usize) {
         let c = &mut self.counts;
@@ -212,12 +121,18 @@ impl Metrics {
         }
         add(&self.recipients, &mut c.recipients);
         add(&self.deliveries, &mut c.delivered);
-        add(&self.delivery_buffer_full, &mut c.delivery_buffer_full);
-        add(&self.delivery_send_error, &mut c.delivery_send_error);
+        for (counter, v) in self
+            .delivery_dropped
+            .iter()
+            .zip(c.delivery_dropped.iter_mut())
+        {
+            add(counter, v);
+        }
         add(&self.joined, &mut c.joined);
         add(&self.expired, &mut c.expired);
         add(&self.left, &mut c.left);
         add(&self.kernel_rx_dropped, &mut c.kernel_rx_dropped);
+        add(&self.recv_errors, &mut c.recv_errors);
         for s in c.fanout_seconds.drain(..) {
             self.fanout_seconds.record(s);
         }
@@ -227,7 +142,17 @@ impl Metrics {
         for s in c.loop_seconds.drain(..) {
             self.loop_seconds.record(s);
         }
-        self.clients.set(clients as f64);
+        if clients != self.clients_reported {
+            // A delta, so that several loops' shares add up.
+            if clients > self.clients_reported {
+                self.clients
+                    .increment((clients - self.clients_reported) as f64);
+            } else {
+                self.clients
+                    .decrement((self.clients_reported - clients) as f64);
+            }
+            self.clients_reported = clients;
+        }
     }
 }
 
@@ -257,7 +182,16 @@ fn describe() {
         Unit::Count,
         "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS) or send_error."
     );
-    describe_gauge!("udphub_clients", Unit::Count, "Clients in the table now.");
+    describe_counter!(
+        "udphub_recv_errors_total",
+        Unit::Count,
+        "recvmmsg calls that failed with an error other than EAGAIN (the loop backs off and retries)."
+    );
+    describe_gauge!(
+        "udphub_clients",
+        Unit::Count,
+        "Clients registered now (summed over the relay's loops)."
+    );
     describe_counter!(
         "udphub_clients_joined_total",
         Unit::Count,

@@ -8,27 +8,54 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
-use crate::addr::RawAddr;
-use crate::batch_io::SendBatch;
+use crate::core::addr::RawAddr;
+use crate::core::counts::{Counts, DeliveryDrop};
+use crate::net::batch_io::SendBatch;
 
 /// Destinations per `sendmmsg`. 256 × 64-byte headers is 16 KiB, small
 /// enough to stay in L1/L2; it divides the syscalls of a 1000-client
 /// fan-out by 256 and the kernel allows up to 1024 (`UIO_MAXIOV`).
 pub const SEND_BATCH: usize = 256;
 
-/// What happened to one message's deliveries.
+/// What happened to one fan-out's deliveries.
 #[derive(Debug, Default)]
-pub struct Outcome {
-    /// Deliveries attempted: `delivered + buffer_full + send_error`.
+pub struct Report {
+    /// Deliveries attempted: `delivered` + every `dropped`.
     pub recipients: u64,
     /// Handed to the kernel.
     pub delivered: u64,
-    /// Dropped because the socket buffer was full (`EAGAIN`/`ENOBUFS`).
-    pub buffer_full: u64,
-    /// Dropped because sending to that destination failed otherwise.
-    pub send_error: u64,
-    /// The first "other" error, for a rate-limited log line.
+    /// Not handed to the kernel, by [`DeliveryDrop::index`].
+    pub dropped: [u64; DeliveryDrop::COUNT],
+    /// The first error that was not a full buffer, for a rate-limited log.
     pub first_error: Option<io::Error>,
+}
+
+impl Report {
+    /// Drops `n` deliveries for `reason`.
+    fn drop(&mut self, reason: DeliveryDrop, n: u64) {
+        self.dropped[reason.index()] += n;
+    }
+
+    /// Adds this report's deliveries to `counts`; returns the first error
+    /// (to log, rate-limited).
+    pub fn add_to(self, counts: &mut Counts) -> Option<io::Error> {
+        counts.recipients += self.recipients;
+        counts.delivered += self.delivered;
+        for (total, n) in counts.delivery_dropped.iter_mut().zip(self.dropped) {
+            *total += n;
+        }
+        self.first_error
+    }
+}
+
+/// How a run of [`deliver`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchEnd {
+    /// Every message was delivered or dropped alone; go on.
+    Done,
+    /// The socket buffer was full: the rest was dropped, and the caller
+    /// should drop whatever else it had queued for now too.
+    BufferFull,
 }
 
 /// Reusable state for fanning messages out.
@@ -61,7 +88,7 @@ impl Fanout {
     /// When the kernel reports its buffer full, the rest of this message's
     /// deliveries are dropped at once (retrying now would only spin); any
     /// other error drops just that destination and the fan-out continues.
-    pub fn send<'a, I>(&mut self, fd: BorrowedFd<'_>, payload: &[u8], dests: I) -> Outcome
+    pub fn send<'a, I>(&mut self, fd: BorrowedFd<'_>, payload: &[u8], dests: I) -> Report
     where
         I: IntoIterator<Item = &'a RawAddr>,
     {
@@ -76,12 +103,12 @@ impl Fanout {
 /// The fan-out policy, apart from the syscall so it can be tested with a
 /// fake kernel: `send(chunk)` sends a leading part of `chunk` and says how
 /// much, or fails on `chunk[0]`.
-fn drive<'a, I, S>(staging: &mut Vec<RawAddr>, capacity: usize, dests: I, mut send: S) -> Outcome
+fn drive<'a, I, S>(staging: &mut Vec<RawAddr>, capacity: usize, dests: I, mut send: S) -> Report
 where
     I: IntoIterator<Item = &'a RawAddr>,
     S: FnMut(&[RawAddr]) -> io::Result<usize>,
 {
-    let mut out = Outcome::default();
+    let mut out = Report::default();
     let mut dests = dests.into_iter();
     loop {
         staging.clear();
@@ -90,10 +117,10 @@ where
             return out;
         }
         out.recipients += staging.len() as u64;
-        if deliver(staging.len(), &mut out, |i| send(&staging[i..])) {
+        if deliver(staging.len(), &mut out, |i| send(&staging[i..])) == BatchEnd::BufferFull {
             let rest = dests.count() as u64;
             out.recipients += rest;
-            out.buffer_full += rest;
+            out.drop(DeliveryDrop::BufferFull, rest);
             return out;
         }
     }
@@ -103,11 +130,12 @@ where
 /// echo server's replies: `send(i)` hands the kernel messages `i..` and says
 /// how many it took, or fails on message `i`.
 ///
-/// A full buffer drops everything from `i` on (returns `true`: the caller
-/// drops whatever else it had queued too); any other error drops message
-/// `i` alone and goes on. Adds to `out`'s delivered/dropped counts, so that
-/// `len` = delivered + buffer_full + send_error afterwards.
-pub fn deliver<S>(len: usize, out: &mut Outcome, mut send: S) -> bool
+/// A full buffer drops everything from `i` on (and says
+/// [`BatchEnd::BufferFull`]: the caller drops whatever else it had queued
+/// too); any other error drops message `i` alone and goes on. Adds to
+/// `out`'s delivered/dropped counts, so that `len` = delivered + dropped
+/// afterwards.
+pub fn deliver<S>(len: usize, out: &mut Report, mut send: S) -> BatchEnd
 where
     S: FnMut(usize) -> io::Result<usize>,
 {
@@ -117,7 +145,7 @@ where
             Ok(0) => {
                 // Not expected from sendmmsg; treat like an error on this
                 // message so the loop always progresses.
-                out.send_error += 1;
+                out.drop(DeliveryDrop::SendError, 1);
                 i += 1;
             }
             Ok(n) => {
@@ -126,17 +154,17 @@ where
                 i += n;
             }
             Err(e) if is_buffer_full(&e) => {
-                out.buffer_full += (len - i) as u64;
-                return true;
+                out.drop(DeliveryDrop::BufferFull, (len - i) as u64);
+                return BatchEnd::BufferFull;
             }
             Err(e) => {
-                out.send_error += 1;
+                out.drop(DeliveryDrop::SendError, 1);
                 out.first_error.get_or_insert(e);
                 i += 1;
             }
         }
     }
-    false
+    BatchEnd::Done
 }
 
 /// `EAGAIN`/`EWOULDBLOCK` (socket send buffer full) or `ENOBUFS` (device
@@ -151,6 +179,9 @@ mod tests {
     use std::net::{SocketAddr, UdpSocket};
     use std::os::fd::AsFd;
     use std::time::Duration;
+
+    const FULL: usize = DeliveryDrop::BufferFull as usize;
+    const ERR: usize = DeliveryDrop::SendError as usize;
 
     #[test]
     fn delivers_to_every_destination_across_several_batches() {
@@ -168,8 +199,8 @@ mod tests {
             (
                 out.recipients,
                 out.delivered,
-                out.buffer_full,
-                out.send_error
+                out.dropped[FULL],
+                out.dropped[ERR]
             ),
             (7, 7, 0, 0)
         );
@@ -189,7 +220,7 @@ mod tests {
         let bad: RawAddr = "[::1]:9".parse::<SocketAddr>().unwrap().into();
         let dests = [bad, good.local_addr().unwrap().into(), bad];
         let out = Fanout::new(8).send(server.as_fd(), b"m", &dests);
-        assert_eq!((out.recipients, out.delivered, out.send_error), (3, 1, 2));
+        assert_eq!((out.recipients, out.delivered, out.dropped[ERR]), (3, 1, 2));
         assert!(out.first_error.is_some());
         let mut b = [0u8; 4];
         assert_eq!(good.recv(&mut b).unwrap(), 1);
@@ -218,8 +249,8 @@ mod tests {
             (
                 out.recipients,
                 out.delivered,
-                out.buffer_full,
-                out.send_error
+                out.dropped[FULL],
+                out.dropped[ERR]
             ),
             (10, 5, 5, 0)
         );
@@ -231,7 +262,7 @@ mod tests {
         let out = drive(&mut Vec::new(), 8, &dests, |_| {
             Err(io::Error::from_raw_os_error(libc::ENOBUFS))
         });
-        assert_eq!((out.recipients, out.buffer_full), (3, 3));
+        assert_eq!((out.recipients, out.dropped[FULL]), (3, 3));
     }
 
     #[test]
@@ -249,7 +280,13 @@ mod tests {
             }
         });
         assert_eq!(out.recipients, 50);
-        assert_eq!(out.delivered + out.buffer_full + out.send_error, 50);
+        assert_eq!(out.delivered + out.dropped.iter().sum::<u64>(), 50);
+        let mut counts = Counts::default();
+        assert!(out.add_to(&mut counts).is_some());
+        assert_eq!(
+            counts.recipients,
+            counts.delivered + counts.delivery_dropped.iter().sum::<u64>()
+        );
     }
 
     #[test]

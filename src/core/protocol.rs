@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io::Write as _;
 
-use crate::addr::RawAddr;
+use crate::core::addr::RawAddr;
 
 /// The heartbeat control word (seed 002's `^hb^`).
 pub const HEARTBEAT: &[u8] = b"^hb^";

@@ -1,9 +1,11 @@
 //! The `udphub` command line: subcommands, logging set-up, and turning a
-//! clap error into one line.
+//! clap error into one line; [`config`] resolves `serve`'s settings.
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ServeArgs};
+pub mod config;
+
+use crate::cli::config::{Config, ServeArgs};
 use crate::error::Error;
 
 /// udphub: a fast, observable UDP group-chat relay.
@@ -21,16 +23,16 @@ pub enum Command {
     /// Relay datagrams between clients (the chat server).
     Serve(ServeArgs),
     /// Send every datagram back to its sender (an echo server).
-    Echo(crate::echo::EchoArgs),
+    Echo(crate::clients::echo::EchoArgs),
     /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).
-    Chat(crate::chat::ChatArgs),
+    Chat(crate::clients::chat::ChatArgs),
     /// Send one datagram and print the replies.
-    Send(crate::send::SendArgs),
+    Send(crate::clients::send::SendArgs),
 }
 
 /// How a command ended, when it ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Exit {
     /// Exit 0.
     Done,
     /// `send --expect-reply` got nothing: exit 1.
@@ -38,24 +40,24 @@ pub enum Outcome {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<Outcome, Error> {
+pub fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
             init_logging(&config.log_level)?;
-            crate::relay::serve(&config).map(|()| Outcome::Done)
+            crate::runtime::supervisor::serve(&config).map(|()| Exit::Done)
         }
         Command::Echo(args) => {
             init_logging(&args.log_level)?;
-            crate::echo::run(&args).map(|()| Outcome::Done)
+            crate::clients::echo::run(&args).map(|()| Exit::Done)
         }
-        Command::Chat(args) => crate::chat::run(&args).map(|()| Outcome::Done),
+        Command::Chat(args) => crate::clients::chat::run(&args).map(|()| Exit::Done),
         Command::Send(args) => {
-            let replies = crate::send::run(&args)?;
+            let replies = crate::clients::send::run(&args)?;
             Ok(if replies == 0 && args.expect_reply {
-                Outcome::NoReply
+                Exit::NoReply
             } else {
-                Outcome::Done
+                Exit::Done
             })
         }
     }

@@ -9,16 +9,19 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::addr::RawAddr;
-use crate::batch_io::ReplyBatch;
-use crate::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
+use crate::cli::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
+use crate::core::addr::RawAddr;
+use crate::core::admission::{Admission, Arrival};
 use crate::error::Error;
-use crate::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
-use crate::fanout::{self, Outcome};
-use crate::socket;
+use crate::net::batch_io::ReplyBatch;
+use crate::net::fanout::{self, Report};
+use crate::net::socket;
+use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
+use crate::runtime::{exporter, supervisor};
 
 /// `udphub echo` flags.
 #[derive(Debug, Clone, Args)]
@@ -52,6 +55,10 @@ pub struct EchoArgs {
         default_value = "info"
     )]
     pub log_level: String,
+
+    /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`)
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// The echo server's state: this batch's replies.
@@ -82,7 +89,14 @@ impl Echo {
 }
 
 impl Service for Echo {
-    fn handle(&mut self, data: &[u8], source: RawAddr, io: &mut Io<'_>) {
+    fn handle(&mut self, arrival: Arrival<'_>, io: &mut Io<'_>) {
+        let (source, data) = match Admission::envelope(&arrival) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                io.counts.drop(reason);
+                return;
+            }
+        };
         io.counts.messages += 1;
         let start = self.arena.len();
         self.arena.extend_from_slice(data);
@@ -94,9 +108,9 @@ impl Service for Echo {
 
     /// Sends the batch's replies with one `sendmmsg` (or a few).
     fn end_batch(&mut self, io: &mut Io<'_>) {
-        let mut out = Outcome {
+        let mut out = Report {
             recipients: self.replies.len() as u64,
-            ..Outcome::default()
+            ..Report::default()
         };
         let Echo {
             arena,
@@ -107,17 +121,13 @@ impl Service for Echo {
         fanout::deliver(replies.len(), &mut out, |i| {
             batch.send(io.fd, arena, &replies[i..])
         });
-        let c = &mut *io.counts;
-        c.recipients += out.recipients;
-        c.delivered += out.delivered;
-        c.delivery_buffer_full += out.buffer_full;
-        c.delivery_send_error += out.send_error;
-        let elapsed = io.received_at.elapsed().as_secs_f64();
-        c.fanout_seconds
-            .extend(std::iter::repeat_n(elapsed, self.replies.len()));
-        if let Some(e) = out.first_error {
+        if let Some(e) = out.add_to(io.counts) {
             self.send_errors.warn("sendmmsg", &e);
         }
+        let elapsed = io.received_at.elapsed().as_secs_f64();
+        io.counts
+            .fanout_seconds
+            .extend(std::iter::repeat_n(elapsed, self.replies.len()));
         self.arena.clear();
         self.replies.clear();
     }
@@ -131,21 +141,31 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
             args.max_datagram
         )));
     }
-    if let MetricsAddr::At(addr) = args.metrics {
-        crate::metrics::install_exporter(addr)?;
-        tracing::info!("metrics on http://{addr}/metrics");
-    }
-    let bound = socket::bind(args.bind, DEFAULT_SOCKET_BUFFER, DEFAULT_SOCKET_BUFFER)?;
+    let metrics = match args.metrics {
+        MetricsAddr::At(addr) => Some(exporter::start(addr)?.local_addr),
+        MetricsAddr::Off => None,
+    };
+    let bound = socket::bind(
+        args.bind,
+        "echo socket",
+        DEFAULT_SOCKET_BUFFER,
+        DEFAULT_SOCKET_BUFFER,
+    )?;
     tracing::info!(
         "udphub echo on {}{}",
         bound.local_addr,
         if args.upper { " (upper-casing)" } else { "" }
     );
-    let mut server = EventLoop::new(
+    if let Some(addr) = metrics {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    if let Some(path) = &args.ready_file {
+        supervisor::write_ready_file(path, bound.local_addr, metrics)?;
+    }
+    let server = EventLoop::new(
         bound,
         args.max_datagram,
         Echo::new(args.upper, args.max_datagram),
     )?;
-    server.handle_signals()?;
-    server.run()
+    supervisor::supervise(vec![server])
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::core::hub::HubConfig;
+use crate::core::protocol::Template;
 use crate::error::Error;
-use crate::protocol::Template;
 
 /// The largest UDP payload over IPv4 (65535 − 20 IP − 8 UDP header bytes).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -77,6 +78,10 @@ pub struct ServeArgs {
     /// Log filter: error, warn, info, debug, trace, or tracing directives [default: info]
     #[arg(long, env = "UDPHUB_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`), for scripts and tests using port 0
+    #[arg(long, env = "UDPHUB_READY_FILE", value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Where to serve `/metrics`, or nowhere.
@@ -103,6 +108,7 @@ struct FileConfig {
     recv_buffer: Option<usize>,
     send_buffer: Option<usize>,
     log_level: Option<String>,
+    ready_file: Option<PathBuf>,
 }
 
 /// The validated relay settings.
@@ -130,6 +136,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// tracing filter directives.
     pub log_level: String,
+    /// Where to write the bound addresses once ready, if anywhere.
+    pub ready_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -146,12 +154,26 @@ impl Default for Config {
             recv_buffer: DEFAULT_SOCKET_BUFFER,
             send_buffer: DEFAULT_SOCKET_BUFFER,
             log_level: "info".to_string(),
+            ready_file: None,
         }
     }
 }
 
 impl Config {
-    /// Resolves flags/env, then the `--config` file, then defaults.
+    /// What the hub needs of these settings.
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            timeout: self.timeout,
+            format: self.format.clone(),
+            echo: self.echo,
+            max_clients: self.max_clients,
+            expect_clients: self.expect_clients,
+            max_datagram: self.max_datagram,
+        }
+    }
+
+    /// Resolves flags/env, then the `--config` file, then defaults, and
+    /// validates the result: the one place settings are checked.
     pub fn from_args(args: &ServeArgs) -> Result<Config, Error> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -217,12 +239,15 @@ impl Config {
                 .clone()
                 .or(file.log_level)
                 .unwrap_or(d.log_level),
+            ready_file: args.ready_file.clone().or(file.ready_file),
         };
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks the limits every setting must respect.
+    /// Checks the limits every setting must respect (run by
+    /// [`from_args`](Self::from_args); call it yourself only for a
+    /// `Config` built by hand).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
         if self.max_datagram == 0 || self.max_datagram > MAX_UDP_PAYLOAD {

@@ -20,17 +20,36 @@
 //! are a few dozen lines and every pointer they take is documented below.
 //!
 //! Linux only: `recvmmsg`/`sendmmsg`/`SO_RXQ_OVFL` are Linux APIs.
+//!
+//! Pointer discipline: each buffer's base pointer is taken once per call
+//! (`as_mut_ptr`) and offset with `.add(i)`. Indexing a `Vec` mutably in
+//! the loop would re-borrow the whole `Vec` each time, which (under the
+//! Stacked Borrows model) invalidates the pointers taken in earlier
+//! iterations that the kernel and [`parse_rxq_ovfl`] later use.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("udphub needs Linux: recvmmsg, sendmmsg and SO_RXQ_OVFL are Linux system calls");
 
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
 
-use crate::addr::{RawAddr, SOCKADDR_MAX};
+use crate::core::addr::{RawAddr, SOCKADDR_MAX};
 
-/// Room for one control message carrying a `u32` (SO_RXQ_OVFL), with margin.
-/// `u64` elements give the 8-byte alignment `cmsghdr` needs.
+/// Room for one control message carrying a `u32` (SO_RXQ_OVFL): a 16-byte
+/// `cmsghdr` plus the payload, padded: `CMSG_SPACE(4)` = 24 bytes. 64 leaves
+/// room should the kernel attach another message (it then sets
+/// `MSG_CTRUNC` rather than overflow, and we ignore what was cut).
 const CONTROL_WORDS: usize = 8;
+
+// The control buffers are arrays of `u64` so that each starts aligned for
+// a `cmsghdr`, as `CMSG_FIRSTHDR` assumes.
+const _: () = assert!(mem::align_of::<u64>() >= mem::align_of::<libc::cmsghdr>());
+const _: () = assert!(
+    CONTROL_WORDS * 8 >= mem::size_of::<libc::cmsghdr>() + mem::size_of::<u32>(),
+    "control buffer too small for SO_RXQ_OVFL"
+);
 
 /// One datagram out of a [`RecvBatch`].
 #[derive(Debug, Clone, Copy)]
@@ -96,20 +115,34 @@ impl RecvBatch {
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         self.filled = 0;
         let cap = self.capacity();
+        let slot_len = self.slot_len;
+        // Base pointers, taken once (see the module docs).
+        let bufs = self.bufs.as_mut_ptr();
+        let names = self.names.as_mut_ptr();
+        let control = self.control.as_mut_ptr();
+        let iovs = self.iovs.as_mut_ptr();
+        let hdrs = self.hdrs.as_mut_ptr();
         for i in 0..cap {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i * self.slot_len..].as_mut_ptr().cast(),
-                iov_len: self.slot_len,
-            };
-            let hdr = &mut self.hdrs[i];
-            hdr.msg_len = 0;
-            hdr.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = &mut self.iovs[i];
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
-            hdr.msg_hdr.msg_controllen = mem::size_of::<[u64; CONTROL_WORDS]>() as _;
-            hdr.msg_hdr.msg_flags = 0;
+            // SAFETY: `i < cap`, and every Vec here has `cap` elements
+            // (`bufs` has `cap * slot_len` bytes), so each `.add` stays in
+            // its allocation; the writes are of plain data into elements we
+            // own, through pointers derived from the bases above.
+            unsafe {
+                *iovs.add(i) = libc::iovec {
+                    iov_base: bufs.add(i * slot_len).cast(),
+                    iov_len: slot_len,
+                };
+                let hdr = &mut *hdrs.add(i);
+                hdr.msg_len = 0;
+                hdr.msg_hdr.msg_name = names.add(i).cast();
+                hdr.msg_hdr.msg_namelen =
+                    mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                hdr.msg_hdr.msg_iov = iovs.add(i);
+                hdr.msg_hdr.msg_iovlen = 1;
+                hdr.msg_hdr.msg_control = control.add(i).cast();
+                hdr.msg_hdr.msg_controllen = mem::size_of::<[u64; CONTROL_WORDS]>() as _;
+                hdr.msg_hdr.msg_flags = 0;
+            }
         }
         let n = retry_if_interrupted(|| {
             // SAFETY: `hdrs[..cap]` are initialised above; every pointer in
@@ -120,7 +153,7 @@ impl RecvBatch {
             unsafe {
                 libc::recvmmsg(
                     fd.as_raw_fd(),
-                    self.hdrs.as_mut_ptr(),
+                    hdrs,
                     cap as libc::c_uint,
                     libc::MSG_DONTWAIT,
                     ptr::null_mut(),
@@ -129,7 +162,17 @@ impl RecvBatch {
         })?;
         self.filled = n;
         for i in 0..n {
-            self.drops[i] = parse_rxq_ovfl(&self.hdrs[i].msg_hdr);
+            // SAFETY: `i < n <= cap`: the header was initialised above and
+            // filled by the kernel; its control pointer still points into
+            // `self.control`, untouched since the base pointer was taken.
+            let msg = unsafe { &(*hdrs.add(i)).msg_hdr };
+            // A control message cut short (MSG_CTRUNC) is not trusted; the
+            // drop counter is read again with SO_MEMINFO within a second.
+            self.drops[i] = if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+                None
+            } else {
+                parse_rxq_ovfl(msg)
+            };
         }
         Ok(n)
     }
@@ -163,6 +206,11 @@ impl RecvBatch {
         }
     }
 }
+
+// SAFETY: the raw pointers inside a RecvBatch point only into its own
+// heap buffers (which move with it) and are rewritten before every call;
+// nothing is shared, so moving it to another thread is sound.
+unsafe impl Send for RecvBatch {}
 
 /// `n` zeroed `mmsghdr`s, to be filled before each call.
 fn zeroed_headers(n: usize) -> Vec<libc::mmsghdr> {
@@ -272,6 +320,10 @@ impl SendBatch {
     }
 }
 
+// SAFETY: between calls a SendBatch's headers hold no pointers (they are
+// cleared after every send), so moving it to another thread is sound.
+unsafe impl Send for SendBatch {}
+
 /// Points one `sendmmsg` header at a destination and an `iovec`.
 fn set_send_header(hdr: &mut libc::mmsghdr, dest: &RawAddr, iov: *mut libc::iovec) {
     let name = dest.as_bytes();
@@ -352,10 +404,19 @@ impl ReplyBatch {
         if n == 0 {
             return Ok(0);
         }
+        // Check every range before any header points anywhere, so an error
+        // leaves no header pointing into `arena`.
+        if msgs[..n]
+            .iter()
+            .any(|(range, _)| arena.get(range.clone()).is_none())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "reply range outside the arena",
+            ));
+        }
         for (i, (range, dest)) in msgs[..n].iter().enumerate() {
-            let payload = arena.get(range.clone()).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "reply range outside the arena")
-            })?;
+            let payload = &arena[range.clone()];
             self.iovs[i] = libc::iovec {
                 // The kernel only reads through this pointer when sending.
                 iov_base: payload.as_ptr() as *mut libc::c_void,
@@ -375,6 +436,11 @@ impl ReplyBatch {
         sent
     }
 }
+
+// SAFETY: between calls a ReplyBatch's headers and iovecs hold no
+// pointers (they are cleared after every send and before any error return),
+// so moving it to another thread is sound.
+unsafe impl Send for ReplyBatch {}
 
 /// Asks the kernel to report its receive-queue drop counter with each
 /// datagram (`SO_RXQ_OVFL`).
@@ -583,6 +649,11 @@ mod tests {
         let bad = [(0..5, msgs[0].1), (8..40, msgs[1].1)];
         let err = batch.send(server.as_fd(), arena, &bad).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // ...and leaves no header or iovec pointing into the arena.
+        for (hdr, iov) in batch.hdrs.iter().zip(&batch.iovs) {
+            assert!(hdr.msg_hdr.msg_name.is_null() && hdr.msg_hdr.msg_iov.is_null());
+            assert!(iov.iov_base.is_null());
+        }
         a.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         assert!(a.recv(&mut buf).is_err());

@@ -3,20 +3,23 @@
 //!
 //! What differs between servers is a [`Service`]: what to do with each
 //! datagram, what timers it has, what to say at shutdown. Everything else is
-//! here, once: batched reads, the drop accounting that happens before a
-//! service sees a datagram, signals, metrics flushing.
+//! here, once: batched reads, the kernel's drop counter, metrics flushing.
+//! Process-wide things — signals, the metrics endpoint — belong to the
+//! supervisor that starts the loops (`runtime::supervisor`), so several
+//! loops can run in one process; a loop is stopped through its
+//! [`ShutdownHandle`].
 //!
 //! Each pass of [`EventLoop::run`]:
 //!
 //! 1. polls, with a timeout of the service's next timer (at most
-//!    [`KERNEL_DROPS_INTERVAL`]), or zero when work is left over;
+//!    [`KERNEL_DROPS_INTERVAL`]), zero when work is left over, or a
+//!    back-off after a failed read;
 //! 2. drains the socket with `recvmmsg` batches until `WouldBlock` — mio is
 //!    edge-triggered, so a socket left undrained would never be reported
 //!    readable again (mio's `Poll` docs, "Draining readiness") — but at most
 //!    [`MAX_BATCHES_PER_PASS`] batches, so a flood can't starve timers and
-//!    signals; the rest is read on the next pass, which then doesn't wait;
-//! 3. drops (and counts) oversize datagrams and unknown sources, and hands
-//!    the rest to the service;
+//!    shutdown; the rest is read on the next pass, which then doesn't wait;
+//! 3. hands each datagram to the service, which admits, counts and acts;
 //! 4. runs the service's timers;
 //! 5. flushes the counts to the metrics facade (also after every batch).
 
@@ -28,30 +31,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook_mio::v1_0::Signals;
 
-use crate::addr::RawAddr;
-use crate::batch_io::{self, RecvBatch};
+use crate::core::admission::Arrival;
+use crate::core::counts::Counts;
 use crate::error::Error;
-use crate::metrics::{Counts, DropReason, Metrics};
-use crate::socket::Bound;
+use crate::net::batch_io::{self, RecvBatch};
+use crate::net::socket::Bound;
+use crate::runtime::metrics::Metrics;
 
 /// The UDP socket's token.
 const SOCKET: Token = Token(0);
-/// SIGINT/SIGTERM, via signal-hook-mio's self-pipe.
-const SIGNALS: Token = Token(1);
 /// A [`ShutdownHandle`] was triggered.
-const WAKER: Token = Token(2);
+const WAKER: Token = Token(1);
 
 /// Datagrams per `recvmmsg`. 64 amortises the syscall well (the gain
 /// flattens past ~32) while the buffers (64 × 1472 B ≈ 94 KiB) stay cache-sized.
 pub const RECV_BATCH: usize = 64;
-/// `recvmmsg` calls per loop pass before timers and signals get a turn
+/// `recvmmsg` calls per loop pass before timers and shutdown get a turn
 /// (64 × 64 = 4096 datagrams, about a millisecond of work).
 pub const MAX_BATCHES_PER_PASS: usize = 64;
-/// Consecutive unexpected `recvmmsg` errors after which the loop gives up.
-const MAX_RECV_ERRORS: u32 = 100;
+/// Consecutive failed `recvmmsg` calls (across passes, with back-off between
+/// them: about 10 s of nothing but failures) after which the loop gives up
+/// and the process exits non-zero for its supervisor to restart it.
+pub const MAX_RECV_ERRORS: u32 = 100;
+/// The longest back-off between two failed reads.
+const MAX_RECV_BACKOFF: Duration = Duration::from_millis(100);
 /// How often the loop reads the kernel's drop counter with SO_MEMINFO
 /// (besides what SO_RXQ_OVFL reports with each datagram), and the longest
 /// it sleeps, so a flood's final drops are counted within a second.
@@ -62,14 +66,16 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// What a server does with its datagrams. The loop calls it; it never
 /// polls or reads by itself.
 pub trait Service {
-    /// Handles one datagram (already checked: not oversize, known source).
-    fn handle(&mut self, data: &[u8], source: RawAddr, io: &mut Io<'_>);
+    /// Handles one datagram as read: the service admits it (and counts a
+    /// drop) or acts on it, counting it exactly once.
+    fn handle(&mut self, arrival: Arrival<'_>, io: &mut Io<'_>);
 
     /// Called after each batch, e.g. to send replies gathered in `handle`.
     fn end_batch(&mut self, _io: &mut Io<'_>) {}
 
-    /// Runs due timers. Returns `true` if work is left for the next pass.
-    fn on_timer(&mut self, _counts: &mut Counts) -> bool {
+    /// Runs due timers at `now`. Returns `true` if work is left for the
+    /// next pass.
+    fn on_timer(&mut self, _now: Instant, _counts: &mut Counts) -> bool {
         false
     }
 
@@ -81,7 +87,7 @@ pub trait Service {
     /// Says goodbye at shutdown.
     fn shutdown(&mut self, _io: &mut Io<'_>) {}
 
-    /// Clients now, for the `udphub_clients` gauge.
+    /// Clients now, this loop's share of the `udphub_clients` gauge.
     fn clients(&self) -> usize {
         0
     }
@@ -97,7 +103,7 @@ pub struct Io<'a> {
     pub received_at: Instant,
 }
 
-/// Stops a running loop from another thread, as SIGTERM would.
+/// Stops a running loop from another thread.
 #[derive(Clone)]
 pub struct ShutdownHandle {
     /// Set before waking the loop.
@@ -120,11 +126,14 @@ impl ShutdownHandle {
 /// were suppressed in between.
 #[derive(Debug, Default)]
 pub(crate) struct RateLimitedLog {
+    /// When the last line was logged.
     last: Option<Instant>,
+    /// Errors not logged since.
     suppressed: u64,
 }
 
 impl RateLimitedLog {
+    /// Logs `err` unless a line was logged within the interval.
     pub(crate) fn warn(&mut self, what: &str, err: &io::Error) {
         let now = Instant::now();
         match self.last {
@@ -141,15 +150,64 @@ impl RateLimitedLog {
     }
 }
 
+/// Failed reads, remembered across passes: each one backs the loop off
+/// (no busy spin, no log flood), and a long unbroken run ends the loop.
+#[derive(Debug, Default)]
+struct RecvErrors {
+    /// Failures since the last successful read.
+    consecutive: u32,
+    /// Throttles the warning.
+    log: RateLimitedLog,
+}
+
+impl RecvErrors {
+    /// A read succeeded (or found nothing): the run of failures is over.
+    fn success(&mut self) {
+        self.consecutive = 0;
+    }
+
+    /// A read failed: how long to wait before the next, or the error that
+    /// ends the loop after [`MAX_RECV_ERRORS`] in a row.
+    fn failure(&mut self, e: io::Error) -> Result<Duration, Error> {
+        self.consecutive += 1;
+        if self.consecutive >= MAX_RECV_ERRORS {
+            return Err(Error::io("recvmmsg keeps failing", e));
+        }
+        self.log.warn("recvmmsg", &e);
+        // 1, 2, 4 … 64 ms, then 100 ms.
+        let backoff = Duration::from_millis(1 << (self.consecutive - 1).min(7));
+        Ok(backoff.min(MAX_RECV_BACKOFF))
+    }
+}
+
+/// What a drain left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The socket is empty: wait for readiness.
+    Empty,
+    /// The per-pass cap was reached: read again without waiting.
+    More,
+    /// A read failed: read again after this long.
+    Backoff(Duration),
+}
+
 /// A bound socket, a [`Service`], and the loop that joins them.
 pub struct EventLoop<S> {
+    /// The loop's own poll: the socket and the shutdown waker.
     poll: Poll,
+    /// Reused event buffer.
     events: Events,
+    /// The UDP socket.
     socket: mio::net::UdpSocket,
+    /// Where it is bound.
     local_addr: SocketAddr,
-    signals: Option<Signals>,
+    /// How to stop the loop from elsewhere.
     shutdown: ShutdownHandle,
+    /// `recvmmsg` buffers.
     recv: RecvBatch,
+    /// Failed reads, across passes.
+    recv_errors: RecvErrors,
+    /// This loop's counts and metric handles.
     metrics: Metrics,
     /// Last value of the kernel's cumulative drop counter seen.
     kernel_drops_seen: u32,
@@ -160,8 +218,9 @@ pub struct EventLoop<S> {
 }
 
 impl<S: Service> EventLoop<S> {
-    /// Wraps a bound socket. Datagrams longer than `max_datagram` are
-    /// dropped as oversize. Metrics go to whatever recorder is installed.
+    /// Wraps a bound socket. Datagrams longer than `max_datagram` arrive
+    /// `truncated` (for admission to drop). Metrics go to whatever recorder
+    /// is installed.
     pub fn new(bound: Bound, max_datagram: usize, service: S) -> Result<EventLoop<S>, Error> {
         let poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
         let mut socket = bound.socket;
@@ -174,12 +233,12 @@ impl<S: Service> EventLoop<S> {
             events: Events::with_capacity(64),
             socket,
             local_addr: bound.local_addr,
-            signals: None,
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
                 waker: Arc::new(waker),
             },
             recv: RecvBatch::new(RECV_BATCH, max_datagram),
+            recv_errors: RecvErrors::default(),
             metrics: Metrics::register(),
             kernel_drops_seen: 0,
             kernel_drops_checked: Instant::now(),
@@ -197,41 +256,21 @@ impl<S: Service> EventLoop<S> {
         self.shutdown.clone()
     }
 
-    /// Makes SIGINT/SIGTERM shut the loop down gracefully; a second signal
-    /// during shutdown exits the process at once (status 130).
-    pub fn handle_signals(&mut self) -> Result<(), Error> {
-        let second = Arc::new(AtomicBool::new(false));
-        for sig in [SIGINT, SIGTERM] {
-            signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&second))
-                .map_err(|e| Error::io("install signal handler", e))?;
-            // Arms the conditional shutdown above once the first signal is in.
-            signal_hook::flag::register(sig, Arc::clone(&second))
-                .map_err(|e| Error::io("install signal handler", e))?;
-        }
-        let mut signals =
-            Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io("install signal handler", e))?;
-        self.poll
-            .registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(|e| Error::io("register signals", e))?;
-        self.signals = Some(signals);
-        Ok(())
-    }
-
-    /// Runs until a signal or a [`ShutdownHandle`] stops it; then lets the
-    /// service say goodbye, flushes the metrics and returns.
+    /// Runs until a [`ShutdownHandle`] stops it; then lets the service say
+    /// goodbye, flushes the metrics and returns.
     pub fn run(mut self) -> Result<(), Error> {
         self.flush();
         // Datagrams may have arrived before registration: drain first.
-        let mut read_pending = true;
+        let mut drained = Drained::More;
         let mut timers_pending = false;
         loop {
-            let timeout = if read_pending || timers_pending {
-                Some(Duration::ZERO)
-            } else {
-                Some(self.sleep_limit())
+            let timeout = match drained {
+                Drained::More => Duration::ZERO,
+                _ if timers_pending => Duration::ZERO,
+                Drained::Backoff(wait) => wait.min(self.sleep_limit()),
+                Drained::Empty => self.sleep_limit(),
             };
-            match self.poll.poll(&mut self.events, timeout) {
+            match self.poll.poll(&mut self.events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::io("poll", e)),
@@ -240,26 +279,18 @@ impl<S: Service> EventLoop<S> {
             let mut stop = false;
             for event in self.events.iter() {
                 match event.token() {
-                    SOCKET => read_pending = true,
-                    SIGNALS => {
-                        if let Some(signals) = &mut self.signals {
-                            for sig in signals.pending() {
-                                tracing::info!(
-                                    "received signal {sig}; shutting down (again to exit at once)"
-                                );
-                                stop = true;
-                            }
-                        }
-                    }
+                    SOCKET => drained = Drained::More,
                     WAKER => stop |= self.shutdown.requested.load(Ordering::SeqCst),
                     // Spurious events are allowed by mio's contract.
                     token => tracing::debug!("event for unknown token {token:?}"),
                 }
             }
-            if read_pending {
-                read_pending = self.drain()?;
+            if drained != Drained::Empty {
+                drained = self.drain()?;
             }
-            timers_pending = self.service.on_timer(&mut self.metrics.counts);
+            timers_pending = self
+                .service
+                .on_timer(Instant::now(), &mut self.metrics.counts);
             self.check_kernel_drops();
             let counts = &mut self.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
@@ -286,28 +317,36 @@ impl<S: Service> EventLoop<S> {
         }
     }
 
-    /// Reads and handles datagrams until `WouldBlock` or the per-pass cap.
-    /// Returns whether datagrams may remain (cap reached).
-    fn drain(&mut self) -> Result<bool, Error> {
-        let mut errors = 0;
+    /// Reads and handles datagrams until `WouldBlock`, the per-pass cap,
+    /// or a failed read.
+    fn drain(&mut self) -> Result<Drained, Error> {
+        self.drain_with(|batch, fd| batch.recv(fd))
+    }
+
+    /// [`drain`](Self::drain) with the read itself passed in, so the error
+    /// path can be tested with a failing one.
+    fn drain_with(
+        &mut self,
+        mut read: impl FnMut(&mut RecvBatch, BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> Result<Drained, Error> {
         for _ in 0..MAX_BATCHES_PER_PASS {
-            match self.recv.recv(self.socket.as_fd()) {
+            match read(&mut self.recv, self.socket.as_fd()) {
                 Ok(n) => {
-                    errors = 0;
+                    self.recv_errors.success();
                     self.handle_batch(n);
                     self.flush();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.recv_errors.success();
+                    return Ok(Drained::Empty);
+                }
                 Err(e) => {
-                    errors += 1;
-                    tracing::warn!("recvmmsg: {e}");
-                    if errors >= MAX_RECV_ERRORS {
-                        return Err(Error::io("recvmmsg keeps failing", e));
-                    }
+                    self.metrics.counts.recv_errors += 1;
+                    return self.recv_errors.failure(e).map(Drained::Backoff);
                 }
             }
         }
-        Ok(true)
+        Ok(Drained::More)
     }
 
     fn handle_batch(&mut self, n: usize) {
@@ -330,15 +369,12 @@ impl<S: Service> EventLoop<S> {
             if let Some(total) = d.kernel_drops {
                 observe_kernel_drops(kernel_drops_seen, total, io.counts);
             }
-            let Some(source) = d.source else {
-                io.counts.drop(DropReason::BadSource);
-                continue;
+            let arrival = Arrival {
+                data: d.data,
+                source: d.source,
+                truncated: d.truncated,
             };
-            if d.truncated {
-                io.counts.drop(DropReason::Oversize);
-                continue;
-            }
-            service.handle(d.data, source, &mut io);
+            service.handle(arrival, &mut io);
         }
         service.end_batch(&mut io);
     }
@@ -373,6 +409,79 @@ fn observe_kernel_drops(seen: &mut u32, total: u32, counts: &mut Counts) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::socket;
+
+    /// A service that counts every datagram as a message.
+    struct Counter;
+
+    impl Service for Counter {
+        fn handle(&mut self, _arrival: Arrival<'_>, io: &mut Io<'_>) {
+            io.counts.messages += 1;
+        }
+    }
+
+    fn test_loop() -> EventLoop<Counter> {
+        let bound =
+            socket::bind("127.0.0.1:0".parse().unwrap(), "test socket", 4096, 4096).unwrap();
+        EventLoop::new(bound, 64, Counter).unwrap()
+    }
+
+    /// A read that keeps failing backs the loop off (never "more work, don't
+    /// wait"), counts each failure, keeps the count across passes, and ends
+    /// the loop after MAX_RECV_ERRORS in a row.
+    #[test]
+    fn persistent_read_errors_back_off_and_eventually_stop_the_loop() {
+        let mut lp = test_loop();
+        let failing =
+            |_: &mut RecvBatch, _: BorrowedFd<'_>| Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        let mut waits = Vec::new();
+        for _ in 1..MAX_RECV_ERRORS {
+            match lp.drain_with(failing) {
+                Ok(Drained::Backoff(d)) => waits.push(d),
+                other => panic!("expected a back-off, got {other:?}"),
+            }
+        }
+        assert!(waits.iter().all(|d| *d >= Duration::from_millis(1)));
+        assert_eq!(waits.last(), Some(&MAX_RECV_BACKOFF));
+        assert_eq!(
+            lp.metrics.counts.recv_errors,
+            u64::from(MAX_RECV_ERRORS) - 1
+        );
+        let err = lp.drain_with(failing).unwrap_err();
+        assert!(err.to_string().contains("recvmmsg keeps failing"), "{err}");
+    }
+
+    /// A successful read ends a run of failures.
+    #[test]
+    fn a_successful_read_resets_the_failure_run() {
+        let mut lp = test_loop();
+        let failing =
+            |_: &mut RecvBatch, _: BorrowedFd<'_>| Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        for _ in 1..MAX_RECV_ERRORS {
+            lp.drain_with(failing).unwrap();
+        }
+        let empty =
+            |_: &mut RecvBatch, _: BorrowedFd<'_>| Err(io::Error::from(io::ErrorKind::WouldBlock));
+        assert_eq!(lp.drain_with(empty).unwrap(), Drained::Empty);
+        assert_eq!(
+            lp.drain_with(failing).unwrap(),
+            Drained::Backoff(Duration::from_millis(1))
+        );
+    }
+
+    /// The per-pass cap leaves work for the next pass instead of starving
+    /// timers.
+    #[test]
+    fn a_flood_is_read_in_capped_passes() {
+        let mut lp = test_loop();
+        let mut calls = 0;
+        let endless = |_: &mut RecvBatch, _: BorrowedFd<'_>| {
+            calls += 1;
+            Ok(0)
+        };
+        assert_eq!(lp.drain_with(endless).unwrap(), Drained::More);
+        assert_eq!(calls, MAX_BATCHES_PER_PASS);
+    }
 
     #[test]
     fn kernel_drop_counter_deltas() {

@@ -13,6 +13,10 @@
 //!
 //! `advance` takes a budget: expiring a million clients at once is done a
 //! slice per loop iteration, so the loop keeps serving datagrams meanwhile.
+//!
+//! An occupancy bitmap (one bit per slot) lets `next_wakeup` — asked before
+//! every idle poll — skip 64 empty slots per word instead of visiting each:
+//! a 1-hour timeout has ~36,000 slots, 563 words.
 
 /// A deadline in the wheel: a client's table slot, the generation that slot
 /// had when scheduled (a reused slot is never mistaken), and the due tick.
@@ -33,6 +37,8 @@ pub struct Wheel {
     slots: Vec<Vec<Entry>>,
     /// `slots.len() - 1`; the length is a power of two.
     mask: u64,
+    /// Bit `i` is set while `slots[i]` is non-empty.
+    occupied: Vec<u64>,
     /// The first tick not yet fully processed.
     next_tick: u64,
     /// Entries in the wheel.
@@ -47,6 +53,7 @@ impl Wheel {
         Wheel {
             slots: (0..n).map(|_| Vec::new()).collect(),
             mask: (n - 1) as u64,
+            occupied: vec![0; n.div_ceil(64)],
             next_tick: start,
             len: 0,
         }
@@ -66,7 +73,9 @@ impl Wheel {
     /// process) is handed out by the next [`advance`](Self::advance).
     pub fn schedule(&mut self, key: u32, generation: u32, due: u64) {
         let at = due.max(self.next_tick);
-        self.slots[(at & self.mask) as usize].push(Entry {
+        let slot = (at & self.mask) as usize;
+        self.occupied[slot / 64] |= 1 << (slot % 64);
+        self.slots[slot].push(Entry {
             key,
             generation,
             due,
@@ -116,6 +125,9 @@ impl Wheel {
                 i += 1;
             }
         }
+        if entries.is_empty() {
+            self.occupied[slot / 64] &= !(1 << (slot % 64));
+        }
         false
     }
 
@@ -123,14 +135,44 @@ impl Wheel {
     /// most one turn of the ring ahead; `None` when the wheel is empty.
     /// (An entry a full turn away reports the tick of its slot, which is
     /// early but safe: the caller just wakes and finds nothing due.)
+    ///
+    /// O(slots / 64): it reads the occupancy bitmap, not the slots.
     pub fn next_wakeup(&self) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
-        (0..self.slots.len() as u64)
-            .map(|d| self.next_tick + d)
-            .find(|t| !self.slots[(t & self.mask) as usize].is_empty())
+        let n = self.slots.len();
+        let from = (self.next_tick & self.mask) as usize;
+        let found = first_set_bit_from(&self.occupied, from)?;
+        // Distance around the ring from `from` to `found`.
+        let distance = (found + n - from) % n;
+        Some(self.next_tick + distance as u64)
     }
+}
+
+/// The first set bit of `bits` at or after position `from`, wrapping
+/// around to the start.
+fn first_set_bit_from(bits: &[u64], from: usize) -> Option<usize> {
+    let words = bits.len();
+    let (w0, b0) = (from / 64, from % 64);
+    // The first word, from bit `b0` up.
+    let head = bits[w0] & (!0u64 << b0);
+    if head != 0 {
+        return Some(w0 * 64 + head.trailing_zeros() as usize);
+    }
+    // The words after it, wrapping around, then the first word's low bits.
+    for step in 1..=words {
+        let w = (w0 + step) % words;
+        let word = if w == w0 {
+            bits[w] & !(!0u64 << b0)
+        } else {
+            bits[w]
+        };
+        if word != 0 {
+            return Some(w * 64 + word.trailing_zeros() as usize);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -254,6 +296,31 @@ mod tests {
             out.clear();
             while w.advance(now + 1_000, usize::MAX, &mut out) {}
             prop_assert_eq!(out.len(), model.len());
+        }
+
+        /// `next_wakeup` (bitmap) finds exactly the first non-empty slot a
+        /// scan of the ring finds, through schedules and advances.
+        #[test]
+        fn next_wakeup_matches_a_slot_scan(slots in 1usize..300, ops in proptest::collection::vec(op(), 1..200)) {
+            let mut w = Wheel::new(slots, 0);
+            let mut now = 0u64;
+            let mut out = Vec::new();
+            for (k, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Schedule { delay } => w.schedule(k as u32, 0, now + delay),
+                    Op::Advance { by, budget } => {
+                        now += by;
+                        out.clear();
+                        w.advance(now, budget, &mut out);
+                    }
+                }
+                let scan = (w.len > 0).then(|| {
+                    (0..w.slots.len() as u64)
+                        .map(|d| w.next_tick + d)
+                        .find(|t| !w.slots[(t & w.mask) as usize].is_empty())
+                }).flatten();
+                prop_assert_eq!(w.next_wakeup(), scan);
+            }
         }
 
         /// `next_wakeup` is never later than the earliest due entry.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::chat::resolve;
-use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::clients::chat::resolve;
 use crate::error::Error;
 
 /// `udphub send` flags.

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::chat::{ChatArgs, Incoming, Session};
+use crate::clients::chat::{ChatArgs, Incoming, Session};
 use crate::error::Error;
 
 /// What a member sends when it joins (seed 003 sent "***加入了聊天室").

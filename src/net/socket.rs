@@ -10,8 +10,8 @@ use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::batch_io;
 use crate::error::Error;
+use crate::net::batch_io;
 
 /// A bound, non-blocking relay socket and what the kernel granted.
 #[derive(Debug)]
@@ -27,13 +27,19 @@ pub struct Bound {
     pub send_buffer: usize,
 }
 
-/// Binds the relay socket at `addr`, asking for the given buffer sizes.
+/// Binds a server's UDP socket at `addr`, asking for the given buffer
+/// sizes; `what` names it in errors ("relay socket", "echo socket").
 ///
 /// A buffer the kernel caps below the request is not an error: it is logged
 /// with the sysctl that lifts the cap.
-pub fn bind(addr: SocketAddr, recv_buffer: usize, send_buffer: usize) -> Result<Bound, Error> {
+pub fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> Result<Bound, Error> {
     let bind_error = |e: std::io::Error| Error::Bind {
-        what: "relay socket",
+        what,
         addr,
         reason: e.to_string(),
     };
@@ -83,7 +89,13 @@ mod tests {
 
     #[test]
     fn binds_port_zero_and_reports_buffers() {
-        let b = bind("127.0.0.1:0".parse().unwrap(), 1 << 16, 1 << 16).unwrap();
+        let b = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "test socket",
+            1 << 16,
+            1 << 16,
+        )
+        .unwrap();
         assert_ne!(b.local_addr.port(), 0);
         assert!(b.recv_buffer >= 1 << 15);
         assert!(b.send_buffer > 0);
@@ -91,8 +103,8 @@ mod tests {
 
     #[test]
     fn a_taken_address_is_a_usage_error() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), 4096, 4096).unwrap();
-        let err = bind(first.local_addr, 4096, 4096).unwrap_err();
+        let first = bind("127.0.0.1:0".parse().unwrap(), "relay socket", 4096, 4096).unwrap();
+        let err = bind(first.local_addr, "relay socket", 4096, 4096).unwrap_err();
         assert!(err.is_usage());
         assert!(
             err.to_string().contains("cannot bind relay socket"),

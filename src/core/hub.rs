@@ -1,0 +1,530 @@
+//! The hub: the relay's state machine, with no I/O.
+//!
+//! It takes `(now, datagram)` and returns what must happen as an
+//! [`Effect`]; the runtime carries that out with the batched syscalls and
+//! counts the deliveries. The hub never holds a file descriptor and never
+//! reads the clock: every instant is an argument. (quinn-proto's
+//! `Connection` is the model: the state machine says what to send, the
+//! runtime sends it.)
+//!
+//! Two ways in:
+//!
+//! - [`Hub::handle`]: a datagram from a client. [`Admission`] checks it
+//!   first (every drop happens there); then it is a heartbeat, a quit or a
+//!   message for the sender's room.
+//! - [`Hub::relay_from_elsewhere`]: a message already rendered at another
+//!   loop or node, fanned out to this hub's members of its room.
+//!
+//! And the timers: [`Hub::expire`] settles due wheel entries, within a
+//! budget the runtime chooses; [`Hub::next_timer`] says when to call it.
+
+use std::time::{Duration, Instant};
+
+use crate::core::addr::RawAddr;
+use crate::core::admission::{Admission, Admitted, Arrival};
+use crate::core::clock::Clock;
+use crate::core::counts::Counts;
+use crate::core::protocol::{self, Kind, Template};
+use crate::core::rooms::{RoomId, LOBBY};
+use crate::core::table::{Due, Recipients, Table};
+use crate::core::wheel::{Entry, Wheel};
+
+/// What the hub needs to know, from the relay's settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Silence after which a client expires.
+    pub timeout: Duration,
+    /// What recipients receive.
+    pub format: Template,
+    /// Whether a sender receives its own messages (the seeds' behaviour).
+    pub echo: bool,
+    /// Most clients in the table at once.
+    pub max_clients: usize,
+    /// Clients to reserve table room for at start.
+    pub expect_clients: usize,
+    /// Longest datagram accepted, in bytes (sizes the render buffer).
+    pub max_datagram: usize,
+}
+
+/// What the runtime must do about one datagram.
+#[derive(Debug)]
+pub enum Effect<'a> {
+    /// Nothing to send: a heartbeat, a quit, or a drop (the counts say
+    /// which).
+    Nothing,
+    /// Send one rendered message to the live members of a room.
+    Fanout(Fanout<'a>),
+}
+
+/// One message to fan out: the bytes, rendered once, and who gets them.
+#[derive(Debug)]
+pub struct Fanout<'a> {
+    /// The room it is for: what another loop or node needs to fan it out
+    /// to its own members (see [`Hub::relay_from_elsewhere`]).
+    pub room: RoomId,
+    /// The bytes every recipient receives.
+    pub payload: &'a [u8],
+    /// The live members of the room that receive it.
+    pub recipients: Recipients<'a>,
+}
+
+/// The relay's state: clients, their rooms and deadlines, and the format.
+#[derive(Debug)]
+pub struct Hub {
+    /// Checks every datagram before anything else; owns every drop.
+    admission: Admission,
+    /// Live clients and their rooms.
+    table: Table,
+    /// Their expiry deadlines.
+    wheel: Wheel,
+    /// Instants → ticks.
+    clock: Clock,
+    /// `--format`.
+    template: Template,
+    /// Whether senders get their own messages.
+    echo: bool,
+    /// Reused buffer each message is rendered into, once for all recipients.
+    rendered: Vec<u8>,
+    /// Reused buffer of wheel entries that came due.
+    due: Vec<Entry>,
+}
+
+impl Hub {
+    /// An empty hub whose clock starts at `now`.
+    pub fn new(config: &HubConfig, now: Instant) -> Hub {
+        let (clock, timeout_ticks) = Clock::for_timeout(config.timeout, now);
+        // One turn of the ring covers the timeout, so an entry is looked at
+        // about once per timeout; capped to bound the ring's memory.
+        let slots = (timeout_ticks as usize + 2).min(1 << 16);
+        Hub {
+            admission: Admission::new(config.max_clients),
+            table: Table::with_capacity(
+                timeout_ticks,
+                config.expect_clients.min(config.max_clients),
+            ),
+            wheel: Wheel::new(slots, 0),
+            clock,
+            template: config.format.clone(),
+            echo: config.echo,
+            rendered: Vec::with_capacity(config.max_datagram + 64),
+            due: Vec::new(),
+        }
+    }
+
+    /// Handles one datagram that arrived at `now`. Counts it exactly once
+    /// (heartbeat, quit, message or drop) in `counts`; the deliveries of a
+    /// returned [`Fanout`] are the runtime's to count.
+    pub fn handle<'a>(
+        &'a mut self,
+        now: Instant,
+        arrival: Arrival<'a>,
+        counts: &mut Counts,
+    ) -> Effect<'a> {
+        let table = &self.table;
+        let admitted = match self
+            .admission
+            .admit(&arrival, |a| table.find(a), table.len())
+        {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                counts.drop(reason);
+                return Effect::Nothing;
+            }
+        };
+        let tick = self.clock.tick_at(now);
+        let Admitted {
+            source,
+            kind,
+            client,
+        } = admitted;
+        match kind {
+            Kind::Heartbeat => {
+                counts.heartbeats += 1;
+                self.join_or_refresh(source, client, tick, counts);
+                Effect::Nothing
+            }
+            Kind::Quit => {
+                counts.quits += 1;
+                if client.is_some() && self.table.remove(&source) {
+                    counts.left += 1;
+                }
+                Effect::Nothing
+            }
+            Kind::Message(body) => {
+                counts.messages += 1;
+                let sender = self.join_or_refresh(source, client, tick, counts);
+                let room = self.table.get(sender).map_or(LOBBY, |c| c.room);
+                let payload: &[u8] = if self.template.is_raw() {
+                    body
+                } else {
+                    self.template.render(body, &source, &mut self.rendered);
+                    &self.rendered
+                };
+                let skip = (!self.echo).then_some(sender);
+                Effect::Fanout(Fanout {
+                    room,
+                    payload,
+                    recipients: self.table.recipients(room, tick, skip),
+                })
+            }
+        }
+    }
+
+    /// Fans out a message that arrived from elsewhere (another loop, another
+    /// node), already rendered at its origin, to this hub's live members of
+    /// `room`. Nothing here is its sender, so nobody is left out.
+    pub fn relay_from_elsewhere<'a>(
+        &'a self,
+        now: Instant,
+        room: RoomId,
+        payload: &'a [u8],
+    ) -> Fanout<'a> {
+        let tick = self.clock.tick_at(now);
+        Fanout {
+            room,
+            payload,
+            recipients: self.table.recipients(room, tick, None),
+        }
+    }
+
+    /// Refreshes a known client or registers a new one (admission has
+    /// already checked there is room); returns its slot.
+    fn join_or_refresh(
+        &mut self,
+        source: RawAddr,
+        client: Option<u32>,
+        tick: u64,
+        counts: &mut Counts,
+    ) -> u32 {
+        match client {
+            Some(key) => {
+                self.table.refresh(key, tick);
+                key
+            }
+            None => {
+                let joined = self.table.insert(source, tick);
+                self.wheel
+                    .schedule(joined.key, joined.generation, joined.due);
+                counts.joined += 1;
+                tracing::debug!("{source} joined");
+                joined.key
+            }
+        }
+    }
+
+    /// Settles up to `budget` due wheel entries at `now`: expires the
+    /// silent, reschedules those heard from since. Returns whether due
+    /// entries remain (call again; the runtime decides when).
+    pub fn expire(&mut self, now: Instant, budget: usize, counts: &mut Counts) -> bool {
+        let tick = self.clock.tick_at(now);
+        self.due.clear();
+        let more = self.wheel.advance(tick, budget, &mut self.due);
+        for entry in self.due.drain(..) {
+            match self.table.settle(entry, tick) {
+                Due::Stale => {}
+                Due::Expired(addr) => {
+                    counts.expired += 1;
+                    tracing::debug!("{addr} expired");
+                }
+                Due::Reschedule(at) => self.wheel.schedule(entry.key, entry.generation, at),
+            }
+        }
+        more
+    }
+
+    /// When [`expire`](Self::expire) next has work, if ever.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.wheel
+            .next_wakeup()
+            .map(|tick| self.clock.instant_of(tick))
+    }
+
+    /// Every client live at `now`, in every room: who gets `bye`.
+    pub fn everyone(&self, now: Instant) -> impl Iterator<Item = &RawAddr> + '_ {
+        self.table.everyone(self.clock.tick_at(now))
+    }
+
+    /// What every live client receives at shutdown.
+    pub fn goodbye(&self) -> &'static [u8] {
+        protocol::BYE
+    }
+
+    /// Forgets every client (after the goodbye).
+    pub fn clear(&mut self) -> usize {
+        self.table.clear()
+    }
+
+    /// Clients in the table now.
+    pub fn clients(&self) -> usize {
+        self.table.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hub without a socket: datagrams in, effects and counts out.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn config() -> HubConfig {
+        HubConfig {
+            timeout: Duration::from_secs(10),
+            format: Template::default(),
+            echo: true,
+            max_clients: 100,
+            expect_clients: 0,
+            max_datagram: 1472,
+        }
+    }
+
+    fn addr(port: u16) -> RawAddr {
+        SocketAddr::from(([127, 0, 0, 1], port)).into()
+    }
+
+    fn from(port: u16, data: &[u8]) -> Arrival<'_> {
+        Arrival {
+            data,
+            source: Some(addr(port)),
+            truncated: false,
+        }
+    }
+
+    /// What an effect asks for, owned: (payload, sorted recipient ports).
+    fn fanout(effect: Effect<'_>) -> Option<(Vec<u8>, Vec<u16>)> {
+        match effect {
+            Effect::Nothing => None,
+            Effect::Fanout(f) => {
+                let mut ports: Vec<u16> = f.recipients.map(|a| a.port()).collect();
+                ports.sort();
+                Some((f.payload.to_vec(), ports))
+            }
+        }
+    }
+
+    struct Fixture {
+        hub: Hub,
+        t0: Instant,
+        counts: Counts,
+    }
+
+    impl Fixture {
+        fn new(config: HubConfig) -> Fixture {
+            let t0 = Instant::now();
+            Fixture {
+                hub: Hub::new(&config, t0),
+                t0,
+                counts: Counts::default(),
+            }
+        }
+
+        fn at(&mut self, ms: u64, arrival: Arrival<'_>) -> Option<(Vec<u8>, Vec<u16>)> {
+            let now = self.t0 + Duration::from_millis(ms);
+            fanout(self.hub.handle(now, arrival, &mut self.counts))
+        }
+    }
+
+    #[test]
+    fn a_message_fans_out_to_everyone_in_seed_format() {
+        let mut f = Fixture::new(config());
+        assert_eq!(f.at(0, from(1, b"^hb^")), None);
+        assert_eq!(f.at(0, from(2, b"")), None);
+        let (payload, to) = f.at(1, from(3, b"123abc\n")).unwrap();
+        assert_eq!(payload, b"123abc. from 127.0.0.1:3");
+        assert_eq!(to, vec![1, 2, 3]);
+        assert_eq!(
+            (f.counts.heartbeats, f.counts.messages, f.counts.joined),
+            (2, 1, 3)
+        );
+    }
+
+    #[test]
+    fn no_echo_leaves_the_sender_out() {
+        let mut f = Fixture::new(HubConfig {
+            echo: false,
+            ..config()
+        });
+        f.at(0, from(1, b"^hb^"));
+        let (_, to) = f.at(0, from(2, b"hi")).unwrap();
+        assert_eq!(to, vec![1]);
+    }
+
+    #[test]
+    fn raw_format_relays_the_body_itself() {
+        let mut f = Fixture::new(HubConfig {
+            format: Template::parse("raw").unwrap(),
+            ..config()
+        });
+        let (payload, _) = f.at(0, from(1, b"\xff\x00bin\r\n")).unwrap();
+        assert_eq!(payload, b"\xff\x00bin");
+    }
+
+    #[test]
+    fn quit_leaves_and_a_strangers_quit_is_harmless() {
+        let mut f = Fixture::new(config());
+        f.at(0, from(1, b"^hb^"));
+        f.at(0, from(2, b"^hb^"));
+        assert_eq!(f.at(0, from(9, b"quit")), None);
+        assert_eq!(f.at(0, from(1, b" quit\n")), None);
+        let (_, to) = f.at(0, from(2, b"left?")).unwrap();
+        assert_eq!(to, vec![2]);
+        assert_eq!((f.counts.quits, f.counts.left), (2, 1));
+        assert_eq!(f.hub.clients(), 1);
+    }
+
+    #[test]
+    fn admission_drops_are_counted_and_change_nothing() {
+        let mut f = Fixture::new(HubConfig {
+            max_clients: 1,
+            ..config()
+        });
+        f.at(0, from(1, b"^hb^"));
+        assert_eq!(f.at(0, from(2, b"let me in")), None);
+        let cut = Arrival {
+            truncated: true,
+            ..from(1, b"xxxx")
+        };
+        assert_eq!(f.at(0, cut), None);
+        let nowhere = Arrival {
+            source: None,
+            ..from(1, b"x")
+        };
+        assert_eq!(f.at(0, nowhere), None);
+        use crate::core::admission::DropReason;
+        for r in [
+            DropReason::TableFull,
+            DropReason::Oversize,
+            DropReason::BadSource,
+        ] {
+            assert_eq!(f.counts.dropped[r.index()], 1, "{r:?}");
+        }
+        assert_eq!((f.counts.messages, f.hub.clients()), (0, 1));
+        // A member still gets through a full table.
+        assert!(f.at(0, from(1, b"still me")).is_some());
+    }
+
+    #[test]
+    fn silent_clients_expire_on_time_and_speakers_do_not() {
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(100),
+            ..config()
+        });
+        f.at(0, from(1, b"^hb^"));
+        f.at(0, from(2, b"^hb^"));
+        f.at(60, from(2, b"^hb^"));
+        let wake = f.hub.next_timer().unwrap();
+        assert!(wake >= f.t0 + Duration::from_millis(100), "early wake-up");
+        // At 99 ms nobody is due; at 101 ms client 1 is expired and 2 rescheduled.
+        assert!(!f
+            .hub
+            .expire(f.t0 + Duration::from_millis(99), 64, &mut f.counts));
+        assert_eq!(f.counts.expired, 0);
+        f.hub
+            .expire(f.t0 + Duration::from_millis(101), 64, &mut f.counts);
+        assert_eq!((f.counts.expired, f.hub.clients()), (1, 1));
+        // A message at 120 ms reaches only client 2 (and the sender, 3).
+        let (_, to) = f.at(120, from(3, b"who?")).unwrap();
+        assert_eq!(to, vec![2, 3]);
+        f.hub
+            .expire(f.t0 + Duration::from_millis(162), 64, &mut f.counts);
+        assert_eq!(f.counts.expired, 2);
+    }
+
+    #[test]
+    fn a_client_past_its_deadline_gets_nothing_before_the_wheel_runs() {
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(100),
+            ..config()
+        });
+        f.at(0, from(1, b"^hb^"));
+        let (_, to) = f.at(500, from(2, b"late")).unwrap();
+        assert_eq!(to, vec![2]);
+    }
+
+    #[test]
+    fn expiry_respects_the_budget() {
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(10),
+            ..config()
+        });
+        for p in 0..50 {
+            f.at(0, from(p, b"^hb^"));
+        }
+        let later = f.t0 + Duration::from_secs(1);
+        let mut calls = 1;
+        while f.hub.expire(later, 8, &mut f.counts) {
+            calls += 1;
+        }
+        assert_eq!(f.counts.expired, 50);
+        assert_eq!(calls, 7);
+        assert_eq!(f.hub.next_timer(), None);
+    }
+
+    #[test]
+    fn a_message_from_elsewhere_reaches_every_local_member() {
+        let mut f = Fixture::new(HubConfig {
+            echo: false,
+            ..config()
+        });
+        f.at(0, from(1, b"^hb^"));
+        f.at(0, from(2, b"^hb^"));
+        let now = f.t0 + Duration::from_millis(5);
+        let out = f.hub.relay_from_elsewhere(now, LOBBY, b"rendered there");
+        assert_eq!(out.payload, b"rendered there");
+        let mut to: Vec<u16> = out.recipients.map(|a| a.port()).collect();
+        to.sort();
+        assert_eq!(to, vec![1, 2]);
+        // It is not a datagram: nothing is counted as received.
+        assert_eq!(f.counts.received(), 2);
+    }
+
+    #[test]
+    fn goodbye_goes_to_every_live_client() {
+        let mut f = Fixture::new(config());
+        for p in 1..=3 {
+            f.at(0, from(p, b"^hb^"));
+        }
+        let now = f.t0 + Duration::from_millis(1);
+        assert_eq!(f.hub.everyone(now).count(), 3);
+        assert_eq!(f.hub.goodbye(), b"bye");
+        assert_eq!(f.hub.clear(), 3);
+        assert_eq!(f.hub.everyone(now).count(), 0);
+    }
+
+    proptest! {
+        /// Whatever arrives, each datagram is counted exactly once, the
+        /// table never exceeds its cap, and a fan-out only ever goes to
+        /// clients (never to a stranger who was refused or has quit).
+        #[test]
+        fn every_datagram_is_counted_once(
+            ops in proptest::collection::vec((0u16..12, 0u8..6, 0u64..40), 1..300)
+        ) {
+            let mut f = Fixture::new(HubConfig {
+                timeout: Duration::from_millis(50),
+                max_clients: 6,
+                ..config()
+            });
+            let mut ms = 0;
+            for (n, (port, what, dt)) in ops.into_iter().enumerate() {
+                ms += dt;
+                let data: &[u8] = match what {
+                    0 => b"^hb^",
+                    1 => b"quit",
+                    2 => b"",
+                    _ => b"msg",
+                };
+                let arrival = Arrival { truncated: what == 5, ..from(port, data) };
+                let now = f.t0 + Duration::from_millis(ms);
+                f.hub.expire(now, usize::MAX, &mut f.counts);
+                if let Some((_, to)) = f.at(ms, arrival) {
+                    for p in &to {
+                        prop_assert!(f.hub.table.find(&addr(*p)).is_some());
+                    }
+                }
+                prop_assert_eq!(f.counts.received(), n as u64 + 1);
+                prop_assert!(f.hub.clients() <= 6);
+            }
+        }
+    }
+}

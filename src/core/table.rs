@@ -1,0 +1,411 @@
+//! The client table: who is live, since when, and where to send.
+//!
+//! A hashbrown table of slab slots, hashed by the sender's [`RawAddr`]. The
+//! slab keeps clients densely in one allocation, the table finds a sender
+//! in O(1) straight from the bytes `recvmmsg` wrote, and each client's room
+//! keeps a member list ([`Rooms`]) that fan-out walks, so a message costs
+//! O(room), never O(table). The table stores only the 4-byte slot number and reads the address
+//! from the slab to compare, so a million clients cost ~10 bytes each of
+//! index, not ~75 (a map keyed by the 32-byte address at hashbrown's load
+//! factor).
+//! Each slot carries a generation, so a wheel entry made for a client that
+//! has since left can never be mistaken for the slot's new occupant.
+//!
+//! Sans-I/O: times are ticks passed in by the caller. Liveness has one rule,
+//! used both by fan-out and by expiry: a client seen at tick `s` is live at
+//! tick `t` while `t < s + timeout + 1` (the `+ 1` because `s` was rounded
+//! down to its tick, so expiry is never early).
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use slab::Slab;
+
+use crate::core::addr::RawAddr;
+use crate::core::rooms::{RoomId, Rooms, LOBBY};
+use crate::core::wheel::Entry;
+
+/// One live client.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    /// Where to send, already in `sockaddr` form for `sendmmsg`.
+    pub addr: RawAddr,
+    /// The tick of the last datagram from this client.
+    pub last_seen: u64,
+    /// Distinguishes this occupant of the slot from earlier ones.
+    pub generation: u32,
+    /// The room the client is in.
+    pub room: RoomId,
+    /// Its position in that room's member list (kept in step by the table).
+    pub position: u32,
+}
+
+/// A client that [`Table::insert`] just registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// The new client's slot.
+    pub key: u32,
+    /// Its generation.
+    pub generation: u32,
+    /// When it expires unless heard from again.
+    pub due: u64,
+}
+
+/// What a wheel entry turned out to mean when it came due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// The client left (or the slot was reused) since: nothing to do.
+    Stale,
+    /// The client was silent for the timeout and has been removed.
+    Expired(RawAddr),
+    /// The client spoke since: schedule it again at this tick.
+    Reschedule(u64),
+}
+
+/// The client table.
+#[derive(Debug)]
+pub struct Table {
+    /// Slab slots, hashed by their client's address.
+    index: HashTable<u32>,
+    /// The (randomly seeded) hash of addresses.
+    hasher: DefaultHashBuilder,
+    /// The clients, densely.
+    clients: Slab<Client>,
+    /// Who is in which room; kept in step with `clients`.
+    rooms: Rooms,
+    /// `--timeout` in ticks.
+    timeout: u64,
+    /// Generation given to the next join; wraps (a stale wheel entry lives
+    /// at most one timeout, far shorter than 2^32 joins).
+    next_generation: u32,
+}
+
+impl Table {
+    /// An empty table expiring clients after `timeout` ticks of silence.
+    /// (How many clients may join is admission's business, not the table's.)
+    pub fn new(timeout: u64) -> Table {
+        Table::with_capacity(timeout, 0)
+    }
+
+    /// Like [`Table::new`], with room for `reserve` clients allocated now,
+    /// so that joining up to that many never pauses to grow the table
+    /// (growing a big one rehashes every entry and copies the slab).
+    pub fn with_capacity(timeout: u64, reserve: usize) -> Table {
+        Table {
+            index: HashTable::with_capacity(reserve),
+            hasher: DefaultHashBuilder::default(),
+            clients: Slab::with_capacity(reserve),
+            rooms: Rooms::with_capacity(reserve),
+            timeout,
+            next_generation: 0,
+        }
+    }
+
+    /// Clients in the table (some may be past their deadline until their
+    /// wheel entry comes due; [`Table::recipients`] skips those).
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// The tick at which a client last seen at `last_seen` expires.
+    pub fn deadline(&self, last_seen: u64) -> u64 {
+        last_seen.saturating_add(self.timeout).saturating_add(1)
+    }
+
+    /// The slot of the client at `addr`, if it is one.
+    pub fn find(&self, addr: &RawAddr) -> Option<u32> {
+        let hash = self.hasher.hash_one(addr);
+        let clients = &self.clients;
+        self.index
+            .find(hash, |&k| {
+                clients.get(k as usize).is_some_and(|c| c.addr == *addr)
+            })
+            .copied()
+    }
+
+    /// Marks the client in slot `key` as heard from at tick `now`.
+    pub fn refresh(&mut self, key: u32, now: u64) {
+        if let Some(c) = self.clients.get_mut(key as usize) {
+            c.last_seen = now;
+        }
+    }
+
+    /// Registers `addr` (not yet a client: see [`Table::find`]) at tick
+    /// `now`, in the lobby.
+    pub fn insert(&mut self, addr: RawAddr, now: u64) -> Joined {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let entry = self.clients.vacant_entry();
+        let key = entry.key() as u32;
+        let position = self.rooms.add(LOBBY, key);
+        entry.insert(Client {
+            addr,
+            last_seen: now,
+            generation,
+            room: LOBBY,
+            position,
+        });
+        let hash = self.hasher.hash_one(addr);
+        let Table {
+            index,
+            hasher,
+            clients,
+            ..
+        } = self;
+        index.insert_unique(hash, key, |&k| match clients.get(k as usize) {
+            Some(c) => hasher.hash_one(c.addr),
+            None => 0,
+        });
+        Joined {
+            key,
+            generation,
+            due: self.deadline(now),
+        }
+    }
+
+    /// Removes the client at `addr` (a `quit`). Returns whether it was one.
+    pub fn remove(&mut self, addr: &RawAddr) -> bool {
+        let hash = self.hasher.hash_one(addr);
+        let clients = &self.clients;
+        match self.index.find_entry(hash, |&k| {
+            clients.get(k as usize).is_some_and(|c| c.addr == *addr)
+        }) {
+            Ok(entry) => {
+                let (key, _) = entry.remove();
+                self.forget(key);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes slot `key` out of the slab and its room (the index entry is
+    /// already gone).
+    fn forget(&mut self, key: u32) -> Option<Client> {
+        let client = self.clients.try_remove(key as usize)?;
+        if let Some(moved) = self.rooms.remove(client.room, client.position) {
+            if let Some(m) = self.clients.get_mut(moved as usize) {
+                m.position = client.position;
+            }
+        }
+        Some(client)
+    }
+
+    /// Settles a wheel entry that came due at tick `now`.
+    pub fn settle(&mut self, entry: Entry, now: u64) -> Due {
+        let client = match self.clients.get(entry.key as usize) {
+            Some(c) if c.generation == entry.generation => *c,
+            _ => return Due::Stale,
+        };
+        let deadline = self.deadline(client.last_seen);
+        if deadline > now {
+            return Due::Reschedule(deadline);
+        }
+        let hash = self.hasher.hash_one(client.addr);
+        if let Ok(found) = self.index.find_entry(hash, |&k| k == entry.key) {
+            found.remove();
+        }
+        self.forget(entry.key);
+        Due::Expired(client.addr)
+    }
+
+    /// The client in slot `key`, if any.
+    pub fn get(&self, key: u32) -> Option<&Client> {
+        self.clients.get(key as usize)
+    }
+
+    /// Members of `room` live at tick `now`, leaving out slot `skip` (the
+    /// sender, under `--no-echo`). Costs O(members of the room).
+    pub fn recipients(&self, room: RoomId, now: u64, skip: Option<u32>) -> Recipients<'_> {
+        Recipients {
+            members: self.rooms.members(room).iter(),
+            clients: &self.clients,
+            timeout: self.timeout,
+            now,
+            skip,
+        }
+    }
+
+    /// Every client live at tick `now`, in every room (for `bye`).
+    pub fn everyone(&self, now: u64) -> impl Iterator<Item = &RawAddr> + '_ {
+        let timeout = self.timeout;
+        self.clients
+            .iter()
+            .filter(move |(_, c)| live(c, timeout, now))
+            .map(|(_, c)| &c.addr)
+    }
+
+    /// Drops every client (shutdown). Returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let n = self.clients.len();
+        self.index.clear();
+        self.clients.clear();
+        self.rooms.clear();
+        n
+    }
+}
+
+/// Whether `c` is live at tick `now`: the one liveness rule.
+fn live(c: &Client, timeout: u64, now: u64) -> bool {
+    c.last_seen.saturating_add(timeout).saturating_add(1) > now
+}
+
+/// The live members of one room: what a fan-out sends to.
+#[derive(Debug, Clone)]
+pub struct Recipients<'a> {
+    /// The room's member slots, yet to visit.
+    members: std::slice::Iter<'a, u32>,
+    /// The table's clients.
+    clients: &'a Slab<Client>,
+    /// `--timeout` in ticks.
+    timeout: u64,
+    /// The tick the fan-out happens at.
+    now: u64,
+    /// A slot to leave out (the sender under `--no-echo`).
+    skip: Option<u32>,
+}
+
+impl<'a> Iterator for Recipients<'a> {
+    type Item = &'a RawAddr;
+
+    fn next(&mut self) -> Option<&'a RawAddr> {
+        for &key in self.members.by_ref() {
+            if Some(key) == self.skip {
+                continue;
+            }
+            match self.clients.get(key as usize) {
+                Some(c) if live(c, self.timeout, self.now) => return Some(&c.addr),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.members.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn addr(port: u16) -> RawAddr {
+        SocketAddr::from(([127, 0, 0, 1], port)).into()
+    }
+
+    fn ports<'a>(it: impl Iterator<Item = &'a RawAddr>) -> Vec<u16> {
+        let mut v: Vec<u16> = it.map(|a| a.port()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn join_refresh_quit() {
+        let mut t = Table::new(5);
+        assert_eq!(t.find(&addr(1)), None);
+        let j = t.insert(addr(1), 100);
+        assert_eq!(j.due, 106);
+        assert_eq!(t.find(&addr(1)), Some(j.key));
+        t.refresh(j.key, 102);
+        assert_eq!(t.get(j.key).unwrap().last_seen, 102);
+        assert_eq!(t.len(), 1);
+        assert!(t.remove(&addr(1)));
+        assert!(!t.remove(&addr(1)));
+        assert!(t.is_empty());
+        assert_eq!(t.recipients(LOBBY, 102, None).count(), 0);
+    }
+
+    #[test]
+    fn reserved_room_is_there_up_front() {
+        let t = Table::with_capacity(5, 500);
+        assert!(t.clients.capacity() >= 500);
+        assert!(t.index.capacity() >= 500);
+    }
+
+    #[test]
+    fn settle_expires_reschedules_or_ignores() {
+        let mut t = Table::new(5);
+        let Joined {
+            key,
+            generation,
+            due,
+        } = t.insert(addr(1), 0);
+        let entry = Entry {
+            key,
+            generation,
+            due,
+        };
+        t.refresh(key, 3);
+        assert_eq!(t.settle(entry, 6), Due::Reschedule(9));
+        assert_eq!(
+            t.settle(Entry { due: 9, ..entry }, 9),
+            Due::Expired(addr(1))
+        );
+        assert!(t.is_empty());
+        assert_eq!(t.recipients(LOBBY, 9, None).count(), 0);
+        // The slot is reused by a new client: the old entry is stale.
+        let j2 = t.insert(addr(2), 10);
+        assert_eq!(j2.key, key);
+        assert_ne!(j2.generation, generation);
+        assert_eq!(t.settle(entry, 100), Due::Stale);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn recipients_skip_the_expired_and_the_skipped() {
+        let mut t = Table::new(5);
+        let a = t.insert(addr(1), 0);
+        t.insert(addr(2), 4);
+        t.insert(addr(3), 4);
+        assert_eq!(ports(t.recipients(LOBBY, 5, None)), vec![1, 2, 3]);
+        assert_eq!(ports(t.recipients(LOBBY, 6, None)), vec![2, 3]);
+        assert_eq!(ports(t.recipients(LOBBY, 5, Some(a.key))), vec![2, 3]);
+        assert_eq!(ports(t.everyone(6)), vec![2, 3]);
+    }
+
+    proptest! {
+        /// The index, the slab and the member lists always agree, whatever
+        /// the sequence of joins, refreshes, quits and expiries.
+        #[test]
+        fn index_slab_and_rooms_agree(ops in proptest::collection::vec((0u16..20, 0u8..3), 1..200)) {
+            let mut t = Table::new(3);
+            let mut now = 0;
+            for (port, op) in ops {
+                now += 1;
+                match op {
+                    0 => match t.find(&addr(port)) {
+                        Some(k) => t.refresh(k, now),
+                        None => { t.insert(addr(port), now); }
+                    },
+                    1 => { t.remove(&addr(port)); }
+                    _ => {
+                        if let Some(key) = t.find(&addr(port)) {
+                            let c = *t.get(key).unwrap();
+                            let _ = t.settle(Entry { key, generation: c.generation, due: now }, now);
+                        }
+                    }
+                }
+                prop_assert_eq!(t.index.len(), t.clients.len());
+                let members = t.rooms.members(LOBBY);
+                prop_assert_eq!(members.len(), t.clients.len());
+                for (pos, &k) in members.iter().enumerate() {
+                    let c = t.get(k).unwrap();
+                    prop_assert_eq!(c.position as usize, pos);
+                    prop_assert_eq!(c.room, LOBBY);
+                }
+                for &k in t.index.iter() {
+                    let a = t.get(k).unwrap().addr;
+                    prop_assert_eq!(t.find(&a), Some(k));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The runtime: the threads, the poll loops and the system calls' callers.
+//!
+//! - [`event_loop`]: one mio loop over one UDP socket, shared by every
+//!   server through its [`event_loop::Service`] trait.
+//! - [`relay`]: the chat relay as a service — executes the hub's effects.
+//! - [`supervisor`]: signals, the ready file, and the loop threads;
+//!   [`supervisor::serve`] is `udphub serve`.
+//! - [`metrics`]: per-loop counts flushed to the metrics facade.
+//! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint.
+
+pub mod event_loop;
+pub mod exporter;
+pub mod metrics;
+pub mod relay;
+pub mod supervisor;

@@ -1,0 +1,131 @@
+//! The chat relay as a [`Service`]: the runtime half of the hub.
+//!
+//! The [`Hub`] decides; this carries its decisions out. For each datagram
+//! it asks the hub for an [`Effect`] and executes it with the batched
+//! sends ([`Fanout`]), counting every delivery; it runs the hub's expiry in
+//! time slices; it says `bye` at shutdown.
+//!
+//! Data flows one way: socket → batch → admission → hub → effect → socket.
+
+use std::time::{Duration, Instant};
+
+use crate::cli::config::Config;
+use crate::core::admission::Arrival;
+use crate::core::counts::Counts;
+use crate::core::hub::{Effect, Hub, HubConfig};
+use crate::error::Error;
+use crate::net::fanout::{Fanout, Report};
+use crate::net::socket;
+use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
+
+/// Wheel entries the hub settles per call, between two looks at the clock.
+pub const EXPIRY_CHUNK: usize = 256;
+/// The longest a loop pass spends expiring clients before it goes back to
+/// datagrams. Settling one costs 0.1–1 µs (cache misses in a big table), so
+/// a million expiring at once take many passes, none of them long.
+pub const EXPIRY_SLICE: Duration = Duration::from_millis(1);
+
+/// The relay's loop: an [`EventLoop`] running a [`Relay`].
+pub type RelayLoop = EventLoop<Relay>;
+
+/// The relay service: a hub, and the means to carry out what it decides.
+pub struct Relay {
+    /// The state machine.
+    hub: Hub,
+    /// `sendmmsg` state for fan-outs.
+    fanout: Fanout,
+    /// Throttles send-error logging.
+    send_errors: RateLimitedLog,
+}
+
+impl Relay {
+    /// A relay service around a new hub whose clock starts now.
+    pub fn new(config: &HubConfig) -> Relay {
+        Relay {
+            hub: Hub::new(config, Instant::now()),
+            fanout: Fanout::default(),
+            send_errors: RateLimitedLog::default(),
+        }
+    }
+}
+
+/// Adds a fan-out's deliveries to the counts; logs its first error.
+fn count(report: Report, counts: &mut Counts, send_errors: &mut RateLimitedLog) {
+    if let Some(e) = report.add_to(counts) {
+        send_errors.warn("sendmmsg", &e);
+    }
+}
+
+/// Binds the relay socket for `config` and prepares its loop.
+pub fn bind(config: &Config) -> Result<RelayLoop, Error> {
+    let bound = socket::bind(
+        config.bind,
+        "relay socket",
+        config.recv_buffer,
+        config.send_buffer,
+    )?;
+    tracing::info!(
+        "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}); SO_RCVBUF {} B, SO_SNDBUF {} B",
+        bound.local_addr,
+        humantime::format_duration(config.timeout),
+        config.echo,
+        config.max_datagram,
+        config.max_clients,
+        bound.recv_buffer,
+        bound.send_buffer,
+    );
+    EventLoop::new(bound, config.max_datagram, Relay::new(&config.hub()))
+}
+
+impl Service for Relay {
+    /// One datagram: the hub counts it once; a fan-out's deliveries are
+    /// counted here.
+    fn handle(&mut self, arrival: Arrival<'_>, io: &mut Io<'_>) {
+        match self.hub.handle(io.received_at, arrival, io.counts) {
+            Effect::Nothing => {}
+            Effect::Fanout(out) => {
+                let report = self.fanout.send(io.fd, out.payload, out.recipients);
+                count(report, io.counts, &mut self.send_errors);
+                io.counts
+                    .fanout_seconds
+                    .push(io.received_at.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    /// Lets the hub expire clients in chunks of [`EXPIRY_CHUNK`], for at
+    /// most [`EXPIRY_SLICE`]. Returns whether due entries remain.
+    fn on_timer(&mut self, now: Instant, counts: &mut Counts) -> bool {
+        let started = Instant::now();
+        while self.hub.expire(now, EXPIRY_CHUNK, counts) {
+            if started.elapsed() >= EXPIRY_SLICE {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        self.hub.next_timer()
+    }
+
+    /// Sends `bye` to every live client and empties the table.
+    fn shutdown(&mut self, io: &mut Io<'_>) {
+        let now = Instant::now();
+        let report = self
+            .fanout
+            .send(io.fd, self.hub.goodbye(), self.hub.everyone(now));
+        tracing::info!(
+            "said bye to {} client{} ({} not delivered)",
+            report.delivered,
+            if report.delivered == 1 { "" } else { "s" },
+            report.dropped.iter().sum::<u64>()
+        );
+        count(report, io.counts, &mut self.send_errors);
+        self.hub.clear();
+    }
+
+    fn clients(&self) -> usize {
+        self.hub.clients()
+    }
+}

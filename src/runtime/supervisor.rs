@@ -1,0 +1,209 @@
+//! The supervisor: what a server process owns once, however many loops it
+//! runs — signals, the metrics endpoint, the ready file — and the threads
+//! the loops run on.
+//!
+//! A loop knows nothing of signals: the supervisor turns SIGINT/SIGTERM
+//! into each loop's [`ShutdownHandle`], waits for every loop to say goodbye
+//! and return, and reports the first error. A second signal during that
+//! shutdown exits the process at once with status 130.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::cli::config::Config;
+use crate::error::Error;
+use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
+use crate::runtime::{exporter, relay};
+
+/// SIGINT/SIGTERM, through signal-hook-mio's self-pipe.
+const SIGNALS: Token = Token(0);
+/// A loop thread ended (returned, failed or panicked).
+const EXITED: Token = Token(1);
+
+/// Exit status when a second signal interrupts a graceful shutdown
+/// (128 + SIGINT, what shells report for an interrupted command).
+pub const SECOND_SIGNAL_EXIT: i32 = 130;
+
+/// Runs `udphub serve`: starts the metrics endpoint, binds, writes the
+/// ready file, and relays until a signal stops it.
+pub fn serve(config: &Config) -> Result<(), Error> {
+    // The recorder must exist before the loop registers its metrics.
+    let metrics = config.metrics.map(exporter::start).transpose()?;
+    let relay = relay::bind(config)?;
+    let metrics = metrics.map(|m| m.local_addr);
+    if let Some(addr) = metrics {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    if let Some(path) = &config.ready_file {
+        write_ready_file(path, relay.local_addr(), metrics)?;
+    }
+    supervise(vec![relay])
+}
+
+/// Writes where the server listens, once everything is bound:
+/// `udp=ADDR` and `metrics=ADDR` (or `metrics=off`), one per line. Written
+/// to a temporary file and renamed, so a reader never sees half of it.
+pub fn write_ready_file(
+    path: &Path,
+    udp: SocketAddr,
+    metrics: Option<SocketAddr>,
+) -> Result<(), Error> {
+    let metrics = metrics.map_or("off".to_string(), |a| a.to_string());
+    let text = format!("udp={udp}\nmetrics={metrics}\n");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let fail =
+        |e: io::Error| Error::Config(format!("cannot write --ready-file {}: {e}", path.display()));
+    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// One loop on its thread.
+struct Running {
+    /// Stops the loop.
+    shutdown: ShutdownHandle,
+    /// The thread; `None` once joined.
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+/// Wakes the supervisor when a loop thread ends, however it ends (a drop
+/// guard, so a panic wakes it too).
+struct NotifyOnExit(Arc<Waker>);
+
+impl Drop for NotifyOnExit {
+    fn drop(&mut self) {
+        let _ = self.0.wake();
+    }
+}
+
+/// Runs each loop on its own thread until a signal stops them all (or one
+/// fails, which stops the rest). Returns the first error.
+pub fn supervise<S: Service + Send + 'static>(loops: Vec<EventLoop<S>>) -> Result<(), Error> {
+    let mut poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
+    let mut signals = install_signals()?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(|e| Error::io("register signals", e))?;
+    let exited =
+        Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
+
+    let mut running = Vec::with_capacity(loops.len());
+    for (i, lp) in loops.into_iter().enumerate() {
+        let shutdown = lp.shutdown_handle();
+        let guard = NotifyOnExit(Arc::clone(&exited));
+        let thread = thread::Builder::new()
+            .name(format!("udphub-loop-{i}"))
+            .spawn(move || {
+                let _guard = guard;
+                lp.run()
+            })
+            .map_err(|e| Error::io("start a loop thread", e))?;
+        running.push(Running {
+            shutdown,
+            thread: Some(thread),
+        });
+    }
+
+    let mut events = Events::with_capacity(8);
+    let mut stopping = false;
+    let mut first_error = None;
+    while running.iter().any(|r| r.thread.is_some()) {
+        match poll.poll(&mut events, None) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("poll", e)),
+        }
+        let mut stop = false;
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                for sig in signals.pending() {
+                    tracing::info!("received signal {sig}; shutting down (again to exit at once)");
+                    stop = true;
+                }
+            }
+        }
+        // Join whatever ended; an error (or panic) stops the others.
+        for r in &mut running {
+            if r.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let result = match r.thread.take().map(JoinHandle::join) {
+                    Some(Ok(result)) => result,
+                    Some(Err(_)) => Err(Error::io(
+                        "relay loop",
+                        io::Error::other("the loop thread panicked"),
+                    )),
+                    None => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::error!("{e}");
+                    first_error.get_or_insert(e);
+                    stop = true;
+                }
+            }
+        }
+        if stop && !stopping {
+            stopping = true;
+            for r in &running {
+                r.shutdown.shutdown();
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// SIGINT/SIGTERM for the poll, and the second-signal escape hatch.
+fn install_signals() -> Result<Signals, Error> {
+    let fail = |e| Error::io("install signal handler", e);
+    let second = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Exits at once if `second` is already set when the signal arrives…
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            SECOND_SIGNAL_EXIT,
+            Arc::clone(&second),
+        )
+        .map_err(fail)?;
+        // …which the first signal does (handlers run in registration order).
+        signal_hook::flag::register(sig, Arc::clone(&second)).map_err(fail)?;
+    }
+    Signals::new([SIGINT, SIGTERM]).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_file_names_both_addresses() {
+        let dir = std::env::temp_dir().join(format!("udphub-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ready");
+        let udp: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        write_ready_file(&path, udp, Some("[::1]:9".parse().unwrap())).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "udp=127.0.0.1:4000\nmetrics=[::1]:9\n"
+        );
+        write_ready_file(&path, udp, None).unwrap();
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with("metrics=off\n"));
+        let err = write_ready_file(&dir.join("no/such/dir/ready"), udp, None).unwrap_err();
+        assert!(
+            err.is_usage() && err.to_string().contains("--ready-file"),
+            "{err}"
+        );
+    }
+}
