@@ -106,11 +106,15 @@ fn chat_heartbeats_keep_a_quiet_member_alive() {
     let server = relay.addr.to_string();
     let quiet = Proc::spawn(&["chat", "--server", &server, "--heartbeat", "50ms"]);
     relay.wait_metric("udphub_clients", 1.0);
-    thread::sleep(Duration::from_millis(900));
+    // A silent client that joined after `quiet`: once it has expired, more
+    // than a timeout has passed since `quiet` last said anything but
+    // heartbeats.
+    let _control = Client::joined(&relay);
+    relay.wait_metric("udphub_clients_expired_total", 1.0);
     let talker = Client::new(relay.addr);
     talker.send(b"still there?");
     quiet.expect_line("still there?. from");
-    assert_eq!(relay.metric("udphub_clients_expired_total"), 0.0);
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 1.0);
 }
 
 /// When the relay shuts down, the chat client says so and exits 0.
@@ -240,60 +244,49 @@ fn send_prints_replies_and_can_require_one() {
 /// and shuts down on SIGTERM with exit 0.
 #[test]
 fn echo_server_replies_and_counts() {
-    let metrics = util::free_tcp_port();
-    let port = {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
-    let bind = format!("127.0.0.1:{port}");
-    let metrics_addr = format!("127.0.0.1:{metrics}");
-    let mut echo = Proc::spawn(&[
-        "echo",
-        "--bind",
-        &bind,
-        "--upper",
-        "--metrics",
-        &metrics_addr,
-    ]);
+    let ready = util::temp_path("echo-ready");
+    let mut cmd = Command::new(udphub_bin());
+    cmd.args(["echo", "--bind", "127.0.0.1:0", "--upper"])
+        .args(["--metrics", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready);
+    let (mut child, _log, addrs) = util::spawn_until_ready(cmd, &ready);
+    let bind = addrs.udp;
+    let metrics = addrs.metrics.expect("metrics on");
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 2048];
-    // The server may still be starting: retry (bounded) until it answers.
-    let deadline = Instant::now() + PATIENCE;
-    let reply = loop {
-        client.send_to(b"hello, World \xff", &bind).unwrap();
-        if let Ok((n, _)) = client.recv_from(&mut buf) {
-            break buf[..n].to_vec();
-        }
-        assert!(Instant::now() < deadline, "echo never answered");
-    };
-    assert_eq!(reply, b"HELLO, WORLD \xff");
-    client.send_to(b"quit", &bind).unwrap();
+    client.send_to(b"hello, World \xff", bind).unwrap();
+    let (n, _) = client.recv_from(&mut buf).expect("echo answers");
+    assert_eq!(&buf[..n], b"HELLO, WORLD \xff");
+    client.send_to(b"quit", bind).unwrap();
     let (n, _) = client.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"QUIT", "quit is echoed, not obeyed");
-    client.send_to(&[b'x'; 1500], &bind).unwrap();
-    client.send_to(b"last", &bind).unwrap();
+    client.send_to(&[b'x'; 1500], bind).unwrap();
+    client.send_to(b"last", bind).unwrap();
     let (n, _) = client.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"LAST", "oversize was not echoed");
 
-    let scrape = util::scrape(metrics_addr.parse().unwrap());
+    // The reply can overtake the loop's flush: wait for the counters.
+    util::wait_metric(metrics, "udphub_deliveries_total", 3.0);
+    util::wait_metric(metrics, "udphub_dropped_total{reason=\"oversize\"}", 1.0);
+    let scrape = util::scrape(metrics);
     let received = util::metric(&scrape, "udphub_datagrams_received_total{kind=\"message\"}");
-    assert!(received >= 3.0, "{scrape}");
-    assert_eq!(
-        util::metric(&scrape, "udphub_dropped_total{reason=\"oversize\"}"),
-        1.0
-    );
-    assert_eq!(util::metric(&scrape, "udphub_deliveries_total"), received);
+    assert_eq!(received, 3.0, "{scrape}");
+    assert_eq!(util::metric(&scrape, "udphub_deliveries_total"), 3.0);
 
     let status = Command::new("kill")
-        .args(["-TERM", &echo.child.id().to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    drop(echo.child.stdin.take());
-    let (code, _) = echo.wait();
+    let deadline = Instant::now() + PATIENCE;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "echo did not exit");
+        thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(code, Some(0));
 }
 

@@ -117,6 +117,7 @@ fn accounting_invariant_holds_under_a_flood() {
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 5000;
     let addr = relay.addr;
+    let softnet_before = softnet_drops();
     let senders: Vec<_> = (0..SENDERS)
         .map(|s| {
             thread::spawn(move || {
@@ -145,19 +146,28 @@ fn accounting_invariant_holds_under_a_flood() {
     }
     let sent = (SENDERS * PER_SENDER + 16) as f64;
 
-    // Wait (bounded) until the relay has read everything or counted its loss.
+    // Wait (bounded, failing loudly) until the relay has read or counted
+    // every datagram. The one loss it cannot see is loopback's per-CPU
+    // backlog overflowing before the socket; the kernel counts that in
+    // /proc/net/softnet_stat, so it is admitted only as far as counted there.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let text = loop {
+    let backlog_lost = loop {
         let text = relay.scrape();
         let seen = metric_sum(&text, "udphub_datagrams_received_total")
             + metric(&text, "udphub_kernel_rx_dropped_total");
-        if seen >= sent || Instant::now() > deadline {
-            // Counters are flushed one after another; let the last flush finish.
-            thread::sleep(Duration::from_millis(100));
-            break relay.scrape();
+        let backlog_lost = softnet_drops() - softnet_before;
+        if seen == sent || (seen < sent && seen + backlog_lost >= sent) {
+            break backlog_lost;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} of {sent} datagrams accounted for ({backlog_lost} lost before the socket):\n{text}"
+        );
         thread::sleep(Duration::from_millis(50));
     };
+    // Counters of one flush are published one after another: read until
+    // two scrapes agree.
+    let text = stable_scrape(&relay);
     drop(receivers);
 
     let kind = |k: &str| {
@@ -169,10 +179,9 @@ fn accounting_invariant_holds_under_a_flood() {
     let received = metric_sum(&text, "udphub_datagrams_received_total");
     let dropped = metric_sum(&text, "udphub_dropped_total");
     let kernel = metric(&text, "udphub_kernel_rx_dropped_total");
-    assert_eq!(
-        received + kernel,
-        sent,
-        "datagrams unaccounted for:\n{text}"
+    assert!(
+        received + kernel <= sent && received + kernel + backlog_lost >= sent,
+        "datagrams unaccounted for ({backlog_lost} lost in the backlog):\n{text}"
     );
     assert_eq!(
         received,
@@ -180,7 +189,7 @@ fn accounting_invariant_holds_under_a_flood() {
         "received != heartbeats + quits + messages + dropped\n{text}"
     );
     assert_eq!(kind("dropped"), dropped);
-    if kernel == 0.0 {
+    if kernel == 0.0 && backlog_lost == 0.0 {
         // Then the split by kind is exact too.
         let per = (SENDERS * PER_SENDER / 20) as f64;
         assert_eq!(kind("heartbeat"), 2.0 * per + 16.0);
@@ -205,4 +214,68 @@ fn accounting_invariant_holds_under_a_flood() {
         kind("message"),
         "one fan-out sample per message"
     );
+}
+
+/// Packets the kernel dropped from its per-CPU input backlogs, all CPUs
+/// (the second column of /proc/net/softnet_stat, in hex).
+fn softnet_drops() -> f64 {
+    let text = std::fs::read_to_string("/proc/net/softnet_stat").expect("read softnet_stat");
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|h| u64::from_str_radix(h, 16).ok())
+        .sum::<u64>() as f64
+}
+
+/// A scrape taken once two in a row agree (bounded).
+fn stable_scrape(relay: &util::RelayProc) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = relay.scrape();
+    loop {
+        thread::sleep(Duration::from_millis(50));
+        let next = relay.scrape();
+        // Samples only, sorted: the exporter renders in hash order.
+        let counters = |t: &str| -> Vec<String> {
+            let mut v: Vec<String> = t
+                .lines()
+                .filter(|l| !l.starts_with('#') && l.contains("_total"))
+                .map(String::from)
+                .collect();
+            v.sort();
+            v
+        };
+        if counters(&next) == counters(&last) {
+            return next;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counters never settled:\n{:?}\n{:?}",
+            counters(&last),
+            counters(&next)
+        );
+        last = next;
+    }
+}
+
+/// The endpoint answers other paths and methods with a status, and a
+/// scraper that connects and says nothing does not hold up the next one.
+#[test]
+fn the_endpoint_is_plain_http_and_a_stalled_scraper_blocks_no_one() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let relay = spawn_relay(&[]);
+    let addr = relay.metrics.unwrap();
+    let ask = |request: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let _stalled = TcpStream::connect(addr).unwrap();
+    assert!(ask(b"GET /nope HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 404"));
+    assert!(ask(b"POST /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 405"));
+    let ok = ask(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
+    assert!(ok.contains("udphub_clients"), "{ok}");
 }

@@ -3,7 +3,7 @@
 mod util;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use util::{seed_format, spawn_relay, spawn_relay_on, Client};
 
@@ -175,15 +175,19 @@ fn silent_clients_expire() {
 fn heartbeats_keep_a_client_alive() {
     let relay = spawn_relay(&["--timeout", "400ms"]);
     let a = Client::joined(&relay);
-    for _ in 0..8 {
-        std::thread::sleep(Duration::from_millis(100));
+    // A silent client that joined after `a`: when it has expired, more than
+    // a timeout has passed since `a` joined.
+    let _control = Client::joined(&relay);
+    let deadline = Instant::now() + util::PATIENCE;
+    while relay.metric("udphub_clients_expired_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the silent client never expired");
         a.send(b"^hb^");
+        std::thread::sleep(Duration::from_millis(50)); // the heartbeat cadence
     }
-    // 800 ms after joining, two timeouts' worth, it is still a recipient.
     let b = Client::new(relay.addr);
     b.send(b"still?");
     assert_eq!(a.recv(), seed_format("still?", b.addr()));
-    assert_eq!(relay.metric("udphub_clients_expired_total"), 0.0);
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 1.0);
 }
 
 /// SIGTERM: every live client gets `bye`, and the relay exits 0.
@@ -344,4 +348,62 @@ fn no_echo_from_the_environment() {
     a.send(b"quietly");
     assert_eq!(b.recv(), seed_format("quietly", a.addr()));
     a.expect_silence();
+}
+
+/// At --max-clients, a newcomer's datagrams are dropped as table_full and
+/// relayed to no one; members still talk, and a freed slot admits it.
+#[test]
+fn a_full_table_refuses_newcomers_and_counts_them() {
+    let relay = spawn_relay(&["--max-clients", "2"]);
+    let a = Client::joined(&relay);
+    let b = Client::joined(&relay);
+    let c = Client::new(relay.addr);
+    c.send(b"^hb^");
+    c.send(b"let me in");
+    relay.wait_metric("udphub_dropped_total{reason=\"table_full\"}", 2.0);
+    a.send(b"members only");
+    assert_eq!(b.recv(), seed_format("members only", a.addr()));
+    assert_eq!(a.recv(), seed_format("members only", a.addr()));
+    c.expect_silence();
+    assert_eq!(relay.metric("udphub_clients"), 2.0);
+    a.send(b"quit");
+    relay.wait_metric("udphub_clients_left_total", 1.0);
+    c.send(b"now?");
+    assert_eq!(c.recv(), seed_format("now?", c.addr()));
+    assert_eq!(b.recv(), seed_format("now?", c.addr()));
+}
+
+/// A second signal while the first one's shutdown is under way exits at
+/// once with status 130. The relay is stopped while both signals are sent,
+/// so both are pending when it resumes: no timing window to hit.
+#[test]
+fn a_second_signal_exits_at_once_with_130() {
+    let mut relay = spawn_relay(&[]);
+    let _a = Client::joined(&relay);
+    relay.signal("STOP");
+    relay.signal("TERM");
+    relay.signal("INT");
+    relay.signal("CONT");
+    assert_eq!(relay.wait_exit().code(), Some(130));
+}
+
+/// IPv4 clients of an IPv6 socket (bound to the v4-mapped loopback, the
+/// same path as `[::]` without leaving loopback): they are relayed to, and
+/// shown in the seed's IPv4 form.
+#[test]
+fn ipv4_clients_on_an_ipv6_socket() {
+    let relay = spawn_relay_on("[::ffff:127.0.0.1]:0", true, &[]);
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], relay.addr.port()));
+    let client = || Client {
+        sock: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        relay: v4,
+    };
+    let a = client();
+    let b = client();
+    b.send(b"^hb^");
+    relay.wait_metric("udphub_clients_joined_total", 1.0);
+    a.send(b"mapped");
+    let want = seed_format("mapped", a.addr());
+    assert_eq!(b.recv(), want);
+    assert_eq!(a.recv(), want);
 }

@@ -21,7 +21,8 @@ use crate::net::batch_io::ReplyBatch;
 use crate::net::fanout::{self, Report};
 use crate::net::socket;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
-use crate::runtime::{exporter, supervisor};
+use crate::runtime::exporter;
+use crate::runtime::supervisor::{self, Supervisor};
 
 /// `udphub echo` flags.
 #[derive(Debug, Clone, Args)]
@@ -141,6 +142,7 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
             args.max_datagram
         )));
     }
+    let supervisor = Supervisor::new()?;
     let metrics = match args.metrics {
         MetricsAddr::At(addr) => Some(exporter::start(addr)?.local_addr),
         MetricsAddr::Off => None,
@@ -167,5 +169,5 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         args.max_datagram,
         Echo::new(args.upper, args.max_datagram),
     )?;
-    supervisor::supervise(vec![server])
+    supervisor.run(vec![server])
 }

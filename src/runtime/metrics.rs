@@ -228,3 +228,39 @@ fn describe() {
         "Busy time of one loop iteration (drain, fan-out, expiry), excluding the wait in poll."
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Two loops in one process: counters and the clients gauge are sums
+    /// of both loops' shares, whatever order they flush in.
+    #[test]
+    fn loops_add_up_instead_of_overwriting_each_other() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let mut a = Metrics::register();
+            let mut b = Metrics::register();
+            a.counts.messages = 2;
+            b.counts.messages = 3;
+            a.flush(10);
+            b.flush(4);
+            b.flush(1);
+            a.flush(12);
+        });
+        let text = handle.render();
+        assert_eq!(sample(&text, "udphub_clients"), Some(13.0), "{text}");
+        assert_eq!(
+            sample(&text, "udphub_datagrams_received_total{kind=\"message\"}"),
+            Some(5.0),
+            "{text}"
+        );
+    }
+}

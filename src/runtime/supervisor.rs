@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -35,6 +35,9 @@ pub const SECOND_SIGNAL_EXIT: i32 = 130;
 /// Runs `udphub serve`: starts the metrics endpoint, binds, writes the
 /// ready file, and relays until a signal stops it.
 pub fn serve(config: &Config) -> Result<(), Error> {
+    // Signals first: from the moment the ready file says so, a SIGTERM
+    // must mean a graceful shutdown, not the default kill.
+    let supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
     let metrics = config.metrics.map(exporter::start).transpose()?;
     let relay = relay::bind(config)?;
@@ -45,7 +48,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     if let Some(path) = &config.ready_file {
         write_ready_file(path, relay.local_addr(), metrics)?;
     }
-    supervise(vec![relay])
+    supervisor.run(vec![relay])
 }
 
 /// Writes where the server listens, once everything is bound:
@@ -76,31 +79,73 @@ struct Running {
     thread: Option<JoinHandle<Result<(), Error>>>,
 }
 
-/// Wakes the supervisor when a loop thread ends, however it ends (a drop
-/// guard, so a panic wakes it too).
-struct NotifyOnExit(Arc<Waker>);
+/// Tells the supervisor which loop thread is ending, however it ends (a
+/// drop guard, so a panic tells it too). The thread is then a moment from
+/// finished, so the supervisor joins it rather than asking
+/// `is_finished()`, which may still be false when the wake-up arrives.
+struct NotifyOnExit {
+    /// The loop's index.
+    index: usize,
+    /// Where the index goes.
+    ended: mpsc::Sender<usize>,
+    /// Wakes the supervisor's poll.
+    waker: Arc<Waker>,
+}
 
 impl Drop for NotifyOnExit {
     fn drop(&mut self) {
-        let _ = self.0.wake();
+        let _ = self.ended.send(self.index);
+        let _ = self.waker.wake();
     }
 }
 
-/// Runs each loop on its own thread until a signal stops them all (or one
-/// fails, which stops the rest). Returns the first error.
-pub fn supervise<S: Service + Send + 'static>(loops: Vec<EventLoop<S>>) -> Result<(), Error> {
-    let mut poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
-    let mut signals = install_signals()?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)
-        .map_err(|e| Error::io("register signals", e))?;
+/// Signal handling, installed; the loops' threads, once running.
+pub struct Supervisor {
+    /// Waits for signals and loop exits.
+    poll: Poll,
+    /// SIGINT/SIGTERM.
+    signals: Signals,
+}
+
+impl Supervisor {
+    /// Installs the signal handlers. Do this before telling anyone the
+    /// server is ready.
+    pub fn new() -> Result<Supervisor, Error> {
+        let poll = Poll::new().map_err(|e| Error::io("create poll", e))?;
+        let mut signals = install_signals()?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| Error::io("register signals", e))?;
+        Ok(Supervisor { poll, signals })
+    }
+
+    /// Runs each loop on its own thread until a signal stops them all (or
+    /// one fails, which stops the rest). Returns the first error.
+    pub fn run<S: Service + Send + 'static>(self, loops: Vec<EventLoop<S>>) -> Result<(), Error> {
+        supervise(self, loops)
+    }
+}
+
+fn supervise<S: Service + Send + 'static>(
+    sup: Supervisor,
+    loops: Vec<EventLoop<S>>,
+) -> Result<(), Error> {
+    let Supervisor {
+        mut poll,
+        mut signals,
+    } = sup;
     let exited =
         Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
+    let (ended_tx, ended) = mpsc::channel();
 
     let mut running = Vec::with_capacity(loops.len());
     for (i, lp) in loops.into_iter().enumerate() {
         let shutdown = lp.shutdown_handle();
-        let guard = NotifyOnExit(Arc::clone(&exited));
+        let guard = NotifyOnExit {
+            index: i,
+            ended: ended_tx.clone(),
+            waker: Arc::clone(&exited),
+        };
         let thread = thread::Builder::new()
             .name(format!("udphub-loop-{i}"))
             .spawn(move || {
@@ -133,8 +178,8 @@ pub fn supervise<S: Service + Send + 'static>(loops: Vec<EventLoop<S>>) -> Resul
             }
         }
         // Join whatever ended; an error (or panic) stops the others.
-        for r in &mut running {
-            if r.thread.as_ref().is_some_and(|t| t.is_finished()) {
+        for i in ended.try_iter() {
+            if let Some(r) = running.get_mut(i) {
                 let result = match r.thread.take().map(JoinHandle::join) {
                     Some(Ok(result)) => result,
                     Some(Err(_)) => Err(Error::io(

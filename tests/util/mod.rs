@@ -7,8 +7,10 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -34,15 +36,15 @@ pub fn udphub_bin() -> &'static str {
     env!("CARGO_BIN_EXE_udphub")
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free TCP port on loopback")
+/// A fresh path in the temp dir, unique to this process and call.
+pub fn temp_path(tag: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("udphub-test-{}-{tag}-{n}", std::process::id()))
 }
 
-/// Starts `udphub serve --bind 127.0.0.1:0` with metrics on a free port.
+/// Starts `udphub serve --bind 127.0.0.1:0` with metrics on a port of its
+/// own choosing.
 pub fn spawn_relay(extra: &[&str]) -> RelayProc {
     spawn_relay_on("127.0.0.1:0", true, extra)
 }
@@ -54,80 +56,105 @@ pub fn spawn_relay_on(bind: &str, metrics: bool, extra: &[&str]) -> RelayProc {
 }
 
 /// [`spawn_relay_on`] with extra environment variables for the child.
+///
+/// Both sockets are bound to port 0 by the relay itself (no port is picked
+/// here and handed over, so nothing can take it in between), and the relay
+/// reports what it got through `--ready-file`.
 pub fn spawn_relay_with(
     bind: &str,
     metrics: bool,
     env: &[(&str, &str)],
     extra: &[&str],
 ) -> RelayProc {
-    // The metrics port is picked free then handed over, so another process
-    // could grab it in between: retry a few times on that one failure.
-    for _ in 0..5 {
-        let metrics_addr: Option<SocketAddr> =
-            metrics.then(|| SocketAddr::from(([127, 0, 0, 1], free_tcp_port())));
-        let metrics_arg = metrics_addr.map_or("off".to_string(), |a| a.to_string());
-        let mut child = Command::new(udphub_bin())
-            .args([
-                "serve",
-                "--bind",
-                bind,
-                "--metrics",
-                &metrics_arg,
-                "--log-level",
-                "info",
-            ])
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn udphub");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + PATIENCE;
-        let mut seen = Vec::new();
-        while Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("relaying on ").nth(1) {
-                        let addr = rest
-                            .split(' ')
-                            .next()
-                            .unwrap()
-                            .parse()
-                            .expect("relay address");
-                        return RelayProc {
-                            child,
-                            addr,
-                            metrics: metrics_addr,
-                            log: rx,
-                        };
-                    }
-                    seen.push(line);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let text = seen.join("\n");
-        if text.contains("cannot bind metrics listener") {
-            continue;
-        }
-        panic!("udphub did not start:\n{text}");
+    let ready = temp_path("ready");
+    let metrics_arg = if metrics { "127.0.0.1:0" } else { "off" };
+    let mut cmd = Command::new(udphub_bin());
+    cmd.args([
+        "serve",
+        "--bind",
+        bind,
+        "--metrics",
+        metrics_arg,
+        "--log-level",
+        "info",
+    ])
+    .arg("--ready-file")
+    .arg(&ready)
+    .args(extra)
+    .env_remove("RUST_LOG")
+    .envs(env.iter().copied());
+    let (child, log, addrs) = spawn_until_ready(cmd, &ready);
+    RelayProc {
+        child,
+        addr: addrs.udp,
+        metrics: addrs.metrics,
+        log,
     }
-    panic!("no free metrics port after 5 tries");
+}
+
+/// What a server wrote to its `--ready-file`.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyAddrs {
+    /// Its UDP socket.
+    pub udp: SocketAddr,
+    /// Its metrics endpoint, unless off.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Spawns `cmd` (which must write `ready`) with stderr captured line by
+/// line, and waits (bounded) for the ready file. Fails loudly, with what the
+/// server printed, if it exits or takes longer than [`PATIENCE`].
+pub fn spawn_until_ready(
+    mut cmd: Command,
+    ready: &Path,
+) -> (Child, mpsc::Receiver<String>, ReadyAddrs) {
+    let _ = std::fs::remove_file(ready);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udphub");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(ready) {
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .unwrap_or_else(|| panic!("ready file lacks {key}: {text:?}"))
+                    .to_string()
+            };
+            let udp = field("udp=").parse().expect("udp address");
+            let metrics = match field("metrics=").as_str() {
+                "off" => None,
+                a => Some(a.parse().expect("metrics address")),
+            };
+            let _ = std::fs::remove_file(ready);
+            return (child, rx, ReadyAddrs { udp, metrics });
+        }
+        let exited = child.try_wait().expect("try_wait");
+        if exited.is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said: Vec<String> = rx.try_iter().collect();
+            panic!(
+                "udphub did not become ready ({}):\n{}",
+                exited.map_or("timed out".to_string(), |s| s.to_string()),
+                said.join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl RelayProc {
@@ -162,16 +189,10 @@ impl RelayProc {
         metric(&self.scrape(), series)
     }
 
-    /// Waits (bounded) until `series` reaches `at_least`; returns its value.
+    /// Waits (bounded) until `series` reaches `at_least`; returns its
+    /// value. Fails the test, with the whole scrape, if it never does.
     pub fn wait_metric(&self, series: &str, at_least: f64) -> f64 {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let v = self.metric(series);
-            if v >= at_least || Instant::now() > deadline {
-                return v;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_metric(self.metrics.expect("metrics enabled"), series, at_least)
     }
 }
 
@@ -179,6 +200,23 @@ impl Drop for RelayProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `series` on the metrics page at `addr` reaches
+/// `at_least`; returns its value. Fails the test if it never does.
+pub fn wait_metric(addr: SocketAddr, series: &str, at_least: f64) -> f64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = scrape(addr);
+        let v = metric(&text, series);
+        if v >= at_least {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("{series} stayed at {v}, below {at_least}, for {PATIENCE:?}:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -244,17 +282,18 @@ impl Client {
         Client { sock, relay }
     }
 
-    /// A client that has registered with a heartbeat (and been seen to, by
-    /// waiting for the relay's joined counter when metrics are on).
+    /// A client that has registered with a heartbeat, and been seen to: the
+    /// relay's joined counter went up (it fails the test otherwise). Needs
+    /// the relay's metrics.
     pub fn joined(relay: &RelayProc) -> Client {
+        assert!(
+            relay.metrics.is_some(),
+            "Client::joined checks the relay's metrics: start it with metrics on"
+        );
         let c = Client::new(relay.addr);
-        let before = relay
-            .metrics
-            .map(|_| relay.metric("udphub_clients_joined_total"));
+        let before = relay.metric("udphub_clients_joined_total");
         c.send(b"^hb^");
-        if let Some(before) = before {
-            relay.wait_metric("udphub_clients_joined_total", before + 1.0);
-        }
+        relay.wait_metric("udphub_clients_joined_total", before + 1.0);
         c
     }
 
