@@ -8,6 +8,8 @@
 #   bash loadtest/compare.sh                      # 64 and 1000 clients, 3 rounds of 5 s
 #   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
 #   RELAYS="baseline udphub udphub-raw" bash loadtest/compare.sh   # + udphub --format raw
+#   UDPHUB_REF=/path/to/older/udphub RELAYS="baseline udphub udphub-ref" bash loadtest/compare.sh
+#                                                   # A/B against another build of udphub
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,9 @@ start_relay() {
         --timeout 60s --log-level warn 2>/dev/null & ;;
     udphub-raw) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --format raw 2>/dev/null & ;;
+    udphub-ref) "${UDPHUB_REF:?set UDPHUB_REF to the udphub binary to compare with}" serve \
+        --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn 2>/dev/null & ;;
     seed) "$PYTHON" loadtest/baselines/seed002_server.py 127.0.0.1 "$PORT" >/dev/null 2>&1 & ;;
     *) echo "unknown relay $1" >&2; exit 2 ;;
     esac
