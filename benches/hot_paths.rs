@@ -208,7 +208,7 @@ fn hub(c: &mut Criterion) {
                 };
                 match hub.handle(now, black_box(a), &mut counts) {
                     Effect::Fanout(f) => f.recipients.fold(0, |n, a| n + a.port() as usize),
-                    Effect::Nothing => 0,
+                    _ => 0,
                 }
             })
         });

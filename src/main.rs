@@ -8,10 +8,18 @@ use clap::Parser;
 use udphub::cli::{self, Cli};
 
 fn main() -> ExitCode {
-    let parsed = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let parsed = match Cli::try_parse_from(&args) {
         Ok(parsed) => parsed,
+        // `udphub` alone: the command list, not a one-liner.
+        Err(err)
+            if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
         Err(err) if err.use_stderr() => {
-            eprintln!("{}", cli::one_line_usage_error(&err));
+            eprintln!("{}", cli::one_line_usage_error(&err, &args));
             return ExitCode::from(2);
         }
         Err(help_or_version) => {

@@ -427,3 +427,142 @@ fn chat_in_a_terminal_exits_on_bye() {
     );
     assert_eq!(relay.wait_exit().code(), Some(0));
 }
+
+/// `udphub send` to an address where nothing listens says so (exit 1);
+/// `--expect-reply` without a reply says so too.
+#[test]
+fn send_says_when_nothing_listens_or_nothing_answers() {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(udphub_bin())
+        .args(["send", "--server", &format!("127.0.0.1:{port}"), "hi"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nothing is listening at 127.0.0.1:"),
+        "{stderr}"
+    );
+
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(udphub_bin())
+        .args([
+            "send",
+            "--server",
+            &silent.local_addr().unwrap().to_string(),
+        ])
+        .args(["x", "--wait", "100ms", "--expect-reply"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("no reply from") && stderr.contains("100ms"),
+        "{stderr}"
+    );
+}
+
+/// Bodies are bytes: `send` takes a non-UTF-8 argument, `--hex` and `--stdin`.
+#[test]
+fn send_sends_any_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(PATIENCE)).unwrap();
+    let server = sink.local_addr().unwrap().to_string();
+    let run = |extra: &[&std::ffi::OsStr], stdin: &[u8]| {
+        let mut child = Command::new(udphub_bin())
+            .args(["send", "--server", &server, "--wait", "0s"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        assert!(child.wait().unwrap().success());
+        let mut buf = [0u8; 64];
+        let (n, _) = sink.recv_from(&mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let raw = std::ffi::OsStr::from_bytes(b"\xff\xfeok");
+    assert_eq!(run(&[raw], b""), b"\xff\xfeok");
+    let hex = [
+        std::ffi::OsStr::new("--hex"),
+        std::ffi::OsStr::new("00ff 41"),
+    ];
+    assert_eq!(run(&hex, b""), b"\x00\xffA");
+    assert_eq!(
+        run(&[std::ffi::OsStr::new("--stdin")], b"line\nand \x00 more"),
+        b"line\nand \x00 more"
+    );
+}
+
+/// `udphub chat` against an address where nothing listens says so, keeps
+/// trying, and says when the relay answers again.
+#[test]
+fn chat_says_when_nothing_listens_and_when_the_relay_is_back() {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("127.0.0.1:{port}");
+    let mut chat = Command::new(udphub_bin())
+        .args(["chat", "--server", &server, "--heartbeat", "100ms"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = chat.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let expect = |needle: &str| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("chat never said {needle:?}"),
+            }
+        }
+    };
+    expect("nothing is listening at 127.0.0.1:");
+    // A relay appears on that port: it answers the probe chat keeps sending.
+    let relay = UdpSocket::bind(&server).expect("the port is still free");
+    relay.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = relay.recv_from(&mut buf).unwrap();
+    assert_eq!(buf[..n].trim_ascii(), b"^timeout^", "the probe");
+    assert_eq!(n, 32, "padded so the answer fits");
+    relay.send_to(b"^timeout^150", from).unwrap();
+    expect("answers again");
+    expect("heartbeating every 50ms");
+    let _ = chat.kill();
+    let _ = chat.wait();
+}
+
+/// Against a relay whose timeout is shorter than chat's heartbeat, chat
+/// learns the timeout and heartbeats in time: it is never cut off.
+#[test]
+fn chat_follows_a_short_relay_timeout() {
+    let relay = spawn_relay(&["--timeout", "300ms"]);
+    let server = relay.addr.to_string();
+    // The default heartbeat (5 s) is far longer than the relay's timeout.
+    let quiet = Proc::spawn(&["chat", "--server", &server]);
+    relay.wait_metric("udphub_clients", 1.0);
+    let _control = Client::joined(&relay);
+    relay.wait_metric("udphub_clients_expired_total", 1.0);
+    let talker = Client::new(relay.addr);
+    talker.send(b"still with us?");
+    quiet.expect_line("still with us?. from");
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 1.0);
+}

@@ -215,7 +215,8 @@ fn sigint_says_bye_and_exits_zero() {
     assert_eq!(relay.wait_exit().code(), Some(0));
 }
 
-/// IPv6: bind `[::1]`, relay between IPv6 clients, format `::1:port`.
+/// IPv6: bind `[::1]`, relay between IPv6 clients, format `[::1]:port`
+/// (brackets, so the address and the port can be told apart).
 #[test]
 fn ipv6_loopback() {
     let relay = spawn_relay_on("[::1]:0", true, &[]);
@@ -223,7 +224,7 @@ fn ipv6_loopback() {
     let a = Client::joined(&relay);
     let b = Client::joined(&relay);
     a.send(b"v6");
-    let want = format!("v6. from ::1:{}", a.addr().port());
+    let want = format!("v6. from [::1]:{}", a.addr().port());
     assert_eq!(b.recv(), want.as_bytes());
     assert_eq!(a.recv(), want.as_bytes());
 }

@@ -19,7 +19,7 @@ pub struct AbuseArgs {
     pub common: Common,
 
     /// How long to wait for replies to each case
-    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "300ms", value_parser = crate::duration::parse)]
     pub wait: Duration,
 }
 

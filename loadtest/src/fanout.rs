@@ -34,7 +34,7 @@ pub struct FanoutArgs {
     pub senders: usize,
 
     /// Message size in bytes (at least 46, the stamp)
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = parse_payload)]
     pub payload: usize,
 
     /// Open loop: total messages per second, whatever happens
@@ -50,7 +50,7 @@ pub struct FanoutArgs {
     pub messages: Option<u64>,
 
     /// How often every client sends a heartbeat
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = crate::duration::parse)]
     pub heartbeat: Duration,
 
     /// The relay does not echo to the sender (udphub --no-echo)
@@ -58,7 +58,7 @@ pub struct FanoutArgs {
     pub no_echo: bool,
 
     /// How long to wait for every client to be registered (probe received)
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     pub register_timeout: Duration,
 }
 
@@ -384,6 +384,23 @@ fn send_retrying(sock: &mio::net::UdpSocket, data: &[u8], to: SocketAddr) -> io:
     ))
 }
 
+/// Parses `--payload`, refusing a size too small for the stamp every
+/// message carries (rather than silently sending more than asked).
+pub fn parse_payload(s: &str) -> Result<usize, String> {
+    let payload: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if payload < payload::HEADER_LEN {
+        return Err(format!(
+            "{payload} is smaller than the {} bytes of stamp (sequence, time, sender) every message carries; use {} or more",
+            payload::HEADER_LEN,
+            payload::HEADER_LEN
+        ));
+    }
+    Ok(payload)
+}
+
 /// Runs the scenario and reports.
 pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let c = &args.common;
@@ -402,7 +419,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     )
     .map_err(|e| format!("open client sockets: {e}"))?;
     let registered = e
-        .wait_registered(Duration::from_secs(10))
+        .wait_registered(args.register_timeout)
         .map_err(|e| e.to_string())?;
     if registered < e.expect() {
         return Err(format!(
@@ -513,7 +530,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         relay: relay.to_string(),
         clients: args.clients,
         senders: e.senders,
-        payload_bytes: args.payload.max(payload::HEADER_LEN),
+        payload_bytes: args.payload,
         mode,
         seconds: secs,
         messages_sent: e.messages_sent(),

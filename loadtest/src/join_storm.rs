@@ -38,12 +38,12 @@ pub struct JoinStormArgs {
     pub ports: u32,
 
     /// Each source heartbeats this often (0 = as fast as possible)
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = crate::duration::parse)]
     pub heartbeat: Duration,
 
     /// Afterwards, go silent and wait (up to this long) for the relay to
     /// expire every client (needs --metrics-url)
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::duration::parse)]
     pub expire: Option<Duration>,
 }
 

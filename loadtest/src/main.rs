@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod abuse;
+mod duration;
 mod fanout;
 mod join_storm;
 mod metrics;

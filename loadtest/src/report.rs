@@ -21,7 +21,7 @@ pub struct Common {
     pub relay: String,
 
     /// How long to send
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     pub duration: Duration,
 
     /// The relay's Prometheus endpoint: scraped before and after, and its

@@ -31,7 +31,7 @@ pub struct SoakArgs {
     pub rate: f64,
 
     /// How often to sample
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::duration::parse)]
     pub sample_every: Duration,
 }
 

@@ -97,17 +97,11 @@ fn loadtest(args: &[&str]) -> (Option<i32>, String, String) {
 
 fn fanout_json(relay: &FakeRelay, extra: &[&str]) -> Value {
     let addr = relay.addr.to_string();
-    let mut args = vec![
-        "fanout",
-        "--relay",
-        &addr,
-        "--clients",
-        "8",
-        "--duration",
-        "700ms",
-        "--json",
-    ];
+    let mut args = vec!["fanout", "--relay", &addr, "--clients", "8", "--json"];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--duration") {
+        args.extend_from_slice(&["--duration", "700ms"]);
+    }
     let (code, stdout, stderr) = loadtest(&args);
     assert_eq!(code, Some(0), "{stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON: {e}\n{stdout}"))
@@ -207,6 +201,21 @@ fn abuse_reports_every_case() {
     assert_eq!(r["alive_after"], true);
 }
 
+/// A payload too small for the stamp is refused (not silently enlarged);
+/// a bare number is a duration in seconds, as in udphub.
+#[test]
+fn too_small_a_payload_is_refused_and_bare_seconds_are_durations() {
+    let (code, _, stderr) = loadtest(&["fanout", "--payload", "10"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stamp") && stderr.contains("46"),
+        "{stderr}"
+    );
+    let relay = FakeRelay::start(Fault::None);
+    let r = fanout_json(&relay, &["--duration", "0.5", "--payload", "46"]);
+    assert_eq!(r["payload_bytes"], 46);
+}
+
 /// Nothing listening: a clear error, not a hang or a panic.
 #[test]
 fn no_relay_is_a_clear_error() {
@@ -229,7 +238,6 @@ fn no_relay_is_a_clear_error() {
 
 /// The real udphub (built by `cargo test --workspace`), started on loopback.
 fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
-    use std::io::{BufRead, BufReader};
     let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/udphub");
     if !bin.exists() {
         if std::env::var_os("CI").is_some() {
@@ -241,35 +249,40 @@ fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
         eprintln!("skipping: build udphub first (cargo test --workspace does)");
         return None;
     }
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    // Both ports chosen by the relay itself and read from its ready file:
+    // nothing picked here can be taken by someone else in between.
+    let ready = std::env::temp_dir().join(format!("loadtest-udphub-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(bin)
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--metrics",
-            &metrics,
-            "--log-level",
-            "info",
-        ])
-        .stderr(std::process::Stdio::piped())
+        .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .args(["--log-level", "warn", "--ready-file"])
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn udphub");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("udphub exited").expect("read stderr");
-        if let Some(rest) = line.split("relaying on ").nth(1) {
-            break rest.split(' ').next().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            break text;
         }
+        assert!(child.try_wait().unwrap().is_none(), "udphub exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "udphub never got ready"
+        );
+        thread::sleep(Duration::from_millis(10));
     };
-    // Keep draining stderr so the relay never blocks on a full pipe.
-    thread::spawn(move || for _ in lines {});
-    Some((child, addr, format!("http://{metrics}/metrics")))
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .expect("ready file field")
+            .to_string()
+    };
+    Some((
+        child,
+        field("udp="),
+        format!("http://{}/metrics", field("metrics=")),
+    ))
 }
 
 /// Against the real udphub: the relay's own counters agree with what

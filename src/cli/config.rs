@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use serde::Deserialize;
 
 use crate::core::hub::HubConfig;
 use crate::core::protocol::Template;
@@ -34,15 +33,15 @@ pub struct ServeArgs {
     #[arg(long, env = "UDPHUB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Address to relay on, IPv4 or IPv6 (e.g. `[::1]:9999`) [default: 127.0.0.1:9999]
-    #[arg(long, env = "UDPHUB_BIND", value_name = "ADDR")]
+    /// Address to relay on: IP:PORT, [IPv6]:PORT, or HOST:PORT (resolved once at start) [default: 127.0.0.1:9999]
+    #[arg(long, env = "UDPHUB_BIND", value_name = "ADDR", value_parser = parse_bind)]
     pub bind: Option<SocketAddr>,
 
     /// Prometheus endpoint address, or `off` [default: 127.0.0.1:9898]
     #[arg(long, env = "UDPHUB_METRICS", value_name = "ADDR|off", value_parser = parse_metrics)]
     pub metrics: Option<MetricsAddr>,
 
-    /// Expire a client after this much silence, e.g. `10s`, `500ms`, `2m` [default: 10s]
+    /// Expire a client after this much silence, e.g. `10s`, `500ms`, `2m`, or seconds (`0.5`) [default: 10s]
     #[arg(long, env = "UDPHUB_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
 
@@ -93,13 +92,12 @@ pub enum MetricsAddr {
     At(SocketAddr),
 }
 
-/// The `--config` file. Keys are the flag names.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// The `--config` file's settings. Keys are the flag names.
+#[derive(Debug, Default)]
 struct FileConfig {
-    bind: Option<String>,
-    metrics: Option<String>,
-    timeout: Option<String>,
+    bind: Option<SocketAddr>,
+    metrics: Option<MetricsAddr>,
+    timeout: Option<Duration>,
     format: Option<String>,
     no_echo: Option<bool>,
     max_datagram: Option<usize>,
@@ -110,6 +108,22 @@ struct FileConfig {
     log_level: Option<String>,
     ready_file: Option<PathBuf>,
 }
+
+/// Every key the file may have.
+const FILE_KEYS: [&str; 12] = [
+    "bind",
+    "metrics",
+    "timeout",
+    "format",
+    "no-echo",
+    "max-datagram",
+    "max-clients",
+    "expect-clients",
+    "recv-buffer",
+    "send-buffer",
+    "log-level",
+    "ready-file",
+];
 
 /// The validated relay settings.
 #[derive(Debug, Clone)]
@@ -180,25 +194,13 @@ impl Config {
             None => FileConfig::default(),
         };
         let d = Config::default();
-        let ctx = |key: &str, e: String| Error::Config(format!("config file: {key}: {e}"));
 
-        let bind = match (args.bind, &file.bind) {
-            (Some(b), _) => b,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|_| ctx("bind", format!("invalid socket address {s:?}")))?,
-            (None, None) => d.bind,
-        };
-        let metrics = match (args.metrics, &file.metrics) {
-            (Some(m), _) => m,
-            (None, Some(s)) => parse_metrics(s).map_err(|e| ctx("metrics", e))?,
-            (None, None) => d.metrics.map_or(MetricsAddr::Off, MetricsAddr::At),
-        };
-        let timeout = match (args.timeout, &file.timeout) {
-            (Some(t), _) => t,
-            (None, Some(s)) => parse_duration(s).map_err(|e| ctx("timeout", e))?,
-            (None, None) => d.timeout,
-        };
+        let bind = args.bind.or(file.bind).unwrap_or(d.bind);
+        let metrics = args
+            .metrics
+            .or(file.metrics)
+            .unwrap_or(d.metrics.map_or(MetricsAddr::Off, MetricsAddr::At));
+        let timeout = args.timeout.or(file.timeout).unwrap_or(d.timeout);
         let format = match args.format.as_ref().or(file.format.as_ref()) {
             Some(spec) => {
                 Template::parse(spec).map_err(|e| Error::Config(format!("--format: {e}")))?
@@ -295,44 +297,239 @@ impl Config {
                 return bad(format!("--metrics and --bind are both {m}"));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| Error::Config(format!("--log-level {:?}: {e}", self.log_level)))?;
+        crate::cli::log_filter(&self.log_level)?;
         Ok(())
     }
 }
 
+/// Reads the `--config` file. Every problem is one line naming the file,
+/// the line, the key, and what was expected, in words.
 fn read_file(path: &Path) -> Result<FileConfig, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
-        // toml's messages span several lines (with a source excerpt); keep
-        // the error to one line.
-        let msg = e.message().replace('\n', " ");
-        let at = e
-            .span()
-            .map(|s| format!(" (at byte {})", s.start))
-            .unwrap_or_default();
-        Error::Config(format!("config file {}: {msg}{at}", path.display()))
-    })
+    parse_file(&text).map_err(|e| Error::Config(format!("config file {}{e}", path.display())))
 }
 
-/// Parses `--metrics`: `off` or a socket address.
+/// The 1-based line of byte `at` in `text`, and that line.
+fn line_at(text: &str, at: usize) -> (usize, &str) {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    (
+        text[..at].matches('\n').count() + 1,
+        text[start..end].trim(),
+    )
+}
+
+/// The line where `key` is set, for messages.
+fn line_of_key(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// Parses the file's text; errors start with ", line N: " (or ": ").
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
+        let msg = e.message().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let (n, line) = line_at(text, span.start);
+                let hint = match line.split_once('=') {
+                    Some((key, value))
+                        if !value.trim().starts_with(['"', '\''])
+                            && value.trim().parse::<f64>().is_err() =>
+                    {
+                        format!(
+                            "; text values need quotes: {} = \"{}\"",
+                            key.trim(),
+                            value.trim()
+                        )
+                    }
+                    _ => String::new(),
+                };
+                format!(", line {n}: `{line}` is not valid TOML ({msg}){hint}")
+            }
+            None => format!(": not valid TOML ({msg})"),
+        }
+    })?;
+    let mut file = FileConfig::default();
+    for (key, value) in &table {
+        let at = match line_of_key(text, key) {
+            0 => String::new(),
+            n => format!(", line {n}"),
+        };
+        let fail =
+            |expected: &str| format!("{at}: {key} must be {expected}, not {}", describe(value));
+        match key.as_str() {
+            "bind" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("a quoted address like \"127.0.0.1:9999\""))?;
+                file.bind = Some(parse_bind(s).map_err(|e| format!("{at}: bind: {e}"))?);
+            }
+            "metrics" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("a quoted address like \"127.0.0.1:9898\", or \"off\""))?;
+                file.metrics = Some(parse_metrics(s).map_err(|e| format!("{at}: metrics: {e}"))?);
+            }
+            "timeout" => {
+                let d = match value {
+                    toml::Value::String(s) => parse_duration(s),
+                    toml::Value::Integer(n) => parse_duration(&n.to_string()),
+                    toml::Value::Float(f) => parse_duration(&f.to_string()),
+                    _ => Err(String::new()),
+                };
+                file.timeout = Some(d.map_err(|_| {
+                    fail("a duration like \"10s\" or \"500ms\", or a number of seconds")
+                })?);
+            }
+            "format" | "log-level" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("a quoted string"))?
+                    .to_string();
+                if key == "format" {
+                    file.format = Some(s);
+                } else {
+                    file.log_level = Some(s);
+                }
+            }
+            "ready-file" => {
+                let s = value.as_str().ok_or_else(|| fail("a quoted file path"))?;
+                file.ready_file = Some(PathBuf::from(s));
+            }
+            "no-echo" => {
+                file.no_echo = Some(
+                    value
+                        .as_bool()
+                        .ok_or_else(|| fail("true or false (no quotes)"))?,
+                );
+            }
+            "max-datagram" | "max-clients" | "expect-clients" | "recv-buffer" | "send-buffer" => {
+                let n = value
+                    .as_integer()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| fail("a whole number, not negative, without quotes"))?;
+                let slot = match key.as_str() {
+                    "max-datagram" => &mut file.max_datagram,
+                    "max-clients" => &mut file.max_clients,
+                    "expect-clients" => &mut file.expect_clients,
+                    "recv-buffer" => &mut file.recv_buffer,
+                    _ => &mut file.send_buffer,
+                };
+                *slot = Some(n);
+            }
+            other => {
+                return Err(format!(
+                    "{at}: unknown key `{other}` (the keys are the flag names: {})",
+                    FILE_KEYS.join(", ")
+                ))
+            }
+        }
+    }
+    Ok(file)
+}
+
+/// A TOML value in words, for "must be X, not Y".
+fn describe(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("the text {s:?}"),
+        toml::Value::Integer(n) => format!("the number {n}"),
+        toml::Value::Float(f) => format!("the number {f}"),
+        toml::Value::Boolean(b) => format!("{b}"),
+        toml::Value::Datetime(d) => format!("the date {d}"),
+        toml::Value::Array(_) => "a list".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+/// Parses a socket address to bind, saying which part is wrong. Host names
+/// are resolved (once, now; the first address wins). `example_port`
+/// completes the suggestion when the port is missing.
+pub fn parse_addr(s: &str, example_port: u16) -> Result<SocketAddr, String> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(v6) = s.parse::<std::net::Ipv6Addr>() {
+        // "::1:9730" is itself an IPv6 address; the user most likely meant
+        // a port after "::1".
+        let guess = s
+            .rsplit_once(':')
+            .filter(|(h, p)| h.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u16>().is_ok());
+        return Err(match guess {
+            Some((h, p)) => format!("{s:?}: an IPv6 address needs brackets around it: [{h}]:{p}"),
+            None => format!("{s:?} has no port; an IPv6 address goes in brackets before it, e.g. [{v6}]:{example_port}"),
+        });
+    }
+    if let Ok(ip) = s.trim_matches(['[', ']']).parse::<IpAddr>() {
+        let with_port = SocketAddr::new(ip, example_port);
+        return Err(format!("{s:?} has no port; add one, e.g. {with_port}"));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!(
+            "{s:?} has no port; add one, e.g. {s}:{example_port}"
+        ));
+    };
+    if !host.starts_with('[') && host.contains(':') {
+        if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+            return Err(format!(
+                "{s:?}: an IPv6 address needs brackets around it: [{ip}]:{port}"
+            ));
+        }
+    }
+    let port: u16 = match port.parse::<u64>() {
+        Ok(p) if p <= u64::from(u16::MAX) => p as u16,
+        Ok(p) => return Err(format!("{s:?}: port {p} is out of range (0 to 65535)")),
+        Err(_) => return Err(format!("{s:?}: {port:?} is not a port number")),
+    };
+    let host = host.trim_matches(['[', ']']);
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no address before the port; e.g. 127.0.0.1:{port}"
+        ));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut found) => found
+            .next()
+            .ok_or_else(|| format!("{s:?}: host {host:?} has no address")),
+        Err(e) => Err(format!("{s:?}: cannot resolve host {host:?} ({e})")),
+    }
+}
+
+/// Parses `--bind` (see [`parse_addr`]).
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, 9999)
+}
+
+/// Parses `--metrics`: `off` or a socket address (see [`parse_addr`]).
 pub fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
-    if s.eq_ignore_ascii_case("off") {
+    if s.trim().eq_ignore_ascii_case("off") {
         return Ok(MetricsAddr::Off);
     }
-    s.parse()
+    parse_addr(s, 9898)
         .map(MetricsAddr::At)
-        .map_err(|_| format!("expected a socket address like 127.0.0.1:9898, or `off`; got {s:?}"))
+        .map_err(|e| format!("{e} (or `off` for no metrics)"))
 }
 
-/// Parses a human duration (`10s`, `500ms`, `1m 30s`); a bare number is seconds.
+/// Parses a duration, the one rule for every duration udphub takes: a
+/// bare number is seconds, fractions allowed (`0.5`); otherwise a human
+/// duration (`10s`, `500ms`, `1m 30s`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} is not a duration (seconds must be 0 or more)"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{e} in {s:?} (try e.g. 10s, 500ms, 2m)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); try e.g. 10s, 500ms, 2m or 0.5"))
 }
 
 #[cfg(test)]
@@ -423,9 +620,57 @@ mod tests {
     #[test]
     fn durations_and_metrics_parse() {
         assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1").is_err());
         assert_eq!(parse_metrics("OFF").unwrap(), MetricsAddr::Off);
-        assert!(parse_metrics("localhost").is_err());
+        assert!(parse_metrics("localhost").unwrap_err().contains("no port"));
+    }
+
+    #[test]
+    fn addresses_say_which_part_is_wrong() {
+        let err = |s: &str| parse_bind(s).unwrap_err();
+        assert!(err("127.0.0.1").contains("no port; add one, e.g. 127.0.0.1:9999"));
+        assert!(err("127.0.0.1:99999").contains("out of range"));
+        assert!(err("::1:9730").contains("brackets around it: [::1]:9730"));
+        assert!(err("127.0.0.1:http").contains("not a port number"));
+        assert!(err(":9").contains("no address"));
+        assert!(err("no-such-host.invalid:9").contains("cannot resolve"));
+        assert_eq!(parse_bind("[::1]:9").unwrap().to_string(), "[::1]:9");
+        assert!(parse_bind("localhost:9701").unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn file_errors_name_the_line_the_key_and_what_is_expected() {
+        let err = |text: &str| parse_file(text).unwrap_err();
+        let e = err("# relay\nmax-clients = \"200000\"\n");
+        assert!(
+            e.contains("line 2") && e.contains("max-clients must be a whole number"),
+            "{e}"
+        );
+        let e = err("timeout = \"3s\"\nbind = 127.0.0.1:9740\n");
+        assert!(
+            e.contains("line 2") && e.contains("bind = \"127.0.0.1:9740\""),
+            "{e}"
+        );
+        let e = err("no-echo = \"yes\"\n");
+        assert!(e.contains("true or false"), "{e}");
+        let e = err("bogus = 1\n");
+        assert!(
+            e.contains("unknown key `bogus`") && e.contains("max-clients"),
+            "{e}"
+        );
+        let e = err("bind = \"127.0.0.1\"\n");
+        assert!(e.contains("line 1: bind:") && e.contains("no port"), "{e}");
+        // A bare number of seconds, whole or not, is a timeout.
+        assert_eq!(
+            parse_file("timeout = 30").unwrap().timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_file("timeout = 0.25").unwrap().timeout,
+            Some(Duration::from_millis(250))
+        );
     }
 }

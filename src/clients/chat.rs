@@ -11,8 +11,8 @@
 //! relay — a heartbeat sender, so a quiet user is never expired.
 
 use std::io::{self, BufRead, IsTerminal, Write};
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use crate::error::Error;
 /// `udphub chat` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
-    /// The relay to join, e.g. 127.0.0.1:9999 or localhost:9999
+    /// The relay to join, e.g. 127.0.0.1:9999 or localhost:9999 (required, unless --lan)
     #[arg(
         long,
         env = "UDPHUB_SERVER",
@@ -68,6 +68,43 @@ pub(crate) enum Incoming {
     Line(Vec<u8>),
     /// The relay said `bye`: it is shutting down.
     Bye,
+    /// Something the user should know about the connection, in words.
+    Notice(String),
+}
+
+/// What the receiver learns about the relay, shared with the heartbeat
+/// thread.
+#[derive(Debug)]
+pub(crate) struct Link {
+    /// The heartbeat interval now, in milliseconds (lowered to a third of
+    /// the relay's timeout when the relay says it is shorter).
+    heartbeat_ms: AtomicU64,
+    /// The kernel said "connection refused": nothing listens at the relay's
+    /// address. Cleared by the next datagram from it.
+    unreachable: AtomicBool,
+}
+
+impl Link {
+    /// For a LAN room, which has no relay to learn about.
+    pub(crate) fn new_unused() -> Arc<Link> {
+        Link::new(Duration::from_secs(1))
+    }
+
+    fn new(heartbeat: Duration) -> Arc<Link> {
+        Arc::new(Link {
+            heartbeat_ms: AtomicU64::new(heartbeat.as_millis().max(1) as u64),
+            unreachable: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The first datagram a relay client sends: a heartbeat that asks the
+/// relay's timeout, padded so the answer fits (udphub answers it; other
+/// relays see a heartbeat or, at worst, one odd line).
+fn timeout_probe() -> Vec<u8> {
+    let mut probe = protocol::TIMEOUT_QUERY.to_vec();
+    probe.resize(protocol::TIMEOUT_QUERY_LEN, b' ');
+    probe
 }
 
 /// One chat conversation, relay or LAN: how to send, what to show.
@@ -82,6 +119,8 @@ pub(crate) struct Session {
     pub(crate) name: Option<String>,
     /// Heartbeat interval, for a relay.
     pub(crate) heartbeat: Option<Duration>,
+    /// What is known of the relay (unused in a LAN room).
+    pub(crate) link: Arc<Link>,
     /// Sent first (a heartbeat to register, or a LAN join announcement).
     pub(crate) hello: Vec<u8>,
     /// Sent last (`quit`, or a LAN leave announcement).
@@ -123,7 +162,8 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         dest: server,
         name: args.name.clone(),
         heartbeat: Some(args.heartbeat),
-        hello: protocol::HEARTBEAT.to_vec(),
+        link: Link::new(args.heartbeat),
+        hello: timeout_probe(),
         goodbye: protocol::QUIT.to_vec(),
         linger: args.linger,
         render: |data, _from| {
@@ -137,13 +177,11 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     .run()
 }
 
-/// Resolves `host:port` (or an address literal) to the first address.
+/// Resolves `--server` (`host:port` or an address literal) to its first
+/// address, saying which part is wrong if it can't.
 pub(crate) fn resolve(spec: &str) -> Result<SocketAddr, Error> {
-    let bad = |why: String| Error::Config(format!("--server {spec:?}: {why}"));
-    spec.to_socket_addrs()
-        .map_err(|e| bad(e.to_string()))?
-        .next()
-        .ok_or_else(|| bad("no address found".into()))
+    crate::cli::config::parse_addr(spec, 9999)
+        .map_err(|why| Error::Config(format!("--server: {why}")))
 }
 
 impl Session {
@@ -153,14 +191,37 @@ impl Session {
         self.send_raw(&self.hello);
         let stop = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let heartbeat = self.heartbeat.map(|every| {
+        let heartbeat = self.heartbeat.map(|_| {
             let sock = self.send.try_clone();
             let dest = self.dest;
+            let link = Arc::clone(&self.link);
             thread::spawn(move || {
                 let Ok(sock) = sock else { return };
-                // A stoppable sleep: the sender side is dropped at exit.
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(every) {
-                    let _ = sock.send_to(protocol::HEARTBEAT, dest);
+                let probe = timeout_probe();
+                let every = || Duration::from_millis(link.heartbeat_ms.load(Ordering::Relaxed));
+                let mut last = Instant::now();
+                loop {
+                    // A stoppable sleep (the sender side is dropped at exit),
+                    // in short steps, so a shorter interval learnt from the
+                    // relay applies at once, not after the old one ran out.
+                    let wait = (last + every())
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50));
+                    if stop_rx.recv_timeout(wait) != Err(mpsc::RecvTimeoutError::Timeout) {
+                        break;
+                    }
+                    if last.elapsed() < every() {
+                        continue;
+                    }
+                    last = Instant::now();
+                    // While nothing listens, ask a question a relay answers,
+                    // so the user hears as soon as it is back.
+                    let beat = if link.unreachable.load(Ordering::Relaxed) {
+                        &probe[..]
+                    } else {
+                        protocol::HEARTBEAT
+                    };
+                    let _ = sock.send_to(beat, dest);
                 }
             })
         });
@@ -220,19 +281,47 @@ impl Session {
             .map_err(|e| Error::io("set a read timeout", e))?;
         let render = self.render;
         let stop = Arc::clone(stop);
+        let relay = self.heartbeat.is_some();
+        let link = Arc::clone(&self.link);
+        let dest = self.dest;
         Ok(thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while !stop.load(Ordering::SeqCst) {
                 match sock.recv_from(&mut buf) {
-                    Ok((n, from)) => show(render(&buf[..n], from)),
+                    Ok((n, from)) => {
+                        let data = &buf[..n];
+                        if !relay {
+                            show(render(data, from));
+                            continue;
+                        }
+                        if link.unreachable.swap(false, Ordering::Relaxed) {
+                            show(Incoming::Notice(format!(
+                                "the relay at {dest} answers again"
+                            )));
+                        }
+                        match protocol::parse_timeout_answer(data) {
+                            Some(timeout) => {
+                                if let Some(notice) = adapt_heartbeat(&link, timeout) {
+                                    show(Incoming::Notice(notice));
+                                }
+                            }
+                            None => show(render(data, from)),
+                        }
+                    }
                     Err(e)
                         if matches!(
                             e.kind(),
                             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                         ) => {}
-                    // ICMP "port unreachable" from a relay that is not (yet)
-                    // running shows up here on a connected socket: keep going.
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                    // ICMP "port unreachable" on a connected socket: nothing
+                    // listens there (yet). Say so once, and keep trying.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        if relay && !link.unreachable.swap(true, Ordering::Relaxed) {
+                            show(Incoming::Notice(format!(
+                                "nothing is listening at {dest}; your lines are not delivered. Still trying…"
+                            )));
+                        }
+                    }
                     Err(e) => {
                         eprintln!("udphub: receive: {e}");
                         thread::sleep(Duration::from_millis(100));
@@ -253,6 +342,9 @@ impl Session {
         let receiver = self.spawn_receiver(stop, move |incoming| match incoming {
             Incoming::Line(bytes) => {
                 let _ = printer.print(sanitize(&bytes));
+            }
+            Incoming::Notice(text) => {
+                let _ = printer.print(format!("*** {text}"));
             }
             Incoming::Bye => {
                 if let Some(t) = &saved {
@@ -303,6 +395,7 @@ impl Session {
                 // A closed stdout (e.g. `| head`) is not our problem to report.
                 let _ = out.write_all(&bytes).and_then(|()| out.flush());
             }
+            Incoming::Notice(text) => eprintln!("udphub: {text}"),
             Incoming::Bye => {
                 eprintln!("udphub: the relay said bye: it is shutting down");
                 let _ = io::stdout().flush();
@@ -334,6 +427,24 @@ impl Session {
         let _ = receiver.join();
         Ok(())
     }
+}
+
+/// Lowers the heartbeat interval to a third of the relay's `timeout` if
+/// that is sooner than now (so two heartbeats may be lost without being
+/// expired); returns what to tell the user, if anything changed.
+fn adapt_heartbeat(link: &Link, timeout: Duration) -> Option<String> {
+    let want = (timeout / 3).max(Duration::from_millis(10));
+    let now = Duration::from_millis(link.heartbeat_ms.load(Ordering::Relaxed));
+    if want >= now {
+        return None;
+    }
+    link.heartbeat_ms
+        .store(want.as_millis() as u64, Ordering::Relaxed);
+    Some(format!(
+        "the relay expires clients after {} of silence; heartbeating every {}",
+        humantime::format_duration(timeout),
+        humantime::format_duration(want)
+    ))
 }
 
 /// Makes received bytes safe to show on a terminal: lossy UTF-8, and

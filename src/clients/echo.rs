@@ -27,12 +27,14 @@ use crate::runtime::supervisor::{self, Supervisor};
 /// `udphub echo` flags.
 #[derive(Debug, Clone, Args)]
 pub struct EchoArgs {
-    /// Address to answer on (seed 004 used port 50007)
+    /// Address to answer on (seed 004 used port 50007) [default: 127.0.0.1:50007]
     #[arg(
         long,
         env = "UDPHUB_ECHO_BIND",
         value_name = "ADDR",
-        default_value = "127.0.0.1:50007"
+        default_value = "127.0.0.1:50007",
+        hide_default_value = true,
+        value_parser = |s: &str| config::parse_addr(s, 50007)
     )]
     pub bind: SocketAddr,
 
@@ -40,20 +42,21 @@ pub struct EchoArgs {
     #[arg(long)]
     pub upper: bool,
 
-    /// Prometheus endpoint address, or `off`
-    #[arg(long, env = "UDPHUB_ECHO_METRICS", value_name = "ADDR|off", default_value = "off", value_parser = config::parse_metrics)]
+    /// Prometheus endpoint address, or `off` [default: off]
+    #[arg(long, env = "UDPHUB_ECHO_METRICS", value_name = "ADDR|off", default_value = "off", hide_default_value = true, value_parser = config::parse_metrics)]
     pub metrics: MetricsAddr,
 
     /// Drop (and count) datagrams longer than this many bytes
     #[arg(long, value_name = "BYTES", default_value_t = config::DEFAULT_MAX_DATAGRAM)]
     pub max_datagram: usize,
 
-    /// Log filter
+    /// Log filter: error, warn, info, debug, trace, or target=level directives [default: info]
     #[arg(
         long,
         env = "UDPHUB_LOG_LEVEL",
         value_name = "FILTER",
-        default_value = "info"
+        default_value = "info",
+        hide_default_value = true
     )]
     pub log_level: String,
 

@@ -36,6 +36,7 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         dest: SocketAddr::V4(SocketAddrV4::new(broadcast, args.port)),
         name: args.name.clone(),
         heartbeat: None,
+        link: crate::clients::chat::Link::new_unused(),
         hello: JOINED.to_vec(),
         goodbye: LEFT.to_vec(),
         linger: args.linger,

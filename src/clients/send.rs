@@ -2,8 +2,10 @@
 //! `--wait` (seed 004's client). Handy for scripts and health checks:
 //! `udphub send --server 127.0.0.1:50007 ping --expect-reply`.
 
-use std::io::{self, Write};
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -15,12 +17,21 @@ use crate::error::Error;
 /// `udphub send` flags.
 #[derive(Debug, Clone, Args)]
 pub struct SendArgs {
-    /// Where to send, e.g. 127.0.0.1:9999
+    /// Where to send, e.g. 127.0.0.1:9999 or localhost:9999
     #[arg(long, env = "UDPHUB_SERVER", value_name = "ADDR")]
     pub server: String,
 
-    /// The datagram's contents (sent as is, no newline added)
-    pub message: String,
+    /// The datagram's contents, sent as is (any bytes; no newline added)
+    #[arg(required_unless_present_any = ["stdin", "hex"], conflicts_with_all = ["stdin", "hex"])]
+    pub message: Option<OsString>,
+
+    /// Send what stdin holds (up to end of input) as the datagram
+    #[arg(long, conflicts_with = "hex")]
+    pub stdin: bool,
+
+    /// Send these bytes, written in hex (e.g. `ff00 41`; spaces ignored)
+    #[arg(long, value_name = "HEX")]
+    pub hex: Option<String>,
 
     /// How long to wait for replies
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -31,13 +42,69 @@ pub struct SendArgs {
     pub expect_reply: bool,
 }
 
-/// Sends the message; prints replies, one per line. Returns how many came.
-pub fn run(args: &SendArgs) -> Result<usize, Error> {
+/// What a send came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// This many replies arrived within `--wait`.
+    Replies(usize),
+    /// The kernel reported "connection refused": nothing listens there.
+    NotListening(SocketAddr),
+}
+
+/// The datagram the arguments ask for.
+fn payload(args: &SendArgs) -> Result<Vec<u8>, Error> {
+    if args.stdin {
+        let mut data = Vec::new();
+        io::stdin()
+            .read_to_end(&mut data)
+            .map_err(|e| Error::io("read stdin", e))?;
+        return Ok(data);
+    }
+    if let Some(hex) = &args.hex {
+        return parse_hex(hex).map_err(|e| Error::Config(format!("--hex: {e}")));
+    }
+    Ok(args
+        .message
+        .as_ref()
+        .map(|m| m.as_bytes().to_vec())
+        .unwrap_or_default())
+}
+
+/// Hex digits (spaces and a leading `0x` ignored) to bytes.
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text
+        .trim()
+        .trim_start_matches("0x")
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    if digits.len() % 2 != 0 {
+        return Err(format!("{text:?} has an odd number of hex digits"));
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "{text:?}: {:?} is not a hex byte",
+                        String::from_utf8_lossy(pair)
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Sends the message; prints replies, one per line.
+pub fn run(args: &SendArgs) -> Result<Sent, Error> {
     let server = resolve(&args.server)?;
-    if args.message.len() > MAX_UDP_PAYLOAD {
+    let message = payload(args)?;
+    if message.len() > MAX_UDP_PAYLOAD {
         return Err(Error::Config(format!(
             "the message is {} bytes; a datagram holds at most {MAX_UDP_PAYLOAD}",
-            args.message.len()
+            message.len()
         )));
     }
     let local: SocketAddr = if server.is_ipv6() {
@@ -47,8 +114,7 @@ pub fn run(args: &SendArgs) -> Result<usize, Error> {
     };
     let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
     sock.connect(server).map_err(|e| Error::io("connect", e))?;
-    sock.send(args.message.as_bytes())
-        .map_err(|e| Error::io("send", e))?;
+    sock.send(&message).map_err(|e| Error::io("send", e))?;
     let deadline = Instant::now() + args.wait;
     let mut buf = vec![0u8; 65_536];
     let mut replies = 0;
@@ -75,10 +141,26 @@ pub fn run(args: &SendArgs) -> Result<usize, Error> {
             {
                 break
             }
-            // Nothing listens there (ICMP port unreachable): no reply will come.
+            // ICMP "port unreachable": no reply will ever come.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && replies == 0 => {
+                return Ok(Sent::NotListening(server))
+            }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
             Err(e) => return Err(Error::io("receive", e)),
         }
     }
-    Ok(replies)
+    Ok(Sent::Replies(replies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_bytes() {
+        assert_eq!(parse_hex("ff00 41").unwrap(), vec![0xff, 0, 0x41]);
+        assert_eq!(parse_hex("0x0a").unwrap(), vec![10]);
+        assert!(parse_hex("abc").unwrap_err().contains("odd"));
+        assert!(parse_hex("zz").unwrap_err().contains("not a hex byte"));
+    }
 }

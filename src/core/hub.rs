@@ -54,6 +54,14 @@ pub enum Effect<'a> {
     Nothing,
     /// Send one rendered message to the live members of a room.
     Fanout(Fanout<'a>),
+    /// Answer the sender: `bytes` to `to`. Never longer than the datagram
+    /// that caused it, so a spoofed source gains no amplification.
+    Reply {
+        /// Where the answer goes (the datagram's source).
+        to: RawAddr,
+        /// The answer.
+        bytes: &'a [u8],
+    },
 }
 
 /// One message to fan out: the bytes, rendered once, and who gets them.
@@ -87,6 +95,8 @@ pub struct Hub {
     rendered: Vec<u8>,
     /// Reused buffer of wheel entries that came due.
     due: Vec<Entry>,
+    /// The answer to a timeout query, made once.
+    timeout_answer: Vec<u8>,
 }
 
 impl Hub {
@@ -108,6 +118,7 @@ impl Hub {
             echo: config.echo,
             rendered: Vec::with_capacity(config.max_datagram + 64),
             due: Vec::new(),
+            timeout_answer: protocol::timeout_answer(config.timeout),
         }
     }
 
@@ -142,6 +153,18 @@ impl Hub {
                 counts.heartbeats += 1;
                 self.join_or_refresh(source, client, tick, counts);
                 Effect::Nothing
+            }
+            Kind::TimeoutQuery => {
+                counts.heartbeats += 1;
+                self.join_or_refresh(source, client, tick, counts);
+                if self.timeout_answer.len() <= arrival.data.len() {
+                    Effect::Reply {
+                        to: source,
+                        bytes: &self.timeout_answer,
+                    }
+                } else {
+                    Effect::Nothing
+                }
             }
             Kind::Quit => {
                 counts.quits += 1;
@@ -295,6 +318,7 @@ mod tests {
     fn fanout(effect: Effect<'_>) -> Option<(Vec<u8>, Vec<u16>)> {
         match effect {
             Effect::Nothing => None,
+            Effect::Reply { to, bytes } => Some((bytes.to_vec(), vec![to.port()])),
             Effect::Fanout(f) => {
                 let mut ports: Vec<u16> = f.recipients.map(|a| a.port()).collect();
                 ports.sort();
@@ -337,6 +361,20 @@ mod tests {
             (f.counts.heartbeats, f.counts.messages, f.counts.joined),
             (2, 1, 3)
         );
+    }
+
+    #[test]
+    fn a_timeout_query_registers_and_is_answered_only_if_the_answer_fits() {
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(2500),
+            ..config()
+        });
+        let padded = [&b"^timeout^"[..], &[b' '; 23]].concat();
+        let (answer, to) = f.at(0, from(1, &padded)).unwrap();
+        assert_eq!((answer.as_slice(), to), (&b"^timeout^2500"[..], vec![1]));
+        // Unpadded, the answer would be longer than the question: silence.
+        assert_eq!(f.at(0, from(2, b"^timeout^")), None);
+        assert_eq!((f.counts.heartbeats, f.counts.joined), (2, 2));
     }
 
     #[test]

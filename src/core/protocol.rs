@@ -19,6 +19,30 @@ pub const HEARTBEAT: &[u8] = b"^hb^";
 pub const QUIT: &[u8] = b"quit";
 /// What every live client receives when the relay shuts down.
 pub const BYE: &[u8] = b"bye";
+/// A heartbeat that also asks the relay's `--timeout` (a udphub extension:
+/// clients pad it so the answer, `^timeout^<milliseconds>`, fits).
+pub const TIMEOUT_QUERY: &[u8] = b"^timeout^";
+/// How long a padded [`TIMEOUT_QUERY`] should be so that any answer fits
+/// (`^timeout^` + up to 23 digits).
+pub const TIMEOUT_QUERY_LEN: usize = 32;
+
+/// The relay's answer to a [`TIMEOUT_QUERY`]: `^timeout^` and the timeout
+/// in whole milliseconds.
+pub fn timeout_answer(timeout: std::time::Duration) -> Vec<u8> {
+    let mut out = TIMEOUT_QUERY.to_vec();
+    out.extend_from_slice(timeout.as_millis().to_string().as_bytes());
+    out
+}
+
+/// Reads a [`timeout_answer`]: the relay's timeout, if `datagram` is one.
+pub fn parse_timeout_answer(datagram: &[u8]) -> Option<std::time::Duration> {
+    let digits = datagram.strip_prefix(TIMEOUT_QUERY)?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ms: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
 
 /// What a datagram asks of the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +51,8 @@ pub enum Kind<'a> {
     Heartbeat,
     /// `quit`: the sender leaves now.
     Quit,
+    /// `^timeout^`: a heartbeat that asks for the relay's timeout.
+    TimeoutQuery,
     /// Anything else: relay this body to every live client.
     Message(&'a [u8]),
 }
@@ -48,6 +74,7 @@ pub fn classify(datagram: &[u8]) -> Kind<'_> {
     match body.trim_ascii() {
         b"" | HEARTBEAT => Kind::Heartbeat,
         QUIT => Kind::Quit,
+        TIMEOUT_QUERY => Kind::TimeoutQuery,
         _ => Kind::Message(body),
     }
 }
@@ -61,6 +88,10 @@ enum Segment {
     Body,
     /// The sender's IP address.
     Ip,
+    /// The sender's IP address where a `:` and the port follow: an IPv6
+    /// address is put in brackets (`[::1]:7`), so address and port can be
+    /// told apart; IPv4 (and v4-mapped) is shown as is, as in the seeds.
+    IpBeforePort,
     /// The sender's port.
     Port,
 }
@@ -144,6 +175,13 @@ impl Template {
         if !literal.is_empty() {
             segments.push(Segment::Literal(literal));
         }
+        for i in 1..segments.len() {
+            if segments[i - 1] == Segment::Ip
+                && matches!(&segments[i], Segment::Literal(l) if l.starts_with(b":"))
+            {
+                segments[i - 1] = Segment::IpBeforePort;
+            }
+        }
         Ok(Template { segments })
     }
 
@@ -165,6 +203,14 @@ impl Template {
                 Segment::Ip => {
                     let _ = write!(out, "{}", from.display_ip());
                 }
+                Segment::IpBeforePort => match from.display_ip() {
+                    ip @ std::net::IpAddr::V4(_) => {
+                        let _ = write!(out, "{ip}");
+                    }
+                    ip @ std::net::IpAddr::V6(_) => {
+                        let _ = write!(out, "[{ip}]");
+                    }
+                },
                 Segment::Port => {
                     let _ = write!(out, "{}", from.port());
                 }
@@ -219,6 +265,23 @@ mod tests {
     }
 
     #[test]
+    fn timeout_query_and_answer() {
+        let padded = format!("{:<32}", "^timeout^");
+        assert_eq!(classify(padded.as_bytes()), Kind::TimeoutQuery);
+        assert_eq!(classify(b"^timeout^\n"), Kind::TimeoutQuery);
+        assert_eq!(classify(b"^timeout^5"), Kind::Message(b"^timeout^5"));
+        let a = timeout_answer(std::time::Duration::from_millis(2500));
+        assert_eq!(a, b"^timeout^2500");
+        assert_eq!(
+            parse_timeout_answer(&a),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(parse_timeout_answer(b"^timeout^"), None);
+        assert_eq!(parse_timeout_answer(b"^timeout^12x"), None);
+        assert_eq!(parse_timeout_answer(b"hello"), None);
+    }
+
+    #[test]
     fn message_loses_exactly_one_trailing_newline() {
         assert_eq!(classify(b"123abc\n"), Kind::Message(b"123abc"));
         assert_eq!(classify(b"123abc\r\n"), Kind::Message(b"123abc"));
@@ -232,6 +295,21 @@ mod tests {
         let mut out = Vec::new();
         Template::default().render(b"123abc", &from("127.0.0.1:5555"), &mut out);
         assert_eq!(out, b"123abc. from 127.0.0.1:5555");
+    }
+
+    #[test]
+    fn ipv6_senders_are_bracketed_before_a_port() {
+        let mut out = Vec::new();
+        let t = Template::default();
+        t.render(b"hi", &from("[::1]:34920"), &mut out);
+        assert_eq!(out, b"hi. from [::1]:34920");
+        t.render(b"hi", &from("[::ffff:127.0.0.1]:5"), &mut out);
+        assert_eq!(out, b"hi. from 127.0.0.1:5");
+        // A bare {ip} (not followed by ':') is the address alone.
+        Template::parse("{ip} {port}")
+            .unwrap()
+            .render(b"", &from("[::1]:7"), &mut out);
+        assert_eq!(out, b"::1 7");
     }
 
     #[test]
@@ -281,6 +359,7 @@ mod tests {
                 }
                 Kind::Heartbeat => prop_assert!(matches!(body(&d).trim_ascii(), b"" | b"^hb^")),
                 Kind::Quit => prop_assert_eq!(body(&d).trim_ascii(), b"quit"),
+                Kind::TimeoutQuery => prop_assert_eq!(body(&d).trim_ascii(), TIMEOUT_QUERY),
             }
         }
 

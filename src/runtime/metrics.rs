@@ -170,7 +170,7 @@ fn describe() {
     describe_counter!(
         "udphub_fanout_recipients_total",
         Unit::Count,
-        "Deliveries attempted by fan-outs (messages and the shutdown bye): delivered + delivery_dropped."
+        "Deliveries attempted (messages, replies and the shutdown bye): delivered + delivery_dropped."
     );
     describe_counter!(
         "udphub_deliveries_total",

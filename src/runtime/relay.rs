@@ -90,6 +90,10 @@ impl Service for Relay {
                     .fanout_seconds
                     .push(io.received_at.elapsed().as_secs_f64());
             }
+            Effect::Reply { to, bytes } => {
+                let report = self.fanout.send(io.fd, bytes, std::iter::once(&to));
+                count(report, io.counts, &mut self.send_errors);
+            }
         }
     }
 

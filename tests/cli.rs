@@ -1,0 +1,146 @@
+//! A new user's mistakes, through the real binary: each one gets one line
+//! on stderr that names what is wrong and how to fix it, and exit code 2.
+
+mod util;
+
+use std::process::{Command, Stdio};
+
+use util::{spawn_relay, udphub_bin, Client};
+
+/// Runs `udphub args…` and returns (exit code, stderr).
+fn udphub(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(udphub_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run udphub");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts a usage error: exit 2, one line, containing every needle.
+fn usage_error(args: &[&str], needles: &[&str]) {
+    let (code, stderr) = udphub(args);
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}:\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {stderr:?} lacks {n:?}");
+    }
+}
+
+/// A missing argument is named, with the usage line of that subcommand and
+/// a pointer to that subcommand's --help.
+#[test]
+fn missing_arguments_are_named_with_the_subcommands_usage() {
+    usage_error(
+        &["send", "hello"],
+        &[
+            "--server <ADDR>",
+            "usage: udphub send",
+            "`udphub send --help`",
+        ],
+    );
+    usage_error(&["chat"], &["--server <ADDR>", "`udphub chat --help`"]);
+    usage_error(&["send", "--server", "127.0.0.1:9"], &["<MESSAGE>"]);
+    usage_error(&["serve", "--bind"], &["--bind", "`udphub serve --help`"]);
+}
+
+/// `udphub` alone lists the commands; a near miss gets "did you mean".
+#[test]
+fn no_command_lists_the_commands_and_a_typo_gets_a_suggestion() {
+    let (code, stderr) = udphub(&[]);
+    assert_eq!(code, Some(2));
+    for cmd in ["serve", "echo", "chat", "send"] {
+        assert!(stderr.contains(&format!("  {cmd} ")), "{stderr}");
+    }
+    usage_error(&["server"], &["'serve'"]);
+    usage_error(&["serve", "--bnd", "x"], &["'--bind'"]);
+}
+
+/// A log filter that is not a level or a directive is refused.
+#[test]
+fn a_bad_log_level_is_refused() {
+    usage_error(
+        &["serve", "--log-level", "loud", "--metrics", "off"],
+        &["\"loud\" is not a level", "debug"],
+    );
+    usage_error(
+        &["echo", "--log-level", "udphub=noisy"],
+        &["\"noisy\" is not a level"],
+    );
+}
+
+/// Each wrong part of an address is named.
+#[test]
+fn bind_addresses_say_which_part_is_wrong() {
+    usage_error(
+        &["serve", "--bind", "127.0.0.1"],
+        &["no port", "127.0.0.1:9999"],
+    );
+    usage_error(&["serve", "--bind", "127.0.0.1:99999"], &["out of range"]);
+    usage_error(
+        &["serve", "--bind", "::1:9730"],
+        &["brackets", "[::1]:9730"],
+    );
+    usage_error(&["serve", "--metrics", "127.0.0.1"], &["no port", "off"]);
+    usage_error(&["echo", "--bind", "localhost"], &["no port", "50007"]);
+    usage_error(
+        &["send", "--server", "127.0.0.1", "x"],
+        &["--server", "no port"],
+    );
+}
+
+/// Host names are resolved for --bind, like the clients do.
+#[test]
+fn a_host_name_binds() {
+    let relay = spawn_relay_with_bind("localhost:0");
+    assert!(relay.addr.ip().is_loopback(), "{}", relay.addr);
+}
+
+fn spawn_relay_with_bind(bind: &str) -> util::RelayProc {
+    util::spawn_relay_on(bind, true, &[])
+}
+
+/// Durations: a bare number is seconds, fractions too.
+#[test]
+fn fractional_seconds_are_a_duration() {
+    let relay = spawn_relay(&["--timeout", "0.3"]);
+    let _a = Client::joined(&relay);
+    relay.wait_metric("udphub_clients_expired_total", 1.0);
+    usage_error(&["serve", "--timeout", "soon"], &["not a duration", "0.5"]);
+}
+
+/// The config file: numbers of seconds work; wrong types and unquoted text
+/// name the line, the key and what is expected.
+#[test]
+fn config_file_mistakes_name_the_line_and_key() {
+    let dir = util::temp_path("cfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let ok = write("ok.toml", "timeout = 30\nmetrics = \"off\"\n");
+    let relay = util::spawn_relay_with("127.0.0.1:0", true, &[], &["--config", &ok]);
+    drop(relay);
+
+    let f = write("num.toml", "# limits\nmax-clients = \"200000\"\n");
+    usage_error(
+        &["serve", "--config", &f],
+        &["line 2", "max-clients must be a whole number", "\"200000\""],
+    );
+    let f = write("bind.toml", "timeout = \"3s\"\nbind = 127.0.0.1:9740\n");
+    usage_error(
+        &["serve", "--config", &f],
+        &["line 2", "bind = \"127.0.0.1:9740\""],
+    );
+    let f = write("key.toml", "max_clients = 5\n");
+    usage_error(
+        &["serve", "--config", &f],
+        &["line 1", "unknown key `max_clients`", "max-clients"],
+    );
+}
