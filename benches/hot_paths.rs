@@ -175,6 +175,10 @@ fn hub(c: &mut Criterion) {
             max_clients: 1_000_000,
             expect_clients: 0,
             max_datagram: 1472,
+            max_rooms: 100_000,
+            max_room_clients: 100_000,
+            room_secret: None,
+            lobby_open: true,
         };
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);
@@ -216,5 +220,79 @@ fn hub(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, table, wheel, hub);
+/// A message to a 100-member room, sent for real (sendmmsg to 100 loopback
+/// sockets): alone on the relay, and among 1,000,000 clients in 10,000
+/// rooms. Fan-out walks the room's member list, so the two should cost the
+/// same per delivery.
+fn room_fanout(c: &mut Criterion) {
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    use udphub::net::fanout::Fanout;
+
+    let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let members: Vec<UdpSocket> = (0..100)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let mut g = c.benchmark_group("room_fanout");
+    g.throughput(Throughput::Elements(100));
+    g.sample_size(30);
+    for (label, other_rooms) in [("alone", 0u32), ("among_1M_in_10k_rooms", 9_999)] {
+        let config = HubConfig {
+            timeout: Duration::from_secs(3600),
+            format: Template::default(),
+            echo: true,
+            max_clients: 2_000_000,
+            expect_clients: 1_000_000,
+            max_datagram: 1472,
+            max_rooms: 100_000,
+            max_room_clients: 100_000,
+            room_secret: None,
+            lobby_open: true,
+        };
+        let t0 = Instant::now();
+        let mut hub = Hub::new(&config, t0);
+        let mut counts = Counts::default();
+        let join = |hub: &mut Hub, counts: &mut Counts, from: RawAddr, room: u32| {
+            let datagram = format!("^join^r{room}");
+            let a = Arrival {
+                data: datagram.as_bytes(),
+                source: Some(from),
+                truncated: false,
+            };
+            let _ = hub.handle(t0, a, counts);
+        };
+        for m in &members {
+            join(&mut hub, &mut counts, m.local_addr().unwrap().into(), 0);
+        }
+        for room in 1..=other_rooms {
+            for j in 0..100 {
+                join(&mut hub, &mut counts, addr(room * 100 + j), room);
+            }
+        }
+        let sender: RawAddr = members[0].local_addr().unwrap().into();
+        let mut fanout = Fanout::default();
+        let body = [b'm'; 64];
+        let now = t0 + Duration::from_millis(1);
+        g.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter(|| {
+                let a = Arrival {
+                    data: &body,
+                    source: Some(sender),
+                    truncated: false,
+                };
+                match hub.handle(now, a, &mut counts) {
+                    Effect::Fanout(f) => {
+                        fanout
+                            .send(relay.as_fd(), f.payload, f.recipients)
+                            .delivered
+                    }
+                    _ => 0,
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, protocol, table, wheel, hub, room_fanout);
 criterion_main!(benches);

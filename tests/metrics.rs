@@ -33,6 +33,10 @@ fn all_design_metrics_are_exported() {
         ("udphub_delivery_dropped_total", "counter"),
         ("udphub_fanout_recipients_total", "counter"),
         ("udphub_loop_iteration_seconds", "histogram"),
+        ("udphub_recv_errors_total", "counter"),
+        ("udphub_rooms", "gauge"),
+        ("udphub_room_joins_total", "counter"),
+        ("udphub_room_join_refused_total", "counter"),
     ] {
         assert!(
             text.contains(&format!("# TYPE {name} {kind}")),
@@ -185,8 +189,8 @@ fn accounting_invariant_holds_under_a_flood() {
     );
     assert_eq!(
         received,
-        kind("heartbeat") + kind("quit") + kind("message") + dropped,
-        "received != heartbeats + quits + messages + dropped\n{text}"
+        kind("heartbeat") + kind("quit") + kind("message") + kind("join") + dropped,
+        "received != heartbeats + quits + messages + joins + dropped\n{text}"
     );
     assert_eq!(kind("dropped"), dropped);
     if kernel == 0.0 && backlog_lost == 0.0 {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
-# promtool, tmux, ip) from Debian if they are missing, then runs every test.
+# promtool, tmux, ip from Debian; PyJWT from PyPI) if they are missing, then
+# runs every test.
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,13 @@ if ((${#missing[@]})); then
     if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PyJWT mints the room tokens the tests check udphub against (a JWT
+# library nobody here wrote).
+if ! python3 -c "import jwt" 2>/dev/null; then
+    echo "tests/run.sh: installing PyJWT" >&2
+    python3 -m pip install --quiet --disable-pip-version-check pyjwt 2>&1 | grep -v "^WARNING: Running pip as" >&2 || true
 fi
 
 # Run everything, then close with one summary line over all test binaries

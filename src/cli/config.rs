@@ -14,6 +14,7 @@ use clap::Args;
 
 use crate::core::hub::HubConfig;
 use crate::core::protocol::Template;
+use crate::core::token::RoomSecret;
 use crate::error::Error;
 
 /// The largest UDP payload over IPv4 (65535 − 20 IP − 8 UDP header bytes).
@@ -81,6 +82,49 @@ pub struct ServeArgs {
     /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`), for scripts and tests using port 0
     #[arg(long, env = "UDPHUB_READY_FILE", value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+
+    /// Refuse (and count) joins that would make more rooms than this [default: 100000]
+    #[arg(long, env = "UDPHUB_MAX_ROOMS", value_name = "N")]
+    pub max_rooms: Option<usize>,
+
+    /// Refuse (and count) joins to a room that has this many members [default: 100000]
+    #[arg(long, env = "UDPHUB_MAX_ROOM_CLIENTS", value_name = "N")]
+    pub max_room_clients: Option<usize>,
+
+    /// File holding the room secret (HS256 key, at least 32 bytes; a trailing newline is ignored): every named room then needs a token
+    #[arg(long, env = "UDPHUB_ROOM_SECRET_FILE", value_name = "FILE")]
+    pub room_secret_file: Option<PathBuf>,
+
+    /// With a room secret: whether clients outside any room may talk (`open`) or must join one first (`closed`) [default: open]
+    #[arg(long, env = "UDPHUB_LOBBY", value_name = "open|closed", value_parser = parse_lobby)]
+    pub lobby: Option<bool>,
+}
+
+/// Parses `--lobby`: `open` (true) or `closed` (false).
+pub fn parse_lobby(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "open" => Ok(true),
+        "closed" => Ok(false),
+        other => Err(format!("{other:?}: the lobby is `open` or `closed`")),
+    }
+}
+
+/// Reads a room secret file: its bytes, less one trailing newline.
+pub fn read_secret(path: &Path) -> Result<RoomSecret, Error> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        Error::Config(format!(
+            "cannot read --room-secret-file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    RoomSecret::new(bytes)
+        .map_err(|e| Error::Config(format!("--room-secret-file {}: {e}", path.display())))
 }
 
 /// Where to serve `/metrics`, or nowhere.
@@ -107,10 +151,18 @@ struct FileConfig {
     send_buffer: Option<usize>,
     log_level: Option<String>,
     ready_file: Option<PathBuf>,
+    max_rooms: Option<usize>,
+    max_room_clients: Option<usize>,
+    room_secret_file: Option<PathBuf>,
+    lobby: Option<bool>,
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 12] = [
+const FILE_KEYS: [&str; 16] = [
+    "max-rooms",
+    "max-room-clients",
+    "room-secret-file",
+    "lobby",
     "bind",
     "metrics",
     "timeout",
@@ -152,6 +204,14 @@ pub struct Config {
     pub log_level: String,
     /// Where to write the bound addresses once ready, if anywhere.
     pub ready_file: Option<PathBuf>,
+    /// Most named rooms at once.
+    pub max_rooms: usize,
+    /// Most members of one named room.
+    pub max_room_clients: usize,
+    /// The room secret (read from `--room-secret-file`), if rooms need tokens.
+    pub room_secret: Option<RoomSecret>,
+    /// With a secret: whether the lobby is open.
+    pub lobby_open: bool,
 }
 
 impl Default for Config {
@@ -169,6 +229,10 @@ impl Default for Config {
             send_buffer: DEFAULT_SOCKET_BUFFER,
             log_level: "info".to_string(),
             ready_file: None,
+            max_rooms: 100_000,
+            max_room_clients: 100_000,
+            room_secret: None,
+            lobby_open: true,
         }
     }
 }
@@ -183,6 +247,10 @@ impl Config {
             max_clients: self.max_clients,
             expect_clients: self.expect_clients,
             max_datagram: self.max_datagram,
+            max_rooms: self.max_rooms,
+            max_room_clients: self.max_room_clients,
+            room_secret: self.room_secret.clone(),
+            lobby_open: self.lobby_open,
         }
     }
 
@@ -242,6 +310,20 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or(d.log_level),
             ready_file: args.ready_file.clone().or(file.ready_file),
+            max_rooms: args.max_rooms.or(file.max_rooms).unwrap_or(d.max_rooms),
+            max_room_clients: args
+                .max_room_clients
+                .or(file.max_room_clients)
+                .unwrap_or(d.max_room_clients),
+            room_secret: match args
+                .room_secret_file
+                .as_ref()
+                .or(file.room_secret_file.as_ref())
+            {
+                Some(path) => Some(read_secret(path)?),
+                None => None,
+            },
+            lobby_open: args.lobby.or(file.lobby).unwrap_or(d.lobby_open),
         };
         config.validate()?;
         Ok(config)
@@ -289,6 +371,11 @@ impl Config {
                     i32::MAX
                 ));
             }
+        }
+        if !self.lobby_open && self.room_secret.is_none() {
+            return bad(
+                "--lobby closed needs --room-secret-file: without a secret there are no tokens to join rooms with".into(),
+            );
         }
         if let Some(m) = self.metrics {
             if m == self.bind && m.port() != 0 {
@@ -400,9 +487,19 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     file.log_level = Some(s);
                 }
             }
-            "ready-file" => {
+            "ready-file" | "room-secret-file" => {
                 let s = value.as_str().ok_or_else(|| fail("a quoted file path"))?;
-                file.ready_file = Some(PathBuf::from(s));
+                if key == "ready-file" {
+                    file.ready_file = Some(PathBuf::from(s));
+                } else {
+                    file.room_secret_file = Some(PathBuf::from(s));
+                }
+            }
+            "lobby" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("\"open\" or \"closed\""))?;
+                file.lobby = Some(parse_lobby(s).map_err(|e| format!("{at}: lobby: {e}"))?);
             }
             "no-echo" => {
                 file.no_echo = Some(
@@ -411,7 +508,8 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                         .ok_or_else(|| fail("true or false (no quotes)"))?,
                 );
             }
-            "max-datagram" | "max-clients" | "expect-clients" | "recv-buffer" | "send-buffer" => {
+            "max-datagram" | "max-clients" | "expect-clients" | "recv-buffer" | "send-buffer"
+            | "max-rooms" | "max-room-clients" => {
                 let n = value
                     .as_integer()
                     .and_then(|n| usize::try_from(n).ok())
@@ -421,6 +519,8 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     "max-clients" => &mut file.max_clients,
                     "expect-clients" => &mut file.expect_clients,
                     "recv-buffer" => &mut file.recv_buffer,
+                    "max-rooms" => &mut file.max_rooms,
+                    "max-room-clients" => &mut file.max_room_clients,
                     _ => &mut file.send_buffer,
                 };
                 *slot = Some(n);

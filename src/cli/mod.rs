@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod config;
+pub mod token;
 
 use crate::cli::config::{Config, ServeArgs};
 use crate::clients::send::Sent;
@@ -34,6 +35,8 @@ pub enum Command {
     Chat(crate::clients::chat::ChatArgs),
     /// Send one datagram and print the replies.
     Send(crate::clients::send::SendArgs),
+    /// Print a room token (an HS256 JWT) for `serve --room-secret-file`.
+    Token(token::TokenArgs),
 }
 
 /// How a command ended, when it ended without an error.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
             init_logging(&args.log_level)?;
             crate::clients::echo::run(&args).map(|()| Exit::Done)
         }
+        Command::Token(args) => token::run(&args).map(|()| Exit::Done),
         Command::Chat(args) => crate::clients::chat::run(&args).map(|()| Exit::Done),
         Command::Send(args) => match crate::clients::send::run(&args)? {
             Sent::NotListening(addr) => {

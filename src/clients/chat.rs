@@ -429,15 +429,16 @@ impl Session {
     }
 }
 
-/// Lowers the heartbeat interval to a third of the relay's `timeout` if
-/// that is sooner than now (so two heartbeats may be lost without being
-/// expired); returns what to tell the user, if anything changed.
+/// If the heartbeat is longer than half the relay's `timeout` (so that
+/// one lost heartbeat would get us expired), lowers it to a third of the
+/// timeout; returns what to tell the user, if anything changed. (The seeds'
+/// 5 s heartbeat against their 10 s timeout is left alone.)
 fn adapt_heartbeat(link: &Link, timeout: Duration) -> Option<String> {
-    let want = (timeout / 3).max(Duration::from_millis(10));
     let now = Duration::from_millis(link.heartbeat_ms.load(Ordering::Relaxed));
-    if want >= now {
+    if now <= timeout / 2 {
         return None;
     }
+    let want = Duration::from_millis((timeout.as_millis() / 3).max(10) as u64);
     link.heartbeat_ms
         .store(want.as_millis() as u64, Ordering::Relaxed);
     Some(format!(
@@ -466,6 +467,16 @@ pub(crate) fn sanitize(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_heartbeat_follows_a_short_timeout_only() {
+        let link = Link::new(Duration::from_secs(5));
+        assert_eq!(adapt_heartbeat(&link, Duration::from_secs(10)), None);
+        let said = adapt_heartbeat(&link, Duration::from_secs(2)).unwrap();
+        assert!(said.ends_with("heartbeating every 666ms"), "{said}");
+        assert_eq!(link.heartbeat_ms.load(Ordering::Relaxed), 666);
+        assert_eq!(adapt_heartbeat(&link, Duration::from_secs(2)), None);
+    }
 
     #[test]
     fn sanitize_escapes_terminal_control() {

@@ -9,6 +9,7 @@
 
 use crate::core::addr::RawAddr;
 use crate::core::protocol::{self, Kind};
+use crate::core::rooms::{RoomId, LOBBY};
 
 labelled_enum! {
     /// Why a datagram was dropped unrelayed (`udphub_dropped_total{reason}`).
@@ -19,6 +20,9 @@ labelled_enum! {
         TableFull => "table_full",
         /// The kernel reported a source address that is not IPv4/IPv6.
         BadSource => "bad_source",
+        /// With a room secret and a closed lobby: anything but a join or a
+        /// quit from a client that is not in a room.
+        LobbyClosed => "lobby_closed",
     }
 }
 
@@ -44,6 +48,8 @@ pub struct Admitted<'a> {
     pub kind: Kind<'a>,
     /// The sender's slot in the client table, if it is a client.
     pub client: Option<u32>,
+    /// The sender's room (the lobby for a newcomer).
+    pub room: RoomId,
 }
 
 /// The admission limits.
@@ -51,12 +57,18 @@ pub struct Admitted<'a> {
 pub struct Admission {
     /// `--max-clients`: a datagram that would register one more is dropped.
     max_clients: usize,
+    /// Whether the lobby relays (false: only room members talk).
+    lobby_open: bool,
 }
 
 impl Admission {
-    /// Admission with a cap of `max_clients` clients.
-    pub fn new(max_clients: usize) -> Admission {
-        Admission { max_clients }
+    /// Admission with a cap of `max_clients` clients, and an open or a
+    /// closed lobby.
+    pub fn new(max_clients: usize, lobby_open: bool) -> Admission {
+        Admission {
+            max_clients,
+            lobby_open,
+        }
     }
 
     /// Checks what any server needs of a datagram: an answerable source,
@@ -71,16 +83,27 @@ impl Admission {
     }
 
     /// Checks a datagram for the relay. `lookup` finds the sender's table
-    /// slot; `clients` is how many clients the table holds now.
+    /// slot and room; `clients` is how many clients the table holds now.
     pub fn admit<'a>(
         &mut self,
         arrival: &Arrival<'a>,
-        lookup: impl FnOnce(&RawAddr) -> Option<u32>,
+        lookup: impl FnOnce(&RawAddr) -> Option<(u32, RoomId)>,
         clients: usize,
     ) -> Result<Admitted<'a>, DropReason> {
         let (source, data) = Admission::envelope(arrival)?;
         let kind = protocol::classify(data);
-        let client = lookup(&source);
+        let found = lookup(&source);
+        let (client, room) = match found {
+            Some((key, room)) => (Some(key), room),
+            None => (None, LOBBY),
+        };
+        let talks = matches!(
+            kind,
+            Kind::Heartbeat | Kind::Message(_) | Kind::TimeoutQuery
+        );
+        if !self.lobby_open && room == LOBBY && talks {
+            return Err(DropReason::LobbyClosed);
+        }
         // A quit from a stranger registers nobody: it is harmless, and
         // counted as a quit rather than a drop, as in v1.
         let registers = client.is_none() && !matches!(kind, Kind::Quit);
@@ -91,6 +114,7 @@ impl Admission {
             source,
             kind,
             client,
+            room,
         })
     }
 }
@@ -140,9 +164,9 @@ mod tests {
 
     #[test]
     fn a_full_table_refuses_newcomers_but_not_members_or_quits() {
-        let mut a = Admission::new(2);
+        let mut a = Admission::new(2, true);
         let stranger = |_: &RawAddr| None;
-        let member = |_: &RawAddr| Some(7);
+        let member = |_: &RawAddr| Some((7, LOBBY));
         for d in [&b"^hb^"[..], b"hello", b""] {
             assert_eq!(
                 a.admit(&arrival(d), stranger, 2).map(|_| ()),
@@ -154,5 +178,26 @@ mod tests {
         }
         let quit = a.admit(&arrival(b"quit"), stranger, 2).unwrap();
         assert_eq!(quit.kind, Kind::Quit);
+    }
+
+    #[test]
+    fn a_closed_lobby_lets_only_joins_quits_and_room_members_through() {
+        let mut a = Admission::new(10, false);
+        let stranger = |_: &RawAddr| None;
+        let in_lobby = |_: &RawAddr| Some((1, LOBBY));
+        let in_room = |_: &RawAddr| Some((1, RoomId(3)));
+        for d in [&b"^hb^"[..], b"hi", b"^timeout^"] {
+            assert_eq!(
+                a.admit(&arrival(d), stranger, 0).map(|_| ()),
+                Err(DropReason::LobbyClosed)
+            );
+            assert_eq!(
+                a.admit(&arrival(d), in_lobby, 1).map(|_| ()),
+                Err(DropReason::LobbyClosed)
+            );
+            assert!(a.admit(&arrival(d), in_room, 1).is_ok());
+        }
+        assert!(a.admit(&arrival(b"^join^r^t"), stranger, 0).is_ok());
+        assert!(a.admit(&arrival(b"quit"), in_lobby, 1).is_ok());
     }
 }

@@ -23,6 +23,19 @@ labelled_enum! {
     }
 }
 
+labelled_enum! {
+    /// Why a `^join^` was refused (`udphub_room_join_refused_total{reason}`,
+    /// and the `^denied^REASON` reply).
+    pub enum Refusal {
+        /// No token where one is needed, or one that does not check out.
+        Token => "token",
+        /// `--max-rooms` or `--max-room-clients` reached.
+        Full => "full",
+        /// Not a valid room name.
+        Name => "name",
+    }
+}
+
 /// Counts gathered between two flushes.
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
@@ -32,6 +45,12 @@ pub struct Counts {
     pub quits: u64,
     /// Messages fanned out.
     pub messages: u64,
+    /// `^join^` requests, accepted or refused.
+    pub joins: u64,
+    /// Joins accepted.
+    pub room_joins: u64,
+    /// Joins refused, indexed by [`Refusal::index`].
+    pub room_refused: [u64; Refusal::COUNT],
     /// Datagram drops, indexed by [`DropReason::index`].
     pub dropped: [u64; DropReason::COUNT],
     /// Deliveries the fan-outs attempted.
@@ -64,8 +83,8 @@ impl Counts {
         self.dropped[reason.index()] += 1;
     }
 
-    /// Datagrams accounted for: heartbeats + quits + messages + drops.
+    /// Datagrams accounted for: heartbeats + quits + messages + joins + drops.
     pub fn received(&self) -> u64 {
-        self.heartbeats + self.quits + self.messages + self.dropped.iter().sum::<u64>()
+        self.heartbeats + self.quits + self.messages + self.joins + self.dropped.iter().sum::<u64>()
     }
 }

@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use crate::core::addr::RawAddr;
 use crate::core::admission::{Admission, Admitted, Arrival};
 use crate::core::clock::Clock;
-use crate::core::counts::Counts;
+use crate::core::counts::{Counts, Refusal};
 use crate::core::protocol::{self, Kind, Template};
-use crate::core::rooms::{RoomId, LOBBY};
+use crate::core::rooms::{self, RoomId, Rooms, LOBBY};
 use crate::core::table::{Due, Recipients, Table};
+use crate::core::token::{self, RoomSecret, TokenError};
 use crate::core::wheel::{Entry, Wheel};
 
 /// What the hub needs to know, from the relay's settings.
@@ -44,6 +45,14 @@ pub struct HubConfig {
     pub expect_clients: usize,
     /// Longest datagram accepted, in bytes (sizes the render buffer).
     pub max_datagram: usize,
+    /// Most named rooms at once.
+    pub max_rooms: usize,
+    /// Most members of one named room.
+    pub max_room_clients: usize,
+    /// The room secret: with one, every named room needs a token.
+    pub room_secret: Option<RoomSecret>,
+    /// With a secret: whether clients outside any room may talk.
+    pub lobby_open: bool,
 }
 
 /// What the runtime must do about one datagram.
@@ -97,6 +106,15 @@ pub struct Hub {
     due: Vec<Entry>,
     /// The answer to a timeout query, made once.
     timeout_answer: Vec<u8>,
+    /// Reused buffer for `^room^`/`^denied^` answers.
+    reply: Vec<u8>,
+    /// The room secret, if rooms need tokens.
+    room_secret: Option<RoomSecret>,
+    /// With a secret: whether the lobby is open (`^join^` back to it allowed).
+    lobby_open: bool,
+    /// Wall-clock time in unix seconds, for token expiry; set by the
+    /// runtime ([`Hub::set_unix_time`]), since the hub reads no clock.
+    unix_now: u64,
 }
 
 impl Hub {
@@ -106,11 +124,14 @@ impl Hub {
         // One turn of the ring covers the timeout, so an entry is looked at
         // about once per timeout; capped to bound the ring's memory.
         let slots = (timeout_ticks as usize + 2).min(1 << 16);
+        let reserve = config.expect_clients.min(config.max_clients);
+        let lobby_open = config.lobby_open || config.room_secret.is_none();
         Hub {
-            admission: Admission::new(config.max_clients),
-            table: Table::with_capacity(
+            admission: Admission::new(config.max_clients, lobby_open),
+            table: Table::with_rooms(
                 timeout_ticks,
-                config.expect_clients.min(config.max_clients),
+                reserve,
+                Rooms::new(config.max_rooms, config.max_room_clients, reserve),
             ),
             wheel: Wheel::new(slots, 0),
             clock,
@@ -119,7 +140,17 @@ impl Hub {
             rendered: Vec::with_capacity(config.max_datagram + 64),
             due: Vec::new(),
             timeout_answer: protocol::timeout_answer(config.timeout),
+            reply: Vec::with_capacity(64),
+            room_secret: config.room_secret.clone(),
+            lobby_open,
+            unix_now: 0,
         }
+    }
+
+    /// Tells the hub the wall-clock time (unix seconds), for token expiry.
+    /// The runtime calls it once per batch.
+    pub fn set_unix_time(&mut self, unix_secs: u64) {
+        self.unix_now = unix_secs;
     }
 
     /// Handles one datagram that arrived at `now`. Counts it exactly once
@@ -132,10 +163,11 @@ impl Hub {
         counts: &mut Counts,
     ) -> Effect<'a> {
         let table = &self.table;
-        let admitted = match self
-            .admission
-            .admit(&arrival, |a| table.find(a), table.len())
-        {
+        let lookup = |a: &RawAddr| {
+            let key = table.find(a)?;
+            Some((key, table.get(key).map_or(LOBBY, |c| c.room)))
+        };
+        let admitted = match self.admission.admit(&arrival, lookup, table.len()) {
             Ok(admitted) => admitted,
             Err(reason) => {
                 counts.drop(reason);
@@ -147,6 +179,7 @@ impl Hub {
             source,
             kind,
             client,
+            ..
         } = admitted;
         match kind {
             Kind::Heartbeat => {
@@ -165,6 +198,18 @@ impl Hub {
                 } else {
                     Effect::Nothing
                 }
+            }
+            Kind::Join { room, token } => {
+                counts.joins += 1;
+                self.join(
+                    source,
+                    client,
+                    room,
+                    token,
+                    tick,
+                    arrival.data.len(),
+                    counts,
+                )
             }
             Kind::Quit => {
                 counts.quits += 1;
@@ -208,6 +253,80 @@ impl Hub {
             payload,
             recipients: self.table.recipients(room, tick, None),
         }
+    }
+
+    /// A `^join^`: checks the name, the token and the caps, and only then
+    /// registers the sender (if new) and moves it. A refused sender stays
+    /// where it was. Answers `^room^ROOM` or `^denied^REASON`, each only if
+    /// no longer than the request (`asked` bytes).
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        source: RawAddr,
+        client: Option<u32>,
+        name: &[u8],
+        token: Option<&[u8]>,
+        tick: u64,
+        asked: usize,
+        counts: &mut Counts,
+    ) -> Effect<'_> {
+        let refusal = if !name.is_empty() && !rooms::valid_name(name) {
+            Some(Refusal::Name)
+        } else if let Err(why) = self.check_token(name, token) {
+            tracing::debug!("{source}: join refused: token {why}");
+            Some(Refusal::Token)
+        } else if self.table.rooms().check(name).is_err() {
+            Some(Refusal::Full)
+        } else {
+            None
+        };
+        self.reply.clear();
+        match refusal {
+            Some(reason) => {
+                counts.room_refused[reason.index()] += 1;
+                self.reply.extend_from_slice(protocol::DENIED_REPLY);
+                self.reply.extend_from_slice(reason.label().as_bytes());
+            }
+            None => {
+                let key = self.join_or_refresh(source, client, tick, counts);
+                if self.table.move_to(key, name).is_ok() {
+                    counts.room_joins += 1;
+                }
+                self.reply.extend_from_slice(protocol::ROOM_REPLY);
+                self.reply.extend_from_slice(name);
+            }
+        }
+        if self.reply.len() <= asked {
+            Effect::Reply {
+                to: source,
+                bytes: &self.reply,
+            }
+        } else {
+            Effect::Nothing
+        }
+    }
+
+    /// Whether `token` lets its holder into the room called `name`.
+    fn check_token(&self, name: &[u8], token: Option<&[u8]>) -> Result<(), TokenError> {
+        let Some(secret) = &self.room_secret else {
+            // No secret: every room is open, and tokens are not looked at.
+            return Ok(());
+        };
+        if name.is_empty() {
+            // The lobby takes no token: it is open or closed.
+            return if self.lobby_open {
+                Ok(())
+            } else {
+                Err(TokenError::Room)
+            };
+        }
+        let token = token.ok_or(TokenError::Malformed)?;
+        token::verify(secret, token, name, self.unix_now)
+    }
+
+    /// Named rooms now (for the `udphub_rooms` gauge).
+    pub fn rooms(&self) -> usize {
+        self.table.rooms().len()
     }
 
     /// Refreshes a known client or registers a new one (admission has
@@ -299,6 +418,10 @@ mod tests {
             max_clients: 100,
             expect_clients: 0,
             max_datagram: 1472,
+            max_rooms: 1000,
+            max_room_clients: 1000,
+            room_secret: None,
+            lobby_open: true,
         }
     }
 
@@ -375,6 +498,128 @@ mod tests {
         // Unpadded, the answer would be longer than the question: silence.
         assert_eq!(f.at(0, from(2, b"^timeout^")), None);
         assert_eq!((f.counts.heartbeats, f.counts.joined), (2, 2));
+    }
+
+    #[test]
+    fn rooms_isolate_and_the_lobby_stays_v1() {
+        let mut f = Fixture::new(config());
+        assert_eq!(
+            f.at(0, from(1, b"^join^red")).unwrap(),
+            (b"^room^red".to_vec(), vec![1])
+        );
+        f.at(0, from(2, b"^join^red\n"));
+        f.at(0, from(3, b"^join^blue"));
+        f.at(0, from(4, b"^hb^")); // a v1 client: the lobby
+        let (_, to) = f.at(1, from(1, b"hi red")).unwrap();
+        assert_eq!(to, vec![1, 2]);
+        let (_, to) = f.at(1, from(3, b"hi blue")).unwrap();
+        assert_eq!(to, vec![3]);
+        let (_, to) = f.at(1, from(4, b"hi lobby")).unwrap();
+        assert_eq!(to, vec![4]);
+        assert_eq!(f.hub.rooms(), 2);
+        // Back to the lobby: blue is empty and freed.
+        assert_eq!(
+            f.at(2, from(3, b"^join^")).unwrap(),
+            (b"^room^".to_vec(), vec![3])
+        );
+        assert_eq!(f.hub.rooms(), 1);
+        let (_, to) = f.at(3, from(4, b"lobby again")).unwrap();
+        assert_eq!(to, vec![3, 4]);
+        // A quit frees red once both are gone.
+        f.at(4, from(1, b"quit"));
+        f.at(4, from(2, b"quit"));
+        assert_eq!(f.hub.rooms(), 0);
+        assert_eq!((f.counts.joins, f.counts.room_joins), (4, 4));
+    }
+
+    #[test]
+    fn refusals_are_counted_and_answered_only_when_the_answer_fits() {
+        let mut f = Fixture::new(HubConfig {
+            max_rooms: 1,
+            max_room_clients: 1,
+            ..config()
+        });
+        f.at(0, from(1, b"^join^one"));
+        // Full room, then no room left for a second one (padded, so the
+        // answer fits).
+        let (reply, _) = f.at(0, from(2, b"^join^one      ")).unwrap();
+        assert_eq!(reply, b"^denied^full");
+        let (reply, _) = f.at(0, from(2, b"^join^two      ")).unwrap();
+        assert_eq!(reply, b"^denied^full");
+        // A bad name; unpadded, the answer would be longer: silence.
+        assert_eq!(f.at(0, from(2, b"^join^a b")), None);
+        let (reply, _) = f.at(0, from(2, b"^join^a/b       ")).unwrap();
+        assert_eq!(reply, b"^denied^name");
+        use crate::core::counts::Refusal;
+        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 2);
+        assert_eq!(f.counts.room_refused[Refusal::Name.index()], 2);
+        // Refused newcomers were not registered.
+        assert_eq!(f.hub.clients(), 1);
+    }
+
+    fn secret() -> RoomSecret {
+        RoomSecret::new(vec![b'k'; 32]).unwrap()
+    }
+
+    fn token(room: &str, exp: u64, nbf: Option<u64>) -> Vec<u8> {
+        token::mint(
+            &secret(),
+            &token::Claims {
+                room: room.into(),
+                exp,
+                nbf,
+            },
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn with_a_secret_named_rooms_need_a_valid_token() {
+        let mut f = Fixture::new(HubConfig {
+            room_secret: Some(secret()),
+            ..config()
+        });
+        f.hub.set_unix_time(1_000);
+        let join = |room: &str, t: &[u8]| [format!("^join^{room}^").as_bytes(), t].concat();
+        let ok = join("vip", &token("vip", 2_000, None));
+        assert_eq!(f.at(0, from(1, &ok)).unwrap().0, b"^room^vip");
+        for (n, bad) in [
+            join("vip", &token("other", 2_000, None)),
+            join("vip", &token("vip", 10, None)),
+            join("vip", &token("vip", 2_000, Some(1_500))),
+            join("vip", b"garbage.garbage.garbage"),
+            b"^join^vip            ".to_vec(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (reply, _) = f.at(0, from(2, &bad)).unwrap();
+            assert_eq!(reply, b"^denied^token", "case {n}");
+        }
+        use crate::core::counts::Refusal;
+        assert_eq!(f.counts.room_refused[Refusal::Token.index()], 5);
+        // The open lobby needs no token.
+        assert_eq!(f.at(0, from(3, b"^join^")).unwrap().0, b"^room^");
+    }
+
+    #[test]
+    fn a_closed_lobby_relays_nothing_and_cannot_be_joined() {
+        let mut f = Fixture::new(HubConfig {
+            room_secret: Some(secret()),
+            lobby_open: false,
+            ..config()
+        });
+        f.hub.set_unix_time(1_000);
+        assert_eq!(f.at(0, from(1, b"hello")), None);
+        assert_eq!(f.hub.clients(), 0);
+        let ok = [&b"^join^vip^"[..], &token("vip", 2_000, None)].concat();
+        f.at(0, from(1, &ok)).unwrap();
+        let (_, to) = f.at(0, from(1, b"inside")).unwrap();
+        assert_eq!(to, vec![1]);
+        let (reply, _) = f.at(0, from(1, b"^join^              ")).unwrap();
+        assert_eq!(reply, b"^denied^token");
+        use crate::core::admission::DropReason;
+        assert_eq!(f.counts.dropped[DropReason::LobbyClosed.index()], 1);
     }
 
     #[test]

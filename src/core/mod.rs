@@ -14,6 +14,7 @@
 //! - [`counts`]: the plain counters the core and the runtime add to.
 //! - [`rooms`]: per-room member lists, so fan-out is O(room), never O(table).
 //! - [`table`]: the client table (address → slab slot, with generations).
+//! - [`token`]: room tokens (HS256 JWTs): verify and mint.
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
 //! - [`clock`]: instants to wheel ticks.
 //! - [`hub`]: the relay's state machine, which ties them together.
@@ -64,6 +65,7 @@ pub mod hub;
 pub mod protocol;
 pub mod rooms;
 pub mod table;
+pub mod token;
 pub mod wheel;
 
 pub use admission::DropReason;

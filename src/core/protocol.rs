@@ -22,6 +22,12 @@ pub const BYE: &[u8] = b"bye";
 /// A heartbeat that also asks the relay's `--timeout` (a udphub extension:
 /// clients pad it so the answer, `^timeout^<milliseconds>`, fits).
 pub const TIMEOUT_QUERY: &[u8] = b"^timeout^";
+/// The join control word (wire protocol v2): `^join^ROOM[^TOKEN]`.
+pub const JOIN: &[u8] = b"^join^";
+/// The answer to an accepted join: `^room^ROOM`.
+pub const ROOM_REPLY: &[u8] = b"^room^";
+/// The answer to a refused join: `^denied^REASON`.
+pub const DENIED_REPLY: &[u8] = b"^denied^";
 /// How long a padded [`TIMEOUT_QUERY`] should be so that any answer fits
 /// (`^timeout^` + up to 23 digits).
 pub const TIMEOUT_QUERY_LEN: usize = 32;
@@ -53,6 +59,14 @@ pub enum Kind<'a> {
     Quit,
     /// `^timeout^`: a heartbeat that asks for the relay's timeout.
     TimeoutQuery,
+    /// `^join^ROOM` or `^join^ROOM^TOKEN`: move into ROOM (the empty name
+    /// is the lobby). The name is not checked here.
+    Join {
+        /// The room asked for.
+        room: &'a [u8],
+        /// The token, if one came.
+        token: Option<&'a [u8]>,
+    },
     /// Anything else: relay this body to every live client.
     Message(&'a [u8]),
 }
@@ -75,7 +89,19 @@ pub fn classify(datagram: &[u8]) -> Kind<'_> {
         b"" | HEARTBEAT => Kind::Heartbeat,
         QUIT => Kind::Quit,
         TIMEOUT_QUERY => Kind::TimeoutQuery,
-        _ => Kind::Message(body),
+        trimmed => match trimmed.strip_prefix(JOIN) {
+            Some(rest) => match rest.iter().position(|&b| b == b'^') {
+                Some(i) => Kind::Join {
+                    room: &rest[..i],
+                    token: Some(&rest[i + 1..]),
+                },
+                None => Kind::Join {
+                    room: rest,
+                    token: None,
+                },
+            },
+            None => Kind::Message(body),
+        },
     }
 }
 
@@ -265,6 +291,18 @@ mod tests {
     }
 
     #[test]
+    fn join_forms() {
+        let j = |room: &'static [u8], token: Option<&'static [u8]>| Kind::Join { room, token };
+        assert_eq!(classify(b"^join^ops"), j(b"ops", None));
+        assert_eq!(classify(b"^join^ops\n"), j(b"ops", None));
+        assert_eq!(classify(b"  ^join^ops^a.b.c  "), j(b"ops", Some(b"a.b.c")));
+        assert_eq!(classify(b"^join^"), j(b"", None));
+        assert_eq!(classify(b"^join^ops^"), j(b"ops", Some(b"")));
+        assert_eq!(classify(b"^join"), Kind::Message(b"^join"));
+        assert_eq!(classify(b"x^join^ops"), Kind::Message(b"x^join^ops"));
+    }
+
+    #[test]
     fn timeout_query_and_answer() {
         let padded = format!("{:<32}", "^timeout^");
         assert_eq!(classify(padded.as_bytes()), Kind::TimeoutQuery);
@@ -360,6 +398,7 @@ mod tests {
                 Kind::Heartbeat => prop_assert!(matches!(body(&d).trim_ascii(), b"" | b"^hb^")),
                 Kind::Quit => prop_assert_eq!(body(&d).trim_ascii(), b"quit"),
                 Kind::TimeoutQuery => prop_assert_eq!(body(&d).trim_ascii(), TIMEOUT_QUERY),
+                Kind::Join { .. } => prop_assert!(body(&d).trim_ascii().starts_with(JOIN)),
             }
         }
 

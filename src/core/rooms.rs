@@ -1,12 +1,18 @@
-//! Per-room member lists: what makes fan-out cost O(room), never O(table).
+//! Rooms: their names, and per-room member lists — what makes fan-out
+//! cost O(room), never O(table).
 //!
 //! Each room keeps a dense `Vec` of its members' table slots; each client
 //! remembers its position in that `Vec`, so joining and leaving are O(1)
 //! (`swap_remove`, then the one moved member's position is fixed). A
 //! message walks only its room's list.
 //!
-//! v1 has one room, the lobby ([`LOBBY`]), which every client is in; the
-//! rooms issue adds named rooms on the same lists.
+//! The lobby ([`LOBBY`], the room with the empty name) always exists: it is
+//! where every client that never joined lives, v1's one group. Named rooms
+//! are made by their first join and freed when their last member leaves;
+//! their ids are reused. Both caps (`--max-rooms`, `--max-room-clients`)
+//! are checked here.
+
+use hashbrown::HashMap;
 
 /// A room's identity within one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,32 +22,129 @@ pub struct RoomId(pub u32);
 /// one group). It always exists.
 pub const LOBBY: RoomId = RoomId(0);
 
-/// Member lists, one per room.
+/// The longest room name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Whether `name` is a valid room name: 1–64 bytes of `A-Z a-z 0-9 _ . : -`.
+pub fn valid_name(name: &[u8]) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Why a room can't take one more member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// `--max-rooms` named rooms exist already.
+    Rooms,
+    /// The room has `--max-room-clients` members.
+    Members,
+}
+
+/// The rooms and their member lists.
 #[derive(Debug)]
 pub struct Rooms {
     /// `members[room]`: table slots of the room's members, in no order.
     members: Vec<Vec<u32>>,
+    /// `names[room]`: its name (empty for the lobby and for free ids).
+    names: Vec<Box<[u8]>>,
+    /// Named rooms by name.
+    by_name: HashMap<Box<[u8]>, RoomId>,
+    /// Ids of freed rooms, to reuse.
+    free: Vec<u32>,
+    /// `--max-rooms`: named rooms at once.
+    max_rooms: usize,
+    /// `--max-room-clients`: members of one named room.
+    max_members: usize,
 }
 
 impl Default for Rooms {
     fn default() -> Rooms {
-        Rooms::new()
+        Rooms::new(usize::MAX, usize::MAX, 0)
     }
 }
 
 impl Rooms {
-    /// Just the lobby, empty.
-    pub fn new() -> Rooms {
+    /// Just the lobby (with room for `reserve` members up front), admitting
+    /// up to `max_rooms` named rooms of up to `max_members` each.
+    pub fn new(max_rooms: usize, max_members: usize, reserve: usize) -> Rooms {
         Rooms {
-            members: vec![Vec::new()],
+            members: vec![Vec::with_capacity(reserve)],
+            names: vec![Box::default()],
+            by_name: HashMap::new(),
+            free: Vec::new(),
+            max_rooms,
+            max_members,
         }
     }
 
-    /// Like [`Rooms::new`], with room for `reserve` lobby members up front.
-    pub fn with_capacity(reserve: usize) -> Rooms {
-        Rooms {
-            members: vec![Vec::with_capacity(reserve)],
+    /// Named rooms now (the lobby is not counted).
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether only the lobby exists.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The room called `name` (the empty name is the lobby), if it exists.
+    pub fn find(&self, name: &[u8]) -> Option<RoomId> {
+        if name.is_empty() {
+            return Some(LOBBY);
         }
+        self.by_name.get(name).copied()
+    }
+
+    /// The room called `name` with room for one more member, made if need
+    /// be. `name` must be [`valid_name`] or empty (the lobby, never full).
+    pub fn open(&mut self, name: &[u8]) -> Result<RoomId, Full> {
+        if let Some(room) = self.find(name) {
+            if room != LOBBY && self.members(room).len() >= self.max_members {
+                return Err(Full::Members);
+            }
+            return Ok(room);
+        }
+        if self.by_name.len() >= self.max_rooms || self.max_members == 0 {
+            return Err(if self.max_members == 0 {
+                Full::Members
+            } else {
+                Full::Rooms
+            });
+        }
+        let name: Box<[u8]> = name.into();
+        let room = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = name.clone();
+                RoomId(id)
+            }
+            None => {
+                self.members.push(Vec::new());
+                self.names.push(name.clone());
+                RoomId((self.members.len() - 1) as u32)
+            }
+        };
+        self.by_name.insert(name, room);
+        Ok(room)
+    }
+
+    /// Whether [`open`](Self::open) would succeed for `name`, without
+    /// making anything.
+    pub fn check(&self, name: &[u8]) -> Result<(), Full> {
+        match self.find(name) {
+            Some(LOBBY) => Ok(()),
+            Some(room) if self.members(room).len() >= self.max_members => Err(Full::Members),
+            Some(_) => Ok(()),
+            None if self.max_members == 0 => Err(Full::Members),
+            None if self.by_name.len() >= self.max_rooms => Err(Full::Rooms),
+            None => Ok(()),
+        }
+    }
+
+    /// The name of `room` (empty for the lobby).
+    pub fn name(&self, room: RoomId) -> &[u8] {
+        self.names.get(room.0 as usize).map_or(&[][..], |n| n)
     }
 
     /// Adds slot `key` to `room`; returns its position in the member list.
@@ -51,17 +154,25 @@ impl Rooms {
         (list.len() - 1) as u32
     }
 
-    /// Removes the member at `position` of `room`. Returns the slot of the
-    /// member that moved into that position, whose stored position must be
-    /// updated to `position`, if any moved.
+    /// Removes the member at `position` of `room`, and frees a named room
+    /// left empty. Returns the slot of the member that moved into that
+    /// position, whose stored position must be updated to `position`.
     pub fn remove(&mut self, room: RoomId, position: u32) -> Option<u32> {
-        let list = &mut self.members[room.0 as usize];
+        let list = self.members.get_mut(room.0 as usize)?;
         let position = position as usize;
         if position >= list.len() {
             return None;
         }
         list.swap_remove(position);
-        list.get(position).copied()
+        let moved = list.get(position).copied();
+        if list.is_empty() && room != LOBBY {
+            let name = std::mem::take(&mut self.names[room.0 as usize]);
+            self.by_name.remove(&name);
+            // Give the memory of a big room back; a small one keeps its Vec.
+            list.shrink_to(16);
+            self.free.push(room.0);
+        }
+        moved
     }
 
     /// The slots of `room`'s members.
@@ -71,11 +182,13 @@ impl Rooms {
             .map_or(&[][..], Vec::as_slice)
     }
 
-    /// Empties every room.
+    /// Empties every room; only the lobby remains.
     pub fn clear(&mut self) {
-        for list in &mut self.members {
-            list.clear();
-        }
+        self.members.truncate(1);
+        self.members[0].clear();
+        self.names.truncate(1);
+        self.by_name.clear();
+        self.free.clear();
     }
 }
 
@@ -85,7 +198,7 @@ mod tests {
 
     #[test]
     fn remove_moves_the_last_member_into_the_gap() {
-        let mut r = Rooms::new();
+        let mut r = Rooms::default();
         assert_eq!(r.add(LOBBY, 10), 0);
         assert_eq!(r.add(LOBBY, 11), 1);
         assert_eq!(r.add(LOBBY, 12), 2);
@@ -95,5 +208,46 @@ mod tests {
         assert_eq!(r.members(LOBBY), &[12]);
         assert_eq!(r.remove(LOBBY, 5), None);
         assert_eq!(r.members(RoomId(9)), &[] as &[u32]);
+    }
+
+    #[test]
+    fn names_follow_the_grammar() {
+        for ok in [&b"a"[..], b"Ops-1", b"game:42", b"x.y_z", &[b'a'; 64]] {
+            assert!(valid_name(ok), "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"a b",
+            b"caf\xc3\xa9",
+            b"a^b",
+            b"a/b",
+            &[b'a'; 65],
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rooms_are_made_on_first_join_and_freed_when_empty() {
+        let mut r = Rooms::new(2, 2, 0);
+        let a = r.open(b"a").unwrap();
+        assert_eq!(r.open(b"a"), Ok(a));
+        assert_eq!(r.name(a), b"a");
+        r.add(a, 1);
+        r.add(a, 2);
+        assert_eq!(r.open(b"a"), Err(Full::Members));
+        let b = r.open(b"b").unwrap();
+        r.add(b, 3);
+        assert_eq!(r.open(b"c"), Err(Full::Rooms));
+        assert_eq!(r.len(), 2);
+        // The lobby is never full.
+        assert_eq!(r.open(b""), Ok(LOBBY));
+        r.remove(b, 0);
+        assert_eq!((r.len(), r.find(b"b")), (1, None));
+        let c = r.open(b"c").unwrap();
+        assert_eq!(c, b, "a freed id is reused");
+        assert_eq!(r.name(c), b"c");
+        r.clear();
+        assert!(r.is_empty());
     }
 }

@@ -22,7 +22,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use slab::Slab;
 
 use crate::core::addr::RawAddr;
-use crate::core::rooms::{RoomId, Rooms, LOBBY};
+use crate::core::rooms::{Full, RoomId, Rooms, LOBBY};
 use crate::core::wheel::Entry;
 
 /// One live client.
@@ -91,14 +91,51 @@ impl Table {
     /// so that joining up to that many never pauses to grow the table
     /// (growing a big one rehashes every entry and copies the slab).
     pub fn with_capacity(timeout: u64, reserve: usize) -> Table {
+        Table::with_rooms(
+            timeout,
+            reserve,
+            Rooms::new(usize::MAX, usize::MAX, reserve),
+        )
+    }
+
+    /// Like [`Table::with_capacity`], with these rooms (and their caps).
+    pub fn with_rooms(timeout: u64, reserve: usize, rooms: Rooms) -> Table {
         Table {
             index: HashTable::with_capacity(reserve),
             hasher: DefaultHashBuilder::default(),
             clients: Slab::with_capacity(reserve),
-            rooms: Rooms::with_capacity(reserve),
+            rooms,
             timeout,
             next_generation: 0,
         }
+    }
+
+    /// The rooms.
+    pub fn rooms(&self) -> &Rooms {
+        &self.rooms
+    }
+
+    /// Moves the client in slot `key` into the room called `name` (made if
+    /// new; the empty name is the lobby). A room left empty is freed.
+    pub fn move_to(&mut self, key: u32, name: &[u8]) -> Result<RoomId, Full> {
+        let Some(client) = self.clients.get(key as usize).copied() else {
+            return Ok(LOBBY);
+        };
+        if self.rooms.name(client.room) == name {
+            return Ok(client.room);
+        }
+        let room = self.rooms.open(name)?;
+        if let Some(moved) = self.rooms.remove(client.room, client.position) {
+            if let Some(m) = self.clients.get_mut(moved as usize) {
+                m.position = client.position;
+            }
+        }
+        let position = self.rooms.add(room, key);
+        if let Some(c) = self.clients.get_mut(key as usize) {
+            c.room = room;
+            c.position = position;
+        }
+        Ok(room)
     }
 
     /// Clients in the table (some may be past their deadline until their

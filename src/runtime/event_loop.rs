@@ -91,6 +91,18 @@ pub trait Service {
     fn clients(&self) -> usize {
         0
     }
+
+    /// Named rooms now, this loop's share of the `udphub_rooms` gauge.
+    fn rooms(&self) -> usize {
+        0
+    }
+}
+
+/// Now, in unix seconds (0 if the clock is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What a [`Service`] may use while handling datagrams.
@@ -101,6 +113,8 @@ pub struct Io<'a> {
     pub counts: &'a mut Counts,
     /// When the current batch was read.
     pub received_at: Instant,
+    /// The wall-clock time then, in unix seconds (for token expiry).
+    pub unix_secs: u64,
 }
 
 /// Stops a running loop from another thread.
@@ -300,6 +314,7 @@ impl<S: Service> EventLoop<S> {
                     fd: self.socket.as_fd(),
                     counts: &mut self.metrics.counts,
                     received_at: Instant::now(),
+                    unix_secs: unix_now(),
                 };
                 self.service.shutdown(&mut io);
                 self.flush();
@@ -362,6 +377,7 @@ impl<S: Service> EventLoop<S> {
             fd: socket.as_fd(),
             counts: &mut metrics.counts,
             received_at: Instant::now(),
+            unix_secs: unix_now(),
         };
         io.counts.batch_sizes.push(n as f64);
         for i in 0..n {
@@ -391,7 +407,8 @@ impl<S: Service> EventLoop<S> {
     }
 
     fn flush(&mut self) {
-        self.metrics.flush(self.service.clients());
+        self.metrics
+            .flush(self.service.clients(), self.service.rooms());
     }
 }
 

@@ -17,7 +17,7 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
-use crate::core::counts::{Counts, DeliveryDrop};
+use crate::core::counts::{Counts, DeliveryDrop, Refusal};
 use crate::core::DropReason;
 
 /// Handles to every udphub metric, plus one loop's local counts.
@@ -27,7 +27,13 @@ pub struct Metrics {
     received_heartbeat: Counter,
     received_quit: Counter,
     received_message: Counter,
+    received_join: Counter,
     received_dropped: Counter,
+    room_joins: Counter,
+    room_refused: [Counter; Refusal::COUNT],
+    rooms: Gauge,
+    /// This loop's room count at the last flush (its share of the gauge).
+    rooms_reported: usize,
     dropped: [Counter; DropReason::COUNT],
     recipients: Counter,
     deliveries: Counter,
@@ -79,7 +85,14 @@ impl Metrics {
             received_heartbeat: received("heartbeat"),
             received_quit: received("quit"),
             received_message: received("message"),
+            received_join: received("join"),
             received_dropped: received("dropped"),
+            room_joins: metrics::counter!("udphub_room_joins_total"),
+            room_refused: std::array::from_fn(
+                |i| metrics::counter!("udphub_room_join_refused_total", "reason" => Refusal::ALL[i].label()),
+            ),
+            rooms: metrics::gauge!("udphub_rooms"),
+            rooms_reported: 0,
             dropped: std::array::from_fn(
                 |i| metrics::counter!("udphub_dropped_total", "reason" => DropReason::ALL[i].label()),
             ),
@@ -101,9 +114,9 @@ impl Metrics {
         }
     }
 
-    /// Publishes the local counts and this loop's client count, then
-    /// resets the counts.
-    pub fn flush(&mut self, clients: usize) {
+    /// Publishes the local counts and this loop's client and room counts,
+    /// then resets the counts.
+    pub fn flush(&mut self, clients: usize, rooms: usize) {
         let c = &mut self.counts;
         let add = |counter: &Counter, v: &mut u64| {
             if *v > 0 {
@@ -116,6 +129,11 @@ impl Metrics {
         add(&self.received_heartbeat, &mut c.heartbeats);
         add(&self.received_quit, &mut c.quits);
         add(&self.received_message, &mut c.messages);
+        add(&self.received_join, &mut c.joins);
+        add(&self.room_joins, &mut c.room_joins);
+        for (counter, v) in self.room_refused.iter().zip(c.room_refused.iter_mut()) {
+            add(counter, v);
+        }
         for (counter, v) in self.dropped.iter().zip(c.dropped.iter_mut()) {
             add(counter, v);
         }
@@ -142,25 +160,27 @@ impl Metrics {
         for s in c.loop_seconds.drain(..) {
             self.loop_seconds.record(s);
         }
-        if clients != self.clients_reported {
-            // A delta, so that several loops' shares add up.
-            if clients > self.clients_reported {
-                self.clients
-                    .increment((clients - self.clients_reported) as f64);
-            } else {
-                self.clients
-                    .decrement((self.clients_reported - clients) as f64);
-            }
-            self.clients_reported = clients;
-        }
+        move_gauge(&self.clients, &mut self.clients_reported, clients);
+        move_gauge(&self.rooms, &mut self.rooms_reported, rooms);
     }
+}
+
+/// Moves a gauge by this loop's change since its last report (a delta, not
+/// a set, so that several loops' shares add up).
+fn move_gauge(gauge: &Gauge, reported: &mut usize, now: usize) {
+    if now > *reported {
+        gauge.increment((now - *reported) as f64);
+    } else if now < *reported {
+        gauge.decrement((*reported - now) as f64);
+    }
+    *reported = now;
 }
 
 fn describe() {
     describe_counter!(
         "udphub_datagrams_received_total",
         Unit::Count,
-        "Datagrams read from the socket, by what they were: heartbeat, quit, message, or dropped (see udphub_dropped_total)."
+        "Datagrams read from the socket, by what they were: heartbeat, quit, message, join, or dropped (see udphub_dropped_total)."
     );
     describe_counter!(
         "udphub_dropped_total",
@@ -181,6 +201,21 @@ fn describe() {
         "udphub_delivery_dropped_total",
         Unit::Count,
         "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS) or send_error."
+    );
+    describe_gauge!(
+        "udphub_rooms",
+        Unit::Count,
+        "Named rooms now (the lobby not counted; summed over the relay's loops)."
+    );
+    describe_counter!(
+        "udphub_room_joins_total",
+        Unit::Count,
+        "Joins accepted (^join^ answered ^room^)."
+    );
+    describe_counter!(
+        "udphub_room_join_refused_total",
+        Unit::Count,
+        "Joins refused, by reason: token, full (--max-rooms, --max-room-clients), name."
     );
     describe_counter!(
         "udphub_recv_errors_total",
@@ -250,13 +285,14 @@ mod tests {
             let mut b = Metrics::register();
             a.counts.messages = 2;
             b.counts.messages = 3;
-            a.flush(10);
-            b.flush(4);
-            b.flush(1);
-            a.flush(12);
+            a.flush(10, 0);
+            b.flush(4, 3);
+            b.flush(1, 2);
+            a.flush(12, 1);
         });
         let text = handle.render();
         assert_eq!(sample(&text, "udphub_clients"), Some(13.0), "{text}");
+        assert_eq!(sample(&text, "udphub_rooms"), Some(3.0), "{text}");
         assert_eq!(
             sample(&text, "udphub_datagrams_received_total{kind=\"message\"}"),
             Some(5.0),

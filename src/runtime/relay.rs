@@ -81,6 +81,7 @@ impl Service for Relay {
     /// One datagram: the hub counts it once; a fan-out's deliveries are
     /// counted here.
     fn handle(&mut self, arrival: Arrival<'_>, io: &mut Io<'_>) {
+        self.hub.set_unix_time(io.unix_secs);
         match self.hub.handle(io.received_at, arrival, io.counts) {
             Effect::Nothing => {}
             Effect::Fanout(out) => {
@@ -131,5 +132,9 @@ impl Service for Relay {
 
     fn clients(&self) -> usize {
         self.hub.clients()
+    }
+
+    fn rooms(&self) -> usize {
+        self.hub.rooms()
     }
 }
