@@ -23,6 +23,9 @@ pub enum Error {
         /// What the OS said (or the exporter, for metrics).
         reason: String,
     },
+    /// The other side said no (a refused join), or nothing at all: exit 1,
+    /// with the reason in words.
+    Refused(String),
     /// An unexpected I/O error from the OS.
     Io {
         /// What the relay was doing.
@@ -56,7 +59,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) => f.write_str(msg),
+            Error::Config(msg) | Error::Refused(msg) => f.write_str(msg),
             Error::Bind { what, addr, reason } => {
                 write!(f, "cannot bind {what} to {addr}: {reason}")
             }

@@ -566,3 +566,47 @@ fn chat_follows_a_short_relay_timeout() {
     quiet.expect_line("still with us?. from");
     assert_eq!(relay.metric("udphub_clients_expired_total"), 1.0);
 }
+
+/// `udphub chat --room`: the room is in the prompt, and only the room hears.
+#[test]
+fn chat_joins_a_room_and_shows_it() {
+    if !util::require_tool("tmux") {
+        return;
+    }
+    let relay = spawn_relay(&[]);
+    let chat = TmuxChat::start("room", &relay, &["--room", "blue", "--name", "al"]);
+    chat.wait_screen("al@blue>"); // (capture-pane drops the trailing space)
+    let lobby = Client::joined(&relay);
+    let blue = Client::new(relay.addr);
+    blue.send(b"^join^blue");
+    assert_eq!(blue.recv(), b"^room^blue");
+    chat.tmux(&["send-keys", "-t", "chat", "hi blue", "Enter"]);
+    let got = blue.recv();
+    assert!(got.starts_with(b"al: hi blue. from 127.0.0.1:"), "{got:?}");
+    lobby.expect_silence();
+    blue.send(b"back at you");
+    chat.wait_screen("back at you. from");
+}
+
+/// A refused join ends chat with the reason in words.
+#[test]
+fn chat_says_why_a_room_refused_it() {
+    let relay = spawn_relay(&["--max-room-clients", "1"]);
+    let first = Client::new(relay.addr);
+    first.send(b"^join^solo");
+    assert_eq!(first.recv(), b"^room^solo");
+    let out = Command::new(udphub_bin())
+        .args([
+            "chat",
+            "--server",
+            &relay.addr.to_string(),
+            "--room",
+            "solo",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("room \"solo\" is full"), "{stderr}");
+}

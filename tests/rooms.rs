@@ -213,3 +213,66 @@ fn a_closed_lobby_relays_only_inside_rooms() {
     a.send(b"inside");
     assert_eq!(a.recv(), seed_format("inside", a.addr()));
 }
+
+/// `udphub send --room` joins first; a refusal is said in words (exit 1).
+#[test]
+fn send_joins_a_room_and_says_why_it_cannot() {
+    let secret = secret_file();
+    let relay = spawn_relay(&["--room-secret-file", &secret]);
+    let member = Client::new(relay.addr);
+    let token = |room: &str, ttl: &str| {
+        let out = Command::new(util::udphub_bin())
+            .args([
+                "token",
+                "--room",
+                room,
+                "--ttl",
+                ttl,
+                "--secret-file",
+                &secret,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let ops = token("ops", "1h");
+    assert_eq!(
+        member.ask(format!("^join^ops^{ops}").as_bytes()),
+        b"^room^ops"
+    );
+    let send = |extra: &[&str]| {
+        Command::new(util::udphub_bin())
+            .args([
+                "send",
+                "--server",
+                &relay.addr.to_string(),
+                "--wait",
+                "300ms",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = send(&["--room", "ops", "--token", &ops, "hello ops"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = member.recv();
+    assert!(got.starts_with(b"hello ops. from 127.0.0.1:"), "{got:?}");
+    for (args, needle) in [
+        (vec!["--room", "ops", "x"], "needs a token"),
+        (vec!["--room", "ops", "--token", "a.b.c", "x"], "not a JWT"),
+        (
+            vec!["--room", "ops", "--token", &token("dev", "1h"), "x"],
+            "is for room \"dev\"",
+        ),
+    ] {
+        let out = send(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    member.expect_silence();
+}

@@ -35,6 +35,7 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         send,
         dest: SocketAddr::V4(SocketAddrV4::new(broadcast, args.port)),
         name: args.name.clone(),
+        room: None,
         heartbeat: None,
         link: crate::clients::chat::Link::new_unused(),
         hello: JOINED.to_vec(),
