@@ -60,6 +60,11 @@ pub struct FanoutArgs {
     /// How long to wait for every client to be registered (probe received)
     #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     pub register_timeout: Duration,
+
+    /// Spread the clients over this many rooms (client i joins room `r{i mod K}`,
+    /// wire protocol v2) and check isolation: a delivery from another room is an error
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub rooms: usize,
 }
 
 /// One client socket.
@@ -73,8 +78,12 @@ pub struct Engine {
     events: Events,
     clients: Vec<ClientSock>,
     relay: SocketAddr,
-    /// Recipients per message.
+    /// Recipients per message (the largest, with rooms).
     expect: u64,
+    /// Recipients of each sender's messages.
+    expect_of: Vec<u64>,
+    /// Rooms the clients are spread over (0: all in the lobby).
+    rooms: usize,
     senders: usize,
     /// `streams[receiver * senders + sender]`.
     streams: Vec<Stream>,
@@ -96,6 +105,12 @@ pub struct Engine {
     pub probes_sent: u64,
     /// Probe copies received (deliveries the relay counts too).
     pub probe_deliveries: u64,
+    /// Joins sent, with rooms (the relay counts them as `join`).
+    pub joins_sent: u64,
+    /// `^room^` answers received (deliveries the relay counts too).
+    pub join_replies: u64,
+    /// Deliveries from a sender in another room: isolation broken.
+    pub cross_room: u64,
     /// Latency of every delivery.
     pub latency: Histogram<u64>,
     /// Latency since the last timeline point.
@@ -128,6 +143,7 @@ impl Engine {
         payload: usize,
         heartbeat: Duration,
         no_echo: bool,
+        rooms: usize,
     ) -> io::Result<Engine> {
         let poll = Poll::new()?;
         let local: SocketAddr = if relay.is_ipv6() {
@@ -151,12 +167,24 @@ impl Engine {
             socks.push(ClientSock { sock });
         }
         let senders = senders.clamp(1, clients.max(1));
+        let expect_of: Vec<u64> = (0..senders)
+            .map(|s| {
+                let members = if rooms == 0 {
+                    clients
+                } else {
+                    (0..clients).filter(|i| i % rooms == s % rooms).count()
+                };
+                (members as u64).saturating_sub(u64::from(no_echo))
+            })
+            .collect();
         let mut e = Engine {
             poll,
             events: Events::with_capacity(1024),
             clients: socks,
             relay,
-            expect: (clients as u64).saturating_sub(u64::from(no_echo)),
+            expect: expect_of.iter().copied().max().unwrap_or(0),
+            expect_of,
+            rooms,
             senders,
             streams: vec![Stream::default(); clients * senders],
             sent: vec![0; senders],
@@ -168,6 +196,9 @@ impl Engine {
             bye: false,
             probes_sent: 0,
             probe_deliveries: 0,
+            joins_sent: 0,
+            join_replies: 0,
+            cross_room: 0,
             latency: histogram(),
             interval_latency: histogram(),
             interval_delivered: 0,
@@ -195,18 +226,43 @@ impl Engine {
 
     /// Deliveries the messages sent so far call for.
     pub fn expected(&self) -> u64 {
-        self.messages_sent() * self.expect
+        self.sent
+            .iter()
+            .zip(&self.expect_of)
+            .map(|(sent, each)| sent * each)
+            .sum()
+    }
+
+    /// How many clients must be seen registered before the run starts.
+    pub fn registration_target(&self) -> u64 {
+        if self.rooms == 0 {
+            self.expect
+        } else {
+            self.clients.len() as u64
+        }
+    }
+
+    /// Client `i`'s join, padded so that any answer fits.
+    fn join_request(&self, i: usize) -> Vec<u8> {
+        let mut j = format!("^join^r{}", i % self.rooms.max(1)).into_bytes();
+        j.resize(32, b' ');
+        j
     }
 
     /// The first heartbeat of every client, paced (64 per millisecond) so
     /// that a relay with a small receive buffer isn't flooded into
     /// dropping the same late-comers every time.
     fn register_all(&mut self) -> io::Result<()> {
-        for chunk in self.clients.chunks(64) {
-            for c in chunk {
+        for (n, c) in self.clients.iter().enumerate() {
+            if self.rooms == 0 {
                 send_retrying(&c.sock, b"^hb^", self.relay)?;
+            } else {
+                send_retrying(&c.sock, &self.join_request(n), self.relay)?;
+                self.joins_sent += 1;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            if n % 64 == 63 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         self.round_start = Instant::now();
         self.round_next = 0;
@@ -240,12 +296,22 @@ impl Engine {
         let deadline = Instant::now() + limit;
         let mut got = vec![false; self.clients.len()];
         let mut count = 0u64;
-        let need = self.expect;
-        let mut next_probe = Instant::now();
+        let need = self.registration_target();
+        let mut next_probe =
+            Instant::now() + Duration::from_millis(300 * u64::from(self.rooms > 0));
         while count < need && Instant::now() < deadline {
             if Instant::now() >= next_probe {
-                send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay)?;
-                self.probes_sent += 1;
+                if self.rooms == 0 {
+                    send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay)?;
+                    self.probes_sent += 1;
+                } else {
+                    // With rooms each client's own `^room^` answer shows it
+                    // registered: ask again for those still unanswered.
+                    for i in (0..self.clients.len()).filter(|&i| !got[i]) {
+                        send_retrying(&self.clients[i].sock, &self.join_request(i), self.relay)?;
+                        self.joins_sent += 1;
+                    }
+                }
                 next_probe = Instant::now() + Duration::from_millis(300);
             }
             self.poll
@@ -253,12 +319,19 @@ impl Engine {
             let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
             for i in ready {
                 while let Ok((n, _)) = self.clients[i].sock.recv_from(&mut self.buf) {
-                    if self.buf[..n].starts_with(b"loadtest probe") {
+                    let answer = &self.buf[..n];
+                    let registered = if answer.starts_with(b"^room^") {
+                        self.join_replies += 1;
+                        true
+                    } else if answer.starts_with(b"loadtest probe") {
                         self.probe_deliveries += 1;
-                        if !got[i] {
-                            got[i] = true;
-                            count += 1;
-                        }
+                        true
+                    } else {
+                        false
+                    };
+                    if registered && !got[i] {
+                        got[i] = true;
+                        count += 1;
                     }
                 }
             }
@@ -318,12 +391,21 @@ impl Engine {
                 self.probe_deliveries += 1;
                 return;
             }
+            if data.starts_with(b"^room^") {
+                // A late answer to a repeated join.
+                self.join_replies += 1;
+                return;
+            }
             self.other += 1;
             return;
         };
         let sender = stamp.sender as usize;
         if sender >= self.senders {
             self.other += 1;
+            return;
+        }
+        if self.rooms > 0 && receiver % self.rooms != sender % self.rooms {
+            self.cross_room += 1;
             return;
         }
         match self.streams[receiver * self.senders + sender].arrive(stamp.seq) {
@@ -416,15 +498,21 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         args.payload,
         args.heartbeat,
         args.no_echo,
+        args.rooms,
     )
     .map_err(|e| format!("open client sockets: {e}"))?;
     let registered = e
         .wait_registered(args.register_timeout)
         .map_err(|e| e.to_string())?;
-    if registered < e.expect() {
+    if registered < e.registration_target() {
+        let what = if args.rooms > 0 {
+            "got an answer to their ^join^ (does the relay know rooms?)"
+        } else {
+            "received the probe"
+        };
         return Err(format!(
-            "only {registered} of {} clients received the probe: is the relay at {relay} running (and --no-echo right)?",
-            e.expect()
+            "only {registered} of {} clients {what}: is the relay at {relay} running (and --no-echo right)?",
+            e.registration_target()
         ));
     }
     let window = args.window.unwrap_or(8);
@@ -521,7 +609,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         (Some(b), Some(a)) => Some(crate::report::MetricsCheck::new(
             &metrics::Scrape::delta(&b, &a),
             e.messages_sent() + e.probes_sent,
-            e.delivered + e.duplicates + e.probe_deliveries,
+            e.delivered + e.duplicates + e.probe_deliveries + e.join_replies,
         )),
         _ => None,
     };
@@ -544,6 +632,8 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         },
         duplicates: e.duplicates,
         reordered: e.reordered,
+        rooms: args.rooms,
+        cross_room_deliveries: e.cross_room,
         messages_per_s: e.messages_sent() as f64 / secs,
         deliveries_per_s: delivered_while_sending as f64 / secs,
         latency_us: Latency::from(&e.latency),

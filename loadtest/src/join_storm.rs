@@ -45,6 +45,11 @@ pub struct JoinStormArgs {
     /// expire every client (needs --metrics-url)
     #[arg(long, value_parser = crate::duration::parse)]
     pub expire: Option<Duration>,
+
+    /// Each source's first datagram joins room `r{k mod K}` (wire protocol
+    /// v2) instead of heartbeating into the lobby
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub rooms: u32,
 }
 
 /// The `join-storm` report.
@@ -131,6 +136,11 @@ impl Storm {
     /// Sends one heartbeat from client `k`; retries briefly if the socket
     /// buffer is full.
     fn heartbeat(&self, k: u32) -> Result<(), String> {
+        self.send(k, b"^hb^")
+    }
+
+    /// Sends `data` from client `k`, as [`heartbeat`](Self::heartbeat) does.
+    fn send(&self, k: u32, data: &[u8]) -> Result<(), String> {
         let ports = self.socks.len() as u32;
         let sock = &self.socks[(k % ports) as usize];
         let ip = source_ip(k, ports);
@@ -141,7 +151,7 @@ impl Storm {
             },
             ipi_addr: libc::in_addr { s_addr: 0 },
         };
-        let iov = [IoSlice::new(b"^hb^")];
+        let iov = [IoSlice::new(data)];
         let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
         for _ in 0..10_000 {
             match sendmsg(
@@ -172,8 +182,15 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
 
     // Phase 1: every source joins once, as fast as the relay takes it.
     let t0 = Instant::now();
+    let mut join = Vec::with_capacity(32);
     for k in 0..storm.clients {
-        storm.heartbeat(k)?;
+        if args.rooms > 0 {
+            join.clear();
+            join.extend_from_slice(format!("^join^r{}", k % args.rooms).as_bytes());
+            storm.send(k, &join)?;
+        } else {
+            storm.heartbeat(k)?;
+        }
     }
     let join_seconds = t0.elapsed().as_secs_f64();
 

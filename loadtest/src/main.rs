@@ -77,7 +77,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 let title = format!("fanout: {} clients, {}", r.clients, r.mode);
                 plot::write(path, &title, &r.timeline)?;
             }
-            emit(args.common.json, &r, |r| r.print_table())
+            emit(args.common.json, &r, |r| r.print_table())?;
+            if r.cross_room_deliveries > 0 {
+                return Err(format!(
+                    "isolation broken: {} deliveries reached a client in another room",
+                    r.cross_room_deliveries
+                ));
+            }
+            Ok(())
         }
         Command::JoinStorm(args) => emit(args.common.json, &join_storm::run(&args)?, |r| {
             r.print_table()

@@ -206,6 +206,10 @@ pub struct FanoutReport {
     pub metrics_check: Option<MetricsCheck>,
     /// Per-interval throughput and latency.
     pub timeline: Vec<TimelinePoint>,
+    /// Rooms the clients were spread over (0: the lobby).
+    pub rooms: usize,
+    /// Deliveries from a sender in another room (must be 0).
+    pub cross_room_deliveries: u64,
 }
 
 impl FanoutReport {
@@ -235,6 +239,21 @@ impl FanoutReport {
         );
         row("duplicates", self.duplicates.to_string());
         row("reordered", self.reordered.to_string());
+        if self.rooms > 0 {
+            row(
+                "rooms",
+                format!(
+                    "{} ({} deliveries crossed rooms{})",
+                    self.rooms,
+                    self.cross_room_deliveries,
+                    if self.cross_room_deliveries == 0 {
+                        ": isolated"
+                    } else {
+                        ": ISOLATION BROKEN"
+                    }
+                ),
+            );
+        }
         let l = &self.latency_us;
         row(
             "latency µs",

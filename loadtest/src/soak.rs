@@ -74,6 +74,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         64,
         Duration::from_secs(2),
         false,
+        0,
     )
     .map_err(|e| e.to_string())?;
     e.wait_registered(Duration::from_secs(10))

@@ -20,6 +20,8 @@ enum Fault {
     DropEvery(u64),
     /// Sends every delivery twice.
     Duplicate,
+    /// Answers `^join^ROOM` with `^room^ROOM` but relays to everyone.
+    LeaksRooms,
 }
 
 /// A seed-protocol relay on a thread, stopped on drop.
@@ -51,6 +53,12 @@ impl FakeRelay {
                 }
                 let body = &buf[..n];
                 if body.trim_ascii() == b"^hb^" || body.trim_ascii().is_empty() {
+                    continue;
+                }
+                if let (Fault::LeaksRooms, Some(room)) =
+                    (fault, body.trim_ascii().strip_prefix(b"^join^"))
+                {
+                    let _ = sock.send_to(&[&b"^room^"[..], room].concat(), from);
                     continue;
                 }
                 for c in &clients {
@@ -289,11 +297,50 @@ fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
 /// loadtest sent and received, exactly.
 #[test]
 fn the_metrics_cross_check_agrees_with_udphub() {
+    cross_check_udphub(&[]);
+}
+
+/// The same with the clients in 4 rooms: no delivery crosses a room, none
+/// is lost, and the relay's counters still agree.
+#[test]
+fn rooms_are_isolated_in_udphub() {
+    let r = cross_check_udphub(&["--rooms", "4", "--senders", "4"]);
+    assert_eq!(r["rooms"], 4);
+    assert_eq!(r["cross_room_deliveries"], 0);
+    let sent = r["messages_sent"].as_u64().unwrap();
+    // 16 clients in 4 rooms: each message has 4 recipients.
+    assert_eq!(r["deliveries_expected"].as_u64().unwrap(), sent * 4);
+}
+
+/// A relay that answers joins but relays to everyone is caught: the
+/// crossing deliveries are counted, and loadtest exits 1 saying so.
+#[test]
+fn a_relay_that_leaks_across_rooms_is_caught() {
+    let relay = FakeRelay::start(Fault::LeaksRooms);
+    let (code, stdout, stderr) = loadtest(&[
+        "fanout",
+        "--relay",
+        &relay.addr.to_string(),
+        "--clients",
+        "8",
+        "--rooms",
+        "2",
+        "--duration",
+        "300ms",
+        "--json",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("isolation broken"), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(r["cross_room_deliveries"].as_u64().unwrap() > 0);
+}
+
+fn cross_check_udphub(extra: &[&str]) -> Value {
     let Some((mut child, addr, url)) = spawn_udphub() else {
-        return;
+        return Value::Null;
     };
     let pid = child.id().to_string();
-    let (code, stdout, stderr) = loadtest(&[
+    let mut args = vec![
         "--relay",
         &addr,
         "--clients",
@@ -305,7 +352,9 @@ fn the_metrics_cross_check_agrees_with_udphub() {
         "--relay-pid",
         &pid,
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = loadtest(&args);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(code, Some(0), "{stderr}");
@@ -325,4 +374,5 @@ fn the_metrics_cross_check_agrees_with_udphub() {
     assert_eq!(m["lost_after_relay"].as_f64(), Some(0.0));
     assert!(r["relay_usage"]["cpu_seconds"].as_f64().is_some());
     assert!(r["relay_usage"]["rss_bytes"].as_u64().unwrap() > 0);
+    r
 }
