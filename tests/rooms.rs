@@ -276,3 +276,27 @@ fn send_joins_a_room_and_says_why_it_cannot() {
     }
     member.expect_silence();
 }
+
+/// A join answered and a message sent right after it arrive in that order,
+/// though answers are batched (queued answers go out before any fan-out);
+/// many joins at once are all answered.
+#[test]
+fn batched_answers_keep_their_order() {
+    let relay = spawn_relay(&["--no-echo"]);
+    let a = Client::new(relay.addr);
+    let b = Client::new(relay.addr);
+    b.send(b"^join^r");
+    assert_eq!(b.recv(), b"^room^r");
+    a.send(b"^join^r");
+    a.send(b"after the join");
+    assert_eq!(a.recv(), b"^room^r");
+    assert_eq!(b.recv(), seed_format("after the join", a.addr()));
+    let many: Vec<Client> = (0..200).map(|_| Client::new(relay.addr)).collect();
+    for c in &many {
+        c.send(b"^join^crowd");
+    }
+    for c in &many {
+        assert_eq!(c.recv(), b"^room^crowd");
+    }
+    a.expect_silence();
+}

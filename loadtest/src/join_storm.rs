@@ -50,6 +50,11 @@ pub struct JoinStormArgs {
     /// v2) instead of heartbeating into the lobby
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub rooms: u32,
+
+    /// Pace the first datagrams (the joins) to this many per second
+    /// [default: as fast as possible]
+    #[arg(long, value_name = "N")]
+    pub join_rate: Option<f64>,
 }
 
 /// The `join-storm` report.
@@ -184,6 +189,14 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     let t0 = Instant::now();
     let mut join = Vec::with_capacity(32);
     for k in 0..storm.clients {
+        if let Some(rate) = args.join_rate.filter(|r| *r > 0.0) {
+            if k % 256 == 0 {
+                let due = Duration::from_secs_f64(f64::from(k) / rate);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
         if args.rooms > 0 {
             join.clear();
             join.extend_from_slice(format!("^join^r{}", k % args.rooms).as_bytes());
