@@ -22,6 +22,7 @@ use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter as _;
 
 use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::clients::room::{RoomArgs, JOIN_WAIT};
 use crate::core::protocol;
 use crate::error::Error;
 
@@ -37,22 +38,9 @@ pub struct ChatArgs {
     )]
     pub server: Option<String>,
 
-    /// Join this room (wire protocol v2) instead of staying in the lobby
-    #[arg(long, value_name = "ROOM", conflicts_with = "lan")]
-    pub room: Option<String>,
-
-    /// The room's token (an HS256 JWT from whoever runs the relay)
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        requires = "room",
-        conflicts_with = "token_file"
-    )]
-    pub token: Option<String>,
-
-    /// Read the room's token from this file
-    #[arg(long, value_name = "FILE", requires = "room")]
-    pub token_file: Option<std::path::PathBuf>,
+    /// The room to join, if any.
+    #[command(flatten)]
+    pub room: RoomArgs,
 
     /// How often to send a heartbeat to the relay (below its --timeout)
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
@@ -67,7 +55,7 @@ pub struct ChatArgs {
     pub linger: Duration,
 
     /// Serverless LAN room over UDP broadcast (seed 003), no relay needed
-    #[arg(long, conflicts_with = "server")]
+    #[arg(long, conflicts_with_all = ["server", "room"])]
     pub lan: bool,
 
     /// The LAN room's port
@@ -175,16 +163,13 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     let send = socket
         .try_clone()
         .map_err(|e| Error::io("clone the chat socket", e))?;
-    if let Some(room) = &args.room {
-        let token = token_arg(args.token.as_deref(), args.token_file.as_deref())?;
-        join_room(&socket, server, room, token.as_deref(), JOIN_WAIT)?;
-    }
+    args.room.join(&socket, server, JOIN_WAIT)?;
     Session {
         recv: socket,
         send,
         dest: server,
         name: args.name.clone(),
-        room: args.room.clone(),
+        room: args.room.room.clone(),
         heartbeat: Some(args.heartbeat),
         link: Link::new(args.heartbeat),
         hello: timeout_probe(),
@@ -199,129 +184,6 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         },
     }
     .run()
-}
-
-/// How long to wait for the relay to answer a join.
-const JOIN_WAIT: Duration = Duration::from_secs(2);
-
-/// The token from `--token` or `--token-file` (trimmed), if any.
-pub(crate) fn token_arg(
-    token: Option<&str>,
-    file: Option<&std::path::Path>,
-) -> Result<Option<String>, Error> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!("cannot read --token-file {}: {e}", path.display()))
-        })?;
-        return Ok(Some(text.trim().to_string()));
-    }
-    Ok(token.map(|t| t.trim().to_string()))
-}
-
-/// Joins `room` on the relay at `server` through `sock` (connected to it),
-/// waiting up to `wait` for `^room^ROOM`. A refusal, or silence, is an
-/// error that says why in words.
-pub(crate) fn join_room(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    room: &str,
-    token: Option<&str>,
-    wait: Duration,
-) -> Result<(), Error> {
-    if !crate::core::rooms::valid_name(room.as_bytes()) {
-        return Err(Error::Config(format!(
-            "--room {room:?}: a room name is 1 to 64 of A-Z a-z 0-9 _ . : -"
-        )));
-    }
-    let mut request = format!("^join^{room}");
-    if let Some(t) = token {
-        request.push('^');
-        request.push_str(t);
-    }
-    // Padded (a join is matched trimmed) so that a refusal's answer fits:
-    // the relay never answers with more bytes than it was sent.
-    while request.len() < protocol::TIMEOUT_QUERY_LEN {
-        request.push(' ');
-    }
-    sock.send(request.as_bytes())
-        .map_err(|e| Error::io("send the join", e))?;
-    let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; 2048];
-    let accepted = [protocol::ROOM_REPLY, room.as_bytes()].concat();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Refused(format!(
-                "no answer from {server} to joining room {room:?} within {}: is it a udphub relay that knows rooms?",
-                humantime::format_duration(wait)
-            )));
-        }
-        sock.set_read_timeout(Some(left))
-            .map_err(|e| Error::io("set a read timeout", e))?;
-        match sock.recv(&mut buf) {
-            Ok(n) if buf[..n] == accepted[..] => return Ok(()),
-            Ok(n) => {
-                if let Some(reason) = buf[..n].strip_prefix(protocol::DENIED_REPLY) {
-                    return Err(Error::Refused(explain_refusal(room, token, reason)));
-                }
-                // Anything else (a message already on its way) is not the answer.
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return Err(Error::Refused(format!(
-                    "nothing is listening at {server}: is the relay running?"
-                )))
-            }
-            Err(e) => return Err(Error::io("receive the join answer", e)),
-        }
-    }
-}
-
-/// A `^denied^REASON` for `room`, in words; for a token, what is wrong with
-/// it as far as its holder can tell (its claims are readable, its signature
-/// is not checkable here).
-fn explain_refusal(room: &str, token: Option<&str>, reason: &[u8]) -> String {
-    let fix = "ask whoever runs the relay for a fresh one";
-    match (reason, token) {
-        (b"full", _) => format!(
-            "room {room:?} is full (or the relay has as many rooms as it allows); try again later"
-        ),
-        (b"name", _) => format!("the relay does not accept {room:?} as a room name"),
-        (b"token", None) => {
-            format!("room {room:?} needs a token: pass --token or --token-file")
-        }
-        (b"token", Some(t)) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            match crate::core::token::peek(t.as_bytes()) {
-                Err(_) => format!("the token for room {room:?} is not a JWT; {fix}"),
-                Ok(c) if c.room != room => format!(
-                    "the token is for room {:?}, not {room:?}",
-                    c.room
-                ),
-                Ok(c) if c.exp <= now => format!(
-                    "the token for room {room:?} expired {} ago; {fix}",
-                    humantime::format_duration(Duration::from_secs(now - c.exp))
-                ),
-                Ok(c) if c.nbf.is_some_and(|nbf| nbf > now) => format!(
-                    "the token for room {room:?} is not valid for another {}",
-                    humantime::format_duration(Duration::from_secs(c.nbf.unwrap_or(now) - now))
-                ),
-                Ok(_) => format!(
-                    "the relay refused the token for room {room:?}: it was not signed with the relay's room secret; {fix}"
-                ),
-            }
-        }
-        (other, _) => format!(
-            "the relay refused to let you into room {room:?} ({})",
-            String::from_utf8_lossy(other)
-        ),
-    }
 }
 
 /// Resolves `--server` (`host:port` or an address literal) to its first

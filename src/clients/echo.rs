@@ -8,20 +8,17 @@
 //! echoed, not obeyed: no datagram from the network may stop a server.
 
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::PathBuf;
 
 use clap::Args;
 
 use crate::cli::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
-use crate::core::addr::RawAddr;
 use crate::core::admission::{Admission, Arrival};
 use crate::error::Error;
-use crate::net::batch_io::ReplyBatch;
-use crate::net::fanout::{self, Report};
 use crate::net::socket;
-use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
+use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::exporter;
+use crate::runtime::replies::Replies;
 use crate::runtime::supervisor::{self, Supervisor};
 
 /// `udphub echo` flags.
@@ -69,12 +66,8 @@ pub struct EchoArgs {
 pub struct Echo {
     /// `--upper`.
     upper: bool,
-    /// This batch's reply bytes, back to back.
-    arena: Vec<u8>,
-    /// Each reply: its bytes in `arena`, and where it goes.
-    replies: Vec<(Range<usize>, RawAddr)>,
-    /// `sendmmsg` headers.
-    batch: ReplyBatch,
+    /// This batch's replies, sent together at its end.
+    replies: Replies,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
 }
@@ -84,9 +77,7 @@ impl Echo {
     pub fn new(upper: bool, max_datagram: usize) -> Echo {
         Echo {
             upper,
-            arena: Vec::with_capacity(RECV_BATCH * max_datagram),
-            replies: Vec::with_capacity(RECV_BATCH),
-            batch: ReplyBatch::new(RECV_BATCH),
+            replies: Replies::new(max_datagram),
             send_errors: RateLimitedLog::default(),
         }
     }
@@ -102,38 +93,19 @@ impl Service for Echo {
             }
         };
         io.counts.messages += 1;
-        let start = self.arena.len();
-        self.arena.extend_from_slice(data);
+        let queued = self.replies.push(source, data, io, &mut self.send_errors);
         if self.upper {
-            self.arena[start..].make_ascii_uppercase();
+            queued.make_ascii_uppercase();
         }
-        self.replies.push((start..self.arena.len(), source));
     }
 
     /// Sends the batch's replies with one `sendmmsg` (or a few).
     fn end_batch(&mut self, io: &mut Io<'_>) {
-        let mut out = Report {
-            recipients: self.replies.len() as u64,
-            ..Report::default()
-        };
-        let Echo {
-            arena,
-            replies,
-            batch,
-            ..
-        } = self;
-        fanout::deliver(replies.len(), &mut out, |i| {
-            batch.send(io.fd, arena, &replies[i..])
-        });
-        if let Some(e) = out.add_to(io.counts) {
-            self.send_errors.warn("sendmmsg", &e);
-        }
         let elapsed = io.received_at.elapsed().as_secs_f64();
         io.counts
             .fanout_seconds
             .extend(std::iter::repeat_n(elapsed, self.replies.len()));
-        self.arena.clear();
-        self.replies.clear();
+        self.replies.flush(io, &mut self.send_errors);
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
-use crate::clients::chat::{join_room, resolve, token_arg};
+use crate::clients::chat::resolve;
+use crate::clients::room::RoomArgs;
 use crate::error::Error;
 
 /// `udphub send` flags.
@@ -33,22 +34,9 @@ pub struct SendArgs {
     #[arg(long, value_name = "HEX")]
     pub hex: Option<String>,
 
-    /// Join this room first (wire protocol v2), then send
-    #[arg(long, value_name = "ROOM")]
-    pub room: Option<String>,
-
-    /// The room's token (an HS256 JWT)
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        requires = "room",
-        conflicts_with = "token_file"
-    )]
-    pub token: Option<String>,
-
-    /// Read the room's token from this file
-    #[arg(long, value_name = "FILE", requires = "room")]
-    pub token_file: Option<std::path::PathBuf>,
+    /// The room to join before sending, if any.
+    #[command(flatten)]
+    pub room: RoomArgs,
 
     /// How long to wait for replies
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -131,16 +119,8 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
     };
     let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
     sock.connect(server).map_err(|e| Error::io("connect", e))?;
-    if let Some(room) = &args.room {
-        let token = token_arg(args.token.as_deref(), args.token_file.as_deref())?;
-        join_room(
-            &sock,
-            server,
-            room,
-            token.as_deref(),
-            args.wait.max(Duration::from_secs(1)),
-        )?;
-    }
+    args.room
+        .join(&sock, server, args.wait.max(Duration::from_secs(1)))?;
     sock.send(&message).map_err(|e| Error::io("send", e))?;
     let deadline = Instant::now() + args.wait;
     let mut buf = vec![0u8; 65_536];

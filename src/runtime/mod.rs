@@ -12,4 +12,5 @@ pub mod event_loop;
 pub mod exporter;
 pub mod metrics;
 pub mod relay;
+pub(crate) mod replies;
 pub mod supervisor;

@@ -7,19 +7,17 @@
 //!
 //! Data flows one way: socket → batch → admission → hub → effect → socket.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::cli::config::Config;
-use crate::core::addr::RawAddr;
 use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::core::hub::{Effect, Hub, HubConfig};
 use crate::error::Error;
-use crate::net::batch_io::ReplyBatch;
-use crate::net::fanout::{self, Fanout, Report};
+use crate::net::fanout::{Fanout, Report};
 use crate::net::socket;
-use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service, RECV_BATCH};
+use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
+use crate::runtime::replies::Replies;
 
 /// Wheel entries the hub settles per call, between two looks at the clock.
 pub const EXPIRY_CHUNK: usize = 256;
@@ -37,64 +35,11 @@ pub struct Relay {
     hub: Hub,
     /// `sendmmsg` state for fan-outs.
     fanout: Fanout,
-    /// Replies queued in this batch.
+    /// Answers queued in this batch (`^room^`, `^denied^`, `^timeout^`),
+    /// sent together: a join storm answers 64 joins per syscall.
     replies: Replies,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
-}
-
-/// Replies of one batch (`^room^`, `^denied^`, `^timeout^`), sent together
-/// with one `sendmmsg` rather than one syscall each: a join storm answers
-/// 64 joins per syscall.
-struct Replies {
-    /// Their bytes, back to back.
-    bytes: Vec<u8>,
-    /// Each: its bytes in `bytes`, and where it goes.
-    queued: Vec<(Range<usize>, RawAddr)>,
-    /// `sendmmsg` headers.
-    batch: ReplyBatch,
-}
-
-impl Replies {
-    fn new() -> Replies {
-        Replies {
-            bytes: Vec::with_capacity(RECV_BATCH * 64),
-            queued: Vec::with_capacity(RECV_BATCH),
-            batch: ReplyBatch::new(RECV_BATCH),
-        }
-    }
-
-    /// Queues `bytes` for `to`; sends the queue once it is a full batch.
-    fn push(&mut self, to: RawAddr, bytes: &[u8], io: &mut Io<'_>, log: &mut RateLimitedLog) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(bytes);
-        self.queued.push((start..self.bytes.len(), to));
-        if self.queued.len() >= self.batch.capacity() {
-            self.flush(io, log);
-        }
-    }
-
-    /// Sends what is queued, with as few `sendmmsg` calls as fit.
-    fn flush(&mut self, io: &mut Io<'_>, log: &mut RateLimitedLog) {
-        if self.queued.is_empty() {
-            return;
-        }
-        let mut report = Report {
-            recipients: self.queued.len() as u64,
-            ..Report::default()
-        };
-        let Replies {
-            bytes,
-            queued,
-            batch,
-        } = self;
-        fanout::deliver(queued.len(), &mut report, |i| {
-            batch.send(io.fd, bytes, &queued[i..])
-        });
-        count(report, io.counts, log);
-        self.bytes.clear();
-        self.queued.clear();
-    }
 }
 
 impl Relay {
@@ -103,7 +48,7 @@ impl Relay {
         Relay {
             hub: Hub::new(config, Instant::now()),
             fanout: Fanout::default(),
-            replies: Replies::new(),
+            replies: Replies::new(64),
             send_errors: RateLimitedLog::default(),
         }
     }

@@ -1,0 +1,171 @@
+//! Joining a room from a client (wire protocol v2): the `--room`,
+//! `--token`, `--token-file` flags `chat` and `send` share, the padded
+//! `^join^`, and a refusal explained in words.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::core::protocol;
+use crate::error::Error;
+
+/// The room flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RoomArgs {
+    /// Join this room first (wire protocol v2) instead of staying in the lobby
+    #[arg(long, value_name = "ROOM")]
+    pub room: Option<String>,
+
+    /// The room's token (an HS256 JWT from whoever runs the relay)
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        requires = "room",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+
+    /// Read the room's token from this file
+    #[arg(long, value_name = "FILE", requires = "room")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl RoomArgs {
+    /// Joins the room, if one was asked for, through `sock` (connected to
+    /// the relay at `server`), waiting up to `wait` for the answer.
+    pub(crate) fn join(
+        &self,
+        sock: &UdpSocket,
+        server: SocketAddr,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        let Some(room) = &self.room else {
+            return Ok(());
+        };
+        let token = token_arg(self.token.as_deref(), self.token_file.as_deref())?;
+        join_room(sock, server, room, token.as_deref(), wait)
+    }
+}
+
+/// How long to wait for the relay to answer a join.
+pub(crate) const JOIN_WAIT: Duration = Duration::from_secs(2);
+
+/// The token from `--token` or `--token-file` (trimmed), if any.
+fn token_arg(token: Option<&str>, file: Option<&std::path::Path>) -> Result<Option<String>, Error> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read --token-file {}: {e}", path.display()))
+        })?;
+        return Ok(Some(text.trim().to_string()));
+    }
+    Ok(token.map(|t| t.trim().to_string()))
+}
+
+/// Joins `room` on the relay at `server` through `sock` (connected to it),
+/// waiting up to `wait` for `^room^ROOM`. A refusal, or silence, is an
+/// error that says why in words.
+fn join_room(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    room: &str,
+    token: Option<&str>,
+    wait: Duration,
+) -> Result<(), Error> {
+    if !crate::core::rooms::valid_name(room.as_bytes()) {
+        return Err(Error::Config(format!(
+            "--room {room:?}: a room name is 1 to 64 of A-Z a-z 0-9 _ . : -"
+        )));
+    }
+    let mut request = format!("^join^{room}");
+    if let Some(t) = token {
+        request.push('^');
+        request.push_str(t);
+    }
+    // Padded (a join is matched trimmed) so that a refusal's answer fits:
+    // the relay never answers with more bytes than it was sent.
+    while request.len() < protocol::TIMEOUT_QUERY_LEN {
+        request.push(' ');
+    }
+    sock.send(request.as_bytes())
+        .map_err(|e| Error::io("send the join", e))?;
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 2048];
+    let accepted = [protocol::ROOM_REPLY, room.as_bytes()].concat();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Refused(format!(
+                "no answer from {server} to joining room {room:?} within {}: is it a udphub relay that knows rooms?",
+                humantime::format_duration(wait)
+            )));
+        }
+        sock.set_read_timeout(Some(left))
+            .map_err(|e| Error::io("set a read timeout", e))?;
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n] == accepted[..] => return Ok(()),
+            Ok(n) => {
+                if let Some(reason) = buf[..n].strip_prefix(protocol::DENIED_REPLY) {
+                    return Err(Error::Refused(explain_refusal(room, token, reason)));
+                }
+                // Anything else (a message already on its way) is not the answer.
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(Error::Refused(format!(
+                    "nothing is listening at {server}: is the relay running?"
+                )))
+            }
+            Err(e) => return Err(Error::io("receive the join answer", e)),
+        }
+    }
+}
+
+/// A `^denied^REASON` for `room`, in words; for a token, what is wrong with
+/// it as far as its holder can tell (its claims are readable, its signature
+/// is not checkable here).
+fn explain_refusal(room: &str, token: Option<&str>, reason: &[u8]) -> String {
+    let fix = "ask whoever runs the relay for a fresh one";
+    match (reason, token) {
+        (b"full", _) => format!(
+            "room {room:?} is full (or the relay has as many rooms as it allows); try again later"
+        ),
+        (b"name", _) => format!("the relay does not accept {room:?} as a room name"),
+        (b"token", None) => {
+            format!("room {room:?} needs a token: pass --token or --token-file")
+        }
+        (b"token", Some(t)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match crate::core::token::peek(t.as_bytes()) {
+                Err(_) => format!("the token for room {room:?} is not a JWT; {fix}"),
+                Ok(c) if c.room != room => format!(
+                    "the token is for room {:?}, not {room:?}",
+                    c.room
+                ),
+                Ok(c) if c.exp <= now => format!(
+                    "the token for room {room:?} expired {} ago; {fix}",
+                    humantime::format_duration(Duration::from_secs(now - c.exp))
+                ),
+                Ok(c) if c.nbf.is_some_and(|nbf| nbf > now) => format!(
+                    "the token for room {room:?} is not valid for another {}",
+                    humantime::format_duration(Duration::from_secs(c.nbf.unwrap_or(now) - now))
+                ),
+                Ok(_) => format!(
+                    "the relay refused the token for room {room:?}: it was not signed with the relay's room secret; {fix}"
+                ),
+            }
+        }
+        (other, _) => format!(
+            "the relay refused to let you into room {room:?} ({})",
+            String::from_utf8_lossy(other)
+        ),
+    }
+}
