@@ -179,6 +179,9 @@ fn hub(c: &mut Criterion) {
             max_room_clients: 100_000,
             room_secret: None,
             lobby_open: true,
+            cookie_key: None,
+            client_rate: None,
+            max_clients_per_ip: None,
         };
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);
@@ -248,6 +251,9 @@ fn room_fanout(c: &mut Criterion) {
             max_room_clients: 100_000,
             room_secret: None,
             lobby_open: true,
+            cookie_key: None,
+            client_rate: None,
+            max_clients_per_ip: None,
         };
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);

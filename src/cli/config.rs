@@ -98,7 +98,33 @@ pub struct ServeArgs {
     /// With a room secret: whether clients outside any room may talk (`open`) or must join one first (`closed`) [default: open]
     #[arg(long, env = "UDPHUB_LOBBY", value_name = "open|closed", value_parser = parse_lobby)]
     pub lobby: Option<bool>,
+
+    /// Verify mode: a source must prove its address with a cookie before it is registered or relayed to (see docs/SECURITY.md)
+    #[arg(long, env = "UDPHUB_VERIFY_SOURCES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub verify_sources: bool,
+
+    /// Drop (and count) a client's datagrams beyond this many per second [default: no limit]
+    #[arg(long, env = "UDPHUB_CLIENT_RATE", value_name = "PER_SEC")]
+    pub client_rate: Option<f64>,
+
+    /// How many datagrams a client may send at once above --client-rate [default: twice the rate]
+    #[arg(long, env = "UDPHUB_CLIENT_BURST", value_name = "N")]
+    pub client_burst: Option<f64>,
+
+    /// Refuse (and count) new clients from an IP address that has this many [default: no limit]
+    #[arg(long, env = "UDPHUB_MAX_CLIENTS_PER_IP", value_name = "N")]
+    pub max_clients_per_ip: Option<u32>,
+
+    /// For a public address: --verify-sources, --client-rate 200, --max-clients-per-ip 64 (each can still be set)
+    #[arg(long, env = "UDPHUB_PUBLIC", value_parser = clap::builder::BoolishValueParser::new())]
+    pub public: bool,
 }
+
+/// What `--public` sets, unless given otherwise: datagrams per second per
+/// client (a chat at a few messages a second, with room for bursts).
+pub const PUBLIC_CLIENT_RATE: f64 = 200.0;
+/// What `--public` sets: clients per IP (a NAT of a few dozen people).
+pub const PUBLIC_CLIENTS_PER_IP: u32 = 64;
 
 /// Parses `--lobby`: `open` (true) or `closed` (false).
 pub fn parse_lobby(s: &str) -> Result<bool, String> {
@@ -155,10 +181,20 @@ struct FileConfig {
     max_room_clients: Option<usize>,
     room_secret_file: Option<PathBuf>,
     lobby: Option<bool>,
+    verify_sources: Option<bool>,
+    client_rate: Option<f64>,
+    client_burst: Option<f64>,
+    max_clients_per_ip: Option<usize>,
+    public: Option<bool>,
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 16] = [
+const FILE_KEYS: [&str; 21] = [
+    "verify-sources",
+    "client-rate",
+    "client-burst",
+    "max-clients-per-ip",
+    "public",
     "max-rooms",
     "max-room-clients",
     "room-secret-file",
@@ -212,6 +248,12 @@ pub struct Config {
     pub room_secret: Option<RoomSecret>,
     /// With a secret: whether the lobby is open.
     pub lobby_open: bool,
+    /// Verify mode.
+    pub verify_sources: bool,
+    /// Per-client datagrams per second and burst, if limited.
+    pub client_rate: Option<(f64, f64)>,
+    /// Clients per IP, if limited.
+    pub max_clients_per_ip: Option<u32>,
 }
 
 impl Default for Config {
@@ -233,6 +275,9 @@ impl Default for Config {
             max_room_clients: 100_000,
             room_secret: None,
             lobby_open: true,
+            verify_sources: false,
+            client_rate: None,
+            max_clients_per_ip: None,
         }
     }
 }
@@ -251,6 +296,10 @@ impl Config {
             max_room_clients: self.max_room_clients,
             room_secret: self.room_secret.clone(),
             lobby_open: self.lobby_open,
+            // Drawn from the OS by the runtime when verify mode is on.
+            cookie_key: None,
+            client_rate: self.client_rate,
+            max_clients_per_ip: self.max_clients_per_ip,
         }
     }
 
@@ -324,6 +373,31 @@ impl Config {
                 None => None,
             },
             lobby_open: args.lobby.or(file.lobby).unwrap_or(d.lobby_open),
+            verify_sources: false,
+            client_rate: None,
+            max_clients_per_ip: None,
+        };
+        let public = args.public || file.public.unwrap_or(false);
+        let config = Config {
+            verify_sources: public || args.verify_sources || file.verify_sources.unwrap_or(false),
+            client_rate: args
+                .client_rate
+                .or(file.client_rate)
+                .or(public.then_some(PUBLIC_CLIENT_RATE))
+                .map(|rate| {
+                    let burst = args
+                        .client_burst
+                        .or(file.client_burst)
+                        .unwrap_or(2.0 * rate);
+                    (rate, burst)
+                }),
+            max_clients_per_ip: args
+                .max_clients_per_ip
+                .or(file
+                    .max_clients_per_ip
+                    .map(|n| n.min(u32::MAX as usize) as u32))
+                .or(public.then_some(PUBLIC_CLIENTS_PER_IP)),
+            ..config
         };
         config.validate()?;
         Ok(config)
@@ -371,6 +445,16 @@ impl Config {
                     i32::MAX
                 ));
             }
+        }
+        if let Some((rate, burst)) = self.client_rate {
+            if !(rate > 0.0 && rate.is_finite() && burst >= 1.0 && burst.is_finite()) {
+                return bad(format!(
+                    "--client-rate must be more than 0 and --client-burst at least 1, got {rate} and {burst}"
+                ));
+            }
+        }
+        if self.max_clients_per_ip == Some(0) {
+            return bad("--max-clients-per-ip must be at least 1".into());
         }
         if !self.lobby_open && self.room_secret.is_none() {
             return bad(
@@ -495,6 +579,27 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     file.room_secret_file = Some(PathBuf::from(s));
                 }
             }
+            "verify-sources" | "public" => {
+                let b = value
+                    .as_bool()
+                    .ok_or_else(|| fail("true or false (no quotes)"))?;
+                if key == "public" {
+                    file.public = Some(b);
+                } else {
+                    file.verify_sources = Some(b);
+                }
+            }
+            "client-rate" | "client-burst" => {
+                let n = value
+                    .as_float()
+                    .or_else(|| value.as_integer().map(|i| i as f64))
+                    .ok_or_else(|| fail("a number (per second), without quotes"))?;
+                if key == "client-rate" {
+                    file.client_rate = Some(n);
+                } else {
+                    file.client_burst = Some(n);
+                }
+            }
             "lobby" => {
                 let s = value
                     .as_str()
@@ -509,7 +614,7 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                 );
             }
             "max-datagram" | "max-clients" | "expect-clients" | "recv-buffer" | "send-buffer"
-            | "max-rooms" | "max-room-clients" => {
+            | "max-rooms" | "max-room-clients" | "max-clients-per-ip" => {
                 let n = value
                     .as_integer()
                     .and_then(|n| usize::try_from(n).ok())
@@ -521,6 +626,7 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     "recv-buffer" => &mut file.recv_buffer,
                     "max-rooms" => &mut file.max_rooms,
                     "max-room-clients" => &mut file.max_room_clients,
+                    "max-clients-per-ip" => &mut file.max_clients_per_ip,
                     _ => &mut file.send_buffer,
                 };
                 *slot = Some(n);

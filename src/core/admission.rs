@@ -8,8 +8,11 @@
 //! the table below.
 
 use crate::core::addr::RawAddr;
+use crate::core::cookie::CookieKey;
+use crate::core::limits::{Bucket, PrefixLimiter, Rate};
 use crate::core::protocol::{self, Kind};
 use crate::core::rooms::{RoomId, LOBBY};
+use crate::core::table::Table;
 
 labelled_enum! {
     /// Why a datagram was dropped unrelayed (`udphub_dropped_total{reason}`).
@@ -23,6 +26,20 @@ labelled_enum! {
         /// With a room secret and a closed lobby: anything but a join or a
         /// quit from a client that is not in a room.
         LobbyClosed => "lobby_closed",
+        /// Verify mode: from a source that has not proven its address (it
+        /// was sent a cookie if the datagram was long enough).
+        Unverified => "unverified",
+        /// Verify mode: a cookie that is wrong or too old.
+        BadCookie => "bad_cookie",
+        /// Verify mode: a member's `quit` or `^join^` without its cookie.
+        Unproven => "unproven",
+        /// Verify mode: no cookie sent, the per-prefix or global budget for
+        /// cookie replies is spent.
+        CookieBudget => "cookie_budget",
+        /// Over the client's `--client-rate`.
+        RateLimited => "rate_limited",
+        /// A new client from an IP at `--max-clients-per-ip`.
+        IpFull => "ip_full",
     }
 }
 
@@ -52,23 +69,125 @@ pub struct Admitted<'a> {
     pub room: RoomId,
 }
 
+/// What admission decided.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// On to the hub.
+    Admit(Admitted<'a>),
+    /// Dropped, for this reason.
+    Drop(DropReason),
+    /// Verify mode: dropped as unverified, and the sender is to be sent a
+    /// cookie (the datagram was at least [`protocol::HELLO_LEN`] long).
+    Challenge,
+}
+
+/// Verify mode's state: the cookie key and the budgets for cookie replies.
+#[derive(Debug)]
+pub struct Verify {
+    /// Makes and checks cookies.
+    pub key: CookieKey,
+    /// Cookie replies per /24 (IPv4) or /56 (IPv6).
+    per_prefix: PrefixLimiter,
+    /// Cookie replies in all.
+    global: Bucket,
+    /// The global budget's rate.
+    global_rate: Rate,
+}
+
+/// Cookie replies each /24 or /56 may get: 20 a second, 20 at once — plenty
+/// for the clients behind one NAT, nothing for an amplifier.
+pub const COOKIE_PREFIX_RATE: Rate = Rate {
+    per_sec: 20.0,
+    burst: 20.0,
+};
+/// Cookie replies in all: 20,000 a second (each is ≤ the request, so this
+/// bounds only the CPU a flood of hellos costs).
+pub const COOKIE_GLOBAL_RATE: Rate = Rate {
+    per_sec: 20_000.0,
+    burst: 20_000.0,
+};
+/// Prefixes the cookie budget tracks at once (~40 bytes each: a flood of
+/// spoofed prefixes costs at most ~1 MiB).
+pub const COOKIE_PREFIXES: usize = 16_384;
+
+impl Verify {
+    /// Verify mode with this key and the default budgets.
+    pub fn new(key: CookieKey) -> Verify {
+        Verify {
+            key,
+            per_prefix: PrefixLimiter::new(COOKIE_PREFIX_RATE, COOKIE_PREFIXES),
+            global: Bucket::full(COOKIE_GLOBAL_RATE, 0),
+            global_rate: COOKIE_GLOBAL_RATE,
+        }
+    }
+
+    /// Whether a cookie reply to `to` fits the budgets (and spends them).
+    fn budget(&mut self, to: &RawAddr, now_ns: u64) -> bool {
+        self.per_prefix.allow(to, now_ns) && self.global.take(self.global_rate, now_ns)
+    }
+}
+
 /// The admission limits.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Admission {
     /// `--max-clients`: a datagram that would register one more is dropped.
     max_clients: usize,
     /// Whether the lobby relays (false: only room members talk).
     lobby_open: bool,
+    /// `--verify-sources`.
+    verify: Option<Verify>,
+    /// `--client-rate`: tokens per wheel tick, and the burst.
+    client_rate: Option<(f32, f32)>,
+    /// `--max-clients-per-ip`.
+    max_per_ip: Option<u32>,
+}
+
+/// The moment a datagram is admitted at, in the units each check uses.
+#[derive(Debug, Clone, Copy)]
+pub struct When {
+    /// Wheel tick (liveness, per-client buckets).
+    pub tick: u64,
+    /// Nanoseconds on the hub's clock (cookie budgets).
+    pub nanos: u64,
+    /// Unix seconds (cookie epochs).
+    pub unix: u64,
 }
 
 impl Admission {
     /// Admission with a cap of `max_clients` clients, and an open or a
-    /// closed lobby.
+    /// closed lobby; no verify mode, no rate limits.
     pub fn new(max_clients: usize, lobby_open: bool) -> Admission {
         Admission {
             max_clients,
             lobby_open,
+            verify: None,
+            client_rate: None,
+            max_per_ip: None,
         }
+    }
+
+    /// Turns on verify mode.
+    pub fn verify_sources(mut self, verify: Verify) -> Admission {
+        self.verify = Some(verify);
+        self
+    }
+
+    /// Limits each client to `per_tick` datagrams per wheel tick, `burst`
+    /// at once.
+    pub fn client_rate(mut self, per_tick: f32, burst: f32) -> Admission {
+        self.client_rate = Some((per_tick, burst.max(1.0)));
+        self
+    }
+
+    /// Caps the clients per IP address.
+    pub fn max_clients_per_ip(mut self, max: u32) -> Admission {
+        self.max_per_ip = Some(max);
+        self
+    }
+
+    /// The cookie key, in verify mode.
+    pub fn cookie_key(&self) -> Option<&CookieKey> {
+        self.verify.as_ref().map(|v| &v.key)
     }
 
     /// Checks what any server needs of a datagram: an answerable source,
@@ -82,35 +201,91 @@ impl Admission {
         Ok((source, arrival.data))
     }
 
-    /// Checks a datagram for the relay. `lookup` finds the sender's table
-    /// slot and room; `clients` is how many clients the table holds now.
+    /// Checks a datagram for the relay, against the client table. A
+    /// member's rate-limit bucket is charged here.
     pub fn admit<'a>(
         &mut self,
         arrival: &Arrival<'a>,
-        lookup: impl FnOnce(&RawAddr) -> Option<(u32, RoomId)>,
-        clients: usize,
-    ) -> Result<Admitted<'a>, DropReason> {
-        let (source, data) = Admission::envelope(arrival)?;
+        table: &mut Table,
+        when: When,
+    ) -> Verdict<'a> {
+        let (source, data) = match Admission::envelope(arrival) {
+            Ok(ok) => ok,
+            Err(reason) => return Verdict::Drop(reason),
+        };
         let kind = protocol::classify(data);
-        let found = lookup(&source);
+        let found = table
+            .find(&source)
+            .map(|key| (key, table.get(key).map_or(LOBBY, |c| c.room)));
         let (client, room) = match found {
             Some((key, room)) => (Some(key), room),
             None => (None, LOBBY),
         };
+        if let Some(verify) = &mut self.verify {
+            let proven = match kind {
+                Kind::Cookie { cookie, .. } => {
+                    if !verify.key.check(cookie, &source, when.unix) {
+                        return Verdict::Drop(DropReason::BadCookie);
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if client.is_none() && !proven {
+                // Nothing registers without a cookie; only a datagram at
+                // least as long as the answer gets one, within budget.
+                if data.len() < protocol::HELLO_LEN {
+                    return Verdict::Drop(DropReason::Unverified);
+                }
+                if !verify.budget(&source, when.nanos) {
+                    return Verdict::Drop(DropReason::CookieBudget);
+                }
+                return Verdict::Challenge;
+            }
+            if client.is_some() && matches!(kind, Kind::Quit | Kind::Join { .. }) {
+                return Verdict::Drop(DropReason::Unproven);
+            }
+        }
+        if let (Some(key), Some((per_tick, burst))) = (client, self.client_rate) {
+            if !table.charge(key, when.tick, per_tick, burst) {
+                return Verdict::Drop(DropReason::RateLimited);
+            }
+        }
         let talks = matches!(
             kind,
-            Kind::Heartbeat | Kind::Message(_) | Kind::TimeoutQuery
+            Kind::Heartbeat | Kind::Message(_) | Kind::TimeoutQuery | Kind::Hello(_)
+        ) || matches!(
+            kind,
+            Kind::Cookie {
+                then: protocol::Proven::Register,
+                ..
+            }
         );
         if !self.lobby_open && room == LOBBY && talks {
-            return Err(DropReason::LobbyClosed);
+            return Verdict::Drop(DropReason::LobbyClosed);
         }
-        // A quit from a stranger registers nobody: it is harmless, and
-        // counted as a quit rather than a drop, as in v1.
-        let registers = client.is_none() && !matches!(kind, Kind::Quit);
-        if registers && clients >= self.max_clients {
-            return Err(DropReason::TableFull);
+        // A quit registers nobody: harmless, counted as a quit, as in v1.
+        let registers = client.is_none()
+            && !matches!(kind, Kind::Quit)
+            && !matches!(
+                kind,
+                Kind::Cookie {
+                    then: protocol::Proven::Quit,
+                    ..
+                }
+            );
+        if registers {
+            if table.len() >= self.max_clients {
+                return Verdict::Drop(DropReason::TableFull);
+            }
+            if self
+                .max_per_ip
+                .is_some_and(|max| table.clients_at(&source) >= max)
+            {
+                return Verdict::Drop(DropReason::IpFull);
+            }
         }
-        Ok(Admitted {
+        Verdict::Admit(Admitted {
             source,
             kind,
             client,
@@ -162,42 +337,136 @@ mod tests {
         assert!(Admission::envelope(&arrival(b"x")).is_ok());
     }
 
+    fn when(unix: u64) -> When {
+        When {
+            tick: 0,
+            nanos: unix * 1_000_000_000,
+            unix,
+        }
+    }
+
+    fn verdict(
+        a: &mut Admission,
+        t: &mut Table,
+        d: &[u8],
+        port: u16,
+    ) -> Result<Option<u32>, DropReason> {
+        let one = Arrival {
+            source: from(port),
+            ..arrival(d)
+        };
+        match a.admit(&one, t, when(1_000)) {
+            Verdict::Admit(ad) => Ok(ad.client),
+            Verdict::Drop(r) => Err(r),
+            Verdict::Challenge => Err(DropReason::Unverified),
+        }
+    }
+
     #[test]
     fn a_full_table_refuses_newcomers_but_not_members_or_quits() {
         let mut a = Admission::new(2, true);
-        let stranger = |_: &RawAddr| None;
-        let member = |_: &RawAddr| Some((7, LOBBY));
+        let mut t = Table::new(100);
+        t.insert(from(1).unwrap(), 0);
+        t.insert(from(2).unwrap(), 0);
         for d in [&b"^hb^"[..], b"hello", b""] {
             assert_eq!(
-                a.admit(&arrival(d), stranger, 2).map(|_| ()),
+                verdict(&mut a, &mut t, d, 3),
                 Err(DropReason::TableFull),
                 "{d:?}"
             );
-            assert_eq!(a.admit(&arrival(d), member, 2).unwrap().client, Some(7));
-            assert!(a.admit(&arrival(d), stranger, 1).is_ok());
+            assert!(verdict(&mut a, &mut t, d, 1).unwrap().is_some());
         }
-        let quit = a.admit(&arrival(b"quit"), stranger, 2).unwrap();
-        assert_eq!(quit.kind, Kind::Quit);
+        assert_eq!(verdict(&mut a, &mut t, b"quit", 3), Ok(None));
     }
 
     #[test]
     fn a_closed_lobby_lets_only_joins_quits_and_room_members_through() {
         let mut a = Admission::new(10, false);
-        let stranger = |_: &RawAddr| None;
-        let in_lobby = |_: &RawAddr| Some((1, LOBBY));
-        let in_room = |_: &RawAddr| Some((1, RoomId(3)));
+        let mut t = Table::new(100);
+        t.insert(from(1).unwrap(), 0);
+        let k2 = t.insert(from(2).unwrap(), 0).key;
+        t.move_to(k2, b"r").unwrap();
         for d in [&b"^hb^"[..], b"hi", b"^timeout^"] {
-            assert_eq!(
-                a.admit(&arrival(d), stranger, 0).map(|_| ()),
-                Err(DropReason::LobbyClosed)
-            );
-            assert_eq!(
-                a.admit(&arrival(d), in_lobby, 1).map(|_| ()),
-                Err(DropReason::LobbyClosed)
-            );
-            assert!(a.admit(&arrival(d), in_room, 1).is_ok());
+            assert_eq!(verdict(&mut a, &mut t, d, 9), Err(DropReason::LobbyClosed));
+            assert_eq!(verdict(&mut a, &mut t, d, 1), Err(DropReason::LobbyClosed));
+            assert!(verdict(&mut a, &mut t, d, 2).is_ok());
         }
-        assert!(a.admit(&arrival(b"^join^r^t"), stranger, 0).is_ok());
-        assert!(a.admit(&arrival(b"quit"), in_lobby, 1).is_ok());
+        assert!(verdict(&mut a, &mut t, b"^join^r^t", 9).is_ok());
+        assert!(verdict(&mut a, &mut t, b"quit", 1).is_ok());
+    }
+
+    #[test]
+    fn verify_mode_lets_nothing_register_without_a_cookie() {
+        let key = CookieKey::new([3; 32]);
+        let mut a = Admission::new(10, true).verify_sources(Verify::new(key.clone()));
+        let mut t = Table::new(100);
+        let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
+        assert_eq!(
+            verdict(&mut a, &mut t, b"hi", 1),
+            Err(DropReason::Unverified)
+        );
+        let hi = Arrival {
+            source: from(1),
+            ..arrival(&hello)
+        };
+        assert!(matches!(
+            a.admit(&hi, &mut t, when(1_000)),
+            Verdict::Challenge
+        ));
+        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), 1_000)].concat();
+        assert_eq!(
+            verdict(&mut a, &mut t, &good, 1),
+            Ok(None),
+            "admitted, not yet a client"
+        );
+        assert_eq!(
+            verdict(&mut a, &mut t, &good, 2),
+            Err(DropReason::BadCookie),
+            "another port's"
+        );
+        assert_eq!(
+            verdict(&mut a, &mut t, b"^cookie^AAAAAAAAAAAAAAAAAAAAAA", 1),
+            Err(DropReason::BadCookie)
+        );
+        // A member: talks freely, but quit and join need its cookie.
+        t.insert(from(1).unwrap(), 0);
+        assert!(verdict(&mut a, &mut t, b"hi", 1).is_ok());
+        assert_eq!(
+            verdict(&mut a, &mut t, b"quit", 1),
+            Err(DropReason::Unproven)
+        );
+        assert_eq!(
+            verdict(&mut a, &mut t, b"^join^r", 1),
+            Err(DropReason::Unproven)
+        );
+        let quit = [&good[..], b"^quit"].concat();
+        assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
+        // The cookie budget: 20 replies per /24, then nothing.
+        let challenged = (100..140)
+            .filter(|p| {
+                let hi = Arrival {
+                    source: from(*p),
+                    ..arrival(&hello)
+                };
+                matches!(a.admit(&hi, &mut t, when(1_000)), Verdict::Challenge)
+            })
+            .count();
+        assert_eq!(challenged, 19, "the /24 had 1 of its 20 spent already");
+    }
+
+    #[test]
+    fn rate_limits_and_per_ip_caps() {
+        let mut a = Admission::new(10, true)
+            .client_rate(1.0, 3.0)
+            .max_clients_per_ip(2);
+        let mut t = Table::new(100);
+        t.set_burst(3.0);
+        t.count_per_ip();
+        t.insert(from(1).unwrap(), 0);
+        t.insert(from(2).unwrap(), 0);
+        assert_eq!(verdict(&mut a, &mut t, b"^hb^", 3), Err(DropReason::IpFull));
+        let sent: Vec<_> = (0..5).map(|_| verdict(&mut a, &mut t, b"m", 1)).collect();
+        assert_eq!(sent.iter().filter(|v| v.is_ok()).count(), 3, "{sent:?}");
+        assert_eq!(sent[4], Err(DropReason::RateLimited));
     }
 }

@@ -32,6 +32,16 @@ impl Clock {
         elapsed / (self.tick.as_nanos() as u64).max(1)
     }
 
+    /// Nanoseconds from tick 0 to `t` (for rate limits finer than a tick).
+    pub fn nanos_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
+    /// The length of one tick.
+    pub fn tick(&self) -> Duration {
+        self.tick
+    }
+
     /// The instant tick `tick` starts.
     pub fn instant_of(&self, tick: u64) -> Instant {
         let nanos = u128::from(tick) * self.tick.as_nanos();

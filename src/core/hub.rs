@@ -21,10 +21,11 @@
 use std::time::{Duration, Instant};
 
 use crate::core::addr::RawAddr;
-use crate::core::admission::{Admission, Admitted, Arrival};
+use crate::core::admission::{Admission, Admitted, Arrival, DropReason, Verdict, Verify, When};
 use crate::core::clock::Clock;
+use crate::core::cookie::CookieKey;
 use crate::core::counts::{Counts, Refusal};
-use crate::core::protocol::{self, Kind, Template};
+use crate::core::protocol::{self, Kind, Proven, Template};
 use crate::core::rooms::{self, RoomId, Rooms, LOBBY};
 use crate::core::table::{Due, Recipients, Table};
 use crate::core::token::{self, RoomSecret, TokenError};
@@ -53,6 +54,12 @@ pub struct HubConfig {
     pub room_secret: Option<RoomSecret>,
     /// With a secret: whether clients outside any room may talk.
     pub lobby_open: bool,
+    /// Verify mode's cookie key (`--verify-sources`), if on.
+    pub cookie_key: Option<CookieKey>,
+    /// `--client-rate`: datagrams per second per client, and the burst.
+    pub client_rate: Option<(f64, f64)>,
+    /// `--max-clients-per-ip`.
+    pub max_clients_per_ip: Option<u32>,
 }
 
 /// What the runtime must do about one datagram.
@@ -126,13 +133,27 @@ impl Hub {
         let slots = (timeout_ticks as usize + 2).min(1 << 16);
         let reserve = config.expect_clients.min(config.max_clients);
         let lobby_open = config.lobby_open || config.room_secret.is_none();
+        let mut admission = Admission::new(config.max_clients, lobby_open);
+        let mut table = Table::with_rooms(
+            timeout_ticks,
+            reserve,
+            Rooms::new(config.max_rooms, config.max_room_clients, reserve),
+        );
+        if let Some(key) = &config.cookie_key {
+            admission = admission.verify_sources(Verify::new(key.clone()));
+        }
+        if let Some((per_sec, burst)) = config.client_rate {
+            let per_tick = (per_sec * clock.tick().as_secs_f64()) as f32;
+            admission = admission.client_rate(per_tick, burst as f32);
+            table.set_burst(burst.max(1.0) as f32);
+        }
+        if let Some(max) = config.max_clients_per_ip {
+            admission = admission.max_clients_per_ip(max);
+            table.count_per_ip();
+        }
         Hub {
-            admission: Admission::new(config.max_clients, lobby_open),
-            table: Table::with_rooms(
-                timeout_ticks,
-                reserve,
-                Rooms::new(config.max_rooms, config.max_room_clients, reserve),
-            ),
+            admission,
+            table,
             wheel: Wheel::new(slots, 0),
             clock,
             template: config.format.clone(),
@@ -162,19 +183,24 @@ impl Hub {
         arrival: Arrival<'a>,
         counts: &mut Counts,
     ) -> Effect<'a> {
-        let table = &self.table;
-        let lookup = |a: &RawAddr| {
-            let key = table.find(a)?;
-            Some((key, table.get(key).map_or(LOBBY, |c| c.room)))
+        let tick = self.clock.tick_at(now);
+        let when = When {
+            tick,
+            nanos: self.clock.nanos_at(now),
+            unix: self.unix_now,
         };
-        let admitted = match self.admission.admit(&arrival, lookup, table.len()) {
-            Ok(admitted) => admitted,
-            Err(reason) => {
+        let admitted = match self.admission.admit(&arrival, &mut self.table, when) {
+            Verdict::Admit(admitted) => admitted,
+            Verdict::Drop(reason) => {
                 counts.drop(reason);
                 return Effect::Nothing;
             }
+            Verdict::Challenge => {
+                counts.drop(DropReason::Unverified);
+                return self.send_cookie(arrival.source, arrival.data.len());
+            }
         };
-        let tick = self.clock.tick_at(now);
+        let verify = self.admission.cookie_key().is_some();
         let Admitted {
             source,
             kind,
@@ -211,6 +237,44 @@ impl Hub {
                     counts,
                 )
             }
+            // Verify mode: a member asks for a fresh cookie (to quit or
+            // move with). It is a heartbeat too.
+            Kind::Hello(_) if verify => {
+                counts.heartbeats += 1;
+                self.join_or_refresh(source, client, tick, counts);
+                self.send_cookie(Some(source), arrival.data.len())
+            }
+            // Verify mode: admission has checked the cookie.
+            Kind::Cookie { then, .. } if verify => match then {
+                Proven::Register => {
+                    counts.heartbeats += 1;
+                    self.join_or_refresh(source, client, tick, counts);
+                    Effect::Nothing
+                }
+                Proven::Join { room, token } => {
+                    counts.joins += 1;
+                    self.join(
+                        source,
+                        client,
+                        room,
+                        token,
+                        tick,
+                        arrival.data.len(),
+                        counts,
+                    )
+                }
+                Proven::Quit => {
+                    counts.quits += 1;
+                    if client.is_some() && self.table.remove(&source) {
+                        counts.left += 1;
+                    }
+                    Effect::Nothing
+                }
+            },
+            // Not in verify mode, these are v1 messages like any other.
+            Kind::Hello(body) | Kind::Cookie { body, .. } => {
+                self.message(source, client, body, tick, counts)
+            }
             Kind::Quit => {
                 counts.quits += 1;
                 if client.is_some() && self.table.remove(&source) {
@@ -218,23 +282,54 @@ impl Hub {
                 }
                 Effect::Nothing
             }
-            Kind::Message(body) => {
-                counts.messages += 1;
-                let sender = self.join_or_refresh(source, client, tick, counts);
-                let room = self.table.get(sender).map_or(LOBBY, |c| c.room);
-                let payload: &[u8] = if self.template.is_raw() {
-                    body
-                } else {
-                    self.template.render(body, &source, &mut self.rendered);
-                    &self.rendered
-                };
-                let skip = (!self.echo).then_some(sender);
-                Effect::Fanout(Fanout {
-                    room,
-                    payload,
-                    recipients: self.table.recipients(room, tick, skip),
-                })
+            Kind::Message(body) => self.message(source, client, body, tick, counts),
+        }
+    }
+
+    /// A message: registers or refreshes the sender, renders the body once
+    /// and fans it out to the sender's room.
+    fn message<'a>(
+        &'a mut self,
+        source: RawAddr,
+        client: Option<u32>,
+        body: &'a [u8],
+        tick: u64,
+        counts: &mut Counts,
+    ) -> Effect<'a> {
+        counts.messages += 1;
+        let sender = self.join_or_refresh(source, client, tick, counts);
+        let room = self.table.get(sender).map_or(LOBBY, |c| c.room);
+        let payload: &[u8] = if self.template.is_raw() {
+            body
+        } else {
+            self.template.render(body, &source, &mut self.rendered);
+            &self.rendered
+        };
+        let skip = (!self.echo).then_some(sender);
+        Effect::Fanout(Fanout {
+            room,
+            payload,
+            recipients: self.table.recipients(room, tick, skip),
+        })
+    }
+
+    /// Verify mode: `^cookie^C` for `to`, if it is no longer than the
+    /// datagram (`asked` bytes) that asked.
+    fn send_cookie(&mut self, to: Option<RawAddr>, asked: usize) -> Effect<'_> {
+        let (Some(to), Some(key)) = (to, self.admission.cookie_key()) else {
+            return Effect::Nothing;
+        };
+        let cookie = key.make(&to, self.unix_now);
+        self.reply.clear();
+        self.reply.extend_from_slice(protocol::COOKIE);
+        self.reply.extend_from_slice(&cookie);
+        if self.reply.len() <= asked {
+            Effect::Reply {
+                to,
+                bytes: &self.reply,
             }
+        } else {
+            Effect::Nothing
         }
     }
 
@@ -422,6 +517,9 @@ mod tests {
             max_room_clients: 1000,
             room_secret: None,
             lobby_open: true,
+            cookie_key: None,
+            client_rate: None,
+            max_clients_per_ip: None,
         }
     }
 

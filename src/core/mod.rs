@@ -11,12 +11,14 @@
 //! - [`protocol`]: what a datagram means; the `--format` template.
 //! - [`addr`]: client addresses kept in the kernel's `sockaddr` layout.
 //! - [`admission`]: the one step that may drop a datagram, and every reason.
+//! - [`cookie`]: stateless source cookies for verify mode.
 //! - [`counts`]: the plain counters the core and the runtime add to.
 //! - [`rooms`]: per-room member lists, so fan-out is O(room), never O(table).
 //! - [`table`]: the client table (address → slab slot, with generations).
 //! - [`token`]: room tokens (HS256 JWTs): verify and mint.
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
 //! - [`clock`]: instants to wheel ticks.
+//! - [`limits`]: token buckets, and the bounded per-prefix table.
 //! - [`hub`]: the relay's state machine, which ties them together.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
@@ -60,8 +62,10 @@ macro_rules! labelled_enum {
 pub mod addr;
 pub mod admission;
 pub mod clock;
+pub mod cookie;
 pub mod counts;
 pub mod hub;
+pub mod limits;
 pub mod protocol;
 pub mod rooms;
 pub mod table;

@@ -28,6 +28,14 @@ pub const JOIN: &[u8] = b"^join^";
 pub const ROOM_REPLY: &[u8] = b"^room^";
 /// The answer to a refused join: `^denied^REASON`.
 pub const DENIED_REPLY: &[u8] = b"^denied^";
+/// Verify mode: asks the relay for a cookie (padded to [`HELLO_LEN`]).
+pub const HELLO: &[u8] = b"^hello^";
+/// Verify mode: how long a datagram from an unverified source must be to
+/// be answered with a cookie (the answer is shorter, so no amplification).
+pub const HELLO_LEN: usize = 64;
+/// Verify mode: the cookie control word, `^cookie^C[^join^…|^quit]`, and
+/// the answer that carries one.
+pub const COOKIE: &[u8] = b"^cookie^";
 /// How long a padded [`TIMEOUT_QUERY`] should be so that any answer fits
 /// (`^timeout^` + up to 23 digits).
 pub const TIMEOUT_QUERY_LEN: usize = 32;
@@ -67,8 +75,46 @@ pub enum Kind<'a> {
         /// The token, if one came.
         token: Option<&'a [u8]>,
     },
+    /// `^hello^`: in verify mode, a request for a cookie; otherwise a
+    /// message with this body.
+    Hello(&'a [u8]),
+    /// `^cookie^C`, `^cookie^C^join^ROOM[^TOKEN]`, `^cookie^C^quit`: in
+    /// verify mode, a request proven by cookie C; otherwise a message with
+    /// this body.
+    Cookie {
+        /// The cookie.
+        cookie: &'a [u8],
+        /// What it proves the sender asks.
+        then: Proven<'a>,
+        /// The body, for relays not in verify mode.
+        body: &'a [u8],
+    },
     /// Anything else: relay this body to every live client.
     Message(&'a [u8]),
+}
+
+/// What a cookie-carrying datagram asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proven<'a> {
+    /// `^cookie^C`: register (into the lobby) or refresh.
+    Register,
+    /// `^cookie^C^join^ROOM[^TOKEN]`.
+    Join {
+        /// The room asked for.
+        room: &'a [u8],
+        /// The token, if one came.
+        token: Option<&'a [u8]>,
+    },
+    /// `^cookie^C^quit`.
+    Quit,
+}
+
+/// Splits `ROOM[^TOKEN]`.
+fn join_parts(rest: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match rest.iter().position(|&b| b == b'^') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    }
 }
 
 /// A datagram's body: its bytes with one trailing `\n` or `\r\n` removed
@@ -89,19 +135,31 @@ pub fn classify(datagram: &[u8]) -> Kind<'_> {
         b"" | HEARTBEAT => Kind::Heartbeat,
         QUIT => Kind::Quit,
         TIMEOUT_QUERY => Kind::TimeoutQuery,
-        trimmed => match trimmed.strip_prefix(JOIN) {
-            Some(rest) => match rest.iter().position(|&b| b == b'^') {
-                Some(i) => Kind::Join {
-                    room: &rest[..i],
-                    token: Some(&rest[i + 1..]),
-                },
-                None => Kind::Join {
-                    room: rest,
-                    token: None,
-                },
-            },
-            None => Kind::Message(body),
-        },
+        HELLO => Kind::Hello(body),
+        trimmed => {
+            if let Some(rest) = trimmed.strip_prefix(JOIN) {
+                let (room, token) = join_parts(rest);
+                return Kind::Join { room, token };
+            }
+            if let Some(rest) = trimmed.strip_prefix(COOKIE) {
+                let (cookie, after) = match rest.iter().position(|&b| b == b'^') {
+                    Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                    None => (rest, None),
+                };
+                let then = match after {
+                    None => Some(Proven::Register),
+                    Some(b"quit") => Some(Proven::Quit),
+                    Some(a) => a.strip_prefix(b"join^").map(|r| {
+                        let (room, token) = join_parts(r);
+                        Proven::Join { room, token }
+                    }),
+                };
+                if let Some(then) = then {
+                    return Kind::Cookie { cookie, then, body };
+                }
+            }
+            Kind::Message(body)
+        }
     }
 }
 
@@ -303,6 +361,43 @@ mod tests {
     }
 
     #[test]
+    fn cookie_forms() {
+        let c = |d: &'static [u8]| match classify(d) {
+            Kind::Cookie { cookie, then, .. } => Some((cookie, then)),
+            _ => None,
+        };
+        assert_eq!(c(b"^cookie^abc"), Some((&b"abc"[..], Proven::Register)));
+        assert_eq!(c(b"^cookie^abc^quit\n"), Some((&b"abc"[..], Proven::Quit)));
+        assert_eq!(
+            c(b"^cookie^abc^join^ops^t.t.t"),
+            Some((
+                &b"abc"[..],
+                Proven::Join {
+                    room: b"ops",
+                    token: Some(b"t.t.t")
+                }
+            ))
+        );
+        assert_eq!(
+            c(b"^cookie^abc^join^"),
+            Some((
+                &b"abc"[..],
+                Proven::Join {
+                    room: b"",
+                    token: None
+                }
+            ))
+        );
+        assert_eq!(c(b"^cookie^abc^dance"), None, "not a form: a message");
+        assert_eq!(
+            classify(b"^cookie^abc^dance"),
+            Kind::Message(b"^cookie^abc^dance")
+        );
+        let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
+        assert!(matches!(classify(&hello), Kind::Hello(_)));
+    }
+
+    #[test]
     fn timeout_query_and_answer() {
         let padded = format!("{:<32}", "^timeout^");
         assert_eq!(classify(padded.as_bytes()), Kind::TimeoutQuery);
@@ -399,6 +494,8 @@ mod tests {
                 Kind::Quit => prop_assert_eq!(body(&d).trim_ascii(), b"quit"),
                 Kind::TimeoutQuery => prop_assert_eq!(body(&d).trim_ascii(), TIMEOUT_QUERY),
                 Kind::Join { .. } => prop_assert!(body(&d).trim_ascii().starts_with(JOIN)),
+                Kind::Hello(b) => prop_assert_eq!(b.trim_ascii(), HELLO),
+                Kind::Cookie { body: b, .. } => prop_assert!(b.trim_ascii().starts_with(COOKIE)),
             }
         }
 

@@ -38,6 +38,9 @@ pub struct Client {
     pub room: RoomId,
     /// Its position in that room's member list (kept in step by the table).
     pub position: u32,
+    /// Its rate-limit bucket's tokens (with `--client-rate`); refilled from
+    /// `last_seen`, so it costs no other field (and fits the padding).
+    pub tokens: f32,
 }
 
 /// A client that [`Table::insert`] just registered.
@@ -78,6 +81,10 @@ pub struct Table {
     /// Generation given to the next join; wraps (a stale wheel entry lives
     /// at most one timeout, far shorter than 2^32 joins).
     next_generation: u32,
+    /// Clients per IP address, kept only with `--max-clients-per-ip`.
+    per_ip: Option<hashbrown::HashMap<std::net::IpAddr, u32>>,
+    /// Tokens a new client's bucket starts with.
+    burst: f32,
 }
 
 impl Table {
@@ -107,6 +114,44 @@ impl Table {
             rooms,
             timeout,
             next_generation: 0,
+            per_ip: None,
+            burst: 0.0,
+        }
+    }
+
+    /// Keeps a count of clients per IP address from now on.
+    pub fn count_per_ip(&mut self) {
+        self.per_ip.get_or_insert_with(Default::default);
+    }
+
+    /// Clients at `addr`'s IP address (0 unless counted).
+    pub fn clients_at(&self, addr: &RawAddr) -> u32 {
+        self.per_ip
+            .as_ref()
+            .and_then(|m| m.get(&addr.display_ip()).copied())
+            .unwrap_or(0)
+    }
+
+    /// Sets the tokens a new client's bucket starts with.
+    pub fn set_burst(&mut self, burst: f32) {
+        self.burst = burst;
+    }
+
+    /// The client in slot `key` spoke at tick `now`: refills its bucket by
+    /// `per_tick` tokens for each tick since it last did (up to `burst`),
+    /// marks it seen, and takes a token if there is one.
+    pub fn charge(&mut self, key: u32, now: u64, per_tick: f32, burst: f32) -> bool {
+        let Some(c) = self.clients.get_mut(key as usize) else {
+            return true;
+        };
+        let ticks = now.saturating_sub(c.last_seen) as f32;
+        c.tokens = (c.tokens + ticks * per_tick).min(burst);
+        c.last_seen = c.last_seen.max(now);
+        if c.tokens >= 1.0 {
+            c.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -186,7 +231,11 @@ impl Table {
             generation,
             room: LOBBY,
             position,
+            tokens: self.burst,
         });
+        if let Some(per_ip) = &mut self.per_ip {
+            *per_ip.entry(addr.display_ip()).or_insert(0) += 1;
+        }
         let hash = self.hasher.hash_one(addr);
         let Table {
             index,
@@ -225,6 +274,15 @@ impl Table {
     /// already gone).
     fn forget(&mut self, key: u32) -> Option<Client> {
         let client = self.clients.try_remove(key as usize)?;
+        if let Some(per_ip) = &mut self.per_ip {
+            let ip = client.addr.display_ip();
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
         if let Some(moved) = self.rooms.remove(client.room, client.position) {
             if let Some(m) = self.clients.get_mut(moved as usize) {
                 m.position = client.position;
@@ -283,6 +341,9 @@ impl Table {
         self.index.clear();
         self.clients.clear();
         self.rooms.clear();
+        if let Some(per_ip) = &mut self.per_ip {
+            per_ip.clear();
+        }
         n
     }
 }

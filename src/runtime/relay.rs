@@ -79,7 +79,23 @@ pub fn bind(config: &Config) -> Result<RelayLoop, Error> {
         bound.recv_buffer,
         bound.send_buffer,
     );
-    EventLoop::new(bound, config.max_datagram, Relay::new(&config.hub()))
+    let mut hub = config.hub();
+    if config.verify_sources {
+        hub.cookie_key = Some(random_cookie_key()?);
+        tracing::info!("verify mode: sources must prove their address with a cookie");
+    }
+    EventLoop::new(bound, config.max_datagram, Relay::new(&hub))
+}
+
+/// A cookie key from the OS's random source (`getrandom` through
+/// /dev/urandom), drawn once at start and never written anywhere.
+fn random_cookie_key() -> Result<crate::core::cookie::CookieKey, Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io("read a cookie key from /dev/urandom", e))?;
+    Ok(crate::core::cookie::CookieKey::new(bytes))
 }
 
 impl Service for Relay {

@@ -1,0 +1,199 @@
+//! Rate limits: token buckets, and a bounded table of them per address
+//! prefix for the cookie replies of verify mode.
+//!
+//! The per-prefix table follows WireGuard's ratelimiter: a fixed capacity
+//! (a flood of spoofed prefixes can't grow it), entries keyed by the /24 of
+//! an IPv4 source or the /56 of an IPv6 one, and a periodic sweep that
+//! forgets prefixes whose bucket has refilled (they owe nothing). Times are
+//! nanoseconds the caller passes in.
+
+use hashbrown::HashMap;
+
+use crate::core::addr::RawAddr;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    /// Tokens now (fractional).
+    tokens: f64,
+    /// When `tokens` was last brought up to date, in nanoseconds.
+    at_ns: u64,
+}
+
+/// A bucket's refill rate and depth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens per second.
+    pub per_sec: f64,
+    /// The most tokens a bucket holds (the burst it allows).
+    pub burst: f64,
+}
+
+impl Bucket {
+    /// A full bucket at `now_ns`.
+    pub fn full(rate: Rate, now_ns: u64) -> Bucket {
+        Bucket {
+            tokens: rate.burst,
+            at_ns: now_ns,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, rate: Rate, now_ns: u64) -> bool {
+        self.refill(rate, now_ns);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.at_ns) as f64 / 1e9;
+        self.tokens = (self.tokens + elapsed * rate.per_sec).min(rate.burst);
+        self.at_ns = now_ns.max(self.at_ns);
+    }
+
+    /// Whether the bucket would be full by `now_ns` (nothing owed).
+    fn is_full(&self, rate: Rate, now_ns: u64) -> bool {
+        let elapsed = now_ns.saturating_sub(self.at_ns) as f64 / 1e9;
+        self.tokens + elapsed * rate.per_sec >= rate.burst
+    }
+}
+
+/// How often the per-prefix table is swept.
+const SWEEP_NS: u64 = 1_000_000_000;
+
+/// Buckets per address prefix, in a table of fixed capacity.
+#[derive(Debug)]
+pub struct PrefixLimiter {
+    /// One bucket per prefix seen lately.
+    buckets: HashMap<[u8; 8], Bucket>,
+    /// The most prefixes tracked; a new one beyond it is refused.
+    capacity: usize,
+    /// Each prefix's rate.
+    rate: Rate,
+    /// When the table was last swept.
+    swept_ns: u64,
+}
+
+impl PrefixLimiter {
+    /// A limiter of `rate` per prefix, tracking at most `capacity` prefixes.
+    pub fn new(rate: Rate, capacity: usize) -> PrefixLimiter {
+        PrefixLimiter {
+            buckets: HashMap::with_capacity(capacity.min(1 << 16)),
+            capacity,
+            rate,
+            swept_ns: 0,
+        }
+    }
+
+    /// Prefixes tracked now.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no prefix is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Whether `addr`'s prefix may have one more (and takes it).
+    pub fn allow(&mut self, addr: &RawAddr, now_ns: u64) -> bool {
+        if now_ns.saturating_sub(self.swept_ns) >= SWEEP_NS {
+            let rate = self.rate;
+            self.buckets.retain(|_, b| !b.is_full(rate, now_ns));
+            self.swept_ns = now_ns;
+        }
+        let key = prefix(addr);
+        let rate = self.rate;
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            return bucket.take(rate, now_ns);
+        }
+        if self.buckets.len() >= self.capacity {
+            return false;
+        }
+        let mut bucket = Bucket::full(rate, now_ns);
+        let ok = bucket.take(rate, now_ns);
+        self.buckets.insert(key, bucket);
+        ok
+    }
+}
+
+/// The /24 of an IPv4 (or v4-mapped) address, or the /56 of an IPv6 one.
+fn prefix(addr: &RawAddr) -> [u8; 8] {
+    let mut key = [0u8; 8];
+    match addr.display_ip() {
+        std::net::IpAddr::V4(v4) => {
+            key[0] = 4;
+            key[1..4].copy_from_slice(&v4.octets()[..3]);
+        }
+        std::net::IpAddr::V6(v6) => {
+            key[0] = 6;
+            key[1..8].copy_from_slice(&v6.octets()[..7]);
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn addr(s: &str) -> RawAddr {
+        s.parse::<SocketAddr>().unwrap().into()
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let rate = Rate {
+            per_sec: 10.0,
+            burst: 3.0,
+        };
+        let mut b = Bucket::full(rate, 0);
+        assert!((0..3).all(|_| b.take(rate, 0)));
+        assert!(!b.take(rate, 0));
+        assert!(b.take(rate, SEC / 10), "one token per 100 ms");
+        assert!(!b.take(rate, SEC / 10));
+        assert_eq!(
+            (0..100).filter(|_| b.take(rate, 10 * SEC)).count(),
+            3,
+            "never more than the burst"
+        );
+    }
+
+    #[test]
+    fn prefixes_share_a_bucket_and_the_table_is_bounded() {
+        let rate = Rate {
+            per_sec: 1.0,
+            burst: 2.0,
+        };
+        let mut l = PrefixLimiter::new(rate, 2);
+        assert!(l.allow(&addr("10.0.0.1:1"), 0));
+        assert!(l.allow(&addr("10.0.0.200:9"), 0), "same /24");
+        assert!(!l.allow(&addr("10.0.0.7:1"), 0), "the /24 spent its burst");
+        assert!(
+            l.allow(&addr("[::ffff:10.0.1.1]:1"), 0),
+            "another /24, v4-mapped"
+        );
+        assert!(!l.allow(&addr("10.0.2.1:1"), 0), "table full");
+        assert_eq!(l.len(), 2);
+        assert!(
+            l.allow(&addr("[2001:db8:0:1::1]:1"), 5 * SEC),
+            "swept: room again"
+        );
+        assert_eq!(l.len(), 1);
+        assert!(
+            l.allow(&addr("[2001:db8:0:1:ffff::9]:1"), 5 * SEC),
+            "same /56"
+        );
+        assert!(
+            !l.allow(&addr("[2001:db8:0:1::2]:1"), 5 * SEC),
+            "the /56 spent its burst"
+        );
+    }
+}
