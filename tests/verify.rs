@@ -267,3 +267,67 @@ fn forged_sources_gain_no_amplification_and_no_slot() {
         "the default mode should show the problem"
     );
 }
+
+/// The clients do the handshake themselves: `udphub chat` (a pipe) in
+/// verify mode is registered, talks, and leaves with a proven quit;
+/// `udphub send --verify` gets its message through.
+#[test]
+fn chat_and_send_speak_verify_mode() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let relay = spawn_relay(&["--verify-sources"]);
+    let member = Client::verified(&relay);
+    let mut chat = Command::new(util::udphub_bin())
+        .args([
+            "chat",
+            "--server",
+            &relay.addr.to_string(),
+            "--name",
+            "v",
+            "--linger",
+            "300ms",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    relay.wait_metric("udphub_clients", 2.0);
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "verified hello").unwrap();
+    let got = member.recv();
+    assert!(
+        got.starts_with(b"v: verified hello. from 127.0.0.1:"),
+        "{got:?}"
+    );
+    drop(stdin);
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let first = BufReader::new(&out.stdout[..]).lines().next();
+    assert!(first.is_some_and(|l| l.unwrap().contains("verified hello")));
+    relay.wait_metric("udphub_clients_left_total", 1.0);
+    assert_eq!(
+        relay.metric("udphub_dropped_total{reason=\"unproven\"}"),
+        0.0
+    );
+
+    let out = Command::new(util::udphub_bin())
+        .args([
+            "send",
+            "--server",
+            &relay.addr.to_string(),
+            "--verify",
+            "--wait",
+            "300ms",
+            "sent proven",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = member.recv();
+    assert!(got.starts_with(b"sent proven. from 127.0.0.1:"), "{got:?}");
+}

@@ -87,6 +87,11 @@ pub(crate) struct Link {
     /// The kernel said "connection refused": nothing listens at the relay's
     /// address. Cleared by the next datagram from it.
     unreachable: AtomicBool,
+    /// Verify mode: the latest cookie, and when it came.
+    cookie: std::sync::Mutex<Option<(Vec<u8>, Instant)>>,
+    /// Verify mode: what follows `^cookie^C` to register again (a room's
+    /// `^join^…`, or nothing for the lobby) if the relay asks anew.
+    rejoin: Vec<u8>,
 }
 
 impl Link {
@@ -96,19 +101,53 @@ impl Link {
     }
 
     fn new(heartbeat: Duration) -> Arc<Link> {
+        Link::with_cookie(heartbeat, None, Vec::new())
+    }
+
+    fn with_cookie(heartbeat: Duration, cookie: Option<Vec<u8>>, rejoin: Vec<u8>) -> Arc<Link> {
         Arc::new(Link {
             heartbeat_ms: AtomicU64::new(heartbeat.as_millis().max(1) as u64),
             unreachable: AtomicBool::new(false),
+            cookie: std::sync::Mutex::new(cookie.map(|c| (c, Instant::now()))),
+            rejoin,
         })
+    }
+
+    /// The cookie, if it is fresh enough to prove something now (cookies
+    /// are good for at least two minutes).
+    fn fresh_cookie(&self) -> Option<Vec<u8>> {
+        let held = self.cookie.lock().ok()?;
+        held.as_ref()
+            .filter(|(_, at)| at.elapsed() < Duration::from_secs(100))
+            .map(|(c, _)| c.clone())
+    }
+
+    /// Verify mode: whether a cookie was ever given.
+    fn verified(&self) -> bool {
+        self.cookie.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    /// Keeps a cookie the relay sent.
+    fn keep(&self, cookie: &[u8]) {
+        if let Ok(mut held) = self.cookie.lock() {
+            *held = Some((cookie.to_vec(), Instant::now()));
+        }
+    }
+
+    /// `^cookie^C` followed by `then` (`^quit`, `^join^…`, or nothing).
+    /// Already longer than any answer to it.
+    fn proven(cookie: &[u8], then: &[u8]) -> Vec<u8> {
+        [protocol::COOKIE, cookie, then].concat()
     }
 }
 
-/// The first datagram a relay client sends: a heartbeat that asks the
-/// relay's timeout, padded so the answer fits (udphub answers it; other
-/// relays see a heartbeat or, at worst, one odd line).
+/// A heartbeat that asks the relay's timeout, padded to 64 bytes so any
+/// answer fits — `^timeout^MS`, or in verify mode (for a client the relay
+/// no longer knows) `^cookie^C`. The heartbeat thread sends it while the
+/// relay is unreachable, to hear as soon as it is back.
 fn timeout_probe() -> Vec<u8> {
     let mut probe = protocol::TIMEOUT_QUERY.to_vec();
-    probe.resize(protocol::TIMEOUT_QUERY_LEN, b' ');
+    probe.resize(protocol::HELLO_LEN, b' ');
     probe
 }
 
@@ -163,7 +202,22 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     let send = socket
         .try_clone()
         .map_err(|e| Error::io("clone the chat socket", e))?;
-    args.room.join(&socket, server, JOIN_WAIT)?;
+    let probe = crate::clients::room::probe(&socket, PROBE_WAIT);
+    let link = Link::with_cookie(
+        args.heartbeat,
+        probe.cookie.clone(),
+        args.room.rejoin_suffix()?,
+    );
+    if let Some(notice) = probe.timeout.and_then(|t| adapt_heartbeat(&link, t)) {
+        eprintln!("udphub: {notice}");
+    }
+    args.room
+        .join(&socket, server, probe.cookie.as_deref(), JOIN_WAIT)?;
+    // Verify mode without a room: the cookie itself registers us.
+    let hello = match (&probe.cookie, &args.room.room) {
+        (Some(c), None) => [protocol::COOKIE, c].concat(),
+        _ => protocol::HEARTBEAT.to_vec(),
+    };
     Session {
         recv: socket,
         send,
@@ -171,8 +225,8 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         name: args.name.clone(),
         room: args.room.room.clone(),
         heartbeat: Some(args.heartbeat),
-        link: Link::new(args.heartbeat),
-        hello: timeout_probe(),
+        link,
+        hello,
         goodbye: protocol::QUIT.to_vec(),
         linger: args.linger,
         render: |data, _from| {
@@ -185,6 +239,9 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     }
     .run()
 }
+
+/// How long to wait for the relay to answer the first datagram.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// Resolves `--server` (`host:port` or an address literal) to its first
 /// address, saying which part is wrong if it can't.
@@ -239,13 +296,42 @@ impl Session {
         } else {
             self.run_pipe(&stop)
         };
-        self.send_raw(&self.goodbye);
+        if self.heartbeat.is_some() && self.link.verified() {
+            // Verify mode: a quit must carry a cookie.
+            match self.link.fresh_cookie().or_else(|| self.fresh_cookie()) {
+                Some(c) => self.send_raw(&Link::proven(&c, b"^quit")),
+                None => eprintln!("udphub: no cookie to leave with; the relay will expire you"),
+            }
+        } else {
+            self.send_raw(&self.goodbye);
+        }
         stop.store(true, Ordering::SeqCst);
         drop(stop_tx);
         if let Some(h) = heartbeat {
             let _ = h.join();
         }
         result
+    }
+
+    /// Verify mode: asks for a fresh cookie (`^hello^`, 64 bytes) and waits
+    /// briefly for it, reading the socket directly (the receiver has
+    /// stopped by now).
+    fn fresh_cookie(&self) -> Option<Vec<u8>> {
+        let mut hello = protocol::HELLO.to_vec();
+        hello.resize(protocol::HELLO_LEN, b' ');
+        self.send_raw(&hello);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut buf = [0u8; 2048];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            self.recv
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok()?;
+            let n = self.recv.recv(&mut buf).ok()?;
+            if let Some(c) = buf[..n].strip_prefix(protocol::COOKIE) {
+                return Some(c.to_vec());
+            }
+        }
+        None
     }
 
     fn send_raw(&self, data: &[u8]) {
@@ -293,6 +379,10 @@ impl Session {
         let relay = self.heartbeat.is_some();
         let link = Arc::clone(&self.link);
         let dest = self.dest;
+        let answer = self
+            .send
+            .try_clone()
+            .map_err(|e| Error::io("clone the chat socket", e))?;
         Ok(thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while !stop.load(Ordering::SeqCst) {
@@ -307,6 +397,20 @@ impl Session {
                             show(Incoming::Notice(format!(
                                 "the relay at {dest} answers again"
                             )));
+                        }
+                        if let Some(cookie) = data.strip_prefix(protocol::COOKIE) {
+                            // Verify mode: the relay does not know us (it
+                            // restarted, or expired us): prove and rejoin.
+                            link.keep(cookie);
+                            let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
+                            show(Incoming::Notice(format!(
+                                "the relay at {dest} asked again who we are; answered"
+                            )));
+                            continue;
+                        }
+                        if data.starts_with(protocol::ROOM_REPLY) {
+                            // The answer to a rejoin: nothing to show.
+                            continue;
                         }
                         match protocol::parse_timeout_answer(data) {
                             Some(timeout) => {

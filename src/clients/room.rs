@@ -35,19 +35,90 @@ pub struct RoomArgs {
 
 impl RoomArgs {
     /// Joins the room, if one was asked for, through `sock` (connected to
-    /// the relay at `server`), waiting up to `wait` for the answer.
+    /// the relay at `server`), proving the address with `cookie` if the
+    /// relay is in verify mode, waiting up to `wait` for the answer.
     pub(crate) fn join(
         &self,
         sock: &UdpSocket,
         server: SocketAddr,
+        cookie: Option<&[u8]>,
         wait: Duration,
     ) -> Result<(), Error> {
         let Some(room) = &self.room else {
             return Ok(());
         };
         let token = token_arg(self.token.as_deref(), self.token_file.as_deref())?;
-        join_room(sock, server, room, token.as_deref(), wait)
+        join_room(sock, server, room, token.as_deref(), cookie, wait)
     }
+
+    /// What follows `^cookie^C` to (re)join this room: `^join^ROOM[^TOKEN]`,
+    /// or nothing for the lobby.
+    pub(crate) fn rejoin_suffix(&self) -> Result<Vec<u8>, Error> {
+        let Some(room) = &self.room else {
+            return Ok(Vec::new());
+        };
+        let token = token_arg(self.token.as_deref(), self.token_file.as_deref())?;
+        Ok(join_request(room, token.as_deref(), Some(b"")).split_off(b"^cookie^".len()))
+    }
+}
+
+/// What the relay said to the first datagram.
+#[derive(Debug, Default)]
+pub(crate) struct Probe {
+    /// Verify mode: the cookie it sent.
+    pub(crate) cookie: Option<Vec<u8>>,
+    /// Its `--timeout`, if it said.
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// The first datagram: `^timeout^` padded to 64 bytes. A udphub relay
+/// answers `^timeout^MS` (and registers the sender), or, in verify mode,
+/// `^cookie^C` (and registers nobody yet). Waits up to `wait`; silence is
+/// an empty answer (an older relay, or none listening).
+pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
+    let mut question = protocol::TIMEOUT_QUERY.to_vec();
+    question.resize(protocol::HELLO_LEN, b' ');
+    let mut out = Probe::default();
+    if sock.send(&question).is_err() {
+        return out;
+    }
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return out;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                if let Some(c) = buf[..n].strip_prefix(protocol::COOKIE) {
+                    out.cookie = Some(c.to_vec());
+                    return out;
+                }
+                if let Some(t) = protocol::parse_timeout_answer(&buf[..n]) {
+                    out.timeout = Some(t);
+                    return out;
+                }
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// `[^cookie^C]^join^ROOM[^TOKEN]`, padded so that any answer fits.
+fn join_request(room: &str, token: Option<&str>, cookie: Option<&[u8]>) -> Vec<u8> {
+    let mut request = Vec::new();
+    if let Some(c) = cookie {
+        request.extend_from_slice(protocol::COOKIE);
+        request.extend_from_slice(c);
+    }
+    request.extend_from_slice(protocol::JOIN);
+    request.extend_from_slice(room.as_bytes());
+    if let Some(t) = token {
+        request.push(b'^');
+        request.extend_from_slice(t.as_bytes());
+    }
+    request
 }
 
 /// How long to wait for the relay to answer a join.
@@ -72,6 +143,7 @@ fn join_room(
     server: SocketAddr,
     room: &str,
     token: Option<&str>,
+    cookie: Option<&[u8]>,
     wait: Duration,
 ) -> Result<(), Error> {
     if !crate::core::rooms::valid_name(room.as_bytes()) {
@@ -79,17 +151,13 @@ fn join_room(
             "--room {room:?}: a room name is 1 to 64 of A-Z a-z 0-9 _ . : -"
         )));
     }
-    let mut request = format!("^join^{room}");
-    if let Some(t) = token {
-        request.push('^');
-        request.push_str(t);
-    }
+    let mut request = join_request(room, token, cookie);
     // Padded (a join is matched trimmed) so that a refusal's answer fits:
     // the relay never answers with more bytes than it was sent.
-    while request.len() < protocol::TIMEOUT_QUERY_LEN {
-        request.push(' ');
+    if request.len() < protocol::TIMEOUT_QUERY_LEN {
+        request.resize(protocol::TIMEOUT_QUERY_LEN, b' ');
     }
-    sock.send(request.as_bytes())
+    sock.send(&request)
         .map_err(|e| Error::io("send the join", e))?;
     let deadline = Instant::now() + wait;
     let mut buf = vec![0u8; 2048];

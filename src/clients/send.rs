@@ -12,7 +12,7 @@ use clap::Args;
 
 use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::clients::chat::resolve;
-use crate::clients::room::RoomArgs;
+use crate::clients::room::{self, RoomArgs};
 use crate::error::Error;
 
 /// `udphub send` flags.
@@ -37,6 +37,11 @@ pub struct SendArgs {
     /// The room to join before sending, if any.
     #[command(flatten)]
     pub room: RoomArgs,
+
+    /// Prove the address first (the cookie handshake of a relay in verify
+    /// mode); automatic with --room
+    #[arg(long)]
+    pub verify: bool,
 
     /// How long to wait for replies
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -119,8 +124,17 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
     };
     let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
     sock.connect(server).map_err(|e| Error::io("connect", e))?;
-    args.room
-        .join(&sock, server, args.wait.max(Duration::from_secs(1)))?;
+    let wait = args.wait.max(Duration::from_secs(1));
+    if args.verify || args.room.room.is_some() {
+        let probe = room::probe(&sock, wait);
+        if let (Some(cookie), None) = (&probe.cookie, &args.room.room) {
+            // Verify mode, no room: the cookie registers us in the lobby.
+            sock.send(&[crate::core::protocol::COOKIE, cookie].concat())
+                .map_err(|e| Error::io("send", e))?;
+        }
+        args.room
+            .join(&sock, server, probe.cookie.as_deref(), wait)?;
+    }
     sock.send(&message).map_err(|e| Error::io("send", e))?;
     let deadline = Instant::now() + args.wait;
     let mut buf = vec![0u8; 65_536];
