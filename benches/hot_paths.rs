@@ -180,6 +180,7 @@ fn hub(c: &mut Criterion) {
             room_secret: None,
             lobby_open: true,
             cookie_key: None,
+            cookie_rate: 20.0,
             client_rate: None,
             max_clients_per_ip: None,
         };
@@ -252,6 +253,7 @@ fn room_fanout(c: &mut Criterion) {
             room_secret: None,
             lobby_open: true,
             cookie_key: None,
+            cookie_rate: 20.0,
             client_rate: None,
             max_clients_per_ip: None,
         };

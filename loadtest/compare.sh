@@ -8,6 +8,7 @@
 #   bash loadtest/compare.sh                      # 64 and 1000 clients, 3 rounds of 5 s
 #   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
 #   RELAYS="baseline udphub udphub-raw" bash loadtest/compare.sh   # + udphub --format raw
+#   RELAYS="baseline udphub udphub-verify" bash loadtest/compare.sh   # + verify mode, --client-rate set
 #   UDPHUB_REF=/path/to/older/udphub RELAYS="baseline udphub udphub-ref" bash loadtest/compare.sh
 #                                                   # A/B against another build of udphub
 set -euo pipefail
@@ -37,12 +38,16 @@ for line in sys.stdin:
 [ -x "$baseline_bin" ] || { echo "compare.sh: baseline_relay bench binary not found" >&2; exit 1; }
 
 start_relay() {
+    loadtest_extra=()
     case "$1" in
     baseline) "$baseline_bin" --serve "127.0.0.1:$PORT" 2>/dev/null & ;;
     udphub) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn 2>/dev/null & ;;
     udphub-raw) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --format raw 2>/dev/null & ;;
+    udphub-verify) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn --verify-sources --client-rate 100000 --cookie-rate 100000 2>/dev/null &
+        loadtest_extra=(--verify) ;;
     udphub-ref) "${UDPHUB_REF:?set UDPHUB_REF to the udphub binary to compare with}" serve \
         --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn 2>/dev/null & ;;
@@ -65,7 +70,7 @@ for clients in $CLIENTS; do
             start_relay "$relay"
             echo "compare.sh: $relay, $clients clients, round $round" >&2
             target/release/loadtest fanout --relay "127.0.0.1:$PORT" --clients "$clients" \
-                --window "$WINDOW" --duration "$SECS" --relay-pid "$relay_pid" --json \
+                --window "$WINDOW" --duration "$SECS" --relay-pid "$relay_pid" --json "${loadtest_extra[@]}" \
                 >"$OUT/$relay-$clients-$round.json" || echo "compare.sh: $relay run failed" >&2
             stop_relay
         done

@@ -65,6 +65,22 @@ pub struct FanoutArgs {
     /// wire protocol v2) and check isolation: a delivery from another room is an error
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub rooms: usize,
+
+    /// The relay is in verify mode (udphub --verify-sources): each client
+    /// asks for a cookie and registers (or joins) with it
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// How the clients register with the relay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Joining {
+    /// The relay does not echo to the sender.
+    pub no_echo: bool,
+    /// Rooms to spread the clients over (0: the lobby).
+    pub rooms: usize,
+    /// The relay is in verify mode: register with cookies.
+    pub verify: bool,
 }
 
 /// One client socket.
@@ -84,6 +100,8 @@ pub struct Engine {
     expect_of: Vec<u64>,
     /// Rooms the clients are spread over (0: all in the lobby).
     rooms: usize,
+    /// The relay is in verify mode: register with cookies.
+    verify: bool,
     senders: usize,
     /// `streams[receiver * senders + sender]`.
     streams: Vec<Stream>,
@@ -142,9 +160,13 @@ impl Engine {
         senders: usize,
         payload: usize,
         heartbeat: Duration,
-        no_echo: bool,
-        rooms: usize,
+        joining: Joining,
     ) -> io::Result<Engine> {
+        let Joining {
+            no_echo,
+            rooms,
+            verify,
+        } = joining;
         let poll = Poll::new()?;
         let local: SocketAddr = if relay.is_ipv6() {
             "[::1]:0"
@@ -185,6 +207,7 @@ impl Engine {
             expect: expect_of.iter().copied().max().unwrap_or(0),
             expect_of,
             rooms,
+            verify,
             senders,
             streams: vec![Stream::default(); clients * senders],
             sent: vec![0; senders],
@@ -249,15 +272,36 @@ impl Engine {
         j
     }
 
+    /// Client `i`'s first datagram: a heartbeat, a join, or (verify mode)
+    /// a 64-byte hello that the relay answers with a cookie.
+    fn first_datagram(&self, i: usize) -> Vec<u8> {
+        if self.verify {
+            let mut hello = b"^hello^".to_vec();
+            hello.resize(64, b' ');
+            hello
+        } else if self.rooms > 0 {
+            self.join_request(i)
+        } else {
+            b"^hb^".to_vec()
+        }
+    }
+
+    /// Verify mode: what client `i` sends with its cookie to register.
+    fn proven(&self, i: usize, cookie: &[u8]) -> Vec<u8> {
+        let mut d = [&b"^cookie^"[..], cookie].concat();
+        if self.rooms > 0 {
+            d.extend_from_slice(format!("^join^r{}", i % self.rooms).as_bytes());
+        }
+        d
+    }
+
     /// The first heartbeat of every client, paced (64 per millisecond) so
     /// that a relay with a small receive buffer isn't flooded into
     /// dropping the same late-comers every time.
     fn register_all(&mut self) -> io::Result<()> {
         for (n, c) in self.clients.iter().enumerate() {
-            if self.rooms == 0 {
-                send_retrying(&c.sock, b"^hb^", self.relay)?;
-            } else {
-                send_retrying(&c.sock, &self.join_request(n), self.relay)?;
+            send_retrying(&c.sock, &self.first_datagram(n), self.relay)?;
+            if self.rooms > 0 || self.verify {
                 self.joins_sent += 1;
             }
             if n % 64 == 63 {
@@ -295,16 +339,24 @@ impl Engine {
     pub fn wait_registered(&mut self, limit: Duration) -> io::Result<u64> {
         let deadline = Instant::now() + limit;
         let mut got = vec![false; self.clients.len()];
+        let mut cookie_got = vec![false; self.clients.len()];
         let mut count = 0u64;
         let need = self.registration_target();
         let mut next_probe =
             Instant::now() + Duration::from_millis(300 * u64::from(self.rooms > 0));
         while count < need && Instant::now() < deadline {
             if Instant::now() >= next_probe {
-                if self.rooms == 0 {
+                if self.verify {
+                    // Ask again for a cookie for those without one yet.
+                    for i in (0..self.clients.len()).filter(|&i| !cookie_got[i]) {
+                        send_retrying(&self.clients[i].sock, &self.first_datagram(i), self.relay)?;
+                        self.joins_sent += 1;
+                    }
+                }
+                if self.rooms == 0 && (!self.verify || cookie_got[0]) {
                     send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay)?;
                     self.probes_sent += 1;
-                } else {
+                } else if self.rooms > 0 && !self.verify {
                     // With rooms each client's own `^room^` answer shows it
                     // registered: ask again for those still unanswered.
                     for i in (0..self.clients.len()).filter(|&i| !got[i]) {
@@ -320,6 +372,16 @@ impl Engine {
             for i in ready {
                 while let Ok((n, _)) = self.clients[i].sock.recv_from(&mut self.buf) {
                     let answer = &self.buf[..n];
+                    if let Some(cookie) = answer.strip_prefix(b"^cookie^") {
+                        self.join_replies += 1;
+                        if !cookie_got[i] {
+                            cookie_got[i] = true;
+                            let proven = self.proven(i, cookie);
+                            send_retrying(&self.clients[i].sock, &proven, self.relay)?;
+                            self.joins_sent += 1;
+                        }
+                        continue;
+                    }
                     let registered = if answer.starts_with(b"^room^") {
                         self.join_replies += 1;
                         true
@@ -391,8 +453,8 @@ impl Engine {
                 self.probe_deliveries += 1;
                 return;
             }
-            if data.starts_with(b"^room^") {
-                // A late answer to a repeated join.
+            if data.starts_with(b"^room^") || data.starts_with(b"^cookie^") {
+                // A late answer to a repeated join or hello.
                 self.join_replies += 1;
                 return;
             }
@@ -497,8 +559,11 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         args.senders,
         args.payload,
         args.heartbeat,
-        args.no_echo,
-        args.rooms,
+        Joining {
+            no_echo: args.no_echo,
+            rooms: args.rooms,
+            verify: args.verify,
+        },
     )
     .map_err(|e| format!("open client sockets: {e}"))?;
     let registered = e

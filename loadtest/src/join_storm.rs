@@ -55,6 +55,12 @@ pub struct JoinStormArgs {
     /// [default: as fast as possible]
     #[arg(long, value_name = "N")]
     pub join_rate: Option<f64>,
+
+    /// Send 64-byte `^hello^`s instead of heartbeats: against a relay in
+    /// verify mode, a million sources that never prove their address (what
+    /// a spoofer's flood costs the relay)
+    #[arg(long, conflicts_with = "rooms")]
+    pub hello: bool,
 }
 
 /// The `join-storm` report.
@@ -115,6 +121,8 @@ struct Storm {
     socks: Vec<UdpSocket>,
     dest: SockaddrIn,
     clients: u32,
+    /// What each source sends: a heartbeat, or a padded hello.
+    beat: Vec<u8>,
 }
 
 impl Storm {
@@ -135,13 +143,14 @@ impl Storm {
             socks,
             dest: SockaddrIn::from(v4),
             clients,
+            beat: b"^hb^".to_vec(),
         })
     }
 
     /// Sends one heartbeat from client `k`; retries briefly if the socket
     /// buffer is full.
     fn heartbeat(&self, k: u32) -> Result<(), String> {
-        self.send(k, b"^hb^")
+        self.send(k, &self.beat)
     }
 
     /// Sends `data` from client `k`, as [`heartbeat`](Self::heartbeat) does.
@@ -181,7 +190,11 @@ impl Storm {
 /// Runs the scenario.
 pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     let c = &args.common;
-    let storm = Storm::new(c.relay_addr()?, args.clients, args.ports.max(1))?;
+    let mut storm = Storm::new(c.relay_addr()?, args.clients, args.ports.max(1))?;
+    if args.hello {
+        storm.beat = b"^hello^".to_vec();
+        storm.beat.resize(64, b' ');
+    }
     let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
     let scrape0 = c.scrape_optional()?;
 

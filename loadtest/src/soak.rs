@@ -73,8 +73,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         args.senders,
         64,
         Duration::from_secs(2),
-        false,
-        0,
+        crate::fanout::Joining::default(),
     )
     .map_err(|e| e.to_string())?;
     e.wait_registered(Duration::from_secs(10))

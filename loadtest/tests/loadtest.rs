@@ -245,7 +245,7 @@ fn no_relay_is_a_clear_error() {
 }
 
 /// The real udphub (built by `cargo test --workspace`), started on loopback.
-fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
+fn spawn_udphub(serve_flags: &[&str]) -> Option<(std::process::Child, String, String)> {
     let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/udphub");
     if !bin.exists() {
         if std::env::var_os("CI").is_some() {
@@ -263,7 +263,9 @@ fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
     let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(bin)
         .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        .args(["--log-level", "warn", "--ready-file"])
+        .args(["--log-level", "warn"])
+        .args(serve_flags)
+        .arg("--ready-file")
         .arg(&ready)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -297,14 +299,27 @@ fn spawn_udphub() -> Option<(std::process::Child, String, String)> {
 /// loadtest sent and received, exactly.
 #[test]
 fn the_metrics_cross_check_agrees_with_udphub() {
-    cross_check_udphub(&[]);
+    cross_check_udphub(&[], &[]);
+}
+
+/// Against udphub in verify mode: every client proves its address with a
+/// cookie, nothing is lost, the counters still agree; and with rooms too.
+#[test]
+fn verify_mode_runs_against_udphub() {
+    let r = cross_check_udphub(&["--verify-sources"], &["--verify"]);
+    assert_eq!(r["lost"], 0);
+    let r = cross_check_udphub(
+        &["--verify-sources"],
+        &["--verify", "--rooms", "2", "--senders", "2"],
+    );
+    assert_eq!(r["cross_room_deliveries"], 0);
 }
 
 /// The same with the clients in 4 rooms: no delivery crosses a room, none
 /// is lost, and the relay's counters still agree.
 #[test]
 fn rooms_are_isolated_in_udphub() {
-    let r = cross_check_udphub(&["--rooms", "4", "--senders", "4"]);
+    let r = cross_check_udphub(&[], &["--rooms", "4", "--senders", "4"]);
     assert_eq!(r["rooms"], 4);
     assert_eq!(r["cross_room_deliveries"], 0);
     let sent = r["messages_sent"].as_u64().unwrap();
@@ -335,8 +350,8 @@ fn a_relay_that_leaks_across_rooms_is_caught() {
     assert!(r["cross_room_deliveries"].as_u64().unwrap() > 0);
 }
 
-fn cross_check_udphub(extra: &[&str]) -> Value {
-    let Some((mut child, addr, url)) = spawn_udphub() else {
+fn cross_check_udphub(serve_flags: &[&str], extra: &[&str]) -> Value {
+    let Some((mut child, addr, url)) = spawn_udphub(serve_flags) else {
         return Value::Null;
     };
     let pid = child.id().to_string();

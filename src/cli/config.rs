@@ -103,6 +103,10 @@ pub struct ServeArgs {
     #[arg(long, env = "UDPHUB_VERIFY_SOURCES", value_parser = clap::builder::BoolishValueParser::new())]
     pub verify_sources: bool,
 
+    /// Verify mode: cookie replies per second to one /24 (IPv4) or /56 (IPv6) [default: 20]
+    #[arg(long, env = "UDPHUB_COOKIE_RATE", value_name = "PER_SEC")]
+    pub cookie_rate: Option<f64>,
+
     /// Drop (and count) a client's datagrams beyond this many per second [default: no limit]
     #[arg(long, env = "UDPHUB_CLIENT_RATE", value_name = "PER_SEC")]
     pub client_rate: Option<f64>,
@@ -186,10 +190,12 @@ struct FileConfig {
     client_burst: Option<f64>,
     max_clients_per_ip: Option<usize>,
     public: Option<bool>,
+    cookie_rate: Option<f64>,
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 21] = [
+const FILE_KEYS: [&str; 22] = [
+    "cookie-rate",
     "verify-sources",
     "client-rate",
     "client-burst",
@@ -250,6 +256,8 @@ pub struct Config {
     pub lobby_open: bool,
     /// Verify mode.
     pub verify_sources: bool,
+    /// Verify mode: cookie replies per second per /24 or /56.
+    pub cookie_rate: f64,
     /// Per-client datagrams per second and burst, if limited.
     pub client_rate: Option<(f64, f64)>,
     /// Clients per IP, if limited.
@@ -276,6 +284,7 @@ impl Default for Config {
             room_secret: None,
             lobby_open: true,
             verify_sources: false,
+            cookie_rate: crate::core::admission::COOKIE_PREFIX_RATE,
             client_rate: None,
             max_clients_per_ip: None,
         }
@@ -298,6 +307,7 @@ impl Config {
             lobby_open: self.lobby_open,
             // Drawn from the OS by the runtime when verify mode is on.
             cookie_key: None,
+            cookie_rate: self.cookie_rate,
             client_rate: self.client_rate,
             max_clients_per_ip: self.max_clients_per_ip,
         }
@@ -374,6 +384,10 @@ impl Config {
             },
             lobby_open: args.lobby.or(file.lobby).unwrap_or(d.lobby_open),
             verify_sources: false,
+            cookie_rate: args
+                .cookie_rate
+                .or(file.cookie_rate)
+                .unwrap_or(d.cookie_rate),
             client_rate: None,
             max_clients_per_ip: None,
         };
@@ -452,6 +466,12 @@ impl Config {
                     "--client-rate must be more than 0 and --client-burst at least 1, got {rate} and {burst}"
                 ));
             }
+        }
+        if !(self.cookie_rate > 0.0 && self.cookie_rate.is_finite()) {
+            return bad(format!(
+                "--cookie-rate must be more than 0, got {}",
+                self.cookie_rate
+            ));
         }
         if self.max_clients_per_ip == Some(0) {
             return bad("--max-clients-per-ip must be at least 1".into());
@@ -589,15 +609,15 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     file.verify_sources = Some(b);
                 }
             }
-            "client-rate" | "client-burst" => {
+            "client-rate" | "client-burst" | "cookie-rate" => {
                 let n = value
                     .as_float()
                     .or_else(|| value.as_integer().map(|i| i as f64))
                     .ok_or_else(|| fail("a number (per second), without quotes"))?;
-                if key == "client-rate" {
-                    file.client_rate = Some(n);
-                } else {
-                    file.client_burst = Some(n);
+                match key.as_str() {
+                    "client-rate" => file.client_rate = Some(n),
+                    "cookie-rate" => file.cookie_rate = Some(n),
+                    _ => file.client_burst = Some(n),
                 }
             }
             "lobby" => {

@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Relay datagrams between clients (the chat server).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send every datagram back to its sender (an echo server).
     Echo(crate::clients::echo::EchoArgs),
     /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).

@@ -94,12 +94,10 @@ pub struct Verify {
     global_rate: Rate,
 }
 
-/// Cookie replies each /24 or /56 may get: 20 a second, 20 at once — plenty
-/// for the clients behind one NAT, nothing for an amplifier.
-pub const COOKIE_PREFIX_RATE: Rate = Rate {
-    per_sec: 20.0,
-    burst: 20.0,
-};
+/// Cookie replies each /24 or /56 may get by default (`--cookie-rate`): 20
+/// a second, 20 at once — enough for the clients behind one NAT, nothing
+/// for an amplifier.
+pub const COOKIE_PREFIX_RATE: f64 = 20.0;
 /// Cookie replies in all: 20,000 a second (each is ≤ the request, so this
 /// bounds only the CPU a flood of hellos costs).
 pub const COOKIE_GLOBAL_RATE: Rate = Rate {
@@ -111,11 +109,16 @@ pub const COOKIE_GLOBAL_RATE: Rate = Rate {
 pub const COOKIE_PREFIXES: usize = 16_384;
 
 impl Verify {
-    /// Verify mode with this key and the default budgets.
-    pub fn new(key: CookieKey) -> Verify {
+    /// Verify mode with this key, `per_prefix` cookie replies a second per
+    /// /24 or /56 (at least as many at once), and the global budget.
+    pub fn new(key: CookieKey, per_prefix: f64) -> Verify {
+        let per_prefix = Rate {
+            per_sec: per_prefix,
+            burst: per_prefix.max(COOKIE_PREFIX_RATE),
+        };
         Verify {
             key,
-            per_prefix: PrefixLimiter::new(COOKIE_PREFIX_RATE, COOKIE_PREFIXES),
+            per_prefix: PrefixLimiter::new(per_prefix, COOKIE_PREFIXES),
             global: Bucket::full(COOKIE_GLOBAL_RATE, 0),
             global_rate: COOKIE_GLOBAL_RATE,
         }
@@ -398,7 +401,8 @@ mod tests {
     #[test]
     fn verify_mode_lets_nothing_register_without_a_cookie() {
         let key = CookieKey::new([3; 32]);
-        let mut a = Admission::new(10, true).verify_sources(Verify::new(key.clone()));
+        let mut a =
+            Admission::new(10, true).verify_sources(Verify::new(key.clone(), COOKIE_PREFIX_RATE));
         let mut t = Table::new(100);
         let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
         assert_eq!(

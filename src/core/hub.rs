@@ -56,6 +56,8 @@ pub struct HubConfig {
     pub lobby_open: bool,
     /// Verify mode's cookie key (`--verify-sources`), if on.
     pub cookie_key: Option<CookieKey>,
+    /// Verify mode: cookie replies a second per /24 or /56 (`--cookie-rate`).
+    pub cookie_rate: f64,
     /// `--client-rate`: datagrams per second per client, and the burst.
     pub client_rate: Option<(f64, f64)>,
     /// `--max-clients-per-ip`.
@@ -140,7 +142,7 @@ impl Hub {
             Rooms::new(config.max_rooms, config.max_room_clients, reserve),
         );
         if let Some(key) = &config.cookie_key {
-            admission = admission.verify_sources(Verify::new(key.clone()));
+            admission = admission.verify_sources(Verify::new(key.clone(), config.cookie_rate));
         }
         if let Some((per_sec, burst)) = config.client_rate {
             let per_tick = (per_sec * clock.tick().as_secs_f64()) as f32;
@@ -518,6 +520,7 @@ mod tests {
             room_secret: None,
             lobby_open: true,
             cookie_key: None,
+            cookie_rate: crate::core::admission::COOKIE_PREFIX_RATE,
             client_rate: None,
             max_clients_per_ip: None,
         }

@@ -27,9 +27,12 @@ const MAX_CONNECTIONS: usize = 8;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest request head read (a scrape's is ~200 bytes).
 const MAX_REQUEST: usize = 8 * 1024;
-/// How often histogram samples are folded in when nobody scrapes, so the
-/// recorder's buffers stay bounded (the crate's "upkeep").
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often histogram samples are folded into their buckets (the crate's
+/// "upkeep"), so the recorder's buffers stay small. Under a flood that
+/// arrives in tiny batches the loop records ~340,000 samples a second (one
+/// per pass and per `recvmmsg`); buffered for 5 s that was ~15 MB of RSS,
+/// for 250 ms it is under 1 MB.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A running metrics endpoint.
 #[derive(Debug)]
