@@ -31,6 +31,7 @@
 //!   the only `unsafe` code), [`net::fanout`], [`net::socket`].
 //! - [`clients`]: `chat`, `chat --lan`, `send`, and the `echo` server.
 //! - [`error`]: the typed start-up error.
+//! - `fuzzing`: the entry points `fuzz/` and the corpus-replay test run.
 
 #![deny(missing_docs, rust_2018_idioms, unsafe_code)]
 #![warn(unreachable_pub)]
@@ -39,6 +40,8 @@ pub mod cli;
 pub mod clients;
 pub mod core;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 pub mod runtime;
 

@@ -161,6 +161,7 @@ fn supervise<S: Service + Send + 'static>(
 
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
+    let mut signals_seen = 0u32;
     let mut first_error = None;
     while running.iter().any(|r| r.thread.is_some()) {
         match poll.poll(&mut events, None) {
@@ -172,6 +173,14 @@ fn supervise<S: Service + Send + 'static>(
         for event in events.iter() {
             if event.token() == SIGNALS {
                 for sig in signals.pending() {
+                    signals_seen += 1;
+                    if signals_seen >= 2 {
+                        // The handlers' own check (see install_signals) can
+                        // miss when two signals land on two threads at the
+                        // same instant; this count cannot.
+                        tracing::warn!("second signal ({sig}): exiting at once");
+                        std::process::exit(SECOND_SIGNAL_EXIT);
+                    }
                     tracing::info!("received signal {sig}; shutting down (again to exit at once)");
                     stop = true;
                 }
