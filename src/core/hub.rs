@@ -209,6 +209,16 @@ impl Hub {
             client,
             ..
         } = admitted;
+        // Verify mode: admission has checked the cookie, so a proven
+        // request is simply that request.
+        let kind = match kind {
+            Kind::Cookie { then, .. } if verify => match then {
+                Proven::Register => Kind::Heartbeat,
+                Proven::Join { room, token } => Kind::Join { room, token },
+                Proven::Quit => Kind::Quit,
+            },
+            other => other,
+        };
         match kind {
             Kind::Heartbeat => {
                 counts.heartbeats += 1;
@@ -246,33 +256,6 @@ impl Hub {
                 self.join_or_refresh(source, client, tick, counts);
                 self.send_cookie(Some(source), arrival.data.len())
             }
-            // Verify mode: admission has checked the cookie.
-            Kind::Cookie { then, .. } if verify => match then {
-                Proven::Register => {
-                    counts.heartbeats += 1;
-                    self.join_or_refresh(source, client, tick, counts);
-                    Effect::Nothing
-                }
-                Proven::Join { room, token } => {
-                    counts.joins += 1;
-                    self.join(
-                        source,
-                        client,
-                        room,
-                        token,
-                        tick,
-                        arrival.data.len(),
-                        counts,
-                    )
-                }
-                Proven::Quit => {
-                    counts.quits += 1;
-                    if client.is_some() && self.table.remove(&source) {
-                        counts.left += 1;
-                    }
-                    Effect::Nothing
-                }
-            },
             // Not in verify mode, these are v1 messages like any other.
             Kind::Hello(body) | Kind::Cookie { body, .. } => {
                 self.message(source, client, body, tick, counts)
