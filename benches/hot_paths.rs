@@ -162,28 +162,33 @@ fn wheel(c: &mut Criterion) {
     g.finish();
 }
 
+/// The relay's defaults, with this timeout and table size.
+fn hub_config(timeout: Duration, max_clients: usize, expect_clients: usize) -> HubConfig {
+    HubConfig {
+        timeout,
+        format: Template::default(),
+        echo: true,
+        max_clients,
+        expect_clients,
+        max_datagram: 1472,
+        max_rooms: 100_000,
+        max_room_clients: 100_000,
+        room_secret: None,
+        lobby_open: true,
+        cookie_key: None,
+        cookie_rate: 20.0,
+        client_rate: None,
+        max_clients_per_ip: None,
+    }
+}
+
 /// The whole hub per datagram, no sockets: a heartbeat from a known client,
 /// and a message rendered and fanned out (recipients walked) to N members.
 fn hub(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub");
     g.throughput(Throughput::Elements(1));
     for members in [64u32, 1_000] {
-        let config = HubConfig {
-            timeout: Duration::from_secs(60),
-            format: Template::default(),
-            echo: true,
-            max_clients: 1_000_000,
-            expect_clients: 0,
-            max_datagram: 1472,
-            max_rooms: 100_000,
-            max_room_clients: 100_000,
-            room_secret: None,
-            lobby_open: true,
-            cookie_key: None,
-            cookie_rate: 20.0,
-            client_rate: None,
-            max_clients_per_ip: None,
-        };
+        let config = hub_config(Duration::from_secs(60), 1_000_000, 0);
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);
         let mut counts = Counts::default();
@@ -241,22 +246,7 @@ fn room_fanout(c: &mut Criterion) {
     g.throughput(Throughput::Elements(100));
     g.sample_size(30);
     for (label, other_rooms) in [("alone", 0u32), ("among_1M_in_10k_rooms", 9_999)] {
-        let config = HubConfig {
-            timeout: Duration::from_secs(3600),
-            format: Template::default(),
-            echo: true,
-            max_clients: 2_000_000,
-            expect_clients: 1_000_000,
-            max_datagram: 1472,
-            max_rooms: 100_000,
-            max_room_clients: 100_000,
-            room_secret: None,
-            lobby_open: true,
-            cookie_key: None,
-            cookie_rate: 20.0,
-            client_rate: None,
-            max_clients_per_ip: None,
-        };
+        let config = hub_config(Duration::from_secs(3600), 2_000_000, 1_000_000);
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);
         let mut counts = Counts::default();
