@@ -21,6 +21,56 @@ pub struct AbuseArgs {
     /// How long to wait for replies to each case
     #[arg(long, default_value = "300ms", value_parser = crate::duration::parse)]
     pub wait: Duration,
+
+    /// The relay is in verify mode (udphub --verify-sources): the members
+    /// this scenario needs register with the cookie handshake
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Instead of the cases: forge N datagrams from 127.0.0.0/8 sources
+    /// (raw socket: root or CAP_NET_RAW) and report the amplification
+    /// factor, table slots gained and RSS growth
+    #[arg(long, value_name = "N")]
+    pub spoof: Option<u64>,
+
+    /// With --spoof: distinct forged sources (the first --victims are bound
+    /// listeners that count what they get)
+    #[arg(long, default_value_t = 1, requires = "spoof")]
+    pub sources: u64,
+
+    /// With --spoof: bound victims (127.77.0.1 upwards, at most 250)
+    #[arg(long, default_value_t = 1, requires = "spoof")]
+    pub victims: usize,
+
+    /// With --spoof: a real member speaks once per this many forged
+    /// datagrams (0: never)
+    #[arg(long, default_value_t = 10, requires = "spoof")]
+    pub talk_every: u64,
+
+    /// With --spoof: what to forge
+    #[arg(long, value_enum, default_value = "mix", requires = "spoof")]
+    pub forge: crate::spoof::Forge,
+
+    /// With --spoof: forged datagrams per second (default: as fast as the
+    /// raw socket takes them)
+    #[arg(long, requires = "spoof")]
+    pub rate: Option<f64>,
+}
+
+impl AbuseArgs {
+    /// The `--spoof` plan, if asked for.
+    pub fn spoof_plan(&self) -> Option<crate::spoof::Plan> {
+        self.spoof.map(|datagrams| crate::spoof::Plan {
+            datagrams,
+            sources: self.sources,
+            victims: self.victims,
+            verify: self.verify,
+            talk_every: self.talk_every,
+            rate: self.rate,
+            wait: self.wait,
+            forge: self.forge,
+        })
+    }
 }
 
 /// What the relay did with one case.
@@ -104,7 +154,7 @@ pub fn run(args: &AbuseArgs) -> Result<AbuseReport, String> {
             counters,
         });
     }
-    let alive_after = alive(relay, local, &mut buf);
+    let alive_after = alive(relay, args.verify);
     Ok(AbuseReport {
         scenario: "abuse".into(),
         cases: results,
@@ -138,7 +188,7 @@ fn collect(sock: &UdpSocket, wait: Duration, buf: &mut [u8]) -> (usize, Option<S
 }
 
 /// The udphub counters that moved, without histogram internals.
-fn changed(delta: &Scrape) -> Vec<(String, f64)> {
+pub fn changed(delta: &Scrape) -> Vec<(String, f64)> {
     delta
         .series
         .iter()
@@ -154,19 +204,35 @@ fn changed(delta: &Scrape) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn alive(relay: SocketAddr, local: &str, buf: &mut [u8]) -> bool {
-    let Ok(sock) = UdpSocket::bind(local) else {
+/// A member (verify-aware) still gets the room's messages: it registers,
+/// and a second member's message reaches it.
+fn alive(relay: SocketAddr, verify: bool) -> bool {
+    use crate::member::Member;
+    let limit = Duration::from_secs(3);
+    let (Ok(a), Ok(b)) = (
+        Member::join(relay, verify, limit),
+        Member::join(relay, verify, limit),
+    ) else {
         return false;
     };
+    let nonce = format!("are you alive? {}", std::process::id());
+    let mut buf = vec![0u8; 65_536];
+    let mut got = false;
     for _ in 0..3 {
-        let _ = sock.send_to(b"are you alive?", relay);
-        let (n, first) = collect(&sock, Duration::from_millis(500), buf);
-        if n > 0 && first.is_some_and(|f| f.starts_with("are you alive?")) {
-            let _ = sock.send_to(b"quit", relay);
-            return true;
+        if b.send(nonce.as_bytes()).is_err() {
+            break;
+        }
+        let contains = |d: &[u8]| d.windows(nonce.len()).any(|w| w == nonce.as_bytes());
+        if a.recv_matching(&mut buf, Duration::from_millis(500), contains)
+            .is_some()
+        {
+            got = true;
+            break;
         }
     }
-    false
+    a.leave();
+    b.leave();
+    got
 }
 
 impl AbuseReport {

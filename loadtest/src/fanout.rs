@@ -70,6 +70,11 @@ pub struct FanoutArgs {
     /// asks for a cookie and registers (or joins) with it
     #[arg(long)]
     pub verify: bool,
+
+    /// One more member of the lobby floods at this many datagrams/s while
+    /// the clients run: what does a flooding member cost the others?
+    #[arg(long, value_name = "RATE")]
+    pub flood: Option<f64>,
 }
 
 /// How the clients register with the relay.
@@ -117,6 +122,8 @@ pub struct Engine {
     pub reordered: u64,
     /// Datagrams that were not loadtest messages (e.g. relay notices).
     pub other: u64,
+    /// Deliveries of a `--flood` member's datagrams.
+    pub flood_deliveries: u64,
     /// The relay said `bye`.
     pub bye: bool,
     /// Registration probes sent (messages the relay counts too).
@@ -216,6 +223,7 @@ impl Engine {
             duplicates: 0,
             reordered: 0,
             other: 0,
+            flood_deliveries: 0,
             bye: false,
             probes_sent: 0,
             probe_deliveries: 0,
@@ -453,6 +461,11 @@ impl Engine {
                 self.probe_deliveries += 1;
                 return;
             }
+            let flood = crate::flood::FLOOD_PAYLOAD;
+            if data.windows(flood.len()).any(|w| w == flood) {
+                self.flood_deliveries += 1;
+                return;
+            }
             if data.starts_with(b"^room^") || data.starts_with(b"^cookie^") {
                 // A late answer to a repeated join or hello.
                 self.join_replies += 1;
@@ -585,6 +598,10 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         Some(r) => format!("open loop, {r} msgs/s"),
         None => format!("closed loop, window {window}"),
     };
+    let flood = match args.flood {
+        Some(rate) => Some(crate::flood::Flood::start(relay, rate, args.verify)?),
+        None => None,
+    };
     let cpu0 = c.relay_pid.and_then(procfs::cpu_seconds);
     let progress = Progress::new(c, c.duration);
     let interval = Duration::from_millis(if c.duration < Duration::from_secs(5) {
@@ -642,6 +659,16 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     }
     let sending_time = start.elapsed();
     let delivered_while_sending = e.delivered;
+    let flood = flood.map(|f| f.finish()).transpose()?;
+    if flood.is_some() {
+        // The flood's last deliveries to the clients are no message of
+        // ours: read them here, as the drain below stops at our own.
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            e.step(Duration::from_millis(10))
+                .map_err(|e| e.to_string())?;
+        }
+    }
     // Drain: stragglers for up to a second.
     let drain_until = Instant::now() + Duration::from_secs(1);
     while e.delivered < e.expected() && Instant::now() < drain_until && !e.bye {
@@ -670,14 +697,29 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
             rss_bytes: procfs::rss_bytes(pid),
         }
     });
-    let metrics_check = match (before, after) {
-        (Some(b), Some(a)) => Some(crate::report::MetricsCheck::new(
-            &metrics::Scrape::delta(&b, &a),
-            e.messages_sent() + e.probes_sent,
-            e.delivered + e.duplicates + e.probe_deliveries + e.join_replies,
-        )),
+    let delta = match (&before, &after) {
+        (Some(b), Some(a)) => Some(metrics::Scrape::delta(b, a)),
         _ => None,
     };
+    let flood = flood.map(|mut f| {
+        f.deliveries_to_others = e.flood_deliveries;
+        f.relay_rate_limited = delta
+            .as_ref()
+            .map(|d| d.get("udphub_dropped_total{reason=\"rate_limited\"}"));
+        f
+    });
+    let metrics_check = delta.as_ref().map(|d| {
+        crate::report::MetricsCheck::new(
+            d,
+            e.messages_sent() + e.probes_sent,
+            e.delivered
+                + e.duplicates
+                + e.probe_deliveries
+                + e.join_replies
+                + e.flood_deliveries
+                + flood.as_ref().map_or(0, |f| f.received),
+        )
+    });
     Ok(FanoutReport {
         scenario: "fanout".into(),
         relay: relay.to_string(),
@@ -706,5 +748,6 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         relay_usage,
         metrics_check,
         timeline,
+        flood,
     })
 }

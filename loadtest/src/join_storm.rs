@@ -7,15 +7,19 @@
 //! Sources are `127.x.y.z:port`: a few sockets bound to ephemeral ports on
 //! 0.0.0.0, each sending from many loopback addresses chosen per datagram
 //! with IP_PKTINFO (every 127/8 address is local on Linux). Heartbeats get
-//! no reply, so nothing ever needs to reach those addresses.
+//! no reply; in verify mode (`--verify`) the cookies come back to those
+//! addresses, and IP_PKTINFO on receive says which source each is for.
 
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn,
+};
 use serde::Serialize;
 
 use crate::metrics::Scrape;
@@ -61,6 +65,18 @@ pub struct JoinStormArgs {
     /// a spoofer's flood costs the relay)
     #[arg(long, conflicts_with = "rooms")]
     pub hello: bool,
+
+    /// The relay is in verify mode (udphub --verify-sources): every source
+    /// asks for a cookie, then registers (or joins) with it; hellos are
+    /// repeated for sources without one, within --verify-timeout
+    #[arg(long, conflicts_with = "hello")]
+    pub verify: bool,
+
+    /// With --verify: how long the handshake phase may take (the relay
+    /// budgets cookies per /24: raise it with udphub --cookie-rate for a
+    /// storm from a few prefixes)
+    #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
+    pub verify_timeout: Duration,
 }
 
 /// The `join-storm` report.
@@ -94,6 +110,8 @@ pub struct JoinStormReport {
     pub rss_bytes_per_client: Option<f64>,
     /// With `--expire`: what the mass expiry did.
     pub expiry: Option<ExpiryReport>,
+    /// With `--verify`: sources that got a cookie and proved their address.
+    pub verified: Option<u32>,
 }
 
 /// How the relay handled every client expiring at once.
@@ -117,6 +135,13 @@ fn source_ip(k: u32, ports: u32) -> Ipv4Addr {
     Ipv4Addr::from((127u32 << 24) | (a & 0x00ff_ffff))
 }
 
+/// The client whose source is `ip` on socket `port_index`: the inverse
+/// of [`source_ip`].
+fn source_index(ip: Ipv4Addr, ports: u32, port_index: u32) -> Option<u32> {
+    let a = (u32::from(ip) & 0x00ff_ffff).checked_sub(65_536)?;
+    a.checked_mul(ports)?.checked_add(port_index)
+}
+
 struct Storm {
     socks: Vec<UdpSocket>,
     dest: SockaddrIn,
@@ -137,6 +162,11 @@ impl Storm {
         for _ in 0..ports {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
             let _ = socket2::SockRef::from(&s).set_send_buffer_size(4 << 20);
+            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20);
+            // Which of our 127.x addresses a reply (a cookie) went to.
+            setsockopt(&s, sockopt::Ipv4PacketInfo, &true)
+                .map_err(|e| format!("IP_PKTINFO: {e}"))?;
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
             socks.push(s);
         }
         Ok(Storm {
@@ -145,6 +175,111 @@ impl Storm {
             clients,
             beat: b"^hb^".to_vec(),
         })
+    }
+
+    /// Verify mode: every source asks for a cookie (`^hello^`), and
+    /// answers it with `^cookie^C` (or `^cookie^C^join^r{k mod rooms}`);
+    /// hellos are repeated for the sources still without one, until all
+    /// are proven or `limit` passes. Returns how many were proven.
+    fn verify(&self, rooms: u32, rate: Option<f64>, limit: Duration) -> Result<u32, String> {
+        let mut proven = vec![false; self.clients as usize];
+        let mut left = self.clients;
+        let hello = crate::member::hello();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 512];
+        let mut proof = Vec::with_capacity(64);
+        while left > 0 && t0.elapsed() < limit {
+            let round = Instant::now();
+            let mut asked = 0u64;
+            for k in 0..self.clients {
+                if proven[k as usize] {
+                    continue;
+                }
+                if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                    if asked % 256 == 0 {
+                        let due = Duration::from_secs_f64(asked as f64 / rate);
+                        if let Some(wait) = due.checked_sub(round.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+                self.send(k, &hello)?;
+                asked += 1;
+                if asked % 64 == 0 {
+                    left -= self.prove(&mut proven, &mut buf, &mut proof, rooms)?;
+                }
+            }
+            // Keep the proven alive while the others wait for a cookie.
+            for k in 0..self.clients {
+                if proven[k as usize] {
+                    self.heartbeat(k)?;
+                }
+            }
+            // Let the last answers arrive (and a starved cookie budget refill).
+            let settle = Instant::now();
+            while settle.elapsed() < Duration::from_millis(500) {
+                let got = self.prove(&mut proven, &mut buf, &mut proof, rooms)?;
+                left -= got;
+                if got == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        Ok(self.clients - left)
+    }
+
+    /// Reads the cookies waiting on every socket and answers each (once
+    /// per source). Returns how many sources were newly proven.
+    fn prove(
+        &self,
+        proven: &mut [bool],
+        buf: &mut [u8],
+        proof: &mut Vec<u8>,
+        rooms: u32,
+    ) -> Result<u32, String> {
+        let ports = self.socks.len() as u32;
+        let mut got = 0;
+        for (i, sock) in self.socks.iter().enumerate() {
+            loop {
+                let mut iov = [IoSliceMut::new(buf)];
+                let mut space = nix::cmsg_space!(libc::in_pktinfo);
+                let msg = match recvmsg::<SockaddrIn>(
+                    sock.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::empty(),
+                ) {
+                    Ok(m) => m,
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
+                    Err(e) => return Err(format!("receive a cookie: {e}")),
+                };
+                let n = msg.bytes;
+                let mut to = None;
+                for c in msg.cmsgs().map_err(|e| e.to_string())? {
+                    if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+                        to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                    }
+                }
+                let (Some(ip), true) = (to, buf[..n].starts_with(b"^cookie^")) else {
+                    continue;
+                };
+                let Some(k) = source_index(ip, ports, i as u32) else {
+                    continue;
+                };
+                if k >= self.clients || proven[k as usize] {
+                    continue;
+                }
+                proof.clear();
+                proof.extend_from_slice(&buf[..n]);
+                if rooms > 0 {
+                    proof.extend_from_slice(format!("^join^r{}", k % rooms).as_bytes());
+                }
+                self.send(k, proof)?;
+                proven[k as usize] = true;
+                got += 1;
+            }
+        }
+        Ok(got)
     }
 
     /// Sends one heartbeat from client `k`; retries briefly if the socket
@@ -201,7 +336,12 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     // Phase 1: every source joins once, as fast as the relay takes it.
     let t0 = Instant::now();
     let mut join = Vec::with_capacity(32);
-    for k in 0..storm.clients {
+    let verified = if args.verify {
+        Some(storm.verify(args.rooms, args.join_rate, args.verify_timeout)?)
+    } else {
+        None
+    };
+    for k in (0..storm.clients).filter(|_| !args.verify) {
         if let Some(rate) = args.join_rate.filter(|r| *r > 0.0) {
             if k % 256 == 0 {
                 let due = Duration::from_secs_f64(f64::from(k) / rate);
@@ -291,6 +431,7 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
             _ => None,
         },
         expiry,
+        verified,
     })
 }
 
@@ -370,6 +511,9 @@ impl JoinStormReport {
         if let Some(k) = self.kernel_rx_dropped {
             row("kernel rx drops", format!("{k}"));
         }
+        if let Some(v) = self.verified {
+            row("verified", format!("{v} sources proved their address"));
+        }
         if let Some(n) = self.relay_clients {
             row("relay clients", format!("{n}"));
         }
@@ -416,6 +560,7 @@ mod tests {
             assert!(ip.is_loopback());
             assert_ne!(ip.octets()[1], 0, "127.0.x.x is left alone");
             assert!(seen.insert((ip, k % 16)));
+            assert_eq!(source_index(ip, 16, k % 16), Some(k));
         }
     }
 }

@@ -8,7 +8,8 @@
 //! - `fanout` (default): stamped messages fanned out to N clients.
 //! - `join_storm`: millions of distinct sources heartbeating; memory per client; mass expiry.
 //! - `soak`: a long mixed load, sampling growth.
-//! - `abuse`: nasty datagrams, one by one.
+//! - `abuse`: nasty datagrams, one by one; `spoof`: `abuse --spoof`, forged sources.
+//! - `member`: a real (verify-aware) member, for the scenarios that need one.
 //! - `payload`, `tracker`: message stamps; loss/duplicate/reorder bookkeeping.
 //! - `report`, `plot`: reports (table, JSON, SVG); `metrics`, `procfs`: what the relay says.
 
@@ -19,13 +20,16 @@ use clap::{Parser, Subcommand};
 mod abuse;
 mod duration;
 mod fanout;
+mod flood;
 mod join_storm;
+mod member;
 mod metrics;
 mod payload;
 mod plot;
 mod procfs;
 mod report;
 mod soak;
+mod spoof;
 mod tracker;
 
 /// Flood generator and benchmark driver for UDP chat relays.
@@ -90,7 +94,12 @@ fn run(cli: Cli) -> Result<(), String> {
             r.print_table()
         }),
         Command::Soak(args) => emit(args.common.json, &soak::run(&args)?, |r| r.print_table()),
-        Command::Abuse(args) => emit(args.common.json, &abuse::run(&args)?, |r| r.print_table()),
+        Command::Abuse(args) => match args.spoof_plan() {
+            Some(plan) => emit(args.common.json, &spoof::run(&args.common, &plan)?, |r| {
+                r.print_table()
+            }),
+            None => emit(args.common.json, &abuse::run(&args)?, |r| r.print_table()),
+        },
     }
 }
 

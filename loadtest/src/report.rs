@@ -210,6 +210,8 @@ pub struct FanoutReport {
     pub rooms: usize,
     /// Deliveries from a sender in another room (must be 0).
     pub cross_room_deliveries: u64,
+    /// With `--flood`: what the flooding member did and got through.
+    pub flood: Option<crate::flood::FloodReport>,
 }
 
 impl FanoutReport {
@@ -251,6 +253,19 @@ impl FanoutReport {
                     } else {
                         ": ISOLATION BROKEN"
                     }
+                ),
+            );
+        }
+        if let Some(f) = &self.flood {
+            row(
+                "flooding member",
+                format!(
+                    "{} sent ({:.0}/s); {} reached the clients; relay rate-limited {}",
+                    f.sent,
+                    f.sent_per_s,
+                    f.deliveries_to_others,
+                    f.relay_rate_limited
+                        .map_or("? (add --metrics-url)".into(), |n| n.to_string())
                 ),
             );
         }

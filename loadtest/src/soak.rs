@@ -33,6 +33,15 @@ pub struct SoakArgs {
     /// How often to sample
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse)]
     pub sample_every: Duration,
+
+    /// Spread the clients over this many rooms (wire protocol v2)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub rooms: usize,
+
+    /// The relay is in verify mode (udphub --verify-sources): clients
+    /// register with the cookie handshake
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// One sample.
@@ -73,11 +82,22 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         args.senders,
         64,
         Duration::from_secs(2),
-        crate::fanout::Joining::default(),
+        crate::fanout::Joining {
+            no_echo: false,
+            rooms: args.rooms,
+            verify: args.verify,
+        },
     )
     .map_err(|e| e.to_string())?;
-    e.wait_registered(Duration::from_secs(10))
+    let registered = e
+        .wait_registered(Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
+    if registered < e.registration_target() {
+        return Err(format!(
+            "only {registered} of {} clients registered with the relay at {relay} (verify mode? add --verify)",
+            e.registration_target()
+        ));
+    }
     let progress = Progress::new(c, c.duration);
     let start = Instant::now();
     let mut next_sample = Duration::ZERO;

@@ -259,7 +259,13 @@ fn spawn_udphub(serve_flags: &[&str]) -> Option<(std::process::Child, String, St
     }
     // Both ports chosen by the relay itself and read from its ready file:
     // nothing picked here can be taken by someone else in between.
-    let ready = std::env::temp_dir().join(format!("loadtest-udphub-{}", std::process::id()));
+    // One file per relay: tests run in parallel threads of one process.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ready = std::env::temp_dir().join(format!(
+        "loadtest-udphub-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(bin)
         .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
@@ -390,4 +396,201 @@ fn cross_check_udphub(serve_flags: &[&str], extra: &[&str]) -> Value {
     assert!(r["relay_usage"]["cpu_seconds"].as_f64().is_some());
     assert!(r["relay_usage"]["rss_bytes"].as_u64().unwrap() > 0);
     r
+}
+
+/// `loadtest abuse --spoof` against the real udphub, through a raw socket
+/// (root; under CI a missing raw socket fails the test). Returns the report.
+fn spoof_udphub(serve_flags: &[&str], extra: &[&str]) -> Value {
+    let Some((mut child, addr, url)) = spawn_udphub(serve_flags) else {
+        return Value::Null;
+    };
+    let pid = child.id().to_string();
+    let mut args = vec![
+        "abuse",
+        "--relay",
+        &addr,
+        "--metrics-url",
+        &url,
+        "--relay-pid",
+        &pid,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = loadtest(&args);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON: {e}\n{stdout}"))
+}
+
+/// Verify mode: forged sources get at most as many bytes back as they
+/// send (only cookies, shorter than the hellos that asked), no table slot,
+/// and a forged `quit`/`^join^` leaves the member in place. Bytes and
+/// slots, not time: deterministic.
+#[test]
+fn forged_sources_gain_no_amplification_and_no_slot_in_verify_mode() {
+    for forge in ["mix", "hello", "heartbeat"] {
+        let r = spoof_udphub(
+            &["--verify-sources"],
+            &[
+                "--spoof",
+                "3000",
+                "--verify",
+                "--forge",
+                forge,
+                "--victims",
+                "4",
+            ],
+        );
+        if r.is_null() {
+            return;
+        }
+        eprintln!("verify, {forge}: {r}");
+        assert!(r["bytes_sent_as_victims"].as_u64().unwrap() > 0);
+        let factor = r["amplification"].as_f64().unwrap();
+        assert!(
+            factor <= 1.0,
+            "{forge}: amplification {factor} in verify mode"
+        );
+        assert_eq!(r["table_slots_gained"].as_f64(), Some(0.0), "{forge}");
+        assert_eq!(r["member_kept_after_forged_quit"], true, "{forge}");
+    }
+}
+
+/// The same attack on a relay that trusts sources shows the problem verify
+/// mode solves: the victim is registered and gets the conversation (many
+/// times the bytes the attacker sent), and a forged `quit` evicts a member.
+#[test]
+fn a_relay_that_trusts_sources_amplifies() {
+    let r = spoof_udphub(
+        &[],
+        &[
+            "--spoof",
+            "500",
+            "--forge",
+            "heartbeat",
+            "--talk-every",
+            "1",
+        ],
+    );
+    if r.is_null() {
+        return;
+    }
+    eprintln!("default: {r}");
+    assert!(r["amplification"].as_f64().unwrap() > 1.0, "{r}");
+    assert_eq!(r["table_slots_gained"].as_f64(), Some(1.0), "{r}");
+    assert_eq!(r["member_kept_after_forged_quit"], false, "{r}");
+}
+
+/// `--spoof` refuses a relay outside 127.0.0.0/8 before sending anything.
+#[test]
+fn spoof_attacks_loopback_only() {
+    let (code, _, stderr) = loadtest(&["abuse", "--spoof", "1", "--relay", "[::1]:9"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("127.0.0.0/8 only"), "{stderr}");
+}
+
+/// Runs a loadtest scenario against a fresh udphub; returns the JSON report.
+fn run_against_udphub(serve_flags: &[&str], args: &[&str]) -> Value {
+    let Some((mut child, addr, url)) = spawn_udphub(serve_flags) else {
+        return Value::Null;
+    };
+    let pid = child.id().to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
+        "--relay",
+        &addr,
+        "--metrics-url",
+        &url,
+        "--relay-pid",
+        &pid,
+        "--json",
+    ]);
+    let (code, stdout, stderr) = loadtest(&all);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, Some(0), "{all:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON: {e}\n{stdout}"))
+}
+
+/// Every scenario speaks verify mode: join-storm proves each source's
+/// address (the cookies come back to 127.x addresses), soak and abuse
+/// register their members with the handshake.
+#[test]
+fn every_scenario_has_verify() {
+    let verify = ["--verify-sources", "--cookie-rate", "100000"];
+    let r = run_against_udphub(
+        &verify,
+        &[
+            "join-storm",
+            "--verify",
+            "--clients",
+            "600",
+            "--duration",
+            "1s",
+        ],
+    );
+    if r.is_null() {
+        return;
+    }
+    assert_eq!(r["verified"], 600, "{r}");
+    assert_eq!(r["relay_clients"].as_f64(), Some(600.0), "{r}");
+    let r = run_against_udphub(
+        &verify,
+        &[
+            "soak",
+            "--verify",
+            "--clients",
+            "20",
+            "--duration",
+            "1s",
+            "--sample-every",
+            "500ms",
+        ],
+    );
+    assert_eq!(r["loss_ratio"].as_f64(), Some(0.0), "{r}");
+    let r = run_against_udphub(&verify, &["abuse", "--verify", "--wait", "50ms"]);
+    assert_eq!(r["alive_after"], true, "{r}");
+}
+
+/// `fanout --flood`: a member flooding a relay with `--client-rate` gets
+/// only its allowance through; the measured clients lose nothing and the
+/// relay's counters still account for every delivery.
+#[test]
+fn a_flooding_member_gets_only_its_allowance() {
+    let r = run_against_udphub(
+        &["--client-rate", "5000", "--client-burst", "100"],
+        &[
+            "fanout",
+            "--clients",
+            "8",
+            "--rate",
+            "500",
+            "--duration",
+            "1s",
+            "--flood",
+            "20000",
+        ],
+    );
+    if r.is_null() {
+        return;
+    }
+    let f = &r["flood"];
+    assert!(f["sent"].as_u64().unwrap() > 5_000, "{f}");
+    let limited = f["relay_rate_limited"].as_f64().unwrap();
+    assert!(limited > 0.0, "{f}");
+    assert_eq!(r["lost"], 0, "{r}");
+    let m = &r["metrics_check"];
+    assert_eq!(
+        m["relay_deliveries"].as_f64(),
+        m["loadtest_deliveries"].as_f64(),
+        "{m}"
+    );
+    // What got through reached the 8 clients (and the flooder itself).
+    let passed = f["sent"].as_f64().unwrap() - limited;
+    assert_eq!(
+        f["deliveries_to_others"].as_f64().unwrap(),
+        passed * 8.0,
+        "{r}"
+    );
 }

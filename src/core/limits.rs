@@ -80,9 +80,14 @@ pub struct PrefixLimiter {
 
 impl PrefixLimiter {
     /// A limiter of `rate` per prefix, tracking at most `capacity` prefixes.
+    ///
+    /// The map starts small and grows on demand: most relays never see
+    /// more than a few hundred prefixes, and a spoofing flood that does is
+    /// bounded by `capacity` anyway (a few rehashes of at most `capacity`
+    /// entries, each well under a millisecond).
     pub fn new(rate: Rate, capacity: usize) -> PrefixLimiter {
         PrefixLimiter {
-            buckets: HashMap::with_capacity(capacity.min(1 << 16)),
+            buckets: HashMap::with_capacity(capacity.min(256)),
             capacity,
             rate,
             swept_ns: 0,
