@@ -1,13 +1,26 @@
-//! The relay under conditions loopback alone cannot make: a network
-//! namespace this test creates (never the host's network), whose loopback
-//! device gets a slow queueing discipline, so the relay's socket send
-//! buffer really fills.
+//! The relay under conditions loopback alone cannot make.
+//!
+//! - A full send buffer: a network namespace this test creates (never the
+//!   host's network), whose loopback gets a slow queueing discipline.
+//! - A bad network between `udphub chat` and the relay: 20 % loss,
+//!   duplication, reordering, 200 ms delay, and a NAT that changes the
+//!   client's port. This kernel has no `sch_netem` (nor the tc actions that
+//!   drop at random), so the impairment is a user-space middlebox
+//!   (`util::impair`) doing what netem would, seeded and counted.
+//! - Duplicated handshakes, and SIGTERM in the middle of a fan-out.
 
 mod util;
 
+use std::collections::HashSet;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use util::{metric, metric_sum, udphub_bin};
+use util::impair::{Counts, Faults, Impair};
+use util::proc::Proc;
+use util::{metric, metric_sum, spawn_relay, udphub_bin, Client, PATIENCE};
 
 /// A network namespace, deleted on drop.
 struct Netns(String);
@@ -153,4 +166,257 @@ fn a_full_send_buffer_drops_and_counts_deliveries() {
         delivered + metric_sum(&text, "udphub_delivery_dropped_total"),
         "{text}"
     );
+}
+
+/// Every datagram `c` receives until it has been quiet for `quiet`.
+fn drain(c: &Client, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + PATIENCE * 2;
+    while let Some(d) = c.recv_within(quiet) {
+        got.push(String::from_utf8_lossy(&d).into_owned());
+        assert!(Instant::now() < deadline, "the relay never went quiet");
+    }
+    got
+}
+
+/// Distinct `PREFIX N` numbers among `lines`.
+fn distinct(lines: &[String], prefix: &str) -> usize {
+    lines
+        .iter()
+        .filter_map(|l| l.find(prefix).map(|i| &l[i..]))
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// `udphub chat` behind 20 % loss, 10 % duplication, 10 % reordering and
+/// 200 ms of delay each way stays a member (its heartbeats, every 500 ms
+/// against a 3 s timeout, get through), talks both ways, and the relay's
+/// accounting stays exact: it received exactly what the middlebox and the
+/// direct client sent it, and delivered exactly what they received.
+#[test]
+fn chat_stays_a_member_through_loss_duplication_reordering_and_delay() {
+    let relay = spawn_relay(&["--timeout", "3s", "--format", "raw"]);
+    let net = Impair::start(
+        relay.addr,
+        Faults {
+            loss: 0.2,
+            duplicate: 0.1,
+            reorder: 0.1,
+            delay: Duration::from_millis(200),
+            seed: 7,
+        },
+    );
+    let observer = Client::joined(&relay);
+    let mut observer_sent = 1u64;
+    let server = net.addr.to_string();
+    let mut chat = Proc::spawn(&["chat", "--server", &server, "--heartbeat", "500ms"]);
+    relay.wait_metric("udphub_clients_joined_total", 2.0);
+    let mut observer_got = Vec::new();
+    for i in 0..30 {
+        chat.write_line(&format!("from chat {i}"));
+        observer.send(format!("from observer {i}").as_bytes());
+        observer_sent += 1;
+        observer_got.extend(drain(&observer, Duration::from_millis(200)));
+    }
+    // Six timeouts' worth of lossy heartbeats later, still a member.
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 0.0);
+    assert_eq!(relay.metric("udphub_clients"), 2.0);
+    observer_got.extend(drain(&observer, Duration::from_millis(500)));
+    let chat_got: Vec<String> = chat.lines.try_iter().collect();
+    // 20 % loss each way: about 80 % arrive; 50 % is far outside chance.
+    let heard = distinct(&observer_got, "from chat");
+    assert!(
+        heard >= 15,
+        "observer heard {heard} of 30: {observer_got:?}"
+    );
+    let heard = distinct(&chat_got, "from observer");
+    assert!(heard >= 15, "chat heard {heard} of 30: {chat_got:?}");
+
+    // Leave (the quit may be lost: then the relay expires it), let the
+    // middlebox drain, and hold the relay to what really crossed it.
+    let (code, _) = chat.wait();
+    assert_eq!(code, Some(0));
+    net.settle(Duration::from_millis(400));
+    observer_got.extend(drain(&observer, Duration::from_millis(300)));
+    let text = relay.scrape();
+    let c = &net.counts;
+    assert!(Counts::get(&c.up_lost) > 0 && Counts::get(&c.down_lost) > 0);
+    assert!(Counts::get(&c.up_out) > Counts::get(&c.up_in) - Counts::get(&c.up_lost));
+    assert_eq!(
+        metric_sum(&text, "udphub_datagrams_received_total"),
+        (Counts::get(&c.up_out) + observer_sent) as f64,
+        "{c:?}\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "udphub_deliveries_total"),
+        (Counts::get(&c.down_in) + observer_got.len() as u64) as f64,
+        "{c:?}\n{text}"
+    );
+}
+
+/// A NAT gives the chat client a new port mid-conversation. Without verify
+/// mode the next datagram from the new port registers it; in verify mode
+/// the relay answers the chat's padded heartbeat with a cookie and the
+/// chat proves itself again by itself. Either way the conversation goes
+/// on, and the stale mapping expires (counted).
+#[test]
+fn chat_survives_a_nat_port_change() {
+    for verify in [false, true] {
+        let mut flags = vec!["--timeout", "1s", "--format", "raw"];
+        if verify {
+            flags.push("--verify-sources");
+        }
+        let relay = spawn_relay(&flags);
+        let net = Impair::start(relay.addr, Faults::none());
+        let observer = if verify {
+            Client::verified(&relay)
+        } else {
+            Client::joined(&relay)
+        };
+        let server = net.addr.to_string();
+        let mut chat = Proc::spawn(&["chat", "--server", &server, "--heartbeat", "200ms"]);
+        relay.wait_metric("udphub_clients_joined_total", 2.0);
+        chat.write_line("before the NAT moved us");
+        // The observer heartbeats while it listens (the timeout is 1 s).
+        let heard = |needle: &str| {
+            observer.send(b"^hb^");
+            drain(&observer, Duration::from_millis(150))
+                .iter()
+                .any(|d| d.contains(needle))
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while !heard("before") {
+            assert!(Instant::now() < deadline, "never heard 'before'");
+        }
+        net.rebind();
+        let deadline = Instant::now() + PATIENCE;
+        let mut n = 0;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "verify={verify}: nothing from the new port got through"
+            );
+            chat.write_line(&format!("after {n}"));
+            n += 1;
+            if heard("after") {
+                break;
+            }
+        }
+        relay.wait_metric("udphub_clients_joined_total", 3.0);
+        // The old mapping falls silent and expires; the new one stays.
+        relay.wait_metric("udphub_clients_expired_total", 1.0);
+        chat.write_line("still here");
+        let deadline = Instant::now() + PATIENCE;
+        while !heard("still here") {
+            assert!(
+                Instant::now() < deadline,
+                "verify={verify}: lost after expiry"
+            );
+        }
+        assert_eq!(relay.metric("udphub_clients"), 2.0, "verify={verify}");
+    }
+}
+
+/// Duplicated `^cookie^C`, `^cookie^C^join^ROOM` and `^cookie^C^quit`
+/// (a network that duplicates, or a client that retries) are idempotent:
+/// one registration, one room membership (each join answered), one leave;
+/// every datagram is still counted once.
+#[test]
+fn duplicated_handshakes_are_idempotent() {
+    let relay = spawn_relay(&["--verify-sources"]);
+    let c = Client::new(relay.addr);
+    let cookie = c.cookie();
+    let proof = [&b"^cookie^"[..], &cookie].concat();
+    c.send(&proof);
+    c.send(&proof);
+    let mut join = [&proof[..], b"^join^red"].concat();
+    join.resize(48, b' ');
+    c.send(&join);
+    c.send(&join);
+    assert_eq!(c.recv(), b"^room^red");
+    assert_eq!(c.recv(), b"^room^red");
+    // (Counters are published after the batch that sent the answers.)
+    relay.wait_metric("udphub_datagrams_received_total{kind=\"join\"}", 2.0);
+    let text = relay.scrape();
+    assert_eq!(metric(&text, "udphub_clients_joined_total"), 1.0, "{text}");
+    assert_eq!(metric(&text, "udphub_clients"), 1.0, "{text}");
+    // Both joins were answered (and counted as answered); one membership.
+    assert_eq!(metric(&text, "udphub_room_joins_total"), 2.0, "{text}");
+    assert_eq!(metric(&text, "udphub_rooms"), 1.0, "{text}");
+    let quit = [&proof[..], b"^quit"].concat();
+    c.send(&quit);
+    c.send(&quit);
+    // hello + 2 proofs + 2 joins + 2 quits, each counted once.
+    relay.wait_metric("udphub_datagrams_received_total{kind=\"quit\"}", 1.0);
+    let deadline = Instant::now() + PATIENCE;
+    while metric_sum(&relay.scrape(), "udphub_datagrams_received_total") < 7.0 {
+        assert!(Instant::now() < deadline, "{}", relay.scrape());
+        thread::sleep(Duration::from_millis(10));
+    }
+    let text = relay.scrape();
+    assert_eq!(
+        metric_sum(&text, "udphub_datagrams_received_total"),
+        7.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "udphub_clients_left_total"), 1.0, "{text}");
+    assert_eq!(metric(&text, "udphub_clients_joined_total"), 1.0, "{text}");
+    assert_eq!(metric(&text, "udphub_clients"), 0.0, "{text}");
+}
+
+/// SIGTERM while a fan-out is in full flow: the relay finishes promptly
+/// with exit 0, and every member gets exactly one `bye`, as the last thing
+/// it receives.
+#[test]
+fn sigterm_in_the_middle_of_a_fanout_says_bye_once_to_everyone() {
+    const MEMBERS: usize = 20;
+    let mut relay = spawn_relay(&["--format", "raw"]);
+    let members: Vec<Client> = (0..MEMBERS).map(|_| Client::joined(&relay)).collect();
+    let flowing = Arc::new(AtomicBool::new(true));
+    // Each member reads on its own thread, so no buffer overflows and a
+    // bye is never lost behind the flood.
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|m| {
+            thread::spawn(move || {
+                let (mut byes, mut after_bye, mut got) = (0, 0, 0u64);
+                let deadline = Instant::now() + PATIENCE * 2;
+                while Instant::now() < deadline {
+                    match m.recv_within(Duration::from_millis(300)) {
+                        Some(d) if d == b"bye" => byes += 1,
+                        Some(_) if byes > 0 => after_bye += 1,
+                        Some(_) => got += 1,
+                        None if byes > 0 => break,
+                        None => {}
+                    }
+                }
+                (byes, after_bye, got, m)
+            })
+        })
+        .collect();
+    let sender = Client::new(relay.addr);
+    let flow = Arc::clone(&flowing);
+    let flood = thread::spawn(move || {
+        let mut sent = 0u64;
+        while flow.load(Ordering::SeqCst) && sent < 1_000_000 {
+            let _ = sender.sock.send_to(&[b'm'; 500], sender.relay);
+            sent += 1;
+            if sent % 200 == 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    relay.wait_metric("udphub_deliveries_total", 2_000.0);
+    relay.signal("TERM");
+    let status = relay.wait_exit();
+    flowing.store(false, Ordering::SeqCst);
+    flood.join().unwrap();
+    assert!(status.success(), "{status}");
+    for r in readers {
+        let (byes, after_bye, got, m) = r.join().unwrap();
+        assert!(got > 0, "{} got no fan-out before the bye", m.addr());
+        assert_eq!(byes, 1, "{}: {byes} byes", m.addr());
+        assert_eq!(after_bye, 0, "{}: datagrams after the bye", m.addr());
+    }
 }

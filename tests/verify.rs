@@ -9,31 +9,6 @@ use std::time::Instant;
 
 use util::{seed_format, spawn_relay, Client, PATIENCE};
 
-impl Client {
-    /// Asks for a cookie (`^hello^` padded to 64 bytes) and returns it.
-    fn cookie(&self) -> Vec<u8> {
-        let mut hello = b"^hello^".to_vec();
-        hello.resize(64, b' ');
-        self.send(&hello);
-        let answer = self.recv();
-        let cookie = answer
-            .strip_prefix(b"^cookie^")
-            .unwrap_or_else(|| panic!("not a cookie: {:?}", String::from_utf8_lossy(&answer)));
-        assert_eq!(cookie.len(), 22, "{answer:?}");
-        cookie.to_vec()
-    }
-
-    /// Registers through the cookie handshake.
-    fn verified(relay: &util::RelayProc) -> Client {
-        let c = Client::new(relay.addr);
-        let cookie = c.cookie();
-        let before = relay.metric("udphub_clients_joined_total");
-        c.send(&[&b"^cookie^"[..], &cookie].concat());
-        relay.wait_metric("udphub_clients_joined_total", before + 1.0);
-        c
-    }
-}
-
 /// Nothing registers or is relayed without a cookie; a short datagram gets
 /// no answer; a 64-byte one gets `^cookie^C` (30 bytes); the cookie
 /// registers, and then the client talks as in v1.

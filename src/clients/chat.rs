@@ -281,8 +281,13 @@ impl Session {
                     }
                     last = Instant::now();
                     // While nothing listens, ask a question a relay answers,
-                    // so the user hears as soon as it is back.
-                    let beat = if link.unreachable.load(Ordering::Relaxed) {
+                    // so the user hears as soon as it is back. In verify
+                    // mode always: a relay that no longer knows our address
+                    // (a NAT gave us a new port, the relay restarted) drops
+                    // a short heartbeat silently, but answers the padded
+                    // question with a cookie, and the receiver proves and
+                    // rejoins within one heartbeat.
+                    let beat = if link.unreachable.load(Ordering::Relaxed) || link.verified() {
                         &probe[..]
                     } else {
                         protocol::HEARTBEAT

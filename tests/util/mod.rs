@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod impair;
+pub mod proc;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -333,6 +336,32 @@ impl Client {
         if let Some(d) = self.recv_within(Duration::from_millis(200)) {
             panic!("unexpected datagram {:?}", String::from_utf8_lossy(&d));
         }
+    }
+}
+
+/// Verify mode (`--verify-sources`).
+impl Client {
+    /// Asks for a cookie (`^hello^` padded to 64 bytes) and returns it.
+    pub fn cookie(&self) -> Vec<u8> {
+        let mut hello = b"^hello^".to_vec();
+        hello.resize(64, b' ');
+        self.send(&hello);
+        let answer = self.recv();
+        let cookie = answer
+            .strip_prefix(b"^cookie^")
+            .unwrap_or_else(|| panic!("not a cookie: {:?}", String::from_utf8_lossy(&answer)));
+        assert_eq!(cookie.len(), 22, "{answer:?}");
+        cookie.to_vec()
+    }
+
+    /// Registers through the cookie handshake.
+    pub fn verified(relay: &RelayProc) -> Client {
+        let c = Client::new(relay.addr);
+        let cookie = c.cookie();
+        let before = relay.metric("udphub_clients_joined_total");
+        c.send(&[&b"^cookie^"[..], &cookie].concat());
+        relay.wait_metric("udphub_clients_joined_total", before + 1.0);
+        c
     }
 }
 
