@@ -38,6 +38,7 @@
 
 pub mod cli;
 pub mod clients;
+pub mod cluster;
 pub mod core;
 pub mod error;
 #[doc(hidden)]

@@ -144,3 +144,30 @@ fn config_file_mistakes_name_the_line_and_key() {
         &["line 1", "unknown key `max_clients`", "max-clients"],
     );
 }
+
+/// Cluster flags: a bad URL or a cluster setting without `--cluster` is a
+/// one-line error and exit 2, before anything is bound.
+#[test]
+fn cluster_mistakes_are_one_line() {
+    usage_error(
+        &["serve", "--cluster", "http://127.0.0.1:4222"],
+        &["--cluster", "nats://"],
+    );
+    usage_error(&["serve", "--cluster", "127.0.0.1"], &["port"]);
+    usage_error(
+        &["serve", "--cluster-name", "eu", "--metrics", "off"],
+        &["need --cluster"],
+    );
+    usage_error(
+        &[
+            "serve",
+            "--cluster",
+            "127.0.0.1:4222",
+            "--cluster-name",
+            "a.*",
+            "--metrics",
+            "off",
+        ],
+        &["--cluster-name"],
+    );
+}

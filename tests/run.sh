@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
-# promtool, tmux, ip from Debian; PyJWT from PyPI) if they are missing, then
+# promtool, tmux, ip, nats-server from Debian; PyJWT from PyPI) if they are missing, then
 # runs every test.
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
@@ -12,6 +12,7 @@ command -v socat >/dev/null || missing+=(socat)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v nats-server >/dev/null || missing+=(nats-server)
 if ((${#missing[@]})); then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo=""

@@ -122,6 +122,60 @@ pub struct ServeArgs {
     /// For a public address: --verify-sources, --client-rate 200, --max-clients-per-ip 64 (each can still be set)
     #[arg(long, env = "UDPHUB_PUBLIC", value_parser = clap::builder::BoolishValueParser::new())]
     pub public: bool,
+
+    /// Share rooms with other relays through these NATS servers (comma-separated nats://HOST:PORT; see docs/CLUSTER.md) [default: no cluster]
+    #[arg(long, env = "UDPHUB_CLUSTER", value_name = "URLS", value_parser = parse_cluster_urls)]
+    pub cluster: Option<NatsUrls>,
+
+    /// Subject prefix: relays with the same cluster name share rooms [default: udphub]
+    #[arg(long, env = "UDPHUB_CLUSTER_NAME", value_name = "NAME")]
+    pub cluster_name: Option<String>,
+
+    /// This relay's name on the bus [default: HOSTNAME-PID]
+    #[arg(long, env = "UDPHUB_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// NATS credentials file (.creds), if the servers require one
+    #[arg(long, env = "UDPHUB_CLUSTER_CREDENTIALS", value_name = "FILE")]
+    pub cluster_credentials: Option<PathBuf>,
+}
+
+/// NATS server URLs (`--cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrls(pub Vec<String>);
+
+/// `--cluster`: comma-separated `nats://host:port` URLs (`host:port` gets
+/// `nats://`).
+pub fn parse_cluster_urls(s: &str) -> Result<NatsUrls, String> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            if u.contains("://") {
+                u.to_string()
+            } else {
+                format!("nats://{u}")
+            }
+        })
+        .collect();
+    if urls.is_empty() {
+        return Err("expected nats://HOST:PORT[,nats://HOST:PORT…]".into());
+    }
+    for u in &urls {
+        let rest = u
+            .strip_prefix("nats://")
+            .or_else(|| u.strip_prefix("tls://"))
+            .ok_or_else(|| format!("{u}: only nats:// and tls:// URLs"))?;
+        let hostport = rest.rsplit('@').next().unwrap_or(rest);
+        let port = hostport
+            .rsplit_once(':')
+            .map(|(_, p)| p)
+            .ok_or_else(|| format!("{u}: expected a port, as in nats://127.0.0.1:4222"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("{u}: {port:?} is not a port number"))?;
+    }
+    Ok(NatsUrls(urls))
 }
 
 /// What `--public` sets, unless given otherwise: datagrams per second per
@@ -191,10 +245,18 @@ struct FileConfig {
     max_clients_per_ip: Option<usize>,
     public: Option<bool>,
     cookie_rate: Option<f64>,
+    cluster: Option<NatsUrls>,
+    cluster_name: Option<String>,
+    node_id: Option<String>,
+    cluster_credentials: Option<PathBuf>,
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 22] = [
+const FILE_KEYS: [&str; 26] = [
+    "cluster",
+    "cluster-name",
+    "node-id",
+    "cluster-credentials",
     "cookie-rate",
     "verify-sources",
     "client-rate",
@@ -262,6 +324,8 @@ pub struct Config {
     pub client_rate: Option<(f64, f64)>,
     /// Clients per IP, if limited.
     pub max_clients_per_ip: Option<u32>,
+    /// The cluster, if any.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -287,6 +351,7 @@ impl Default for Config {
             cookie_rate: crate::core::admission::COOKIE_PREFIX_RATE,
             client_rate: None,
             max_clients_per_ip: None,
+            cluster: None,
         }
     }
 }
@@ -390,6 +455,7 @@ impl Config {
                 .unwrap_or(d.cookie_rate),
             client_rate: None,
             max_clients_per_ip: None,
+            cluster: None,
         };
         let public = args.public || file.public.unwrap_or(false);
         let config = Config {
@@ -411,8 +477,39 @@ impl Config {
                     .max_clients_per_ip
                     .map(|n| n.min(u32::MAX as usize) as u32))
                 .or(public.then_some(PUBLIC_CLIENTS_PER_IP)),
+            cluster: args.cluster.clone().or(file.cluster).map(|servers| {
+                crate::cluster::ClusterConfig {
+                    servers: servers.0,
+                    name: args
+                        .cluster_name
+                        .clone()
+                        .or(file.cluster_name.clone())
+                        .unwrap_or_else(|| "udphub".into()),
+                    node_id: args
+                        .node_id
+                        .clone()
+                        .or(file.node_id.clone())
+                        .unwrap_or_else(default_node_id),
+                    credentials: args
+                        .cluster_credentials
+                        .clone()
+                        .or(file.cluster_credentials.clone()),
+                }
+            }),
             ..config
         };
+        if config.cluster.is_none()
+            && (args.cluster_name.is_some()
+                || file.cluster_name.is_some()
+                || args.node_id.is_some()
+                || file.node_id.is_some()
+                || args.cluster_credentials.is_some()
+                || file.cluster_credentials.is_some())
+        {
+            return Err(Error::Config(
+                "--cluster-name, --node-id and --cluster-credentials need --cluster nats://HOST:PORT".into(),
+            ));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -422,6 +519,22 @@ impl Config {
     /// `Config` built by hand).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
+        if let Some(c) = &self.cluster {
+            if !crate::cluster::valid_cluster_name(&c.name) {
+                return bad(format!(
+                    "--cluster-name {:?}: letters, digits, '_' and '-', in dot-separated parts (it prefixes NATS subjects)",
+                    c.name
+                ));
+            }
+            if c.node_id.is_empty() || c.node_id.chars().any(char::is_control) {
+                return bad("--node-id must be a non-empty printable name".into());
+            }
+            if let Some(path) = &c.credentials {
+                if let Err(e) = std::fs::metadata(path) {
+                    return bad(format!("--cluster-credentials {}: {e}", path.display()));
+                }
+            }
+        }
         if self.max_datagram == 0 || self.max_datagram > MAX_UDP_PAYLOAD {
             return bad(format!(
                 "--max-datagram must be between 1 and {MAX_UDP_PAYLOAD} bytes, got {}",
@@ -591,12 +704,30 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     file.log_level = Some(s);
                 }
             }
-            "ready-file" | "room-secret-file" => {
+            "ready-file" | "room-secret-file" | "cluster-credentials" => {
                 let s = value.as_str().ok_or_else(|| fail("a quoted file path"))?;
-                if key == "ready-file" {
-                    file.ready_file = Some(PathBuf::from(s));
+                match key.as_str() {
+                    "ready-file" => file.ready_file = Some(PathBuf::from(s)),
+                    "room-secret-file" => file.room_secret_file = Some(PathBuf::from(s)),
+                    _ => file.cluster_credentials = Some(PathBuf::from(s)),
+                }
+            }
+            "cluster" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("a quoted list, \"nats://HOST:PORT[,…]\""))?;
+                file.cluster =
+                    Some(parse_cluster_urls(s).map_err(|e| format!("{at}: cluster: {e}"))?);
+            }
+            "cluster-name" | "node-id" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| fail("a quoted string"))?
+                    .to_string();
+                if key == "cluster-name" {
+                    file.cluster_name = Some(s);
                 } else {
-                    file.room_secret_file = Some(PathBuf::from(s));
+                    file.node_id = Some(s);
                 }
             }
             "verify-sources" | "public" => {
@@ -758,6 +889,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); try e.g. 10s, 500ms, 2m or 0.5"))
 }
 
+/// `HOSTNAME-PID`: unique enough on a bus, and says where to look.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host = if host.is_empty() {
+        "udphub".into()
+    } else {
+        host
+    };
+    format!("{host}-{}", std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,5 +1042,14 @@ mod tests {
             parse_file("timeout = 0.25").unwrap().timeout,
             Some(Duration::from_millis(250))
         );
+    }
+
+    #[test]
+    fn cluster_flags_are_checked() {
+        let urls = parse_cluster_urls("nats://127.0.0.1:4222, 10.0.0.2:4222").unwrap();
+        assert_eq!(urls.0, ["nats://127.0.0.1:4222", "nats://10.0.0.2:4222"]);
+        for bad in ["", " , ", "http://x:1", "nats://nohost", "nats://h:99999"] {
+            assert!(parse_cluster_urls(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -88,6 +88,14 @@ pub fn init_logging(filter: &str) -> Result<(), Error> {
     if let Some(note) = note {
         eprintln!("udphub: note: {note}");
     }
+    // The NATS client narrates every (re)connection at info; the cluster
+    // bridge says what matters in its own rate-limited lines. Its debug
+    // output is one `async_nats=debug` away.
+    let filter = if filter.contains("async_nats") {
+        filter
+    } else {
+        format!("{filter},async_nats=warn")
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .map_err(|e| Error::Config(format!("--log-level {filter:?}: {e}")))?;
     // A second initialisation (tests in one process) is harmless.

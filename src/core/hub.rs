@@ -88,6 +88,8 @@ pub struct Fanout<'a> {
     /// The room it is for: what another loop or node needs to fan it out
     /// to its own members (see [`Hub::relay_from_elsewhere`]).
     pub room: RoomId,
+    /// Its name (empty for the lobby): what names it across nodes.
+    pub room_name: &'a [u8],
     /// The bytes every recipient receives.
     pub payload: &'a [u8],
     /// The live members of the room that receive it.
@@ -293,6 +295,7 @@ impl Hub {
         let skip = (!self.echo).then_some(sender);
         Effect::Fanout(Fanout {
             room,
+            room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, skip),
         })
@@ -330,9 +333,26 @@ impl Hub {
         let tick = self.clock.tick_at(now);
         Fanout {
             room,
+            room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, None),
         }
+    }
+
+    /// The room called `name` here (empty: the lobby), if it has members.
+    pub fn find_room(&self, name: &[u8]) -> Option<RoomId> {
+        self.table.rooms().find(name)
+    }
+
+    /// Starts recording named rooms opened and closed (a cluster node
+    /// subscribes to a room's subject while the room has members here).
+    pub fn track_room_changes(&mut self) {
+        self.table.track_room_changes();
+    }
+
+    /// Rooms opened and closed since the last call, in order.
+    pub fn take_room_changes(&mut self) -> Vec<rooms::RoomChange> {
+        self.table.take_room_changes()
     }
 
     /// A `^join^`: checks the name, the token and the caps, and only then

@@ -42,6 +42,16 @@ pub enum Full {
     Members,
 }
 
+/// A named room appearing or going away: what a cluster node subscribes
+/// to and unsubscribes from (see [`Rooms::track_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomChange {
+    /// The room got its first member here.
+    Opened(Box<[u8]>),
+    /// Its last member here left.
+    Closed(Box<[u8]>),
+}
+
 /// The rooms and their member lists.
 #[derive(Debug)]
 pub struct Rooms {
@@ -57,6 +67,8 @@ pub struct Rooms {
     max_rooms: usize,
     /// `--max-room-clients`: members of one named room.
     max_members: usize,
+    /// Rooms opened and closed since last taken, if tracked.
+    changes: Option<Vec<RoomChange>>,
 }
 
 impl Default for Rooms {
@@ -76,7 +88,23 @@ impl Rooms {
             free: Vec::new(),
             max_rooms,
             max_members,
+            changes: None,
         }
+    }
+
+    /// Records from now on every named room opened and closed, for
+    /// [`take_changes`](Self::take_changes). Off by default: only a
+    /// cluster node needs it.
+    pub fn track_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The rooms opened and closed since the last call, in order.
+    pub fn take_changes(&mut self) -> Vec<RoomChange> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Named rooms now (the lobby is not counted).
@@ -125,6 +153,9 @@ impl Rooms {
                 RoomId((self.members.len() - 1) as u32)
             }
         };
+        if let Some(changes) = &mut self.changes {
+            changes.push(RoomChange::Opened(name.clone()));
+        }
         self.by_name.insert(name, room);
         Ok(room)
     }
@@ -171,6 +202,9 @@ impl Rooms {
             // Give the memory of a big room back; a small one keeps its Vec.
             list.shrink_to(16);
             self.free.push(room.0);
+            if let Some(changes) = &mut self.changes {
+                changes.push(RoomChange::Closed(name));
+            }
         }
         moved
     }
@@ -184,6 +218,9 @@ impl Rooms {
 
     /// Empties every room; only the lobby remains.
     pub fn clear(&mut self) {
+        if let Some(changes) = &mut self.changes {
+            changes.extend(self.by_name.keys().map(|n| RoomChange::Closed(n.clone())));
+        }
         self.members.truncate(1);
         self.members[0].clear();
         self.names.truncate(1);
@@ -195,6 +232,45 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracked_changes_say_when_a_room_opens_and_closes() {
+        let mut rooms = Rooms::default();
+        let untracked = rooms.open(b"quiet").unwrap();
+        rooms.add(untracked, 9);
+        assert!(rooms.take_changes().is_empty(), "off by default");
+        rooms.track_changes();
+        let red = rooms.open(b"red").unwrap();
+        let a = rooms.add(red, 1);
+        let b = rooms.add(red, 2);
+        assert_eq!(rooms.open(b"red"), Ok(red));
+        assert_eq!(
+            rooms.take_changes(),
+            vec![RoomChange::Opened(b"red"[..].into())]
+        );
+        rooms.remove(red, b);
+        assert!(rooms.take_changes().is_empty(), "one member left");
+        rooms.remove(red, a);
+        let blue = rooms.open(b"blue").unwrap();
+        rooms.add(blue, 3);
+        assert_eq!(
+            rooms.take_changes(),
+            vec![
+                RoomChange::Closed(b"red"[..].into()),
+                RoomChange::Opened(b"blue"[..].into())
+            ]
+        );
+        rooms.clear();
+        let mut closed = rooms.take_changes();
+        closed.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+        assert_eq!(
+            closed,
+            vec![
+                RoomChange::Closed(b"blue"[..].into()),
+                RoomChange::Closed(b"quiet"[..].into())
+            ]
+        );
+    }
 
     #[test]
     fn remove_moves_the_last_member_into_the_gap() {

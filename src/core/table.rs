@@ -160,6 +160,16 @@ impl Table {
         &self.rooms
     }
 
+    /// Starts recording rooms opened and closed ([`Rooms::track_changes`]).
+    pub fn track_room_changes(&mut self) {
+        self.rooms.track_changes();
+    }
+
+    /// Rooms opened and closed since the last call ([`Rooms::take_changes`]).
+    pub fn take_room_changes(&mut self) -> Vec<crate::core::rooms::RoomChange> {
+        self.rooms.take_changes()
+    }
+
     /// Moves the client in slot `key` into the room called `name` (made if
     /// new; the empty name is the lobby). A room left empty is freed.
     pub fn move_to(&mut self, key: u32, name: &[u8]) -> Result<RoomId, Full> {

@@ -84,6 +84,10 @@ pub trait Service {
         None
     }
 
+    /// The loop's waker rang for something other than shutdown (e.g. the
+    /// cluster bridge has messages waiting).
+    fn on_wake(&mut self, _io: &mut Io<'_>) {}
+
     /// Says goodbye at shutdown.
     fn shutdown(&mut self, _io: &mut Io<'_>) {}
 
@@ -270,6 +274,17 @@ impl<S: Service> EventLoop<S> {
         self.shutdown.clone()
     }
 
+    /// The loop's waker, for another thread with work for the service
+    /// (it then gets [`Service::on_wake`]).
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.shutdown.waker)
+    }
+
+    /// The service, to attach things to it before the loop runs.
+    pub fn service_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+
     /// Runs until a [`ShutdownHandle`] stops it; then lets the service say
     /// goodbye, flushes the metrics and returns.
     pub fn run(mut self) -> Result<(), Error> {
@@ -291,16 +306,29 @@ impl<S: Service> EventLoop<S> {
             }
             let busy_since = Instant::now();
             let mut stop = false;
+            let mut woken = false;
             for event in self.events.iter() {
                 match event.token() {
                     SOCKET => drained = Drained::More,
-                    WAKER => stop |= self.shutdown.requested.load(Ordering::SeqCst),
+                    WAKER => {
+                        woken = true;
+                        stop |= self.shutdown.requested.load(Ordering::SeqCst);
+                    }
                     // Spurious events are allowed by mio's contract.
                     token => tracing::debug!("event for unknown token {token:?}"),
                 }
             }
             if drained != Drained::Empty {
                 drained = self.drain()?;
+            }
+            if woken {
+                let mut io = Io {
+                    fd: self.socket.as_fd(),
+                    counts: &mut self.metrics.counts,
+                    received_at: Instant::now(),
+                    unix_secs: unix_now(),
+                };
+                self.service.on_wake(&mut io);
             }
             timers_pending = self
                 .service

@@ -10,9 +10,11 @@
 use std::time::{Duration, Instant};
 
 use crate::cli::config::Config;
+use crate::cluster::Link;
 use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::core::hub::{Effect, Hub, HubConfig};
+use crate::core::rooms::RoomChange;
 use crate::error::Error;
 use crate::net::fanout::{Fanout, Report};
 use crate::net::socket;
@@ -40,6 +42,8 @@ pub struct Relay {
     replies: Replies,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
+    /// The cluster bridge, with `--cluster`.
+    cluster: Option<Link>,
 }
 
 impl Relay {
@@ -50,7 +54,16 @@ impl Relay {
             fanout: Fanout::default(),
             replies: Replies::new(64),
             send_errors: RateLimitedLog::default(),
+            cluster: None,
         }
+    }
+
+    /// Joins the cluster through `link`: local messages are published,
+    /// the bus's are fanned out here, and the hub reports rooms opening
+    /// and closing so the link subscribes to just those.
+    pub fn attach_cluster(&mut self, link: Link) {
+        self.hub.track_room_changes();
+        self.cluster = Some(link);
     }
 }
 
@@ -84,18 +97,35 @@ pub fn bind(config: &Config) -> Result<RelayLoop, Error> {
         hub.cookie_key = Some(random_cookie_key()?);
         tracing::info!("verify mode: sources must prove their address with a cookie");
     }
-    EventLoop::new(bound, config.max_datagram, Relay::new(&hub))
+    let mut relay_loop = EventLoop::new(bound, config.max_datagram, Relay::new(&hub))?;
+    if let Some(cluster) = &config.cluster {
+        let epoch = u64::from_be_bytes(random_bytes::<8>()?);
+        let link = Link::start(cluster, relay_loop.waker(), epoch)?;
+        tracing::info!(
+            "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster)",
+            cluster.name,
+            cluster.node_id,
+            cluster.servers.join(",")
+        );
+        relay_loop.service_mut().attach_cluster(link);
+    }
+    Ok(relay_loop)
+}
+
+/// `N` bytes from the OS's random source.
+fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io("read /dev/urandom", e))?;
+    Ok(bytes)
 }
 
 /// A cookie key from the OS's random source (`getrandom` through
 /// /dev/urandom), drawn once at start and never written anywhere.
 fn random_cookie_key() -> Result<crate::core::cookie::CookieKey, Error> {
-    use std::io::Read;
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| Error::io("read a cookie key from /dev/urandom", e))?;
-    Ok(crate::core::cookie::CookieKey::new(bytes))
+    Ok(crate::core::cookie::CookieKey::new(random_bytes::<32>()?))
 }
 
 impl Service for Relay {
@@ -109,11 +139,16 @@ impl Service for Relay {
                 // Replies queued earlier in this batch go first, so none is
                 // overtaken by a later message to the same client.
                 self.replies.flush(io, &mut self.send_errors);
-                let report = self.fanout.send(io.fd, out.payload, out.recipients);
+                let (room, payload) = (out.room_name, out.payload);
+                let report = self.fanout.send(io.fd, payload, out.recipients);
                 count(report, io.counts, &mut self.send_errors);
                 io.counts
                     .fanout_seconds
                     .push(io.received_at.elapsed().as_secs_f64());
+                // Rendered once, here; every other node fans out these bytes.
+                if let Some(link) = &mut self.cluster {
+                    link.publish(room, payload);
+                }
             }
             Effect::Reply { to, bytes } => {
                 self.replies.push(to, bytes, io, &mut self.send_errors);
@@ -121,9 +156,36 @@ impl Service for Relay {
         }
     }
 
-    /// Sends the batch's replies.
+    /// Sends the batch's replies; tells the cluster which rooms opened and
+    /// closed here.
     fn end_batch(&mut self, io: &mut Io<'_>) {
         self.replies.flush(io, &mut self.send_errors);
+        if let Some(link) = &mut self.cluster {
+            for change in self.hub.take_room_changes() {
+                match change {
+                    RoomChange::Opened(name) => link.room_opened(&name),
+                    RoomChange::Closed(name) => link.room_closed(&name),
+                }
+            }
+        }
+    }
+
+    /// Messages from other nodes: each fanned out to this node's members of
+    /// its room (none if the room has none here any more).
+    fn on_wake(&mut self, io: &mut Io<'_>) {
+        let Some(link) = &mut self.cluster else {
+            return;
+        };
+        let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
+        let now = Instant::now();
+        link.drain(|room, body| {
+            let Some(room) = hub.find_room(room) else {
+                return;
+            };
+            let out = hub.relay_from_elsewhere(now, room, body);
+            let report = fanout.send(io.fd, out.payload, out.recipients);
+            count(report, io.counts, errors);
+        });
     }
 
     /// Lets the hub expire clients in chunks of [`EXPIRY_CHUNK`], for at

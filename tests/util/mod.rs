@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod impair;
+pub mod nats;
 pub mod proc;
 
 use std::io::{BufRead, BufReader, Read, Write};

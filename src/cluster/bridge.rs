@@ -1,0 +1,227 @@
+//! The bridge thread: the only place that talks to NATS.
+//!
+//! A current-thread tokio runtime runs the async-nats client (reconnects
+//! and resubscribes by itself), one task per subscribed room that forwards
+//! its messages to the loop, and a loop over the publish and control
+//! queues. Nothing here can stall the relay's loop: the loop only ever
+//! `try_send`s to it, and the bridge only `try_send`s back (a full inbound
+//! queue drops and counts) and rings the loop's waker once per burst.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::{ClusterConfig, ClusterMetrics, Control, DropReason, Inbound, Publish};
+use crate::error::Error;
+
+/// What the bridge thread owns.
+pub struct Bridge {
+    /// Where to connect, and as whom.
+    pub config: ClusterConfig,
+    /// Messages to publish, from the loop.
+    pub publish: tokio::sync::mpsc::Receiver<Publish>,
+    /// Subscriptions to make and drop, from the loop.
+    pub control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    /// Messages from the bus, to the loop.
+    pub inbound: mpsc::SyncSender<Inbound>,
+    /// Rings the loop.
+    pub waker: Arc<mio::Waker>,
+    /// Set when the loop has been rung and has not drained yet.
+    pub wake_pending: Arc<AtomicBool>,
+    /// Whether NATS is connected (read by the loop before publishing).
+    pub connected: Arc<AtomicBool>,
+    /// Counters.
+    pub metrics: ClusterMetrics,
+}
+
+/// Starts the bridge thread. It ends when the loop drops its side.
+pub fn spawn(bridge: Bridge) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start the cluster runtime", e))?;
+    std::thread::Builder::new()
+        .name("udphub-cluster".into())
+        .spawn(move || runtime.block_on(run(bridge)))
+        .map_err(|e| Error::io("start the cluster thread", e))?;
+    Ok(())
+}
+
+/// Logs connection changes, at most one line a second (a flapping link
+/// must not flood the log), saying how many were held back.
+struct ChangeLog {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl ChangeLog {
+    fn log(&mut self, connected: bool, what: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.held += 1;
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let note = if held > 0 {
+            format!(" ({held} more changes since the last line)")
+        } else {
+            String::new()
+        };
+        if connected {
+            tracing::info!("cluster: {what}{note}");
+        } else {
+            tracing::warn!("cluster: {what}{note}");
+        }
+        self.last = Some(now);
+    }
+}
+
+async fn run(mut b: Bridge) {
+    let log = Arc::new(Mutex::new(ChangeLog {
+        last: None,
+        held: 0,
+    }));
+    let connected = Arc::clone(&b.connected);
+    let gauge = b.metrics.connected.clone();
+    let servers = b.config.servers.join(",");
+    let events = {
+        let log = Arc::clone(&log);
+        move |event: async_nats::Event| {
+            let (connected, log, gauge, servers) = (
+                Arc::clone(&connected),
+                Arc::clone(&log),
+                gauge.clone(),
+                servers.clone(),
+            );
+            async move {
+                let change = match &event {
+                    async_nats::Event::Connected => Some(true),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => Some(false),
+                    _ => None,
+                };
+                match change {
+                    Some(up) => {
+                        connected.store(up, Ordering::SeqCst);
+                        gauge.set(if up { 1.0 } else { 0.0 });
+                        if let Ok(mut l) = log.lock() {
+                            let what = if up {
+                                format!("connected to NATS ({servers})")
+                            } else {
+                                format!("lost NATS ({servers}); local rooms go on, publishes are dropped and counted until it is back")
+                            };
+                            l.log(up, &what);
+                        }
+                    }
+                    None => tracing::warn!("cluster: NATS says {event}"),
+                }
+            }
+        }
+    };
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&b.config.node_id)
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .ping_interval(Duration::from_secs(5))
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempt| {
+            // 100 ms, doubling to 1 s: a dead server costs one attempt a
+            // second, and a restarted one is back within a second.
+            Duration::from_millis((100u64 << attempt.min(4)).min(1_000))
+        })
+        .event_callback(events);
+    if let Some(path) = &b.config.credentials {
+        options = match options.credentials_file(path).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(
+                    "cluster: cannot read the credentials file {}: {e}; the cluster is off",
+                    path.display()
+                );
+                return;
+            }
+        };
+    }
+    let client = match options.connect(b.config.servers.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                "cluster: cannot use {servers}: {e}; the cluster is off",
+                servers = b.config.servers.join(",")
+            );
+            return;
+        }
+    };
+    let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::select! {
+            biased;
+            control = b.control.recv() => match control {
+                Some(Control::Subscribe { room, subject }) => {
+                    match client.subscribe(subject.clone()).await {
+                        Ok(sub) => {
+                            let task = tokio::spawn(forward(sub, room, b.inbound.clone(), Arc::clone(&b.waker), Arc::clone(&b.wake_pending), b.metrics.clone()));
+                            if let Some(old) = subscriptions.insert(subject, task) {
+                                old.abort();
+                            }
+                        }
+                        Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
+                    }
+                }
+                Some(Control::Unsubscribe { subject }) => {
+                    // Dropping the subscriber (with its task) unsubscribes.
+                    if let Some(task) = subscriptions.remove(&subject) {
+                        task.abort();
+                    }
+                }
+                None => break,
+            },
+            message = b.publish.recv() => match message {
+                Some(m) => match client.publish(m.subject, m.frame).await {
+                    Ok(()) => b.metrics.published.increment(1),
+                    Err(_) => b.metrics.drop_one(DropReason::PublishError),
+                },
+                None => break,
+            },
+        }
+    }
+    // The loop is gone: hand NATS what was published, then stop.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+}
+
+/// Forwards one room's messages to the loop, ringing it when it was not
+/// rung already.
+async fn forward(
+    mut sub: async_nats::Subscriber,
+    room: Arc<[u8]>,
+    inbound: mpsc::SyncSender<Inbound>,
+    waker: Arc<mio::Waker>,
+    wake_pending: Arc<AtomicBool>,
+    metrics: ClusterMetrics,
+) {
+    while let Some(message) = sub.next().await {
+        let m = Inbound {
+            room: Arc::clone(&room),
+            frame: message.payload,
+        };
+        match inbound.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                metrics.drop_one(DropReason::InboundFull);
+                continue;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return,
+        }
+        if !wake_pending.swap(true, Ordering::SeqCst) {
+            if let Err(e) = waker.wake() {
+                tracing::warn!("cluster: cannot wake the loop: {e}");
+            }
+        }
+    }
+}
