@@ -98,7 +98,14 @@ pub struct Engine {
     poll: Poll,
     events: Events,
     clients: Vec<ClientSock>,
-    relay: SocketAddr,
+    /// The relays; see [`Engine::node_of`].
+    relays: Vec<SocketAddr>,
+    /// The relay does not echo to the sender.
+    no_echo: bool,
+    /// Latency of deliveries between clients of one relay (several relays).
+    pub latency_local: Histogram<u64>,
+    /// Latency of deliveries that crossed from one relay to another.
+    pub latency_cross: Histogram<u64>,
     /// Recipients per message (the largest, with rooms).
     expect: u64,
     /// Recipients of each sender's messages.
@@ -159,10 +166,22 @@ fn histogram() -> Histogram<u64> {
 }
 
 impl Engine {
+    /// Which relay client `i` talks to: consecutive runs of `rooms`
+    /// clients (one per room) go to one relay, so every room spans every
+    /// relay.
+    fn node_of(&self, i: usize) -> usize {
+        (i / self.rooms.max(1)) % self.relays.len()
+    }
+
+    /// The relay client `i` talks to.
+    fn relay_of(&self, i: usize) -> SocketAddr {
+        self.relays[self.node_of(i)]
+    }
+
     /// Opens `clients` sockets next to the relay's address family and
     /// registers them with a heartbeat each.
     pub fn new(
-        relay: SocketAddr,
+        relays: &[SocketAddr],
         clients: usize,
         senders: usize,
         payload: usize,
@@ -175,6 +194,9 @@ impl Engine {
             verify,
         } = joining;
         let poll = Poll::new()?;
+        let relay = *relays
+            .first()
+            .ok_or_else(|| io::Error::other("no relay address"))?;
         let local: SocketAddr = if relay.is_ipv6() {
             "[::1]:0"
                 .parse()
@@ -210,7 +232,10 @@ impl Engine {
             poll,
             events: Events::with_capacity(1024),
             clients: socks,
-            relay,
+            relays: relays.to_vec(),
+            no_echo,
+            latency_local: histogram(),
+            latency_cross: histogram(),
             expect: expect_of.iter().copied().max().unwrap_or(0),
             expect_of,
             rooms,
@@ -308,7 +333,7 @@ impl Engine {
     /// dropping the same late-comers every time.
     fn register_all(&mut self) -> io::Result<()> {
         for (n, c) in self.clients.iter().enumerate() {
-            send_retrying(&c.sock, &self.first_datagram(n), self.relay)?;
+            send_retrying(&c.sock, &self.first_datagram(n), self.relay_of(n))?;
             if self.rooms > 0 || self.verify {
                 self.joins_sent += 1;
             }
@@ -332,7 +357,11 @@ impl Engine {
             (n as f64 * elapsed.as_secs_f64() / self.heartbeat.as_secs_f64().max(1e-9)) as usize
         };
         while self.round_next < due.min(n) {
-            send_retrying(&self.clients[self.round_next].sock, b"^hb^", self.relay)?;
+            send_retrying(
+                &self.clients[self.round_next].sock,
+                b"^hb^",
+                self.relay_of(self.round_next),
+            )?;
             self.round_next += 1;
         }
         if self.round_next >= n {
@@ -357,18 +386,26 @@ impl Engine {
                 if self.verify {
                     // Ask again for a cookie for those without one yet.
                     for i in (0..self.clients.len()).filter(|&i| !cookie_got[i]) {
-                        send_retrying(&self.clients[i].sock, &self.first_datagram(i), self.relay)?;
+                        send_retrying(
+                            &self.clients[i].sock,
+                            &self.first_datagram(i),
+                            self.relay_of(i),
+                        )?;
                         self.joins_sent += 1;
                     }
                 }
                 if self.rooms == 0 && (!self.verify || cookie_got[0]) {
-                    send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay)?;
+                    send_retrying(&self.clients[0].sock, b"loadtest probe", self.relay_of(0))?;
                     self.probes_sent += 1;
                 } else if self.rooms > 0 && !self.verify {
                     // With rooms each client's own `^room^` answer shows it
                     // registered: ask again for those still unanswered.
                     for i in (0..self.clients.len()).filter(|&i| !got[i]) {
-                        send_retrying(&self.clients[i].sock, &self.join_request(i), self.relay)?;
+                        send_retrying(
+                            &self.clients[i].sock,
+                            &self.join_request(i),
+                            self.relay_of(i),
+                        )?;
                         self.joins_sent += 1;
                     }
                 }
@@ -385,7 +422,7 @@ impl Engine {
                         if !cookie_got[i] {
                             cookie_got[i] = true;
                             let proven = self.proven(i, cookie);
-                            send_retrying(&self.clients[i].sock, &proven, self.relay)?;
+                            send_retrying(&self.clients[i].sock, &proven, self.relay_of(i))?;
                             self.joins_sent += 1;
                         }
                         continue;
@@ -411,6 +448,70 @@ impl Engine {
         Ok(count)
     }
 
+    /// Several relays (a cluster): a relay learns that another has members
+    /// of a room only when that one's subscription reaches the bus, a
+    /// moment after the join. Sends a probe into every room, every 100 ms,
+    /// until every client has heard its room's; returns whether all did
+    /// within `limit`. Probes count as messages and their copies as
+    /// deliveries, as the relays count them.
+    pub fn wait_spanning(&mut self, limit: Duration) -> io::Result<bool> {
+        let n = self.clients.len();
+        let rooms = self.rooms.max(1).min(n);
+        let deadline = Instant::now() + limit;
+        let mut got = vec![false; n];
+        if self.no_echo {
+            // A probe's sender never hears it.
+            for g in got.iter_mut().take(rooms) {
+                *g = true;
+            }
+        }
+        let mut next = Instant::now();
+        let mut all = false;
+        while Instant::now() < deadline {
+            if got.iter().all(|&g| g) {
+                all = true;
+                break;
+            }
+            if Instant::now() >= next {
+                for r in 0..rooms {
+                    if (r..n).step_by(rooms).any(|i| !got[i]) {
+                        send_retrying(&self.clients[r].sock, b"loadtest probe", self.relay_of(r))?;
+                        self.probes_sent += 1;
+                    }
+                }
+                next = Instant::now() + Duration::from_millis(100);
+            }
+            self.collect_probes(&mut got)?;
+        }
+        // The last probes' copies, before measuring.
+        let settle = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < settle {
+            self.collect_probes(&mut got)?;
+        }
+        self.start = Instant::now();
+        Ok(all)
+    }
+
+    fn collect_probes(&mut self, got: &mut [bool]) -> io::Result<()> {
+        self.poll
+            .poll(&mut self.events, Some(Duration::from_millis(20)))?;
+        let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+        for i in ready {
+            while let Ok((n, _)) = self.clients[i].sock.recv_from(&mut self.buf) {
+                let data = &self.buf[..n];
+                if data.starts_with(b"loadtest probe") {
+                    self.probe_deliveries += 1;
+                    got[i] = true;
+                } else if data.starts_with(b"^room^") || data.starts_with(b"^cookie^") {
+                    self.join_replies += 1;
+                } else {
+                    self.other += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the next message, from the next sender in turn.
     pub fn send_one(&mut self) -> io::Result<()> {
         let sender = self.next_sender;
@@ -421,7 +522,7 @@ impl Engine {
             sent_ns: self.start.elapsed().as_nanos() as u64,
         };
         payload::encode(&mut self.out, stamp, self.payload);
-        send_retrying(&self.clients[sender].sock, &self.out, self.relay)?;
+        send_retrying(&self.clients[sender].sock, &self.out, self.relay_of(sender))?;
         self.sent[sender] += 1;
         Ok(())
     }
@@ -497,6 +598,13 @@ impl Engine {
         let latency = now.saturating_sub(stamp.sent_ns).max(1_000);
         let _ = self.latency.record(latency);
         let _ = self.interval_latency.record(latency);
+        if self.relays.len() > 1 {
+            let _ = if self.node_of(receiver) == self.node_of(sender) {
+                self.latency_local.record(latency)
+            } else {
+                self.latency_cross.record(latency)
+            };
+        }
     }
 
     /// Closes the current timeline interval.
@@ -561,13 +669,14 @@ pub fn parse_payload(s: &str) -> Result<usize, String> {
 /// Runs the scenario and reports.
 pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let c = &args.common;
-    let relay = c.relay_addr()?;
+    let relays = c.relay_addrs()?;
+    let relay = relays[0];
     if args.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
     let before = c.scrape_optional()?;
     let mut e = Engine::new(
-        relay,
+        &relays,
         args.clients,
         args.senders,
         args.payload,
@@ -591,6 +700,17 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         return Err(format!(
             "only {registered} of {} clients {what}: is the relay at {relay} running (and --no-echo right)?",
             e.registration_target()
+        ));
+    }
+    if relays.len() > 1
+        && !e
+            .wait_spanning(args.register_timeout)
+            .map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "the rooms never spanned the {} relays within {:?}: are they in one cluster (udphub --cluster, same --cluster-name)?",
+            relays.len(),
+            args.register_timeout
         ));
     }
     let window = args.window.unwrap_or(8);
@@ -722,7 +842,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     });
     Ok(FanoutReport {
         scenario: "fanout".into(),
-        relay: relay.to_string(),
+        relay: c.relay.clone(),
         clients: args.clients,
         senders: e.senders,
         payload_bytes: args.payload,
@@ -741,6 +861,8 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         reordered: e.reordered,
         rooms: args.rooms,
         cross_room_deliveries: e.cross_room,
+        latency_local_us: (relays.len() > 1).then(|| Latency::from(&e.latency_local)),
+        latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&e.latency_cross)),
         messages_per_s: e.messages_sent() as f64 / secs,
         deliveries_per_s: delivered_while_sending as f64 / secs,
         latency_us: Latency::from(&e.latency),

@@ -445,18 +445,18 @@ fn watch_expiry(
     let start = Instant::now();
     let before = match before {
         Some(s) => s.clone(),
-        None => crate::metrics::scrape(url)?,
+        None => crate::metrics::scrape_all(url)?,
     };
     let mut emptied = None;
     while start.elapsed() < limit {
-        let s = crate::metrics::scrape(url)?;
+        let s = crate::metrics::scrape_all(url)?;
         if s.get("udphub_clients") == 0.0 {
             emptied = Some(start.elapsed().as_secs_f64());
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let after = crate::metrics::scrape(url)?;
+    let after = crate::metrics::scrape_all(url)?;
     let d = Scrape::delta(&before, &after);
     let count = d.get("udphub_loop_iteration_seconds_count");
     let under_5ms = d.get("udphub_loop_iteration_seconds_bucket{le=\"0.005\"}");

@@ -51,6 +51,18 @@ impl Scrape {
     }
 }
 
+/// Scrapes every comma-separated URL and sums the series: a cluster's
+/// relays counted as one.
+pub fn scrape_all(urls: &str) -> Result<Scrape, String> {
+    let mut total = Scrape::default();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        for (k, v) in scrape(url)?.series {
+            *total.series.entry(k).or_insert(0.0) += v;
+        }
+    }
+    Ok(total)
+}
+
 /// GETs `url` (`http://host:port/path`) with a plain HTTP/1.0 request.
 pub fn scrape(url: &str) -> Result<Scrape, String> {
     let rest = url

@@ -16,7 +16,8 @@ use crate::metrics::{self, Scrape};
 /// Flags every scenario takes.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The relay under test
+    /// The relay under test; fanout and soak take several, comma-separated
+    /// (a cluster): clients are spread so that every room spans every relay
     #[arg(long, default_value = "127.0.0.1:9999")]
     pub relay: String,
 
@@ -25,7 +26,8 @@ pub struct Common {
     pub duration: Duration,
 
     /// The relay's Prometheus endpoint: scraped before and after, and its
-    /// counters cross-checked against what loadtest saw
+    /// counters cross-checked against what loadtest saw (several,
+    /// comma-separated, are summed: a cluster's accounting)
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
 
@@ -43,18 +45,42 @@ pub struct Common {
 }
 
 impl Common {
-    /// `--relay`, resolved.
+    /// `--relay`, resolved (the first, if several).
     pub fn relay_addr(&self) -> Result<SocketAddr, String> {
-        self.relay
-            .to_socket_addrs()
-            .map_err(|e| format!("--relay {}: {e}", self.relay))?
-            .next()
+        self.relay_addrs()?
+            .first()
+            .copied()
             .ok_or_else(|| format!("--relay {}: no address", self.relay))
     }
 
-    /// Scrapes `--metrics-url`, if given.
+    /// Every `--relay` address, resolved.
+    pub fn relay_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        self.relay
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                r.to_socket_addrs()
+                    .map_err(|e| format!("--relay {r}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--relay {r}: no address"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err("--relay: no address".to_string())
+                } else {
+                    Ok(v)
+                }
+            })
+    }
+
+    /// Scrapes `--metrics-url`, if given (several are summed).
     pub fn scrape_optional(&self) -> Result<Option<Scrape>, String> {
-        self.metrics_url.as_deref().map(metrics::scrape).transpose()
+        self.metrics_url
+            .as_deref()
+            .map(metrics::scrape_all)
+            .transpose()
     }
 }
 
@@ -210,6 +236,10 @@ pub struct FanoutReport {
     pub rooms: usize,
     /// Deliveries from a sender in another room (must be 0).
     pub cross_room_deliveries: u64,
+    /// Several relays: latency between clients of the same relay.
+    pub latency_local_us: Option<Latency>,
+    /// Several relays: latency of deliveries that crossed relays.
+    pub latency_cross_node_us: Option<Latency>,
     /// With `--flood`: what the flooding member did and got through.
     pub flood: Option<crate::flood::FloodReport>,
 }
@@ -253,6 +283,21 @@ impl FanoutReport {
                     } else {
                         ": ISOLATION BROKEN"
                     }
+                ),
+            );
+        }
+        if let (Some(l), Some(x)) = (&self.latency_local_us, &self.latency_cross_node_us) {
+            row(
+                "latency µs local",
+                format!("p50 {:.1}  p99 {:.1}", l.p50, l.p99),
+            );
+            row(
+                "latency µs cross-node",
+                format!(
+                    "p50 {:.1}  p99 {:.1} (added at p50: {:.1})",
+                    x.p50,
+                    x.p99,
+                    x.p50 - l.p50
                 ),
             );
         }

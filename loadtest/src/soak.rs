@@ -75,9 +75,10 @@ pub struct SoakReport {
 /// Runs the soak.
 pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     let c = &args.common;
-    let relay = c.relay_addr()?;
+    let relays = c.relay_addrs()?;
+    let relay = c.relay.clone();
     let mut e = Engine::new(
-        relay,
+        &relays,
         args.clients.max(1),
         args.senders,
         64,
@@ -106,7 +107,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         let t = start.elapsed();
         if t >= next_sample || t >= c.duration {
             let relay_clients = match &c.metrics_url {
-                Some(url) => Some(metrics::scrape(url)?.get("udphub_clients")),
+                Some(url) => Some(metrics::scrape_all(url)?.get("udphub_clients")),
                 None => None,
             };
             samples.push(SoakSample {

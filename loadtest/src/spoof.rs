@@ -366,10 +366,10 @@ fn settle(c: &Common, wait: Duration) -> Result<(), String> {
             + s.get("udphub_kernel_rx_dropped_total")
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = seen(&crate::metrics::scrape(url)?);
+    let mut last = seen(&crate::metrics::scrape_all(url)?);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        let now = seen(&crate::metrics::scrape(url)?);
+        let now = seen(&crate::metrics::scrape_all(url)?);
         if now == last {
             break;
         }

@@ -594,3 +594,133 @@ fn a_flooding_member_gets_only_its_allowance() {
         "{r}"
     );
 }
+
+/// Debian's nats-server on a port it picks (read from its log); killed on drop.
+struct Nats(std::process::Child, u16);
+
+impl Nats {
+    fn start() -> Option<Nats> {
+        use std::io::BufRead;
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("nats-server is required under CI (tests/run.sh installs it): {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping: nats-server: {e}");
+                return None;
+            }
+        };
+        let stderr = child.stderr.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let marker = "Listening for client connections on ";
+        let port = loop {
+            let line = lines.next().and_then(Result::ok).expect("nats-server log");
+            if let Some(i) = line.find(marker) {
+                break line[i + marker.len()..]
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+            }
+        };
+        // Keep reading its log so it never blocks on a full pipe.
+        thread::spawn(move || for _ in lines {});
+        Some(Nats(child, port))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--relay A,B,C` against three udphub relays sharing rooms over NATS:
+/// every room spans every relay, every client gets every message of its
+/// room exactly once and in order, and the relays' summed counters agree
+/// with what loadtest sent and received; cross-node latency is reported
+/// apart from local.
+#[test]
+fn a_cluster_of_three_relays_delivers_exactly_once() {
+    let Some(nats) = Nats::start() else { return };
+    let url = format!("nats://127.0.0.1:{}", nats.1);
+    let mut relays = Vec::new();
+    for id in ["a", "b", "c"] {
+        let Some(r) = spawn_udphub(&["--cluster", &url, "--node-id", id]) else {
+            return;
+        };
+        relays.push(r);
+    }
+    // Wait until each relay is connected to NATS.
+    for (_, _, metrics) in &relays {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::process::Command::new("curl")
+                .args(["-s", metrics])
+                .output();
+            if text.is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout).contains("udphub_cluster_connected 1")
+            }) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a relay never connected to NATS"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let addrs: Vec<&str> = relays.iter().map(|r| r.1.as_str()).collect();
+    let urls: Vec<&str> = relays.iter().map(|r| r.2.as_str()).collect();
+    let (addrs, urls) = (addrs.join(","), urls.join(","));
+    let (code, stdout, stderr) = loadtest(&[
+        "fanout",
+        "--relay",
+        &addrs,
+        "--metrics-url",
+        &urls,
+        "--clients",
+        "12",
+        "--rooms",
+        "3",
+        "--senders",
+        "3",
+        "--duration",
+        "700ms",
+        "--json",
+    ]);
+    for (mut child, _, _) in relays {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(code, Some(0), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert_eq!(r["reordered"], 0, "{r}");
+    assert_eq!(r["cross_room_deliveries"], 0, "{r}");
+    assert!(
+        r["latency_cross_node_us"]["p50"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    let m = &r["metrics_check"];
+    assert_eq!(
+        m["relay_messages"].as_f64(),
+        m["loadtest_messages"].as_f64(),
+        "{m}"
+    );
+    assert_eq!(
+        m["relay_deliveries"].as_f64(),
+        m["loadtest_deliveries"].as_f64(),
+        "{m}"
+    );
+}
