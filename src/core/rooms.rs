@@ -262,7 +262,9 @@ mod tests {
         );
         rooms.clear();
         let mut closed = rooms.take_changes();
-        closed.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+        closed.sort_by_key(|c| match c {
+            RoomChange::Opened(n) | RoomChange::Closed(n) => n.clone(),
+        });
         assert_eq!(
             closed,
             vec![
