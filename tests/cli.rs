@@ -171,3 +171,114 @@ fn cluster_mistakes_are_one_line() {
         &["--cluster-name"],
     );
 }
+
+/// Runs `udphub args…` and returns (exit code, stdout, stderr).
+fn udphub_out(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(udphub_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run udphub");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `serve --check-config` resolves flags, environment, file and secrets
+/// like a start would, says so in one line, and exits without binding.
+#[test]
+fn check_config_validates_and_exits() {
+    let file = util::temp_path("check.toml");
+    std::fs::write(&file, "timeout = \"3s\"\nformat = \"raw\"\n").unwrap();
+    let path = file.to_str().unwrap();
+    // The default port may be taken by another test: nothing is bound.
+    let (code, out, err) = udphub_out(&["serve", "--check-config", "--config", path]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("valid") && out.contains("timeout 3s") && out.contains("format \"{body}\""),
+        "{out}"
+    );
+    std::fs::write(&file, "timeout = \"3s\"\nmax-clients = 0\n").unwrap();
+    usage_error(
+        &["serve", "--check-config", "--config", path],
+        &["--max-clients must be between 1"],
+    );
+    usage_error(
+        &[
+            "serve",
+            "--check-config",
+            "--room-secret-file",
+            "/nonexistent/secret",
+        ],
+        &["cannot read --room-secret-file"],
+    );
+}
+
+/// `--log-format json`: every stderr line is one JSON object with named
+/// fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let relay = util::spawn_relay(&["--log-format", "json"]);
+    let line = relay.expect_log("relaying on");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert!(v["timestamp"].is_string(), "{line}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("udphub relaying on"),
+        "{line}"
+    );
+    relay.signal("HUP");
+    let line = relay.expect_log("SIGHUP");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert!(v["message"].is_string(), "{line}");
+    usage_error(
+        &["serve", "--log-format", "yaml"],
+        &["--log-format", "text"],
+    );
+}
+
+/// Shell completions and the man page come from the same definitions as
+/// `--help`: every subcommand and flag is in them.
+#[test]
+fn completions_and_man_page_cover_every_command() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let (code, out, err) = udphub_out(&["completions", shell]);
+        assert_eq!(code, Some(0), "{shell}: {err}");
+        for word in ["serve", "check-config", "log-format", "completions"] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let (_, bash, _) = udphub_out(&["completions", "bash"]);
+    let file = util::temp_path("completion.bash");
+    std::fs::write(&file, bash).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&file).status().unwrap();
+    assert!(syntax.success(), "the bash completion does not parse");
+    usage_error(&["completions", "tcsh"], &["tcsh", "bash"]);
+
+    let (code, man, err) = udphub_out(&["man"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        man.starts_with(".ie") || man.starts_with(".TH"),
+        "{man:.80}"
+    );
+    assert!(man.contains(".TH udphub 1"), "{man:.200}");
+    for section in [
+        "UDPHUB SERVE",
+        "UDPHUB ECHO",
+        "UDPHUB CHAT",
+        "UDPHUB SEND",
+        "UDPHUB TOKEN",
+    ] {
+        assert!(man.contains(section), "man page lacks {section}");
+    }
+    for flag in ["check\\-config", "UDPHUB_TIMEOUT", "room\\-secret\\-file"] {
+        assert!(man.contains(flag), "man page lacks {flag}");
+    }
+}

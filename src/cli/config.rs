@@ -79,9 +79,17 @@ pub struct ServeArgs {
     #[arg(long, env = "UDPHUB_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Log lines as `text` or `json` (one object per line) [default: text]
+    #[arg(long, env = "UDPHUB_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<crate::cli::LogFormat>,
+
     /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`), for scripts and tests using port 0
     #[arg(long, env = "UDPHUB_READY_FILE", value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+
+    /// Check the settings (flags, environment, --config file, secret files) and exit: 0 if the relay would start with them, 2 and the reason if not
+    #[arg(long)]
+    pub check_config: bool,
 
     /// Refuse (and count) joins that would make more rooms than this [default: 100000]
     #[arg(long, env = "UDPHUB_MAX_ROOMS", value_name = "N")]
@@ -234,6 +242,7 @@ struct FileConfig {
     recv_buffer: Option<usize>,
     send_buffer: Option<usize>,
     log_level: Option<String>,
+    log_format: Option<crate::cli::LogFormat>,
     ready_file: Option<PathBuf>,
     max_rooms: Option<usize>,
     max_room_clients: Option<usize>,
@@ -252,7 +261,8 @@ struct FileConfig {
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 26] = [
+const FILE_KEYS: [&str; 27] = [
+    "log-format",
     "cluster",
     "cluster-name",
     "node-id",
@@ -306,6 +316,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// tracing filter directives.
     pub log_level: String,
+    /// Text or JSON log lines.
+    pub log_format: crate::cli::LogFormat,
     /// Where to write the bound addresses once ready, if anywhere.
     pub ready_file: Option<PathBuf>,
     /// Most named rooms at once.
@@ -342,6 +354,7 @@ impl Default for Config {
             recv_buffer: DEFAULT_SOCKET_BUFFER,
             send_buffer: DEFAULT_SOCKET_BUFFER,
             log_level: "info".to_string(),
+            log_format: crate::cli::LogFormat::Text,
             ready_file: None,
             max_rooms: 100_000,
             max_room_clients: 100_000,
@@ -433,6 +446,7 @@ impl Config {
                 .clone()
                 .or(file.log_level)
                 .unwrap_or(d.log_level),
+            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             ready_file: args.ready_file.clone().or(file.ready_file),
             max_rooms: args.max_rooms.or(file.max_rooms).unwrap_or(d.max_rooms),
             max_room_clients: args
@@ -512,6 +526,31 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The settings in one line, for `serve --check-config`.
+    pub fn summary(&self) -> String {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
+        format!(
+            "udphub: the configuration is valid: bind {}, metrics {}, timeout {}, format {:?}, echo {}, max-datagram {}, max-clients {}, max-rooms {}, max-room-clients {}, room secret {}, lobby {}, verify-sources {}, client-rate {}, max-clients-per-ip {}, cluster {}, log-level {}, log-format {}",
+            self.bind,
+            opt(self.metrics.map(|m| m.to_string())),
+            humantime::format_duration(self.timeout),
+            self.format.spec(),
+            self.echo,
+            self.max_datagram,
+            self.max_clients,
+            self.max_rooms,
+            self.max_room_clients,
+            if self.room_secret.is_some() { "set" } else { "none" },
+            if self.lobby_open { "open" } else { "closed" },
+            self.verify_sources,
+            opt(self.client_rate.map(|(r, b)| format!("{r}/s burst {b}"))),
+            opt(self.max_clients_per_ip.map(|n| n.to_string())),
+            opt(self.cluster.as_ref().map(|c| c.servers.join(","))),
+            self.log_level,
+            format!("{:?}", self.log_format).to_lowercase(),
+        )
     }
 
     /// Checks the limits every setting must respect (run by
@@ -750,6 +789,13 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                     "cookie-rate" => file.cookie_rate = Some(n),
                     _ => file.client_burst = Some(n),
                 }
+            }
+            "log-format" => {
+                let s = value.as_str().ok_or_else(|| fail("\"text\" or \"json\""))?;
+                file.log_format = Some(
+                    crate::cli::LogFormat::parse(s)
+                        .map_err(|e| format!("{at}: log-format: {e}"))?,
+                );
             }
             "lobby" => {
                 let s = value

@@ -4,7 +4,10 @@
 use clap::{Parser, Subcommand};
 
 pub mod config;
+pub mod logging;
 pub mod token;
+
+pub use logging::{init_logging, log_filter, LogFormat};
 
 use crate::cli::config::{Config, ServeArgs};
 use crate::clients::send::Sent;
@@ -37,6 +40,14 @@ pub enum Command {
     Send(crate::clients::send::SendArgs),
     /// Print a room token (an HS256 JWT) for `serve --room-secret-file`.
     Token(token::TokenArgs),
+    /// Print a shell completion script (e.g. `udphub completions bash > /etc/bash_completion.d/udphub`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `udphub man > udphub.1; man ./udphub.1`.
+    Man,
 }
 
 /// How a command ended, when it ended without an error.
@@ -53,14 +64,30 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
-            init_logging(&config.log_level)?;
-            crate::runtime::supervisor::serve(&config).map(|()| Exit::Done)
+            if args.check_config {
+                println!("{}", config.summary());
+                return Ok(Exit::Done);
+            }
+            init_logging(&config.log_level, config.log_format)?;
+            crate::runtime::supervisor::serve(*args, config).map(|()| Exit::Done)
         }
         Command::Echo(args) => {
-            init_logging(&args.log_level)?;
+            init_logging(&args.log_level, args.log_format)?;
             crate::clients::echo::run(&args).map(|()| Exit::Done)
         }
         Command::Token(args) => token::run(&args).map(|()| Exit::Done),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "udphub", &mut std::io::stdout());
+            Ok(Exit::Done)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            man_page(Cli::command(), &mut std::io::stdout())
+                .map_err(|e| Error::io("write the man page", e))?;
+            Ok(Exit::Done)
+        }
         Command::Chat(args) => crate::clients::chat::run(&args).map(|()| Exit::Done),
         Command::Send(args) => match crate::clients::send::run(&args)? {
             Sent::NotListening(addr) => {
@@ -82,95 +109,36 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
     }
 }
 
-/// Logs to stderr with the given `tracing` filter (see [`log_filter`]).
-pub fn init_logging(filter: &str) -> Result<(), Error> {
-    let (filter, note) = log_filter(filter)?;
-    if let Some(note) = note {
-        eprintln!("udphub: note: {note}");
-    }
-    // The NATS client narrates every (re)connection at info; the cluster
-    // bridge says what matters in its own rate-limited lines. Its debug
-    // output is one `async_nats=debug` away.
-    let filter = if filter.contains("async_nats") {
-        filter
-    } else {
-        format!("{filter},async_nats=warn")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .map_err(|e| Error::Config(format!("--log-level {filter:?}: {e}")))?;
-    // A second initialisation (tests in one process) is harmless.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-    Ok(())
-}
-
-/// The level names a filter may use.
-const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-/// Checks a `--log-level` filter and returns the one to use, with a note
-/// to show once if it had to be changed.
-///
-/// tracing's own parser takes any bare word as a target name (`loud` would
-/// mean "everything from target `loud`", which hides every udphub line), so
-/// each comma-separated directive must be a level (`debug`) or end in
-/// `=LEVEL` (`udphub=debug`). Levels a release build compiled out
-/// (`release_max_level_info`) are lowered to what it has, with one note in
-/// our words instead of tracing's repeated warning.
-pub fn log_filter(spec: &str) -> Result<(String, Option<String>), Error> {
-    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
-    let bad = |why: String| {
-        Error::Config(format!(
-            "--log-level {spec:?}: {why}; use one of {} or target=level directives such as udphub=debug",
-            LEVELS.join(", ")
-        ))
-    };
-    let mut out = Vec::new();
-    let mut lowered = false;
-    for directive in spec.split(',').map(str::trim) {
-        if directive.is_empty() {
+/// Writes the man page: `udphub(1)`, with a section per subcommand (its
+/// synopsis, its flags and their environment variables), generated from
+/// the same clap definitions as `--help`.
+pub fn man_page(cmd: clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let cmd = cmd.about("a fast, observable UDP group-chat relay");
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    for sub in cmd.get_subcommands() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
             continue;
         }
-        let (target, level) = match directive.rsplit_once('=') {
-            Some((target, level)) if !target.is_empty() => (Some(target), level),
-            _ if directive.contains('=') => {
-                return Err(bad(format!("{directive:?} has no target before '='")))
-            }
-            _ => (None, directive),
-        };
-        let level_name = level.to_ascii_lowercase();
-        if !LEVELS.contains(&level_name.as_str()) {
-            return Err(bad(format!("{level:?} is not a level")));
-        }
-        let wanted: LevelFilter = level_name
-            .parse()
-            .map_err(|_| bad(format!("{level:?} is not a level")))?;
-        let level_name = if wanted > STATIC_MAX_LEVEL {
-            lowered = true;
-            STATIC_MAX_LEVEL.to_string().to_ascii_lowercase()
-        } else {
-            level_name
-        };
-        out.push(match target {
-            Some(t) => format!("{t}={level_name}"),
-            None => level_name,
-        });
+        let name = format!("udphub {}", sub.get_name());
+        writeln!(out, ".SH \"{}\"", name.to_ascii_uppercase())?;
+        let man = clap_mangen::Man::new(sub.clone().bin_name(name));
+        // Its sections become subsections of this one.
+        let mut section = Vec::new();
+        man.render_synopsis_section(&mut section)?;
+        man.render_description_section(&mut section)?;
+        man.render_options_section(&mut section)?;
+        let section = String::from_utf8_lossy(&section).replace(".SH ", ".SS ");
+        out.write_all(section.as_bytes())?;
     }
-    if out.is_empty() {
-        return Err(bad("it is empty".into()));
-    }
-    let filter = out.join(",");
-    tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| bad(e.to_string()))?;
-    let note = lowered.then(|| {
-        format!(
-            "this release build logs at most at {} level (debug and trace are compiled out for speed); build without --release to see them",
-            STATIC_MAX_LEVEL.to_string().to_ascii_lowercase()
-        )
-    });
-    Ok((filter, note))
+    writeln!(
+        out,
+        ".SH FILES\nA TOML file for \\fBudphub serve \\-\\-config\\fR: its keys are the flag names. SIGHUP re-reads it.\n.SH \"SEE ALSO\"\ndocs/OPERATIONS.md, docs/PROTOCOL.md, docs/SECURITY.md, docs/CLUSTER.md"
+    )?;
+    man.render_version_section(out)
 }
 
 /// A clap error as one line that says what is wrong and how to fix it:
@@ -251,29 +219,6 @@ mod tests {
         let l = line(&["udphub", "server"]);
         assert!(l.contains("'serve'"), "{l}");
         assert!(l.contains("`udphub --help`"), "{l}");
-    }
-
-    #[test]
-    fn log_filters_are_levels_or_directives() {
-        assert_eq!(log_filter("info").unwrap().0, "info");
-        assert_eq!(
-            log_filter("WARN, udphub=error").unwrap().0,
-            "warn,udphub=error"
-        );
-        for bad in ["loud", "", "=info", "udphub=loud", "info,,nope"] {
-            let err = log_filter(bad).unwrap_err().to_string();
-            assert!(
-                err.contains("--log-level") && err.contains("debug"),
-                "{bad}: {err}"
-            );
-        }
-        let (filter, note) = log_filter("trace").unwrap();
-        if tracing::level_filters::STATIC_MAX_LEVEL < tracing::level_filters::LevelFilter::TRACE {
-            assert_ne!(filter, "trace");
-            assert!(note.unwrap().contains("release build"));
-        } else {
-            assert_eq!((filter.as_str(), note), ("trace", None));
-        }
     }
 
     #[test]

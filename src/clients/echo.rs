@@ -57,6 +57,15 @@ pub struct EchoArgs {
     )]
     pub log_level: String,
 
+    /// Log lines as `text` or `json` (one object per line)
+    #[arg(
+        long,
+        env = "UDPHUB_LOG_FORMAT",
+        value_name = "text|json",
+        default_value = "text"
+    )]
+    pub log_format: crate::cli::LogFormat,
+
     /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`)
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,

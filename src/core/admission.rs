@@ -112,15 +112,20 @@ impl Verify {
     /// Verify mode with this key, `per_prefix` cookie replies a second per
     /// /24 or /56 (at least as many at once), and the global budget.
     pub fn new(key: CookieKey, per_prefix: f64) -> Verify {
-        let per_prefix = Rate {
-            per_sec: per_prefix,
-            burst: per_prefix.max(COOKIE_PREFIX_RATE),
-        };
         Verify {
             key,
-            per_prefix: PrefixLimiter::new(per_prefix, COOKIE_PREFIXES),
+            per_prefix: PrefixLimiter::new(Verify::prefix_rate(per_prefix), COOKIE_PREFIXES),
             global: Bucket::full(COOKIE_GLOBAL_RATE, 0),
             global_rate: COOKIE_GLOBAL_RATE,
+        }
+    }
+
+    /// The per-prefix budget for `per_sec` replies a second: at least
+    /// [`COOKIE_PREFIX_RATE`] at once.
+    fn prefix_rate(per_sec: f64) -> Rate {
+        Rate {
+            per_sec,
+            burst: per_sec.max(COOKIE_PREFIX_RATE),
         }
     }
 
@@ -186,6 +191,32 @@ impl Admission {
     pub fn max_clients_per_ip(mut self, max: u32) -> Admission {
         self.max_per_ip = Some(max);
         self
+    }
+
+    /// Changes the limits of a running relay (a reload): the client cap,
+    /// the lobby, the per-client rate (`per_tick`, `burst`), the per-IP cap
+    /// and, in verify mode, the cookie replies per prefix a second. Clients
+    /// already in the table stay, even above a lowered cap.
+    pub fn reconfigure(
+        &mut self,
+        max_clients: usize,
+        lobby_open: bool,
+        client_rate: Option<(f32, f32)>,
+        max_per_ip: Option<u32>,
+        cookie_rate: f64,
+    ) {
+        self.max_clients = max_clients;
+        self.lobby_open = lobby_open;
+        self.client_rate = client_rate.map(|(per_tick, burst)| (per_tick, burst.max(1.0)));
+        self.max_per_ip = max_per_ip;
+        if let Some(verify) = &mut self.verify {
+            verify.per_prefix.set_rate(Verify::prefix_rate(cookie_rate));
+        }
+    }
+
+    /// Whether clients are rate-limited (`--client-rate`).
+    pub fn limits_clients(&self) -> bool {
+        self.client_rate.is_some()
     }
 
     /// The cookie key, in verify mode.

@@ -37,6 +37,12 @@ impl Clock {
         t.saturating_duration_since(self.start).as_nanos() as u64
     }
 
+    /// `timeout` in this clock's ticks (at least 1): what a reload uses,
+    /// since a running clock keeps its tick length.
+    pub fn ticks_for(&self, timeout: Duration) -> u64 {
+        (timeout.as_nanos().div_ceil(self.tick.as_nanos().max(1)) as u64).max(1)
+    }
+
     /// The length of one tick.
     pub fn tick(&self) -> Duration {
         self.tick

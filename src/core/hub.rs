@@ -172,6 +172,53 @@ impl Hub {
         }
     }
 
+    /// Applies what can change while the relay runs (a reload): the
+    /// timeout, the format, echo, the client, room and per-IP caps, the
+    /// rate limits, the room secret and the lobby. Clients, rooms and
+    /// deadlines stay; what `config` says of the rest (`expect_clients`,
+    /// `max_datagram`, `cookie_key`) is ignored: those are fixed at start.
+    ///
+    /// The clock keeps its tick length, so a timeout far from the one the
+    /// hub started with is kept at that resolution (1/256 of the first
+    /// timeout, 1–100 ms).
+    pub fn reconfigure(&mut self, config: &HubConfig) {
+        let per_tick = |per_sec: f64| (per_sec * self.clock.tick().as_secs_f64()) as f32;
+        let client_rate = config
+            .client_rate
+            .map(|(per_sec, burst)| (per_tick(per_sec), burst as f32));
+        let lobby_open = config.lobby_open || config.room_secret.is_none();
+        let was_limited = self.admission.limits_clients();
+        self.admission.reconfigure(
+            config.max_clients,
+            lobby_open,
+            client_rate,
+            config.max_clients_per_ip,
+            config.cookie_rate,
+        );
+        if let Some((_, burst)) = client_rate {
+            self.table.set_burst(burst.max(1.0));
+            if !was_limited {
+                // Clients that joined unlimited start with a full bucket,
+                // as a new one does.
+                self.table.fill_buckets();
+            }
+        }
+        if config.max_clients_per_ip.is_some() {
+            self.table.count_per_ip();
+        } else {
+            self.table.stop_counting_per_ip();
+        }
+        self.table.set_timeout(self.clock.ticks_for(config.timeout));
+        self.table
+            .rooms_mut()
+            .set_limits(config.max_rooms, config.max_room_clients);
+        self.template = config.format.clone();
+        self.echo = config.echo;
+        self.timeout_answer = protocol::timeout_answer(config.timeout);
+        self.room_secret = config.room_secret.clone();
+        self.lobby_open = lobby_open;
+    }
+
     /// Tells the hub the wall-clock time (unix seconds), for token expiry.
     /// The runtime calls it once per batch.
     pub fn set_unix_time(&mut self, unix_secs: u64) {
@@ -602,6 +649,48 @@ mod tests {
         // Unpadded, the answer would be longer than the question: silence.
         assert_eq!(f.at(0, from(2, b"^timeout^")), None);
         assert_eq!((f.counts.heartbeats, f.counts.joined), (2, 2));
+    }
+
+    #[test]
+    fn a_reload_changes_the_rules_and_keeps_everyone() {
+        let mut f = Fixture::new(config());
+        for port in 1..=3 {
+            f.at(0, from(port, b"^hb^"));
+        }
+        f.at(0, from(1, b"^join^red"));
+        f.at(0, from(2, b"^join^red"));
+        f.hub.reconfigure(&HubConfig {
+            timeout: Duration::from_secs(2),
+            format: Template::parse("<{body}>").unwrap(),
+            echo: false,
+            max_clients: 3,
+            max_room_clients: 2,
+            client_rate: Some((1.0, 1.0)),
+            max_clients_per_ip: Some(4),
+            ..config()
+        });
+        assert_eq!(f.hub.clients(), 3, "nobody is dropped by a reload");
+        // The new format and no echo; red kept both members.
+        let (payload, to) = f.at(1_000, from(1, b"hi")).unwrap();
+        assert_eq!((payload.as_slice(), to), (&b"<hi>"[..], vec![2]));
+        // The caps bind new arrivals only: a fourth client and a third
+        // member of red are refused; the per-IP count includes the three.
+        assert_eq!(f.at(1_000, from(4, b"^hb^")), None);
+        assert_eq!(f.counts.dropped[DropReason::TableFull as usize], 1);
+        // The client rate: one a second, burst 1.
+        assert!(f.at(1_100, from(2, b"one")).is_some());
+        assert_eq!(f.at(1_200, from(2, b"two")), None);
+        // The shorter timeout: client 3 (silent since 0) is not sent to
+        // after 2 s, though the wheel has yet to reach its old deadline.
+        let (_, to) = f.at(2_500, from(1, b"^join^")).unwrap();
+        assert_eq!(to, vec![1]);
+        let (_, to) = f.at(2_600, from(2, b"^join^")).unwrap();
+        assert_eq!(to, vec![2]);
+        let (_, to) = f.at(3_700, from(1, b"lobby")).unwrap();
+        assert_eq!(to, vec![2], "3 is silent for longer than the new timeout");
+        let padded = [&b"^timeout^"[..], &[b' '; 23]].concat();
+        let (answer, _) = f.at(3_700, from(2, &padded)).unwrap();
+        assert_eq!(answer, b"^timeout^2000");
     }
 
     #[test]

@@ -94,6 +94,12 @@ impl PrefixLimiter {
         }
     }
 
+    /// Changes the rate from now on (buckets keep their tokens, capped to
+    /// the new burst as they refill).
+    pub fn set_rate(&mut self, rate: Rate) {
+        self.rate = rate;
+    }
+
     /// Prefixes tracked now.
     pub fn len(&self) -> usize {
         self.buckets.len()

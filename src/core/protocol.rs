@@ -206,6 +206,24 @@ impl Template {
     /// The default template, seed 002's `'{}. from {}:{}'`.
     pub const DEFAULT: &'static str = "{body}. from {ip}:{port}";
 
+    /// The template written out again (`raw` comes back as `{body}`,
+    /// which means the same), for logs.
+    pub fn spec(&self) -> String {
+        let mut out = String::new();
+        for segment in &self.segments {
+            match segment {
+                Segment::Body => out.push_str("{body}"),
+                Segment::Ip | Segment::IpBeforePort => out.push_str("{ip}"),
+                Segment::Port => out.push_str("{port}"),
+                Segment::Literal(bytes) => {
+                    let text = String::from_utf8_lossy(bytes);
+                    out.push_str(&text.replace('{', "{{").replace('}', "}}"));
+                }
+            }
+        }
+        out
+    }
+
     /// Parses a template. `raw` means the body unchanged; otherwise
     /// `{body}`, `{ip}` and `{port}` are placeholders and `{{`/`}}` are
     /// literal braces.

@@ -92,6 +92,13 @@ impl Rooms {
         }
     }
 
+    /// Changes the caps of a running relay: rooms and members beyond new,
+    /// lower caps stay; only joins are refused.
+    pub fn set_limits(&mut self, max_rooms: usize, max_members: usize) {
+        self.max_rooms = max_rooms;
+        self.max_members = max_members;
+    }
+
     /// Records from now on every named room opened and closed, for
     /// [`take_changes`](Self::take_changes). Off by default: only a
     /// cluster node needs it.

@@ -119,9 +119,35 @@ impl Table {
         }
     }
 
-    /// Keeps a count of clients per IP address from now on.
+    /// Keeps a count of clients per IP address from now on, starting from
+    /// the clients already here.
     pub fn count_per_ip(&mut self) {
-        self.per_ip.get_or_insert_with(Default::default);
+        if self.per_ip.is_none() {
+            let mut counts = hashbrown::HashMap::new();
+            for (_, c) in &self.clients {
+                *counts.entry(c.addr.display_ip()).or_insert(0) += 1;
+            }
+            self.per_ip = Some(counts);
+        }
+    }
+
+    /// Stops counting clients per IP address.
+    pub fn stop_counting_per_ip(&mut self) {
+        self.per_ip = None;
+    }
+
+    /// Changes the timeout (in ticks) of a running table. Liveness follows
+    /// the new value at once (a shorter timeout stops deliveries to clients
+    /// silent for longer); wheel entries already scheduled are settled
+    /// against it when they come due (a longer one reschedules them; after
+    /// a shorter one they leave the table at their old deadline).
+    pub fn set_timeout(&mut self, timeout: u64) {
+        self.timeout = timeout.max(1);
+    }
+
+    /// Mutable access to the rooms, for their caps.
+    pub fn rooms_mut(&mut self) -> &mut Rooms {
+        &mut self.rooms
     }
 
     /// Clients at `addr`'s IP address (0 unless counted).
@@ -135,6 +161,15 @@ impl Table {
     /// Sets the tokens a new client's bucket starts with.
     pub fn set_burst(&mut self, burst: f32) {
         self.burst = burst;
+    }
+
+    /// Fills every client's bucket to the burst (rate limits turned on
+    /// while clients are here).
+    pub fn fill_buckets(&mut self) {
+        let burst = self.burst;
+        for (_, c) in &mut self.clients {
+            c.tokens = burst;
+        }
     }
 
     /// The client in slot `key` spoke at tick `now`: refills its bucket by

@@ -48,6 +48,13 @@ impl RoomSecret {
         Ok(RoomSecret(bytes))
     }
 
+    /// Whether `other` is the same secret (in constant time: a reload
+    /// compares the running secret with the file's).
+    pub fn same_as(&self, other: &RoomSecret) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.ct_eq(&other.0))
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         match Hmac::<Sha256>::new_from_slice(&self.0) {
             Ok(mac) => mac,

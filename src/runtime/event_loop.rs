@@ -318,9 +318,8 @@ impl<S: Service> EventLoop<S> {
                     token => tracing::debug!("event for unknown token {token:?}"),
                 }
             }
-            if drained != Drained::Empty {
-                drained = self.drain()?;
-            }
+            // The wake first: a reload sent before a datagram arrived
+            // applies to that datagram.
             if woken {
                 let mut io = Io {
                     fd: self.socket.as_fd(),
@@ -329,6 +328,9 @@ impl<S: Service> EventLoop<S> {
                     unix_secs: unix_now(),
                 };
                 self.service.on_wake(&mut io);
+            }
+            if drained != Drained::Empty {
+                drained = self.drain()?;
             }
             timers_pending = self
                 .service

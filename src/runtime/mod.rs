@@ -5,6 +5,8 @@
 //! - [`relay`]: the chat relay as a service — executes the hub's effects.
 //! - [`supervisor`]: signals, the ready file, and the loop threads;
 //!   [`supervisor::serve`] is `udphub serve`.
+//! - [`reload`]: what SIGHUP changes in a running relay, and what it
+//!   refuses.
 //! - [`metrics`]: per-loop counts flushed to the metrics facade.
 //! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint.
 
@@ -12,5 +14,6 @@ pub mod event_loop;
 pub mod exporter;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub(crate) mod replies;
 pub mod supervisor;

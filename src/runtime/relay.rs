@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::net::fanout::{Fanout, Report};
 use crate::net::socket;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
+use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
 
 /// Wheel entries the hub settles per call, between two looks at the clock.
@@ -44,6 +45,8 @@ pub struct Relay {
     send_errors: RateLimitedLog,
     /// The cluster bridge, with `--cluster`.
     cluster: Option<Link>,
+    /// New settings from a reload (SIGHUP), once asked for.
+    reloads: Option<ReloadReceiver>,
 }
 
 impl Relay {
@@ -55,7 +58,16 @@ impl Relay {
             replies: Replies::new(64),
             send_errors: RateLimitedLog::default(),
             cluster: None,
+            reloads: None,
         }
+    }
+
+    /// Makes the channel a reload sends this relay's new settings through;
+    /// `waker` is its loop's.
+    pub fn reloads(&mut self, waker: std::sync::Arc<mio::Waker>) -> ReloadSender {
+        let (tx, rx) = crate::runtime::reload::channel(waker);
+        self.reloads = Some(rx);
+        tx
     }
 
     /// Joins the cluster through `link`: local messages are published,
@@ -170,9 +182,13 @@ impl Service for Relay {
         }
     }
 
-    /// Messages from other nodes: each fanned out to this node's members of
+    /// New settings from a reload, applied between two batches; then
+    /// messages from other nodes: each fanned out to this node's members of
     /// its room (none if the room has none here any more).
     fn on_wake(&mut self, io: &mut Io<'_>) {
+        if let Some(config) = self.reloads.as_ref().and_then(ReloadReceiver::latest) {
+            self.hub.reconfigure(&config);
+        }
         let Some(link) = &mut self.cluster else {
             return;
         };

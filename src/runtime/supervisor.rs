@@ -5,7 +5,10 @@
 //! A loop knows nothing of signals: the supervisor turns SIGINT/SIGTERM
 //! into each loop's [`ShutdownHandle`], waits for every loop to say goodbye
 //! and return, and reports the first error. A second signal during that
-//! shutdown exits the process at once with status 130.
+//! shutdown exits the process at once with status 130. SIGHUP reloads the
+//! settings ([`crate::runtime::reload`]): the supervisor reads and checks
+//! them, and hands each loop its new hub settings through a channel and
+//! its waker.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -15,15 +18,16 @@ use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::cli::config::Config;
+use crate::cli::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
+use crate::runtime::reload::{self, ReloadSender};
 use crate::runtime::{exporter, relay};
 
-/// SIGINT/SIGTERM, through signal-hook-mio's self-pipe.
+/// SIGINT/SIGTERM/SIGHUP, through signal-hook-mio's self-pipe.
 const SIGNALS: Token = Token(0);
 /// A loop thread ended (returned, failed or panicked).
 const EXITED: Token = Token(1);
@@ -32,15 +36,19 @@ const EXITED: Token = Token(1);
 /// (128 + SIGINT, what shells report for an interrupted command).
 pub const SECOND_SIGNAL_EXIT: i32 = 130;
 
-/// Runs `udphub serve`: starts the metrics endpoint, binds, writes the
-/// ready file, and relays until a signal stops it.
-pub fn serve(config: &Config) -> Result<(), Error> {
+/// Runs `udphub serve` with `config` (resolved from `args`): starts the
+/// metrics endpoint, binds, writes the ready file, and relays until a
+/// signal stops it. SIGHUP resolves `args` again (re-reading the
+/// `--config` file and the room secret) and applies what can change live.
+pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     // Signals first: from the moment the ready file says so, a SIGTERM
     // must mean a graceful shutdown, not the default kill.
     let supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
     let metrics = config.metrics.map(exporter::start).transpose()?;
-    let relay = relay::bind(config)?;
+    let mut relay = relay::bind(&config)?;
+    let waker = relay.waker();
+    let loops = vec![relay.service_mut().reloads(waker)];
     let metrics = metrics.map(|m| m.local_addr);
     if let Some(addr) = metrics {
         tracing::info!("metrics on http://{addr}/metrics");
@@ -48,7 +56,64 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     if let Some(path) = &config.ready_file {
         write_ready_file(path, relay.local_addr(), metrics)?;
     }
-    supervisor.run(vec![relay])
+    metrics::describe_counter!(
+        "udphub_config_reloads_total",
+        "SIGHUP reloads, by result: applied (the file was valid; restart-only changes were kept at their running values) or failed (the running configuration was kept)"
+    );
+    metrics::describe_gauge!(
+        "udphub_config_last_reload_successful",
+        "1 if the last reload (or the start) read a valid configuration, 0 if it failed"
+    );
+    metrics::gauge!("udphub_config_last_reload_successful").set(1.0);
+    let mut running = config;
+    let on_hup = move || reload_now(&args, &mut running, &loops);
+    supervisor.run_reloading(vec![relay], Some(Box::new(on_hup)))
+}
+
+/// SIGHUP: resolves the settings again and applies the live changes; a bad
+/// file or secret keeps everything as it runs, and says why.
+fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
+    let source = match &args.config {
+        Some(path) => format!("config file {}", path.display()),
+        None => "flags and environment (no --config file: nothing can change)".to_string(),
+    };
+    tracing::info!("SIGHUP: reloading from {source}");
+    let wanted = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            metrics::counter!("udphub_config_reloads_total", "result" => "failed").increment(1);
+            metrics::gauge!("udphub_config_last_reload_successful").set(0.0);
+            tracing::error!("reload failed, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    let plan = reload::plan(running, wanted);
+    for refused in &plan.refused {
+        tracing::warn!("reload: {refused}");
+    }
+    if !plan.changed.is_empty() {
+        let hub = plan.config.hub();
+        for lp in loops {
+            lp.send(hub.clone());
+        }
+    }
+    metrics::counter!("udphub_config_reloads_total", "result" => "applied").increment(1);
+    metrics::gauge!("udphub_config_last_reload_successful").set(1.0);
+    if plan.changed.is_empty() {
+        tracing::info!("reload: nothing to change");
+    } else {
+        tracing::info!("reload: applied {}", plan.changed.join("; "));
+    }
+    // Last, so that the lines above are logged at the level they were
+    // asked at.
+    if plan.log_level_changed(running) {
+        match crate::cli::logging::set_log_level(&plan.config.log_level) {
+            Ok(Some(note)) => tracing::warn!("{note}"),
+            Ok(None) => {}
+            Err(e) => tracing::error!("reload: {e}"),
+        }
+    }
+    *running = plan.config;
 }
 
 /// Writes where the server listens, once everything is bound:
@@ -103,7 +168,7 @@ impl Drop for NotifyOnExit {
 pub struct Supervisor {
     /// Waits for signals and loop exits.
     poll: Poll,
-    /// SIGINT/SIGTERM.
+    /// SIGINT/SIGTERM/SIGHUP.
     signals: Signals,
 }
 
@@ -120,15 +185,30 @@ impl Supervisor {
     }
 
     /// Runs each loop on its own thread until a signal stops them all (or
-    /// one fails, which stops the rest). Returns the first error.
+    /// one fails, which stops the rest). Returns the first error. SIGHUP
+    /// is logged and otherwise ignored (there is nothing to reload).
     pub fn run<S: Service + Send + 'static>(self, loops: Vec<EventLoop<S>>) -> Result<(), Error> {
-        supervise(self, loops)
+        supervise(self, loops, None)
+    }
+
+    /// Like [`run`](Self::run), calling `on_hup` on each SIGHUP (on the
+    /// supervisor's thread: the loops go on meanwhile).
+    pub fn run_reloading<S: Service + Send + 'static>(
+        self,
+        loops: Vec<EventLoop<S>>,
+        on_hup: Option<OnHup>,
+    ) -> Result<(), Error> {
+        supervise(self, loops, on_hup)
     }
 }
+
+/// What SIGHUP does.
+pub type OnHup = Box<dyn FnMut()>;
 
 fn supervise<S: Service + Send + 'static>(
     sup: Supervisor,
     loops: Vec<EventLoop<S>>,
+    mut on_hup: Option<OnHup>,
 ) -> Result<(), Error> {
     let Supervisor {
         mut poll,
@@ -173,6 +253,14 @@ fn supervise<S: Service + Send + 'static>(
         for event in events.iter() {
             if event.token() == SIGNALS {
                 for sig in signals.pending() {
+                    if sig == SIGHUP {
+                        match on_hup.as_mut() {
+                            Some(reload) if !stopping => reload(),
+                            Some(_) => tracing::info!("SIGHUP while shutting down: ignored"),
+                            None => tracing::info!("SIGHUP: this server has no settings to reload"),
+                        }
+                        continue;
+                    }
                     signals_seen += 1;
                     if signals_seen >= 2 {
                         // The handlers' own check (see install_signals) can
@@ -217,7 +305,8 @@ fn supervise<S: Service + Send + 'static>(
     }
 }
 
-/// SIGINT/SIGTERM for the poll, and the second-signal escape hatch.
+/// SIGINT/SIGTERM/SIGHUP for the poll, and the second-signal escape hatch
+/// (SIGINT/SIGTERM only).
 fn install_signals() -> Result<Signals, Error> {
     let fail = |e| Error::io("install signal handler", e);
     let second = Arc::new(AtomicBool::new(false));
@@ -232,7 +321,7 @@ fn install_signals() -> Result<Signals, Error> {
         // …which the first signal does (handlers run in registration order).
         signal_hook::flag::register(sig, Arc::clone(&second)).map_err(fail)?;
     }
-    Signals::new([SIGINT, SIGTERM]).map_err(fail)
+    Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(fail)
 }
 
 #[cfg(test)]

@@ -183,6 +183,22 @@ impl RelayProc {
         }
     }
 
+    /// Waits (bounded) for a stderr line containing `needle` and returns
+    /// it; fails with every line seen meanwhile if none comes.
+    pub fn expect_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(20)) {
+                if line.contains(needle) {
+                    return line;
+                }
+                seen.push(line);
+            }
+        }
+        panic!("no log line with {needle:?}; saw:\n{}", seen.join("\n"));
+    }
+
     /// The relay's metrics page.
     pub fn scrape(&self) -> String {
         scrape(self.metrics.expect("metrics enabled"))
