@@ -32,7 +32,7 @@ pub struct Cli {
 pub enum Command {
     /// Relay datagrams between clients (the chat server).
     Serve(Box<ServeArgs>),
-    /// Send every datagram back to its sender (an echo server).
+    /// Send every datagram back to its sender (an echo server); with --tcp, seed 001's TCP echo.
     Echo(crate::clients::echo::EchoArgs),
     /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).
     Chat(crate::clients::chat::ChatArgs),

@@ -6,6 +6,7 @@
 //! Every datagram is sent back to its sender (ASCII-upper-cased with
 //! `--upper`, like Python's `bytes.upper()`). Unlike seed 004, `quit` is
 //! echoed, not obeyed: no datagram from the network may stop a server.
+//! With `--tcp`, seed 001's TCP server instead ([`crate::clients::tcp_echo`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,18 @@ pub struct EchoArgs {
     /// Reply in upper case (ASCII letters), like seed 001
     #[arg(long)]
     pub upper: bool,
+
+    /// Echo over TCP instead (seed 001's ThreadingTCPServer, as one loop): each read sent back, the connection closed at EOF
+    #[arg(long)]
+    pub tcp: bool,
+
+    /// With --tcp: most connections at once; more are accepted and closed at once (and counted)
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// With --tcp: close a connection silent for this long
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = config::parse_duration)]
+    pub idle_timeout: std::time::Duration,
 
     /// Prometheus endpoint address, or `off` [default: off]
     #[arg(long, env = "UDPHUB_ECHO_METRICS", value_name = "ADDR|off", default_value = "off", hide_default_value = true, value_parser = config::parse_metrics)]
@@ -126,6 +139,9 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
             args.max_datagram
         )));
     }
+    if args.tcp {
+        return run_tcp(args);
+    }
     let supervisor = Supervisor::new()?;
     let metrics = match args.metrics {
         MetricsAddr::At(addr) => Some(exporter::start(addr)?.local_addr),
@@ -154,4 +170,28 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         Echo::new(args.upper, args.max_datagram),
     )?;
     supervisor.run(vec![server])
+}
+
+/// `udphub echo --tcp`.
+fn run_tcp(args: &EchoArgs) -> Result<(), Error> {
+    if args.max_connections == 0 {
+        return Err(Error::Config("--max-connections must be at least 1".into()));
+    }
+    if args.idle_timeout.is_zero() {
+        return Err(Error::Config("--idle-timeout must be more than 0".into()));
+    }
+    let metrics = match args.metrics {
+        MetricsAddr::At(addr) => Some(exporter::start(addr)?.local_addr),
+        MetricsAddr::Off => None,
+    };
+    if let Some(addr) = metrics {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let config = crate::clients::tcp_echo::TcpEchoConfig {
+        bind: args.bind,
+        upper: args.upper,
+        max_connections: args.max_connections,
+        idle_timeout: args.idle_timeout,
+    };
+    crate::clients::tcp_echo::run(&config, metrics, args.ready_file.as_deref())
 }

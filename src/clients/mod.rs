@@ -13,3 +13,4 @@ pub mod echo;
 pub mod lan;
 pub mod room;
 pub mod send;
+pub mod tcp_echo;

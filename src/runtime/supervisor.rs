@@ -307,7 +307,7 @@ fn supervise<S: Service + Send + 'static>(
 
 /// SIGINT/SIGTERM/SIGHUP for the poll, and the second-signal escape hatch
 /// (SIGINT/SIGTERM only).
-fn install_signals() -> Result<Signals, Error> {
+pub(crate) fn install_signals() -> Result<Signals, Error> {
     let fail = |e| Error::io("install signal handler", e);
     let second = Arc::new(AtomicBool::new(false));
     for sig in [SIGINT, SIGTERM] {
