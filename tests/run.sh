@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
-# promtool, tmux, ip, nats-server from Debian; PyJWT from PyPI) if they are missing, then
-# runs every test.
+# prometheus and promtool, systemd-analyze, tmux, ip, nats-server, python3
+# from Debian; PyJWT from PyPI) if they are missing, then runs every test.
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v nc >/dev/null || missing+=(netcat-openbsd)
 command -v socat >/dev/null || missing+=(socat)
-command -v promtool >/dev/null || missing+=(prometheus)
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v python3 >/dev/null || missing+=(python3)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nats-server >/dev/null || missing+=(nats-server)

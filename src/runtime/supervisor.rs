@@ -65,9 +65,30 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
         "1 if the last reload (or the start) read a valid configuration, 0 if it failed"
     );
     metrics::gauge!("udphub_config_last_reload_successful").set(1.0);
+    // Both series from the start, so that rate() and increase() see the
+    // first reload.
+    for result in ["applied", "failed"] {
+        metrics::counter!("udphub_config_reloads_total", "result" => result).absolute(0);
+    }
+    publish_limits(&config);
     let mut running = config;
     let on_hup = move || reload_now(&args, &mut running, &loops);
     supervisor.run_reloading(vec![relay], Some(Box::new(on_hup)))
+}
+
+/// Exports the caps the saturation alerts divide by (`udphub_clients /
+/// udphub_max_clients`), at start and after each reload.
+fn publish_limits(config: &Config) {
+    metrics::describe_gauge!(
+        "udphub_max_clients",
+        "--max-clients: the most clients the table takes (saturation = udphub_clients / this)"
+    );
+    metrics::describe_gauge!(
+        "udphub_max_rooms",
+        "--max-rooms: the most named rooms at once (saturation = udphub_rooms / this)"
+    );
+    metrics::gauge!("udphub_max_clients").set(config.max_clients as f64);
+    metrics::gauge!("udphub_max_rooms").set(config.max_rooms as f64);
 }
 
 /// SIGHUP: resolves the settings again and applies the live changes; a bad
@@ -113,6 +134,7 @@ fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
             Err(e) => tracing::error!("reload: {e}"),
         }
     }
+    publish_limits(&plan.config);
     *running = plan.config;
 }
 
