@@ -724,3 +724,88 @@ fn a_cluster_of_three_relays_delivers_exactly_once() {
         "{m}"
     );
 }
+
+/// Ten SIGHUP reloads while loadtest runs, each changing live settings
+/// (the timeout, the client cap, a rate limit on and off): not a client
+/// dropped, not a message lost, and the relay's counters agree.
+#[test]
+fn ten_reloads_under_load_lose_nothing() {
+    let file = std::env::temp_dir().join(format!("loadtest-reload-{}.toml", std::process::id()));
+    let configs = [
+        "timeout = \"30s\"\n",
+        "timeout = \"45s\"\nmax-clients = 500\nclient-rate = 1000000\n",
+    ];
+    std::fs::write(&file, configs[0]).unwrap();
+    let file_arg = file.to_str().unwrap().to_string();
+    let Some((mut child, addr, url)) = spawn_udphub(&["--config", &file_arg]) else {
+        return;
+    };
+    let pid = child.id();
+    let run = {
+        let (addr, url, pid) = (addr.clone(), url.clone(), pid.to_string());
+        thread::spawn(move || {
+            loadtest(&[
+                "--relay",
+                &addr,
+                "--clients",
+                "64",
+                "--duration",
+                "4s",
+                "--metrics-url",
+                &url,
+                "--relay-pid",
+                &pid,
+                "--json",
+            ])
+        })
+    };
+    // Reload ten times in the middle of the run.
+    thread::sleep(Duration::from_millis(800));
+    for i in 0..10 {
+        std::fs::write(&file, configs[(i + 1) % 2]).unwrap();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (code, stdout, stderr) = run.join().unwrap();
+    let scrape = {
+        use std::io::{Read, Write};
+        let host = url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics");
+        let mut s = std::net::TcpStream::connect(host).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(r["messages_sent"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(
+        (r["duplicates"].as_u64(), r["reordered"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["lost"], 0, "{r}");
+    let m = &r["metrics_check"];
+    assert_eq!(
+        m["relay_deliveries"].as_f64(),
+        m["loadtest_deliveries"].as_f64(),
+        "{m}"
+    );
+    assert_eq!(m["lost_after_relay"].as_f64(), Some(0.0), "{m}");
+    let applied = scrape
+        .lines()
+        .find(|l| l.starts_with("udphub_config_reloads_total{result=\"applied\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(applied, Some(10.0), "{scrape}");
+    let _ = std::fs::remove_file(&file);
+}
