@@ -77,7 +77,10 @@ fn start_udphub() -> Running {
             timeout: Duration::from_secs(60),
             ..udphub::Config::default()
         };
-        let relay = udphub::bind(&config).expect("bind udphub");
+        let relay = udphub::bind(&config)
+            .expect("bind udphub")
+            .pop()
+            .expect("one loop");
         let handle = relay.shutdown_handle();
         tx.send((relay.local_addr(), current_tid(), handle))
             .unwrap();

@@ -9,6 +9,7 @@
 #   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
 #   RELAYS="baseline udphub udphub-raw" bash loadtest/compare.sh   # + udphub --format raw
 #   RELAYS="baseline udphub udphub-verify" bash loadtest/compare.sh   # + verify mode, --client-rate set
+#   RELAYS="baseline udphub udphub-t2" bash loadtest/compare.sh       # + --threads 2 (closed loop: see shards.sh)
 #   UDPHUB_REF=/path/to/older/udphub RELAYS="baseline udphub udphub-ref" bash loadtest/compare.sh
 #                                                   # A/B against another build of udphub
 set -euo pipefail
@@ -48,6 +49,8 @@ start_relay() {
     udphub-verify) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --verify-sources --client-rate 100000 --cookie-rate 100000 2>/dev/null &
         loadtest_extra=(--verify) ;;
+    udphub-t2) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn --threads 2 2>/dev/null & ;;
     udphub-ref) "${UDPHUB_REF:?set UDPHUB_REF to the udphub binary to compare with}" serve \
         --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn 2>/dev/null & ;;

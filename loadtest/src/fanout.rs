@@ -75,6 +75,12 @@ pub struct FanoutArgs {
     /// the clients run: what does a flooding member cost the others?
     #[arg(long, value_name = "RATE")]
     pub flood: Option<f64>,
+
+    /// Receivers that never read: the relay's send capacity, deliveries
+    /// counted by the kernel (/proc/net/snmp), with almost no receiver
+    /// CPU. Needs --rate (set it above what the relay can fan out)
+    #[arg(long, requires = "rate")]
+    pub sink: bool,
 }
 
 /// How the clients register with the relay.

@@ -5,7 +5,8 @@
 //! baseline loop and the seeds' Python server alike.
 //!
 //! # Layout
-//! - `fanout` (default): stamped messages fanned out to N clients.
+//! - `fanout` (default): stamped messages fanned out to N clients; `sink`:
+//!   `fanout --sink`, receivers that never read (the relay's send capacity).
 //! - `join_storm`: millions of distinct sources heartbeating; memory per client; mass expiry.
 //! - `soak`: a long mixed load, sampling growth.
 //! - `abuse`: nasty datagrams, one by one; `spoof`: `abuse --spoof`, forged sources.
@@ -28,6 +29,7 @@ mod payload;
 mod plot;
 mod procfs;
 mod report;
+mod sink;
 mod soak;
 mod spoof;
 mod tracker;
@@ -75,6 +77,9 @@ fn emit<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> 
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command.unwrap_or(Command::Fanout(cli.fanout)) {
+        Command::Fanout(args) if args.sink => {
+            emit(args.common.json, &sink::run(&args)?, |r| r.print_table())
+        }
         Command::Fanout(args) => {
             let r = fanout::run(&args)?;
             if let Some(path) = &args.common.plot {

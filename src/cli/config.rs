@@ -146,6 +146,44 @@ pub struct ServeArgs {
     /// NATS credentials file (.creds), if the servers require one
     #[arg(long, env = "UDPHUB_CLUSTER_CREDENTIALS", value_name = "FILE")]
     pub cluster_credentials: Option<PathBuf>,
+
+    /// Loops relaying on the address, each on its own thread with its own SO_REUSEPORT socket and clients; `auto` = the CPUs this process may use [default: 1]
+    #[arg(long, env = "UDPHUB_THREADS", value_name = "N|auto", value_parser = parse_threads)]
+    pub threads: Option<Threads>,
+
+    /// Pin loop i to the i-th CPU this process may use
+    #[arg(long, env = "UDPHUB_PIN_THREADS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub pin_threads: bool,
+}
+
+/// `--threads`: a number of loops, or one per CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// As many as the CPUs this process may run on.
+    Auto,
+    /// This many.
+    Count(usize),
+}
+
+impl Threads {
+    /// How many loops this means on this machine.
+    pub fn resolve(self) -> usize {
+        match self {
+            Threads::Count(n) => n,
+            Threads::Auto => std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+}
+
+/// Parses `--threads`: a whole number, or `auto`.
+pub fn parse_threads(s: &str) -> Result<Threads, String> {
+    match s.trim() {
+        "auto" => Ok(Threads::Auto),
+        n => n
+            .parse::<usize>()
+            .map(Threads::Count)
+            .map_err(|_| format!("{n:?}: expected a number of loops, or `auto`")),
+    }
 }
 
 /// NATS server URLs (`--cluster`).
@@ -258,10 +296,14 @@ struct FileConfig {
     cluster_name: Option<String>,
     node_id: Option<String>,
     cluster_credentials: Option<PathBuf>,
+    threads: Option<Threads>,
+    pin_threads: Option<bool>,
 }
 
 /// Every key the file may have.
-const FILE_KEYS: [&str; 27] = [
+const FILE_KEYS: [&str; 29] = [
+    "threads",
+    "pin-threads",
     "log-format",
     "cluster",
     "cluster-name",
@@ -338,6 +380,10 @@ pub struct Config {
     pub max_clients_per_ip: Option<u32>,
     /// The cluster, if any.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Loops (threads) on the address.
+    pub threads: usize,
+    /// Pin each loop to a CPU.
+    pub pin_threads: bool,
 }
 
 impl Default for Config {
@@ -365,19 +411,24 @@ impl Default for Config {
             client_rate: None,
             max_clients_per_ip: None,
             cluster: None,
+            threads: 1,
+            pin_threads: false,
         }
     }
 }
 
 impl Config {
-    /// What the hub needs of these settings.
+    /// What each loop's hub needs of these settings. With several loops
+    /// the client cap (and reservation) is split between them evenly,
+    /// rounded up: a loop's clients are its own.
     pub fn hub(&self) -> HubConfig {
+        let loops = self.threads.max(1);
         HubConfig {
             timeout: self.timeout,
             format: self.format.clone(),
             echo: self.echo,
-            max_clients: self.max_clients,
-            expect_clients: self.expect_clients,
+            max_clients: self.max_clients.div_ceil(loops),
+            expect_clients: self.expect_clients.div_ceil(loops),
             max_datagram: self.max_datagram,
             max_rooms: self.max_rooms,
             max_room_clients: self.max_room_clients,
@@ -470,6 +521,11 @@ impl Config {
             client_rate: None,
             max_clients_per_ip: None,
             cluster: None,
+            threads: args
+                .threads
+                .or(file.threads)
+                .map_or(d.threads, Threads::resolve),
+            pin_threads: args.pin_threads || file.pin_threads.unwrap_or(false),
         };
         let public = args.public || file.public.unwrap_or(false);
         let config = Config {
@@ -532,8 +588,9 @@ impl Config {
     pub fn summary(&self) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
         format!(
-            "udphub: the configuration is valid: bind {}, metrics {}, timeout {}, format {:?}, echo {}, max-datagram {}, max-clients {}, max-rooms {}, max-room-clients {}, room secret {}, lobby {}, verify-sources {}, client-rate {}, max-clients-per-ip {}, cluster {}, log-level {}, log-format {}",
+            "udphub: the configuration is valid: bind {}, threads {}, metrics {}, timeout {}, format {:?}, echo {}, max-datagram {}, max-clients {}, max-rooms {}, max-room-clients {}, room secret {}, lobby {}, verify-sources {}, client-rate {}, max-clients-per-ip {}, cluster {}, log-level {}, log-format {}",
             self.bind,
+            self.threads,
             opt(self.metrics.map(|m| m.to_string())),
             humantime::format_duration(self.timeout),
             self.format.spec(),
@@ -558,6 +615,18 @@ impl Config {
     /// `Config` built by hand).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
+        let most = crate::runtime::shards::MAX_SHARDS;
+        if self.threads == 0 || self.threads > most {
+            return bad(format!(
+                "--threads must be between 1 and {most} (or auto), got {}",
+                self.threads
+            ));
+        }
+        if self.threads > 1 && self.cluster.is_some() {
+            return bad(
+                "--cluster with --threads above 1 is not supported yet: run one relay per core, each with --cluster".into(),
+            );
+        }
         if let Some(c) = &self.cluster {
             if !crate::cluster::valid_cluster_name(&c.name) {
                 return bad(format!(
@@ -768,6 +837,21 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
                 } else {
                     file.node_id = Some(s);
                 }
+            }
+            "threads" => {
+                let t = match value {
+                    toml::Value::Integer(n) => usize::try_from(*n).ok().map(Threads::Count),
+                    toml::Value::String(s) => parse_threads(s).ok(),
+                    _ => None,
+                };
+                file.threads = Some(t.ok_or_else(|| fail("a number of loops, or \"auto\""))?);
+            }
+            "pin-threads" => {
+                file.pin_threads = Some(
+                    value
+                        .as_bool()
+                        .ok_or_else(|| fail("true or false (no quotes)"))?,
+                );
             }
             "verify-sources" | "public" => {
                 let b = value

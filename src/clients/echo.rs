@@ -152,6 +152,7 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         "echo socket",
         DEFAULT_SOCKET_BUFFER,
         DEFAULT_SOCKET_BUFFER,
+        false,
     )?;
     tracing::info!(
         "udphub echo on {}{}",

@@ -20,6 +20,10 @@ labelled_enum! {
         BufferFull => "buffer_full",
         /// Sending to that destination failed otherwise.
         SendError => "send_error",
+        /// With `--threads`: another loop's queue was full, so that loop's
+        /// members missed the message (counted once per loop, not per
+        /// member: the sender's loop cannot know how many there are).
+        ShardQueueFull => "shard_queue_full",
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Bound {
 
 /// Binds a server's UDP socket at `addr`, asking for the given buffer
 /// sizes; `what` names it in errors ("relay socket", "echo socket").
+/// With `reuse_port`, SO_REUSEPORT is set first, so that several loops can
+/// bind the same address (`--threads`); without it, a taken address is an
+/// error, as it should be for a lone server.
 ///
 /// A buffer the kernel caps below the request is not an error: it is logged
 /// with the sysctl that lifts the cap.
@@ -37,6 +40,7 @@ pub fn bind(
     what: &'static str,
     recv_buffer: usize,
     send_buffer: usize,
+    reuse_port: bool,
 ) -> Result<Bound, Error> {
     let bind_error = |e: std::io::Error| Error::Bind {
         what,
@@ -48,6 +52,9 @@ pub fn bind(
     socket
         .set_nonblocking(true)
         .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(bind_error)?;
+    }
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = socket.set_recv_buffer_size(recv_buffer);
     let _ = socket.set_send_buffer_size(send_buffer);
@@ -94,6 +101,7 @@ mod tests {
             "test socket",
             1 << 16,
             1 << 16,
+            false,
         )
         .unwrap();
         assert_ne!(b.local_addr.port(), 0);
@@ -103,12 +111,35 @@ mod tests {
 
     #[test]
     fn a_taken_address_is_a_usage_error() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), "relay socket", 4096, 4096).unwrap();
-        let err = bind(first.local_addr, "relay socket", 4096, 4096).unwrap_err();
+        let first = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "relay socket",
+            4096,
+            4096,
+            false,
+        )
+        .unwrap();
+        let err = bind(first.local_addr, "relay socket", 4096, 4096, false).unwrap_err();
         assert!(err.is_usage());
         assert!(
             err.to_string().contains("cannot bind relay socket"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reuse_port_lets_loops_share_an_address_and_nobody_else() {
+        let a = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "relay socket",
+            4096,
+            4096,
+            true,
+        )
+        .unwrap();
+        let b = bind(a.local_addr, "relay socket", 4096, 4096, true).unwrap();
+        assert_eq!(a.local_addr, b.local_addr);
+        // A socket without SO_REUSEPORT cannot join the group.
+        assert!(bind(a.local_addr, "relay socket", 4096, 4096, false).is_err());
     }
 }

@@ -198,6 +198,22 @@ impl RecvErrors {
     }
 }
 
+/// Pins the calling thread to `cpu`; a failure (a CPU outside the
+/// process's cgroup, a sandbox without `sched_setaffinity`) is logged and
+/// the loop runs unpinned.
+fn pin_current_thread(cpu: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set));
+    match pinned {
+        Ok(()) => tracing::info!("loop pinned to CPU {cpu}"),
+        Err(e) => tracing::warn!("cannot pin the loop to CPU {cpu} ({e}); it runs unpinned"),
+    }
+}
+
 /// What a drain left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
@@ -233,6 +249,8 @@ pub struct EventLoop<S> {
     kernel_drops_checked: Instant,
     /// The server.
     service: S,
+    /// The CPU to pin the loop's thread to (`--pin-threads`), if any.
+    pin: Option<usize>,
 }
 
 impl<S: Service> EventLoop<S> {
@@ -261,6 +279,7 @@ impl<S: Service> EventLoop<S> {
             kernel_drops_seen: 0,
             kernel_drops_checked: Instant::now(),
             service,
+            pin: None,
         })
     }
 
@@ -280,6 +299,17 @@ impl<S: Service> EventLoop<S> {
         Arc::clone(&self.shutdown.waker)
     }
 
+    /// Marks this loop as shard `index` of several (for its per-shard
+    /// metrics).
+    pub fn set_shard(&mut self, index: usize) {
+        self.metrics.set_shard(index);
+    }
+
+    /// Pins the thread that will [`run`](Self::run) the loop to `cpu`.
+    pub fn pin_to_cpu(&mut self, cpu: usize) {
+        self.pin = Some(cpu);
+    }
+
     /// The service, to attach things to it before the loop runs.
     pub fn service_mut(&mut self) -> &mut S {
         &mut self.service
@@ -288,6 +318,9 @@ impl<S: Service> EventLoop<S> {
     /// Runs until a [`ShutdownHandle`] stops it; then lets the service say
     /// goodbye, flushes the metrics and returns.
     pub fn run(mut self) -> Result<(), Error> {
+        if let Some(cpu) = self.pin {
+            pin_current_thread(cpu);
+        }
         self.flush();
         // Datagrams may have arrived before registration: drain first.
         let mut drained = Drained::More;
@@ -468,8 +501,14 @@ mod tests {
     }
 
     fn test_loop() -> EventLoop<Counter> {
-        let bound =
-            socket::bind("127.0.0.1:0".parse().unwrap(), "test socket", 4096, 4096).unwrap();
+        let bound = socket::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "test socket",
+            4096,
+            4096,
+            false,
+        )
+        .unwrap();
         EventLoop::new(bound, 64, Counter).unwrap()
     }
 

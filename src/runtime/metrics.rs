@@ -49,6 +49,9 @@ pub struct Metrics {
     fanout_seconds: Histogram,
     batch_size: Histogram,
     loop_seconds: Histogram,
+    /// With several loops: this loop's clients, labelled with its index
+    /// (how evenly the kernel spreads sources over the loops).
+    shard_clients: Option<Gauge>,
 }
 
 /// Buckets for `udphub_fanout_duration_seconds`: 5 µs (a small loopback
@@ -111,7 +114,19 @@ impl Metrics {
             fanout_seconds: metrics::histogram!("udphub_fanout_duration_seconds"),
             batch_size: metrics::histogram!("udphub_recv_batch_size"),
             loop_seconds: metrics::histogram!("udphub_loop_iteration_seconds"),
+            shard_clients: None,
         }
+    }
+
+    /// Marks this loop as shard `index` of several: its clients are also
+    /// reported on their own (`udphub_shard_clients{shard}`).
+    pub fn set_shard(&mut self, index: usize) {
+        describe_gauge!(
+            "udphub_shard_clients",
+            "With --threads above 1: clients of each loop (the kernel spreads sources over the loops' sockets by a hash)"
+        );
+        self.shard_clients =
+            Some(metrics::gauge!("udphub_shard_clients", "shard" => index.to_string()));
     }
 
     /// Publishes the local counts and this loop's client and room counts,
@@ -161,6 +176,9 @@ impl Metrics {
             self.loop_seconds.record(s);
         }
         move_gauge(&self.clients, &mut self.clients_reported, clients);
+        if let Some(g) = &self.shard_clients {
+            g.set(clients as f64);
+        }
         move_gauge(&self.rooms, &mut self.rooms_reported, rooms);
     }
 }

@@ -5,6 +5,8 @@
 //! - [`relay`]: the chat relay as a service — executes the hub's effects.
 //! - [`supervisor`]: signals, the ready file, and the loop threads;
 //!   [`supervisor::serve`] is `udphub serve`.
+//! - [`shards`]: several loops on one port (`--threads`): the queues and
+//!   wake-ups between them.
 //! - [`reload`]: what SIGHUP changes in a running relay, and what it
 //!   refuses.
 //! - [`metrics`]: per-loop counts flushed to the metrics facade.
@@ -16,4 +18,5 @@ pub mod metrics;
 pub mod relay;
 pub mod reload;
 pub(crate) mod replies;
+pub mod shards;
 pub mod supervisor;

@@ -21,6 +21,7 @@ use crate::net::socket;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
+use crate::runtime::shards::{self, Siblings};
 
 /// Wheel entries the hub settles per call, between two looks at the clock.
 pub const EXPIRY_CHUNK: usize = 256;
@@ -47,6 +48,8 @@ pub struct Relay {
     cluster: Option<Link>,
     /// New settings from a reload (SIGHUP), once asked for.
     reloads: Option<ReloadReceiver>,
+    /// The other loops, with `--threads` above 1.
+    siblings: Option<Siblings>,
 }
 
 impl Relay {
@@ -59,7 +62,17 @@ impl Relay {
             send_errors: RateLimitedLog::default(),
             cluster: None,
             reloads: None,
+            siblings: None,
         }
+    }
+
+    /// Runs as one of several loops on one port: messages for rooms with
+    /// members on other loops are handed to them, and theirs fanned out
+    /// here; the hub reports rooms opening and closing so the others know
+    /// where to send.
+    pub fn attach_siblings(&mut self, siblings: Siblings) {
+        self.hub.track_room_changes();
+        self.siblings = Some(siblings);
     }
 
     /// Makes the channel a reload sends this relay's new settings through;
@@ -86,42 +99,103 @@ fn count(report: Report, counts: &mut Counts, send_errors: &mut RateLimitedLog) 
     }
 }
 
-/// Binds the relay socket for `config` and prepares its loop.
-pub fn bind(config: &Config) -> Result<RelayLoop, Error> {
-    let bound = socket::bind(
+/// Binds the relay's socket(s) for `config` and prepares its loop(s): one,
+/// or with `--threads N` N loops, each with its own SO_REUSEPORT socket on
+/// the same address, wired to each other (see [`crate::runtime::shards`]).
+///
+/// All N sockets are bound here, before any datagram is read, and stay
+/// open until the process ends: the kernel picks a socket by a hash of
+/// the source and destination over the group's size, so a fixed group
+/// keeps every client on one loop for the relay's life. (A group that
+/// lost a socket would rehash every client; udphub never closes one while
+/// running: a loop that fails stops the whole relay.)
+pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
+    let threads = config.threads.max(1);
+    let reuse = threads > 1;
+    let first = socket::bind(
         config.bind,
         "relay socket",
         config.recv_buffer,
         config.send_buffer,
+        reuse,
     )?;
+    let addr = first.local_addr;
     tracing::info!(
-        "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}); SO_RCVBUF {} B, SO_SNDBUF {} B",
-        bound.local_addr,
+        "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}){}; SO_RCVBUF {} B, SO_SNDBUF {} B",
+        addr,
         humantime::format_duration(config.timeout),
         config.echo,
         config.max_datagram,
         config.max_clients,
-        bound.recv_buffer,
-        bound.send_buffer,
+        if reuse {
+            format!(", {threads} loops on SO_REUSEPORT sockets")
+        } else {
+            String::new()
+        },
+        first.recv_buffer,
+        first.send_buffer,
     );
+    let mut bound = vec![first];
+    for _ in 1..threads {
+        // The port is known now (it may have been 0).
+        bound.push(socket::bind(
+            addr,
+            "relay socket",
+            config.recv_buffer,
+            config.send_buffer,
+            true,
+        )?);
+    }
     let mut hub = config.hub();
     if config.verify_sources {
+        // One key for every loop: a cookie is valid whichever loop sees it.
         hub.cookie_key = Some(random_cookie_key()?);
         tracing::info!("verify mode: sources must prove their address with a cookie");
     }
-    let mut relay_loop = EventLoop::new(bound, config.max_datagram, Relay::new(&hub))?;
-    if let Some(cluster) = &config.cluster {
+    let mut loops = Vec::with_capacity(threads);
+    for b in bound {
+        loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
+    }
+    if threads > 1 {
+        let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
+        for (i, (lp, part)) in loops.iter_mut().zip(shards::queues(threads)).enumerate() {
+            lp.service_mut().attach_siblings(part.wire(&wakers));
+            lp.set_shard(i);
+        }
+    }
+    if config.pin_threads {
+        let cpus = allowed_cpus();
+        for (i, lp) in loops.iter_mut().enumerate() {
+            if let Some(&cpu) = cpus.get(i % cpus.len().max(1)) {
+                lp.pin_to_cpu(cpu);
+            }
+        }
+    }
+    if let (Some(cluster), Some(lp)) = (&config.cluster, loops.first_mut()) {
         let epoch = u64::from_be_bytes(random_bytes::<8>()?);
-        let link = Link::start(cluster, relay_loop.waker(), epoch)?;
+        let link = Link::start(cluster, lp.waker(), epoch)?;
         tracing::info!(
             "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster)",
             cluster.name,
             cluster.node_id,
             cluster.servers.join(",")
         );
-        relay_loop.service_mut().attach_cluster(link);
+        lp.service_mut().attach_cluster(link);
     }
-    Ok(relay_loop)
+    Ok(loops)
+}
+
+/// The CPUs this process may run on, in order (`--pin-threads` pins loop
+/// `i` to the `i`-th, wrapping around).
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// `N` bytes from the OS's random source.
@@ -157,7 +231,11 @@ impl Service for Relay {
                 io.counts
                     .fanout_seconds
                     .push(io.received_at.elapsed().as_secs_f64());
-                // Rendered once, here; every other node fans out these bytes.
+                // Rendered once, here; every other loop and node fans out
+                // these bytes.
+                if let Some(siblings) = &mut self.siblings {
+                    siblings.hand_off(room, payload, io.counts);
+                }
                 if let Some(link) = &mut self.cluster {
                     link.publish(room, payload);
                 }
@@ -168,17 +246,35 @@ impl Service for Relay {
         }
     }
 
-    /// Sends the batch's replies; tells the cluster which rooms opened and
-    /// closed here.
+    /// Sends the batch's replies; tells the other loops and the cluster
+    /// which rooms opened and closed here; wakes each loop this batch
+    /// handed messages to, once.
     fn end_batch(&mut self, io: &mut Io<'_>) {
         self.replies.flush(io, &mut self.send_errors);
-        if let Some(link) = &mut self.cluster {
+        if self.cluster.is_some() || self.siblings.is_some() {
             for change in self.hub.take_room_changes() {
                 match change {
-                    RoomChange::Opened(name) => link.room_opened(&name),
-                    RoomChange::Closed(name) => link.room_closed(&name),
+                    RoomChange::Opened(name) => {
+                        if let Some(s) = &mut self.siblings {
+                            s.room_opened(&name);
+                        }
+                        if let Some(link) = &mut self.cluster {
+                            link.room_opened(&name);
+                        }
+                    }
+                    RoomChange::Closed(name) => {
+                        if let Some(s) = &mut self.siblings {
+                            s.room_closed(&name);
+                        }
+                        if let Some(link) = &mut self.cluster {
+                            link.room_closed(&name);
+                        }
+                    }
                 }
             }
+        }
+        if let Some(siblings) = &mut self.siblings {
+            siblings.wake();
         }
     }
 
@@ -188,6 +284,18 @@ impl Service for Relay {
     fn on_wake(&mut self, io: &mut Io<'_>) {
         if let Some(config) = self.reloads.as_ref().and_then(ReloadReceiver::latest) {
             self.hub.reconfigure(&config);
+        }
+        if let Some(siblings) = &mut self.siblings {
+            let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
+            let now = Instant::now();
+            siblings.drain(|room, body| {
+                let Some(room) = hub.find_room(room) else {
+                    return;
+                };
+                let out = hub.relay_from_elsewhere(now, room, body);
+                let report = fanout.send(io.fd, out.payload, out.recipients);
+                count(report, io.counts, errors);
+            });
         }
         let Some(link) = &mut self.cluster else {
             return;

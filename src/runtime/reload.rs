@@ -72,6 +72,8 @@ pub fn plan(running: &Config, wanted: Config) -> Plan {
     restart_only!(send_buffer, "send-buffer", num);
     restart_only!(max_datagram, "max-datagram", num);
     restart_only!(expect_clients, "expect-clients", num);
+    restart_only!(threads, "threads", num);
+    restart_only!(pin_threads, "pin-threads", |b: &bool| b.to_string());
     restart_only!(verify_sources, "verify-sources", |b: &bool| b.to_string());
     restart_only!(log_format, "log-format", |f: &crate::cli::LogFormat| {
         format!("{f:?}").to_lowercase()

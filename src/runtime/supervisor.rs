@@ -46,15 +46,24 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     let supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
     let metrics = config.metrics.map(exporter::start).transpose()?;
-    let mut relay = relay::bind(&config)?;
-    let waker = relay.waker();
-    let loops = vec![relay.service_mut().reloads(waker)];
+    let mut relays = relay::bind(&config)?;
+    let loops: Vec<ReloadSender> = relays
+        .iter_mut()
+        .map(|lp| {
+            let waker = lp.waker();
+            lp.service_mut().reloads(waker)
+        })
+        .collect();
+    let local = relays
+        .first()
+        .map(EventLoop::local_addr)
+        .unwrap_or(config.bind);
     let metrics = metrics.map(|m| m.local_addr);
     if let Some(addr) = metrics {
         tracing::info!("metrics on http://{addr}/metrics");
     }
     if let Some(path) = &config.ready_file {
-        write_ready_file(path, relay.local_addr(), metrics)?;
+        write_ready_file(path, local, metrics)?;
     }
     metrics::describe_counter!(
         "udphub_config_reloads_total",
@@ -73,7 +82,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     publish_limits(&config);
     let mut running = config;
     let on_hup = move || reload_now(&args, &mut running, &loops);
-    supervisor.run_reloading(vec![relay], Some(Box::new(on_hup)))
+    supervisor.run_reloading(relays, Some(Box::new(on_hup)))
 }
 
 /// Exports the caps the saturation alerts divide by (`udphub_clients /

@@ -1,0 +1,419 @@
+//! Several loops on one port (`--threads N`): what each loop holds of its
+//! siblings, and the queues between them.
+//!
+//! Each loop (a *shard*) has its own SO_REUSEPORT socket on the relay's
+//! address, its own hub, table, wheel and rooms: the kernel hashes each
+//! source to one socket, so a client belongs to one shard and nothing
+//! about it is shared. What crosses shards is a message for a room with
+//! members elsewhere: the shard that received it renders it once into a
+//! shared, immutable buffer ([`Handoff`], one allocation whatever the
+//! number of shards) and queues a reference to it for every other shard
+//! that has members in that room, through a bounded single-producer queue
+//! per pair of shards, waking each such shard once per batch, not per
+//! message. The receiving shard fans the bytes out to its own members from
+//! its own socket (same address and port, so clients see one relay), as
+//! the cluster bridge's messages are: through [`crate::core::hub::Hub::relay_from_elsewhere`].
+//!
+//! Which shards have members in which room is told the same way: a shard
+//! whose room opens or closes says so to every other shard, on a second,
+//! unbounded queue (rooms open at most as fast as clients join, and a lost
+//! "opened" would silence a room). The lobby counts as open everywhere.
+//! A message sent to a shard just before it hears that a room opened
+//! there is missed by the room's first member, as a message sent before a
+//! join would be.
+//!
+//! A full queue drops the message for that shard and counts it
+//! (`udphub_delivery_dropped_total{reason="shard_queue_full"}`); a loop
+//! never blocks on another. Order: one sender's messages reach one shard
+//! through one FIFO queue, so they arrive in the order sent.
+
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use mio::Waker;
+
+use crate::core::counts::{Counts, DeliveryDrop};
+
+/// Messages a shard may have queued for one other shard: a few batches of
+/// fan-outs (each costs the receiver a `sendmmsg` per 256 members), enough
+/// to ride out a scheduling hiccup, bounded so a stuck shard costs memory
+/// in proportion to this, not to the traffic.
+pub const SHARD_QUEUE: usize = 1024;
+
+/// Messages from other shards fanned out per wake-up, before the loop goes
+/// back to its own socket and timers (a message to a big room is
+/// thousands of deliveries: a full queue drained at once would stall the
+/// loop for seconds). What is left wakes the loop again at once.
+pub const DRAIN_BUDGET: usize = 64;
+
+/// Most shards: interest in a room is a 64-bit mask.
+pub const MAX_SHARDS: usize = 64;
+
+/// A message rendered once, shared by every shard that fans it out: the
+/// room's name (empty: the lobby) followed by the payload.
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    /// `name ++ payload`, in one allocation.
+    bytes: Arc<[u8]>,
+    /// Where the name ends.
+    name_len: usize,
+}
+
+impl Handoff {
+    /// Copies `name` and `payload` into one shared buffer.
+    pub fn new(name: &[u8], payload: &[u8]) -> Handoff {
+        let mut bytes = Vec::with_capacity(name.len() + payload.len());
+        bytes.extend_from_slice(name);
+        bytes.extend_from_slice(payload);
+        Handoff {
+            bytes: bytes.into(),
+            name_len: name.len(),
+        }
+    }
+
+    /// The room's name.
+    pub fn room(&self) -> &[u8] {
+        &self.bytes[..self.name_len]
+    }
+
+    /// The bytes every recipient receives.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.name_len..]
+    }
+}
+
+/// A room opened or closed on the shard that says so.
+#[derive(Debug, Clone)]
+enum Interest {
+    Opened(usize, Box<[u8]>),
+    Closed(usize, Box<[u8]>),
+}
+
+/// This shard's way to one other shard.
+struct Peer {
+    /// Its index.
+    index: usize,
+    /// Messages for it (bounded).
+    data: SyncSender<Handoff>,
+    /// Rooms opening and closing here (unbounded).
+    interest: Sender<Interest>,
+    /// Its loop's waker.
+    waker: Arc<Waker>,
+    /// Something was queued for it in this batch: wake it at the end.
+    wake: bool,
+}
+
+/// What one shard holds of the others.
+pub struct Siblings {
+    /// This shard's index.
+    index: usize,
+    /// The other shards.
+    peers: Vec<Peer>,
+    /// Messages from each other shard.
+    inbox: Vec<Receiver<Handoff>>,
+    /// Rooms opening and closing on the other shards.
+    news: Receiver<Interest>,
+    /// Named rooms with members on other shards: bit `j` for shard `j`.
+    rooms: HashMap<Box<[u8]>, u64>,
+    /// This shard's own waker: messages left after a drain's budget.
+    own_waker: Option<Arc<Waker>>,
+    /// Which inbox the next drain starts with (so that no sibling's queue
+    /// waits behind another's).
+    next_inbox: usize,
+}
+
+/// What a loop needs from the others before they all start: its own end
+/// of every queue and every other loop's waker. Made by [`wire`].
+pub struct Unwired {
+    index: usize,
+    data_tx: Vec<(usize, SyncSender<Handoff>)>,
+    interest_tx: Vec<(usize, Sender<Interest>)>,
+    inbox: Vec<Receiver<Handoff>>,
+    news: Receiver<Interest>,
+}
+
+/// Makes the queues between `n` shards (a bounded one for messages and an
+/// unbounded one for room interest, per ordered pair). Each shard's part
+/// becomes its [`Siblings`] once the wakers are known ([`Unwired::wire`]).
+pub fn queues(n: usize) -> Vec<Unwired> {
+    let mut parts: Vec<Unwired> = Vec::with_capacity(n);
+    let mut news_tx = Vec::with_capacity(n);
+    for index in 0..n {
+        let (tx, news) = mpsc::channel();
+        news_tx.push(tx);
+        parts.push(Unwired {
+            index,
+            data_tx: Vec::new(),
+            interest_tx: Vec::new(),
+            inbox: Vec::new(),
+            news,
+        });
+    }
+    for from in 0..n {
+        for to in 0..n {
+            if from == to {
+                continue;
+            }
+            let (tx, rx) = mpsc::sync_channel(SHARD_QUEUE);
+            parts[from].data_tx.push((to, tx));
+            parts[from].interest_tx.push((to, news_tx[to].clone()));
+            parts[to].inbox.push(rx);
+        }
+    }
+    parts
+}
+
+impl Unwired {
+    /// Joins this shard's queues with the other loops' wakers
+    /// (`wakers[j]` wakes shard `j`).
+    pub fn wire(self, wakers: &[Arc<Waker>]) -> Siblings {
+        let interest: HashMap<usize, Sender<Interest>> = self.interest_tx.into_iter().collect();
+        let peers = self
+            .data_tx
+            .into_iter()
+            .filter_map(|(to, data)| {
+                Some(Peer {
+                    index: to,
+                    interest: interest.get(&to)?.clone(),
+                    waker: Arc::clone(wakers.get(to)?),
+                    data,
+                    wake: false,
+                })
+            })
+            .collect();
+        Siblings {
+            index: self.index,
+            peers,
+            inbox: self.inbox,
+            news: self.news,
+            rooms: HashMap::new(),
+            own_waker: wakers.get(self.index).cloned(),
+            next_inbox: 0,
+        }
+    }
+}
+
+impl Siblings {
+    /// This shard's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Queues `message` for every other shard with members in its room
+    /// (every one, for the lobby). A full queue drops it for that shard and
+    /// counts the drop as one recipient dropped, so the delivery invariant
+    /// still holds.
+    pub fn hand_off(&mut self, room: &[u8], payload: &[u8], counts: &mut Counts) {
+        let mask = if room.is_empty() {
+            u64::MAX
+        } else {
+            match self.rooms.get(room) {
+                Some(&mask) => mask,
+                None => return,
+            }
+        };
+        let mut message = None;
+        for peer in &mut self.peers {
+            if mask & (1 << peer.index) == 0 {
+                continue;
+            }
+            let m = message.get_or_insert_with(|| Handoff::new(room, payload));
+            match peer.data.try_send(m.clone()) {
+                Ok(()) => peer.wake = true,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    counts.recipients += 1;
+                    counts.delivery_dropped[DeliveryDrop::ShardQueueFull as usize] += 1;
+                }
+            }
+        }
+    }
+
+    /// Tells every other shard that a named room opened or closed here.
+    pub fn room_opened(&mut self, name: &[u8]) {
+        self.tell(|i| Interest::Opened(i, name.into()));
+    }
+
+    /// See [`room_opened`](Self::room_opened).
+    pub fn room_closed(&mut self, name: &[u8]) {
+        self.tell(|i| Interest::Closed(i, name.into()));
+    }
+
+    fn tell(&mut self, news: impl Fn(usize) -> Interest) {
+        for peer in &mut self.peers {
+            if peer.interest.send(news(self.index)).is_ok() {
+                peer.wake = true;
+            }
+        }
+    }
+
+    /// Wakes each shard that was sent something since the last call: once
+    /// per batch, however many messages it got.
+    pub fn wake(&mut self) {
+        for peer in &mut self.peers {
+            if std::mem::take(&mut peer.wake) {
+                if let Err(e) = peer.waker.wake() {
+                    tracing::error!("cannot wake loop {}: {e}", peer.index);
+                }
+            }
+        }
+    }
+
+    /// Takes in the news about rooms, then hands up to [`DRAIN_BUDGET`]
+    /// queued messages to `fan_out` (room name, payload), oldest first per
+    /// sending shard. If messages are left, wakes this loop again, so they
+    /// are drained on its next pass, after its own socket has had a turn.
+    pub fn drain(&mut self, fan_out: impl FnMut(&[u8], &[u8])) {
+        if self.drain_up_to(DRAIN_BUDGET, fan_out) {
+            if let Some(w) = &self.own_waker {
+                if let Err(e) = w.wake() {
+                    tracing::error!("cannot wake loop {}: {e}", self.index);
+                }
+            }
+        }
+    }
+
+    /// [`drain`](Self::drain) with a budget; returns whether messages are
+    /// left.
+    fn drain_up_to(&mut self, budget: usize, mut fan_out: impl FnMut(&[u8], &[u8])) -> bool {
+        for news in self.news.try_iter() {
+            match news {
+                Interest::Opened(from, name) => {
+                    *self.rooms.entry(name).or_insert(0) |= 1 << from;
+                }
+                Interest::Closed(from, name) => {
+                    if let Some(mask) = self.rooms.get_mut(&name) {
+                        *mask &= !(1 << from);
+                        if *mask == 0 {
+                            self.rooms.remove(&name);
+                        }
+                    }
+                }
+            }
+        }
+        let mut left = budget;
+        let n = self.inbox.len();
+        for k in 0..n {
+            let inbox = &self.inbox[(self.next_inbox + k) % n];
+            while left > 0 {
+                match inbox.try_recv() {
+                    Ok(message) => {
+                        fan_out(message.room(), message.payload());
+                        left -= 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if left == 0 {
+                self.next_inbox = (self.next_inbox + k + 1) % n.max(1);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Poll, Token};
+
+    fn wired(n: usize) -> (Vec<Poll>, Vec<Siblings>) {
+        let polls: Vec<Poll> = (0..n).map(|_| Poll::new().unwrap()).collect();
+        let wakers: Vec<Arc<Waker>> = polls
+            .iter()
+            .map(|p| Arc::new(Waker::new(p.registry(), Token(1)).unwrap()))
+            .collect();
+        let sibs = queues(n).into_iter().map(|u| u.wire(&wakers)).collect();
+        (polls, sibs)
+    }
+
+    fn drained(s: &mut Siblings) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        s.drain_up_to(usize::MAX, |room, payload| {
+            out.push((room.to_vec(), payload.to_vec()))
+        });
+        out
+    }
+
+    #[test]
+    fn lobby_messages_go_to_every_other_shard_in_order() {
+        let (_polls, mut s) = wired(3);
+        let mut counts = Counts::default();
+        for m in [&b"one"[..], b"two", b"three"] {
+            s[0].hand_off(b"", m, &mut counts);
+        }
+        s[0].wake();
+        assert!(drained(&mut s[0]).is_empty(), "never to itself");
+        for other in [1, 2] {
+            let got: Vec<Vec<u8>> = drained(&mut s[other]).into_iter().map(|m| m.1).collect();
+            assert_eq!(
+                got,
+                vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+            );
+        }
+        assert_eq!(counts.recipients, 0);
+    }
+
+    #[test]
+    fn named_rooms_go_only_where_they_have_members() {
+        let (_polls, mut s) = wired(3);
+        let mut counts = Counts::default();
+        s[2].room_opened(b"red");
+        drained(&mut s[0]);
+        drained(&mut s[1]);
+        s[0].hand_off(b"red", b"hi", &mut counts);
+        s[0].hand_off(b"blue", b"nobody", &mut counts);
+        assert!(drained(&mut s[1]).is_empty());
+        assert_eq!(drained(&mut s[2]), vec![(b"red".to_vec(), b"hi".to_vec())]);
+        s[2].room_closed(b"red");
+        drained(&mut s[0]);
+        s[0].hand_off(b"red", b"late", &mut counts);
+        assert!(drained(&mut s[2]).is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let (_polls, mut s) = wired(2);
+        let mut counts = Counts::default();
+        for i in 0..SHARD_QUEUE + 10 {
+            s[0].hand_off(b"", format!("{i}").as_bytes(), &mut counts);
+        }
+        assert_eq!(counts.recipients, 10);
+        assert_eq!(
+            counts.delivery_dropped[DeliveryDrop::ShardQueueFull as usize],
+            10
+        );
+        assert_eq!(drained(&mut s[1]).len(), SHARD_QUEUE);
+    }
+
+    #[test]
+    fn a_drain_stops_at_its_budget_and_takes_turns() {
+        let (_polls, mut s) = wired(3);
+        let mut counts = Counts::default();
+        for i in 0..DRAIN_BUDGET {
+            s[0].hand_off(b"", format!("a{i}").as_bytes(), &mut counts);
+            s[1].hand_off(b"", format!("b{i}").as_bytes(), &mut counts);
+        }
+        let mut got = Vec::new();
+        assert!(s[2].drain_up_to(DRAIN_BUDGET, |_, p| got.push(p.to_vec())));
+        assert_eq!(got.len(), DRAIN_BUDGET);
+        // The next drain starts with the other sibling's queue.
+        let mut next = Vec::new();
+        s[2].drain_up_to(DRAIN_BUDGET, |_, p| next.push(p.to_vec()));
+        assert_eq!(next.len(), DRAIN_BUDGET);
+        assert_ne!(got[0][0], next[0][0]);
+        assert!(!s[2].drain_up_to(DRAIN_BUDGET, |_, _| panic!("all drained")));
+    }
+
+    #[test]
+    fn a_handoff_is_one_shared_buffer() {
+        let h = Handoff::new(b"room", b"payload");
+        let copy = h.clone();
+        assert!(Arc::ptr_eq(&h.bytes, &copy.bytes));
+        assert_eq!(
+            (copy.room(), copy.payload()),
+            (&b"room"[..], &b"payload"[..])
+        );
+    }
+}
