@@ -292,5 +292,41 @@ fn room_fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, table, wheel, hub, room_fanout);
+/// The cost of crossing loops (`--threads`): handing one message to the
+/// other loops' queues (an `Arc` clone and a slot each), draining them on
+/// the other side, and one wake-up (an eventfd write).
+fn shards(c: &mut Criterion) {
+    use udphub::runtime::shards;
+    let mut g = c.benchmark_group("shards");
+    for n in [2usize, 8] {
+        let polls: Vec<mio::Poll> = (0..n).map(|_| mio::Poll::new().unwrap()).collect();
+        let wakers: Vec<std::sync::Arc<mio::Waker>> = polls
+            .iter()
+            .map(|p| std::sync::Arc::new(mio::Waker::new(p.registry(), mio::Token(1)).unwrap()))
+            .collect();
+        let mut sibs: Vec<shards::Siblings> = shards::queues(n)
+            .into_iter()
+            .map(|u| u.wire(&wakers))
+            .collect();
+        let mut counts = udphub::core::counts::Counts::default();
+        let payload = [b'x'; 64];
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::new("hand_off_and_drain_per_message", n), |b| {
+            b.iter(|| {
+                sibs[0].hand_off(b"", &payload, &mut counts);
+                for s in sibs.iter_mut().skip(1) {
+                    s.drain(|_, p| {
+                        std::hint::black_box(p);
+                    });
+                }
+            })
+        });
+    }
+    let poll = mio::Poll::new().unwrap();
+    let waker = mio::Waker::new(poll.registry(), mio::Token(1)).unwrap();
+    g.bench_function("wake", |b| b.iter(|| waker.wake().unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, protocol, table, wheel, hub, room_fanout, shards);
 criterion_main!(benches);

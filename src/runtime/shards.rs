@@ -35,11 +35,23 @@ use mio::Waker;
 
 use crate::core::counts::{Counts, DeliveryDrop};
 
-/// Messages a shard may have queued for one other shard: a few batches of
-/// fan-outs (each costs the receiver a `sendmmsg` per 256 members), enough
-/// to ride out a scheduling hiccup, bounded so a stuck shard costs memory
-/// in proportion to this, not to the traffic.
+/// Messages a shard may have queued for one other shard, at most: a few
+/// batches of fan-outs (each costs the receiver a `sendmmsg` per 256
+/// members), enough to ride out a scheduling hiccup, bounded so a stuck
+/// shard costs memory in proportion to this, not to the traffic. With many
+/// shards it shrinks (see [`queue_capacity`]).
 pub const SHARD_QUEUE: usize = 1024;
+
+/// Slots of all of one shard's inbound queues together, past which each
+/// queue is made smaller: there are N × (N − 1) queues, allocated up
+/// front, so at 64 shards 1,024 slots each would be ~130 MB.
+const INBOUND_SLOTS: usize = 16 * 1024;
+
+/// The capacity of each queue between `n` shards: [`SHARD_QUEUE`], or
+/// less with many shards (never under 64).
+pub fn queue_capacity(n: usize) -> usize {
+    (INBOUND_SLOTS / n.saturating_sub(1).max(1)).clamp(64, SHARD_QUEUE)
+}
 
 /// Messages from other shards fanned out per wake-up, before the loop goes
 /// back to its own socket and timers (a message to a big room is
@@ -155,7 +167,7 @@ pub fn queues(n: usize) -> Vec<Unwired> {
             if from == to {
                 continue;
             }
-            let (tx, rx) = mpsc::sync_channel(SHARD_QUEUE);
+            let (tx, rx) = mpsc::sync_channel(queue_capacity(n));
             parts[from].data_tx.push((to, tx));
             parts[from].interest_tx.push((to, news_tx[to].clone()));
             parts[to].inbox.push(rx);
@@ -404,6 +416,14 @@ mod tests {
         assert_eq!(next.len(), DRAIN_BUDGET);
         assert_ne!(got[0][0], next[0][0]);
         assert!(!s[2].drain_up_to(DRAIN_BUDGET, |_, _| panic!("all drained")));
+    }
+
+    #[test]
+    fn queues_shrink_with_many_shards() {
+        assert_eq!(queue_capacity(2), SHARD_QUEUE);
+        assert_eq!(queue_capacity(8), SHARD_QUEUE);
+        assert_eq!(queue_capacity(32), 528);
+        assert_eq!(queue_capacity(64), 260);
     }
 
     #[test]
