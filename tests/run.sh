@@ -38,6 +38,17 @@ set +e
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The protocol suites again with four loops on one port (`--threads 4`
+# through the environment): whichever loop a client lands on, the
+# relay must behave the same.
+if [ "$status" = 0 ]; then
+    echo "== the protocol tests with UDPHUB_THREADS=4" | tee -a "$log"
+    set +e
+    UDPHUB_THREADS=4 cargo test --locked --test relay --test rooms --test verify --test metrics \
+        --test clients --test reload --test faults 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+fi
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"

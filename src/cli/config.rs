@@ -419,15 +419,16 @@ impl Default for Config {
 
 impl Config {
     /// What each loop's hub needs of these settings. With several loops
-    /// the client cap (and reservation) is split between them evenly,
-    /// rounded up: a loop's clients are its own.
+    /// the table reservation is split between them evenly, rounded up (a
+    /// loop's clients are its own); the caps are the relay's, counted
+    /// across loops (see [`crate::core::census`]).
     pub fn hub(&self) -> HubConfig {
         let loops = self.threads.max(1);
         HubConfig {
             timeout: self.timeout,
             format: self.format.clone(),
             echo: self.echo,
-            max_clients: self.max_clients.div_ceil(loops),
+            max_clients: self.max_clients,
             expect_clients: self.expect_clients.div_ceil(loops),
             max_datagram: self.max_datagram,
             max_rooms: self.max_rooms,

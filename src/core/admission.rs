@@ -309,7 +309,7 @@ impl Admission {
                 }
             );
         if registers {
-            if table.len() >= self.max_clients {
+            if table.total_len() >= self.max_clients {
                 return Verdict::Drop(DropReason::TableFull);
             }
             if self

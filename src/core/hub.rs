@@ -391,6 +391,13 @@ impl Hub {
         self.table.rooms().find(name)
     }
 
+    /// Counts clients together with the relay's other loops (`--threads`),
+    /// so that `--max-clients` and `--max-clients-per-ip` cap the relay,
+    /// not each loop. Call before any datagram.
+    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+        self.table.share_census(census);
+    }
+
     /// Starts recording named rooms opened and closed (a cluster node
     /// subscribes to a room's subject while the room has members here).
     pub fn track_room_changes(&mut self) {

@@ -61,6 +61,7 @@ macro_rules! labelled_enum {
 
 pub mod addr;
 pub mod admission;
+pub mod census;
 pub mod clock;
 pub mod cookie;
 pub mod counts;

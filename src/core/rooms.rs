@@ -69,6 +69,9 @@ pub struct Rooms {
     max_members: usize,
     /// Rooms opened and closed since last taken, if tracked.
     changes: Option<Vec<RoomChange>>,
+    /// Member counts shared with the relay's other loops (`--threads`):
+    /// the caps are then the relay's.
+    census: Option<std::sync::Arc<crate::core::census::Census>>,
 }
 
 impl Default for Rooms {
@@ -89,6 +92,7 @@ impl Rooms {
             max_rooms,
             max_members,
             changes: None,
+            census: None,
         }
     }
 
@@ -97,6 +101,30 @@ impl Rooms {
     pub fn set_limits(&mut self, max_rooms: usize, max_members: usize) {
         self.max_rooms = max_rooms;
         self.max_members = max_members;
+    }
+
+    /// Counts members with the relay's other loops from now on (call it
+    /// before anyone joins a room): `--max-room-clients` and `--max-rooms`
+    /// then cap the relay's rooms, not this loop's.
+    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+        self.census = Some(census);
+    }
+
+    /// Members of `room` called `name`: here, or in the whole relay.
+    fn members_in_all(&self, room: RoomId, name: &[u8]) -> usize {
+        match &self.census {
+            Some(c) => c.members(name),
+            None => self.members(room).len(),
+        }
+    }
+
+    /// Whether a room called `name`, not open here, would be one too many.
+    fn too_many_rooms(&self, name: &[u8]) -> bool {
+        match &self.census {
+            // Open on another loop: not a new room for the relay.
+            Some(c) => c.members(name) == 0 && c.rooms() >= self.max_rooms,
+            None => self.by_name.len() >= self.max_rooms,
+        }
     }
 
     /// Records from now on every named room opened and closed, for
@@ -136,17 +164,17 @@ impl Rooms {
     /// be. `name` must be [`valid_name`] or empty (the lobby, never full).
     pub fn open(&mut self, name: &[u8]) -> Result<RoomId, Full> {
         if let Some(room) = self.find(name) {
-            if room != LOBBY && self.members(room).len() >= self.max_members {
+            if room != LOBBY && self.members_in_all(room, name) >= self.max_members {
                 return Err(Full::Members);
             }
             return Ok(room);
         }
-        if self.by_name.len() >= self.max_rooms || self.max_members == 0 {
-            return Err(if self.max_members == 0 {
-                Full::Members
-            } else {
-                Full::Rooms
-            });
+        let members_elsewhere = self.census.as_ref().map_or(0, |c| c.members(name));
+        if self.max_members == 0 || members_elsewhere >= self.max_members {
+            return Err(Full::Members);
+        }
+        if self.too_many_rooms(name) {
+            return Err(Full::Rooms);
         }
         let name: Box<[u8]> = name.into();
         let room = match self.free.pop() {
@@ -170,12 +198,13 @@ impl Rooms {
     /// Whether [`open`](Self::open) would succeed for `name`, without
     /// making anything.
     pub fn check(&self, name: &[u8]) -> Result<(), Full> {
+        let elsewhere = || self.census.as_ref().map_or(0, |c| c.members(name));
         match self.find(name) {
             Some(LOBBY) => Ok(()),
-            Some(room) if self.members(room).len() >= self.max_members => Err(Full::Members),
+            Some(room) if self.members_in_all(room, name) >= self.max_members => Err(Full::Members),
             Some(_) => Ok(()),
-            None if self.max_members == 0 => Err(Full::Members),
-            None if self.by_name.len() >= self.max_rooms => Err(Full::Rooms),
+            None if self.max_members == 0 || elsewhere() >= self.max_members => Err(Full::Members),
+            None if self.too_many_rooms(name) => Err(Full::Rooms),
             None => Ok(()),
         }
     }
@@ -187,6 +216,9 @@ impl Rooms {
 
     /// Adds slot `key` to `room`; returns its position in the member list.
     pub fn add(&mut self, room: RoomId, key: u32) -> u32 {
+        if let (Some(census), true) = (&self.census, room != LOBBY) {
+            census.member_added(self.name(room));
+        }
         let list = &mut self.members[room.0 as usize];
         list.push(key);
         (list.len() - 1) as u32
@@ -203,6 +235,9 @@ impl Rooms {
         }
         list.swap_remove(position);
         let moved = list.get(position).copied();
+        if let (Some(census), true) = (&self.census, room != LOBBY) {
+            census.member_removed(&self.names[room.0 as usize]);
+        }
         if list.is_empty() && room != LOBBY {
             let name = std::mem::take(&mut self.names[room.0 as usize]);
             self.by_name.remove(&name);
@@ -225,6 +260,13 @@ impl Rooms {
 
     /// Empties every room; only the lobby remains.
     pub fn clear(&mut self) {
+        if let Some(census) = &self.census {
+            for (name, room) in &self.by_name {
+                for _ in 0..self.members(*room).len() {
+                    census.member_removed(name);
+                }
+            }
+        }
         if let Some(changes) = &mut self.changes {
             changes.extend(self.by_name.keys().map(|n| RoomChange::Closed(n.clone())));
         }

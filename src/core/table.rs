@@ -85,6 +85,8 @@ pub struct Table {
     per_ip: Option<hashbrown::HashMap<std::net::IpAddr, u32>>,
     /// Tokens a new client's bucket starts with.
     burst: f32,
+    /// Counts shared with the relay's other loops (`--threads`), if any.
+    census: Option<std::sync::Arc<crate::core::census::Census>>,
 }
 
 impl Table {
@@ -116,6 +118,24 @@ impl Table {
             next_generation: 0,
             per_ip: None,
             burst: 0.0,
+            census: None,
+        }
+    }
+
+    /// Counts clients together with the relay's other loops from now on
+    /// (call it before any client joins): the caps then apply to the
+    /// relay, not to this loop.
+    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+        self.rooms.share_census(std::sync::Arc::clone(&census));
+        self.census = Some(census);
+    }
+
+    /// Clients in the relay: this table's, or every loop's with a shared
+    /// census.
+    pub fn total_len(&self) -> usize {
+        match &self.census {
+            Some(c) => c.clients(),
+            None => self.clients.len(),
         }
     }
 
@@ -127,13 +147,22 @@ impl Table {
             for (_, c) in &self.clients {
                 *counts.entry(c.addr.display_ip()).or_insert(0) += 1;
             }
+            if let Some(census) = &self.census {
+                for (ip, n) in &counts {
+                    census.add_ip(*ip, *n);
+                }
+            }
             self.per_ip = Some(counts);
         }
     }
 
     /// Stops counting clients per IP address.
     pub fn stop_counting_per_ip(&mut self) {
-        self.per_ip = None;
+        if let (Some(counts), Some(census)) = (self.per_ip.take(), &self.census) {
+            for (ip, n) in counts {
+                census.sub_ip(ip, n);
+            }
+        }
     }
 
     /// Changes the timeout (in ticks) of a running table. Liveness follows
@@ -150,8 +179,11 @@ impl Table {
         &mut self.rooms
     }
 
-    /// Clients at `addr`'s IP address (0 unless counted).
+    /// Clients at `addr`'s IP address (0 unless counted), in the relay.
     pub fn clients_at(&self, addr: &RawAddr) -> u32 {
+        if let (Some(census), Some(_)) = (&self.census, &self.per_ip) {
+            return census.at(&addr.display_ip());
+        }
         self.per_ip
             .as_ref()
             .and_then(|m| m.get(&addr.display_ip()).copied())
@@ -281,6 +313,9 @@ impl Table {
         if let Some(per_ip) = &mut self.per_ip {
             *per_ip.entry(addr.display_ip()).or_insert(0) += 1;
         }
+        if let Some(census) = &self.census {
+            census.joined(self.per_ip.is_some().then(|| addr.display_ip()));
+        }
         let hash = self.hasher.hash_one(addr);
         let Table {
             index,
@@ -319,6 +354,9 @@ impl Table {
     /// already gone).
     fn forget(&mut self, key: u32) -> Option<Client> {
         let client = self.clients.try_remove(key as usize)?;
+        if let Some(census) = &self.census {
+            census.left(self.per_ip.is_some().then(|| client.addr.display_ip()));
+        }
         if let Some(per_ip) = &mut self.per_ip {
             let ip = client.addr.display_ip();
             if let Some(n) = per_ip.get_mut(&ip) {
@@ -383,6 +421,12 @@ impl Table {
     /// Drops every client (shutdown). Returns how many there were.
     pub fn clear(&mut self) -> usize {
         let n = self.clients.len();
+        if let Some(census) = &self.census {
+            let counting = self.per_ip.is_some();
+            for (_, c) in &self.clients {
+                census.left(counting.then(|| c.addr.display_ip()));
+            }
+        }
         self.index.clear();
         self.clients.clear();
         self.rooms.clear();

@@ -50,6 +50,8 @@ pub struct Relay {
     reloads: Option<ReloadReceiver>,
     /// The other loops, with `--threads` above 1.
     siblings: Option<Siblings>,
+    /// Counts shared with them.
+    census: Option<std::sync::Arc<crate::core::census::Census>>,
 }
 
 impl Relay {
@@ -63,7 +65,15 @@ impl Relay {
             cluster: None,
             reloads: None,
             siblings: None,
+            census: None,
         }
+    }
+
+    /// Counts clients together with the other loops (the caps are the
+    /// relay's).
+    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+        self.hub.share_census(std::sync::Arc::clone(&census));
+        self.census = Some(census);
     }
 
     /// Runs as one of several loops on one port: messages for rooms with
@@ -157,6 +167,11 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
         loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
     }
     if threads > 1 {
+        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        for lp in &mut loops {
+            lp.service_mut()
+                .share_census(std::sync::Arc::clone(&census));
+        }
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
         for (i, (lp, part)) in loops.iter_mut().zip(shards::queues(threads)).enumerate() {
             lp.service_mut().attach_siblings(part.wire(&wakers));
@@ -246,11 +261,13 @@ impl Service for Relay {
         }
     }
 
-    /// Sends the batch's replies; tells the other loops and the cluster
-    /// which rooms opened and closed here; wakes each loop this batch
-    /// handed messages to, once.
+    /// Tells the other loops and the cluster which rooms opened and closed
+    /// here; wakes each loop this batch handed messages to, once; sends
+    /// the batch's replies.
     fn end_batch(&mut self, io: &mut Io<'_>) {
-        self.replies.flush(io, &mut self.send_errors);
+        // Rooms first, replies after: a client told `^room^R` may at once
+        // get a friend on another loop to talk in R, and that loop must
+        // already be able to know R has a member here.
         if self.cluster.is_some() || self.siblings.is_some() {
             for change in self.hub.take_room_changes() {
                 match change {
@@ -276,6 +293,7 @@ impl Service for Relay {
         if let Some(siblings) = &mut self.siblings {
             siblings.wake();
         }
+        self.replies.flush(io, &mut self.send_errors);
     }
 
     /// New settings from a reload, applied between two batches; then
@@ -348,7 +366,14 @@ impl Service for Relay {
         self.hub.clients()
     }
 
+    /// This loop's share of the `udphub_rooms` gauge. With several loops
+    /// a room may have members on each: the first loop reports the
+    /// relay's distinct rooms (from the shared census), the others none.
     fn rooms(&self) -> usize {
-        self.hub.rooms()
+        match (&self.siblings, &self.census) {
+            (Some(s), Some(census)) if s.index() == 0 => census.rooms(),
+            (Some(_), Some(_)) => 0,
+            _ => self.hub.rooms(),
+        }
     }
 }

@@ -17,10 +17,10 @@
 //! Which shards have members in which room is told the same way: a shard
 //! whose room opens or closes says so to every other shard, on a second,
 //! unbounded queue (rooms open at most as fast as clients join, and a lost
-//! "opened" would silence a room). The lobby counts as open everywhere.
-//! A message sent to a shard just before it hears that a room opened
-//! there is missed by the room's first member, as a message sent before a
-//! join would be.
+//! "opened" would silence a room), before it answers the joins; every
+//! shard reads that news before each hand-off. The lobby counts as open
+//! everywhere. The caps are counted across shards by
+//! [`crate::core::census::Census`].
 //!
 //! A full queue drops the message for that shard and counts it
 //! (`udphub_delivery_dropped_total{reason="shard_queue_full"}`); a loop
@@ -217,6 +217,9 @@ impl Siblings {
     /// counts the drop as one recipient dropped, so the delivery invariant
     /// still holds.
     pub fn hand_off(&mut self, room: &[u8], payload: &[u8], counts: &mut Counts) {
+        // The latest news first (an empty channel costs a load): a room a
+        // member just joined on another loop is sent to at once.
+        self.take_news();
         let mask = if room.is_empty() {
             u64::MAX
         } else {
@@ -285,9 +288,8 @@ impl Siblings {
         }
     }
 
-    /// [`drain`](Self::drain) with a budget; returns whether messages are
-    /// left.
-    fn drain_up_to(&mut self, budget: usize, mut fan_out: impl FnMut(&[u8], &[u8])) -> bool {
+    /// Applies the other shards' news about their rooms.
+    fn take_news(&mut self) {
         for news in self.news.try_iter() {
             match news {
                 Interest::Opened(from, name) => {
@@ -303,6 +305,12 @@ impl Siblings {
                 }
             }
         }
+    }
+
+    /// [`drain`](Self::drain) with a budget; returns whether messages are
+    /// left.
+    fn drain_up_to(&mut self, budget: usize, mut fan_out: impl FnMut(&[u8], &[u8])) -> bool {
+        self.take_news();
         let mut left = budget;
         let n = self.inbox.len();
         for k in 0..n {
