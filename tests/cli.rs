@@ -9,16 +9,8 @@ use util::{spawn_relay, udphub_bin, Client};
 
 /// Runs `udphub args…` and returns (exit code, stderr).
 fn udphub(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(udphub_bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run udphub");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, stderr) = udphub_out(args);
+    (code, stderr)
 }
 
 /// Asserts a usage error: exit 2, one line, containing every needle.

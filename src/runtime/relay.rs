@@ -297,37 +297,28 @@ impl Service for Relay {
     }
 
     /// New settings from a reload, applied between two batches; then
-    /// messages from other nodes: each fanned out to this node's members of
-    /// its room (none if the room has none here any more).
+    /// messages from the other loops and from other nodes: each fanned out
+    /// to this loop's members of its room (none if it has none here).
     fn on_wake(&mut self, io: &mut Io<'_>) {
         if let Some(config) = self.reloads.as_ref().and_then(ReloadReceiver::latest) {
             self.hub.reconfigure(&config);
         }
-        if let Some(siblings) = &mut self.siblings {
-            let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
-            let now = Instant::now();
-            siblings.drain(|room, body| {
-                let Some(room) = hub.find_room(room) else {
-                    return;
-                };
-                let out = hub.relay_from_elsewhere(now, room, body);
-                let report = fanout.send(io.fd, out.payload, out.recipients);
-                count(report, io.counts, errors);
-            });
-        }
-        let Some(link) = &mut self.cluster else {
-            return;
-        };
-        let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
         let now = Instant::now();
-        link.drain(|room, body| {
+        let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
+        let mut fan_out = |room: &[u8], body: &[u8]| {
             let Some(room) = hub.find_room(room) else {
                 return;
             };
             let out = hub.relay_from_elsewhere(now, room, body);
             let report = fanout.send(io.fd, out.payload, out.recipients);
             count(report, io.counts, errors);
-        });
+        };
+        if let Some(siblings) = &mut self.siblings {
+            siblings.drain(&mut fan_out);
+        }
+        if let Some(link) = &mut self.cluster {
+            link.drain(&mut fan_out);
+        }
     }
 
     /// Lets the hub expire clients in chunks of [`EXPIRY_CHUNK`], for at
