@@ -225,6 +225,19 @@ mod tests {
         assert_eq!(plan.config.max_datagram, 1472);
         assert_eq!(plan.config.timeout, Duration::from_secs(5));
         assert!(plan.log_level_changed(&running));
+        // The number of loops is fixed: the kernel would move clients.
+        let plan = super::plan(
+            &running,
+            Config {
+                threads: 4,
+                ..Config::default()
+            },
+        );
+        assert_eq!(plan.config.threads, 1);
+        assert_eq!(
+            plan.refused,
+            vec!["threads 1 → 4 needs a restart; keeping 1".to_string()]
+        );
     }
 
     #[test]
