@@ -29,13 +29,8 @@ PYTHON="$(python3 -c 'import sys; print(sys.executable)')"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
-cargo build --release --locked -p udphub -p loadtest >&2
-baseline_bin=$(cargo bench --locked --bench baseline_relay --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "baseline_relay" in m["executable"]:
-        print(m["executable"])' | tail -1)
+source loadtest/baselines/common.sh
+build_and_find_baseline
 [ -x "$baseline_bin" ] || { echo "compare.sh: baseline_relay bench binary not found" >&2; exit 1; }
 
 start_relay() {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use util::{metric, scrape, temp_path, udphub_bin, PATIENCE};
+use util::{metric, scrape, spawn_until_ready, temp_path, udphub_bin, PATIENCE};
 
 /// A running `udphub echo --tcp`, killed on drop.
 struct TcpEcho {
@@ -44,50 +44,12 @@ impl TcpEcho {
         .arg(&ready)
         .args(extra)
         .env_remove("RUST_LOG");
-        // The ready file says tcp=, not udp=: read it here.
-        let _ = std::fs::remove_file(&ready);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn udphub");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                let field = |k: &str| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(k))
-                        .unwrap_or_else(|| panic!("{k} missing: {text}"))
-                        .parse()
-                        .unwrap()
-                };
-                return TcpEcho {
-                    addr: field("tcp="),
-                    metrics: field("metrics="),
-                    child,
-                    _log: log,
-                };
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                let said: Vec<String> = log.try_iter().collect();
-                panic!("udphub echo --tcp exited ({status}): {said:?}");
-            }
-            assert!(Instant::now() < deadline, "udphub echo --tcp not ready");
-            std::thread::sleep(Duration::from_millis(10));
+        let (child, log, addrs) = spawn_until_ready(cmd, &ready);
+        TcpEcho {
+            child,
+            addr: addrs.udp,
+            metrics: addrs.metrics.expect("metrics on"),
+            _log: log,
         }
     }
 

@@ -99,7 +99,7 @@ pub fn spawn_relay_with(
 /// What a server wrote to its `--ready-file`.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadyAddrs {
-    /// Its UDP socket.
+    /// Its socket: `udp=`, or `tcp=` for `udphub echo --tcp`.
     pub udp: SocketAddr,
     /// Its metrics endpoint, unless off.
     pub metrics: Option<SocketAddr>,
@@ -138,7 +138,12 @@ pub fn spawn_until_ready(
                     .unwrap_or_else(|| panic!("ready file lacks {key}: {text:?}"))
                     .to_string()
             };
-            let udp = field("udp=").parse().expect("udp address");
+            let udp = text
+                .lines()
+                .find_map(|l| l.strip_prefix("udp=").or_else(|| l.strip_prefix("tcp=")))
+                .unwrap_or_else(|| panic!("ready file lacks udp= or tcp=: {text:?}"))
+                .parse()
+                .expect("socket address");
             let metrics = match field("metrics=").as_str() {
                 "off" => None,
                 a => Some(a.parse().expect("metrics address")),
