@@ -48,9 +48,10 @@ pub fn datagram(data: &[u8]) {
     let secret = secret();
     let _ = token::verify(&secret, data, b"r", 1_000);
     let _ = token::peek(data);
-    let key = CookieKey::new([7; 32]);
+    let born = Instant::now();
+    let key = CookieKey::new([7; 32], born);
     let from: RawAddr = SocketAddr::from(([127, 0, 0, 1], 5)).into();
-    assert!(!key.check(data, &from, 1_000) || data == key.make(&from, 1_000));
+    assert!(!key.check(data, &from, born) || data == key.make(&from, born));
 }
 
 fn secret() -> RoomSecret {
@@ -67,7 +68,7 @@ fn secret() -> RoomSecret {
 /// its cap, and that every fan-out goes only to clients.
 pub fn hub(script: &[u8]) {
     let t0 = Instant::now();
-    let key = CookieKey::new([7; 32]);
+    let key = CookieKey::new([7; 32], t0);
     let verify = script.first().is_some_and(|b| b & 1 == 1);
     let config = HubConfig {
         timeout: Duration::from_millis(200),
@@ -87,6 +88,7 @@ pub fn hub(script: &[u8]) {
             .filter(|b| *b & 16 == 16)
             .map(|_| (50.0, 5.0)),
         max_clients_per_ip: script.first().filter(|b| *b & 32 == 32).map(|_| 6),
+        loops: 1,
     };
     let mut hub = Hub::new(&config, t0);
     let unix = 1_000_000;
@@ -112,7 +114,7 @@ pub fn hub(script: &[u8]) {
             }
             1 => {
                 buf.extend_from_slice(protocol::COOKIE);
-                buf.extend_from_slice(&key.make(&source, unix));
+                buf.extend_from_slice(&key.make(&source, now));
             }
             2 => {
                 let room = ["r0", "r1", "r2", "r3"][usize::from(port) % 4];

@@ -9,9 +9,9 @@
 
 use crate::core::addr::RawAddr;
 use crate::core::cookie::CookieKey;
-use crate::core::limits::{Bucket, PrefixLimiter, Rate};
+use crate::core::limits::{PrefixLimiter, Rate};
 use crate::core::protocol::{self, Kind};
-use crate::core::rooms::{RoomId, LOBBY};
+use crate::core::rooms::LOBBY;
 use crate::core::table::Table;
 
 labelled_enum! {
@@ -29,9 +29,12 @@ labelled_enum! {
         /// Verify mode: from a source that has not proven its address (it
         /// was sent a cookie if the datagram was long enough).
         Unverified => "unverified",
-        /// Verify mode: a cookie that is wrong or too old.
+        /// Verify mode: a cookie that is wrong or too old (the sender is sent
+        /// a fresh one if the datagram was long enough).
         BadCookie => "bad_cookie",
-        /// Verify mode: a member's `quit` or `^join^` without its cookie.
+        /// Verify mode: a member's `quit`, `^join^`, heartbeat or timeout
+        /// question without its cookie: it proves nothing, so it changes
+        /// nothing (a member's liveness needs its cookie).
         Unproven => "unproven",
         /// Verify mode: no cookie sent, the per-prefix or global budget for
         /// cookie replies is spent.
@@ -65,8 +68,10 @@ pub struct Admitted<'a> {
     pub kind: Kind<'a>,
     /// The sender's slot in the client table, if it is a client.
     pub client: Option<u32>,
-    /// The sender's room (the lobby for a newcomer).
-    pub room: RoomId,
+    /// Whether it shows the sender is alive at its address: always outside
+    /// verify mode; in verify mode only with the sender's cookie, so that
+    /// an off-path spoofer cannot keep a silent member alive.
+    pub proves_liveness: bool,
 }
 
 /// What admission decided.
@@ -76,9 +81,10 @@ pub enum Verdict<'a> {
     Admit(Admitted<'a>),
     /// Dropped, for this reason.
     Drop(DropReason),
-    /// Verify mode: dropped as unverified, and the sender is to be sent a
-    /// cookie (the datagram was at least [`protocol::HELLO_LEN`] long).
-    Challenge,
+    /// Verify mode: dropped for this reason (unverified, or a bad cookie),
+    /// and the sender is to be sent a cookie (the datagram was at least
+    /// [`protocol::HELLO_LEN`] long, and the budget allowed it).
+    Challenge(DropReason),
 }
 
 /// Verify mode's state: the cookie key and the budgets for cookie replies.
@@ -86,52 +92,61 @@ pub enum Verdict<'a> {
 pub struct Verify {
     /// Makes and checks cookies.
     pub key: CookieKey,
-    /// Cookie replies per /24 (IPv4) or /56 (IPv6).
+    /// Cookie replies per /24 (IPv4) or /56 (IPv6), sharing the total
+    /// fairly (see [`PrefixLimiter`]).
     per_prefix: PrefixLimiter,
-    /// Cookie replies in all.
-    global: Bucket,
-    /// The global budget's rate.
-    global_rate: Rate,
+    /// How many loops share the relay's budgets (`--threads`).
+    loops: usize,
 }
 
 /// Cookie replies each /24 or /56 may get by default (`--cookie-rate`): 20
-/// a second, 20 at once — enough for the clients behind one NAT, nothing
-/// for an amplifier.
+/// a second — enough for the clients behind one NAT, nothing for an
+/// amplifier (each reply is shorter than the hello that asked for it).
 pub const COOKIE_PREFIX_RATE: f64 = 20.0;
-/// Cookie replies in all: 20,000 a second (each is ≤ the request, so this
-/// bounds only the CPU a flood of hellos costs).
-pub const COOKIE_GLOBAL_RATE: Rate = Rate {
-    per_sec: 20_000.0,
-    burst: 20_000.0,
-};
-/// Prefixes the cookie budget tracks at once (~40 bytes each: a flood of
-/// spoofed prefixes costs at most ~1 MiB).
-pub const COOKIE_PREFIXES: usize = 16_384;
+/// The least burst a prefix gets (100 replies at once: a NAT's worth of
+/// clients starting together; 3 KB at a victim prefix, once).
+pub const COOKIE_PREFIX_BURST: f64 = 100.0;
+/// Cookie replies a second in all, the relay's loops together: 20,000
+/// (each is ≤ the request, so this bounds only the CPU a flood of hellos
+/// costs). Shared fairly between the prefixes asking.
+pub const COOKIE_TOTAL_RATE: f64 = 20_000.0;
+/// Prefixes the cookie budget tracks at once, per loop (~25 bytes each in
+/// the map: a flood of spoofed prefixes costs at most ~3.3 MiB a loop).
+/// 65,536 is every /24 of a /8.
+pub const COOKIE_PREFIXES: usize = 65_536;
 
 impl Verify {
-    /// Verify mode with this key, `per_prefix` cookie replies a second per
-    /// /24 or /56 (at least as many at once), and the global budget.
-    pub fn new(key: CookieKey, per_prefix: f64) -> Verify {
+    /// Verify mode with this key and `per_prefix` cookie replies a second
+    /// per /24 or /56, for a relay of `loops` loops. The relay's budgets
+    /// are split evenly between its loops (the kernel spreads sources
+    /// evenly over them), so each loop keeps its own without a lock and
+    /// their sum is the relay's; each loop gives a prefix the whole burst.
+    pub fn new(key: CookieKey, per_prefix: f64, loops: usize) -> Verify {
+        let loops = loops.max(1);
         Verify {
             key,
-            per_prefix: PrefixLimiter::new(Verify::prefix_rate(per_prefix), COOKIE_PREFIXES),
-            global: Bucket::full(COOKIE_GLOBAL_RATE, 0),
-            global_rate: COOKIE_GLOBAL_RATE,
+            per_prefix: PrefixLimiter::new(
+                Verify::prefix_rate(per_prefix, loops),
+                COOKIE_TOTAL_RATE / loops as f64,
+                COOKIE_PREFIXES,
+            ),
+            loops,
         }
     }
 
-    /// The per-prefix budget for `per_sec` replies a second: at least
-    /// [`COOKIE_PREFIX_RATE`] at once.
-    fn prefix_rate(per_sec: f64) -> Rate {
+    /// One loop's per-prefix budget for `per_sec` replies a second in the
+    /// relay: its share of the rate, and at least [`COOKIE_PREFIX_BURST`]
+    /// at once.
+    fn prefix_rate(per_sec: f64, loops: usize) -> Rate {
         Rate {
-            per_sec,
-            burst: per_sec.max(COOKIE_PREFIX_RATE),
+            per_sec: per_sec / loops as f64,
+            burst: per_sec.max(COOKIE_PREFIX_BURST),
         }
     }
 
-    /// Whether a cookie reply to `to` fits the budgets (and spends them).
+    /// Whether a cookie reply to `to` fits the budget (and spends it).
     fn budget(&mut self, to: &RawAddr, now_ns: u64) -> bool {
-        self.per_prefix.allow(to, now_ns) && self.global.take(self.global_rate, now_ns)
+        self.per_prefix.allow(to, now_ns)
     }
 }
 
@@ -157,8 +172,8 @@ pub struct When {
     pub tick: u64,
     /// Nanoseconds on the hub's clock (cookie budgets).
     pub nanos: u64,
-    /// Unix seconds (cookie epochs).
-    pub unix: u64,
+    /// The instant itself (cookie epochs count from the key's birth).
+    pub at: std::time::Instant,
 }
 
 impl Admission {
@@ -210,7 +225,11 @@ impl Admission {
         self.client_rate = client_rate.map(|(per_tick, burst)| (per_tick, burst.max(1.0)));
         self.max_per_ip = max_per_ip;
         if let Some(verify) = &mut self.verify {
-            verify.per_prefix.set_rate(Verify::prefix_rate(cookie_rate));
+            let loops = verify.loops;
+            verify.per_prefix.set_rate(
+                Verify::prefix_rate(cookie_rate, loops),
+                COOKIE_TOTAL_RATE / loops as f64,
+            );
         }
     }
 
@@ -255,33 +274,60 @@ impl Admission {
             Some((key, room)) => (Some(key), room),
             None => (None, LOBBY),
         };
+        let mut proves_liveness = true;
         if let Some(verify) = &mut self.verify {
             let proven = match kind {
-                Kind::Cookie { cookie, .. } => {
-                    if !verify.key.check(cookie, &source, when.unix) {
-                        return Verdict::Drop(DropReason::BadCookie);
-                    }
-                    true
-                }
+                Kind::Cookie { cookie, .. } => verify.key.check(cookie, &source, when.at),
                 _ => false,
             };
-            if client.is_none() && !proven {
-                // Nothing registers without a cookie; only a datagram at
-                // least as long as the answer gets one, within budget.
+            let bad_cookie = matches!(kind, Kind::Cookie { .. }) && !proven;
+            if (client.is_none() && !proven) || bad_cookie {
+                // Nothing registers without a cookie, and a wrong or stale
+                // one proves nothing. A datagram at least as long as the
+                // answer gets a fresh cookie, within budget: how a client
+                // the relay forgot (a restart, a new NAT port) or whose
+                // cookie aged out finds its way back.
+                let reason = if bad_cookie {
+                    DropReason::BadCookie
+                } else {
+                    DropReason::Unverified
+                };
                 if data.len() < protocol::HELLO_LEN {
-                    return Verdict::Drop(DropReason::Unverified);
+                    return Verdict::Drop(reason);
                 }
                 if !verify.budget(&source, when.nanos) {
                     return Verdict::Drop(DropReason::CookieBudget);
                 }
-                return Verdict::Challenge;
+                return Verdict::Challenge(reason);
             }
-            if client.is_some() && matches!(kind, Kind::Quit | Kind::Join { .. }) {
+            // A member's datagram without its cookie may be anyone's: it
+            // can talk (within its rate) or ask for a cookie, but it can
+            // neither move, evict nor keep alive.
+            if client.is_some()
+                && !proven
+                && matches!(
+                    kind,
+                    Kind::Quit | Kind::Join { .. } | Kind::Heartbeat | Kind::TimeoutQuery
+                )
+            {
                 return Verdict::Drop(DropReason::Unproven);
             }
+            proves_liveness = proven;
         }
         if let (Some(key), Some((per_tick, burst))) = (client, self.client_rate) {
-            if !table.charge(key, when.tick, per_tick, burst) {
+            // Charged always; but a proven heartbeat or quit is never
+            // refused for it, or a spoofer spending a member's budget in
+            // its name could have it expire.
+            let exempt = self.verify.is_some()
+                && proves_liveness
+                && matches!(
+                    kind,
+                    Kind::Cookie {
+                        then: protocol::Proven::Register | protocol::Proven::Quit,
+                        ..
+                    }
+                );
+            if !table.charge(key, when.tick, per_tick, burst) && !exempt {
                 return Verdict::Drop(DropReason::RateLimited);
             }
         }
@@ -323,7 +369,7 @@ impl Admission {
             source,
             kind,
             client,
-            room,
+            proves_liveness,
         })
     }
 }
@@ -371,11 +417,18 @@ mod tests {
         assert!(Admission::envelope(&arrival(b"x")).is_ok());
     }
 
-    fn when(unix: u64) -> When {
+    /// The instant every test's cookie key is born at.
+    fn born() -> std::time::Instant {
+        use std::sync::OnceLock;
+        static BORN: OnceLock<std::time::Instant> = OnceLock::new();
+        *BORN.get_or_init(std::time::Instant::now)
+    }
+
+    fn when(secs: u64) -> When {
         When {
             tick: 0,
-            nanos: unix * 1_000_000_000,
-            unix,
+            nanos: secs * 1_000_000_000,
+            at: born() + std::time::Duration::from_secs(secs),
         }
     }
 
@@ -392,7 +445,7 @@ mod tests {
         match a.admit(&one, t, when(1_000)) {
             Verdict::Admit(ad) => Ok(ad.client),
             Verdict::Drop(r) => Err(r),
-            Verdict::Challenge => Err(DropReason::Unverified),
+            Verdict::Challenge(_) => Err(DropReason::Unverified),
         }
     }
 
@@ -431,9 +484,12 @@ mod tests {
 
     #[test]
     fn verify_mode_lets_nothing_register_without_a_cookie() {
-        let key = CookieKey::new([3; 32]);
-        let mut a =
-            Admission::new(10, true).verify_sources(Verify::new(key.clone(), COOKIE_PREFIX_RATE));
+        let key = CookieKey::new([3; 32], born());
+        let mut a = Admission::new(10, true).verify_sources(Verify::new(
+            key.clone(),
+            COOKIE_PREFIX_RATE,
+            1,
+        ));
         let mut t = Table::new(100);
         let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
         assert_eq!(
@@ -446,9 +502,9 @@ mod tests {
         };
         assert!(matches!(
             a.admit(&hi, &mut t, when(1_000)),
-            Verdict::Challenge
+            Verdict::Challenge(DropReason::Unverified)
         ));
-        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), 1_000)].concat();
+        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), when(1_000).at)].concat();
         assert_eq!(
             verdict(&mut a, &mut t, &good, 1),
             Ok(None),
@@ -463,30 +519,79 @@ mod tests {
             verdict(&mut a, &mut t, b"^cookie^AAAAAAAAAAAAAAAAAAAAAA", 1),
             Err(DropReason::BadCookie)
         );
-        // A member: talks freely, but quit and join need its cookie.
+        // A bad cookie long enough to answer gets a fresh one: how a client
+        // the relay forgot, or whose cookie aged out, finds its way back.
+        let stale = [&b"^cookie^AAAAAAAAAAAAAAAAAAAAAA"[..], &[b' '; 40]].concat();
+        let one = Arrival {
+            source: from(1),
+            ..arrival(&stale)
+        };
+        assert!(matches!(
+            a.admit(&one, &mut t, when(1_000)),
+            Verdict::Challenge(DropReason::BadCookie)
+        ));
+        // A member: talks freely, but quit, join, heartbeats and timeout
+        // questions need its cookie.
         t.insert(from(1).unwrap(), 0);
         assert!(verdict(&mut a, &mut t, b"hi", 1).is_ok());
-        assert_eq!(
-            verdict(&mut a, &mut t, b"quit", 1),
-            Err(DropReason::Unproven)
-        );
-        assert_eq!(
-            verdict(&mut a, &mut t, b"^join^r", 1),
-            Err(DropReason::Unproven)
-        );
+        for unproven in [&b"quit"[..], b"^join^r", b"^hb^", b"", b"^timeout^"] {
+            assert_eq!(
+                verdict(&mut a, &mut t, unproven, 1),
+                Err(DropReason::Unproven),
+                "{unproven:?}"
+            );
+        }
+        let admitted = |a: &mut Admission, t: &mut Table, d: &[u8]| {
+            let one = Arrival {
+                source: from(1),
+                ..arrival(d)
+            };
+            match a.admit(&one, t, when(1_000)) {
+                Verdict::Admit(ad) => Some(ad.proves_liveness),
+                _ => None,
+            }
+        };
+        assert_eq!(admitted(&mut a, &mut t, b"hi"), Some(false), "a message proves nothing");
+        assert_eq!(admitted(&mut a, &mut t, &hello), Some(false), "nor does a hello");
+        assert_eq!(admitted(&mut a, &mut t, &good), Some(true), "the cookie does");
         let quit = [&good[..], b"^quit"].concat();
         assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
-        // The cookie budget: 20 replies per /24, then nothing.
-        let challenged = (100..140)
+        // The cookie budget: 100 replies per /24 at once, then its rate.
+        let challenged = (100..300)
             .filter(|p| {
                 let hi = Arrival {
                     source: from(*p),
                     ..arrival(&hello)
                 };
-                matches!(a.admit(&hi, &mut t, when(1_000)), Verdict::Challenge)
+                matches!(a.admit(&hi, &mut t, when(1_000)), Verdict::Challenge(_))
             })
             .count();
-        assert_eq!(challenged, 19, "the /24 had 1 of its 20 spent already");
+        assert_eq!(challenged, 98, "the /24 had 2 of its 100 spent already");
+    }
+
+    #[test]
+    fn a_proven_heartbeat_is_never_rate_limited() {
+        // A spoofer sending messages in a member's name spends its rate
+        // budget, but cannot get the member's proven heartbeats refused.
+        let key = CookieKey::new([3; 32], born());
+        let mut a = Admission::new(10, true)
+            .verify_sources(Verify::new(key.clone(), COOKIE_PREFIX_RATE, 1))
+            .client_rate(0.0, 2.0);
+        let mut t = Table::new(100);
+        t.set_burst(2.0);
+        t.insert(from(1).unwrap(), 0);
+        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), when(1_000).at)].concat();
+        let sent: Vec<_> = (0..4).map(|_| verdict(&mut a, &mut t, b"m", 1)).collect();
+        assert_eq!(sent[3], Err(DropReason::RateLimited));
+        assert!(verdict(&mut a, &mut t, &good, 1).is_ok());
+        let quit = [&good[..], b"^quit"].concat();
+        assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
+        let join = [&good[..], b"^join^r"].concat();
+        assert_eq!(
+            verdict(&mut a, &mut t, &join, 1),
+            Err(DropReason::RateLimited),
+            "a move is not spared"
+        );
     }
 
     #[test]

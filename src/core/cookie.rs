@@ -7,12 +7,22 @@
 //! minutes. An off-path attacker who forges a victim's address never sees
 //! the cookie the relay sends there, so it cannot register the victim.
 //!
+//! Epochs count from the key's birth on the monotonic clock, not the wall
+//! clock: the key lives and dies with the process, so nothing else needs
+//! to agree on the time, and a wall-clock step (NTP, an operator's `date`)
+//! can neither age fresh cookies out nor revive old ones.
+//!
 //! The MAC is HMAC-SHA-256 (RustCrypto), truncated to 128 bits and checked
 //! with `verify_truncated_left` (constant time); on the wire it is 22
-//! base64url characters. Pure: the caller passes the time and the key.
+//! base64url characters. The keyed state (HMAC's inner and outer pads and
+//! the domain label) is computed once, when the key is made, and cloned
+//! for each cookie: under a flood of hellos each costs two SHA-256
+//! compressions, not four. Pure: the caller passes the instant.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use std::time::Instant;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -25,9 +35,17 @@ const TAG_LEN: usize = 16;
 /// Length of a cookie on the wire (base64url of [`TAG_LEN`] bytes).
 pub const COOKIE_LEN: usize = 22;
 
-/// The relay's cookie key. Never printed.
+/// The relay's cookie key, and the instant its epochs count from. Never
+/// printed. Clones share both, so every loop of a relay makes and checks
+/// the same cookies.
 #[derive(Clone)]
-pub struct CookieKey([u8; 32]);
+pub struct CookieKey {
+    /// HMAC keyed with the secret and fed the domain label: the state every
+    /// cookie's MAC starts from.
+    keyed: Hmac<Sha256>,
+    /// When epoch 0 began.
+    born: Instant,
+}
 
 impl std::fmt::Debug for CookieKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,25 +54,32 @@ impl std::fmt::Debug for CookieKey {
 }
 
 impl CookieKey {
-    /// A key from 32 random bytes (the runtime reads them from the OS).
-    pub fn new(bytes: [u8; 32]) -> CookieKey {
-        CookieKey(bytes)
-    }
-
-    fn mac(&self, epoch: u64, addr: &RawAddr) -> Hmac<Sha256> {
-        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.0) {
+    /// A key from 32 random bytes (the runtime reads them from the OS),
+    /// whose epochs count from `born`.
+    pub fn new(bytes: [u8; 32], born: Instant) -> CookieKey {
+        let mut keyed = match Hmac::<Sha256>::new_from_slice(&bytes) {
             Ok(mac) => mac,
             Err(_) => unreachable!("HMAC accepts any key length"),
         };
-        mac.update(b"udphub cookie v1");
+        keyed.update(b"udphub cookie v1");
+        CookieKey { keyed, born }
+    }
+
+    /// The epoch `now` falls in.
+    fn epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.born).as_secs() / EPOCH_SECS
+    }
+
+    fn mac(&self, epoch: u64, addr: &RawAddr) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
         mac.update(&epoch.to_be_bytes());
         mac.update(addr.as_bytes());
         mac
     }
 
-    /// The cookie for `addr` at unix time `now`.
-    pub fn make(&self, addr: &RawAddr, now: u64) -> [u8; COOKIE_LEN] {
-        let tag = self.mac(now / EPOCH_SECS, addr).finalize().into_bytes();
+    /// The cookie for `addr` at `now`.
+    pub fn make(&self, addr: &RawAddr, now: Instant) -> [u8; COOKIE_LEN] {
+        let tag = self.mac(self.epoch(now), addr).finalize().into_bytes();
         let mut out = [0u8; COOKIE_LEN];
         // 16 bytes encode to exactly 22 base64url characters, no padding.
         let _ = URL_SAFE_NO_PAD.encode_slice(&tag[..TAG_LEN], &mut out);
@@ -62,7 +87,7 @@ impl CookieKey {
     }
 
     /// Whether `cookie` was made for `addr` in this epoch or the last one.
-    pub fn check(&self, cookie: &[u8], addr: &RawAddr, now: u64) -> bool {
+    pub fn check(&self, cookie: &[u8], addr: &RawAddr, now: Instant) -> bool {
         if cookie.len() != COOKIE_LEN {
             return false;
         }
@@ -70,7 +95,7 @@ impl CookieKey {
         let Ok(TAG_LEN) = URL_SAFE_NO_PAD.decode_slice(cookie, &mut tag) else {
             return false;
         };
-        let epoch = now / EPOCH_SECS;
+        let epoch = self.epoch(now);
         [epoch, epoch.saturating_sub(1)].iter().any(|&e| {
             self.mac(e, addr)
                 .verify_truncated_left(&tag[..TAG_LEN])
@@ -84,6 +109,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     fn addr(s: &str) -> RawAddr {
         s.parse::<SocketAddr>().unwrap().into()
@@ -91,31 +117,56 @@ mod tests {
 
     #[test]
     fn a_cookie_proves_one_address_for_two_epochs() {
-        let key = CookieKey::new([9; 32]);
+        let born = Instant::now();
+        let at = |secs: u64| born + Duration::from_secs(secs);
+        let key = CookieKey::new([9; 32], born);
         let a = addr("127.0.0.1:5000");
-        let c = key.make(&a, 1_000);
-        assert!(key.check(&c, &a, 1_000));
-        assert!(key.check(&c, &a, 1_000 + EPOCH_SECS), "previous epoch");
-        assert!(!key.check(&c, &a, 1_000 + 2 * EPOCH_SECS), "too old");
+        let c = key.make(&a, at(1_000));
+        assert!(key.check(&c, &a, at(1_000)));
+        assert!(key.check(&c, &a, at(1_000 + EPOCH_SECS)), "previous epoch");
+        assert!(!key.check(&c, &a, at(1_000 + 2 * EPOCH_SECS)), "too old");
         assert!(
-            !key.check(&c, &addr("127.0.0.1:5001"), 1_000),
+            !key.check(&c, &addr("127.0.0.1:5001"), at(1_000)),
             "another port"
         );
         assert!(
-            !key.check(&c, &addr("127.0.0.2:5000"), 1_000),
+            !key.check(&c, &addr("127.0.0.2:5000"), at(1_000)),
             "another host"
         );
-        assert!(!CookieKey::new([8; 32]).check(&c, &a, 1_000), "another key");
-        assert!(!key.check(&c[..21], &a, 1_000));
-        assert!(!key.check(b"!!!!!!!!!!!!!!!!!!!!!!", &a, 1_000));
+        assert!(
+            !CookieKey::new([8; 32], born).check(&c, &a, at(1_000)),
+            "another key"
+        );
+        assert!(!key.check(&c[..21], &a, at(1_000)));
+        assert!(!key.check(b"!!!!!!!!!!!!!!!!!!!!!!", &a, at(1_000)));
         assert!(format!("{key:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn epochs_follow_the_keys_birth_not_the_wall_clock() {
+        // Two keys with the same secret born at different instants disagree
+        // on epochs: time is the process's own, from the key's birth.
+        let born = Instant::now();
+        let a = addr("[::1]:7");
+        let key = CookieKey::new([5; 32], born);
+        let c = key.make(&a, born);
+        assert!(key.check(&c, &a, born + Duration::from_secs(EPOCH_SECS + 1)));
+        let later = CookieKey::new([5; 32], born + Duration::from_secs(10 * EPOCH_SECS));
+        assert!(
+            later.check(&c, &a, born + Duration::from_secs(10 * EPOCH_SECS)),
+            "epoch 0 of each"
+        );
+        // An instant before the key's birth is epoch 0, never a panic.
+        assert!(later.check(&c, &a, born));
+        // A clone makes the same cookies (the loops of one relay share one).
+        assert_eq!(key.clone().make(&a, born), c);
     }
 
     proptest! {
         #[test]
         fn check_never_panics(c in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let key = CookieKey::new([1; 32]);
-            let _ = key.check(&c, &addr("[::1]:1"), 5);
+            let key = CookieKey::new([1; 32], Instant::now());
+            let _ = key.check(&c, &addr("[::1]:1"), Instant::now());
         }
     }
 }

@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use crate::core::addr::RawAddr;
-use crate::core::admission::{Admission, Admitted, Arrival, DropReason, Verdict, Verify, When};
+use crate::core::admission::{Admission, Admitted, Arrival, Verdict, Verify, When};
 use crate::core::clock::Clock;
 use crate::core::cookie::CookieKey;
 use crate::core::counts::{Counts, Refusal};
@@ -62,6 +62,9 @@ pub struct HubConfig {
     pub client_rate: Option<(f64, f64)>,
     /// `--max-clients-per-ip`.
     pub max_clients_per_ip: Option<u32>,
+    /// How many loops of one relay share its budgets (`--threads`); each
+    /// hub keeps its share.
+    pub loops: usize,
 }
 
 /// What the runtime must do about one datagram.
@@ -144,7 +147,11 @@ impl Hub {
             Rooms::new(config.max_rooms, config.max_room_clients, reserve),
         );
         if let Some(key) = &config.cookie_key {
-            admission = admission.verify_sources(Verify::new(key.clone(), config.cookie_rate));
+            admission = admission.verify_sources(Verify::new(
+                key.clone(),
+                config.cookie_rate,
+                config.loops,
+            ));
         }
         if let Some((per_sec, burst)) = config.client_rate {
             let per_tick = (per_sec * clock.tick().as_secs_f64()) as f32;
@@ -238,7 +245,7 @@ impl Hub {
         let when = When {
             tick,
             nanos: self.clock.nanos_at(now),
-            unix: self.unix_now,
+            at: now,
         };
         let admitted = match self.admission.admit(&arrival, &mut self.table, when) {
             Verdict::Admit(admitted) => admitted,
@@ -246,9 +253,9 @@ impl Hub {
                 counts.drop(reason);
                 return Effect::Nothing;
             }
-            Verdict::Challenge => {
-                counts.drop(DropReason::Unverified);
-                return self.send_cookie(arrival.source, arrival.data.len());
+            Verdict::Challenge(reason) => {
+                counts.drop(reason);
+                return self.send_cookie(arrival.source, arrival.data.len(), now);
             }
         };
         let verify = self.admission.cookie_key().is_some();
@@ -256,7 +263,7 @@ impl Hub {
             source,
             kind,
             client,
-            ..
+            proves_liveness: proves,
         } = admitted;
         // Verify mode: admission has checked the cookie, so a proven
         // request is simply that request.
@@ -271,12 +278,12 @@ impl Hub {
         match kind {
             Kind::Heartbeat => {
                 counts.heartbeats += 1;
-                self.join_or_refresh(source, client, tick, counts);
+                self.join_or_refresh(source, client, tick, proves, counts);
                 Effect::Nothing
             }
             Kind::TimeoutQuery => {
                 counts.heartbeats += 1;
-                self.join_or_refresh(source, client, tick, counts);
+                self.join_or_refresh(source, client, tick, proves, counts);
                 if self.timeout_answer.len() <= arrival.data.len() {
                     Effect::Reply {
                         to: source,
@@ -298,16 +305,17 @@ impl Hub {
                     counts,
                 )
             }
-            // Verify mode: a member asks for a fresh cookie (to quit or
-            // move with). It is a heartbeat too.
+            // Verify mode: a member asks for a fresh cookie (to heartbeat,
+            // quit or move with). Anyone can send it in the member's name,
+            // so it proves nothing and extends nothing; the cookie goes to
+            // the member's address, where only the member reads it.
             Kind::Hello(_) if verify => {
                 counts.heartbeats += 1;
-                self.join_or_refresh(source, client, tick, counts);
-                self.send_cookie(Some(source), arrival.data.len())
+                self.send_cookie(Some(source), arrival.data.len(), now)
             }
             // Not in verify mode, these are v1 messages like any other.
             Kind::Hello(body) | Kind::Cookie { body, .. } => {
-                self.message(source, client, body, tick, counts)
+                self.message(source, client, body, tick, proves, counts)
             }
             Kind::Quit => {
                 counts.quits += 1;
@@ -316,22 +324,24 @@ impl Hub {
                 }
                 Effect::Nothing
             }
-            Kind::Message(body) => self.message(source, client, body, tick, counts),
+            Kind::Message(body) => self.message(source, client, body, tick, proves, counts),
         }
     }
 
-    /// A message: registers or refreshes the sender, renders the body once
-    /// and fans it out to the sender's room.
+    /// A message: registers or refreshes the sender (in verify mode a
+    /// member's message extends nothing: it carries no proof), renders the
+    /// body once and fans it out to the sender's room.
     fn message<'a>(
         &'a mut self,
         source: RawAddr,
         client: Option<u32>,
         body: &'a [u8],
         tick: u64,
+        proves: bool,
         counts: &mut Counts,
     ) -> Effect<'a> {
         counts.messages += 1;
-        let sender = self.join_or_refresh(source, client, tick, counts);
+        let sender = self.join_or_refresh(source, client, tick, proves, counts);
         let room = self.table.get(sender).map_or(LOBBY, |c| c.room);
         let payload: &[u8] = if self.template.is_raw() {
             body
@@ -350,11 +360,11 @@ impl Hub {
 
     /// Verify mode: `^cookie^C` for `to`, if it is no longer than the
     /// datagram (`asked` bytes) that asked.
-    fn send_cookie(&mut self, to: Option<RawAddr>, asked: usize) -> Effect<'_> {
+    fn send_cookie(&mut self, to: Option<RawAddr>, asked: usize, now: Instant) -> Effect<'_> {
         let (Some(to), Some(key)) = (to, self.admission.cookie_key()) else {
             return Effect::Nothing;
         };
-        let cookie = key.make(&to, self.unix_now);
+        let cookie = key.make(&to, now);
         self.reply.clear();
         self.reply.extend_from_slice(protocol::COOKIE);
         self.reply.extend_from_slice(&cookie);
@@ -412,7 +422,11 @@ impl Hub {
     /// A `^join^`: checks the name, the token and the caps, and only then
     /// registers the sender (if new) and moves it. A refused sender stays
     /// where it was. Answers `^room^ROOM` or `^denied^REASON`, each only if
-    /// no longer than the request (`asked` bytes).
+    /// no longer than the request (`asked` bytes), and each from what the
+    /// move actually did: a cap another loop filled since the check is a
+    /// `^denied^full`, never a `^room^` for a room the sender is not in.
+    /// Joining the room one is already in is always `^room^ROOM` (an honest
+    /// retry after a lost answer must not be told the room is full).
     #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
@@ -424,16 +438,45 @@ impl Hub {
         asked: usize,
         counts: &mut Counts,
     ) -> Effect<'_> {
-        let refusal = if !name.is_empty() && !rooms::valid_name(name) {
+        let already_there = client
+            .and_then(|key| self.table.get(key))
+            .is_some_and(|c| self.table.rooms().name(c.room) == name);
+        let mut refusal = if !name.is_empty() && !rooms::valid_name(name) {
             Some(Refusal::Name)
         } else if let Err(why) = self.check_token(name, token) {
             tracing::debug!("{source}: join refused: token {why}");
             Some(Refusal::Token)
-        } else if self.table.rooms().check(name).is_err() {
-            Some(Refusal::Full)
         } else {
             None
         };
+        if refusal.is_none() {
+            // Admission let this through, so it proves liveness: a
+            // `^join^` outside verify mode, or one with the cookie in it.
+            let moved = match client {
+                Some(key) => {
+                    self.table.refresh(key, tick);
+                    if already_there {
+                        Ok(())
+                    } else {
+                        self.table.move_to(key, name).map(|_| ())
+                    }
+                }
+                None => match self.table.insert_into(source, tick, name) {
+                    Ok(joined) => {
+                        self.wheel
+                            .schedule(joined.key, joined.generation, joined.due);
+                        counts.joined += 1;
+                        tracing::debug!("{source} joined");
+                        Ok(())
+                    }
+                    Err(full) => Err(full),
+                },
+            };
+            match moved {
+                Ok(()) => counts.room_joins += 1,
+                Err(_) => refusal = Some(Refusal::Full),
+            }
+        }
         self.reply.clear();
         match refusal {
             Some(reason) => {
@@ -442,10 +485,6 @@ impl Hub {
                 self.reply.extend_from_slice(reason.label().as_bytes());
             }
             None => {
-                let key = self.join_or_refresh(source, client, tick, counts);
-                if self.table.move_to(key, name).is_ok() {
-                    counts.room_joins += 1;
-                }
                 self.reply.extend_from_slice(protocol::ROOM_REPLY);
                 self.reply.extend_from_slice(name);
             }
@@ -483,18 +522,22 @@ impl Hub {
         self.table.rooms().len()
     }
 
-    /// Refreshes a known client or registers a new one (admission has
-    /// already checked there is room); returns its slot.
+    /// Refreshes a known client (if the datagram `proves` it alive) or
+    /// registers a new one (admission has already checked there is room);
+    /// returns its slot.
     fn join_or_refresh(
         &mut self,
         source: RawAddr,
         client: Option<u32>,
         tick: u64,
+        proves: bool,
         counts: &mut Counts,
     ) -> u32 {
         match client {
             Some(key) => {
-                self.table.refresh(key, tick);
+                if proves {
+                    self.table.refresh(key, tick);
+                }
                 key
             }
             None => {
@@ -561,6 +604,7 @@ mod tests {
     //! The hub without a socket: datagrams in, effects and counts out.
 
     use super::*;
+    use crate::core::admission::DropReason;
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -580,6 +624,7 @@ mod tests {
             cookie_rate: crate::core::admission::COOKIE_PREFIX_RATE,
             client_rate: None,
             max_clients_per_ip: None,
+            loops: 1,
         }
     }
 
@@ -755,6 +800,144 @@ mod tests {
         assert_eq!(f.counts.room_refused[Refusal::Name.index()], 2);
         // Refused newcomers were not registered.
         assert_eq!(f.hub.clients(), 1);
+    }
+
+    #[test]
+    fn rejoining_ones_own_full_room_is_answered_with_the_room() {
+        let mut f = Fixture::new(HubConfig {
+            max_room_clients: 1,
+            ..config()
+        });
+        let (reply, _) = f.at(0, from(1, b"^join^one   ")).unwrap();
+        assert_eq!(reply, b"^room^one");
+        // The answer was lost; the client asks again. The room is full,
+        // but of the client itself.
+        let (reply, _) = f.at(1, from(1, b"^join^one   ")).unwrap();
+        assert_eq!(reply, b"^room^one");
+        let (reply, _) = f.at(2, from(2, b"^join^one      ")).unwrap();
+        assert_eq!(reply, b"^denied^full");
+        use crate::core::counts::Refusal;
+        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 1);
+        assert_eq!(f.counts.room_joins, 2);
+    }
+
+    #[test]
+    fn a_join_is_answered_from_what_the_move_did() {
+        // Another loop fills the room between any check and the move (here:
+        // before the join; the census is what the loops share): the answer
+        // is the refusal, and the client stays where it was.
+        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        let mut f = Fixture::new(HubConfig {
+            max_room_clients: 1,
+            ..config()
+        });
+        f.hub.share_census(std::sync::Arc::clone(&census));
+        f.at(0, from(1, b"^hb^"));
+        census.member_added(b"one");
+        let (reply, _) = f.at(1, from(1, b"^join^one      ")).unwrap();
+        assert_eq!(reply, b"^denied^full");
+        let (reply, _) = f.at(1, from(2, b"^join^one      ")).unwrap();
+        assert_eq!(reply, b"^denied^full", "a newcomer too");
+        assert_eq!(f.hub.clients(), 1, "the refused newcomer left no trace");
+        let (_, to) = f.at(2, from(1, b"still in the lobby")).unwrap();
+        assert_eq!(to, vec![1]);
+    }
+
+    /// The hub in verify mode, and a client at `port` registered with its
+    /// cookie at `ms`; returns the cookie.
+    fn verified(f: &mut Fixture, key: &CookieKey, port: u16, ms: u64) -> Vec<u8> {
+        let now = f.t0 + Duration::from_millis(ms);
+        let cookie = [&b"^cookie^"[..], &key.make(&addr(port), now)].concat();
+        assert_eq!(f.at(ms, from(port, &cookie)), None);
+        cookie
+    }
+
+    #[test]
+    fn in_verify_mode_only_the_cookie_keeps_a_member_alive() {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(1_000),
+            cookie_key: Some(key.clone()),
+            ..config()
+        });
+        f.t0 = t0;
+        let silent = verified(&mut f, &key, 1, 0);
+        let talker = verified(&mut f, &key, 2, 0);
+        let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
+        // An off-path spoofer forges everything but the cookie from the
+        // silent member's address, every 100 ms for 3 s: heartbeats,
+        // keepalives, timeout questions, hellos and messages.
+        let padded_question = [&b"^timeout^"[..], &[b' '; 55]].concat();
+        let forged: [&[u8]; 5] = [b"^hb^", b"", &padded_question, &hello, b"forged"];
+        let mut reached_silent_after_timeout = 0;
+        for step in 1..=30u64 {
+            let ms = step * 100;
+            let _ = f.at(ms, from(1, forged[(step % 5) as usize]));
+            // The talker proves itself as a client does, and speaks.
+            if step % 3 == 0 {
+                let _ = f.at(ms, from(2, &talker));
+            }
+            f.hub
+                .expire(t0 + Duration::from_millis(ms), 1_000, &mut f.counts);
+            if let Some((_, to)) = f.at(ms, from(2, b"news")) {
+                if ms > 1_050 && to.contains(&1) {
+                    reached_silent_after_timeout += 1;
+                }
+            }
+        }
+        assert_eq!(reached_silent_after_timeout, 0, "nothing reaches the silent member");
+        assert_eq!(f.counts.expired, 1, "the silent member expired");
+        assert_eq!(f.hub.clients(), 1, "the talker, proving itself, stayed");
+        // Before it expired, the forged heartbeats, keepalives and timeout
+        // questions were unproven; after, everything from its address is
+        // a stranger's (unverified, answered at most with a cookie).
+        assert!(f.counts.dropped[DropReason::Unproven as usize] >= 6);
+        assert!(f.counts.dropped[DropReason::Unverified as usize] >= 10);
+        // Its own cookie, from its own address, brings it back.
+        assert_eq!(f.at(3_100, from(1, &silent)), None);
+        assert_eq!(f.hub.clients(), 2);
+    }
+
+    #[test]
+    fn in_verify_mode_a_proven_heartbeat_keeps_a_member_in_its_room() {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(1_000),
+            cookie_key: Some(key.clone()),
+            ..config()
+        });
+        f.t0 = t0;
+        let c1 = verified(&mut f, &key, 1, 0);
+        let join = [&c1[..], b"^join^red"].concat();
+        let (reply, _) = f.at(0, from(1, &join)).unwrap();
+        assert_eq!(reply, b"^room^red");
+        let c2 = verified(&mut f, &key, 2, 0);
+        let join2 = [&c2[..], b"^join^red"].concat();
+        f.at(0, from(2, &join2));
+        for step in 1..=20u64 {
+            let ms = step * 200;
+            f.at(ms, from(1, &c1));
+            f.at(ms, from(2, &c2));
+            f.hub
+                .expire(t0 + Duration::from_millis(ms), 1_000, &mut f.counts);
+        }
+        let (_, to) = f.at(4_000, from(2, b"still here?")).unwrap();
+        assert_eq!(to, vec![1, 2], "both alive, both in red");
+        assert_eq!(f.counts.expired, 0);
+        // A stale cookie (another key's) from a member: a fresh cookie comes
+        // back if the datagram is long enough, and nothing is extended.
+        let other = CookieKey::new([5; 32], t0);
+        let stale = [
+            &b"^cookie^"[..],
+            &other.make(&addr(1), t0),
+            &[b' '; 40][..],
+        ]
+        .concat();
+        let (reply, to) = f.at(4_000, from(1, &stale)).unwrap();
+        assert!(reply.starts_with(b"^cookie^") && to == vec![1]);
+        assert_eq!(f.counts.dropped[DropReason::BadCookie as usize], 1);
     }
 
     fn secret() -> RoomSecret {

@@ -64,40 +64,65 @@ impl Bucket {
 
 /// How often the per-prefix table is swept.
 const SWEEP_NS: u64 = 1_000_000_000;
+/// How soon a full table may be swept again, early, to make room.
+const EARLY_SWEEP_NS: u64 = 100_000_000;
 
-/// Buckets per address prefix, in a table of fixed capacity.
+/// Buckets per address prefix, in a table of fixed capacity, sharing one
+/// total rate fairly.
+///
+/// Three rules keep it fair under a flood from many prefixes, so that a
+/// prefix nobody floods still gets its replies at once:
+///
+/// - **Fair share, not first come**: each prefix refills at its own rate or
+///   at an equal share of the total (`total / prefixes tracked`), whichever
+///   is less. A flood from many prefixes slows each of them down; it cannot
+///   spend the replies of a prefix it does not send from, and a newly seen
+///   prefix starts with a full burst.
+/// - **No lock-out when full**: a prefix that finds the table full first
+///   triggers an early sweep (forgetting prefixes that owe nothing), then
+///   shares one overflow bucket with the other latecomers.
+/// - **Nothing spent on a refusal**: a bucket is only charged when the
+///   reply will be sent (there is no second gate after it).
 #[derive(Debug)]
 pub struct PrefixLimiter {
     /// One bucket per prefix seen lately.
     buckets: HashMap<[u8; 8], Bucket>,
-    /// The most prefixes tracked; a new one beyond it is refused.
+    /// The most prefixes tracked; a new one beyond it shares `overflow`.
     capacity: usize,
-    /// Each prefix's rate.
+    /// Each prefix's rate and burst.
     rate: Rate,
+    /// Tokens per second for all prefixes together.
+    total: f64,
+    /// The bucket prefixes share while the table is full.
+    overflow: Bucket,
     /// When the table was last swept.
     swept_ns: u64,
 }
 
 impl PrefixLimiter {
-    /// A limiter of `rate` per prefix, tracking at most `capacity` prefixes.
+    /// A limiter of `rate` per prefix and `total` a second in all, tracking
+    /// at most `capacity` prefixes.
     ///
     /// The map starts small and grows on demand: most relays never see
     /// more than a few hundred prefixes, and a spoofing flood that does is
     /// bounded by `capacity` anyway (a few rehashes of at most `capacity`
     /// entries, each well under a millisecond).
-    pub fn new(rate: Rate, capacity: usize) -> PrefixLimiter {
+    pub fn new(rate: Rate, total: f64, capacity: usize) -> PrefixLimiter {
         PrefixLimiter {
             buckets: HashMap::with_capacity(capacity.min(256)),
             capacity,
             rate,
+            total,
+            overflow: Bucket::full(rate, 0),
             swept_ns: 0,
         }
     }
 
-    /// Changes the rate from now on (buckets keep their tokens, capped to
+    /// Changes the rates from now on (buckets keep their tokens, capped to
     /// the new burst as they refill).
-    pub fn set_rate(&mut self, rate: Rate) {
+    pub fn set_rate(&mut self, rate: Rate, total: f64) {
         self.rate = rate;
+        self.total = total;
     }
 
     /// Prefixes tracked now.
@@ -110,23 +135,43 @@ impl PrefixLimiter {
         self.buckets.is_empty()
     }
 
+    /// The rate each tracked prefix refills at now: its own, or its fair
+    /// share of the total.
+    fn share(&self) -> Rate {
+        let prefixes = self.buckets.len().max(1) as f64;
+        Rate {
+            per_sec: self.rate.per_sec.min(self.total / prefixes),
+            burst: self.rate.burst,
+        }
+    }
+
+    /// Forgets the prefixes whose bucket has refilled (they owe nothing).
+    fn sweep(&mut self, now_ns: u64) {
+        let share = self.share();
+        self.buckets.retain(|_, b| !b.is_full(share, now_ns));
+        self.swept_ns = now_ns;
+    }
+
     /// Whether `addr`'s prefix may have one more (and takes it).
     pub fn allow(&mut self, addr: &RawAddr, now_ns: u64) -> bool {
         if now_ns.saturating_sub(self.swept_ns) >= SWEEP_NS {
-            let rate = self.rate;
-            self.buckets.retain(|_, b| !b.is_full(rate, now_ns));
-            self.swept_ns = now_ns;
+            self.sweep(now_ns);
         }
         let key = prefix(addr);
-        let rate = self.rate;
+        let share = self.share();
         if let Some(bucket) = self.buckets.get_mut(&key) {
-            return bucket.take(rate, now_ns);
+            return bucket.take(share, now_ns);
+        }
+        if self.buckets.len() >= self.capacity
+            && now_ns.saturating_sub(self.swept_ns) >= EARLY_SWEEP_NS
+        {
+            self.sweep(now_ns);
         }
         if self.buckets.len() >= self.capacity {
-            return false;
+            return self.overflow.take(share, now_ns);
         }
-        let mut bucket = Bucket::full(rate, now_ns);
-        let ok = bucket.take(rate, now_ns);
+        let mut bucket = Bucket::full(share, now_ns);
+        let ok = bucket.take(share, now_ns);
         self.buckets.insert(key, bucket);
         ok
     }
@@ -183,7 +228,7 @@ mod tests {
             per_sec: 1.0,
             burst: 2.0,
         };
-        let mut l = PrefixLimiter::new(rate, 2);
+        let mut l = PrefixLimiter::new(rate, 100.0, 2);
         assert!(l.allow(&addr("10.0.0.1:1"), 0));
         assert!(l.allow(&addr("10.0.0.200:9"), 0), "same /24");
         assert!(!l.allow(&addr("10.0.0.7:1"), 0), "the /24 spent its burst");
@@ -191,7 +236,9 @@ mod tests {
             l.allow(&addr("[::ffff:10.0.1.1]:1"), 0),
             "another /24, v4-mapped"
         );
-        assert!(!l.allow(&addr("10.0.2.1:1"), 0), "table full");
+        assert!(l.allow(&addr("10.0.2.1:1"), 0), "table full: the overflow");
+        assert!(l.allow(&addr("10.0.3.1:1"), 0), "the overflow's burst");
+        assert!(!l.allow(&addr("10.0.4.1:1"), 0), "the overflow is spent");
         assert_eq!(l.len(), 2);
         assert!(
             l.allow(&addr("[2001:db8:0:1::1]:1"), 5 * SEC),
@@ -206,5 +253,45 @@ mod tests {
             !l.allow(&addr("[2001:db8:0:1::2]:1"), 5 * SEC),
             "the /56 spent its burst"
         );
+    }
+
+    /// A flood from many prefixes, each asking far more than its share,
+    /// while one quiet prefix asks now and then: the quiet one is answered
+    /// every time, the total stays near its rate, and nothing is locked
+    /// out when the table is full.
+    #[test]
+    fn a_flood_from_many_prefixes_cannot_starve_a_quiet_one() {
+        let rate = Rate {
+            per_sec: 20.0,
+            burst: 20.0,
+        };
+        let total = 1_000.0;
+        let mut l = PrefixLimiter::new(rate, total, 1_000);
+        let flooder = |i: u32| {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + (i % 900) * 256);
+            RawAddr::from(SocketAddr::from((ip, 1)))
+        };
+        let quiet = addr("192.168.7.1:9");
+        let (mut flood_ok, mut quiet_ok) = (0u32, 0u32);
+        // 10 s of 900 prefixes × 100 hellos/s; the quiet one asks every 500 ms.
+        for step in 0..900_000u64 {
+            let now = step * 10_000 + SEC;
+            if l.allow(&flooder(step as u32), now) {
+                flood_ok += 1;
+            }
+            if step % 50_000 == 0 && l.allow(&quiet, now) {
+                quiet_ok += 1;
+            }
+        }
+        assert_eq!(quiet_ok, 18, "the quiet prefix is answered every time");
+        // Bursts once (900 × 20), then the total's rate for 9 s.
+        let most = 900.0 * 20.0 + total * 9.0 * 1.05;
+        assert!(f64::from(flood_ok) <= most, "{flood_ok} > {most}");
+        // A table full of flooders: a new prefix still gets through.
+        let mut small = PrefixLimiter::new(rate, total, 100);
+        for i in 0..100 {
+            assert!(small.allow(&flooder(i), 0));
+        }
+        assert!(small.allow(&quiet, 50 * 1_000_000), "the overflow bucket");
     }
 }

@@ -15,6 +15,16 @@
 //! used both by fan-out and by expiry: a client seen at tick `s` is live at
 //! tick `t` while `t < s + timeout + 1` (the `+ 1` because `s` was rounded
 //! down to its tick, so expiry is never early).
+//!
+//! A client keeps two instants, each as the low 32 bits of a tick: when it
+//! was last *seen* (what liveness reads; in verify mode only a datagram
+//! carrying the client's cookie counts) and when it was last *charged* (what
+//! its rate-limit bucket refills from; every datagram counts). 32 bits are
+//! enough because both are read only while the client is in the table,
+//! never more than a timeout plus a wheel turn after they were written, and
+//! the timeout is capped at [`MAX_TIMEOUT_TICKS`]; elapsed ticks are the
+//! wrapping difference, read as signed so an instant a moment ahead of the
+//! caller's `now` counts as zero ticks ago.
 
 use std::hash::BuildHasher;
 
@@ -30,16 +40,19 @@ use crate::core::wheel::Entry;
 pub struct Client {
     /// Where to send, already in `sockaddr` form for `sendmmsg`.
     pub addr: RawAddr,
-    /// The tick of the last datagram from this client.
-    pub last_seen: u64,
+    /// The tick (low 32 bits) of the last datagram that proved this client
+    /// alive: any datagram, or in verify mode one with its cookie.
+    pub last_seen: u32,
+    /// The tick (low 32 bits) its rate-limit bucket was last charged at.
+    pub charged: u32,
     /// Distinguishes this occupant of the slot from earlier ones.
     pub generation: u32,
     /// The room the client is in.
     pub room: RoomId,
     /// Its position in that room's member list (kept in step by the table).
     pub position: u32,
-    /// Its rate-limit bucket's tokens (with `--client-rate`); refilled from
-    /// `last_seen`, so it costs no other field (and fits the padding).
+    /// Its rate-limit bucket's tokens (with `--client-rate`), refilled from
+    /// `charged`.
     pub tokens: f32,
 }
 
@@ -114,7 +127,7 @@ impl Table {
             hasher: DefaultHashBuilder::default(),
             clients: Slab::with_capacity(reserve),
             rooms,
-            timeout,
+            timeout: timeout.clamp(1, MAX_TIMEOUT_TICKS),
             next_generation: 0,
             per_ip: None,
             burst: 0.0,
@@ -171,7 +184,7 @@ impl Table {
     /// against it when they come due (a longer one reschedules them; after
     /// a shorter one they leave the table at their old deadline).
     pub fn set_timeout(&mut self, timeout: u64) {
-        self.timeout = timeout.max(1);
+        self.timeout = timeout.clamp(1, MAX_TIMEOUT_TICKS);
     }
 
     /// Mutable access to the rooms, for their caps.
@@ -206,14 +219,17 @@ impl Table {
 
     /// The client in slot `key` spoke at tick `now`: refills its bucket by
     /// `per_tick` tokens for each tick since it last did (up to `burst`),
-    /// marks it seen, and takes a token if there is one.
+    /// and takes a token if there is one. Liveness is not touched: that is
+    /// [`refresh`](Self::refresh)'s, for the datagrams that prove it.
     pub fn charge(&mut self, key: u32, now: u64, per_tick: f32, burst: f32) -> bool {
         let Some(c) = self.clients.get_mut(key as usize) else {
             return true;
         };
-        let ticks = now.saturating_sub(c.last_seen) as f32;
-        c.tokens = (c.tokens + ticks * per_tick).min(burst);
-        c.last_seen = c.last_seen.max(now);
+        let ticks = ticks_since(now, c.charged);
+        c.tokens = (c.tokens + ticks as f32 * per_tick).min(burst);
+        if ticks > 0 {
+            c.charged = now as u32;
+        }
         if c.tokens >= 1.0 {
             c.tokens -= 1.0;
             true
@@ -290,23 +306,36 @@ impl Table {
     /// Marks the client in slot `key` as heard from at tick `now`.
     pub fn refresh(&mut self, key: u32, now: u64) {
         if let Some(c) = self.clients.get_mut(key as usize) {
-            c.last_seen = now;
+            c.last_seen = now as u32;
         }
     }
 
     /// Registers `addr` (not yet a client: see [`Table::find`]) at tick
     /// `now`, in the lobby.
     pub fn insert(&mut self, addr: RawAddr, now: u64) -> Joined {
+        self.insert_in(addr, now, LOBBY)
+    }
+
+    /// Registers `addr` (not yet a client) at tick `now` straight into the
+    /// room called `name`, if that room has room: otherwise nothing is
+    /// registered at all (a refused newcomer leaves no trace).
+    pub fn insert_into(&mut self, addr: RawAddr, now: u64, name: &[u8]) -> Result<Joined, Full> {
+        let room = self.rooms.open(name)?;
+        Ok(self.insert_in(addr, now, room))
+    }
+
+    fn insert_in(&mut self, addr: RawAddr, now: u64, room: RoomId) -> Joined {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let entry = self.clients.vacant_entry();
         let key = entry.key() as u32;
-        let position = self.rooms.add(LOBBY, key);
+        let position = self.rooms.add(room, key);
         entry.insert(Client {
             addr,
-            last_seen: now,
+            last_seen: now as u32,
+            charged: now as u32,
             generation,
-            room: LOBBY,
+            room,
             position,
             tokens: self.burst,
         });
@@ -380,7 +409,8 @@ impl Table {
             Some(c) if c.generation == entry.generation => *c,
             _ => return Due::Stale,
         };
-        let deadline = self.deadline(client.last_seen);
+        let seen = now.saturating_sub(ticks_since(now, client.last_seen));
+        let deadline = self.deadline(seen);
         if deadline > now {
             return Due::Reschedule(deadline);
         }
@@ -437,9 +467,20 @@ impl Table {
     }
 }
 
+/// The longest timeout, in ticks, the table keeps: 2^30, half of what a
+/// wrapping 32-bit instant can tell apart, so an entry settled late is
+/// still read right (at the coarsest tick, 100 ms, over three years).
+pub const MAX_TIMEOUT_TICKS: u64 = 1 << 30;
+
+/// Ticks from `then` (the low 32 bits of a tick) to `now`: the wrapping
+/// difference, 0 if `then` is a moment ahead of `now`.
+fn ticks_since(now: u64, then: u32) -> u64 {
+    ((now as u32).wrapping_sub(then) as i32).max(0) as u64
+}
+
 /// Whether `c` is live at tick `now`: the one liveness rule.
 fn live(c: &Client, timeout: u64, now: u64) -> bool {
-    c.last_seen.saturating_add(timeout).saturating_add(1) > now
+    ticks_since(now, c.last_seen) <= timeout
 }
 
 /// The live members of one room: what a fan-out sends to.
@@ -503,6 +544,7 @@ mod tests {
         assert_eq!(t.find(&addr(1)), Some(j.key));
         t.refresh(j.key, 102);
         assert_eq!(t.get(j.key).unwrap().last_seen, 102);
+        assert_eq!(t.get(j.key).unwrap().charged, 100, "a refresh is not a charge");
         assert_eq!(t.len(), 1);
         assert!(t.remove(&addr(1)));
         assert!(!t.remove(&addr(1)));

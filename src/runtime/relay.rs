@@ -226,7 +226,10 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
 /// A cookie key from the OS's random source (`getrandom` through
 /// /dev/urandom), drawn once at start and never written anywhere.
 fn random_cookie_key() -> Result<crate::core::cookie::CookieKey, Error> {
-    Ok(crate::core::cookie::CookieKey::new(random_bytes::<32>()?))
+    Ok(crate::core::cookie::CookieKey::new(
+        random_bytes::<32>()?,
+        std::time::Instant::now(),
+    ))
 }
 
 impl Service for Relay {
