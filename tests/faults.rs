@@ -280,7 +280,7 @@ fn chat_survives_a_nat_port_change() {
         chat.write_line("before the NAT moved us");
         // The observer heartbeats while it listens (the timeout is 1 s).
         let heard = |needle: &str| {
-            observer.send(b"^hb^");
+            observer.heartbeat();
             drain(&observer, Duration::from_millis(150))
                 .iter()
                 .any(|d| d.contains(needle))

@@ -398,6 +398,7 @@ fn ipv4_clients_on_an_ipv6_socket() {
     let client = || Client {
         sock: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
         relay: v4,
+        proof: None,
     };
     let a = client();
     let b = client();

@@ -73,6 +73,14 @@ fn refusals_are_answered_and_counted() {
         2.0
     );
     a.expect_silence();
+    // The answer to a's join was lost, say, and it asks again: the room is
+    // full of a itself, so the answer is the room, not a refusal.
+    assert_eq!(a.ask(b"^join^one"), b"^room^one");
+    assert_eq!(a.ask(b"^join^one"), b"^room^one");
+    assert_eq!(
+        relay.metric("udphub_room_join_refused_total{reason=\"full\"}"),
+        2.0
+    );
 }
 
 /// Mints a token with PyJWT.

@@ -160,3 +160,109 @@ fn chat_and_send_speak_verify_mode() {
     let got = member.recv();
     assert!(got.starts_with(b"sent proven. from 127.0.0.1:"), "{got:?}");
 }
+
+/// The forged-liveness attack: a member goes silent after its handshake
+/// while someone who knows its address (the default format prints it)
+/// forges heartbeats, keepalives, timeout questions, hellos and messages
+/// from that address. Only the cookie proves a member alive, so the silent
+/// member expires on time and nothing sent after its timeout reaches it.
+///
+/// The forger is a second socket bound to the member's very address and
+/// port (SO_REUSEPORT on both): on loopback that sends datagrams the relay
+/// cannot tell from the member's, as a spoofer's would be, without a raw
+/// socket. Both sockets are read, so whichever the kernel hands the
+/// relay's datagrams to, they are counted.
+#[test]
+fn forged_heartbeats_do_not_keep_a_silent_member_alive() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::net::{SocketAddr, UdpSocket};
+    use std::time::Duration;
+
+    let relay = spawn_relay(&["--verify-sources", "--timeout", "1s", "--format", "raw"]);
+    let shared = || {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s
+    };
+    let member = shared();
+    member
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let member: UdpSocket = member.into();
+    let at = member.local_addr().unwrap();
+    let mut silent = Client {
+        sock: member,
+        relay: relay.addr,
+        proof: None,
+    };
+    let cookie = silent.cookie();
+    let proof = [&b"^cookie^"[..], &cookie].concat();
+    silent.send(&proof);
+    silent.proof = Some(proof);
+    relay.wait_metric("udphub_clients_joined_total", 1.0);
+    let forger = shared();
+    forger.bind(&at.into()).unwrap();
+    let forger: UdpSocket = forger.into();
+    forger.set_nonblocking(true).unwrap();
+    silent.sock.set_nonblocking(true).unwrap();
+    let talker = Client::verified(&relay);
+
+    let padded = |word: &[u8]| {
+        let mut d = word.to_vec();
+        d.resize(64, b' ');
+        d
+    };
+    let forged = [
+        b"^hb^".to_vec(),
+        Vec::new(),
+        padded(b"^timeout^"),
+        padded(b"^hello^"),
+        b"forged words".to_vec(),
+    ];
+    let silent_since = Instant::now();
+    let mut late = Vec::new();
+    let mut first_late = None;
+    let mut buf = [0u8; 2048];
+    for step in 0..40u32 {
+        forger
+            .send_to(&forged[step as usize % forged.len()], relay.addr)
+            .unwrap();
+        if step % 3 == 0 {
+            talker.heartbeat();
+        }
+        // Messages numbered from the moment the silent member's timeout
+        // (1 s, plus a tick) is past: none of those may reach it.
+        let past = silent_since.elapsed() > Duration::from_millis(1_200);
+        if past && first_late.is_none() {
+            first_late = Some(step);
+        }
+        talker.send(format!("news {step}").as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+        for sock in [&silent.sock, &forger] {
+            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if let Some(k) = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|t| t.strip_prefix("news "))
+                    .and_then(|k| k.parse::<u32>().ok())
+                {
+                    if first_late.is_some_and(|first| k >= first) {
+                        late.push(k);
+                    }
+                }
+            }
+        }
+        // The talker keeps draining its own echoes.
+        while talker.recv_within(Duration::from_millis(1)).is_some() {}
+    }
+    assert!(first_late.is_some(), "the run outlasted the timeout");
+    assert!(
+        late.is_empty(),
+        "messages sent after the silent member's timeout reached it: {late:?}"
+    );
+    relay.wait_metric("udphub_clients_expired_total", 1.0);
+    assert_eq!(relay.metric("udphub_clients"), 1.0, "only the talker");
+    assert!(relay.metric("udphub_dropped_total{reason=\"unproven\"}") >= 3.0);
+    // Its own cookie, from its own address, brings it back at once.
+    silent.heartbeat();
+    relay.wait_metric("udphub_clients", 2.0);
+}

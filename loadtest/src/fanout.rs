@@ -120,6 +120,10 @@ pub struct Engine {
     rooms: usize,
     /// The relay is in verify mode: register with cookies.
     verify: bool,
+    /// Verify mode: each client's latest cookie and when it came. Its
+    /// heartbeats carry it (only the cookie proves a member alive), and a
+    /// `^hello^` renews it before it ages out.
+    cookies: Vec<Option<(Vec<u8>, Instant)>>,
     senders: usize,
     /// `streams[receiver * senders + sender]`.
     streams: Vec<Stream>,
@@ -164,6 +168,9 @@ pub struct Engine {
     heartbeat: Duration,
     next_sender: usize,
 }
+
+/// How old a cookie may get before a client asks for a fresh one.
+const COOKIE_RENEW: Duration = Duration::from_secs(60);
 
 fn histogram() -> Histogram<u64> {
     // 1 µs .. 100 s in nanoseconds, 3 significant digits.
@@ -271,7 +278,9 @@ impl Engine {
             round_next: 0,
             heartbeat,
             next_sender: 0,
+            cookies: Vec::new(),
         };
+        e.cookies = vec![None; e.clients.len()];
         e.register_all()?;
         Ok(e)
     }
@@ -352,6 +361,28 @@ impl Engine {
         Ok(())
     }
 
+    /// Client `i`'s heartbeat: `^hb^`, or in verify mode `^cookie^C` (the
+    /// member's proof of life, which keeps it in its room), or a 64-byte
+    /// `^hello^` when its cookie is a minute old (cookies last 2-4).
+    fn heartbeat_of(&self, i: usize) -> Vec<u8> {
+        if !self.verify {
+            return b"^hb^".to_vec();
+        }
+        match &self.cookies[i] {
+            Some((cookie, at)) if at.elapsed() < COOKIE_RENEW => {
+                [&b"^cookie^"[..], cookie].concat()
+            }
+            _ => crate::member::hello(),
+        }
+    }
+
+    /// Verify mode: keeps a cookie the relay sent client `i`.
+    fn keep_cookie(&mut self, i: usize, cookie: &[u8]) {
+        if let Some(slot) = self.cookies.get_mut(i) {
+            *slot = Some((cookie.to_vec(), Instant::now()));
+        }
+    }
+
     /// Heartbeats spread evenly over each interval: the clients whose turn
     /// has come since the last call.
     fn heartbeat_due(&mut self) -> io::Result<()> {
@@ -363,11 +394,9 @@ impl Engine {
             (n as f64 * elapsed.as_secs_f64() / self.heartbeat.as_secs_f64().max(1e-9)) as usize
         };
         while self.round_next < due.min(n) {
-            send_retrying(
-                &self.clients[self.round_next].sock,
-                b"^hb^",
-                self.relay_of(self.round_next),
-            )?;
+            let i = self.round_next;
+            let beat = self.heartbeat_of(i);
+            send_retrying(&self.clients[i].sock, &beat, self.relay_of(i))?;
             self.round_next += 1;
         }
         if self.round_next >= n {
@@ -425,9 +454,11 @@ impl Engine {
                     let answer = &self.buf[..n];
                     if let Some(cookie) = answer.strip_prefix(b"^cookie^") {
                         self.join_replies += 1;
+                        let cookie = cookie.to_vec();
+                        self.keep_cookie(i, &cookie);
                         if !cookie_got[i] {
                             cookie_got[i] = true;
-                            let proven = self.proven(i, cookie);
+                            let proven = self.proven(i, &cookie);
                             send_retrying(&self.clients[i].sock, &proven, self.relay_of(i))?;
                             self.joins_sent += 1;
                         }
@@ -508,7 +539,11 @@ impl Engine {
                 if data.starts_with(b"loadtest probe") {
                     self.probe_deliveries += 1;
                     got[i] = true;
-                } else if data.starts_with(b"^room^") || data.starts_with(b"^cookie^") {
+                } else if let Some(cookie) = data.strip_prefix(b"^cookie^") {
+                    self.join_replies += 1;
+                    let cookie = cookie.to_vec();
+                    self.keep_cookie(i, &cookie);
+                } else if data.starts_with(b"^room^") {
                     self.join_replies += 1;
                 } else {
                     self.other += 1;
@@ -573,8 +608,15 @@ impl Engine {
                 self.flood_deliveries += 1;
                 return;
             }
-            if data.starts_with(b"^room^") || data.starts_with(b"^cookie^") {
-                // A late answer to a repeated join or hello.
+            if let Some(cookie) = data.strip_prefix(b"^cookie^") {
+                // A renewed cookie, or a late answer to a repeated hello.
+                self.join_replies += 1;
+                let cookie = cookie.to_vec();
+                self.keep_cookie(receiver, &cookie);
+                return;
+            }
+            if data.starts_with(b"^room^") {
+                // A late answer to a repeated join.
                 self.join_replies += 1;
                 return;
             }

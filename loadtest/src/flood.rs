@@ -61,7 +61,14 @@ impl Flood {
             let mut n = 0u64;
             let mut received = member.answers;
             let mut buf = vec![0u8; 65_536];
+            let mut beat = Instant::now();
             while !stop2.load(Ordering::Relaxed) {
+                // Its messages keep no member alive in verify mode: its
+                // cookie does, once a second.
+                if beat.elapsed() >= Duration::from_secs(1) {
+                    member.heartbeat()?;
+                    beat = Instant::now();
+                }
                 // Pace in 1 ms steps: whatever is due by now goes out.
                 let due = (started.elapsed().as_secs_f64() * rate) as u64;
                 while n < due {

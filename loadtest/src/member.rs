@@ -63,9 +63,23 @@ impl Member {
                 let proof = buf[..n].to_vec();
                 m.send(&proof)?;
                 m.proof = Some(proof);
-            } else {
-                m.send(b"^hb^")?;
+                // A member's timeout question proves nothing in verify
+                // mode (it goes unanswered); a proven join to the lobby is
+                // answered `^room^`, which shows we are registered.
+                let mut confirm = [&buf[..n], b"^join^"].concat();
+                confirm.resize(confirm.len().max(32), b' ');
+                m.send(&confirm)?;
+                if m.recv_matching(&mut buf, Duration::from_millis(200), |d| {
+                    d.starts_with(b"^room^")
+                })
+                .is_some()
+                {
+                    m.answers += 1;
+                    return Ok(m);
+                }
+                continue;
             }
+            m.send(b"^hb^")?;
             m.send(&timeout_query())?;
             if m.recv_matching(&mut buf, Duration::from_millis(200), |d| {
                 d.starts_with(b"^timeout^")
@@ -119,6 +133,15 @@ impl Member {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return None,
             }
+        }
+    }
+
+    /// A heartbeat: `^hb^`, or in verify mode the member's `^cookie^C`
+    /// (only the cookie keeps a member alive there; its messages do not).
+    pub fn heartbeat(&self) -> Result<(), String> {
+        match &self.proof {
+            Some(p) => self.send(p),
+            None => self.send(b"^hb^"),
         }
     }
 

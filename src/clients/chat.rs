@@ -92,6 +92,9 @@ pub(crate) struct Link {
     /// Verify mode: what follows `^cookie^C` to register again (a room's
     /// `^join^…`, or nothing for the lobby) if the relay asks anew.
     rejoin: Vec<u8>,
+    /// Verify mode: a `^hello^` to renew the cookie is out, so the cookie
+    /// that answers it is routine, not news for the user.
+    renewing: AtomicBool,
 }
 
 impl Link {
@@ -110,7 +113,30 @@ impl Link {
             unreachable: AtomicBool::new(false),
             cookie: std::sync::Mutex::new(cookie.map(|c| (c, Instant::now()))),
             rejoin,
+            renewing: AtomicBool::new(false),
         })
+    }
+
+    /// Verify mode: the next heartbeat. With a cookie younger than
+    /// [`COOKIE_RENEW`], `^cookie^C` and what rejoins our room (proof of
+    /// life, which also brings us back into the room if the relay forgot
+    /// us); with an older one, a `^hello^` asking for a fresh cookie, which
+    /// the receiver answers with that proof. Both padded to 64 bytes, so a
+    /// relay that does not know the cookie (it restarted) answers with a
+    /// new one.
+    fn proven_heartbeat(&self) -> Vec<u8> {
+        let held = self.cookie.lock().ok().and_then(|c| c.clone());
+        let mut beat = match held {
+            Some((cookie, at)) if at.elapsed() < COOKIE_RENEW => Link::proven(&cookie, &self.rejoin),
+            _ => {
+                self.renewing.store(true, Ordering::Relaxed);
+                protocol::HELLO.to_vec()
+            }
+        };
+        if beat.len() < protocol::HELLO_LEN {
+            beat.resize(protocol::HELLO_LEN, b' ');
+        }
+        beat
     }
 
     /// The cookie, if it is fresh enough to prove something now (cookies
@@ -140,6 +166,11 @@ impl Link {
         [protocol::COOKIE, cookie, then].concat()
     }
 }
+
+/// How old a cookie may get before chat asks for a fresh one. A cookie is
+/// good for at least two minutes; one minute leaves a heartbeat or two of
+/// margin.
+const COOKIE_RENEW: Duration = Duration::from_secs(60);
 
 /// A heartbeat that asks the relay's timeout, padded to 64 bytes so any
 /// answer fits — `^timeout^MS`, or in verify mode (for a client the relay
@@ -280,14 +311,15 @@ impl Session {
                         continue;
                     }
                     last = Instant::now();
-                    // While nothing listens, ask a question a relay answers,
-                    // so the user hears as soon as it is back. In verify
-                    // mode always: a relay that no longer knows our address
-                    // (a NAT gave us a new port, the relay restarted) drops
-                    // a short heartbeat silently, but answers the padded
-                    // question with a cookie, and the receiver proves and
-                    // rejoins within one heartbeat.
-                    let beat = if link.unreachable.load(Ordering::Relaxed) || link.verified() {
+                    // Verify mode: only the cookie proves we are alive (a
+                    // plain heartbeat could be anyone's). Otherwise, while
+                    // nothing listens, ask a question a relay answers, so
+                    // the user hears as soon as it is back.
+                    let proven;
+                    let beat = if link.verified() {
+                        proven = link.proven_heartbeat();
+                        &proven[..]
+                    } else if link.unreachable.load(Ordering::Relaxed) {
                         &probe[..]
                     } else {
                         protocol::HEARTBEAT
@@ -404,13 +436,16 @@ impl Session {
                             )));
                         }
                         if let Some(cookie) = data.strip_prefix(protocol::COOKIE) {
-                            // Verify mode: the relay does not know us (it
-                            // restarted, or expired us): prove and rejoin.
+                            // Verify mode: a renewed cookie, or the relay
+                            // does not know us (it restarted, or expired
+                            // us): prove and rejoin either way.
                             link.keep(cookie);
                             let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
-                            show(Incoming::Notice(format!(
-                                "the relay at {dest} asked again who we are; answered"
-                            )));
+                            if !link.renewing.swap(false, Ordering::Relaxed) {
+                                show(Incoming::Notice(format!(
+                                    "the relay at {dest} asked again who we are; answered"
+                                )));
+                            }
                             continue;
                         }
                         if data.starts_with(protocol::ROOM_REPLY) {

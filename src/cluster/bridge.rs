@@ -24,7 +24,7 @@ pub struct Bridge {
     /// Messages to publish, from the loop.
     pub publish: tokio::sync::mpsc::Receiver<Publish>,
     /// Subscriptions to make and drop, from the loop.
-    pub control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    pub control: Arc<Control>,
     /// Messages from the bus, to the loop.
     pub inbound: mpsc::SyncSender<Inbound>,
     /// Rings the loop.
@@ -162,10 +162,21 @@ async fn run(mut b: Bridge) {
     loop {
         tokio::select! {
             biased;
-            control = b.control.recv() => match control {
-                Some(Control::Subscribe { room, subject }) => {
+            () = b.control.changed.notified() => {
+                let mut changes = Vec::new();
+                b.control.rooms.take(|room, open| changes.push((room, open)));
+                for (room, open) in changes {
+                    let subject = super::subject(&b.config.name, &room);
+                    if !open {
+                        // Dropping the subscriber (with its task) unsubscribes.
+                        if let Some(task) = subscriptions.remove(&subject) {
+                            task.abort();
+                        }
+                        continue;
+                    }
                     match client.subscribe(subject.clone()).await {
                         Ok(sub) => {
+                            let room: Arc<[u8]> = room.into();
                             let task = tokio::spawn(forward(sub, room, b.inbound.clone(), Arc::clone(&b.waker), Arc::clone(&b.wake_pending), b.metrics.clone()));
                             if let Some(old) = subscriptions.insert(subject, task) {
                                 old.abort();
@@ -174,13 +185,6 @@ async fn run(mut b: Bridge) {
                         Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
                     }
                 }
-                Some(Control::Unsubscribe { subject }) => {
-                    // Dropping the subscriber (with its task) unsubscribes.
-                    if let Some(task) = subscriptions.remove(&subject) {
-                        task.abort();
-                    }
-                }
-                None => break,
             },
             message = b.publish.recv() => match message {
                 Some(m) => match client.publish(m.subject, m.frame).await {

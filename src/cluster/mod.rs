@@ -21,6 +21,7 @@
 
 pub mod bridge;
 pub mod frame;
+pub mod interest;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -82,21 +83,15 @@ pub fn subject(cluster: &str, room: &[u8]) -> String {
     s
 }
 
-/// The loop asks the bridge to (un)subscribe.
-#[derive(Debug)]
-pub enum Control {
-    /// A room got its first member here.
-    Subscribe {
-        /// The room (empty: the lobby).
-        room: Arc<[u8]>,
-        /// Its subject.
-        subject: String,
-    },
-    /// Its last member here left.
-    Unsubscribe {
-        /// Its subject.
-        subject: String,
-    },
+/// Which rooms the loop wants the bridge subscribed to: an [`Interest`]
+/// (coalesced per room, bounded by the rooms open, nothing lost) and the
+/// bridge's wake-up.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Rooms opened (subscribe) and closed (unsubscribe) here.
+    pub rooms: interest::Interest,
+    /// Rung when `rooms` changed.
+    pub changed: tokio::sync::Notify,
 }
 
 /// A message for the bridge to publish.
@@ -235,7 +230,7 @@ pub struct Link {
     outgoing: HashMap<Box<[u8]>, Outgoing>,
     incoming: HashMap<Arc<[u8]>, frame::Streams>,
     publish: tokio::sync::mpsc::Sender<Publish>,
-    control: tokio::sync::mpsc::UnboundedSender<Control>,
+    control: Arc<Control>,
     inbound: mpsc::Receiver<Inbound>,
     wake_pending: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
@@ -253,14 +248,14 @@ impl Link {
     ) -> Result<Link, Error> {
         let metrics = ClusterMetrics::register();
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
-        let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::new(Control::default());
         let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_QUEUE);
         let wake_pending = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         bridge::spawn(bridge::Bridge {
             config: config.clone(),
             publish: publish_rx,
-            control: control_rx,
+            control: Arc::clone(&control),
             inbound: inbound_tx,
             waker,
             wake_pending: Arc::clone(&wake_pending),
@@ -291,19 +286,16 @@ impl Link {
         let room: Arc<[u8]> = room.into();
         self.incoming
             .insert(Arc::clone(&room), frame::Streams::default());
-        let _ = self.control.send(Control::Subscribe {
-            subject: subject(&self.cluster, &room),
-            room,
-        });
+        self.control.rooms.tell(&room, true);
+        self.control.changed.notify_one();
     }
 
     /// Its last member here left: unsubscribe, forget its streams.
     pub fn room_closed(&mut self, room: &[u8]) {
         self.incoming.remove(room);
         self.outgoing.remove(room);
-        let _ = self.control.send(Control::Unsubscribe {
-            subject: subject(&self.cluster, room),
-        });
+        self.control.rooms.tell(room, false);
+        self.control.changed.notify_one();
     }
 
     /// Publishes a message a local member sent to `room`, already rendered

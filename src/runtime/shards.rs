@@ -14,10 +14,10 @@
 //! its own socket (same address and port, so clients see one relay), as
 //! the cluster bridge's messages are: through [`crate::core::hub::Hub::relay_from_elsewhere`].
 //!
-//! Which shards have members in which room is told the same way: a shard
-//! whose room opens or closes says so to every other shard, on a second,
-//! unbounded queue (rooms open at most as fast as clients join, and a lost
-//! "opened" would silence a room), before it answers the joins; every
+//! Which shards have members in which room is told too: a shard whose
+//! room opens or closes says so to every other shard before it answers the
+//! joins, through an [`Interest`] per ordered pair (coalesced per room, so
+//! it is bounded by the rooms open and never loses an "opened"); every
 //! shard reads that news before each hand-off. The lobby counts as open
 //! everywhere. The caps are counted across shards by
 //! [`crate::core::census::Census`].
@@ -27,12 +27,13 @@
 //! never blocks on another. Order: one sender's messages reach one shard
 //! through one FIFO queue, so they arrive in the order sent.
 
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 use mio::Waker;
 
+use crate::cluster::interest::Interest;
 use crate::core::counts::{Counts, DeliveryDrop};
 
 /// Messages a shard may have queued for one other shard, at most: a few
@@ -95,21 +96,14 @@ impl Handoff {
     }
 }
 
-/// A room opened or closed on the shard that says so.
-#[derive(Debug, Clone)]
-enum Interest {
-    Opened(usize, Box<[u8]>),
-    Closed(usize, Box<[u8]>),
-}
-
 /// This shard's way to one other shard.
 struct Peer {
     /// Its index.
     index: usize,
     /// Messages for it (bounded).
     data: SyncSender<Handoff>,
-    /// Rooms opening and closing here (unbounded).
-    interest: Sender<Interest>,
+    /// Rooms opening and closing here, as it is to learn them.
+    interest: Arc<Interest>,
     /// Its loop's waker.
     waker: Arc<Waker>,
     /// Something was queued for it in this batch: wake it at the end.
@@ -124,8 +118,8 @@ pub struct Siblings {
     peers: Vec<Peer>,
     /// Messages from each other shard.
     inbox: Vec<Receiver<Handoff>>,
-    /// Rooms opening and closing on the other shards.
-    news: Receiver<Interest>,
+    /// Rooms opening and closing on each other shard (its index).
+    news: Vec<(usize, Arc<Interest>)>,
     /// Named rooms with members on other shards: bit `j` for shard `j`.
     rooms: HashMap<Box<[u8]>, u64>,
     /// This shard's own waker: messages left after a drain's budget.
@@ -140,37 +134,35 @@ pub struct Siblings {
 pub struct Unwired {
     index: usize,
     data_tx: Vec<(usize, SyncSender<Handoff>)>,
-    interest_tx: Vec<(usize, Sender<Interest>)>,
+    interest_tx: Vec<(usize, Arc<Interest>)>,
     inbox: Vec<Receiver<Handoff>>,
-    news: Receiver<Interest>,
+    news: Vec<(usize, Arc<Interest>)>,
 }
 
 /// Makes the queues between `n` shards (a bounded one for messages and an
-/// unbounded one for room interest, per ordered pair). Each shard's part
-/// becomes its [`Siblings`] once the wakers are known ([`Unwired::wire`]).
+/// [`Interest`] for rooms, per ordered pair). Each shard's part becomes its
+/// [`Siblings`] once the wakers are known ([`Unwired::wire`]).
 pub fn queues(n: usize) -> Vec<Unwired> {
-    let mut parts: Vec<Unwired> = Vec::with_capacity(n);
-    let mut news_tx = Vec::with_capacity(n);
-    for index in 0..n {
-        let (tx, news) = mpsc::channel();
-        news_tx.push(tx);
-        parts.push(Unwired {
+    let mut parts: Vec<Unwired> = (0..n)
+        .map(|index| Unwired {
             index,
             data_tx: Vec::new(),
             interest_tx: Vec::new(),
             inbox: Vec::new(),
-            news,
-        });
-    }
+            news: Vec::new(),
+        })
+        .collect();
     for from in 0..n {
         for to in 0..n {
             if from == to {
                 continue;
             }
             let (tx, rx) = mpsc::sync_channel(queue_capacity(n));
+            let interest = Arc::new(Interest::new());
             parts[from].data_tx.push((to, tx));
-            parts[from].interest_tx.push((to, news_tx[to].clone()));
+            parts[from].interest_tx.push((to, Arc::clone(&interest)));
             parts[to].inbox.push(rx);
+            parts[to].news.push((from, interest));
         }
     }
     parts
@@ -180,7 +172,7 @@ impl Unwired {
     /// Joins this shard's queues with the other loops' wakers
     /// (`wakers[j]` wakes shard `j`).
     pub fn wire(self, wakers: &[Arc<Waker>]) -> Siblings {
-        let interest: HashMap<usize, Sender<Interest>> = self.interest_tx.into_iter().collect();
+        let interest: HashMap<usize, Arc<Interest>> = self.interest_tx.into_iter().collect();
         let peers = self
             .data_tx
             .into_iter()
@@ -246,19 +238,18 @@ impl Siblings {
 
     /// Tells every other shard that a named room opened or closed here.
     pub fn room_opened(&mut self, name: &[u8]) {
-        self.tell(|i| Interest::Opened(i, name.into()));
+        self.tell(name, true);
     }
 
     /// See [`room_opened`](Self::room_opened).
     pub fn room_closed(&mut self, name: &[u8]) {
-        self.tell(|i| Interest::Closed(i, name.into()));
+        self.tell(name, false);
     }
 
-    fn tell(&mut self, news: impl Fn(usize) -> Interest) {
+    fn tell(&mut self, name: &[u8], open: bool) {
         for peer in &mut self.peers {
-            if peer.interest.send(news(self.index)).is_ok() {
-                peer.wake = true;
-            }
+            peer.interest.tell(name, open);
+            peer.wake = true;
         }
     }
 
@@ -290,20 +281,18 @@ impl Siblings {
 
     /// Applies the other shards' news about their rooms.
     fn take_news(&mut self) {
-        for news in self.news.try_iter() {
-            match news {
-                Interest::Opened(from, name) => {
-                    *self.rooms.entry(name).or_insert(0) |= 1 << from;
-                }
-                Interest::Closed(from, name) => {
-                    if let Some(mask) = self.rooms.get_mut(&name) {
-                        *mask &= !(1 << from);
-                        if *mask == 0 {
-                            self.rooms.remove(&name);
-                        }
+        let rooms = &mut self.rooms;
+        for (from, news) in &self.news {
+            news.take(|name, open| {
+                if open {
+                    *rooms.entry(name).or_insert(0) |= 1 << from;
+                } else if let Some(mask) = rooms.get_mut(&name) {
+                    *mask &= !(1 << from);
+                    if *mask == 0 {
+                        rooms.remove(&name);
                     }
                 }
-            }
+            });
         }
     }
 

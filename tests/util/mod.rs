@@ -293,6 +293,8 @@ pub struct Client {
     pub sock: UdpSocket,
     /// The relay.
     pub relay: SocketAddr,
+    /// Verify mode: `^cookie^C`, the client's proof of life.
+    pub proof: Option<Vec<u8>>,
 }
 
 impl Client {
@@ -304,7 +306,11 @@ impl Client {
             "127.0.0.1:0"
         };
         let sock = UdpSocket::bind(local).expect("bind client");
-        Client { sock, relay }
+        Client {
+            sock,
+            relay,
+            proof: None,
+        }
     }
 
     /// A client that has registered with a heartbeat, and been seen to: the
@@ -378,12 +384,23 @@ impl Client {
 
     /// Registers through the cookie handshake.
     pub fn verified(relay: &RelayProc) -> Client {
-        let c = Client::new(relay.addr);
+        let mut c = Client::new(relay.addr);
         let cookie = c.cookie();
         let before = relay.metric("udphub_clients_joined_total");
-        c.send(&[&b"^cookie^"[..], &cookie].concat());
+        let proof = [&b"^cookie^"[..], &cookie].concat();
+        c.send(&proof);
+        c.proof = Some(proof);
         relay.wait_metric("udphub_clients_joined_total", before + 1.0);
         c
+    }
+
+    /// A heartbeat: `^hb^`, or in verify mode the client's `^cookie^C`
+    /// (only the cookie keeps a member alive there).
+    pub fn heartbeat(&self) {
+        match &self.proof {
+            Some(p) => self.send(p),
+            None => self.send(b"^hb^"),
+        }
     }
 }
 
