@@ -127,7 +127,9 @@ impl Link {
     fn proven_heartbeat(&self) -> Vec<u8> {
         let held = self.cookie.lock().ok().and_then(|c| c.clone());
         let mut beat = match held {
-            Some((cookie, at)) if at.elapsed() < COOKIE_RENEW => Link::proven(&cookie, &self.rejoin),
+            Some((cookie, at)) if at.elapsed() < COOKIE_RENEW => {
+                Link::proven(&cookie, &self.rejoin)
+            }
             _ => {
                 self.renewing.store(true, Ordering::Relaxed);
                 protocol::HELLO.to_vec()

@@ -71,22 +71,33 @@ pub(crate) struct Probe {
     pub(crate) timeout: Option<Duration>,
 }
 
+/// How long a client waits for an answer before it asks again: a lost
+/// datagram (a flood filling the relay's queue, a lossy link) costs this
+/// much, not the whole wait.
+const RETRY: Duration = Duration::from_millis(250);
+
 /// The first datagram: `^timeout^` padded to 64 bytes. A udphub relay
 /// answers `^timeout^MS` (and registers the sender), or, in verify mode,
-/// `^cookie^C` (and registers nobody yet). Waits up to `wait`; silence is
-/// an empty answer (an older relay, or none listening).
+/// `^cookie^C` (and registers nobody yet). Asks again every [`RETRY`] and
+/// waits up to `wait` in all; silence is an empty answer (an older relay,
+/// or none listening).
 pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
     let mut question = protocol::TIMEOUT_QUERY.to_vec();
     question.resize(protocol::HELLO_LEN, b' ');
     let mut out = Probe::default();
-    if sock.send(&question).is_err() {
-        return out;
-    }
     let deadline = Instant::now() + wait;
+    let mut ask_at = Instant::now();
     let mut buf = [0u8; 256];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+        let now = Instant::now();
+        if now >= ask_at {
+            if sock.send(&question).is_err() {
+                return out;
+            }
+            ask_at = now + RETRY;
+        }
+        let left = deadline.saturating_duration_since(now).min(ask_at - now);
+        if deadline <= now || sock.set_read_timeout(Some(left)).is_err() {
             return out;
         }
         match sock.recv(&mut buf) {
@@ -100,6 +111,11 @@ pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
                     return out;
                 }
             }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return out,
         }
     }
@@ -157,14 +173,21 @@ fn join_room(
     if request.len() < protocol::TIMEOUT_QUERY_LEN {
         request.resize(protocol::TIMEOUT_QUERY_LEN, b' ');
     }
-    sock.send(&request)
-        .map_err(|e| Error::io("send the join", e))?;
     let deadline = Instant::now() + wait;
     let mut buf = vec![0u8; 2048];
     let accepted = [protocol::ROOM_REPLY, room.as_bytes()].concat();
+    // Asked again every RETRY: a join of the room one is in is answered
+    // with the room, so a retry after a lost answer is safe.
+    let mut ask_at = Instant::now();
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let now = Instant::now();
+        if now >= ask_at {
+            sock.send(&request)
+                .map_err(|e| Error::io("send the join", e))?;
+            ask_at = now + RETRY;
+        }
+        let left = deadline.saturating_duration_since(now).min(ask_at - now);
+        if deadline <= now {
             return Err(Error::Refused(format!(
                 "no answer from {server} to joining room {room:?} within {}: is it a udphub relay that knows rooms?",
                 humantime::format_duration(wait)

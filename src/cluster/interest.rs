@@ -104,7 +104,10 @@ mod tests {
         assert!(taken(&i).is_empty());
         i.tell(b"a", true);
         i.tell(b"b", true);
-        assert_eq!(taken(&i), vec![(b"a".to_vec(), true), (b"b".to_vec(), true)]);
+        assert_eq!(
+            taken(&i),
+            vec![(b"a".to_vec(), true), (b"b".to_vec(), true)]
+        );
         i.tell(b"a", false);
         assert_eq!(taken(&i), vec![(b"a".to_vec(), false)]);
         assert!(taken(&i).is_empty(), "told once");
@@ -126,9 +129,15 @@ mod tests {
             i.tell(b"home", true);
             assert!(i.len() <= 1);
         }
-        assert!(taken(&i).is_empty(), "the reader's view was right all along");
+        assert!(
+            taken(&i).is_empty(),
+            "the reader's view was right all along"
+        );
         i.tell(b"home", false);
         i.tell(b"x", true);
-        assert_eq!(taken(&i), vec![(b"home".to_vec(), false), (b"x".to_vec(), true)]);
+        assert_eq!(
+            taken(&i),
+            vec![(b"home".to_vec(), false), (b"x".to_vec(), true)]
+        );
     }
 }

@@ -504,7 +504,11 @@ mod tests {
             a.admit(&hi, &mut t, when(1_000)),
             Verdict::Challenge(DropReason::Unverified)
         ));
-        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), when(1_000).at)].concat();
+        let good = [
+            &b"^cookie^"[..],
+            &key.make(&from(1).unwrap(), when(1_000).at),
+        ]
+        .concat();
         assert_eq!(
             verdict(&mut a, &mut t, &good, 1),
             Ok(None),
@@ -551,9 +555,21 @@ mod tests {
                 _ => None,
             }
         };
-        assert_eq!(admitted(&mut a, &mut t, b"hi"), Some(false), "a message proves nothing");
-        assert_eq!(admitted(&mut a, &mut t, &hello), Some(false), "nor does a hello");
-        assert_eq!(admitted(&mut a, &mut t, &good), Some(true), "the cookie does");
+        assert_eq!(
+            admitted(&mut a, &mut t, b"hi"),
+            Some(false),
+            "a message proves nothing"
+        );
+        assert_eq!(
+            admitted(&mut a, &mut t, &hello),
+            Some(false),
+            "nor does a hello"
+        );
+        assert_eq!(
+            admitted(&mut a, &mut t, &good),
+            Some(true),
+            "the cookie does"
+        );
         let quit = [&good[..], b"^quit"].concat();
         assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
         // The cookie budget: 100 replies per /24 at once, then its rate.
@@ -580,7 +596,11 @@ mod tests {
         let mut t = Table::new(100);
         t.set_burst(2.0);
         t.insert(from(1).unwrap(), 0);
-        let good = [&b"^cookie^"[..], &key.make(&from(1).unwrap(), when(1_000).at)].concat();
+        let good = [
+            &b"^cookie^"[..],
+            &key.make(&from(1).unwrap(), when(1_000).at),
+        ]
+        .concat();
         let sent: Vec<_> = (0..4).map(|_| verdict(&mut a, &mut t, b"m", 1)).collect();
         assert_eq!(sent[3], Err(DropReason::RateLimited));
         assert!(verdict(&mut a, &mut t, &good, 1).is_ok());

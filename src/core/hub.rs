@@ -886,7 +886,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(reached_silent_after_timeout, 0, "nothing reaches the silent member");
+        assert_eq!(
+            reached_silent_after_timeout, 0,
+            "nothing reaches the silent member"
+        );
         assert_eq!(f.counts.expired, 1, "the silent member expired");
         assert_eq!(f.hub.clients(), 1, "the talker, proving itself, stayed");
         // Before it expired, the forged heartbeats, keepalives and timeout
@@ -929,12 +932,7 @@ mod tests {
         // A stale cookie (another key's) from a member: a fresh cookie comes
         // back if the datagram is long enough, and nothing is extended.
         let other = CookieKey::new([5; 32], t0);
-        let stale = [
-            &b"^cookie^"[..],
-            &other.make(&addr(1), t0),
-            &[b' '; 40][..],
-        ]
-        .concat();
+        let stale = [&b"^cookie^"[..], &other.make(&addr(1), t0), &[b' '; 40][..]].concat();
         let (reply, to) = f.at(4_000, from(1, &stale)).unwrap();
         assert!(reply.starts_with(b"^cookie^") && to == vec![1]);
         assert_eq!(f.counts.dropped[DropReason::BadCookie as usize], 1);

@@ -544,7 +544,11 @@ mod tests {
         assert_eq!(t.find(&addr(1)), Some(j.key));
         t.refresh(j.key, 102);
         assert_eq!(t.get(j.key).unwrap().last_seen, 102);
-        assert_eq!(t.get(j.key).unwrap().charged, 100, "a refresh is not a charge");
+        assert_eq!(
+            t.get(j.key).unwrap().charged,
+            100,
+            "a refresh is not a charge"
+        );
         assert_eq!(t.len(), 1);
         assert!(t.remove(&addr(1)));
         assert!(!t.remove(&addr(1)));
