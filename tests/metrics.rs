@@ -283,3 +283,96 @@ fn the_endpoint_is_plain_http_and_a_stalled_scraper_blocks_no_one() {
     assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
     assert!(ok.contains("udphub_clients"), "{ok}");
 }
+
+/// Slow clients that dribble a request a byte at a time (each byte well
+/// inside any per-read timeout) hold up no one: a scrape is answered while
+/// ten of them hang, and each is cut off at its whole-request deadline
+/// (5 s), answered 408 and counted.
+#[test]
+fn slow_scrapers_hold_up_no_one_and_meet_their_deadline() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    const SLOW: usize = 10;
+    let relay = spawn_relay(&[]);
+    let addr = relay.metrics.unwrap();
+    let request = b"GET /metrics HTTP/1.0\r\nHost: a\r\n\r\n";
+    let opened = Instant::now();
+    let mut slow: Vec<Option<TcpStream>> = (0..SLOW)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+            s.write_all(&request[..1]).unwrap();
+            Some(s)
+        })
+        .collect();
+    let text = util::scrape(addr);
+    assert!(text.contains("udphub_clients"), "{text}");
+    // They go on, a byte each every 500 ms, until the relay closes them.
+    let mut sent = 1;
+    let mut answers = Vec::new();
+    let deadline = opened + Duration::from_secs(10);
+    while slow.iter().any(Option::is_some) {
+        assert!(Instant::now() < deadline, "slow clients were never cut off");
+        thread::sleep(Duration::from_millis(500));
+        for slot in slow.iter_mut() {
+            let Some(s) = slot else { continue };
+            let _ = s.write_all(&request[sent..sent + 1]);
+            let mut out = String::new();
+            match s.read_to_string(&mut out) {
+                Ok(_) => answers.push(out),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => answers.push(e.to_string()),
+            }
+            *slot = None;
+        }
+        sent = (sent + 1).min(request.len() - 3);
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(4500),
+        "cut off before the deadline: {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(answers.len(), SLOW);
+    for answer in &answers {
+        assert!(answer.starts_with("HTTP/1.0 408"), "{answer}");
+    }
+    let text = util::scrape(addr);
+    assert_eq!(
+        metric(
+            &text,
+            "udphub_metrics_connections_dropped_total{reason=\"deadline\"}"
+        ),
+        SLOW as f64,
+        "{text}"
+    );
+}
+
+/// The endpoint holds at most 32 connections: with all of them taken by
+/// clients that say nothing, a scrape still gets in (the oldest is closed
+/// with a 503 to make room, and counted).
+#[test]
+fn a_full_house_of_silent_clients_makes_room_for_a_scrape() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    const MAX: usize = 32;
+    let relay = spawn_relay(&[]);
+    let addr = relay.metrics.unwrap();
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..MAX {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        silent.push(s);
+    }
+    let text = util::scrape(addr);
+    assert_eq!(
+        metric(
+            &text,
+            "udphub_metrics_connections_dropped_total{reason=\"max_connections\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    let mut oldest = String::new();
+    silent[0].read_to_string(&mut oldest).unwrap();
+    assert!(oldest.starts_with("HTTP/1.0 503"), "{oldest}");
+}

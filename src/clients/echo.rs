@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
+use crate::clients::tcp_echo;
 use crate::core::admission::{Admission, Arrival};
 use crate::error::Error;
 use crate::net::socket;
@@ -48,9 +49,13 @@ pub struct EchoArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_connections: usize,
 
-    /// With --tcp: close a connection silent for this long
+    /// With --tcp: close a connection that sent nothing for this long (reading alone does not keep it open)
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = config::parse_duration)]
     pub idle_timeout: std::time::Duration,
+
+    /// With --tcp: most bytes all connections' buffers hold together (what their clients have not read back yet); at the cap, connections are not read until memory frees (counted, nothing dropped)
+    #[arg(long, value_name = "BYTES", default_value_t = tcp_echo::DEFAULT_BUFFER_BYTES)]
+    pub max_buffer_bytes: usize,
 
     /// Prometheus endpoint address, or `off` [default: off]
     #[arg(long, env = "UDPHUB_ECHO_METRICS", value_name = "ADDR|off", default_value = "off", hide_default_value = true, value_parser = config::parse_metrics)]
@@ -181,6 +186,13 @@ fn run_tcp(args: &EchoArgs) -> Result<(), Error> {
     if args.idle_timeout.is_zero() {
         return Err(Error::Config("--idle-timeout must be more than 0".into()));
     }
+    if args.max_buffer_bytes < tcp_echo::MIN_BUFFER_BYTES {
+        return Err(Error::Config(format!(
+            "--max-buffer-bytes must be at least {} (one connection's full buffer), got {}",
+            tcp_echo::MIN_BUFFER_BYTES,
+            args.max_buffer_bytes
+        )));
+    }
     let metrics = match args.metrics {
         MetricsAddr::At(addr) => Some(exporter::start(addr)?.local_addr),
         MetricsAddr::Off => None,
@@ -188,11 +200,12 @@ fn run_tcp(args: &EchoArgs) -> Result<(), Error> {
     if let Some(addr) = metrics {
         tracing::info!("metrics on http://{addr}/metrics");
     }
-    let config = crate::clients::tcp_echo::TcpEchoConfig {
+    let config = tcp_echo::TcpEchoConfig {
         bind: args.bind,
         upper: args.upper,
         max_connections: args.max_connections,
         idle_timeout: args.idle_timeout,
+        max_buffer_bytes: args.max_buffer_bytes,
     };
-    crate::clients::tcp_echo::run(&config, metrics, args.ready_file.as_deref())
+    tcp_echo::run(&config, metrics, args.ready_file.as_deref())
 }

@@ -5,26 +5,45 @@
 //! a tokio runtime and binds inside that runtime, so the process cannot
 //! learn the port it got for `--metrics 127.0.0.1:0` nor report a taken
 //! port before it says it is ready. Answering a scrape is a few lines of
-//! HTTP/1.0 on a std `TcpListener` we bind ourselves, off the relay's loop:
-//! a slow scraper holds only its own short-lived connection thread.
+//! HTTP/1.0 on a listener we bind ourselves, off the relay's loop.
+//!
+//! One thread serves every connection from a small non-blocking mio loop,
+//! so a slow client holds nothing but its own slot, never the thread: each
+//! connection has [`DEADLINE`] in all to send its request and take the
+//! answer (a whole-request deadline, not a per-read timeout, which a byte
+//! every few seconds would satisfy for ever); at most [`MAX_CONNECTIONS`]
+//! are open, and one more closes the oldest.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use metrics::{counter, describe_counter};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
 
 use crate::error::Error;
+use crate::runtime::event_loop::RateLimitedLog;
 use crate::runtime::metrics::HISTOGRAMS;
 
-/// Scrapes answered at once; more are refused with 503 (Prometheus
-/// scrapes one target serially; a handful covers several scrapers).
-const MAX_CONNECTIONS: usize = 8;
-/// How long a connection may take to send its request or read the answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The listening socket.
+const LISTENER: Token = Token(usize::MAX - 1);
+/// Connections open at once. Prometheus scrapes a target serially, so a
+/// handful covers several scrapers; at the cap a new connection closes the
+/// oldest (the likeliest to be stalled), so to keep a scrape out a client
+/// must open connections faster than a scrape completes, not merely hold
+/// them open.
+const MAX_CONNECTIONS: usize = 32;
+/// Connections accepted per pass of the loop before the open ones get
+/// their turn.
+const ACCEPTS_PER_PASS: usize = 64;
+/// How long a connection may take, from accept to the last byte of the
+/// answer (a scrape takes milliseconds; Prometheus' default scrape timeout
+/// is 10 s, and it reconnects for every scrape).
+pub const DEADLINE: Duration = Duration::from_secs(5);
 /// The longest request head read (a scrape's is ~200 bytes).
 const MAX_REQUEST: usize = 8 * 1024;
 /// How often histogram samples are folded into their buckets (the crate's
@@ -33,6 +52,9 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// per pass and per `recvmmsg`); buffered for 5 s that was ~15 MB of RSS,
 /// for 250 ms it is under 1 MB.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How long to wait before accepting again after accept failed (out of
+/// descriptors): the listener stays ready, so retrying at once would spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// A running metrics endpoint.
 #[derive(Debug)]
@@ -50,14 +72,14 @@ pub fn start(addr: SocketAddr) -> Result<Exporter, Error> {
         addr,
         reason,
     };
-    let listener = TcpListener::bind(addr).map_err(|e| bind_error(e.to_string()))?;
+    let mut listener = TcpListener::bind(addr).map_err(|e| bind_error(e.to_string()))?;
     let local_addr = listener
         .local_addr()
         .map_err(|e| Error::io("metrics listener address", e))?;
-    // accept() honours SO_RCVTIMEO: it wakes the thread for upkeep.
-    socket2::SockRef::from(&listener)
-        .set_read_timeout(Some(UPKEEP_INTERVAL))
-        .map_err(|e| Error::io("metrics listener timeout", e))?;
+    let poll = Poll::new().map_err(|e| Error::io("create the metrics poll", e))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .map_err(|e| Error::io("register the metrics listener", e))?;
     let mut builder = PrometheusBuilder::new();
     for (name, buckets) in HISTOGRAMS {
         builder = builder
@@ -67,95 +89,277 @@ pub fn start(addr: SocketAddr) -> Result<Exporter, Error> {
     let handle = builder
         .install_recorder()
         .map_err(|e| bind_error(e.to_string()))?;
+    describe_counter!(
+        "udphub_metrics_connections_dropped_total",
+        "Connections to the metrics endpoint closed unanswered, by reason: deadline (request and answer not done within 5 s), max_connections (the oldest, closed to make room for a new one)"
+    );
+    for reason in ["deadline", "max_connections"] {
+        counter!("udphub_metrics_connections_dropped_total", "reason" => reason).increment(0);
+    }
     thread::Builder::new()
         .name("udphub-metrics".into())
-        .spawn(move || serve(listener, handle))
+        .spawn(move || serve(poll, listener, handle))
         .map_err(|e| Error::io("start the metrics thread", e))?;
     Ok(Exporter { local_addr })
 }
 
-/// Accepts scrapes until the process ends.
-fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    let mut last_upkeep = Instant::now();
+/// One connection to the endpoint.
+struct Scrape {
+    stream: TcpStream,
+    /// When it is closed, answered or not.
+    deadline: Instant,
+    /// The request head read so far.
+    request: Vec<u8>,
+    /// The whole answer once the request is read, and how much of it is
+    /// written.
+    answer: Option<(Vec<u8>, usize)>,
+}
+
+/// Serves scrapes until the process ends.
+fn serve(mut poll: Poll, listener: TcpListener, handle: PrometheusHandle) {
+    let mut scrapes: Slab<Scrape> = Slab::with_capacity(MAX_CONNECTIONS);
+    let mut events = Events::with_capacity(MAX_CONNECTIONS + 1);
+    let mut errors = RateLimitedLog::default();
+    let mut next_upkeep = Instant::now();
+    // Accept without an event: the last pass's share ran out, or accept
+    // failed and is retried after ACCEPT_RETRY.
+    let mut accept_again: Option<Duration> = None;
     loop {
-        if last_upkeep.elapsed() >= UPKEEP_INTERVAL {
+        let now = Instant::now();
+        if now >= next_upkeep {
             handle.run_upkeep();
-            last_upkeep = Instant::now();
+            next_upkeep = now + UPKEEP_INTERVAL;
         }
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
+        let wake = scrapes
+            .iter()
+            .map(|(_, s)| s.deadline)
+            .fold(next_upkeep, Instant::min);
+        let mut timeout = wake.saturating_duration_since(now);
+        if let Some(retry) = accept_again {
+            timeout = timeout.min(retry);
+        }
+        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                errors.warn("metrics poll", &e);
+                thread::sleep(ACCEPT_RETRY);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // EMFILE and friends: pause rather than spin.
-                tracing::warn!("metrics listener: {e}");
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            let _ = respond(&stream, "503 Service Unavailable", b"busy\n");
             continue;
         }
-        let handle = handle.clone();
-        let busy_here = Arc::clone(&busy);
-        let spawned = thread::Builder::new()
-            .name("udphub-scrape".into())
-            .spawn(move || {
-                let _ = answer(stream, &handle);
-                busy_here.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            busy.fetch_sub(1, Ordering::AcqRel);
+        let mut accept = accept_again.take().is_some();
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => accept = true,
+                Token(key) => {
+                    let Some(scrape) = scrapes.get_mut(key) else {
+                        continue;
+                    };
+                    if advance(scrape, || handle.render()) {
+                        close(&mut scrapes, key, &poll, None);
+                    }
+                }
+            }
+        }
+        if accept {
+            accept_again = accept_some(&listener, &mut scrapes, &poll, &mut errors);
+        }
+        let now = Instant::now();
+        let expired: Vec<usize> = scrapes
+            .iter()
+            .filter(|(_, s)| s.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            close(&mut scrapes, key, &poll, Some("deadline"));
         }
     }
 }
 
-/// Reads one request and answers it.
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::with_capacity(512);
+/// Accepts up to [`ACCEPTS_PER_PASS`] connections, closing the oldest one
+/// for each beyond [`MAX_CONNECTIONS`]. Returns when to accept again
+/// without an event, if at all.
+fn accept_some(
+    listener: &TcpListener,
+    scrapes: &mut Slab<Scrape>,
+    poll: &Poll,
+    errors: &mut RateLimitedLog,
+) -> Option<Duration> {
+    for _ in 0..ACCEPTS_PER_PASS {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => {
+                // EMFILE and friends: the connection waits in the backlog.
+                errors.warn("metrics listener", &e);
+                return Some(ACCEPT_RETRY);
+            }
+        };
+        if scrapes.len() >= MAX_CONNECTIONS {
+            let oldest = scrapes
+                .iter()
+                .min_by_key(|(_, s)| s.deadline)
+                .map(|(k, _)| k);
+            if let Some(key) = oldest {
+                close(scrapes, key, poll, Some("max_connections"));
+            }
+        }
+        let entry = scrapes.vacant_entry();
+        if let Err(e) = poll.registry().register(
+            &mut stream,
+            Token(entry.key()),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            errors.warn("metrics connection", &e);
+            continue;
+        }
+        entry.insert(Scrape {
+            stream,
+            deadline: Instant::now() + DEADLINE,
+            request: Vec::new(),
+            answer: None,
+        });
+    }
+    Some(Duration::ZERO)
+}
+
+/// Closes connection `key`; `dropped` says why it goes unanswered, if it
+/// does. One that has not begun its answer is told why (`408` past its
+/// deadline, `503` closed to make room), if its socket takes it at once.
+fn close(scrapes: &mut Slab<Scrape>, key: usize, poll: &Poll, dropped: Option<&'static str>) {
+    let Some(mut scrape) = scrapes.try_remove(key) else {
+        return;
+    };
+    let _ = poll.registry().deregister(&mut scrape.stream);
+    // Read what it sent beyond its request head (a bounded amount): a
+    // close with unread bytes is a reset, which could overtake the answer.
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
+    for _ in 0..MAX_REQUEST / buf.len() {
+        if !matches!(scrape.stream.read(&mut buf), Ok(n) if n > 0) {
             break;
         }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            return respond(&stream, "431 Request Header Fields Too Large", b"");
+    }
+    if let Some(reason) = dropped {
+        if scrape.answer.is_none() {
+            let answer = if reason == "deadline" {
+                response("408 Request Timeout", b"request too slow\n")
+            } else {
+                response("503 Service Unavailable", b"busy\n")
+            };
+            let _ = scrape.stream.write(&answer);
+        }
+        counter!("udphub_metrics_connections_dropped_total", "reason" => reason).increment(1);
+    }
+}
+
+/// Moves a connection on as far as its socket allows: reads the request
+/// until its head is whole, answers it, writes the answer. True when the
+/// connection is done (answered, or failed).
+fn advance(scrape: &mut Scrape, render: impl FnOnce() -> String) -> bool {
+    if scrape.answer.is_none() {
+        let mut buf = [0u8; 1024];
+        loop {
+            match scrape.stream.read(&mut buf) {
+                // The client stopped sending: answer what it sent.
+                Ok(0) => break,
+                Ok(n) => {
+                    scrape.request.extend_from_slice(&buf[..n]);
+                    if head_is_whole(&scrape.request) || scrape.request.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        scrape.answer = Some((answer(&scrape.request, render), 0));
+    }
+    let Some((answer, written)) = scrape.answer.as_mut() else {
+        return true;
+    };
+    while *written < answer.len() {
+        match scrape.stream.write(&answer[*written..]) {
+            Ok(0) => return true,
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
         }
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    true
+}
+
+/// The request head ends with an empty line.
+fn head_is_whole(request: &[u8]) -> bool {
+    request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The whole HTTP/1.0 answer to `request`; `render` makes the page.
+fn answer(request: &[u8], render: impl FnOnce() -> String) -> Vec<u8> {
+    if request.len() > MAX_REQUEST {
+        return response("431 Request Header Fields Too Large", b"");
+    }
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     match (method, path) {
-        (b"GET", b"/metrics") => respond(&stream, "200 OK", handle.render().as_bytes()),
-        (b"GET", b"/") => respond(&stream, "200 OK", b"udphub: metrics are at /metrics\n"),
-        (b"GET", _) => respond(&stream, "404 Not Found", b"not found; try /metrics\n"),
-        _ => respond(&stream, "405 Method Not Allowed", b"GET only\n"),
+        (b"GET", b"/metrics") => response("200 OK", render().as_bytes()),
+        (b"GET", b"/") => response("200 OK", b"udphub: metrics are at /metrics\n"),
+        (b"GET", _) => response("404 Not Found", b"not found; try /metrics\n"),
+        _ => response("405 Method Not Allowed", b"GET only\n"),
     }
 }
 
-/// Writes a whole HTTP/1.0 response and closes.
-fn respond(mut stream: &TcpStream, status: &str, body: &[u8]) -> io::Result<()> {
-    let head = format!(
+/// A whole HTTP/1.0 response; the connection closes after it.
+fn response(status: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
         "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(request: &[u8]) -> String {
+        let out = answer(request, || "page\n".to_string());
+        let out = String::from_utf8(out).unwrap();
+        out.lines().next().unwrap().to_string()
+    }
+
+    #[test]
+    fn requests_are_routed_by_method_and_path() {
+        assert_eq!(status(b"GET /metrics HTTP/1.0\r\n\r\n"), "HTTP/1.0 200 OK");
+        assert_eq!(status(b"GET /metrics?x=1 HTTP/1.1\r\n"), "HTTP/1.0 200 OK");
+        assert_eq!(status(b"GET / HTTP/1.0\r\n\r\n"), "HTTP/1.0 200 OK");
+        assert_eq!(
+            status(b"GET /nope HTTP/1.0\r\n\r\n"),
+            "HTTP/1.0 404 Not Found"
+        );
+        assert_eq!(
+            status(b"POST /metrics HTTP/1.0\r\n\r\n"),
+            "HTTP/1.0 405 Method Not Allowed"
+        );
+        assert_eq!(status(b""), "HTTP/1.0 405 Method Not Allowed");
+        assert_eq!(
+            status(&vec![b'a'; MAX_REQUEST + 1]),
+            "HTTP/1.0 431 Request Header Fields Too Large"
+        );
+        let page = answer(b"GET /metrics HTTP/1.0\r\n\r\n", || "page\n".to_string());
+        assert!(page.ends_with(b"Content-Length: 5\r\nConnection: close\r\n\r\npage\n"));
+    }
+
+    #[test]
+    fn a_head_is_whole_at_its_empty_line() {
+        assert!(!head_is_whole(b"GET /metrics HTTP/1.0\r\nHost: a\r\n"));
+        assert!(head_is_whole(b"GET /metrics HTTP/1.0\r\nHost: a\r\n\r\n"));
+        assert!(head_is_whole(b"GET /metrics HTTP/1.0\n\n"));
+    }
 }
