@@ -179,7 +179,54 @@ fn hub_config(timeout: Duration, max_clients: usize, expect_clients: usize) -> H
         cookie_rate: 20.0,
         client_rate: None,
         max_clients_per_ip: None,
+        loops: 1,
     }
+}
+
+/// Verify mode under a flood of forged hellos: a cookie made (HMAC from
+/// the keyed state computed at start), and a hello from one of 15,000
+/// flooding /24s that the fair budget refuses (the common case in a
+/// flood: what each forged datagram costs the hub).
+fn verify(c: &mut Criterion) {
+    use udphub::core::cookie::CookieKey;
+    let mut g = c.benchmark_group("verify");
+    g.throughput(Throughput::Elements(1));
+    let t0 = Instant::now();
+    let key = CookieKey::new([7; 32], t0);
+    let a = addr(1);
+    g.bench_function("cookie_make", |b| b.iter(|| key.make(black_box(&a), t0)));
+    let cookie = key.make(&a, t0);
+    g.bench_function("cookie_check", |b| {
+        b.iter(|| key.check(black_box(&cookie), &a, t0))
+    });
+    let mut hub = Hub::new(
+        &HubConfig {
+            cookie_key: Some(key.clone()),
+            ..hub_config(Duration::from_secs(10), 1_000, 0)
+        },
+        t0,
+    );
+    let mut hello = b"^hello^".to_vec();
+    hello.resize(64, b' ');
+    let mut counts = Counts::default();
+    let mut i = 0u32;
+    g.bench_function("forged_hello_flood", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            // 15,000 /24s in 127.78/16 and up, 256 sources each.
+            let ip = std::net::Ipv4Addr::from(0x7f4e_0000 + (i % 3_840_000));
+            let arrival = Arrival {
+                data: &hello,
+                source: Some(SocketAddr::from((ip, 4000)).into()),
+                truncated: false,
+            };
+            black_box(matches!(
+                hub.handle(t0 + Duration::from_secs(1), arrival, &mut counts),
+                Effect::Reply { .. }
+            ))
+        })
+    });
+    g.finish();
 }
 
 /// The whole hub per datagram, no sockets: a heartbeat from a known client,
@@ -328,5 +375,5 @@ fn shards(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, table, wheel, hub, room_fanout, shards);
+criterion_group!(benches, protocol, table, wheel, hub, room_fanout, shards, verify);
 criterion_main!(benches);
