@@ -21,14 +21,17 @@
 //! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
 //!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
 //!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
-//!   service that executes the hub's effects), [`runtime::metrics`] and
-//!   [`runtime::exporter`].
+//!   service that executes the hub's effects), [`runtime::metrics`],
+//!   [`runtime::exporter`] and [`runtime::watch`] (no stranger on the
+//!   relay's address).
 //! - [`core`]: no I/O — [`core::admission`] (every drop reason),
 //!   [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
 //!   [`core::addr`], [`core::counts`].
 //! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
-//!   the only `unsafe` code), [`net::fanout`], [`net::socket`].
+//!   the only `unsafe` code), [`net::fanout`], [`net::socket`] (one
+//!   socket, or the loops' group), [`net::steering`] (which loop a source
+//!   goes to), [`net::holders`] (who else holds an address).
 //! - [`clients`]: `chat`, `chat --lan`, `send`, and the `echo` server.
 //! - [`error`]: the typed start-up error.
 //! - `fuzzing`: the entry points `fuzz/` and the corpus-replay test run.

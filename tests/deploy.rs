@@ -40,7 +40,7 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
             .args(["check", "rules"])
             .arg(deploy("prometheus/udphub-alerts.yml")),
     );
-    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 12 rules found"), "{out}");
     let out = run_ok(
         Command::new("promtool")
             .args(["test", "rules", "udphub-alerts.test.yml"])
@@ -289,7 +289,7 @@ fn a_real_prometheus_scrapes_the_relay_and_answers_the_dashboard() {
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        assert_eq!(rules.len(), 11, "{body}");
+        assert_eq!(rules.len(), 12, "{body}");
         let evaluated = rules
             .iter()
             .all(|r| r["lastEvaluation"].as_str() != Some("0001-01-01T00:00:00Z"));

@@ -13,6 +13,10 @@
 //! - [`ReplyBatch`] sends different payloads to different destinations
 //!   (an echo server's replies) with one `sendmmsg`.
 //!
+//! A separate section at the end holds the one unsafe call that is not a
+//! batched syscall: [`attach_reuseport_cbpf`], the setsockopt that gives
+//! the loops' SO_REUSEPORT group its steering program.
+//!
 //! Why libc and not nix: nix's `MultiHeaders` re-encodes every destination
 //! from a `SockaddrLike` on each call and its `recvmmsg` returns an iterator
 //! that borrows the headers, which makes the "same buffer to every
@@ -691,5 +695,145 @@ mod tests {
         assert!(drops.unwrap_or(0) > 0, "kernel drop counter not reported");
         // SO_MEMINFO reads the same counter without waiting for a datagram.
         assert!(socket_drops(server.as_fd()).unwrap() >= drops.unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------
+// Steering the loops' SO_REUSEPORT group (SO_ATTACH_REUSEPORT_CBPF).
+//
+// Not a batched syscall: it lives here because it is the one other
+// setsockopt whose value is a pointer (to the program), and this is the
+// module allowed `unsafe`. The program itself is plain data, built and
+// tested in `net::steering`; its own tests are at the end of this file.
+// ---------------------------------------------------------------------
+
+/// Attaches a classic BPF program to the SO_REUSEPORT group `fd` belongs
+/// to: from then on the kernel hands each datagram for the group's
+/// address to the socket at the index the program returns (or, for an
+/// index past the group's end, falls back to its own hash).
+///
+/// `fd` must already be bound with SO_REUSEPORT in the group (any member
+/// will do: the program is the group's). An empty or over-long program is
+/// an `InvalidInput` error; one the kernel's checker refuses is its error
+/// (`EINVAL`).
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(program.len())
+        .ok()
+        .filter(|&n| n > 0 && i32::from(n) <= libc::BPF_MAXINSNS)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a reuseport program needs 1 to BPF_MAXINSNS instructions",
+            )
+        })?;
+    let fprog = libc::sock_fprog {
+        len,
+        // The kernel only reads the instructions (it copies them in).
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: the option value is a live `sock_fprog` of the exact size
+    // passed; its `filter` points at `program`, `len` instructions, borrowed
+    // for this whole call. The kernel copies the instructions before it
+    // returns and keeps no pointer to them.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod reuseport_tests {
+    use super::*;
+    use std::net::{SocketAddr, UdpSocket};
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    /// A non-blocking SO_REUSEPORT socket bound to `addr`.
+    fn reuse_port(addr: SocketAddr) -> UdpSocket {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        let s: UdpSocket = s.into();
+        s.set_nonblocking(true).unwrap();
+        s
+    }
+
+    /// A group of `n` SO_REUSEPORT sockets on one loopback address.
+    fn group(n: usize) -> Vec<UdpSocket> {
+        let first = reuse_port("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap();
+        let mut socks = vec![first];
+        socks.extend((1..n).map(|_| reuse_port(addr)));
+        socks
+    }
+
+    /// Datagrams waiting on `s`, drained without blocking.
+    fn waiting(s: &UdpSocket) -> usize {
+        let mut buf = [0u8; 16];
+        std::iter::from_fn(|| s.recv(&mut buf).ok()).count()
+    }
+
+    fn ret(k: u32) -> libc::sock_filter {
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+
+    #[test]
+    fn a_reuseport_program_picks_the_socket_and_a_latecomer_gets_nothing() {
+        let socks = group(2);
+        let addr = socks[0].local_addr().unwrap();
+        // `ret #1`: everything to the group's second socket.
+        attach_reuseport_cbpf(socks[0].as_fd(), &[ret(1)]).unwrap();
+        // A third socket joins the group after the program (index 2).
+        let stranger = reuse_port(addr);
+        let clients: Vec<UdpSocket> = (0..50)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for c in &clients {
+            c.send_to(b"x", addr).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut got = 0;
+        while got < 50 && Instant::now() < deadline {
+            got += waiting(&socks[1]);
+        }
+        assert_eq!(got, 50);
+        assert_eq!(waiting(&socks[0]), 0);
+        assert_eq!(waiting(&stranger), 0);
+    }
+
+    #[test]
+    fn a_bad_reuseport_program_is_an_error_not_a_crash() {
+        let socks = group(1);
+        let err = attach_reuseport_cbpf(socks[0].as_fd(), &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // A jump past the end: the kernel's checker refuses it.
+        let bad = libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JA) as u16,
+            jt: 0,
+            jf: 0,
+            k: 10,
+        };
+        assert!(attach_reuseport_cbpf(socks[0].as_fd(), &[bad, ret(0)]).is_err());
+        // A socket bound without SO_REUSEPORT has no group: refused too.
+        let lone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let steering = crate::net::steering::program(2);
+        assert!(attach_reuseport_cbpf(lone.as_fd(), &steering).is_err());
+        // udphub's own program passes the kernel's checker.
+        attach_reuseport_cbpf(socks[0].as_fd(), &steering).unwrap();
     }
 }

@@ -4,9 +4,16 @@
 //!   the only `unsafe` code in udphub.
 //! - [`fanout`]: one buffer to many destinations in `sendmmsg` batches,
 //!   and the drop policy when the kernel won't take more.
-//! - [`socket`]: creating and binding the UDP socket, buffer sizes.
+//! - [`socket`]: creating and binding the UDP socket(s), buffer sizes; a
+//!   group of loops on one address, and its claim on it.
+//! - [`steering`]: the classic BPF program that pins each source to one
+//!   of the group's loops (attached by [`batch_io`]).
+//! - [`holders`]: who else holds a UDP address (`/proc/net/udp*`), for the
+//!   messages and the check that nobody joined the group.
 
 #[allow(unsafe_code)]
 pub mod batch_io;
 pub mod fanout;
+pub mod holders;
 pub mod socket;
+pub mod steering;

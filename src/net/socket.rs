@@ -1,9 +1,15 @@
-//! Creating the relay's UDP socket: bind, buffer sizes, drop reporting.
+//! Creating the relay's UDP socket(s): bind, buffer sizes, drop reporting,
+//! and the group of sockets several loops share one address with.
 //!
 //! socket2 sets the options std doesn't expose; the result is handed to mio.
 //! Large buffers matter more for a relay than for most services: one
 //! scheduling hiccup of the loop must not overflow the receive queue, and
 //! one fan-out queues a datagram per recipient in the send queue.
+//!
+//! One address, one relay: an address another socket holds is an error
+//! that names the holder, whatever the number of loops ([`bind_group`]);
+//! the loops' SO_REUSEPORT group is steered by a program that never picks
+//! a socket that joins it later ([`crate::net::steering`]).
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -11,7 +17,8 @@ use std::os::fd::AsFd;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
-use crate::net::batch_io;
+use crate::net::holders::{self, Claim};
+use crate::net::{batch_io, steering};
 
 /// A bound, non-blocking relay socket and what the kernel granted.
 #[derive(Debug)]
@@ -29,9 +36,10 @@ pub struct Bound {
 
 /// Binds a server's UDP socket at `addr`, asking for the given buffer
 /// sizes; `what` names it in errors ("relay socket", "echo socket").
-/// With `reuse_port`, SO_REUSEPORT is set first, so that several loops can
-/// bind the same address (`--threads`); without it, a taken address is an
-/// error, as it should be for a lone server.
+/// With `reuse_port`, SO_REUSEPORT is set first, so that the sockets of
+/// several loops can share the address: [`bind_group`] uses it for all but
+/// its first socket. Without it, a taken address is an error, as it should
+/// be for a lone server, and the error names who holds it.
 ///
 /// A buffer the kernel caps below the request is not an error: it is logged
 /// with the sysctl that lifts the cap.
@@ -45,7 +53,11 @@ pub fn bind(
     let bind_error = |e: std::io::Error| Error::Bind {
         what,
         addr,
-        reason: e.to_string(),
+        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("{e}; {}", holders::address_in_use(addr))
+        } else {
+            e.to_string()
+        },
     };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(bind_error)?;
@@ -88,6 +100,86 @@ pub fn bind(
         recv_buffer: got_recv / 2,
         send_buffer: got_send / 2,
     })
+}
+
+/// The sockets of `n` loops on one address, and the relay's claim on it.
+#[derive(Debug)]
+pub struct Group {
+    /// One socket per loop, in the order they joined the group (loop `i`
+    /// gets the clients the steering program sends to index `i`).
+    pub members: Vec<Bound>,
+    /// The address and the sockets' inodes, to check that no foreign
+    /// socket shares the address (at start, and later from the runtime).
+    pub claim: Claim,
+}
+
+/// Binds `n` sockets for `n` loops on `addr` (see [`bind`] for the rest).
+///
+/// The first socket is bound *without* SO_REUSEPORT, so a socket that
+/// already holds the address — another relay, whatever its `--threads`,
+/// or anything else — makes it fail with a message naming the holder;
+/// only then is SO_REUSEPORT turned on for it and the others join it
+/// (the kernel makes the first the group's first member when the second
+/// joins). The group then gets a steering program that only ever picks
+/// its first `n` sockets, by a hash of the source alone, so a same-user
+/// socket that joins it later gets none of the relay's datagrams and
+/// moves no client to another loop. Last, the kernel's table is read to
+/// check that nobody joined during the few microseconds the address was
+/// open to joiners before the program was in place: if someone did, the
+/// group is closed and the error names them.
+pub fn bind_group(
+    addr: SocketAddr,
+    what: &'static str,
+    recv_buffer: usize,
+    send_buffer: usize,
+    n: usize,
+) -> Result<Group, Error> {
+    let n = n.clamp(1, steering::MAX_LOOPS as usize);
+    let first = bind(addr, what, recv_buffer, send_buffer, false)?;
+    let addr = first.local_addr;
+    let fail = |reason: String| Error::Bind { what, addr, reason };
+    let first_ref = socket2::SockRef::from(&first.socket);
+    let v6only = addr.is_ipv6() && first_ref.only_v6().unwrap_or(false);
+    if n > 1 {
+        first_ref
+            .set_reuse_port(true)
+            .map_err(|e| fail(format!("cannot set SO_REUSEPORT: {e}")))?;
+    }
+    let mut members = vec![first];
+    for _ in 1..n {
+        members.push(bind(addr, what, recv_buffer, send_buffer, true)?);
+    }
+    if n > 1 {
+        batch_io::attach_reuseport_cbpf(members[0].socket.as_fd(), &steering::program(n as u32))
+            .map_err(|e| {
+                Error::io(
+                    "attach the loops' steering program (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5+)",
+                    e,
+                )
+            })?;
+    }
+    // Without /proc the relay runs, unchecked: the address is still held
+    // against other relays and steered past joiners.
+    let inodes = members
+        .iter()
+        .map(|m| holders::socket_inode(m.socket.as_fd()))
+        .collect::<Result<Vec<u64>, _>>();
+    let claim = Claim::new(addr, v6only, inodes.ok());
+    if n > 1 {
+        match claim.foreign() {
+            Ok(foreign) if !foreign.is_empty() => {
+                return Err(fail(format!(
+                    "another socket joined the address while udphub was binding it: {}; stop that process and start udphub again",
+                    holders::describe(&foreign, true)
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("udphub cannot check that no other process shares {addr}: {e}")
+            }
+        }
+    }
+    Ok(Group { members, claim })
 }
 
 #[cfg(test)]
@@ -141,5 +233,123 @@ mod tests {
         assert_eq!(a.local_addr, b.local_addr);
         // A socket without SO_REUSEPORT cannot join the group.
         assert!(bind(a.local_addr, "relay socket", 4096, 4096, false).is_err());
+    }
+
+    /// Datagrams waiting on a member, drained without blocking.
+    fn waiting(b: &Bound) -> usize {
+        let mut buf = [0u8; 16];
+        std::iter::from_fn(|| b.socket.recv(&mut buf).ok()).count()
+    }
+
+    #[test]
+    fn a_group_holds_its_address_against_any_other_bind() {
+        let here = format!("held by pid {}", std::process::id());
+        let group = bind_group(
+            "127.0.0.1:0".parse().unwrap(),
+            "relay socket",
+            4096,
+            4096,
+            3,
+        )
+        .unwrap();
+        let addr = group.claim.addr();
+        assert_eq!(group.members.len(), 3);
+        assert!(group.members.iter().all(|m| m.local_addr == addr));
+        // A second relay, whatever its number of loops, is told who holds it.
+        for n in [1, 2, 4] {
+            let err = bind_group(addr, "relay socket", 4096, 4096, n).unwrap_err();
+            assert!(err.is_usage(), "{err}");
+            let said = err.to_string();
+            assert!(
+                said.contains(&addr.to_string()) && said.contains(&here),
+                "{said}"
+            );
+            assert!(said.contains("--bind"), "{said}");
+        }
+        // And a lone relay's address is just as taken.
+        let lone = bind_group(
+            "127.0.0.1:0".parse().unwrap(),
+            "relay socket",
+            4096,
+            4096,
+            1,
+        )
+        .unwrap();
+        let err = bind_group(lone.claim.addr(), "relay socket", 4096, 4096, 2).unwrap_err();
+        assert!(err.to_string().contains(&here), "{err}");
+    }
+
+    #[test]
+    fn a_socket_that_joins_the_group_later_gets_nothing() {
+        let group = bind_group(
+            "127.0.0.1:0".parse().unwrap(),
+            "relay socket",
+            1 << 16,
+            4096,
+            2,
+        )
+        .unwrap();
+        let addr = group.claim.addr();
+        assert!(group.claim.foreign().unwrap().is_empty());
+        let stranger = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        stranger.set_reuse_port(true).unwrap();
+        stranger.bind(&addr.into()).unwrap();
+        stranger.set_nonblocking(true).unwrap();
+        let stranger: std::net::UdpSocket = stranger.into();
+        let per_member = spread(&group, "127.0.0.1:0", addr, 100);
+        assert_eq!(per_member.iter().sum::<usize>(), 100, "{per_member:?}");
+        assert!(per_member.iter().all(|&n| n > 20), "{per_member:?}");
+        let mut buf = [0u8; 16];
+        assert!(
+            stranger.recv(&mut buf).is_err(),
+            "the stranger got a datagram"
+        );
+        // The claim sees it.
+        let foreign = group.claim.foreign().unwrap();
+        assert_eq!(foreign.len(), 1);
+        assert_eq!(foreign[0].local, addr);
+    }
+
+    /// Sends one datagram from each of `n` fresh sockets bound to `local`
+    /// to `to`, and counts what each member of `group` got.
+    fn spread(group: &Group, local: &str, to: SocketAddr, n: usize) -> Vec<usize> {
+        let clients: Vec<std::net::UdpSocket> = (0..n)
+            .map(|_| std::net::UdpSocket::bind(local).unwrap())
+            .collect();
+        for c in &clients {
+            c.send_to(b"x", to).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut per_member = vec![0usize; group.members.len()];
+        while per_member.iter().sum::<usize>() < n && std::time::Instant::now() < deadline {
+            for (i, m) in group.members.iter().enumerate() {
+                per_member[i] += waiting(m);
+            }
+        }
+        per_member
+    }
+
+    #[test]
+    fn ipv6_and_ipv4_mapped_sources_are_steered_too() {
+        // IPv6 datagrams: the program reads an IPv6 header.
+        let v6 = bind_group("[::1]:0".parse().unwrap(), "relay socket", 1 << 16, 4096, 2).unwrap();
+        let got = spread(&v6, "[::1]:0", v6.claim.addr(), 100);
+        assert_eq!(got.iter().sum::<usize>(), 100, "{got:?}");
+        assert!(got.iter().all(|&n| n > 20), "{got:?}");
+        // IPv4 datagrams reaching IPv6 sockets (`::ffff:127.0.0.1`): the
+        // program reads the IPv4 header they arrive with.
+        let mapped = bind_group(
+            "[::ffff:127.0.0.1]:0".parse().unwrap(),
+            "relay socket",
+            1 << 16,
+            4096,
+            2,
+        )
+        .unwrap();
+        let port = mapped.claim.addr().port();
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let got = spread(&mapped, "127.0.0.1:0", to, 100);
+        assert_eq!(got.iter().sum::<usize>(), 100, "{got:?}");
+        assert!(got.iter().all(|&n| n > 20), "{got:?}");
     }
 }

@@ -11,6 +11,8 @@
 //!   refuses.
 //! - [`metrics`]: per-loop counts flushed to the metrics facade.
 //! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint.
+//! - [`watch`]: the periodic check that no other process shares the
+//!   relay's address.
 
 pub mod event_loop;
 pub mod exporter;
@@ -20,3 +22,4 @@ pub mod reload;
 pub(crate) mod replies;
 pub mod shards;
 pub mod supervisor;
+pub mod watch;

@@ -17,6 +17,7 @@ use crate::core::hub::{Effect, Hub, HubConfig};
 use crate::core::rooms::RoomChange;
 use crate::error::Error;
 use crate::net::fanout::{Fanout, Report};
+use crate::net::holders::Claim;
 use crate::net::socket;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
@@ -114,22 +115,33 @@ fn count(report: Report, counts: &mut Counts, send_errors: &mut RateLimitedLog) 
 /// the same address, wired to each other (see [`crate::runtime::shards`]).
 ///
 /// All N sockets are bound here, before any datagram is read, and stay
-/// open until the process ends: the kernel picks a socket by a hash of
-/// the source and destination over the group's size, so a fixed group
-/// keeps every client on one loop for the relay's life. (A group that
-/// lost a socket would rehash every client; udphub never closes one while
+/// open until the process ends. An address another socket holds is an
+/// error naming the holder, whatever N ([`socket::bind_group`]); the
+/// group's steering program picks a loop by a hash of the source alone
+/// and only ever one of these N sockets, so every client stays on one
+/// loop for the relay's life, and a socket another process adds to the
+/// group later gets nothing. (udphub never closes one of its own while
 /// running: a loop that fails stops the whole relay.)
 pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
+    Ok(bind_claimed(config)?.0)
+}
+
+/// [`bind`], and the relay's [`Claim`] on its address, for the
+/// supervisor's periodic check that nobody else shares it.
+pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
     let threads = config.threads.max(1);
     let reuse = threads > 1;
-    let first = socket::bind(
+    let socket::Group { members, claim } = socket::bind_group(
         config.bind,
         "relay socket",
         config.recv_buffer,
         config.send_buffer,
-        reuse,
+        threads,
     )?;
-    let addr = first.local_addr;
+    let (addr, recv_buffer, send_buffer) = match members.first() {
+        Some(b) => (b.local_addr, b.recv_buffer, b.send_buffer),
+        None => (config.bind, 0, 0),
+    };
     tracing::info!(
         "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}){}; SO_RCVBUF {} B, SO_SNDBUF {} B",
         addr,
@@ -138,24 +150,13 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
         config.max_datagram,
         config.max_clients,
         if reuse {
-            format!(", {threads} loops on SO_REUSEPORT sockets")
+            format!(", {threads} loops on SO_REUSEPORT sockets, steered by source")
         } else {
             String::new()
         },
-        first.recv_buffer,
-        first.send_buffer,
+        recv_buffer,
+        send_buffer,
     );
-    let mut bound = vec![first];
-    for _ in 1..threads {
-        // The port is known now (it may have been 0).
-        bound.push(socket::bind(
-            addr,
-            "relay socket",
-            config.recv_buffer,
-            config.send_buffer,
-            true,
-        )?);
-    }
     let mut hub = config.hub();
     if config.verify_sources {
         // One key for every loop: a cookie is valid whichever loop sees it.
@@ -163,7 +164,7 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
         tracing::info!("verify mode: sources must prove their address with a cookie");
     }
     let mut loops = Vec::with_capacity(threads);
-    for b in bound {
+    for b in members {
         loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
     }
     if threads > 1 {
@@ -197,7 +198,7 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
         );
         lp.service_mut().attach_cluster(link);
     }
-    Ok(loops)
+    Ok((loops, claim))
 }
 
 /// The CPUs this process may run on, in order (`--pin-threads` pins loop

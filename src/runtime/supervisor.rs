@@ -8,7 +8,8 @@
 //! shutdown exits the process at once with status 130. SIGHUP reloads the
 //! settings ([`crate::runtime::reload`]): the supervisor reads and checks
 //! them, and hands each loop its new hub settings through a channel and
-//! its waker.
+//! its waker. Between signals it runs what must happen every few seconds
+//! outside the loops ([`Supervisor::every`]: the relay's address watch).
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -25,6 +27,7 @@ use crate::cli::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
 use crate::runtime::reload::{self, ReloadSender};
+use crate::runtime::watch::{self, AddressWatch};
 use crate::runtime::{exporter, relay};
 
 /// SIGINT/SIGTERM/SIGHUP, through signal-hook-mio's self-pipe.
@@ -43,10 +46,16 @@ pub const SECOND_SIGNAL_EXIT: i32 = 130;
 pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     // Signals first: from the moment the ready file says so, a SIGTERM
     // must mean a graceful shutdown, not the default kill.
-    let supervisor = Supervisor::new()?;
+    let mut supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
     let metrics = config.metrics.map(exporter::start).transpose()?;
-    let mut relays = relay::bind(&config)?;
+    let (mut relays, claim) = relay::bind_claimed(&config)?;
+    let mut address = AddressWatch::new(claim);
+    // A lone socket (no SO_REUSEPORT) shares its address with nobody: the
+    // kernel refuses every other bind to it.
+    if relays.len() > 1 {
+        supervisor.every(watch::CHECK_INTERVAL, Box::new(move || address.check()));
+    }
     let loops: Vec<ReloadSender> = relays
         .iter_mut()
         .map(|lp| {
@@ -201,6 +210,15 @@ pub struct Supervisor {
     poll: Poll,
     /// SIGINT/SIGTERM/SIGHUP.
     signals: Signals,
+    /// A periodic task, if any (the poll's timeout is its next run).
+    periodic: Option<Periodic>,
+}
+
+/// Something the supervisor runs every `interval` on its own thread.
+struct Periodic {
+    interval: Duration,
+    next: Instant,
+    run: Box<dyn FnMut()>,
 }
 
 impl Supervisor {
@@ -212,7 +230,22 @@ impl Supervisor {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| Error::io("register signals", e))?;
-        Ok(Supervisor { poll, signals })
+        Ok(Supervisor {
+            poll,
+            signals,
+            periodic: None,
+        })
+    }
+
+    /// Runs `task` every `interval` (first after one interval) on the
+    /// supervisor's thread while the loops run; a second call replaces
+    /// the first. It must be quick: signals wait while it runs.
+    pub fn every(&mut self, interval: Duration, task: Box<dyn FnMut()>) {
+        self.periodic = Some(Periodic {
+            interval,
+            next: Instant::now() + interval,
+            run: task,
+        });
     }
 
     /// Runs each loop on its own thread until a signal stops them all (or
@@ -244,6 +277,7 @@ fn supervise<S: Service + Send + 'static>(
     let Supervisor {
         mut poll,
         mut signals,
+        mut periodic,
     } = sup;
     let exited =
         Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
@@ -275,10 +309,17 @@ fn supervise<S: Service + Send + 'static>(
     let mut signals_seen = 0u32;
     let mut first_error = None;
     while running.iter().any(|r| r.thread.is_some()) {
-        match poll.poll(&mut events, None) {
+        let timeout = periodic
+            .as_ref()
+            .map(|p| p.next.saturating_duration_since(Instant::now()));
+        match poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Error::io("poll", e)),
+        }
+        if let Some(p) = periodic.as_mut().filter(|p| Instant::now() >= p.next) {
+            (p.run)();
+            p.next = Instant::now() + p.interval;
         }
         let mut stop = false;
         for event in events.iter() {
