@@ -29,14 +29,21 @@ pub struct AbuseArgs {
 
     /// Instead of the cases: forge N datagrams from 127.0.0.0/8 sources
     /// (raw socket: root or CAP_NET_RAW) and report the amplification
-    /// factor, table slots gained and RSS growth
+    /// factor, table slots gained and RSS growth. Without N: as many as the
+    /// raw socket takes, for --duration
     #[arg(long, value_name = "N")]
-    pub spoof: Option<u64>,
+    pub spoof: Option<Option<u64>>,
 
     /// With --spoof: distinct forged sources (the first --victims are bound
     /// listeners that count what they get)
     #[arg(long, default_value_t = 1, requires = "spoof")]
     pub sources: u64,
+
+    /// With --spoof: spread the sources round robin over this many /24
+    /// prefixes (127.1.0.0/24 upwards, hosts .1-.254, then more ports);
+    /// without it they are consecutive addresses from 127.78.0.0
+    #[arg(long, value_name = "P", requires = "spoof")]
+    pub prefixes: Option<u32>,
 
     /// With --spoof: bound victims (127.77.0.1 upwards, at most 250)
     #[arg(long, default_value_t = 1, requires = "spoof")]
@@ -47,28 +54,102 @@ pub struct AbuseArgs {
     #[arg(long, default_value_t = 10, requires = "spoof")]
     pub talk_every: u64,
 
-    /// With --spoof: what to forge
-    #[arg(long, value_enum, default_value = "mix", requires = "spoof")]
-    pub forge: crate::spoof::Forge,
+    /// With --spoof: what to forge [default: mix; hello with --newcomers]
+    #[arg(long, value_enum, requires = "spoof")]
+    pub forge: Option<crate::spoof::Forge>,
 
     /// With --spoof: forged datagrams per second (default: as fast as the
     /// raw socket takes them)
     #[arg(long, requires = "spoof")]
     pub rate: Option<f64>,
+
+    /// With --spoof (no N) and --verify: during a flood of forged 64-byte
+    /// `^hello^`s lasting --duration, K real newcomers on 127.0.0.1, their
+    /// starts spread over the flood, do the cookie handshake; reports how
+    /// many got in and how fast (the flood lasts until the last is done)
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "spoof",
+        conflicts_with = "talk_every"
+    )]
+    pub newcomers: Option<u32>,
+
+    /// With --newcomers: a newcomer repeats its `^hello^` (or its proof)
+    /// when nothing came back within this long (udphub chat waits 500ms
+    /// for its first answer)
+    #[arg(long, default_value = "500ms", value_parser = crate::duration::parse, requires = "newcomers")]
+    pub retry: Duration,
+
+    /// With --newcomers: a newcomer not admitted this long after its first
+    /// `^hello^` gives up and is counted as not admitted
+    #[arg(long, default_value = "5s", value_parser = crate::duration::parse, requires = "newcomers")]
+    pub give_up: Duration,
 }
 
 impl AbuseArgs {
-    /// The `--spoof` plan, if asked for.
+    /// Refuses flag combinations that cannot be run, saying which flag
+    /// makes it right (a usage error: exit code 2).
+    pub fn check(&self) -> Result<(), String> {
+        let Some(count) = self.spoof else {
+            return Ok(());
+        };
+        crate::spoof::Sources::new(self.sources, self.prefixes)?;
+        if self.newcomers.is_none() {
+            return Ok(());
+        }
+        if let Some(n) = count {
+            return Err(format!(
+                "--newcomers floods for --duration (and until the last newcomer is done); drop the count from --spoof {n}"
+            ));
+        }
+        if !self.verify {
+            return Err(
+                "--newcomers measures the cookie handshake of a relay in verify mode: add --verify (and run udphub with --verify-sources)".into(),
+            );
+        }
+        if self.forge.is_some_and(|f| f != crate::spoof::Forge::Hello) {
+            return Err(
+                "--newcomers floods with `^hello^`s: drop --forge or use --forge hello".into(),
+            );
+        }
+        if self.newcomers == Some(0) {
+            return Err("--newcomers 0: measure at least one newcomer".into());
+        }
+        if self.retry.is_zero() {
+            return Err(
+                "--retry 0: a newcomer needs a moment between tries (udphub chat waits 500ms)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The `--spoof` plan, if asked for (after [`AbuseArgs::check`]).
     pub fn spoof_plan(&self) -> Option<crate::spoof::Plan> {
-        self.spoof.map(|datagrams| crate::spoof::Plan {
-            datagrams,
+        let datagrams = self.spoof?;
+        let newcomers = self.newcomers.map(|count| crate::spoof::NewcomerPlan {
+            count,
+            retry: self.retry,
+            give_up: self.give_up,
+        });
+        let default = if newcomers.is_some() {
+            crate::spoof::Forge::Hello
+        } else {
+            crate::spoof::Forge::Mix
+        };
+        Some(crate::spoof::Plan {
+            datagrams: datagrams.filter(|n| *n > 0),
+            duration: self.common.duration,
             sources: self.sources,
+            prefixes: self.prefixes,
             victims: self.victims,
             verify: self.verify,
             talk_every: self.talk_every,
             rate: self.rate,
             wait: self.wait,
-            forge: self.forge,
+            forge: self.forge.unwrap_or(default),
+            newcomers,
         })
     }
 }

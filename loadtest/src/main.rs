@@ -10,6 +10,8 @@
 //! - `join_storm`: millions of distinct sources heartbeating; memory per client; mass expiry.
 //! - `soak`: a long mixed load, sampling growth.
 //! - `abuse`: nasty datagrams, one by one; `spoof`: `abuse --spoof`, forged sources.
+//! - `admission`: `abuse --spoof --newcomers`, real newcomers during a forged
+//!   `^hello^` flood; `newcomer`: their handshake; `tap`: what the relay sends.
 //! - `member`: a real (verify-aware) member, for the scenarios that need one.
 //! - `payload`, `tracker`: message stamps; loss/duplicate/reorder bookkeeping.
 //! - `report`, `plot`: reports (table, JSON, SVG); `metrics`, `procfs`: what the relay says.
@@ -19,12 +21,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod abuse;
+mod admission;
 mod duration;
 mod fanout;
 mod flood;
 mod join_storm;
 mod member;
 mod metrics;
+mod newcomer;
 mod payload;
 mod plot;
 mod procfs;
@@ -32,6 +36,7 @@ mod report;
 mod sink;
 mod soak;
 mod spoof;
+mod tap;
 mod tracker;
 
 /// Flood generator and benchmark driver for UDP chat relays.
@@ -100,9 +105,16 @@ fn run(cli: Cli) -> Result<(), String> {
         }),
         Command::Soak(args) => emit(args.common.json, &soak::run(&args)?, |r| r.print_table()),
         Command::Abuse(args) => match args.spoof_plan() {
-            Some(plan) => emit(args.common.json, &spoof::run(&args.common, &plan)?, |r| {
-                r.print_table()
-            }),
+            Some(plan) => match plan.newcomers {
+                Some(n) => emit(
+                    args.common.json,
+                    &admission::run(&args.common, &plan, n)?,
+                    |r| r.print_table(),
+                ),
+                None => emit(args.common.json, &spoof::run(&args.common, &plan)?, |r| {
+                    r.print_table()
+                }),
+            },
             None => emit(args.common.json, &abuse::run(&args)?, |r| r.print_table()),
         },
     }
@@ -125,6 +137,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // Flags that clap cannot check alone: a usage error, like clap's.
+    if let Some(Command::Abuse(args)) = &cli.command {
+        if let Err(e) = args.check() {
+            eprintln!("loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

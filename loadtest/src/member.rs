@@ -16,7 +16,7 @@ pub fn hello() -> Vec<u8> {
 
 /// The 32-byte `^timeout^` question: answered only to members in verify
 /// mode, so an answer after registering says the registration took.
-fn timeout_query() -> Vec<u8> {
+pub fn timeout_query() -> Vec<u8> {
     let mut q = b"^timeout^".to_vec();
     q.resize(32, b' ');
     q

@@ -106,7 +106,7 @@ struct Window {
 
 /// Packets dropped at a full per-CPU backlog, all CPUs
 /// (`/proc/net/softnet_stat`, second column, hexadecimal).
-fn backlog_drops() -> u64 {
+pub fn backlog_drops() -> u64 {
     std::fs::read_to_string("/proc/net/softnet_stat")
         .map(|t| {
             t.lines()

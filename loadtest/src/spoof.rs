@@ -6,6 +6,9 @@
 //! sent in their names), the table slots the attacker got, the relay's RSS
 //! growth, and whether a forged `quit` evicted a member.
 //!
+//! With `--newcomers` the question is admission instead (the `admission`
+//! module): this module gives it the raw socket and the source layout.
+//!
 //! Only 127.0.0.0/8 sources are forged, and only at a relay on
 //! 127.0.0.0/8: the tool refuses anything else.
 
@@ -29,14 +32,33 @@ const SOURCE_PORT: u16 = 40_000;
 pub const MAX_VICTIMS: usize = 250;
 /// The most sources: what fits between 127.78.0.0 and 127.255.255.255.
 pub const MAX_SOURCES: u64 = (0x7fff_ffff - 0x7f4e_0000) as u64;
+/// `--prefixes`: the first /24 (as a 24-bit number, 127.1.0.0/24). Below
+/// it is 127.0.0.0/24, where the real clients (newcomers, members) live:
+/// forged traffic never shares their prefix's cookie budget.
+const FIRST_PREFIX: u32 = 0x7f_01_00;
+/// `--prefixes`: the most /24s, 127.1.0.0/24 to 127.255.255.0/24.
+pub const MAX_PREFIXES: u32 = 0x80_00_00 - FIRST_PREFIX;
+/// `--prefixes`: hosts .1 to .254 of each /24 (no .0 or .255, which look
+/// like network and broadcast addresses even where they are not).
+const HOSTS_PER_PREFIX: u64 = 254;
+/// `--prefixes`: the first source port; when a /24's hosts run out, the
+/// next port. Above Linux's ephemeral range (32768-60999), so a cookie to a
+/// forged source does not land in some other program's socket.
+const SPREAD_PORT: u16 = 61_000;
+/// `--prefixes`: ports per host, 61000 to 65535.
+const PORTS_PER_HOST: u64 = (u16::MAX - SPREAD_PORT) as u64 + 1;
 
 /// What to forge.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Forged datagrams to send.
-    pub datagrams: u64,
+    /// Forged datagrams to send (None: for `duration`).
+    pub datagrams: Option<u64>,
+    /// How long to forge when `datagrams` is None.
+    pub duration: Duration,
     /// Distinct forged sources (the first `victims` are bound listeners).
     pub sources: u64,
+    /// Spread the sources over this many /24s (None: consecutive).
+    pub prefixes: Option<u32>,
     /// Bound victims.
     pub victims: usize,
     /// The relay is in verify mode: the members register with cookies.
@@ -49,6 +71,86 @@ pub struct Plan {
     pub wait: Duration,
     /// What to forge.
     pub forge: Forge,
+    /// Real newcomers to admit during the flood (the `admission` scenario).
+    pub newcomers: Option<NewcomerPlan>,
+}
+
+/// `--newcomers`: the real clients that try to get in during the flood.
+#[derive(Debug, Clone, Copy)]
+pub struct NewcomerPlan {
+    /// How many.
+    pub count: u32,
+    /// Each repeats its unanswered `^hello^` (or proof) this often.
+    pub retry: Duration,
+    /// Each gives up this long after its first `^hello^`.
+    pub give_up: Duration,
+}
+
+/// Where forged source `k` is, for `--sources` and `--prefixes`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources {
+    /// Distinct sources.
+    pub count: u64,
+    /// Spread over this many /24s, round robin (None: consecutive
+    /// addresses from 127.78.0.0, one port).
+    pub prefixes: Option<u32>,
+}
+
+impl Sources {
+    /// The layout, or what is wrong with the flags.
+    pub fn new(count: u64, prefixes: Option<u32>) -> Result<Sources, String> {
+        if count == 0 {
+            return Err("--sources 0: forge from at least one source".into());
+        }
+        match prefixes {
+            None if count > MAX_SOURCES => Err(format!(
+                "--sources {count}: at most {MAX_SOURCES} consecutive addresses fit in 127.78.0.0-127.255.255.254; add --prefixes P to use more ports"
+            )),
+            None => Ok(Sources { count, prefixes }),
+            Some(p) if p == 0 || p > MAX_PREFIXES => Err(format!(
+                "--prefixes {p}: 127.1.0.0/8 holds 1 to {MAX_PREFIXES} /24s"
+            )),
+            Some(p) if count < p as u64 => Err(format!(
+                "--prefixes {p} with --sources {count}: every prefix needs a source; raise --sources or lower --prefixes"
+            )),
+            Some(p) if count > p as u64 * HOSTS_PER_PREFIX * PORTS_PER_HOST => Err(format!(
+                "--sources {count}: {p} prefixes hold at most {} (254 hosts x {PORTS_PER_HOST} ports each); raise --prefixes",
+                p as u64 * HOSTS_PER_PREFIX * PORTS_PER_HOST
+            )),
+            Some(_) => Ok(Sources { count, prefixes }),
+        }
+    }
+
+    /// Source `k` (`k < count`): with prefixes, consecutive `k` are in
+    /// consecutive /24s (round robin), so a flood touches every prefix
+    /// before it repeats one.
+    pub fn addr(&self, k: u64) -> SocketAddrV4 {
+        match self.prefixes {
+            None => source(k),
+            Some(p) => {
+                let p = p as u64;
+                let prefix = FIRST_PREFIX + (k % p) as u32;
+                let nth = k / p;
+                let host = 1 + (nth % HOSTS_PER_PREFIX) as u32;
+                let port = SPREAD_PORT + (nth / HOSTS_PER_PREFIX) as u16;
+                SocketAddrV4::new(Ipv4Addr::from((prefix << 8) | host), port)
+            }
+        }
+    }
+
+    /// How many /24s the first `used` sources span.
+    pub fn prefixes_used(&self, used: u64) -> u64 {
+        let used = used.min(self.count);
+        match self.prefixes {
+            Some(p) => used.min(p as u64),
+            None if used == 0 => 0,
+            None => {
+                let first = u32::from(SOURCE_BASE) >> 8;
+                let last = u32::from(*source(used - 1).ip()) >> 8;
+                (last - first + 1) as u64
+            }
+        }
+    }
 }
 
 /// What the attack got.
@@ -146,7 +248,8 @@ impl Forge {
     }
 }
 
-struct Raw {
+/// The forging socket, aimed at one relay on 127.0.0.0/8.
+pub struct Raw {
     sock: socket2::Socket,
     dest: socket2::SockAddr,
     relay: SocketAddrV4,
@@ -154,7 +257,8 @@ struct Raw {
 }
 
 impl Raw {
-    fn open(relay: SocketAddr) -> Result<Raw, String> {
+    /// Opens the raw socket, refusing a relay outside 127.0.0.0/8.
+    pub fn open(relay: SocketAddr) -> Result<Raw, String> {
         let relay = match relay {
             SocketAddr::V4(v4) if v4.ip().is_loopback() => v4,
             other => {
@@ -177,8 +281,13 @@ impl Raw {
         })
     }
 
+    /// The relay it aims at.
+    pub fn relay(&self) -> SocketAddrV4 {
+        self.relay
+    }
+
     /// Sends `payload` as if from `from`, retrying while the socket is full.
-    fn send(&mut self, from: SocketAddrV4, payload: &[u8]) -> Result<(), String> {
+    pub fn send(&mut self, from: SocketAddrV4, payload: &[u8]) -> Result<(), String> {
         assert!(from.ip().is_loopback(), "only loopback sources are forged");
         forged(from, self.relay, payload, &mut self.packet);
         for _ in 0..10_000 {
@@ -200,16 +309,20 @@ impl Raw {
 }
 
 /// Counts what reached the victims.
-struct Victims {
+pub struct Victims {
     socks: Vec<UdpSocket>,
-    addrs: Vec<SocketAddrV4>,
-    bytes: u64,
-    datagrams: u64,
+    /// Their addresses: forged sources 0..n.
+    pub addrs: Vec<SocketAddrV4>,
+    /// Payload bytes they received.
+    pub bytes: u64,
+    /// Datagrams they received.
+    pub datagrams: u64,
     buf: Vec<u8>,
 }
 
 impl Victims {
-    fn bind(n: usize) -> Result<Victims, String> {
+    /// Binds `n` victims on 127.77.0.1 upwards, ports from the kernel.
+    pub fn bind(n: usize) -> Result<Victims, String> {
         let mut socks = Vec::new();
         let mut addrs = Vec::new();
         for i in 0..n {
@@ -231,7 +344,8 @@ impl Victims {
         })
     }
 
-    fn drain(&mut self) {
+    /// Counts what is waiting, without blocking.
+    pub fn drain(&mut self) {
         for s in &self.socks {
             while let Ok(n) = s.recv(&mut self.buf) {
                 self.bytes += n as u64;
@@ -241,46 +355,115 @@ impl Victims {
     }
 }
 
-/// Runs the attack.
-pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
-    let relay = c.relay_addr()?;
-    let mut raw = Raw::open(relay)?;
-    let victims_n = plan.victims.clamp(1, MAX_VICTIMS);
-    let sources = plan.sources.clamp(victims_n as u64, MAX_SOURCES);
-    let register = Duration::from_secs(5);
-    let speaker = Member::join(relay, plan.verify, register)?;
-    let witness = Member::join(relay, plan.verify, register)?;
-    let mut victims = Victims::bind(victims_n)?;
-    let before = c.scrape_optional()?;
-    let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
+/// The forged datagrams: which source each is from (victims first, then
+/// the layout's), what it says, and the tally.
+pub struct Flood {
+    raw: Raw,
+    layout: Sources,
+    /// Distinct sources, victims included.
+    pub sources: u64,
+    /// The bound victims (sources 0..n).
+    pub victims: Victims,
+    payloads: Vec<Vec<u8>>,
+    /// Datagrams forged so far.
+    pub sent: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Payload bytes forged in the victims' names.
+    pub as_victims: u64,
+}
 
-    let mix = plan.forge.payloads();
-    let said = b"the conversation a victim must not get; long enough to be worth stealing";
-    let t0 = Instant::now();
-    let (mut forged_bytes, mut as_victims, mut member_messages) = (0u64, 0u64, 0u64);
-    for i in 0..plan.datagrams {
-        let k = i % sources;
-        let payload = &mix[(i % mix.len() as u64) as usize];
-        let from = if (k as usize) < victims_n {
-            as_victims += payload.len() as u64;
-            victims.addrs[k as usize]
+impl Flood {
+    /// Opens the raw socket and binds the victims.
+    pub fn new(relay: SocketAddr, plan: &Plan) -> Result<Flood, String> {
+        let raw = Raw::open(relay)?;
+        let victims_n = plan.victims.clamp(1, MAX_VICTIMS);
+        let sources = plan.sources.max(victims_n as u64);
+        let layout = Sources::new(sources, plan.prefixes)?;
+        Ok(Flood {
+            raw,
+            layout,
+            sources,
+            victims: Victims::bind(victims_n)?,
+            payloads: plan.forge.payloads(),
+            sent: 0,
+            bytes: 0,
+            as_victims: 0,
+        })
+    }
+
+    /// The source layout.
+    pub fn layout(&self) -> Sources {
+        self.layout
+    }
+
+    /// Forges the next datagram; every 256th, counts what reached the
+    /// victims and, with a `rate`, sleeps until it is due.
+    pub fn send_next(&mut self, t0: Instant, rate: Option<f64>) -> Result<(), String> {
+        let i = self.sent;
+        let k = i % self.sources;
+        let payload = &self.payloads[(i % self.payloads.len() as u64) as usize];
+        let victims_n = self.victims.addrs.len() as u64;
+        let from = if k < victims_n {
+            self.as_victims += payload.len() as u64;
+            self.victims.addrs[k as usize]
         } else {
-            source(k - victims_n as u64)
+            self.layout.addr(k - victims_n)
         };
-        raw.send(from, payload)?;
-        forged_bytes += payload.len() as u64;
-        if plan.talk_every > 0 && i % plan.talk_every == 0 {
-            speaker.send(said)?;
-            member_messages += 1;
-        }
+        self.raw.send(from, payload)?;
+        self.bytes += payload.len() as u64;
+        self.sent += 1;
         if i % 256 == 0 {
-            victims.drain();
-            if let Some(rate) = plan.rate.filter(|r| *r > 0.0) {
+            self.victims.drain();
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
                 let due = Duration::from_secs_f64(i as f64 / rate);
                 if let Some(ahead) = due.checked_sub(t0.elapsed()) {
                     std::thread::sleep(ahead);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Distinct sources used so far.
+    pub fn sources_used(&self) -> u64 {
+        self.sent.min(self.sources)
+    }
+
+    /// The raw socket, for single forged datagrams.
+    pub fn raw(&mut self) -> &mut Raw {
+        &mut self.raw
+    }
+}
+
+/// Runs the attack.
+pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
+    let relay = c.relay_addr()?;
+    let mut flood = Flood::new(relay, plan)?;
+    let register = Duration::from_secs(5);
+    let speaker = Member::join(relay, plan.verify, register)?;
+    let witness = Member::join(relay, plan.verify, register)?;
+    let before = c.scrape_optional()?;
+    let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
+
+    let said = b"the conversation a victim must not get; long enough to be worth stealing";
+    let t0 = Instant::now();
+    let mut member_messages = 0u64;
+    loop {
+        let i = flood.sent;
+        let more = match plan.datagrams {
+            Some(n) => i < n,
+            // Time is checked every 256 datagrams: a clock read costs as
+            // much as building a datagram.
+            None => i % 256 != 0 || t0.elapsed() < plan.duration,
+        };
+        if !more {
+            break;
+        }
+        flood.send_next(t0, plan.rate)?;
+        if plan.talk_every > 0 && i % plan.talk_every == 0 {
+            speaker.send(said)?;
+            member_messages += 1;
         }
     }
     // One last message, so a victim registered at the very end hears it.
@@ -289,7 +472,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
     settle(c, plan.wait)?;
     let deadline = Instant::now() + plan.wait;
     while Instant::now() < deadline {
-        victims.drain();
+        flood.victims.drain();
         std::thread::sleep(Duration::from_millis(10));
     }
     let after = c.scrape_optional()?;
@@ -306,8 +489,8 @@ pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
     let SocketAddr::V4(speaker_addr) = speaker.addr()? else {
         unreachable!("the relay is IPv4, so is its member")
     };
-    raw.send(speaker_addr, b"quit")?;
-    raw.send(speaker_addr, b"^join^elsewhere")?;
+    flood.raw().send(speaker_addr, b"quit")?;
+    flood.raw().send(speaker_addr, b"^join^elsewhere")?;
     std::thread::sleep(Duration::from_millis(50));
     let nonce = format!("still there? {}", std::process::id());
     let mut buf = vec![0u8; 65_536];
@@ -330,18 +513,14 @@ pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
     Ok(SpoofReport {
         scenario: "spoof".into(),
         forge: plan.forge,
-        forged_datagrams: plan.datagrams,
-        forged_bytes,
-        sources,
-        victims: victims_n,
-        bytes_sent_as_victims: as_victims,
-        victim_bytes_received: victims.bytes,
-        victim_datagrams_received: victims.datagrams,
-        amplification: if as_victims == 0 {
-            0.0
-        } else {
-            victims.bytes as f64 / as_victims as f64
-        },
+        forged_datagrams: flood.sent,
+        forged_bytes: flood.bytes,
+        sources: flood.sources,
+        victims: flood.victims.addrs.len(),
+        bytes_sent_as_victims: flood.as_victims,
+        victim_bytes_received: flood.victims.bytes,
+        victim_datagrams_received: flood.victims.datagrams,
+        amplification: ratio(flood.victims.bytes, flood.as_victims),
         member_messages,
         table_slots_gained: slots,
         rss_growth_bytes: match (rss_before, rss_after) {
@@ -353,9 +532,18 @@ pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
     })
 }
 
+/// `got / sent`, 0 when nothing was sent.
+pub fn ratio(got: u64, sent: u64) -> f64 {
+    if sent == 0 {
+        0.0
+    } else {
+        got as f64 / sent as f64
+    }
+}
+
 /// Waits (bounded) until the relay has taken everything: its datagram
 /// counters stop moving for 200 ms. Without `--metrics-url`, waits `wait`.
-fn settle(c: &Common, wait: Duration) -> Result<(), String> {
+pub fn settle(c: &Common, wait: Duration) -> Result<(), String> {
     let Some(url) = &c.metrics_url else {
         std::thread::sleep(wait);
         return Ok(());
@@ -437,6 +625,51 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[22], p[23]]), 9999);
         assert_eq!(u16::from_be_bytes([p[24], p[25]]), 10);
         assert_eq!(&p[28..], b"hi");
+    }
+
+    #[test]
+    fn spread_sources_are_distinct_round_robin_and_never_in_127_0_0() {
+        let s = Sources::new(3 * 254 * 2 + 5, Some(3)).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..s.count {
+            let a = s.addr(k);
+            let o = a.ip().octets();
+            assert!(a.ip().is_loopback() && (o[1], o[2]) != (0, 0), "{a}");
+            assert!((1..=254).contains(&o[3]) && a.port() >= SPREAD_PORT, "{a}");
+            assert_eq!(u32::from(*a.ip()) >> 8, FIRST_PREFIX + (k % 3) as u32);
+            assert!(seen.insert(a), "{a} twice");
+        }
+        assert_eq!(s.addr(0), "127.1.0.1:61000".parse().unwrap());
+        assert_eq!(s.addr(3 * 254), "127.1.0.1:61001".parse().unwrap());
+        assert_eq!(s.prefixes_used(2), 2);
+        assert_eq!(s.prefixes_used(s.count), 3);
+        let last = Sources::new(u64::from(MAX_PREFIXES), Some(MAX_PREFIXES)).unwrap();
+        assert_eq!(
+            *last.addr(last.count - 1).ip(),
+            Ipv4Addr::new(127, 255, 255, 1)
+        );
+    }
+
+    #[test]
+    fn impossible_layouts_say_which_flag_fixes_them() {
+        assert!(Sources::new(0, None).unwrap_err().contains("--sources"));
+        assert!(Sources::new(MAX_SOURCES + 1, None)
+            .unwrap_err()
+            .contains("--prefixes"));
+        assert!(Sources::new(10, Some(0))
+            .unwrap_err()
+            .contains("--prefixes 0"));
+        assert!(Sources::new(10, Some(MAX_PREFIXES + 1)).is_err());
+        assert!(Sources::new(10, Some(20))
+            .unwrap_err()
+            .contains("raise --sources"));
+        let full = 254 * PORTS_PER_HOST;
+        assert!(Sources::new(full, Some(1)).is_ok());
+        assert!(Sources::new(full + 1, Some(1))
+            .unwrap_err()
+            .contains("raise --prefixes"));
+        let consecutive = Sources::new(600, None).unwrap();
+        assert_eq!(consecutive.prefixes_used(600), 3);
     }
 
     #[test]

@@ -482,6 +482,137 @@ fn a_relay_that_trusts_sources_amplifies() {
     assert_eq!(r["member_kept_after_forged_quit"], false, "{r}");
 }
 
+/// `abuse --spoof --newcomers` against the real udphub in verify mode, a
+/// small version of issue 18's flood (50,000 forged sources over 500 /24s
+/// for 2 s, 10 newcomers): the report accounts for every newcomer, every
+/// datagram and every drop, and the forged sources got back no more bytes
+/// than they sent. Counts, not time: no percentile is asserted.
+#[test]
+fn newcomers_during_a_forged_hello_flood_are_all_accounted_for() {
+    let r = spoof_udphub(
+        &["--verify-sources"],
+        &[
+            "--spoof",
+            "--verify",
+            "--sources",
+            "50000",
+            "--prefixes",
+            "500",
+            "--newcomers",
+            "10",
+            "--duration",
+            "2s",
+            "--give-up",
+            "3s",
+            "--victims",
+            "4",
+        ],
+    );
+    if r.is_null() {
+        return;
+    }
+    eprintln!("spoof-newcomers: {r}");
+    let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(r["scenario"], "spoof-newcomers");
+
+    // Every newcomer is admitted or not, and listed once.
+    assert_eq!(n("newcomers"), 10.0);
+    assert_eq!(n("admitted") + n("not_admitted"), 10.0, "{r}");
+    assert!(n("admitted_within_2s") <= n("admitted"), "{r}");
+    assert_eq!(n("admitted_fraction"), n("admitted") / 10.0);
+    let each = r["each"].as_array().unwrap();
+    assert_eq!(each.len(), 10);
+    let listed = each.iter().filter(|e| e["admit_ms"].is_number()).count();
+    assert_eq!(listed as f64, n("admitted"), "{r}");
+    assert_eq!(r["admit_ms"].is_null(), listed == 0, "{r}");
+    assert!(
+        n("newcomer_hellos") >= 10.0 && n("newcomer_cookies") >= n("admitted"),
+        "{r}"
+    );
+
+    // The flood: 64-byte hellos over the sources and prefixes asked for.
+    let forged = n("forged_datagrams");
+    assert!(forged > 0.0);
+    assert_eq!(n("forged_bytes"), forged * 64.0);
+    assert_eq!(n("sources_used"), forged.min(50_000.0));
+    assert!(
+        n("prefixes_used") <= 500.0 && n("prefixes_used") >= 1.0,
+        "{r}"
+    );
+
+    // Verify mode: forged sources get at most a cookie per hello, shorter.
+    assert!(n("amplification") <= 1.0, "{r}");
+    assert!(n("relay_bytes_to_forged") <= n("forged_bytes"), "{r}");
+    assert!(n("victim_amplification") <= 1.0, "{r}");
+    // Nothing forged got a slot: at most the newcomers did.
+    let gained = n("relay_clients_gained");
+    assert!(gained >= n("admitted") && gained <= 10.0, "{r}");
+    assert!(r["rss_growth_bytes"].is_i64(), "{r}");
+
+    // Every datagram sent is counted by the relay, dropped in its queue,
+    // or lost before it; every drop has a reason.
+    let received: f64 = r["relay_received"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let sent = n("loadtest_sent");
+    assert!(sent >= forged + n("newcomer_datagrams_sent"), "{r}");
+    assert!(
+        n("lost_before_relay") >= 0.0
+            && received + n("relay_kernel_rx_dropped") + n("lost_before_relay") == sent,
+        "{r}"
+    );
+    let dropped: f64 = r["relay_dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert_eq!(
+        Some(dropped),
+        r["relay_received"]["dropped"].as_f64(),
+        "{r}"
+    );
+    // What the relay sent, the tap saw (or counted as missed).
+    let tap = &r["tap"];
+    let seen = tap["datagrams"].as_f64().unwrap() + tap["dropped"].as_f64().unwrap();
+    assert!(seen <= n("relay_deliveries"), "{r}");
+    assert!(
+        tap["to_forged_datagrams"].as_f64() <= tap["datagrams"].as_f64(),
+        "{r}"
+    );
+}
+
+/// `--newcomers` flags that cannot run are usage errors (exit 2) that
+/// name the flag to fix, before any socket is opened.
+#[test]
+fn newcomers_usage_errors_name_the_fix() {
+    for (args, says) in [
+        (&["--spoof", "--newcomers", "3"][..], "--verify"),
+        (
+            &["--spoof", "5", "--newcomers", "3", "--verify"],
+            "--spoof 5",
+        ),
+        (
+            &["--spoof", "--newcomers", "3", "--verify", "--forge", "mix"],
+            "--forge",
+        ),
+        (
+            &["--spoof", "--sources", "10", "--prefixes", "20"],
+            "--sources",
+        ),
+        (&["--spoof", "--prefixes", "70000"], "--prefixes"),
+    ] {
+        let mut all = vec!["abuse", "--relay", "127.0.0.1:9"];
+        all.extend_from_slice(args);
+        let (code, _, stderr) = loadtest(&all);
+        assert_eq!(code, Some(2), "{all:?}: {stderr}");
+        assert!(stderr.contains(says), "{all:?}: {stderr}");
+    }
+}
+
 /// `--spoof` refuses a relay outside 127.0.0.0/8 before sending anything.
 #[test]
 fn spoof_attacks_loopback_only() {
