@@ -375,5 +375,14 @@ fn shards(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, table, wheel, hub, room_fanout, shards, verify);
+criterion_group!(
+    benches,
+    protocol,
+    table,
+    wheel,
+    hub,
+    room_fanout,
+    shards,
+    verify
+);
 criterion_main!(benches);

@@ -6,7 +6,8 @@
 mod util;
 
 use std::process::Command;
-use util::{seed_format, spawn_until_ready, temp_path, udphub_bin, Client, RelayProc};
+use std::time::{Duration, Instant};
+use util::{seed_format, spawn_until_ready, temp_path, udphub_bin, Client, RelayProc, PATIENCE};
 
 /// Starts `udphub serve --config FILE` with only the addresses and the
 /// ready file on the command line, so that everything else may be
@@ -27,6 +28,27 @@ fn spawn_with_file(file: &std::path::Path) -> RelayProc {
         addr: addrs.udp,
         metrics: addrs.metrics,
         log,
+    }
+}
+
+/// Waits until a reload has reached the loop: `a` sends `probe` until `b`
+/// receives exactly `want` (the supervisor logs a reload when it hands it
+/// over; the loop applies it between two batches, a moment later), then
+/// drains both of what is left. Bounded by [`PATIENCE`].
+fn until_applied(a: &Client, b: &Client, probe: &[u8], want: &[u8]) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        a.send(probe);
+        if b.recv_within(Duration::from_millis(200)).as_deref() == Some(want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload never reached the loop: no {want:?} for {probe:?}"
+        );
+    }
+    for c in [a, b] {
+        while c.recv_within(Duration::from_millis(300)).is_some() {}
     }
 }
 
@@ -61,6 +83,7 @@ fn sighup_applies_live_settings_and_keeps_everyone() {
         "{applied}"
     );
     // Both are still members and get the new format.
+    until_applied(&a, &b, b"after reload", b"after reload");
     a.send(b"after reload");
     assert_eq!(b.recv(), b"after reload");
     assert_eq!(a.recv(), b"after reload");
@@ -99,8 +122,9 @@ fn sighup_applies_live_settings_and_keeps_everyone() {
     );
     let line = relay.expect_log("recv-buffer");
     assert!(line.contains("needs a restart"), "{line}");
-    a.send(b"x");
-    assert_eq!(b.recv(), b"<x>");
+    until_applied(&a, &b, b"x", b"<x>");
+    a.send(b"y");
+    assert_eq!(b.recv(), b"<y>");
     let seen: Vec<String> = relay.log.try_iter().collect();
     assert!(
         !seen.iter().any(|l| l.contains("reload: applied")),

@@ -76,9 +76,9 @@ pub struct AbuseArgs {
     pub newcomers: Option<u32>,
 
     /// With --newcomers: a newcomer repeats its `^hello^` (or its proof)
-    /// when nothing came back within this long (udphub chat waits 500ms
-    /// for its first answer)
-    #[arg(long, default_value = "500ms", value_parser = crate::duration::parse, requires = "newcomers")]
+    /// when nothing came back within this long (udphub chat asks again
+    /// every 250ms)
+    #[arg(long, default_value = "250ms", value_parser = crate::duration::parse, requires = "newcomers")]
     pub retry: Duration,
 
     /// With --newcomers: a newcomer not admitted this long after its first
@@ -118,7 +118,7 @@ impl AbuseArgs {
         }
         if self.retry.is_zero() {
             return Err(
-                "--retry 0: a newcomer needs a moment between tries (udphub chat waits 500ms)"
+                "--retry 0: a newcomer needs a moment between tries (udphub chat asks again every 250ms)"
                     .into(),
             );
         }

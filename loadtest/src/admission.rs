@@ -100,7 +100,7 @@ pub struct AdmissionReport {
     pub victims: usize,
     /// `--newcomers`.
     pub newcomers: u32,
-    /// Newcomers that got in (the relay answered their question).
+    /// Newcomers that got in (the relay answered their proven join).
     pub admitted: u32,
     /// `admitted / newcomers`.
     pub admitted_fraction: f64,
@@ -120,7 +120,7 @@ pub struct AdmissionReport {
     pub newcomer_hellos: u64,
     /// Cookies they received.
     pub newcomer_cookies: u64,
-    /// Proofs (each with the question) they sent.
+    /// Proven joins (`^cookie^C^join^`) they sent.
     pub newcomer_proofs: u64,
     /// Proven heartbeats the admitted sent (one a second) while the flood
     /// lasted, so that they stay members.

@@ -4,13 +4,14 @@
 //! their own thread.
 //!
 //! Each one, from its start: sends the 64-byte `^hello^`; when the cookie
-//! (`^cookie^C`) comes, sends it back at once (that registers it in the
-//! lobby) followed by the 32-byte `^timeout^` question, which the relay
-//! answers only to members — the answer is the proof it got in, and the
-//! moment it arrives is when the newcomer counts as admitted. Whatever is
-//! unanswered is repeated every `--retry` (udphub chat waits 500 ms for its
-//! first answer): the `^hello^` while it has no cookie, the proof and the
-//! question once it has one. A newcomer still outside `--give-up` after its
+//! (`^cookie^C`) comes, sends back at once the proven join to the lobby,
+//! `^cookie^C^join^` padded to 32 bytes: it registers the newcomer, and
+//! the relay answers it `^room^` — the answer is the proof it got in, and
+//! the moment it arrives is when the newcomer counts as admitted. (Not the
+//! `^timeout^` question: in verify mode a member's question carries no
+//! proof and goes unanswered.) Whatever is unanswered is repeated every
+//! `--retry`: the `^hello^` while it has no cookie, the proven join once it
+//! has one (a join of the room one is in is answered again). A newcomer still outside `--give-up` after its
 //! first `^hello^` gives up. An admitted newcomer stays a member while the
 //! flood lasts: it sends its proof, the proven heartbeat, every second.
 //!
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::member::{hello, timeout_query};
+use crate::member::hello;
 
 /// An admitted newcomer's proven heartbeat (`^cookie^C`) interval: well
 /// inside any `--timeout` (10 s by default), so that even a flood that
@@ -58,7 +59,7 @@ pub struct Outcome {
     pub hellos: u32,
     /// Cookies received.
     pub cookies: u32,
-    /// Proofs (`^cookie^C`) sent, each followed by the question.
+    /// Proven joins (`^cookie^C^join^`) sent.
     pub proofs: u32,
     /// Proven heartbeats sent after admission.
     pub heartbeats: u32,
@@ -92,7 +93,7 @@ impl Newcomer {
         }
     }
 
-    /// The next try: the `^hello^`, or the proof and the question.
+    /// The next try: the `^hello^`, or the proven join to the lobby.
     fn try_again(&mut self, now: Instant, retry: Duration) {
         match self.proof.take() {
             None => {
@@ -100,8 +101,9 @@ impl Newcomer {
                 self.outcome.hellos += 1;
             }
             Some(proof) => {
-                self.send(&proof);
-                self.send(&timeout_query());
+                let mut join = [proof.as_slice(), b"^join^"].concat();
+                join.resize(join.len().max(32), b' ');
+                self.send(&join);
                 self.outcome.proofs += 1;
                 self.proof = Some(proof);
             }
@@ -117,7 +119,7 @@ impl Newcomer {
             self.outcome.cookies += 1;
             self.proof = Some(data.to_vec());
             self.try_again(now, retry);
-        } else if data.starts_with(b"^timeout^") {
+        } else if data.starts_with(b"^room^") {
             self.outcome.admitted_after = Some(now.saturating_duration_since(self.start));
             self.finished = true;
             self.next = now + HEARTBEAT;
@@ -284,7 +286,7 @@ mod tests {
     }
 
     /// A fake relay in verify mode on loopback: a cookie for every
-    /// `^hello^`, the timeout answer for a question after a proof.
+    /// `^hello^`, `^room^` for a proven join.
     #[test]
     fn a_newcomer_is_admitted_after_hello_cookie_proof_and_answer() {
         let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -302,7 +304,7 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut buf = [0u8; 256];
-                let (mut proven, mut answered) = (HashSet::new(), HashSet::new());
+                let mut answered = HashSet::new();
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while answered.len() < 3 && Instant::now() < deadline {
                     let Ok((n, from)) = relay.recv_from(&mut buf) else {
@@ -311,10 +313,8 @@ mod tests {
                     let d = &buf[..n];
                     if d.starts_with(b"^hello^") && n == 64 {
                         relay.send_to(b"^cookie^K1", from).unwrap();
-                    } else if d == b"^cookie^K1" {
-                        proven.insert(from);
-                    } else if d.starts_with(b"^timeout^") && proven.contains(&from) {
-                        relay.send_to(b"^timeout^10000", from).unwrap();
+                    } else if d.trim_ascii() == b"^cookie^K1^join^" {
+                        relay.send_to(b"^room^", from).unwrap();
                         answered.insert(from);
                     }
                 }
@@ -324,7 +324,7 @@ mod tests {
         for o in arrivals.outcomes() {
             assert!(o.admitted_after.is_some(), "{o:?}");
             assert_eq!((o.hellos, o.cookies, o.proofs), (1, 1, 1), "{o:?}");
-            assert_eq!(o.datagrams_sent, 3);
+            assert_eq!(o.datagrams_sent, 2);
         }
     }
 
