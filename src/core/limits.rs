@@ -55,6 +55,14 @@ impl Bucket {
         self.at_ns = now_ns.max(self.at_ns);
     }
 
+    /// Takes up to `most` tokens, as many as there are; returns how many.
+    pub fn take_up_to(&mut self, rate: Rate, most: f64, now_ns: u64) -> f64 {
+        self.refill(rate, now_ns);
+        let taken = self.tokens.clamp(0.0, most);
+        self.tokens -= taken;
+        taken
+    }
+
     /// Whether the bucket would be full by `now_ns` (nothing owed).
     fn is_full(&self, rate: Rate, now_ns: u64) -> bool {
         let elapsed = now_ns.saturating_sub(self.at_ns) as f64 / 1e9;
@@ -76,8 +84,14 @@ const EARLY_SWEEP_NS: u64 = 100_000_000;
 /// - **Fair share, not first come**: each prefix refills at its own rate or
 ///   at an equal share of the total (`total / prefixes tracked`), whichever
 ///   is less. A flood from many prefixes slows each of them down; it cannot
-///   spend the replies of a prefix it does not send from, and a newly seen
-///   prefix starts with a full burst.
+///   spend the replies of a prefix it does not send from.
+/// - **Bursts from a pool**: a newly seen prefix starts with up to its burst,
+///   drawn from a pool that refills at the total rate. A flood that sweeps
+///   thousands of new prefixes at once drains the pool in its first moments
+///   (its later prefixes start empty and get only their share), and once
+///   its prefixes are all tracked the pool fills again, so a prefix that
+///   turns up later (a real newcomer behind a NAT) gets its whole burst.
+///   Replies stay below twice the total a second, bursts included.
 /// - **No lock-out when full**: a prefix that finds the table full first
 ///   triggers an early sweep (forgetting prefixes that owe nothing), then
 ///   shares one overflow bucket with the other latecomers.
@@ -95,6 +109,8 @@ pub struct PrefixLimiter {
     total: f64,
     /// The bucket prefixes share while the table is full.
     overflow: Bucket,
+    /// Where a new prefix's first tokens come from (refills at `total`).
+    pool: Bucket,
     /// When the table was last swept.
     swept_ns: u64,
 }
@@ -114,7 +130,16 @@ impl PrefixLimiter {
             rate,
             total,
             overflow: Bucket::full(rate, 0),
+            pool: Bucket::full(PrefixLimiter::pool_rate(total), 0),
             swept_ns: 0,
+        }
+    }
+
+    /// The pool's rate: the total a second, as much at once.
+    fn pool_rate(total: f64) -> Rate {
+        Rate {
+            per_sec: total,
+            burst: total.max(1.0),
         }
     }
 
@@ -170,7 +195,13 @@ impl PrefixLimiter {
         if self.buckets.len() >= self.capacity {
             return self.overflow.take(share, now_ns);
         }
-        let mut bucket = Bucket::full(share, now_ns);
+        let granted =
+            self.pool
+                .take_up_to(PrefixLimiter::pool_rate(self.total), share.burst, now_ns);
+        let mut bucket = Bucket {
+            tokens: granted,
+            at_ns: now_ns,
+        };
         let ok = bucket.take(share, now_ns);
         self.buckets.insert(key, bucket);
         ok
@@ -284,14 +315,21 @@ mod tests {
             }
         }
         assert_eq!(quiet_ok, 18, "the quiet prefix is answered every time");
-        // Bursts once (900 × 20), then the total's rate for 9 s.
-        let most = 900.0 * 20.0 + total * 9.0 * 1.05;
+        // At most the pool (the total at once, then the total a second) and
+        // the prefixes' refills (the total a second), over 9 s.
+        let most = total + 2.0 * total * 9.0 * 1.05;
         assert!(f64::from(flood_ok) <= most, "{flood_ok} > {most}");
+        // A prefix that turns up once the flood's are all tracked gets its
+        // whole burst from the refilled pool.
+        let late = addr("172.16.9.1:9");
+        let at = 900_000 * 10_000 + 2 * SEC;
+        assert_eq!((0..20).filter(|_| l.allow(&late, at)).count(), 20);
         // A table full of flooders: a new prefix still gets through.
         let mut small = PrefixLimiter::new(rate, total, 100);
         for i in 0..100 {
-            assert!(small.allow(&flooder(i), 0));
+            small.allow(&flooder(i), 0);
         }
+        assert_eq!(small.len(), 100);
         assert!(small.allow(&quiet, 50 * 1_000_000), "the overflow bucket");
     }
 }
