@@ -179,7 +179,6 @@ fn hub_config(timeout: Duration, max_clients: usize, expect_clients: usize) -> H
         cookie_rate: 20.0,
         client_rate: None,
         max_clients_per_ip: None,
-        loops: 1,
     }
 }
 

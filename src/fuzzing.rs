@@ -88,7 +88,6 @@ pub fn hub(script: &[u8]) {
             .filter(|b| *b & 16 == 16)
             .map(|_| (50.0, 5.0)),
         max_clients_per_ip: script.first().filter(|b| *b & 32 == 32).map(|_| 6),
-        loops: 1,
     };
     let mut hub = Hub::new(&config, t0);
     let unix = 1_000_000;

@@ -440,7 +440,6 @@ impl Config {
             cookie_rate: self.cookie_rate,
             client_rate: self.client_rate,
             max_clients_per_ip: self.max_clients_per_ip,
-            loops,
         }
     }
 

@@ -9,7 +9,7 @@
 
 use crate::core::addr::RawAddr;
 use crate::core::cookie::CookieKey;
-use crate::core::limits::{PrefixLimiter, Rate};
+use crate::core::limits::{CookieBudget, LocalBudget, Rate};
 use crate::core::protocol::{self, Kind};
 use crate::core::rooms::LOBBY;
 use crate::core::table::Table;
@@ -87,16 +87,15 @@ pub enum Verdict<'a> {
     Challenge(DropReason),
 }
 
-/// Verify mode's state: the cookie key and the budgets for cookie replies.
+/// Verify mode's state: the cookie key and the budget for cookie replies.
 #[derive(Debug)]
 pub struct Verify {
     /// Makes and checks cookies.
     pub key: CookieKey,
     /// Cookie replies per /24 (IPv4) or /56 (IPv6), sharing the total
-    /// fairly (see [`PrefixLimiter`]).
-    per_prefix: PrefixLimiter,
-    /// How many loops share the relay's budgets (`--threads`).
-    loops: usize,
+    /// fairly (see [`crate::core::limits::PrefixLimiter`]): this loop's
+    /// own, or the relay's shared by its loops.
+    budget: Box<dyn CookieBudget>,
 }
 
 /// Cookie replies each /24 or /56 may get by default (`--cookie-rate`): 20
@@ -106,47 +105,44 @@ pub const COOKIE_PREFIX_RATE: f64 = 20.0;
 /// The least burst a prefix gets (100 replies at once: a NAT's worth of
 /// clients starting together; 3 KB at a victim prefix, once).
 pub const COOKIE_PREFIX_BURST: f64 = 100.0;
-/// Cookie replies a second in all, the relay's loops together: 20,000
-/// (each is ≤ the request, so this bounds only the CPU a flood of hellos
-/// costs). Shared fairly between the prefixes asking.
+/// Cookie replies a second in all, for the whole relay: 20,000 (each is ≤
+/// the request, so this bounds only the CPU a flood of hellos costs).
+/// Shared fairly between the prefixes asking.
 pub const COOKIE_TOTAL_RATE: f64 = 20_000.0;
-/// Prefixes the cookie budget tracks at once, per loop (~25 bytes each in
-/// the map: a flood of spoofed prefixes costs at most ~3.3 MiB a loop).
-/// 65,536 is every /24 of a /8.
+/// Prefixes the cookie budget tracks at once (~25 bytes each in the map:
+/// a flood of spoofed prefixes costs at most ~3.3 MiB). 65,536 is every
+/// /24 of a /8.
 pub const COOKIE_PREFIXES: usize = 65_536;
 
 impl Verify {
-    /// Verify mode with this key and `per_prefix` cookie replies a second
-    /// per /24 or /56, for a relay of `loops` loops. The relay's budgets
-    /// are split evenly between its loops (the kernel spreads sources
-    /// evenly over them), so each loop keeps its own without a lock and
-    /// their sum is the relay's; each loop gives a prefix the whole burst.
-    pub fn new(key: CookieKey, per_prefix: f64, loops: usize) -> Verify {
-        let loops = loops.max(1);
-        Verify {
-            key,
-            per_prefix: PrefixLimiter::new(
-                Verify::prefix_rate(per_prefix, loops),
-                COOKIE_TOTAL_RATE / loops as f64,
-                COOKIE_PREFIXES,
-            ),
-            loops,
-        }
+    /// Verify mode with this key and `budget`.
+    pub fn new(key: CookieKey, budget: Box<dyn CookieBudget>) -> Verify {
+        Verify { key, budget }
     }
 
-    /// One loop's per-prefix budget for `per_sec` replies a second in the
-    /// relay: its share of the rate, and at least [`COOKIE_PREFIX_BURST`]
-    /// at once.
-    fn prefix_rate(per_sec: f64, loops: usize) -> Rate {
+    /// The budget for `per_sec` cookie replies a second per prefix, this
+    /// loop's own, counting time from `origin`.
+    pub fn local_budget(per_sec: f64, origin: std::time::Instant) -> LocalBudget {
+        LocalBudget::new(
+            Verify::prefix_rate(per_sec),
+            COOKIE_TOTAL_RATE,
+            COOKIE_PREFIXES,
+            origin,
+        )
+    }
+
+    /// The per-prefix budget for `per_sec` replies a second: at least
+    /// [`COOKIE_PREFIX_BURST`] at once.
+    pub fn prefix_rate(per_sec: f64) -> Rate {
         Rate {
-            per_sec: per_sec / loops as f64,
+            per_sec,
             burst: per_sec.max(COOKIE_PREFIX_BURST),
         }
     }
 
-    /// Whether a cookie reply to `to` fits the budget (and spends it).
-    fn budget(&mut self, to: &RawAddr, now_ns: u64) -> bool {
-        self.per_prefix.allow(to, now_ns)
+    /// Shares the relay's budget from now on (the loops of `--threads`).
+    pub fn share_budget(&mut self, budget: Box<dyn CookieBudget>) {
+        self.budget = budget;
     }
 }
 
@@ -225,17 +221,20 @@ impl Admission {
         self.client_rate = client_rate.map(|(per_tick, burst)| (per_tick, burst.max(1.0)));
         self.max_per_ip = max_per_ip;
         if let Some(verify) = &mut self.verify {
-            let loops = verify.loops;
-            verify.per_prefix.set_rate(
-                Verify::prefix_rate(cookie_rate, loops),
-                COOKIE_TOTAL_RATE / loops as f64,
-            );
+            verify
+                .budget
+                .set_rate(Verify::prefix_rate(cookie_rate), COOKIE_TOTAL_RATE);
         }
     }
 
     /// Whether clients are rate-limited (`--client-rate`).
     pub fn limits_clients(&self) -> bool {
         self.client_rate.is_some()
+    }
+
+    /// Verify mode's state, if on.
+    pub fn verify_mut(&mut self) -> Option<&mut Verify> {
+        self.verify.as_mut()
     }
 
     /// The cookie key, in verify mode.
@@ -295,7 +294,7 @@ impl Admission {
                 if data.len() < protocol::HELLO_LEN {
                     return Verdict::Drop(reason);
                 }
-                if !verify.budget(&source, when.nanos) {
+                if !verify.budget.allow(&source, when.at) {
                     return Verdict::Drop(DropReason::CookieBudget);
                 }
                 return Verdict::Challenge(reason);
@@ -487,8 +486,7 @@ mod tests {
         let key = CookieKey::new([3; 32], born());
         let mut a = Admission::new(10, true).verify_sources(Verify::new(
             key.clone(),
-            COOKIE_PREFIX_RATE,
-            1,
+            Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born())),
         ));
         let mut t = Table::new(100);
         let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
@@ -591,7 +589,10 @@ mod tests {
         // budget, but cannot get the member's proven heartbeats refused.
         let key = CookieKey::new([3; 32], born());
         let mut a = Admission::new(10, true)
-            .verify_sources(Verify::new(key.clone(), COOKIE_PREFIX_RATE, 1))
+            .verify_sources(Verify::new(
+                key.clone(),
+                Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born())),
+            ))
             .client_rate(0.0, 2.0);
         let mut t = Table::new(100);
         t.set_burst(2.0);

@@ -62,9 +62,6 @@ pub struct HubConfig {
     pub client_rate: Option<(f64, f64)>,
     /// `--max-clients-per-ip`.
     pub max_clients_per_ip: Option<u32>,
-    /// How many loops of one relay share its budgets (`--threads`); each
-    /// hub keeps its share.
-    pub loops: usize,
 }
 
 /// What the runtime must do about one datagram.
@@ -149,8 +146,7 @@ impl Hub {
         if let Some(key) = &config.cookie_key {
             admission = admission.verify_sources(Verify::new(
                 key.clone(),
-                config.cookie_rate,
-                config.loops,
+                Box::new(Verify::local_budget(config.cookie_rate, now)),
             ));
         }
         if let Some((per_sec, burst)) = config.client_rate {
@@ -401,6 +397,16 @@ impl Hub {
         self.table.rooms().find(name)
     }
 
+    /// Budgets cookie replies together with the relay's other loops
+    /// (`--threads`), so that the relay's budget is one, whichever loop a
+    /// source lands on. Call before any datagram; nothing without verify
+    /// mode.
+    pub fn share_cookie_budget(&mut self, budget: Box<dyn crate::core::limits::CookieBudget>) {
+        if let Some(verify) = self.admission.verify_mut() {
+            verify.share_budget(budget);
+        }
+    }
+
     /// Counts clients together with the relay's other loops (`--threads`),
     /// so that `--max-clients` and `--max-clients-per-ip` cap the relay,
     /// not each loop. Call before any datagram.
@@ -624,7 +630,6 @@ mod tests {
             cookie_rate: crate::core::admission::COOKIE_PREFIX_RATE,
             client_rate: None,
             max_clients_per_ip: None,
-            loops: 1,
         }
     }
 

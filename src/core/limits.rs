@@ -208,6 +208,49 @@ impl PrefixLimiter {
     }
 }
 
+/// Where verify mode's cookie replies are budgeted: an interface the core
+/// owns, so that the loops of one relay (`--threads`) can share one budget
+/// (the runtime implements it over a lock) while one loop, the tests and
+/// the fuzzer keep a plain [`LocalBudget`] and the hub stays free of locks.
+pub trait CookieBudget: std::fmt::Debug + Send {
+    /// Whether a cookie reply to `addr` fits the budget at `now` (and
+    /// spends it).
+    fn allow(&mut self, addr: &RawAddr, now: std::time::Instant) -> bool;
+    /// Changes the per-prefix rate and the total (a reload).
+    fn set_rate(&mut self, rate: Rate, total: f64);
+}
+
+/// A [`PrefixLimiter`] of one's own, on a clock from `origin`.
+#[derive(Debug)]
+pub struct LocalBudget {
+    /// The budget.
+    limiter: PrefixLimiter,
+    /// Instant zero of the limiter's nanoseconds.
+    origin: std::time::Instant,
+}
+
+impl LocalBudget {
+    /// A budget of `rate` per prefix and `total` a second, tracking at most
+    /// `capacity` prefixes, counting time from `origin`.
+    pub fn new(rate: Rate, total: f64, capacity: usize, origin: std::time::Instant) -> LocalBudget {
+        LocalBudget {
+            limiter: PrefixLimiter::new(rate, total, capacity),
+            origin,
+        }
+    }
+}
+
+impl CookieBudget for LocalBudget {
+    fn allow(&mut self, addr: &RawAddr, now: std::time::Instant) -> bool {
+        let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        self.limiter.allow(addr, ns)
+    }
+
+    fn set_rate(&mut self, rate: Rate, total: f64) {
+        self.limiter.set_rate(rate, total);
+    }
+}
+
 /// The /24 of an IPv4 (or v4-mapped) address, or the /56 of an IPv6 one.
 fn prefix(addr: &RawAddr) -> [u8; 8] {
     let mut key = [0u8; 8];

@@ -77,6 +77,12 @@ impl Relay {
         self.census = Some(census);
     }
 
+    /// Budgets cookie replies together with the other loops (verify mode:
+    /// the budget is the relay's).
+    pub fn share_cookie_budget(&mut self, budget: &super::shards::SharedBudget) {
+        self.hub.share_cookie_budget(Box::new(budget.clone()));
+    }
+
     /// Runs as one of several loops on one port: messages for rooms with
     /// members on other loops are handed to them, and theirs fanned out
     /// here; the hub reports rooms opening and closing so the others know
@@ -169,9 +175,11 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
     }
     if threads > 1 {
         let census = std::sync::Arc::new(crate::core::census::Census::default());
+        let budget = shards::SharedBudget::new(config.cookie_rate);
         for lp in &mut loops {
             lp.service_mut()
                 .share_census(std::sync::Arc::clone(&census));
+            lp.service_mut().share_cookie_budget(&budget);
         }
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
         for (i, (lp, part)) in loops.iter_mut().zip(shards::queues(threads)).enumerate() {

@@ -96,6 +96,41 @@ impl Handoff {
     }
 }
 
+/// Verify mode's cookie-reply budget, one for all the loops of a relay:
+/// the relay's per-prefix and total rates hold whichever loop a source's
+/// datagrams land on, and a prefix first seen by one loop is known to all
+/// (a flood's first sweep over its prefixes ends as soon as with one
+/// loop). Taken only for a datagram from an unverified source that is long
+/// enough to be answered (never for a member's), for the ~100 ns of one
+/// look-up.
+#[derive(Debug, Clone)]
+pub struct SharedBudget(Arc<std::sync::Mutex<crate::core::limits::LocalBudget>>);
+
+impl SharedBudget {
+    /// The relay's budget for `per_sec` cookie replies a second per prefix.
+    pub fn new(per_sec: f64) -> SharedBudget {
+        SharedBudget(Arc::new(std::sync::Mutex::new(
+            crate::core::admission::Verify::local_budget(per_sec, std::time::Instant::now()),
+        )))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::core::limits::LocalBudget> {
+        // A loop that panicked holding it left one bucket half-updated at
+        // worst: carry on.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::core::limits::CookieBudget for SharedBudget {
+    fn allow(&mut self, addr: &crate::core::addr::RawAddr, now: std::time::Instant) -> bool {
+        self.lock().allow(addr, now)
+    }
+
+    fn set_rate(&mut self, rate: crate::core::limits::Rate, total: f64) {
+        self.lock().set_rate(rate, total);
+    }
+}
+
 /// This shard's way to one other shard.
 struct Peer {
     /// Its index.
