@@ -70,7 +70,7 @@ fn table(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 7919) % size;
                 if let Some(k) = t.find(black_box(&addr(i))) {
-                    t.refresh(k, 1);
+                    t.refresh(k, 1, 0);
                 }
             })
         });
