@@ -182,7 +182,7 @@ fn baseline_loop(poll: &mut Poll, sock: &mio::net::UdpSocket, stop: &AtomicBool)
                 let mut at = 0;
                 while at < clients.len() {
                     let end = (at + send.capacity()).min(clients.len());
-                    match send.send(sock.as_fd(), d.data, &clients[at..end]) {
+                    match send.send(sock.as_fd(), &[], d.data, &clients[at..end]) {
                         Ok(k) => at += k.max(1),
                         Err(_) => at += 1,
                     }

@@ -70,7 +70,7 @@ fn table(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 7919) % size;
                 if let Some(k) = t.find(black_box(&addr(i))) {
-                    t.refresh(k, 1);
+                    t.refresh(k, 1, 0);
                 }
             })
         });
@@ -278,10 +278,13 @@ fn hub(c: &mut Criterion) {
 /// A message to a 100-member room, sent for real (sendmmsg to 100 loopback
 /// sockets): alone on the relay, and among 1,000,000 clients in 10,000
 /// rooms. Fan-out walks the room's member list, so the two should cost the
-/// same per delivery.
+/// same per delivery. `alone_pktinfo`: alone, as on a wildcard address,
+/// every delivery carrying an IP_PKTINFO for its source address (what
+/// `alone` is spared when bound to one address).
 fn room_fanout(c: &mut Criterion) {
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
+    use udphub::net::batch_io::{LocalAddr, SourceControl};
     use udphub::net::fanout::Fanout;
 
     let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -291,7 +294,17 @@ fn room_fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("room_fanout");
     g.throughput(Throughput::Elements(100));
     g.sample_size(30);
-    for (label, other_rooms) in [("alone", 0u32), ("among_1M_in_10k_rooms", 9_999)] {
+    let local = LocalAddr {
+        ip: [127, 0, 0, 1].into(),
+        ifindex: 0,
+    };
+    let pktinfo = [SourceControl::new(&local, false).expect("an IPv4 source")];
+    for (label, other_rooms, tag) in [
+        ("alone", 0u32, 0u8),
+        ("alone_pktinfo", 0, 1),
+        ("among_1M_in_10k_rooms", 9_999, 0),
+    ] {
+        let sources: &[SourceControl] = if tag == 0 { &[] } else { &pktinfo };
         let config = hub_config(Duration::from_secs(3600), 2_000_000, 1_000_000);
         let t0 = Instant::now();
         let mut hub = Hub::new(&config, t0);
@@ -306,14 +319,15 @@ fn room_fanout(c: &mut Criterion) {
             let _ = hub.handle(t0, a, counts);
         };
         for m in &members {
-            join(&mut hub, &mut counts, m.local_addr().unwrap().into(), 0);
+            let from = RawAddr::from(m.local_addr().unwrap()).with_local(tag);
+            join(&mut hub, &mut counts, from, 0);
         }
         for room in 1..=other_rooms {
             for j in 0..100 {
                 join(&mut hub, &mut counts, addr(room * 100 + j), room);
             }
         }
-        let sender: RawAddr = members[0].local_addr().unwrap().into();
+        let sender = RawAddr::from(members[0].local_addr().unwrap()).with_local(tag);
         let mut fanout = Fanout::default();
         let body = [b'm'; 64];
         let now = t0 + Duration::from_millis(1);
@@ -327,7 +341,7 @@ fn room_fanout(c: &mut Criterion) {
                 match hub.handle(now, a, &mut counts) {
                     Effect::Fanout(f) => {
                         fanout
-                            .send(relay.as_fd(), f.payload, f.recipients)
+                            .send(relay.as_fd(), sources, f.payload, f.recipients)
                             .delivered
                     }
                     _ => 0,

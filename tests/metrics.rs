@@ -34,6 +34,7 @@ fn all_design_metrics_are_exported() {
         ("udphub_fanout_recipients_total", "counter"),
         ("udphub_loop_iteration_seconds", "histogram"),
         ("udphub_recv_errors_total", "counter"),
+        ("udphub_local_address_overflow_total", "counter"),
         ("udphub_rooms", "gauge"),
         ("udphub_room_joins_total", "counter"),
         ("udphub_room_join_refused_total", "counter"),

@@ -7,6 +7,11 @@
 //! same value is the client table's key: an address read by `recvmmsg` is
 //! looked up without any conversion at all.
 //!
+//! Beside the peer's address, a [`RawAddr`] carries a one-byte tag the
+//! runtime gives it: which of the relay's own addresses the peer sent to
+//! (see [`RawAddr::local`]). It lives in what would otherwise be padding,
+//! so it costs no memory, and it is not part of the address's identity.
+//!
 //! Everything here is safe byte manipulation; the batched-syscall module only
 //! ever borrows the bytes.
 
@@ -24,14 +29,35 @@ const AF_INET6: u16 = libc::AF_INET6 as u16;
 ///
 /// 32 bytes, 4-aligned, `Copy`, with `Eq` and `Hash` over the normalized bytes
 /// (padding and IPv6 flow labels zeroed), so two datagrams from the same source
-/// always map to the same table entry.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// always map to the same table entry. The [`local`](RawAddr::local) tag
+/// is left out of both.
+#[derive(Clone, Copy)]
 #[repr(C, align(4))]
 pub struct RawAddr {
     /// `sockaddr_in` (first 16 bytes) or `sockaddr_in6` (all 28), rest zero.
     bytes: [u8; SOCKADDR_MAX],
     /// How many of `bytes` are the address: 16 or 28.
     len: u8,
+    /// Which of the relay's own addresses the peer sent to: an index the
+    /// runtime assigns and reads (0: none known), opaque to the core. It
+    /// fills a byte of the padding after `len`, so a client costs nothing
+    /// more for it.
+    local: u8,
+}
+
+impl PartialEq for RawAddr {
+    fn eq(&self, other: &RawAddr) -> bool {
+        self.bytes == other.bytes && self.len == other.len
+    }
+}
+
+impl Eq for RawAddr {}
+
+impl std::hash::Hash for RawAddr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
+        self.len.hash(state);
+    }
 }
 
 impl RawAddr {
@@ -46,6 +72,7 @@ impl RawAddr {
                 RawAddr {
                     bytes,
                     len: SOCKADDR_IN_LEN as u8,
+                    local: 0,
                 }
             }
             SocketAddr::V6(v6) => {
@@ -57,6 +84,7 @@ impl RawAddr {
                 RawAddr {
                     bytes,
                     len: SOCKADDR_MAX as u8,
+                    local: 0,
                 }
             }
         }
@@ -79,6 +107,7 @@ impl RawAddr {
                 Some(RawAddr {
                     bytes,
                     len: SOCKADDR_IN_LEN as u8,
+                    local: 0,
                 })
             }
             AF_INET6 if name.len() >= SOCKADDR_MAX => {
@@ -88,6 +117,7 @@ impl RawAddr {
                 Some(RawAddr {
                     bytes,
                     len: SOCKADDR_MAX as u8,
+                    local: 0,
                 })
             }
             _ => None,
@@ -124,6 +154,27 @@ impl RawAddr {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
+
+    /// Which of the relay's own addresses the peer sent to, as the
+    /// runtime tagged it (0: none known; then replies leave from whatever
+    /// address the route picks). The core only carries it: from a
+    /// datagram's source into the client table, and from there into the
+    /// effects, so a reply or fan-out leaves from the address the client
+    /// talks to.
+    pub fn local(&self) -> u8 {
+        self.local
+    }
+
+    /// The same address, tagged with the relay's local address `local`.
+    pub fn with_local(mut self, local: u8) -> RawAddr {
+        self.local = local;
+        self
+    }
+
+    /// Tags this address with the relay's local address `local`, in place.
+    pub fn set_local(&mut self, local: u8) {
+        self.local = local;
+    }
 }
 
 impl From<SocketAddr> for RawAddr {
@@ -134,7 +185,10 @@ impl From<SocketAddr> for RawAddr {
 
 impl std::fmt::Debug for RawAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RawAddr({})", self.to_socket_addr())
+        match self.local {
+            0 => write!(f, "RawAddr({})", self.to_socket_addr()),
+            local => write!(f, "RawAddr({} via #{local})", self.to_socket_addr()),
+        }
     }
 }
 
@@ -152,6 +206,23 @@ mod tests {
     #[test]
     fn size_is_32_bytes() {
         assert_eq!(std::mem::size_of::<RawAddr>(), 32);
+        // The local tag took padding: a client costs what it did.
+        assert_eq!(std::mem::size_of::<crate::core::table::Client>(), 56);
+    }
+
+    #[test]
+    fn the_local_tag_is_carried_but_is_not_identity() {
+        use std::hash::BuildHasher;
+        let sa: SocketAddr = "10.0.0.1:7".parse().unwrap();
+        let plain = RawAddr::from(sa);
+        let tagged = plain.with_local(3);
+        assert_eq!((plain.local(), tagged.local()), (0, 3));
+        assert_eq!(plain, tagged);
+        let h = std::collections::hash_map::RandomState::new();
+        assert_eq!(h.hash_one(plain), h.hash_one(tagged));
+        // The kernel never sees it.
+        assert_eq!(plain.as_bytes(), tagged.as_bytes());
+        assert_eq!(tagged.to_string(), "10.0.0.1:7");
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub struct Counts {
     pub kernel_rx_dropped: u64,
     /// `recvmmsg` calls that failed with something other than `WouldBlock`.
     pub recv_errors: u64,
+    /// Datagrams to a local address the loop's table of them had no room
+    /// for (on a wildcard address): their replies leave from whatever
+    /// address the route picks.
+    pub local_addr_overflow: u64,
     /// Fan-out durations (seconds) since the last flush.
     pub fanout_seconds: Vec<f64>,
     /// recvmmsg batch sizes since the last flush.

@@ -460,7 +460,7 @@ impl Hub {
             // `^join^` outside verify mode, or one with the cookie in it.
             let moved = match client {
                 Some(key) => {
-                    self.table.refresh(key, tick);
+                    self.table.refresh(key, tick, source.local());
                     if already_there {
                         Ok(())
                     } else {
@@ -542,7 +542,9 @@ impl Hub {
         match client {
             Some(key) => {
                 if proves {
-                    self.table.refresh(key, tick);
+                    // It may reach the relay on another of its addresses
+                    // now: what it is sent leaves from that one.
+                    self.table.refresh(key, tick, source.local());
                 }
                 key
             }
@@ -1146,6 +1148,78 @@ mod tests {
         assert_eq!(to, vec![1, 2]);
         // It is not a datagram: nothing is counted as received.
         assert_eq!(f.counts.received(), 2);
+    }
+
+    /// The runtime's tag of the local address a datagram came in on rides
+    /// through the hub untouched: a reply goes back via the address the
+    /// request used, fan-out and `bye` via each member's latest one.
+    #[test]
+    fn replies_and_deliveries_leave_from_the_address_each_client_used() {
+        let mut f = Fixture::new(config());
+        let via = |port: u16, local: u8, data: &'static [u8]| Arrival {
+            source: Some(addr(port).with_local(local)),
+            ..from(port, data)
+        };
+        let t0 = f.t0;
+        let locals = |e: Effect<'_>| -> Vec<(u16, u8)> {
+            let mut v: Vec<(u16, u8)> = match e {
+                Effect::Reply { to, .. } => vec![(to.port(), to.local())],
+                Effect::Fanout(out) => out.recipients.map(|a| (a.port(), a.local())).collect(),
+                Effect::Nothing => vec![],
+            };
+            v.sort();
+            v
+        };
+        assert_eq!(
+            locals(f.hub.handle(t0, via(1, 1, b"^join^r"), &mut f.counts)),
+            vec![(1, 1)]
+        );
+        f.hub.handle(t0, via(2, 2, b"^join^r"), &mut f.counts);
+        let out = f.hub.handle(t0, via(1, 1, b"hi"), &mut f.counts);
+        assert_eq!(locals(out), vec![(1, 1), (2, 2)]);
+        // Client 1 now reaches the relay on local address 3.
+        let out = f.hub.handle(t0, via(1, 3, b"moved"), &mut f.counts);
+        assert_eq!(locals(out), vec![(1, 3), (2, 2)]);
+        let out = f
+            .hub
+            .relay_from_elsewhere(t0, f.hub.find_room(b"r").unwrap(), b"x");
+        assert_eq!(locals(Effect::Fanout(out)), vec![(1, 3), (2, 2)]);
+        let mut bye: Vec<(u16, u8)> = f.hub.everyone(t0).map(|a| (a.port(), a.local())).collect();
+        bye.sort();
+        assert_eq!(bye, vec![(1, 3), (2, 2)]);
+    }
+
+    /// In verify mode a forged datagram "from" a member to another of the
+    /// relay's addresses does not move it there (its connected socket
+    /// would then drop everything); its own cookie does.
+    #[test]
+    fn in_verify_mode_only_a_proven_datagram_moves_a_member_to_another_local_address() {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            cookie_key: Some(key.clone()),
+            ..config()
+        });
+        f.t0 = t0;
+        fn via(port: u16, local: u8, data: &[u8]) -> Arrival<'_> {
+            Arrival {
+                source: Some(addr(port).with_local(local)),
+                ..from(port, data)
+            }
+        }
+        let cookie = [&b"^cookie^"[..], &key.make(&addr(1), t0)].concat();
+        f.hub.handle(t0, via(1, 1, &cookie), &mut f.counts);
+        let tag_of_1 = |f: &mut Fixture| {
+            let out = f.hub.relay_from_elsewhere(t0, LOBBY, b"x");
+            out.recipients.map(|a| a.local()).collect::<Vec<u8>>()
+        };
+        assert_eq!(tag_of_1(&mut f), vec![1]);
+        for forged in [&b"^hb^"[..], b"", b"forged message"] {
+            f.hub.handle(t0, via(1, 2, forged), &mut f.counts);
+        }
+        assert_eq!(tag_of_1(&mut f), vec![1], "unproven: not moved");
+        f.hub.handle(t0, via(1, 2, &cookie), &mut f.counts);
+        assert_eq!(tag_of_1(&mut f), vec![2], "its cookie moves it");
     }
 
     #[test]

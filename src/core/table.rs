@@ -303,10 +303,15 @@ impl Table {
             .copied()
     }
 
-    /// Marks the client in slot `key` as heard from at tick `now`.
-    pub fn refresh(&mut self, key: u32, now: u64) {
+    /// Marks the client in slot `key` as heard from at tick `now`, talking
+    /// to the relay's local address `local` (the runtime's tag,
+    /// [`RawAddr::local`]): what is sent to it from now on leaves from
+    /// there. One call for both, so that only what proves a client alive
+    /// can move it to another of the relay's addresses.
+    pub fn refresh(&mut self, key: u32, now: u64, local: u8) {
         if let Some(c) = self.clients.get_mut(key as usize) {
             c.last_seen = now as u32;
+            c.addr.set_local(local);
         }
     }
 
@@ -542,7 +547,7 @@ mod tests {
         let j = t.insert(addr(1), 100);
         assert_eq!(j.due, 106);
         assert_eq!(t.find(&addr(1)), Some(j.key));
-        t.refresh(j.key, 102);
+        t.refresh(j.key, 102, 0);
         assert_eq!(t.get(j.key).unwrap().last_seen, 102);
         assert_eq!(
             t.get(j.key).unwrap().charged,
@@ -554,6 +559,18 @@ mod tests {
         assert!(!t.remove(&addr(1)));
         assert!(t.is_empty());
         assert_eq!(t.recipients(LOBBY, 102, None).count(), 0);
+    }
+
+    #[test]
+    fn a_client_follows_its_local_address() {
+        let mut t = Table::new(5);
+        let j = t.insert(addr(1).with_local(1), 0);
+        assert_eq!(t.recipients(LOBBY, 1, None).next().unwrap().local(), 1);
+        // Found whatever local address it uses now; sent to from the new one.
+        assert_eq!(t.find(&addr(1).with_local(2)), Some(j.key));
+        t.refresh(j.key, 1, 2);
+        assert_eq!(t.recipients(LOBBY, 1, None).next().unwrap().local(), 2);
+        assert_eq!(t.everyone(1).next().unwrap().local(), 2);
     }
 
     #[test]
@@ -576,7 +593,7 @@ mod tests {
             generation,
             due,
         };
-        t.refresh(key, 3);
+        t.refresh(key, 3, 0);
         assert_eq!(t.settle(entry, 6), Due::Reschedule(9));
         assert_eq!(
             t.settle(Entry { due: 9, ..entry }, 9),
@@ -615,7 +632,7 @@ mod tests {
                 now += 1;
                 match op {
                     0 => match t.find(&addr(port)) {
-                        Some(k) => t.refresh(k, now),
+                        Some(k) => t.refresh(k, now, 0),
                         None => { t.insert(addr(port), now); }
                     },
                     1 => { t.remove(&addr(port)); }

@@ -1,17 +1,24 @@
-//! Batched datagram syscalls (`recvmmsg`, `sendmmsg`) and the kernel's
-//! receive-drop counter (`SO_RXQ_OVFL`, `SO_MEMINFO`).
+//! Batched datagram syscalls (`recvmmsg`, `sendmmsg`), the kernel's
+//! receive-drop counter (`SO_RXQ_OVFL`, `SO_MEMINFO`), and the local
+//! address of each datagram (`IP_PKTINFO`, `IPV6_PKTINFO`).
 //!
 //! This is the only module of udphub with `unsafe` code. It hides the raw
-//! `mmsghdr`/`iovec`/`cmsghdr` arrays behind two plain, safe types:
+//! `mmsghdr`/`iovec`/`cmsghdr` arrays behind plain, safe types:
 //!
 //! - [`RecvBatch`] reads up to `capacity` datagrams with one `recvmmsg` and
 //!   hands them out as [`Datagram`]s (bytes, source, truncation, kernel drop
-//!   counter);
+//!   counter, and — once [`enable_pktinfo`] — the [`LocalAddr`] it was
+//!   sent to);
 //! - [`SendBatch`] sends *one* payload to many [`RawAddr`]s with one
 //!   `sendmmsg`: every header points at the same `iovec`, so a fan-out of one
 //!   pre-rendered buffer to 256 clients costs one syscall and no copies;
 //! - [`ReplyBatch`] sends different payloads to different destinations
-//!   (an echo server's replies) with one `sendmmsg`.
+//!   (an echo server's replies) with one `sendmmsg`;
+//! - [`SourceControl`] is one local address encoded once as the control
+//!   message that makes a send leave from it: both batches attach it to
+//!   each destination whose [`RawAddr::local`] tag names it (a socket
+//!   bound to a wildcard address otherwise sends from whatever address the
+//!   route picks, which a client with a connected socket drops).
 //!
 //! A separate section at the end holds the one unsafe call that is not a
 //! batched syscall: [`attach_reuseport_cbpf`], the setsockopt that gives
@@ -36,24 +43,76 @@ compile_error!("udphub needs Linux: recvmmsg, sendmmsg and SO_RXQ_OVFL are Linux
 
 use std::io;
 use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
 
 use crate::core::addr::{RawAddr, SOCKADDR_MAX};
 
-/// Room for one control message carrying a `u32` (SO_RXQ_OVFL): a 16-byte
-/// `cmsghdr` plus the payload, padded: `CMSG_SPACE(4)` = 24 bytes. 64 leaves
-/// room should the kernel attach another message (it then sets
-/// `MSG_CTRUNC` rather than overflow, and we ignore what was cut).
-const CONTROL_WORDS: usize = 8;
+/// Room for the control messages of one datagram, in `u64`s: SO_RXQ_OVFL
+/// (`CMSG_SPACE(4)` = 24 bytes), IPV6_PKTINFO (`CMSG_SPACE(20)` = 40) and
+/// IP_PKTINFO (`CMSG_SPACE(12)` = 32; a dual-stack socket may get both
+/// for an IPv4 datagram) = 96 bytes; 128 leaves room should the kernel
+/// attach another (it then sets `MSG_CTRUNC` rather than overflow, and we
+/// trust nothing of what it cut).
+const CONTROL_WORDS: usize = 16;
+
+/// `CMSG_SPACE(len)`, for the sizes checked at compile time below.
+const fn cmsg_space(len: usize) -> usize {
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument (libc marks
+    // every CMSG_ macro unsafe, even the ones that dereference nothing).
+    unsafe { libc::CMSG_SPACE(len as libc::c_uint) as usize }
+}
+
+/// Bytes of a control message carrying IPV6_PKTINFO, the larger of the
+/// two a [`SourceControl`] holds.
+const PKTINFO_SPACE: usize = cmsg_space(mem::size_of::<libc::in6_pktinfo>());
+/// A [`SourceControl`]'s buffer, in `u64`s.
+const SOURCE_WORDS: usize = PKTINFO_SPACE / 8;
 
 // The control buffers are arrays of `u64` so that each starts aligned for
 // a `cmsghdr`, as `CMSG_FIRSTHDR` assumes.
 const _: () = assert!(mem::align_of::<u64>() >= mem::align_of::<libc::cmsghdr>());
 const _: () = assert!(
-    CONTROL_WORDS * 8 >= mem::size_of::<libc::cmsghdr>() + mem::size_of::<u32>(),
-    "control buffer too small for SO_RXQ_OVFL"
+    CONTROL_WORDS * 8
+        >= cmsg_space(mem::size_of::<u32>())
+            + cmsg_space(mem::size_of::<libc::in6_pktinfo>())
+            + cmsg_space(mem::size_of::<libc::in_pktinfo>()),
+    "control buffer too small for SO_RXQ_OVFL and both PKTINFOs"
 );
+const _: () = assert!(
+    SOURCE_WORDS * 8 == PKTINFO_SPACE
+        && PKTINFO_SPACE >= cmsg_space(mem::size_of::<libc::in_pktinfo>())
+);
+
+/// The relay's own address a datagram was sent to, from its `IP_PKTINFO`
+/// or `IPV6_PKTINFO` control message: where a reply must come from for a
+/// client with a connected socket to accept it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalAddr {
+    /// The address (an IPv4-mapped one as IPv4).
+    pub ip: IpAddr,
+    /// The interface, where the address alone does not say which (an IPv6
+    /// link-local address); 0 otherwise, so the route picks it.
+    pub ifindex: u32,
+}
+
+impl LocalAddr {
+    /// A local address from a PKTINFO, or `None` if it is no address to
+    /// send from (unspecified, multicast, IPv4 broadcast).
+    fn new(ip: IpAddr, ifindex: u32) -> Option<LocalAddr> {
+        let ip = ip.to_canonical();
+        let usable = match ip {
+            IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+            IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        usable.then_some(LocalAddr {
+            ip,
+            ifindex: if link_local { ifindex } else { 0 },
+        })
+    }
+}
 
 /// One datagram out of a [`RecvBatch`].
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +126,8 @@ pub struct Datagram<'a> {
     /// The socket's cumulative kernel drop counter (`SO_RXQ_OVFL`), if the
     /// kernel attached it (it does once the counter is non-zero).
     pub kernel_drops: Option<u32>,
+    /// The address it was sent to, once [`enable_pktinfo`] asked for it.
+    pub local: Option<LocalAddr>,
 }
 
 /// Reusable buffers for `recvmmsg`.
@@ -77,7 +138,7 @@ pub struct RecvBatch {
     bufs: Vec<u8>,
     /// Source address per slot, written by the kernel.
     names: Vec<libc::sockaddr_storage>,
-    /// Control-message buffer per slot (for SO_RXQ_OVFL).
+    /// Control-message buffer per slot (SO_RXQ_OVFL, PKTINFO).
     control: Vec<[u64; CONTROL_WORDS]>,
     /// One `iovec` per slot, pointing into `bufs`.
     iovs: Vec<libc::iovec>,
@@ -85,6 +146,8 @@ pub struct RecvBatch {
     hdrs: Vec<libc::mmsghdr>,
     /// Kernel drop counter parsed per slot after each call.
     drops: Vec<Option<u32>>,
+    /// Local address parsed per slot after each call.
+    locals: Vec<Option<LocalAddr>>,
     /// How many slots the last `recv` filled.
     filled: usize,
 }
@@ -103,6 +166,7 @@ impl RecvBatch {
             iovs: empty_iovecs(capacity),
             hdrs: zeroed_headers(capacity),
             drops: vec![None; capacity],
+            locals: vec![None; capacity],
             filled: 0,
         }
     }
@@ -170,13 +234,17 @@ impl RecvBatch {
             // filled by the kernel; its control pointer still points into
             // `self.control`, untouched since the base pointer was taken.
             let msg = unsafe { &(*hdrs.add(i)).msg_hdr };
-            // A control message cut short (MSG_CTRUNC) is not trusted; the
-            // drop counter is read again with SO_MEMINFO within a second.
-            self.drops[i] = if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-                None
+            // Control messages cut short (MSG_CTRUNC) are not trusted: the
+            // drop counter is read again with SO_MEMINFO within a second,
+            // and a reply without a local address leaves from whatever
+            // address the route picks, as it would without PKTINFO.
+            let control = if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+                Control::default()
             } else {
-                parse_rxq_ovfl(msg)
+                parse_control(msg)
             };
+            self.drops[i] = control.drops;
+            self.locals[i] = control.local;
         }
         Ok(n)
     }
@@ -207,6 +275,7 @@ impl RecvBatch {
             source: RawAddr::from_kernel(name),
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             kernel_drops: self.drops[i],
+            local: self.locals[i],
         }
     }
 }
@@ -243,31 +312,195 @@ fn sockaddr_bytes(storage: &libc::sockaddr_storage, len: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts((storage as *const libc::sockaddr_storage).cast(), len) }
 }
 
-/// Finds the SO_RXQ_OVFL control message, if the kernel attached one.
-fn parse_rxq_ovfl(msg: &libc::msghdr) -> Option<u32> {
+/// What the control messages of one datagram said.
+#[derive(Debug, Default, Clone, Copy)]
+struct Control {
+    /// SO_RXQ_OVFL's counter.
+    drops: Option<u32>,
+    /// The local address, from IP_PKTINFO or IPV6_PKTINFO.
+    local: Option<LocalAddr>,
+}
+
+/// Reads the control messages the kernel attached: SO_RXQ_OVFL, and
+/// IP_PKTINFO or IPV6_PKTINFO. A dual-stack socket reports an IPv4
+/// datagram's address as an IPv4-mapped IPV6_PKTINFO, and also as
+/// IP_PKTINFO if that was turned on; whichever comes, it is the same
+/// address, except that IP_PKTINFO's `ipi_spec_dst` is already the one to
+/// answer from (an interface address for a broadcast), so it wins.
+fn parse_control(msg: &libc::msghdr) -> Control {
+    let mut out = Control::default();
     if msg.msg_controllen == 0 || msg.msg_control.is_null() {
-        return None;
+        return out;
     }
+    let mut v4_info = None;
+    let mut v6_info = None;
     // SAFETY: `msg` is the header the kernel just filled: `msg_control`
     // points at our control buffer and `msg_controllen` is the length the
     // kernel wrote (never more than we offered). CMSG_FIRSTHDR/NXTHDR only
-    // return headers that lie wholly inside that range, or null.
+    // return headers that lie wholly inside that range, or null, and each
+    // payload is read only after checking `cmsg_len` covers it. Payloads
+    // need not be aligned for their type relative to our buffer: read
+    // unaligned.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             let c = &*cmsg;
-            if c.cmsg_level == libc::SOL_SOCKET
-                && c.cmsg_type == libc::SO_RXQ_OVFL
-                && c.cmsg_len as usize >= libc::CMSG_LEN(mem::size_of::<u32>() as u32) as usize
-            {
-                // The payload may not be 4-aligned relative to our buffer's
-                // view of it; read unaligned.
-                return Some(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u32>()));
+            let holds = |len: usize| c.cmsg_len as usize >= libc::CMSG_LEN(len as u32) as usize;
+            let data = libc::CMSG_DATA(cmsg);
+            match (c.cmsg_level, c.cmsg_type) {
+                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) if holds(mem::size_of::<u32>()) => {
+                    out.drops = Some(ptr::read_unaligned(data.cast::<u32>()));
+                }
+                (libc::IPPROTO_IP, libc::IP_PKTINFO)
+                    if holds(mem::size_of::<libc::in_pktinfo>()) =>
+                {
+                    v4_info = Some(ptr::read_unaligned(data.cast::<libc::in_pktinfo>()));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                    if holds(mem::size_of::<libc::in6_pktinfo>()) =>
+                {
+                    v6_info = Some(ptr::read_unaligned(data.cast::<libc::in6_pktinfo>()));
+                }
+                _ => {}
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    None
+    out.local = match (v4_info, v6_info) {
+        (Some(info), _) => LocalAddr::new(
+            IpAddr::V4(Ipv4Addr::from(info.ipi_spec_dst.s_addr.to_ne_bytes())),
+            info.ipi_ifindex as u32,
+        ),
+        (None, Some(info)) => LocalAddr::new(
+            IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
+            info.ipi6_ifindex,
+        ),
+        (None, None) => None,
+    };
+    out
+}
+
+/// One local address as the control message that makes a send leave from
+/// it (`IP_PKTINFO` on an IPv4 socket, `IPV6_PKTINFO` on an IPv6 one),
+/// encoded once and pointed at by every header that needs it: the kernel
+/// only reads it.
+#[derive(Clone, Copy)]
+pub struct SourceControl {
+    /// The `cmsghdr` and its payload, aligned as `CMSG_FIRSTHDR` assumes.
+    buf: [u64; SOURCE_WORDS],
+    /// How many bytes of `buf` are the message (`CMSG_SPACE` of it).
+    len: usize,
+}
+
+impl SourceControl {
+    /// The control message to send from `local` on an IPv6 (`v6_socket`)
+    /// or IPv4 socket; `None` for an IPv6 address on an IPv4 socket.
+    ///
+    /// The interface index is left 0 (the route picks it, as for any
+    /// send) except for an IPv6 link-local address, which needs it. An
+    /// IPv4 address on an IPv6 socket (a dual-stack socket's IPv4 client)
+    /// goes as its IPv4-mapped form, which the kernel's IPv4 path accepts.
+    pub fn new(local: &LocalAddr, v6_socket: bool) -> Option<SourceControl> {
+        let mut out = SourceControl {
+            buf: [0; SOURCE_WORDS],
+            len: 0,
+        };
+        let (level, kind, payload_len) = if v6_socket {
+            let addr = match local.ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: addr.octets(),
+                },
+                ipi6_ifindex: local.ifindex,
+            };
+            out.write_payload(&info);
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                mem::size_of_val(&info),
+            )
+        } else {
+            let IpAddr::V4(v4) = local.ip else {
+                return None;
+            };
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            out.write_payload(&info);
+            (libc::IPPROTO_IP, libc::IP_PKTINFO, mem::size_of_val(&info))
+        };
+        let header = libc::cmsghdr {
+            // SAFETY: CMSG_LEN/CMSG_SPACE are arithmetic on their argument.
+            cmsg_len: unsafe { libc::CMSG_LEN(payload_len as libc::c_uint) } as _,
+            cmsg_level: level,
+            cmsg_type: kind,
+        };
+        // SAFETY: `buf` is 8-aligned (an array of u64, checked above to
+        // suffice for a cmsghdr) and at least a cmsghdr long; the header
+        // goes at its start, where CMSG_FIRSTHDR would put it.
+        unsafe { ptr::write(out.buf.as_mut_ptr().cast::<libc::cmsghdr>(), header) };
+        // SAFETY: as above.
+        out.len = unsafe { libc::CMSG_SPACE(payload_len as libc::c_uint) } as usize;
+        Some(out)
+    }
+
+    /// Writes `payload` where `CMSG_DATA` of the first header points.
+    fn write_payload<T: Copy>(&mut self, payload: &T) {
+        // A PKTINFO always fits (checked at compile time above); this
+        // keeps the write below in bounds for any `T` (and costs nothing:
+        // both sides are constants).
+        assert!(cmsg_space(mem::size_of::<T>()) <= mem::size_of_val(&self.buf));
+        // SAFETY: a control message's data starts CMSG_LEN(0) bytes (the
+        // aligned cmsghdr) into it, and the assert above keeps the
+        // `size_of::<T>()` bytes written from there inside `buf`; written
+        // unaligned, as a payload need not be aligned for `T`.
+        unsafe {
+            let at = (self.buf.as_mut_ptr().cast::<u8>()).add(libc::CMSG_LEN(0) as usize);
+            ptr::write_unaligned(at.cast::<T>(), *payload);
+        }
+    }
+
+    /// The encoded control message (for tests).
+    #[cfg(test)]
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `buf` is plain integers; any `len <= size_of(buf)` bytes
+        // of it are valid `u8`s, and the slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for SourceControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SourceControl({} bytes)", self.len)
+    }
+}
+
+/// Points each header at the control message of its destination's local
+/// address (`dest.local()` = 1 is `sources[0]`); a tag of 0, or one
+/// `sources` does not hold, leaves that header without one.
+fn attach_sources<'a>(
+    hdrs: &mut [libc::mmsghdr],
+    dests: impl Iterator<Item = &'a RawAddr>,
+    sources: &[SourceControl],
+) {
+    for (hdr, dest) in hdrs.iter_mut().zip(dests) {
+        let source = usize::from(dest.local())
+            .checked_sub(1)
+            .and_then(|i| sources.get(i));
+        if let Some(source) = source {
+            // The kernel only reads the control message when sending;
+            // `*mut` is the C type.
+            hdr.msg_hdr.msg_control = source.buf.as_ptr() as *mut libc::c_void;
+            hdr.msg_hdr.msg_controllen = source.len as _;
+        }
+    }
 }
 
 /// Reusable header array for `sendmmsg` of one payload to many destinations.
@@ -292,7 +525,9 @@ impl SendBatch {
     }
 
     /// Sends `payload` to each of `dests` (at most `capacity` of them are
-    /// used) in one `sendmmsg`, without blocking.
+    /// used) in one `sendmmsg`, without blocking; each from the local
+    /// address its tag names in `sources` (see [`attach_sources`]; with
+    /// `sources` empty, nothing is attached and nothing is looked at).
     ///
     /// Returns how many leading destinations were handed to the kernel. When
     /// that is fewer than asked, the next one failed; sending from it again
@@ -301,6 +536,7 @@ impl SendBatch {
     pub fn send(
         &mut self,
         fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
         payload: &[u8],
         dests: &[RawAddr],
     ) -> io::Result<usize> {
@@ -316,10 +552,14 @@ impl SendBatch {
         for (hdr, dest) in self.hdrs.iter_mut().zip(&dests[..n]) {
             set_send_header(hdr, dest, &mut iov);
         }
+        if !sources.is_empty() {
+            attach_sources(&mut self.hdrs[..n], dests.iter(), sources);
+        }
         // SAFETY: `hdrs[..n]` were all set above. Their `msg_name`s point
-        // into `dests` and their `msg_iov` at `iov`, which points at
-        // `payload`; `dests`, `iov` and `payload` are borrowed for this
-        // whole function, so all outlive the call.
+        // into `dests`, their `msg_iov` at `iov`, which points at
+        // `payload`, and their `msg_control`s are null or point into
+        // `sources`; `dests`, `iov`, `payload` and `sources` are borrowed
+        // for this whole function, so all outlive the call.
         unsafe { send_headers(fd, &mut self.hdrs[..n]) }
     }
 }
@@ -348,7 +588,8 @@ fn set_send_header(hdr: &mut libc::mmsghdr, dest: &RawAddr, iov: *mut libc::iove
 /// # Safety
 /// Every header's `msg_name` must point at `msg_namelen` readable bytes,
 /// its `msg_iov` at `msg_iovlen` live `iovec`s, and those at readable
-/// buffers of their lengths, all valid for the duration of the call.
+/// buffers of their lengths, its `msg_control` (if not null) at
+/// `msg_controllen` readable bytes, all valid for the duration of the call.
 unsafe fn send_headers(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     let sent = retry_if_interrupted(|| {
         // SAFETY: the caller guarantees every pointer in `hdrs` is valid;
@@ -366,6 +607,8 @@ unsafe fn send_headers(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) -> io::Re
     for hdr in hdrs.iter_mut() {
         hdr.msg_hdr.msg_name = ptr::null_mut();
         hdr.msg_hdr.msg_iov = ptr::null_mut();
+        hdr.msg_hdr.msg_control = ptr::null_mut();
+        hdr.msg_hdr.msg_controllen = 0;
     }
     sent
 }
@@ -395,12 +638,14 @@ impl ReplyBatch {
     }
 
     /// Sends `arena[range]` to `dest` for each of `msgs` (at most
-    /// `capacity` of them) in one `sendmmsg`, without blocking. Returns how
-    /// many leading messages were sent, like [`SendBatch::send`].
+    /// `capacity` of them) in one `sendmmsg`, without blocking, each from
+    /// the local address its tag names in `sources`. Returns how many
+    /// leading messages were sent, like [`SendBatch::send`].
     /// A range outside `arena` is an `InvalidInput` error, before any send.
     pub fn send(
         &mut self,
         fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
         arena: &[u8],
         msgs: &[(std::ops::Range<usize>, RawAddr)],
     ) -> io::Result<usize> {
@@ -428,11 +673,16 @@ impl ReplyBatch {
             };
             set_send_header(&mut self.hdrs[i], dest, &mut self.iovs[i]);
         }
+        if !sources.is_empty() {
+            let dests = msgs[..n].iter().map(|(_, dest)| dest);
+            attach_sources(&mut self.hdrs[..n], dests, sources);
+        }
         // SAFETY: `hdrs[..n]` were all set above. Each `msg_name` points
-        // into `msgs` and each `msg_iov` at `iovs[i]`, which points at a
-        // checked sub-slice of `arena`; `msgs` and `arena` are borrowed for
-        // this whole function and `iovs` is owned by `self` and not touched
-        // during the call, so all outlive it.
+        // into `msgs`, each `msg_iov` at `iovs[i]`, which points at a
+        // checked sub-slice of `arena`, and each `msg_control` is null or
+        // points into `sources`; `msgs`, `arena` and `sources` are borrowed
+        // for this whole function and `iovs` is owned by `self` and not
+        // touched during the call, so all outlive it.
         let sent = unsafe { send_headers(fd, &mut self.hdrs[..n]) };
         for iov in &mut self.iovs[..n] {
             iov.iov_base = ptr::null_mut();
@@ -456,6 +706,34 @@ pub fn enable_rxq_ovfl(fd: BorrowedFd<'_>) -> io::Result<()> {
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RXQ_OVFL,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Asks the kernel to report each datagram's local address
+/// ([`Datagram::local`]): `IP_PKTINFO` on an IPv4 socket,
+/// `IPV6_RECVPKTINFO` on an IPv6 one (which reports IPv4 datagrams of a
+/// dual-stack socket as IPv4-mapped addresses).
+pub fn enable_pktinfo(fd: BorrowedFd<'_>, v6_socket: bool) -> io::Result<()> {
+    let (level, name) = if v6_socket {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: the option value is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
             (&on as *const libc::c_int).cast(),
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -604,7 +882,9 @@ mod tests {
             RawAddr::from(v6.local_addr().unwrap()),
         ];
         let mut batch = SendBatch::new(16);
-        let sent = batch.send(server.as_fd(), b"hello all", &dests).unwrap();
+        let sent = batch
+            .send(server.as_fd(), &[], b"hello all", &dests)
+            .unwrap();
         assert_eq!(sent, 2);
         let mut buf = [0u8; 64];
         for s in [&v4, &v6] {
@@ -623,9 +903,12 @@ mod tests {
             .map(|s| s.local_addr().unwrap().into())
             .collect();
         let mut batch = SendBatch::new(3);
-        assert_eq!(batch.send(server.as_fd(), b"x", &dests).unwrap(), 3);
-        assert_eq!(batch.send(server.as_fd(), b"x", &dests[3..]).unwrap(), 2);
-        assert_eq!(batch.send(server.as_fd(), b"x", &[]).unwrap(), 0);
+        assert_eq!(batch.send(server.as_fd(), &[], b"x", &dests).unwrap(), 3);
+        assert_eq!(
+            batch.send(server.as_fd(), &[], b"x", &dests[3..]).unwrap(),
+            2
+        );
+        assert_eq!(batch.send(server.as_fd(), &[], b"x", &[]).unwrap(), 0);
         let mut buf = [0u8; 8];
         for s in &sinks {
             assert_eq!(s.recv(&mut buf).unwrap(), 1);
@@ -643,7 +926,7 @@ mod tests {
             (5..11, RawAddr::from(b.local_addr().unwrap())),
         ];
         let mut batch = ReplyBatch::new(8);
-        assert_eq!(batch.send(server.as_fd(), arena, &msgs).unwrap(), 2);
+        assert_eq!(batch.send(server.as_fd(), &[], arena, &msgs).unwrap(), 2);
         let mut buf = [0u8; 16];
         let n = a.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"first");
@@ -651,7 +934,7 @@ mod tests {
         assert_eq!(&buf[..n], b"second");
         // A range outside the arena is refused before anything is sent.
         let bad = [(0..5, msgs[0].1), (8..40, msgs[1].1)];
-        let err = batch.send(server.as_fd(), arena, &bad).unwrap_err();
+        let err = batch.send(server.as_fd(), &[], arena, &bad).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         // ...and leaves no header or iovec pointing into the arena.
         for (hdr, iov) in batch.hdrs.iter().zip(&batch.iovs) {
@@ -668,9 +951,178 @@ mod tests {
         let server = bound("127.0.0.1:0");
         let dest = RawAddr::from("[::1]:9".parse::<SocketAddr>().unwrap());
         let err = SendBatch::new(4)
-            .send(server.as_fd(), b"x", &[dest])
+            .send(server.as_fd(), &[], b"x", &[dest])
             .unwrap_err();
         assert_ne!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    fn local(ip: &str) -> LocalAddr {
+        LocalAddr {
+            ip: ip.parse().unwrap(),
+            ifindex: 0,
+        }
+    }
+
+    /// The first datagram `batch` reads from `sock`, as (bytes, local).
+    fn recv_one(batch: &mut RecvBatch, sock: &UdpSocket) -> (Vec<u8>, Option<LocalAddr>) {
+        recv_some(batch, sock);
+        let d = batch.get(0);
+        (d.data.to_vec(), d.local)
+    }
+
+    #[test]
+    fn pktinfo_reports_the_address_each_datagram_was_sent_to() {
+        let mut batch = RecvBatch::new(4, 64);
+        for (at, v6, want) in [
+            ("127.0.0.1:0", false, "127.0.0.1"),
+            ("[::1]:0", true, "::1"),
+            // A dual-stack socket's IPv4 datagram: IPv4-mapped, shown as IPv4.
+            ("[::ffff:127.0.0.1]:0", true, "127.0.0.1"),
+        ] {
+            let server = bound(at);
+            let client = bound(if at == "[::1]:0" {
+                "[::1]:0"
+            } else {
+                "127.0.0.1:0"
+            });
+            let to = server.local_addr().unwrap();
+            let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+            client.send_to(b"before", to).unwrap();
+            assert_eq!(recv_one(&mut batch, &server), (b"before".to_vec(), None));
+            enable_pktinfo(server.as_fd(), v6).unwrap();
+            client.send_to(b"after", to).unwrap();
+            assert_eq!(
+                recv_one(&mut batch, &server),
+                (b"after".to_vec(), Some(local(want))),
+                "{at}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_address_to_send_from_is_no_local_address() {
+        assert_eq!(LocalAddr::new("0.0.0.0".parse().unwrap(), 1), None);
+        assert_eq!(LocalAddr::new("255.255.255.255".parse().unwrap(), 1), None);
+        assert_eq!(LocalAddr::new("224.0.0.1".parse().unwrap(), 1), None);
+        assert_eq!(LocalAddr::new("ff02::1".parse().unwrap(), 1), None);
+        assert_eq!(LocalAddr::new("::".parse().unwrap(), 1), None);
+        // The interface matters only where the address is ambiguous.
+        assert_eq!(
+            LocalAddr::new("10.0.0.1".parse().unwrap(), 3),
+            Some(local("10.0.0.1"))
+        );
+        assert_eq!(
+            LocalAddr::new("::ffff:10.0.0.1".parse().unwrap(), 3),
+            Some(local("10.0.0.1"))
+        );
+        let link = LocalAddr::new("fe80::1".parse().unwrap(), 3).unwrap();
+        assert_eq!(link.ifindex, 3);
+    }
+
+    #[test]
+    fn source_controls_are_the_pktinfo_the_kernel_expects() {
+        let header = |c: &SourceControl| {
+            let b = c.bytes();
+            let len = usize::from_ne_bytes(b[0..8].try_into().unwrap());
+            let level = i32::from_ne_bytes(b[8..12].try_into().unwrap());
+            let kind = i32::from_ne_bytes(b[12..16].try_into().unwrap());
+            (b.len(), len, level, kind, b[16..].to_vec())
+        };
+        let v4 = SourceControl::new(&local("10.1.2.3"), false).unwrap();
+        let (space, len, level, kind, data) = header(&v4);
+        assert_eq!((space, len), (32, 28));
+        assert_eq!((level, kind), (libc::IPPROTO_IP, libc::IP_PKTINFO));
+        // ipi_ifindex 0, ipi_spec_dst the address, ipi_addr 0.
+        assert_eq!(&data[..12], &[0, 0, 0, 0, 10, 1, 2, 3, 0, 0, 0, 0]);
+        let mapped = SourceControl::new(&local("10.1.2.3"), true).unwrap();
+        let (space, len, level, kind, data) = header(&mapped);
+        assert_eq!((space, len), (40, 36));
+        assert_eq!((level, kind), (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO));
+        let want: Ipv6Addr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(&data[..16], &want.octets());
+        assert_eq!(&data[16..20], &0u32.to_ne_bytes());
+        let link = LocalAddr::new("fe80::7".parse().unwrap(), 9).unwrap();
+        let (_, _, _, _, data) = header(&SourceControl::new(&link, true).unwrap());
+        assert_eq!(&data[16..20], &9u32.to_ne_bytes());
+        // An IPv6 address cannot be sent from on an IPv4 socket.
+        assert!(SourceControl::new(&local("::1"), false).is_none());
+    }
+
+    /// A destination tagged with a local address gets its datagram from
+    /// that address, whatever the socket is bound to; an untagged one (or
+    /// a tag `sources` does not hold) from the bound address, as before.
+    /// (127.0.0.2 is this machine's loopback too: all of 127/8 is.)
+    #[test]
+    fn a_source_control_makes_the_send_leave_from_that_address() {
+        for (at, v6) in [("127.0.0.1:0", false), ("[::ffff:127.0.0.1]:0", true)] {
+            let server = bound(at);
+            let port = server.local_addr().unwrap().port();
+            let sink = bound("127.0.0.1:0");
+            let to = |local: u8| {
+                let sink = sink.local_addr().unwrap();
+                let sink: SocketAddr = if v6 {
+                    format!("[::ffff:127.0.0.1]:{}", sink.port())
+                        .parse()
+                        .unwrap()
+                } else {
+                    sink
+                };
+                RawAddr::from(sink).with_local(local)
+            };
+            let sources = [SourceControl::new(&local("127.0.0.2"), v6).unwrap()];
+            let mut fan = SendBatch::new(4);
+            let dests = [to(1), to(0), to(2)];
+            assert_eq!(
+                fan.send(server.as_fd(), &sources, b"fan", &dests).unwrap(),
+                3
+            );
+            let mut replies = ReplyBatch::new(4);
+            let msgs = [(0..5, to(1)), (0..5, to(0))];
+            let sent = replies
+                .send(server.as_fd(), &sources, b"reply", &msgs)
+                .unwrap();
+            assert_eq!(sent, 2);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16];
+            for _ in 0..5 {
+                let (n, from) = sink.recv_from(&mut buf).unwrap();
+                assert_eq!(from.port(), port);
+                got.push((buf[..n].to_vec(), from.ip().to_string()));
+            }
+            let want = [
+                (&b"fan"[..], "127.0.0.2"),
+                (b"fan", "127.0.0.1"),
+                (b"fan", "127.0.0.1"),
+                (b"reply", "127.0.0.2"),
+                (b"reply", "127.0.0.1"),
+            ];
+            let want: Vec<(Vec<u8>, String)> = want
+                .iter()
+                .map(|(b, ip)| (b.to_vec(), ip.to_string()))
+                .collect();
+            assert_eq!(got, want, "{at}");
+            // No header keeps a pointer to the sources.
+            assert!(fan.hdrs.iter().all(|h| h.msg_hdr.msg_control.is_null()));
+            assert!(replies.hdrs.iter().all(|h| h.msg_hdr.msg_control.is_null()));
+        }
+    }
+
+    /// The IPv6 form of the control message is accepted for a native IPv6
+    /// destination too.
+    #[test]
+    fn a_v6_source_control_is_accepted() {
+        let server = bound("[::1]:0");
+        let sink = bound("[::1]:0");
+        let sources = [SourceControl::new(&local("::1"), true).unwrap()];
+        let dest = RawAddr::from(sink.local_addr().unwrap()).with_local(1);
+        let sent = SendBatch::new(1).send(server.as_fd(), &sources, b"six", &[dest]);
+        assert_eq!(sent.unwrap(), 1);
+        let mut buf = [0u8; 8];
+        let (n, from) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"six"[..], server.local_addr().unwrap())
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::os::fd::BorrowedFd;
 
 use crate::core::addr::RawAddr;
 use crate::core::counts::{Counts, DeliveryDrop};
-use crate::net::batch_io::SendBatch;
+use crate::net::batch_io::{SendBatch, SourceControl};
 
 /// Destinations per `sendmmsg`. 256 × 64-byte headers is 16 KiB, small
 /// enough to stay in L1/L2; it divides the syscalls of a 1000-client
@@ -83,19 +83,27 @@ impl Fanout {
         }
     }
 
-    /// Sends `payload` to every address `dests` yields.
+    /// Sends `payload` to every address `dests` yields, each from the
+    /// local address its tag names in `sources` (empty: from whatever
+    /// address the route picks; see [`crate::net::local_addrs`]).
     ///
     /// When the kernel reports its buffer full, the rest of this message's
     /// deliveries are dropped at once (retrying now would only spin); any
     /// other error drops just that destination and the fan-out continues.
-    pub fn send<'a, I>(&mut self, fd: BorrowedFd<'_>, payload: &[u8], dests: I) -> Report
+    pub fn send<'a, I>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
+        payload: &[u8],
+        dests: I,
+    ) -> Report
     where
         I: IntoIterator<Item = &'a RawAddr>,
     {
         let Fanout { batch, staging } = self;
         let capacity = batch.capacity();
         drive(staging, capacity, dests, |chunk| {
-            batch.send(fd, payload, chunk)
+            batch.send(fd, sources, payload, chunk)
         })
     }
 }
@@ -194,7 +202,7 @@ mod tests {
             .map(|s| s.local_addr().unwrap().into())
             .collect();
         let mut f = Fanout::new(3);
-        let out = f.send(server.as_fd(), b"m", &dests);
+        let out = f.send(server.as_fd(), &[], b"m", &dests);
         assert_eq!(
             (
                 out.recipients,
@@ -219,7 +227,7 @@ mod tests {
         // An IPv6 destination on an IPv4 socket fails (EAFNOSUPPORT/EINVAL).
         let bad: RawAddr = "[::1]:9".parse::<SocketAddr>().unwrap().into();
         let dests = [bad, good.local_addr().unwrap().into(), bad];
-        let out = Fanout::new(8).send(server.as_fd(), b"m", &dests);
+        let out = Fanout::new(8).send(server.as_fd(), &[], b"m", &dests);
         assert_eq!((out.recipients, out.delivered, out.dropped[ERR]), (3, 1, 2));
         assert!(out.first_error.is_some());
         let mut b = [0u8; 4];
@@ -292,7 +300,7 @@ mod tests {
     #[test]
     fn no_destinations_is_nothing() {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let out = Fanout::default().send(server.as_fd(), b"m", &[]);
+        let out = Fanout::default().send(server.as_fd(), &[], b"m", &[]);
         assert_eq!(out.recipients, 0);
     }
 }

@@ -1,9 +1,12 @@
 //! The network layer: the system calls, and nothing that decides.
 //!
-//! - [`batch_io`]: `recvmmsg`/`sendmmsg` and the kernel's drop counter —
-//!   the only `unsafe` code in udphub.
+//! - [`batch_io`]: `recvmmsg`/`sendmmsg`, the kernel's drop counter and
+//!   each datagram's local address — the only `unsafe` code in udphub.
 //! - [`fanout`]: one buffer to many destinations in `sendmmsg` batches,
 //!   and the drop policy when the kernel won't take more.
+//! - [`local_addrs`]: on a wildcard socket, the relay's own addresses
+//!   clients talk to, so that what is sent to each leaves from the one it
+//!   used.
 //! - [`socket`]: creating and binding the UDP socket(s), buffer sizes; a
 //!   group of loops on one address, and its claim on it.
 //! - [`steering`]: the classic BPF program that pins each source to one
@@ -15,5 +18,6 @@
 pub mod batch_io;
 pub mod fanout;
 pub mod holders;
+pub mod local_addrs;
 pub mod socket;
 pub mod steering;

@@ -32,6 +32,10 @@ pub struct Bound {
     pub recv_buffer: usize,
     /// SO_SNDBUF granted.
     pub send_buffer: usize,
+    /// Bound to a wildcard address, the kernel reports each datagram's
+    /// local address (IP_PKTINFO / IPV6_RECVPKTINFO), so that replies can
+    /// leave from it ([`crate::net::local_addrs`]).
+    pub pktinfo: bool,
 }
 
 /// Binds a server's UDP socket at `addr`, asking for the given buffer
@@ -74,6 +78,19 @@ pub fn bind(
     if let Err(e) = batch_io::enable_rxq_ovfl(socket.as_fd()) {
         tracing::warn!("SO_RXQ_OVFL unavailable ({e}): udphub_kernel_rx_dropped_total will stay 0");
     }
+    // On a wildcard address the kernel would answer from whatever address
+    // the route picks; bound to one address, the source is right already
+    // and the datagrams carry nothing more.
+    let pktinfo = addr.ip().to_canonical().is_unspecified()
+        && match batch_io::enable_pktinfo(socket.as_fd(), addr.is_ipv6()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot learn each datagram's local address ({e}): on a host with several addresses, replies leave from whatever address the route picks; bind a specific address with --bind"
+                );
+                false
+            }
+        };
     let got_recv = socket.recv_buffer_size().unwrap_or(0);
     let got_send = socket.send_buffer_size().unwrap_or(0);
     for (name, sysctl, asked, got) in [
@@ -99,6 +116,7 @@ pub fn bind(
         local_addr,
         recv_buffer: got_recv / 2,
         send_buffer: got_send / 2,
+        pktinfo,
     })
 }
 
@@ -199,6 +217,8 @@ mod tests {
         assert_ne!(b.local_addr.port(), 0);
         assert!(b.recv_buffer >= 1 << 15);
         assert!(b.send_buffer > 0);
+        // One address: the source is right without PKTINFO.
+        assert!(!b.pktinfo);
     }
 
     #[test]

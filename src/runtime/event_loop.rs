@@ -19,7 +19,9 @@
 //!    readable again (mio's `Poll` docs, "Draining readiness") — but at most
 //!    [`MAX_BATCHES_PER_PASS`] batches, so a flood can't starve timers and
 //!    shutdown; the rest is read on the next pass, which then doesn't wait;
-//! 3. hands each datagram to the service, which admits, counts and acts;
+//! 3. hands each datagram to the service, which admits, counts and acts
+//!    (on a wildcard address, its source first tagged with the local
+//!    address it was sent to, see [`crate::net::local_addrs`]);
 //! 4. runs the service's timers;
 //! 5. flushes the counts to the metrics facade (also after every batch).
 
@@ -35,7 +37,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::error::Error;
-use crate::net::batch_io::{self, RecvBatch};
+use crate::net::batch_io::{self, RecvBatch, SourceControl};
+use crate::net::local_addrs::LocalAddrs;
 use crate::net::socket::Bound;
 use crate::runtime::metrics::Metrics;
 
@@ -113,6 +116,11 @@ fn unix_now() -> u64 {
 pub struct Io<'a> {
     /// The socket, for sending.
     pub fd: BorrowedFd<'a>,
+    /// The local addresses to send from, by tag ([`LocalAddrs::sources`]):
+    /// what every send passes on, so that each destination's datagram
+    /// leaves from the address it talks to. Empty unless the socket is
+    /// bound to a wildcard address.
+    pub sources: &'a [SourceControl],
     /// The counts to add to.
     pub counts: &'a mut Counts,
     /// When the current batch was read.
@@ -239,6 +247,10 @@ pub struct EventLoop<S> {
     shutdown: ShutdownHandle,
     /// `recvmmsg` buffers.
     recv: RecvBatch,
+    /// On a wildcard address, the local addresses clients talk to (each
+    /// datagram's source is tagged with its own); `None` when bound to one
+    /// address, which then costs nothing per datagram.
+    locals: Option<LocalAddrs>,
     /// Failed reads, across passes.
     recv_errors: RecvErrors,
     /// This loop's counts and metric handles.
@@ -274,6 +286,9 @@ impl<S: Service> EventLoop<S> {
                 waker: Arc::new(waker),
             },
             recv: RecvBatch::new(RECV_BATCH, max_datagram),
+            locals: bound
+                .pktinfo
+                .then(|| LocalAddrs::new(bound.local_addr.is_ipv6())),
             recv_errors: RecvErrors::default(),
             metrics: Metrics::register(),
             kernel_drops_seen: 0,
@@ -356,6 +371,7 @@ impl<S: Service> EventLoop<S> {
             if woken {
                 let mut io = Io {
                     fd: self.socket.as_fd(),
+                    sources: sources(&self.locals),
                     counts: &mut self.metrics.counts,
                     received_at: Instant::now(),
                     unix_secs: unix_now(),
@@ -375,6 +391,7 @@ impl<S: Service> EventLoop<S> {
             if stop {
                 let mut io = Io {
                     fd: self.socket.as_fd(),
+                    sources: sources(&self.locals),
                     counts: &mut self.metrics.counts,
                     received_at: Instant::now(),
                     unix_secs: unix_now(),
@@ -430,14 +447,30 @@ impl<S: Service> EventLoop<S> {
     fn handle_batch(&mut self, n: usize) {
         let EventLoop {
             recv,
+            locals,
             metrics,
             service,
             socket,
             kernel_drops_seen,
             ..
         } = self;
+        // On a wildcard address: each datagram's local address as a tag,
+        // first, since the sends below borrow the table.
+        let mut tags = [0u8; RECV_BATCH];
+        if let Some(locals) = locals.as_mut() {
+            for (i, tag) in tags.iter_mut().enumerate().take(n) {
+                if let Some(local) = recv.get(i).local {
+                    *tag = locals.tag(local).unwrap_or_else(|| {
+                        metrics.counts.local_addr_overflow += 1;
+                        0
+                    });
+                }
+            }
+        }
+        let tagged = locals.is_some();
         let mut io = Io {
             fd: socket.as_fd(),
+            sources: sources(locals),
             counts: &mut metrics.counts,
             received_at: Instant::now(),
             unix_secs: unix_now(),
@@ -448,9 +481,13 @@ impl<S: Service> EventLoop<S> {
             if let Some(total) = d.kernel_drops {
                 observe_kernel_drops(kernel_drops_seen, total, io.counts);
             }
+            let source = match (d.source, tagged) {
+                (Some(source), true) => Some(source.with_local(tags.get(i).copied().unwrap_or(0))),
+                (source, _) => source,
+            };
             let arrival = Arrival {
                 data: d.data,
-                source: d.source,
+                source,
                 truncated: d.truncated,
             };
             service.handle(arrival, &mut io);
@@ -473,6 +510,11 @@ impl<S: Service> EventLoop<S> {
         self.metrics
             .flush(self.service.clients(), self.service.rooms());
     }
+}
+
+/// The control messages sends attach: none without a table.
+fn sources(locals: &Option<LocalAddrs>) -> &[SourceControl] {
+    locals.as_ref().map_or(&[], LocalAddrs::sources)
 }
 
 /// Counts the growth of the kernel's cumulative (wrapping u32) drop counter.

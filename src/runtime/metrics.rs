@@ -43,6 +43,7 @@ pub struct Metrics {
     left: Counter,
     kernel_rx_dropped: Counter,
     recv_errors: Counter,
+    local_addr_overflow: Counter,
     clients: Gauge,
     /// This loop's client count at the last flush (its share of the gauge).
     clients_reported: usize,
@@ -109,6 +110,7 @@ impl Metrics {
             left: metrics::counter!("udphub_clients_left_total"),
             kernel_rx_dropped: metrics::counter!("udphub_kernel_rx_dropped_total"),
             recv_errors: metrics::counter!("udphub_recv_errors_total"),
+            local_addr_overflow: metrics::counter!("udphub_local_address_overflow_total"),
             clients: metrics::gauge!("udphub_clients"),
             clients_reported: 0,
             fanout_seconds: metrics::histogram!("udphub_fanout_duration_seconds"),
@@ -166,6 +168,7 @@ impl Metrics {
         add(&self.left, &mut c.left);
         add(&self.kernel_rx_dropped, &mut c.kernel_rx_dropped);
         add(&self.recv_errors, &mut c.recv_errors);
+        add(&self.local_addr_overflow, &mut c.local_addr_overflow);
         for s in c.fanout_seconds.drain(..) {
             self.fanout_seconds.record(s);
         }
@@ -239,6 +242,11 @@ fn describe() {
         "udphub_recv_errors_total",
         Unit::Count,
         "recvmmsg calls that failed with an error other than EAGAIN (the loop backs off and retries)."
+    );
+    describe_counter!(
+        "udphub_local_address_overflow_total",
+        Unit::Count,
+        "Bound to a wildcard address: datagrams to a local address beyond the 64 each loop tells apart; answers to them leave from whatever address the route picks."
     );
     describe_gauge!(
         "udphub_clients",

@@ -253,7 +253,7 @@ impl Service for Relay {
                 // overtaken by a later message to the same client.
                 self.replies.flush(io, &mut self.send_errors);
                 let (room, payload) = (out.room_name, out.payload);
-                let report = self.fanout.send(io.fd, payload, out.recipients);
+                let report = self.fanout.send(io.fd, io.sources, payload, out.recipients);
                 count(report, io.counts, &mut self.send_errors);
                 io.counts
                     .fanout_seconds
@@ -322,7 +322,7 @@ impl Service for Relay {
                 return;
             };
             let out = hub.relay_from_elsewhere(now, room, body);
-            let report = fanout.send(io.fd, out.payload, out.recipients);
+            let report = fanout.send(io.fd, io.sources, out.payload, out.recipients);
             count(report, io.counts, errors);
         };
         if let Some(siblings) = &mut self.siblings {
@@ -352,9 +352,12 @@ impl Service for Relay {
     /// Sends `bye` to every live client and empties the table.
     fn shutdown(&mut self, io: &mut Io<'_>) {
         let now = Instant::now();
-        let report = self
-            .fanout
-            .send(io.fd, self.hub.goodbye(), self.hub.everyone(now));
+        let report = self.fanout.send(
+            io.fd,
+            io.sources,
+            self.hub.goodbye(),
+            self.hub.everyone(now),
+        );
         tracing::info!(
             "said bye to {} client{} ({} not delivered)",
             report.delivered,

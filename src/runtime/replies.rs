@@ -1,7 +1,8 @@
 //! Replies of one batch, sent together: one `sendmmsg` for up to a
 //! batch's worth of different payloads to different destinations, instead
 //! of one syscall each. The relay's answers (`^room^`, `^denied^`,
-//! `^timeout^`) and the echo server's echoes both go this way.
+//! `^timeout^`, `^cookie^`) and the echo server's echoes both go this way,
+//! each from the local address its request was sent to.
 
 use std::ops::Range;
 
@@ -69,7 +70,7 @@ impl Replies {
             batch,
         } = self;
         fanout::deliver(queued.len(), &mut report, |i| {
-            batch.send(io.fd, bytes, &queued[i..])
+            batch.send(io.fd, io.sources, bytes, &queued[i..])
         });
         if let Some(e) = report.add_to(io.counts) {
             log.warn("sendmmsg", &e);
