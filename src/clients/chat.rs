@@ -438,12 +438,14 @@ impl Session {
                             )));
                         }
                         if let Some(cookie) = data.strip_prefix(protocol::COOKIE) {
-                            // Verify mode: a renewed cookie, or the relay
-                            // does not know us (it restarted, or expired
-                            // us): prove and rejoin either way.
+                            // Verify mode: a renewed cookie (prove we are
+                            // here), or the relay does not know us (it
+                            // restarted, or expired us): prove and rejoin.
                             link.keep(cookie);
-                            let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
-                            if !link.renewing.swap(false, Ordering::Relaxed) {
+                            if link.renewing.swap(false, Ordering::Relaxed) {
+                                let _ = answer.send_to(&Link::proven(cookie, b""), dest);
+                            } else {
+                                let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
                                 show(Incoming::Notice(format!(
                                     "the relay at {dest} asked again who we are; answered"
                                 )));

@@ -455,12 +455,17 @@ impl Hub {
         } else {
             None
         };
+        // Admission let this through, so it proves liveness: a `^join^`
+        // outside verify mode, or one with the cookie in it. A member is
+        // refreshed even when the move is refused (a proven join with a
+        // token that has since expired still shows the member is there;
+        // tokens are checked on joining, not while one stays).
+        if let Some(key) = client {
+            self.table.refresh(key, tick, source.local());
+        }
         if refusal.is_none() {
-            // Admission let this through, so it proves liveness: a
-            // `^join^` outside verify mode, or one with the cookie in it.
             let moved = match client {
                 Some(key) => {
-                    self.table.refresh(key, tick, source.local());
                     if already_there {
                         Ok(())
                     } else {
@@ -959,6 +964,37 @@ mod tests {
             },
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn a_proven_join_with_an_expired_token_still_proves_the_member_alive() {
+        // Tokens are checked on joining, not while one stays: a member whose
+        // token expired since, re-sending its proven join, is refused the
+        // join (it is already in) but is still alive, and stays in its room.
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(1_000),
+            room_secret: Some(secret()),
+            cookie_key: Some(key.clone()),
+            ..config()
+        });
+        f.t0 = t0;
+        f.hub.set_unix_time(1_000);
+        let c = verified(&mut f, &key, 1, 0);
+        let join = [&c[..], b"^join^vip^", &token("vip", 1_001, None)[..]].concat();
+        assert_eq!(f.at(0, from(1, &join)).unwrap().0, b"^room^vip");
+        f.hub.set_unix_time(2_000);
+        for step in 1..=10u64 {
+            let (reply, _) = f.at(step * 300, from(1, &join)).unwrap();
+            assert_eq!(reply, b"^denied^token");
+            f.hub
+                .expire(t0 + Duration::from_millis(step * 300), 1_000, &mut f.counts);
+        }
+        assert_eq!(f.counts.expired, 0);
+        verified(&mut f, &key, 2, 2_900);
+        let (_, to) = f.at(3_000, from(1, b"still in vip")).unwrap();
+        assert_eq!(to, vec![1], "not the lobby's member");
     }
 
     #[test]
