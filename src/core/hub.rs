@@ -945,6 +945,50 @@ mod tests {
         assert_eq!(f.counts.dropped[DropReason::BadCookie as usize], 1);
     }
 
+    /// `udphub chat` in a room heartbeats with `^cookie^C^join^ROOM…` (a
+    /// proof that also brings it back into its room if the relay forgot
+    /// it). A spoofer spending the member's rate budget with messages in
+    /// its name must not get those heartbeats refused, or the member
+    /// expires: re-joining one's own room with the cookie is a heartbeat.
+    #[test]
+    fn in_verify_mode_a_spoofer_cannot_rate_limit_a_proven_rejoin_of_ones_own_room() {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(1_000),
+            cookie_key: Some(key.clone()),
+            client_rate: Some((10.0, 20.0)),
+            ..config()
+        });
+        f.t0 = t0;
+        let c1 = verified(&mut f, &key, 1, 0);
+        let beat = [&c1[..], b"^join^red"].concat();
+        assert_eq!(f.at(0, from(1, &beat)).unwrap().0, b"^room^red");
+        for step in 1..=30u64 {
+            let ms = step * 100;
+            // The spoofer: 50 messages per 100 ms in the member's name.
+            for _ in 0..50 {
+                f.at(ms, from(1, b"forged"));
+            }
+            if step % 3 == 0 {
+                f.at(ms, from(1, &beat));
+            }
+            f.hub
+                .expire(t0 + Duration::from_millis(ms), 1_000, &mut f.counts);
+        }
+        assert_eq!(
+            f.counts.expired, 0,
+            "the member heartbeating with its cookie stays"
+        );
+        assert_eq!(f.hub.clients(), 1);
+        // A move to another room is still rate-limited.
+        let moving = [&c1[..], b"^join^blue"].concat();
+        for _ in 0..50 {
+            f.at(3_000, from(1, b"forged"));
+        }
+        assert_eq!(f.at(3_000, from(1, &moving)), None);
+    }
+
     fn secret() -> RoomSecret {
         RoomSecret::new(vec![b'k'; 32]).unwrap()
     }
