@@ -1005,6 +1005,39 @@ mod tests {
         .into_bytes()
     }
 
+    /// `udphub chat` in verify mode heartbeats with
+    /// `^cookie^C^join^ROOM^TOKEN`, so once the token's `exp` passes its
+    /// heartbeats are refused (`^denied^token`) and it expires, while the
+    /// same chat without verify mode (`^hb^`) stays: a token's expiry
+    /// ends a membership in one mode and not the other.
+    #[test]
+    #[ignore = "review finding: needs a decision (does a token's exp end a membership?)"]
+    fn in_verify_mode_a_member_outlives_its_tokens_expiry_as_without() {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_millis(1_000),
+            cookie_key: Some(key.clone()),
+            room_secret: Some(secret()),
+            ..config()
+        });
+        f.t0 = t0;
+        f.hub.set_unix_time(1_000);
+        let cookie = [&b"^cookie^"[..], &key.make(&addr(1), t0)].concat();
+        let beat = [&cookie[..], b"^join^vip^", &token("vip", 1_001, None)].concat();
+        assert_eq!(f.at(0, from(1, &beat)).unwrap().0, b"^room^vip");
+        f.hub.set_unix_time(1_100);
+        for step in 1..=10u64 {
+            f.at(step * 300, from(1, &beat));
+            f.hub
+                .expire(t0 + Duration::from_millis(step * 300), 1_000, &mut f.counts);
+        }
+        assert_eq!(
+            f.counts.expired, 0,
+            "the member heartbeating with its cookie stays"
+        );
+    }
+
     #[test]
     fn with_a_secret_named_rooms_need_a_valid_token() {
         let mut f = Fixture::new(HubConfig {
