@@ -316,16 +316,22 @@ impl Admission {
         if let (Some(key), Some((per_tick, burst))) = (client, self.client_rate) {
             // Charged always; but a proven heartbeat or quit is never
             // refused for it, or a spoofer spending a member's budget in
-            // its name could have it expire.
+            // its name could have it expire. A proven join of the room the
+            // member is in is a heartbeat too (`udphub chat` in a room
+            // heartbeats that way, to be brought back if forgotten).
             let exempt = self.verify.is_some()
                 && proves_liveness
-                && matches!(
-                    kind,
+                && match kind {
                     Kind::Cookie {
                         then: protocol::Proven::Register | protocol::Proven::Quit,
                         ..
-                    }
-                );
+                    } => true,
+                    Kind::Cookie {
+                        then: protocol::Proven::Join { room: name, .. },
+                        ..
+                    } => table.rooms().name(room) == name,
+                    _ => false,
+                };
             if !table.charge(key, when.tick, per_tick, burst) && !exempt {
                 return Verdict::Drop(DropReason::RateLimited);
             }

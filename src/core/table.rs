@@ -226,8 +226,13 @@ impl Table {
             return true;
         };
         let ticks = ticks_since(now, c.charged);
+        // A full bucket owes nothing to the past: its clock restarts now.
+        // (After a reload turned rate limits on, `charged` may be from
+        // the client's join, 2^31 ticks or more ago: read as "ahead", it
+        // would refill nothing until the ticks wrapped around again.)
+        let full = c.tokens >= burst;
         c.tokens = (c.tokens + ticks as f32 * per_tick).min(burst);
-        if ticks > 0 {
+        if ticks > 0 || full {
             c.charged = now as u32;
         }
         if c.tokens >= 1.0 {
@@ -559,6 +564,22 @@ mod tests {
         assert!(!t.remove(&addr(1)));
         assert!(t.is_empty());
         assert_eq!(t.recipients(LOBBY, 102, None).count(), 0);
+    }
+
+    /// Rate limits turned on by a reload, for a client that joined 2^31
+    /// ticks or more before: its bucket refills from the reload on.
+    #[test]
+    fn a_bucket_filled_long_after_the_join_refills() {
+        let mut t = Table::new(5);
+        let j = t.insert(addr(1), 0);
+        let later = (1u64 << 31) + 10;
+        t.refresh(j.key, later, 0);
+        t.set_burst(2.0);
+        t.fill_buckets();
+        assert!(t.charge(j.key, later, 1.0, 2.0));
+        assert!(t.charge(j.key, later, 1.0, 2.0));
+        assert!(!t.charge(j.key, later, 1.0, 2.0), "the burst is spent");
+        assert!(t.charge(j.key, later + 100, 1.0, 2.0), "and refills");
     }
 
     #[test]
