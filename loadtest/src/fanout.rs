@@ -169,8 +169,12 @@ pub struct Engine {
     next_sender: usize,
 }
 
-/// How old a cookie may get before a client asks for a fresh one.
-const COOKIE_RENEW: Duration = Duration::from_secs(60);
+/// How old a cookie may get before a client asks for a fresh one with a
+/// `^hello^`. The relay renews a cookie by itself, answering a proven
+/// heartbeat that carries last epoch's cookie with a fresh one (kept when it
+/// arrives); this is the fallback should those answers be lost (cookies last
+/// two to four minutes).
+const COOKIE_RENEW: Duration = Duration::from_secs(100);
 
 fn histogram() -> Histogram<u64> {
     // 1 µs .. 100 s in nanoseconds, 3 significant digits.
@@ -362,8 +366,9 @@ impl Engine {
     }
 
     /// Client `i`'s heartbeat: `^hb^`, or in verify mode `^cookie^C` (the
-    /// member's proof of life, which keeps it in its room), or a 64-byte
-    /// `^hello^` when its cookie is a minute old (cookies last 2-4).
+    /// member's proof of life, which keeps it in its room, and which the
+    /// relay answers with a fresh cookie when it is due), or a 64-byte
+    /// `^hello^` if no fresh cookie came for [`COOKIE_RENEW`].
     fn heartbeat_of(&self, i: usize) -> Vec<u8> {
         if !self.verify {
             return b"^hb^".to_vec();

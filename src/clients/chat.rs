@@ -92,9 +92,6 @@ pub(crate) struct Link {
     /// Verify mode: what follows `^cookie^C` to register again (a room's
     /// `^join^…`, or nothing for the lobby) if the relay asks anew.
     rejoin: Vec<u8>,
-    /// Verify mode: a `^hello^` to renew the cookie is out, so the cookie
-    /// that answers it is routine, not news for the user.
-    renewing: AtomicBool,
 }
 
 impl Link {
@@ -113,32 +110,19 @@ impl Link {
             unreachable: AtomicBool::new(false),
             cookie: std::sync::Mutex::new(cookie.map(|c| (c, Instant::now()))),
             rejoin,
-            renewing: AtomicBool::new(false),
         })
     }
 
-    /// Verify mode: the next heartbeat. With a cookie younger than
-    /// [`COOKIE_RENEW`], `^cookie^C` and what rejoins our room (proof of
-    /// life, which also brings us back into the room if the relay forgot
-    /// us); with an older one, a `^hello^` asking for a fresh cookie, which
-    /// the receiver answers with that proof. Both padded to 64 bytes, so a
-    /// relay that does not know the cookie (it restarted) answers with a
-    /// new one.
-    fn proven_heartbeat(&self) -> Vec<u8> {
-        let held = self.cookie.lock().ok().and_then(|c| c.clone());
-        let mut beat = match held {
-            Some((cookie, at)) if at.elapsed() < COOKIE_RENEW => {
-                Link::proven(&cookie, &self.rejoin)
-            }
-            _ => {
-                self.renewing.store(true, Ordering::Relaxed);
-                protocol::HELLO.to_vec()
-            }
-        };
-        if beat.len() < protocol::HELLO_LEN {
-            beat.resize(protocol::HELLO_LEN, b' ');
-        }
-        beat
+    /// Verify mode: the next heartbeat, `^cookie^C` padded to 64 bytes: the
+    /// proof of life that keeps us in our room. The relay answers it with a
+    /// fresh cookie when ours is from its last epoch (so it never ages
+    /// out), and with a new one when it does not know ours (it restarted,
+    /// or expired us); the receiver keeps either and proves itself again.
+    fn proven_heartbeat(&self) -> Option<Vec<u8>> {
+        let (cookie, _) = self.cookie.lock().ok().and_then(|c| c.clone())?;
+        let mut beat = Link::proven(&cookie, b"");
+        beat.resize(beat.len().max(protocol::HELLO_LEN), b' ');
+        Some(beat)
     }
 
     /// The cookie, if it is fresh enough to prove something now (cookies
@@ -168,11 +152,6 @@ impl Link {
         [protocol::COOKIE, cookie, then].concat()
     }
 }
-
-/// How old a cookie may get before chat asks for a fresh one. A cookie is
-/// good for at least two minutes; one minute leaves a heartbeat or two of
-/// margin.
-const COOKIE_RENEW: Duration = Duration::from_secs(60);
 
 /// A heartbeat that asks the relay's timeout, padded to 64 bytes so any
 /// answer fits — `^timeout^MS`, or in verify mode (for a client the relay
@@ -317,9 +296,8 @@ impl Session {
                     // plain heartbeat could be anyone's). Otherwise, while
                     // nothing listens, ask a question a relay answers, so
                     // the user hears as soon as it is back.
-                    let proven;
-                    let beat = if link.verified() {
-                        proven = link.proven_heartbeat();
+                    let proven = link.proven_heartbeat();
+                    let beat = if let Some(proven) = &proven {
                         &proven[..]
                     } else if link.unreachable.load(Ordering::Relaxed) {
                         &probe[..]
@@ -438,18 +416,13 @@ impl Session {
                             )));
                         }
                         if let Some(cookie) = data.strip_prefix(protocol::COOKIE) {
-                            // Verify mode: a renewed cookie (prove we are
-                            // here), or the relay does not know us (it
-                            // restarted, or expired us): prove and rejoin.
+                            // Verify mode: a renewed cookie, or the relay
+                            // does not know us (it restarted, or expired
+                            // us). Either way, prove and rejoin: for a
+                            // member that is a join of its own room,
+                            // answered with the room and nothing more.
                             link.keep(cookie);
-                            if link.renewing.swap(false, Ordering::Relaxed) {
-                                let _ = answer.send_to(&Link::proven(cookie, b""), dest);
-                            } else {
-                                let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
-                                show(Incoming::Notice(format!(
-                                    "the relay at {dest} asked again who we are; answered"
-                                )));
-                            }
+                            let _ = answer.send_to(&Link::proven(cookie, &link.rejoin), dest);
                             continue;
                         }
                         if data.starts_with(protocol::ROOM_REPLY) {

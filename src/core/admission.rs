@@ -72,6 +72,9 @@ pub struct Admitted<'a> {
     /// verify mode; in verify mode only with the sender's cookie, so that
     /// an off-path spoofer cannot keep a silent member alive.
     pub proves_liveness: bool,
+    /// Verify mode: it carried a good cookie of the last epoch, which ages
+    /// out at the next: the member is due a fresh one.
+    pub cookie_aging: bool,
 }
 
 /// What admission decided.
@@ -274,11 +277,14 @@ impl Admission {
             None => (None, LOBBY),
         };
         let mut proves_liveness = true;
+        let mut cookie_aging = false;
         if let Some(verify) = &mut self.verify {
-            let proven = match kind {
-                Kind::Cookie { cookie, .. } => verify.key.check(cookie, &source, when.at),
-                _ => false,
+            let age = match kind {
+                Kind::Cookie { cookie, .. } => verify.key.check_age(cookie, &source, when.at),
+                _ => None,
             };
+            let proven = age.is_some();
+            cookie_aging = age == Some(crate::core::cookie::CookieAge::Aging);
             let bad_cookie = matches!(kind, Kind::Cookie { .. }) && !proven;
             if (client.is_none() && !proven) || bad_cookie {
                 // Nothing registers without a cookie, and a wrong or stale
@@ -375,6 +381,7 @@ impl Admission {
             kind,
             client,
             proves_liveness,
+            cookie_aging,
         })
     }
 }

@@ -88,20 +88,43 @@ impl CookieKey {
 
     /// Whether `cookie` was made for `addr` in this epoch or the last one.
     pub fn check(&self, cookie: &[u8], addr: &RawAddr, now: Instant) -> bool {
+        self.check_age(cookie, addr, now).is_some()
+    }
+
+    /// Like [`check`](Self::check), saying which epoch: `Some(Fresh)` for
+    /// this one, `Some(Aging)` for the last one (good, but due for renewal:
+    /// it ages out at the next epoch), `None` if it proves nothing.
+    pub fn check_age(&self, cookie: &[u8], addr: &RawAddr, now: Instant) -> Option<CookieAge> {
         if cookie.len() != COOKIE_LEN {
-            return false;
+            return None;
         }
         let mut tag = [0u8; TAG_LEN + 2];
         let Ok(TAG_LEN) = URL_SAFE_NO_PAD.decode_slice(cookie, &mut tag) else {
-            return false;
+            return None;
         };
         let epoch = self.epoch(now);
-        [epoch, epoch.saturating_sub(1)].iter().any(|&e| {
+        let made_in = |e: u64| {
             self.mac(e, addr)
                 .verify_truncated_left(&tag[..TAG_LEN])
                 .is_ok()
-        })
+        };
+        if made_in(epoch) {
+            Some(CookieAge::Fresh)
+        } else if epoch > 0 && made_in(epoch - 1) {
+            Some(CookieAge::Aging)
+        } else {
+            None
+        }
     }
+}
+
+/// How old a good cookie is (see [`CookieKey::check_age`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieAge {
+    /// Made in this epoch.
+    Fresh,
+    /// Made in the last epoch: still good, gone at the next.
+    Aging,
 }
 
 #[cfg(test)]
@@ -124,6 +147,11 @@ mod tests {
         let c = key.make(&a, at(1_000));
         assert!(key.check(&c, &a, at(1_000)));
         assert!(key.check(&c, &a, at(1_000 + EPOCH_SECS)), "previous epoch");
+        assert_eq!(key.check_age(&c, &a, at(1_000)), Some(CookieAge::Fresh));
+        assert_eq!(
+            key.check_age(&c, &a, at(1_000 + EPOCH_SECS)),
+            Some(CookieAge::Aging)
+        );
         assert!(!key.check(&c, &a, at(1_000 + 2 * EPOCH_SECS)), "too old");
         assert!(
             !key.check(&c, &addr("127.0.0.1:5001"), at(1_000)),

@@ -260,6 +260,7 @@ impl Hub {
             kind,
             client,
             proves_liveness: proves,
+            cookie_aging,
         } = admitted;
         // Verify mode: admission has checked the cookie, so a proven
         // request is simply that request.
@@ -275,6 +276,14 @@ impl Hub {
             Kind::Heartbeat => {
                 counts.heartbeats += 1;
                 self.join_or_refresh(source, client, tick, proves, counts);
+                if cookie_aging && client.is_some() {
+                    // A member's proven heartbeat with last epoch's cookie:
+                    // the fresh one rides on the answer (as long as the
+                    // heartbeat, so no amplification), so a member renews
+                    // by heartbeating, with no `^hello^` a spoofer could
+                    // get rate-limited in its name.
+                    return self.send_cookie(Some(source), arrival.data.len(), now);
+                }
                 Effect::Nothing
             }
             Kind::TimeoutQuery => {
@@ -431,8 +440,9 @@ impl Hub {
     /// no longer than the request (`asked` bytes), and each from what the
     /// move actually did: a cap another loop filled since the check is a
     /// `^denied^full`, never a `^room^` for a room the sender is not in.
-    /// Joining the room one is already in is always `^room^ROOM` (an honest
-    /// retry after a lost answer must not be told the room is full).
+    /// Joining the room one is already in is always `^room^ROOM`, full or
+    /// not, its token expired or not (an honest retry after a lost answer
+    /// must not be told otherwise; tokens are checked on joining).
     #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
@@ -447,7 +457,11 @@ impl Hub {
         let already_there = client
             .and_then(|key| self.table.get(key))
             .is_some_and(|c| self.table.rooms().name(c.room) == name);
-        let mut refusal = if !name.is_empty() && !rooms::valid_name(name) {
+        let mut refusal = if already_there {
+            // Where it is already: nothing to check (tokens are checked on
+            // joining, not while one stays; the room's cap counts it).
+            None
+        } else if !name.is_empty() && !rooms::valid_name(name) {
             Some(Refusal::Name)
         } else if let Err(why) = self.check_token(name, token) {
             tracing::debug!("{source}: join refused: token {why}");
@@ -1010,13 +1024,11 @@ mod tests {
         .into_bytes()
     }
 
-    /// `udphub chat` in verify mode heartbeats with
-    /// `^cookie^C^join^ROOM^TOKEN`, so once the token's `exp` passes its
-    /// heartbeats are refused (`^denied^token`) and it expires, while the
-    /// same chat without verify mode (`^hb^`) stays: a token's expiry
-    /// ends a membership in one mode and not the other.
+    /// A client heartbeating with `^cookie^C^join^ROOM^TOKEN` (as chat did
+    /// in a room) stays after the token's `exp`, as one heartbeating `^hb^`
+    /// without verify mode does: tokens are checked on joining, in both
+    /// modes (found in review: the membership used to end with the token).
     #[test]
-    #[ignore = "review finding: needs a decision (does a token's exp end a membership?)"]
     fn in_verify_mode_a_member_outlives_its_tokens_expiry_as_without() {
         let t0 = Instant::now();
         let key = CookieKey::new([4; 32], t0);
@@ -1044,10 +1056,45 @@ mod tests {
     }
 
     #[test]
+    fn a_proven_heartbeat_with_last_epochs_cookie_is_answered_with_a_fresh_one() {
+        // Renewal rides on the proven heartbeat (never rate-limited), not on
+        // a `^hello^` a spoofer could get refused in the member's name.
+        use crate::core::cookie::EPOCH_SECS;
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            timeout: Duration::from_secs(600),
+            cookie_key: Some(key.clone()),
+            client_rate: Some((1.0, 1.0)),
+            ..config()
+        });
+        f.t0 = t0;
+        let old = verified(&mut f, &key, 1, 0);
+        assert_eq!(
+            f.at(1_000, from(1, &old)),
+            None,
+            "this epoch's: nothing to say"
+        );
+        let next = EPOCH_SECS * 1_000 + 500;
+        let (reply, to) = f.at(next, from(1, &old)).unwrap();
+        assert_eq!(to, vec![1]);
+        assert_eq!(reply.len(), old.len(), "no longer than the heartbeat");
+        let fresh = reply.clone();
+        assert_ne!(fresh, old);
+        assert_eq!(f.at(next + 1, from(1, &fresh)), None);
+        // Two epochs on, the old one proves nothing; the fresh one still does.
+        let later = 2 * EPOCH_SECS * 1_000 + 500;
+        assert_eq!(f.at(later, from(1, &old)), None);
+        assert_eq!(f.counts.dropped[DropReason::BadCookie as usize], 1);
+        let (renewed, _) = f.at(later, from(1, &fresh)).unwrap();
+        assert!(renewed.starts_with(b"^cookie^"));
+    }
+
+    #[test]
     fn a_proven_join_with_an_expired_token_still_proves_the_member_alive() {
         // Tokens are checked on joining, not while one stays: a member whose
-        // token expired since, re-sending its proven join, is refused the
-        // join (it is already in) but is still alive, and stays in its room.
+        // token expired since, re-sending its proven join, is answered with
+        // its room (it is in it), is still alive, and stays.
         let t0 = Instant::now();
         let key = CookieKey::new([4; 32], t0);
         let mut f = Fixture::new(HubConfig {
@@ -1064,7 +1111,7 @@ mod tests {
         f.hub.set_unix_time(2_000);
         for step in 1..=10u64 {
             let (reply, _) = f.at(step * 300, from(1, &join)).unwrap();
-            assert_eq!(reply, b"^denied^token");
+            assert_eq!(reply, b"^room^vip");
             f.hub
                 .expire(t0 + Duration::from_millis(step * 300), 1_000, &mut f.counts);
         }
