@@ -48,6 +48,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod net;
 pub mod runtime;
+pub mod servers;
 
 pub use cli::config::Config;
 pub use error::Error;

@@ -33,7 +33,7 @@ pub enum Command {
     /// Relay datagrams between clients (the chat server).
     Serve(Box<ServeArgs>),
     /// Send every datagram back to its sender (an echo server); with --tcp, seed 001's TCP echo.
-    Echo(crate::clients::echo::EchoArgs),
+    Echo(crate::servers::echo::EchoArgs),
     /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).
     Chat(crate::clients::chat::ChatArgs),
     /// Send one datagram and print the replies.
@@ -73,7 +73,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         }
         Command::Echo(args) => {
             init_logging(&args.log_level, args.log_format)?;
-            crate::clients::echo::run(&args).map(|()| Exit::Done)
+            crate::servers::echo::run(&args).map(|()| Exit::Done)
         }
         Command::Token(args) => token::run(&args).map(|()| Exit::Done),
         Command::Completions { shell } => {

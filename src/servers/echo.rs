@@ -6,7 +6,7 @@
 //! Every datagram is sent back to its sender (ASCII-upper-cased with
 //! `--upper`, like Python's `bytes.upper()`). Unlike seed 004, `quit` is
 //! echoed, not obeyed: no datagram from the network may stop a server.
-//! With `--tcp`, seed 001's TCP server instead ([`crate::clients::tcp_echo`]).
+//! With `--tcp`, seed 001's TCP server instead ([`crate::servers::tcp_echo`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
-use crate::clients::tcp_echo;
+use crate::servers::tcp_echo;
 use crate::core::admission::{Admission, Arrival};
 use crate::error::Error;
 use crate::net::socket;
