@@ -168,7 +168,7 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         tracing::info!("metrics on http://{addr}/metrics");
     }
     if let Some(path) = &args.ready_file {
-        supervisor::write_ready_file(path, bound.local_addr, metrics)?;
+        supervisor::write_ready_file(path, "udp", bound.local_addr, metrics)?;
     }
     let server = EventLoop::new(
         bound,
