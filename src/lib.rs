@@ -42,6 +42,7 @@
 pub mod cli;
 pub mod clients;
 pub mod cluster;
+pub mod config;
 pub mod core;
 pub mod error;
 #[doc(hidden)]
@@ -50,7 +51,7 @@ pub mod net;
 pub mod runtime;
 pub mod servers;
 
-pub use cli::config::Config;
+pub use config::Config;
 pub use error::Error;
 pub use runtime::relay::{bind, Relay, RelayLoop};
 pub use runtime::supervisor::serve;

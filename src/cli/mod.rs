@@ -1,17 +1,14 @@
-//! The `udphub` command line: subcommands, logging set-up, and turning a
-//! clap error into one line; [`config`] resolves `serve`'s settings.
+//! The `udphub` command line: subcommands, and turning a clap error into
+//! one line. `serve`'s settings are [`crate::config`]'s.
 
 use clap::{Parser, Subcommand};
 
-pub mod config;
-pub mod logging;
 pub mod token;
 
-pub use logging::{init_logging, log_filter, LogFormat};
-
-use crate::cli::config::{Config, ServeArgs};
 use crate::clients::send::Sent;
+use crate::config::{Config, ServeArgs};
 use crate::error::Error;
+use crate::runtime::logging::init_logging;
 
 /// udphub: a fast, observable UDP group-chat relay.
 #[derive(Debug, Parser)]

@@ -23,7 +23,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::cli::config::{Config, ServeArgs};
+use crate::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
 use crate::runtime::reload::{self, ReloadSender};
@@ -48,7 +48,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     // must mean a graceful shutdown, not the default kill.
     let mut supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
-    let metrics = config.metrics.map(exporter::start).transpose()?;
+    let metrics = config.metrics.addr().map(exporter::start).transpose()?;
     let (mut relays, claim) = relay::bind_claimed(&config)?;
     let mut address = AddressWatch::new(claim);
     // A lone socket (no SO_REUSEPORT) shares its address with nobody: the
@@ -146,7 +146,7 @@ fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
     // Last, so that the lines above are logged at the level they were
     // asked at.
     if plan.log_level_changed(running) {
-        match crate::cli::logging::set_log_level(&plan.config.log_level) {
+        match crate::runtime::logging::set_log_level(&plan.config.log_level) {
             Ok(Some(note)) => tracing::warn!("{note}"),
             Ok(None) => {}
             Err(e) => tracing::error!("reload: {e}"),
