@@ -312,7 +312,8 @@ declare_settings! {
             reload: Restart,
         }
         /// With `--cluster`: a NATS credentials file (`.creds`), if the
-        /// servers require one (never on the command line).
+        /// servers require one (the credentials stay in the file, never on
+        /// the command line).
         cluster_credentials: PathBuf {
             env: "UDPHUB_CLUSTER_CREDENTIALS",
             value: "FILE",
