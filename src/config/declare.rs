@@ -1,4 +1,4 @@
-//! How a setting is declared. [`declare_settings!`] turns one declaration
+//! How a setting is declared. `declare_settings!` turns one declaration
 //! per setting — its name, type, flag value name and parser, environment
 //! variable, default, check, whether a reload may change it, and its doc
 //! comment as the help — into everything that used to be written out per

@@ -11,7 +11,7 @@
 //! - [`declare`]: what a declaration turns into (the macro).
 //! - [`values`]: the settings' types and their parsers (one per type, shared
 //!   by flag, environment and file).
-//! - [`file`]: reading the `--config` file and the room secret file, with
+//! - [`file`](mod@file): reading the `--config` file and the room secret file, with
 //!   errors that name the line, the key and what was expected.
 //! - [`validate`]: each setting's check and the rules between settings.
 //! - [`summary`]: `--check-config`'s line and the docs' settings table.

@@ -189,9 +189,7 @@ mod tests {
             .unwrap_err()
             .contains("between 1 and 64"));
         assert!(threads(&Threads::Auto).is_ok());
-        assert!(log_level("loud")
-            .unwrap_err()
-            .starts_with("\"loud\": "));
+        assert!(log_level("loud").unwrap_err().starts_with("\"loud\": "));
     }
 
     #[test]
