@@ -13,27 +13,36 @@
 //!
 //! # Layout
 //!
-//! The folders are the layers; data flows down the list and back out
-//! through `net`.
+//! The folders are the layers, and imports point one way: core ← net ←
+//! runtime ← programs (`clients`, `servers`, `cli`), with `config` below
+//! the runtime (docs/ARCHITECTURE.md's layer table, which
+//! `tests/layers.rs` checks every `crate::` path against).
 //!
-//! - [`cli`]: the `udphub` command line, and [`cli::config`]: flags,
-//!   environment, TOML file, defaults, validation.
-//! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
-//!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
-//!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
-//!   service that executes the hub's effects), [`runtime::metrics`],
-//!   [`runtime::exporter`] and [`runtime::watch`] (no stranger on the
-//!   relay's address).
+//! - [`error`]: the typed start-up error.
 //! - [`core`]: no I/O — [`core::admission`] (every drop reason),
 //!   [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
-//!   [`core::addr`], [`core::counts`].
+//!   [`core::addr`], [`core::counts`], [`core::cookie`], [`core::token`],
+//!   [`core::limits`], `core::census`.
 //! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
 //!   the only `unsafe` code), [`net::fanout`], [`net::socket`] (one
 //!   socket, or the loops' group), [`net::steering`] (which loop a source
-//!   goes to), [`net::holders`] (who else holds an address).
-//! - [`clients`]: `chat`, `chat --lan`, `send`, and the `echo` server.
-//! - [`error`]: the typed start-up error.
+//!   goes to), [`net::holders`] (who else holds an address),
+//!   [`net::local_addrs`] (which local address a client talks to).
+//! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
+//!   each one once (where a new setting goes); flags, environment, the
+//!   TOML file, defaults, checks, reload and the docs table follow.
+//! - [`cluster`]: relays sharing rooms over NATS.
+//! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
+//!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
+//!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
+//!   service that executes the hub's effects), [`runtime::shards`]
+//!   (several loops on one port), [`runtime::reload`], [`runtime::logging`],
+//!   [`runtime::metrics`], [`runtime::exporter`] and [`runtime::watch`]
+//!   (no stranger on the relay's address).
+//! - [`clients`]: `chat`, `chat --lan`, `send`.
+//! - [`servers`]: `echo` and `echo --tcp`, the seeds' echo servers.
+//! - [`cli`]: the `udphub` command line, which runs all of the above.
 //! - `fuzzing`: the entry points `fuzz/` and the corpus-replay test run.
 
 #![deny(missing_docs, rust_2018_idioms, unsafe_code)]
@@ -42,14 +51,16 @@
 pub mod cli;
 pub mod clients;
 pub mod cluster;
+pub mod config;
 pub mod core;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod net;
 pub mod runtime;
+pub mod servers;
 
-pub use cli::config::Config;
+pub use config::Config;
 pub use error::Error;
 pub use runtime::relay::{bind, Relay, RelayLoop};
 pub use runtime::supervisor::serve;

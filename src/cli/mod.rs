@@ -1,17 +1,14 @@
-//! The `udphub` command line: subcommands, logging set-up, and turning a
-//! clap error into one line; [`config`] resolves `serve`'s settings.
+//! The `udphub` command line: subcommands, and turning a clap error into
+//! one line. `serve`'s settings are [`crate::config`]'s.
 
 use clap::{Parser, Subcommand};
 
-pub mod config;
-pub mod logging;
 pub mod token;
 
-pub use logging::{init_logging, log_filter, LogFormat};
-
-use crate::cli::config::{Config, ServeArgs};
 use crate::clients::send::Sent;
+use crate::config::{Config, ServeArgs};
 use crate::error::Error;
+use crate::runtime::logging::init_logging;
 
 /// udphub: a fast, observable UDP group-chat relay.
 #[derive(Debug, Parser)]
@@ -33,7 +30,7 @@ pub enum Command {
     /// Relay datagrams between clients (the chat server).
     Serve(Box<ServeArgs>),
     /// Send every datagram back to its sender (an echo server); with --tcp, seed 001's TCP echo.
-    Echo(crate::clients::echo::EchoArgs),
+    Echo(crate::servers::echo::EchoArgs),
     /// Chat through a relay from a terminal or a pipe (or a LAN room with --lan).
     Chat(crate::clients::chat::ChatArgs),
     /// Send one datagram and print the replies.
@@ -73,7 +70,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         }
         Command::Echo(args) => {
             init_logging(&args.log_level, args.log_format)?;
-            crate::clients::echo::run(&args).map(|()| Exit::Done)
+            crate::servers::echo::run(&args).map(|()| Exit::Done)
         }
         Command::Token(args) => token::run(&args).map(|()| Exit::Done),
         Command::Completions { shell } => {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 
-use crate::cli::config::{parse_duration, read_secret};
+use crate::config::{parse_duration, read_secret};
 use crate::core::rooms;
 use crate::core::token::{self, Claims};
 use crate::error::Error;

@@ -21,8 +21,8 @@ use clap::Args;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter as _;
 
-use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::clients::room::{RoomArgs, JOIN_WAIT};
+use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::core::protocol;
 use crate::error::Error;
 
@@ -258,8 +258,7 @@ const PROBE_WAIT: Duration = Duration::from_millis(500);
 /// Resolves `--server` (`host:port` or an address literal) to its first
 /// address, saying which part is wrong if it can't.
 pub(crate) fn resolve(spec: &str) -> Result<SocketAddr, Error> {
-    crate::cli::config::parse_addr(spec, 9999)
-        .map_err(|why| Error::Config(format!("--server: {why}")))
+    crate::config::parse_addr(spec, 9999).map_err(|why| Error::Config(format!("--server: {why}")))
 }
 
 impl Session {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::cli::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::clients::chat::resolve;
 use crate::clients::room::{self, RoomArgs};
+use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::error::Error;
 
 /// `udphub send` flags.

@@ -24,7 +24,6 @@ pub mod frame;
 pub mod interest;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -34,34 +33,13 @@ use metrics::Counter;
 
 use crate::error::Error;
 
+/// `--cluster` and friends, resolved (the configuration owns them).
+pub use crate::config::ClusterConfig;
+
 /// Messages waiting for the bridge to publish; a full queue drops.
 pub const PUBLISH_QUEUE: usize = 65_536;
 /// Messages from the bus waiting for the loop; a full queue drops.
 pub const INBOUND_QUEUE: usize = 65_536;
-
-/// `--cluster` and friends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    /// NATS servers (`nats://host:port`), tried in turn.
-    pub servers: Vec<String>,
-    /// Subject prefix: relays with the same name share rooms.
-    pub name: String,
-    /// This node's name on the bus (the NATS connection name).
-    pub node_id: String,
-    /// A NATS credentials file, if the servers need one.
-    pub credentials: Option<PathBuf>,
-}
-
-/// Whether `name` is usable as a subject prefix: NATS tokens, no wildcards.
-pub fn valid_cluster_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
-}
 
 /// The subject of a room (the empty name is the lobby). Room names may
 /// hold `.`, which separates NATS tokens: it is written `~2E` (`~` is
@@ -384,14 +362,5 @@ mod tests {
         assert_eq!(subject("eu.chat", b"a.b:c-d_e"), "eu.chat.room.a~2Eb:c-d_e");
         // A room called "lobby" is not the lobby.
         assert_ne!(subject("u", b"lobby"), subject("u", b""));
-    }
-
-    #[test]
-    fn cluster_names_are_checked() {
-        assert!(valid_cluster_name("udphub"));
-        assert!(valid_cluster_name("eu-west.chat_1"));
-        for bad in ["", "a..b", "a.*", "a >", "x.", &"x".repeat(65)] {
-            assert!(!valid_cluster_name(bad), "{bad:?}");
-        }
     }
 }

@@ -9,6 +9,8 @@
 //!   wake-ups between them.
 //! - [`reload`]: what SIGHUP changes in a running relay, and what it
 //!   refuses.
+//! - [`logging`]: the process's logger (text or JSON lines), and its
+//!   filter changed on reload.
 //! - [`metrics`]: per-loop counts flushed to the metrics facade.
 //! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint.
 //! - [`watch`]: the periodic check that no other process shares the
@@ -16,6 +18,7 @@
 
 pub mod event_loop;
 pub mod exporter;
+pub mod logging;
 pub mod metrics;
 pub mod relay;
 pub mod reload;
@@ -23,3 +26,11 @@ pub(crate) mod replies;
 pub mod shards;
 pub mod supervisor;
 pub mod watch;
+
+// The configuration's cap on loops is the runtime's and net's: a room's
+// interest across shards is a 64-bit mask, and the steering program picks
+// among that many sockets.
+const _: () = assert!(
+    crate::config::MAX_THREADS == shards::MAX_SHARDS
+        && crate::config::MAX_THREADS == crate::net::steering::MAX_LOOPS as usize
+);

@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cli::config::Config;
 use crate::cluster::Link;
+use crate::config::Config;
 use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::core::hub::{Effect, Hub, HubConfig};
@@ -135,7 +135,7 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
 /// [`bind`], and the relay's [`Claim`] on its address, for the
 /// supervisor's periodic check that nobody else shares it.
 pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
-    let threads = config.threads.max(1);
+    let threads = config.loops();
     let reuse = threads > 1;
     let socket::Group { members, claim } = socket::bind_group(
         config.bind,
@@ -152,7 +152,7 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}){}; SO_RCVBUF {} B, SO_SNDBUF {} B",
         addr,
         humantime::format_duration(config.timeout),
-        config.echo,
+        !config.no_echo,
         config.max_datagram,
         config.max_clients,
         if reuse {
@@ -195,9 +195,9 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
             }
         }
     }
-    if let (Some(cluster), Some(lp)) = (&config.cluster, loops.first_mut()) {
+    if let (Some(cluster), Some(lp)) = (config.cluster(), loops.first_mut()) {
         let epoch = u64::from_be_bytes(random_bytes::<8>()?);
-        let link = Link::start(cluster, lp.waker(), epoch)?;
+        let link = Link::start(&cluster, lp.waker(), epoch)?;
         tracing::info!(
             "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster)",
             cluster.name,

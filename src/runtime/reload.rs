@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use mio::Waker;
 
-use crate::cli::config::Config;
+use crate::config::declare::Reload;
+use crate::config::Config;
 use crate::core::hub::HubConfig;
 
 /// What a reload does: the configuration to run from now on, what changes
@@ -40,100 +41,22 @@ impl Plan {
 }
 
 /// Compares the running configuration with the one just read and says what
-/// a reload does.
+/// a reload does: each setting's declaration says whether it may change
+/// live ([`Reload`]); the others keep their running values.
 pub fn plan(running: &Config, wanted: Config) -> Plan {
     let mut changed = Vec::new();
     let mut refused = Vec::new();
+    for d in running.differences(&wanted) {
+        match d.reload {
+            Reload::Live => changed.push(format!("{} {} → {}", d.key, d.from, d.to)),
+            Reload::Restart => refused.push(format!(
+                "{} {} → {} needs a restart; keeping {}",
+                d.key, d.from, d.to, d.from
+            )),
+        }
+    }
     let mut config = wanted;
-
-    // Restart-only: the socket, its buffers and receive batch, the
-    // endpoints, verify mode's key and the cluster link are made once.
-    macro_rules! restart_only {
-        ($field:ident, $name:literal, $show:expr) => {
-            if config.$field != running.$field {
-                let show = $show;
-                refused.push(format!(
-                    "{} {} → {} needs a restart; keeping {}",
-                    $name,
-                    show(&running.$field),
-                    show(&config.$field),
-                    show(&running.$field)
-                ));
-                config.$field = running.$field.clone();
-            }
-        };
-    }
-    let addr = |a: &std::net::SocketAddr| a.to_string();
-    let opt_addr = |a: &Option<std::net::SocketAddr>| a.map_or("off".into(), |a| a.to_string());
-    let num = |n: &usize| n.to_string();
-    restart_only!(bind, "bind", addr);
-    restart_only!(metrics, "metrics", opt_addr);
-    restart_only!(recv_buffer, "recv-buffer", num);
-    restart_only!(send_buffer, "send-buffer", num);
-    restart_only!(max_datagram, "max-datagram", num);
-    restart_only!(expect_clients, "expect-clients", num);
-    restart_only!(threads, "threads", num);
-    restart_only!(pin_threads, "pin-threads", |b: &bool| b.to_string());
-    restart_only!(verify_sources, "verify-sources", |b: &bool| b.to_string());
-    restart_only!(log_format, "log-format", |f: &crate::cli::LogFormat| {
-        format!("{f:?}").to_lowercase()
-    });
-    restart_only!(ready_file, "ready-file", |p: &Option<
-        std::path::PathBuf,
-    >| p
-        .as_ref()
-        .map_or("none".into(), |p| p.display().to_string()));
-    restart_only!(cluster, "cluster", |c: &Option<
-        crate::cluster::ClusterConfig,
-    >| c.as_ref().map_or(
-        "off".into(),
-        |c| format!(
-            "{} (name {}, node {})",
-            c.servers.join(","),
-            c.name,
-            c.node_id
-        )
-    ));
-
-    // Live.
-    macro_rules! live {
-        ($field:ident, $name:literal, $show:expr) => {
-            if config.$field != running.$field {
-                let show = $show;
-                changed.push(format!(
-                    "{} {} → {}",
-                    $name,
-                    show(&running.$field),
-                    show(&config.$field)
-                ));
-            }
-        };
-    }
-    let dur = |d: &std::time::Duration| humantime::format_duration(*d).to_string();
-    live!(timeout, "timeout", dur);
-    live!(format, "format", |t: &crate::core::protocol::Template| {
-        format!("{:?}", t.spec())
-    });
-    live!(echo, "echo", |b: &bool| b.to_string());
-    live!(max_clients, "max-clients", num);
-    live!(max_rooms, "max-rooms", num);
-    live!(max_room_clients, "max-room-clients", num);
-    live!(lobby_open, "lobby", |b: &bool| if *b {
-        "open"
-    } else {
-        "closed"
-    }
-    .to_string());
-    live!(cookie_rate, "cookie-rate", |r: &f64| r.to_string());
-    live!(client_rate, "client-rate", |r: &Option<(f64, f64)>| r
-        .map_or("off".into(), |(rate, burst)| format!(
-            "{rate}/s burst {burst}"
-        )));
-    live!(max_clients_per_ip, "max-clients-per-ip", |n: &Option<
-        u32,
-    >| n
-        .map_or("off".into(), |n| n.to_string()));
-    live!(log_level, "log-level", |s: &String| s.clone());
+    config.keep_restart_only(running);
     match (&running.room_secret, &config.room_secret) {
         (None, None) => {}
         (Some(a), Some(b)) if a.same_as(b) => {}
@@ -204,7 +127,7 @@ mod tests {
             bind: "127.0.0.1:1234".parse().unwrap(),
             max_datagram: 512,
             max_clients: 10,
-            client_rate: Some((50.0, 100.0)),
+            client_rate: Some(50.0),
             log_level: "warn".into(),
             ..Config::default()
         };
@@ -214,8 +137,8 @@ mod tests {
             vec![
                 "timeout 10s → 5s".to_string(),
                 "max-clients 1000000 → 10".to_string(),
-                "client-rate off → 50/s burst 100".to_string(),
                 "log-level info → warn".to_string(),
+                "client-rate no limit → 50".to_string(),
             ]
         );
         assert_eq!(plan.refused.len(), 2, "{:?}", plan.refused);
@@ -229,11 +152,11 @@ mod tests {
         let plan = super::plan(
             &running,
             Config {
-                threads: 4,
+                threads: crate::config::Threads::Count(4),
                 ..Config::default()
             },
         );
-        assert_eq!(plan.config.threads, 1);
+        assert_eq!(plan.config.loops(), 1);
         assert_eq!(
             plan.refused,
             vec!["threads 1 → 4 needs a restart; keeping 1".to_string()]

@@ -23,7 +23,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::cli::config::{Config, ServeArgs};
+use crate::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
 use crate::runtime::reload::{self, ReloadSender};
@@ -48,7 +48,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     // must mean a graceful shutdown, not the default kill.
     let mut supervisor = Supervisor::new()?;
     // The recorder must exist before the loop registers its metrics.
-    let metrics = config.metrics.map(exporter::start).transpose()?;
+    let metrics = config.metrics.addr().map(exporter::start).transpose()?;
     let (mut relays, claim) = relay::bind_claimed(&config)?;
     let mut address = AddressWatch::new(claim);
     // A lone socket (no SO_REUSEPORT) shares its address with nobody: the
@@ -72,7 +72,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
         tracing::info!("metrics on http://{addr}/metrics");
     }
     if let Some(path) = &config.ready_file {
-        write_ready_file(path, local, metrics)?;
+        write_ready_file(path, "udp", local, metrics)?;
     }
     metrics::describe_counter!(
         "udphub_config_reloads_total",
@@ -146,7 +146,7 @@ fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
     // Last, so that the lines above are logged at the level they were
     // asked at.
     if plan.log_level_changed(running) {
-        match crate::cli::logging::set_log_level(&plan.config.log_level) {
+        match crate::runtime::logging::set_log_level(&plan.config.log_level) {
             Ok(Some(note)) => tracing::warn!("{note}"),
             Ok(None) => {}
             Err(e) => tracing::error!("reload: {e}"),
@@ -156,16 +156,19 @@ fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
     *running = plan.config;
 }
 
-/// Writes where the server listens, once everything is bound:
-/// `udp=ADDR` and `metrics=ADDR` (or `metrics=off`), one per line. Written
-/// to a temporary file and renamed, so a reader never sees half of it.
+/// Writes where a server listens, once everything is bound: its socket as
+/// `PROTO=ADDR` (`udp=…` for the relay and `udphub echo`, `tcp=…` for
+/// `echo --tcp`) and `metrics=ADDR` (or `metrics=off`), one per line.
+/// Written to a temporary file and renamed, so a reader never sees half of
+/// it.
 pub fn write_ready_file(
     path: &Path,
-    udp: SocketAddr,
+    proto: &str,
+    addr: SocketAddr,
     metrics: Option<SocketAddr>,
 ) -> Result<(), Error> {
     let metrics = metrics.map_or("off".to_string(), |a| a.to_string());
-    let text = format!("udp={udp}\nmetrics={metrics}\n");
+    let text = format!("{proto}={addr}\nmetrics={metrics}\n");
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let fail =
@@ -406,16 +409,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ready");
         let udp: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        write_ready_file(&path, udp, Some("[::1]:9".parse().unwrap())).unwrap();
+        write_ready_file(&path, "udp", udp, Some("[::1]:9".parse().unwrap())).unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "udp=127.0.0.1:4000\nmetrics=[::1]:9\n"
         );
-        write_ready_file(&path, udp, None).unwrap();
+        write_ready_file(&path, "tcp", udp, None).unwrap();
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .starts_with("tcp=127.0.0.1:4000\n"));
         assert!(std::fs::read_to_string(&path)
             .unwrap()
             .ends_with("metrics=off\n"));
-        let err = write_ready_file(&dir.join("no/such/dir/ready"), udp, None).unwrap_err();
+        let err = write_ready_file(&dir.join("no/such/dir/ready"), "udp", udp, None).unwrap_err();
         assert!(
             err.is_usage() && err.to_string().contains("--ready-file"),
             "{err}"

@@ -6,15 +6,14 @@
 //! Every datagram is sent back to its sender (ASCII-upper-cased with
 //! `--upper`, like Python's `bytes.upper()`). Unlike seed 004, `quit` is
 //! echoed, not obeyed: no datagram from the network may stop a server.
-//! With `--tcp`, seed 001's TCP server instead ([`crate::clients::tcp_echo`]).
+//! With `--tcp`, seed 001's TCP server instead ([`crate::servers::tcp_echo`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cli::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD};
-use crate::clients::tcp_echo;
+use crate::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER};
 use crate::core::admission::{Admission, Arrival};
 use crate::error::Error;
 use crate::net::socket;
@@ -22,6 +21,7 @@ use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::exporter;
 use crate::runtime::replies::Replies;
 use crate::runtime::supervisor::{self, Supervisor};
+use crate::servers::tcp_echo;
 
 /// `udphub echo` flags.
 #[derive(Debug, Clone, Args)]
@@ -82,7 +82,7 @@ pub struct EchoArgs {
         value_name = "text|json",
         default_value = "text"
     )]
-    pub log_format: crate::cli::LogFormat,
+    pub log_format: config::LogFormat,
 
     /// Once bound, write the addresses to this file (`udp=ADDR`, `metrics=ADDR|off`)
     #[arg(long, value_name = "FILE")]
@@ -138,12 +138,8 @@ impl Service for Echo {
 
 /// Runs `udphub echo` until SIGINT/SIGTERM.
 pub fn run(args: &EchoArgs) -> Result<(), Error> {
-    if args.max_datagram == 0 || args.max_datagram > MAX_UDP_PAYLOAD {
-        return Err(Error::Config(format!(
-            "--max-datagram must be between 1 and {MAX_UDP_PAYLOAD} bytes, got {}",
-            args.max_datagram
-        )));
-    }
+    config::validate::max_datagram(&args.max_datagram)
+        .map_err(|why| Error::Config(format!("--max-datagram {why}")))?;
     if args.tcp {
         return run_tcp(args);
     }
@@ -168,7 +164,7 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         tracing::info!("metrics on http://{addr}/metrics");
     }
     if let Some(path) = &args.ready_file {
-        supervisor::write_ready_file(path, bound.local_addr, metrics)?;
+        supervisor::write_ready_file(path, "udp", bound.local_addr, metrics)?;
     }
     let server = EventLoop::new(
         bound,

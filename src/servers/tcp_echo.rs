@@ -592,7 +592,7 @@ pub fn run(
         config.max_buffer_bytes,
     );
     if let Some(path) = ready_file {
-        write_ready(path, local, metrics)?;
+        crate::runtime::supervisor::write_ready_file(path, "tcp", local, metrics)?;
     }
 
     let mut server = Server {
@@ -671,18 +671,6 @@ pub fn run(
         server.resume();
         buffered.set(server.memory.used() as f64);
     }
-}
-
-/// Writes `tcp=ADDR` and `metrics=ADDR|off`, like the UDP servers' ready
-/// file (written to a temporary file and renamed).
-fn write_ready(path: &Path, tcp: SocketAddr, metrics: Option<SocketAddr>) -> Result<(), Error> {
-    let metrics = metrics.map_or("off".to_string(), |a| a.to_string());
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let fail =
-        |e: io::Error| Error::Config(format!("cannot write --ready-file {}: {e}", path.display()));
-    std::fs::write(&tmp, format!("tcp={tcp}\nmetrics={metrics}\n")).map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
 }
 
 /// Raises the soft limit on open files towards the hard limit, enough for

@@ -1,10 +1,7 @@
-//! Logging: the `--log-level` filter (checked in our words), text or JSON
-//! lines on stderr (`--log-format`), and changing the filter while the
-//! server runs (a reload). Nothing logs per datagram: the counters do that.
-
-use std::sync::OnceLock;
-
-use tracing_subscriber::{reload, EnvFilter};
+//! The logging settings: `--log-format` (text or JSON lines) and what a
+//! `--log-level` filter may say, checked in our words. Installing the
+//! logger, and changing its filter on reload, is the runtime's
+//! ([`crate::runtime::logging`]).
 
 use crate::error::Error;
 
@@ -30,79 +27,6 @@ impl LogFormat {
     }
 }
 
-/// Changes the filter of the installed logger (a reload); set once by
-/// [`init_logging`].
-static RELOAD: OnceLock<SetFilter> = OnceLock::new();
-
-/// Replaces the installed logger's filter.
-type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
-
-/// The filter for `spec`, with the NATS client kept at `warn` unless
-/// `spec` says otherwise: it narrates every (re)connection at info; the
-/// cluster bridge says what matters in its own rate-limited lines.
-fn env_filter(spec: &str) -> Result<(EnvFilter, Option<String>), Error> {
-    let (filter, note) = log_filter(spec)?;
-    let filter = if filter.contains("async_nats") {
-        filter
-    } else {
-        format!("{filter},async_nats=warn")
-    };
-    let filter = EnvFilter::try_new(&filter)
-        .map_err(|e| Error::Config(format!("--log-level {filter:?}: {e}")))?;
-    Ok((filter, note))
-}
-
-/// Logs to stderr with the given `tracing` filter (see [`log_filter`]),
-/// as text or JSON lines. The filter can be changed later with
-/// [`set_log_level`].
-pub fn init_logging(spec: &str, format: LogFormat) -> Result<(), Error> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let (filter, note) = env_filter(spec)?;
-    let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    // A second initialisation (tests in one process) is harmless.
-    let installed = match format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false),
-            )
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-    };
-    if installed.is_ok() {
-        let _ = RELOAD.set(Box::new(move |f| {
-            handle.reload(f).map_err(|e| e.to_string())
-        }));
-    }
-    if let Some(note) = note {
-        tracing::warn!("{note}");
-    }
-    Ok(())
-}
-
-/// Replaces the log filter of the running process (SIGHUP). Returns a
-/// note to log if the filter had to be lowered (see [`log_filter`]).
-pub fn set_log_level(spec: &str) -> Result<Option<String>, Error> {
-    let (filter, note) = env_filter(spec)?;
-    if let Some(reload) = RELOAD.get() {
-        reload(filter).map_err(|e| Error::Config(format!("--log-level {spec:?}: {e}")))?;
-    }
-    Ok(note)
-}
-
 /// The level names a filter may use.
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -116,12 +40,18 @@ const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 /// (`release_max_level_info`) are lowered to what it has, with one note in
 /// our words instead of tracing's repeated warning.
 pub fn log_filter(spec: &str) -> Result<(String, Option<String>), Error> {
+    check_filter(spec).map_err(|why| Error::Config(format!("--log-level {why}")))
+}
+
+/// [`log_filter`], with the reason in words that follow the flag's name
+/// (`"loud": "loud" is not a level; …`).
+pub fn check_filter(spec: &str) -> Result<(String, Option<String>), String> {
     use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
     let bad = |why: String| {
-        Error::Config(format!(
-            "--log-level {spec:?}: {why}; use one of {} or target=level directives such as udphub=debug",
+        format!(
+            "{spec:?}: {why}; use one of {} or target=level directives such as udphub=debug",
             LEVELS.join(", ")
-        ))
+        )
     };
     let mut out = Vec::new();
     let mut lowered = false;

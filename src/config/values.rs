@@ -1,0 +1,502 @@
+//! The types of `udphub serve`'s settings, and one parser for each: a
+//! flag, its environment variable and the config file's value all go
+//! through the same function, so they accept the same things and say the
+//! same thing about a mistake. [`Value`] adds, per type, how the config
+//! file writes it and how it is shown (`--check-config`, reload's log
+//! lines, the settings table in docs/OPERATIONS.md).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::config::logging::LogFormat;
+use crate::core::protocol::Template;
+
+/// The largest UDP payload over IPv4 (65535 − 20 IP − 8 UDP header bytes).
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// Default `--max-datagram`: the payload that fits a 1500-byte Ethernet MTU
+/// (1500 − 20 IPv4 − 8 UDP), so a relayed body is never IP-fragmented.
+pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
+/// Default socket buffer request: 8 MiB holds ~4 ms of a 10 Gbit/s burst or
+/// ~10k small datagrams, enough to ride out a scheduling hiccup.
+pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
+
+/// A setting's type, as the config file and the operator see it.
+pub trait Value: Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
+    /// What the config file must hold, in words, for "KEY must be …, not …".
+    const IN_FILE: &'static str;
+    /// Whether the flag may stand alone: `--no-echo` is `--no-echo=true`.
+    const SWITCH: bool = false;
+    /// The text of a TOML value, for the setting's parser; `None` if the
+    /// value has the wrong TOML type (a number in quotes, a bare word).
+    fn file_text(value: &toml::Value) -> Option<String>;
+    /// The value in words.
+    fn show(&self) -> String;
+}
+
+/// A TOML string's text.
+fn text(value: &toml::Value) -> Option<String> {
+    value.as_str().map(str::to_string)
+}
+
+/// A TOML integer that is not negative, as text.
+fn whole(value: &toml::Value) -> Option<String> {
+    value
+        .as_integer()
+        .filter(|n| *n >= 0)
+        .map(|n| n.to_string())
+}
+
+/// A TOML integer or float, as text.
+fn number(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        _ => None,
+    }
+}
+
+impl Value for bool {
+    const IN_FILE: &'static str = "true or false (no quotes)";
+    const SWITCH: bool = true;
+    fn file_text(value: &toml::Value) -> Option<String> {
+        value.as_bool().map(|b| b.to_string())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Value for usize {
+    const IN_FILE: &'static str = "a whole number, not negative, without quotes";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        whole(value)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Value for u32 {
+    const IN_FILE: &'static str = "a whole number, not negative, without quotes";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        whole(value)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Value for f64 {
+    const IN_FILE: &'static str = "a number, without quotes";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        number(value)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Value for Duration {
+    const IN_FILE: &'static str = "a duration like \"10s\" or \"500ms\", or a number of seconds";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value).or_else(|| number(value))
+    }
+    fn show(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+impl Value for String {
+    const IN_FILE: &'static str = "a quoted string";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Value for PathBuf {
+    const IN_FILE: &'static str = "a quoted file path";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl Value for SocketAddr {
+    const IN_FILE: &'static str = "a quoted address like \"127.0.0.1:9999\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Value for MetricsAddr {
+    const IN_FILE: &'static str = "a quoted address like \"127.0.0.1:9898\", or \"off\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        match self {
+            MetricsAddr::Off => "off".into(),
+            MetricsAddr::At(addr) => addr.to_string(),
+        }
+    }
+}
+
+impl Value for Template {
+    const IN_FILE: &'static str = "a quoted template like \"{body}. from {ip}:{port}\", or \"raw\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    /// Quoted: a template may begin or end with spaces.
+    fn show(&self) -> String {
+        format!("{:?}", self.spec())
+    }
+}
+
+impl Value for LogFormat {
+    const IN_FILE: &'static str = "\"text\" or \"json\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        match self {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+        }
+    }
+}
+
+impl Value for Lobby {
+    const IN_FILE: &'static str = "\"open\" or \"closed\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        match self {
+            Lobby::Open => "open".into(),
+            Lobby::Closed => "closed".into(),
+        }
+    }
+}
+
+impl Value for NatsUrls {
+    const IN_FILE: &'static str = "a quoted list, \"nats://HOST:PORT[,…]\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        text(value)
+    }
+    fn show(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+impl Value for Threads {
+    const IN_FILE: &'static str = "a number of loops, or \"auto\"";
+    fn file_text(value: &toml::Value) -> Option<String> {
+        whole(value).or_else(|| text(value))
+    }
+    /// `auto` says what it comes to on this machine.
+    fn show(&self) -> String {
+        match self {
+            Threads::Count(n) => n.to_string(),
+            Threads::Auto => format!("auto ({})", self.resolve()),
+        }
+    }
+}
+
+/// Parses a whole number (`--max-clients`, byte counts).
+pub fn parse_whole<T: FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number (0 or more, no sign or unit)"))
+}
+
+/// Parses a number, fractions allowed (rates).
+pub fn parse_number(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))
+}
+
+/// Parses a yes or no: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`
+/// (what an environment variable is likely to hold).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "on" => Ok(true),
+        "false" | "0" | "no" | "n" | "off" => Ok(false),
+        _ => Err(format!(
+            "{s:?}: expected true or false (or 1/0, yes/no, on/off)"
+        )),
+    }
+}
+
+/// Takes any text (checked later, where there is one rule to check).
+pub fn parse_text(s: &str) -> Result<String, String> {
+    Ok(s.to_string())
+}
+
+/// Takes a file path.
+pub fn parse_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("expected a file path, got nothing".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// Parses `--format` (see [`Template::parse`]).
+pub fn parse_template(s: &str) -> Result<Template, String> {
+    Template::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--threads`: a number of loops, or one per CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// As many as the CPUs this process may run on.
+    Auto,
+    /// This many.
+    Count(usize),
+}
+
+impl Threads {
+    /// How many loops this means on this machine.
+    pub fn resolve(self) -> usize {
+        match self {
+            Threads::Count(n) => n,
+            Threads::Auto => std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+}
+
+/// Parses `--threads`: a whole number, or `auto`.
+pub fn parse_threads(s: &str) -> Result<Threads, String> {
+    match s.trim() {
+        "auto" => Ok(Threads::Auto),
+        n => n
+            .parse::<usize>()
+            .map(Threads::Count)
+            .map_err(|_| format!("{n:?}: expected a number of loops, or `auto`")),
+    }
+}
+
+/// NATS server URLs (`--cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrls(pub Vec<String>);
+
+/// `--cluster`: comma-separated `nats://host:port` URLs (`host:port` gets
+/// `nats://`).
+pub fn parse_cluster_urls(s: &str) -> Result<NatsUrls, String> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            if u.contains("://") {
+                u.to_string()
+            } else {
+                format!("nats://{u}")
+            }
+        })
+        .collect();
+    if urls.is_empty() {
+        return Err("expected nats://HOST:PORT[,nats://HOST:PORT…]".into());
+    }
+    for u in &urls {
+        let rest = u
+            .strip_prefix("nats://")
+            .or_else(|| u.strip_prefix("tls://"))
+            .ok_or_else(|| format!("{u}: only nats:// and tls:// URLs"))?;
+        let hostport = rest.rsplit('@').next().unwrap_or(rest);
+        let port = hostport
+            .rsplit_once(':')
+            .map(|(_, p)| p)
+            .ok_or_else(|| format!("{u}: expected a port, as in nats://127.0.0.1:4222"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("{u}: {port:?} is not a port number"))?;
+    }
+    Ok(NatsUrls(urls))
+}
+
+/// `--lobby`: with a room secret, whether clients outside any room may
+/// talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lobby {
+    /// They may (v1 clients keep working).
+    Open,
+    /// They must join a room, with a token, first.
+    Closed,
+}
+
+/// Parses `--lobby`: `open` or `closed`.
+pub fn parse_lobby(s: &str) -> Result<Lobby, String> {
+    match s.trim() {
+        "open" => Ok(Lobby::Open),
+        "closed" => Ok(Lobby::Closed),
+        other => Err(format!("{other:?}: the lobby is `open` or `closed`")),
+    }
+}
+
+/// Where to serve `/metrics`, or nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// `--metrics off`.
+    Off,
+    /// Listen here.
+    At(SocketAddr),
+}
+
+impl MetricsAddr {
+    /// The address to listen on, if any.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            MetricsAddr::Off => None,
+            MetricsAddr::At(addr) => Some(addr),
+        }
+    }
+}
+
+/// Parses a socket address to bind, saying which part is wrong. Host names
+/// are resolved (once, now; the first address wins). `example_port`
+/// completes the suggestion when the port is missing.
+pub fn parse_addr(s: &str, example_port: u16) -> Result<SocketAddr, String> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(v6) = s.parse::<std::net::Ipv6Addr>() {
+        // "::1:9730" is itself an IPv6 address; the user most likely meant
+        // a port after "::1".
+        let guess = s
+            .rsplit_once(':')
+            .filter(|(h, p)| h.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u16>().is_ok());
+        return Err(match guess {
+            Some((h, p)) => format!("{s:?}: an IPv6 address needs brackets around it: [{h}]:{p}"),
+            None => format!("{s:?} has no port; an IPv6 address goes in brackets before it, e.g. [{v6}]:{example_port}"),
+        });
+    }
+    if let Ok(ip) = s.trim_matches(['[', ']']).parse::<IpAddr>() {
+        let with_port = SocketAddr::new(ip, example_port);
+        return Err(format!("{s:?} has no port; add one, e.g. {with_port}"));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!(
+            "{s:?} has no port; add one, e.g. {s}:{example_port}"
+        ));
+    };
+    if !host.starts_with('[') && host.contains(':') {
+        if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+            return Err(format!(
+                "{s:?}: an IPv6 address needs brackets around it: [{ip}]:{port}"
+            ));
+        }
+    }
+    let port: u16 = match port.parse::<u64>() {
+        Ok(p) if p <= u64::from(u16::MAX) => p as u16,
+        Ok(p) => return Err(format!("{s:?}: port {p} is out of range (0 to 65535)")),
+        Err(_) => return Err(format!("{s:?}: {port:?} is not a port number")),
+    };
+    let host = host.trim_matches(['[', ']']);
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no address before the port; e.g. 127.0.0.1:{port}"
+        ));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut found) => found
+            .next()
+            .ok_or_else(|| format!("{s:?}: host {host:?} has no address")),
+        Err(e) => Err(format!("{s:?}: cannot resolve host {host:?} ({e})")),
+    }
+}
+
+/// Parses `--bind` (see [`parse_addr`]).
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, 9999)
+}
+
+/// Parses `--metrics`: `off` or a socket address (see [`parse_addr`]).
+pub fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    parse_addr(s, 9898)
+        .map(MetricsAddr::At)
+        .map_err(|e| format!("{e} (or `off` for no metrics)"))
+}
+
+/// Parses a duration, the one rule for every duration udphub takes: a
+/// bare number is seconds, fractions allowed (`0.5`); otherwise a human
+/// duration (`10s`, `500ms`, `1m 30s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} is not a duration (seconds must be 0 or more)"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); try e.g. 10s, 500ms, 2m or 0.5"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_metrics_parse() {
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert_eq!(parse_metrics("OFF").unwrap(), MetricsAddr::Off);
+        assert!(parse_metrics("localhost").unwrap_err().contains("no port"));
+    }
+
+    #[test]
+    fn addresses_say_which_part_is_wrong() {
+        let err = |s: &str| parse_bind(s).unwrap_err();
+        assert!(err("127.0.0.1").contains("no port; add one, e.g. 127.0.0.1:9999"));
+        assert!(err("127.0.0.1:99999").contains("out of range"));
+        assert!(err("::1:9730").contains("brackets around it: [::1]:9730"));
+        assert!(err("127.0.0.1:http").contains("not a port number"));
+        assert!(err(":9").contains("no address"));
+        assert!(err("no-such-host.invalid:9").contains("cannot resolve"));
+        assert_eq!(parse_bind("[::1]:9").unwrap().to_string(), "[::1]:9");
+        assert!(parse_bind("localhost:9701").unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn yes_and_no_and_numbers_parse() {
+        for yes in ["true", "1", "yes", "ON", " y "] {
+            assert_eq!(parse_bool(yes), Ok(true), "{yes}");
+        }
+        for no in ["false", "0", "no", "Off", "n"] {
+            assert_eq!(parse_bool(no), Ok(false), "{no}");
+        }
+        assert!(parse_bool("maybe").unwrap_err().contains("true or false"));
+        assert_eq!(parse_whole::<usize>("42"), Ok(42));
+        assert!(parse_whole::<u32>("-1").is_err());
+        assert!(parse_whole::<usize>("1e3").is_err());
+        assert_eq!(parse_number("0.5"), Ok(0.5));
+        assert!(parse_path("").is_err());
+        assert_eq!(parse_lobby("closed"), Ok(Lobby::Closed));
+    }
+
+    #[test]
+    fn cluster_flags_are_checked() {
+        let urls = parse_cluster_urls("nats://127.0.0.1:4222, 10.0.0.2:4222").unwrap();
+        assert_eq!(urls.0, ["nats://127.0.0.1:4222", "nats://10.0.0.2:4222"]);
+        for bad in ["", " , ", "http://x:1", "nats://nohost", "nats://h:99999"] {
+            assert!(parse_cluster_urls(bad).is_err(), "{bad:?}");
+        }
+    }
+}
