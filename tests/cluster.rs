@@ -58,9 +58,20 @@ fn until_connected(sender: &Client, members: &[&Client]) {
             }
         }
     }
-    thread::sleep(Duration::from_millis(200));
+    // Empty every inbox up to a last probe: the sender's datagrams reach
+    // each member exactly once and in order, so once its last probe is
+    // in, no earlier one is still on its way (an observable end, not a
+    // sleep).
+    let last = format!("probe end {n}");
+    sender.send(last.as_bytes());
+    let deadline = Instant::now() + PATIENCE * 2;
     for m in members.iter().copied().chain([sender]) {
-        drain(m, Duration::from_millis(100));
+        while m
+            .recv_within(PATIENCE)
+            .is_some_and(|d| d != last.as_bytes())
+        {
+            assert!(Instant::now() < deadline, "the last probe never came");
+        }
     }
 }
 

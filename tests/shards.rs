@@ -32,6 +32,29 @@ fn received(clients: &[Client], count: usize) -> Vec<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// Sends a last message `end` from each of `senders`, and checks that every
+/// client then receives nothing but those markers before it has all of
+/// them: a sender's datagrams reach a loop through one FIFO queue, so a
+/// duplicate of anything it sent earlier would arrive before its marker.
+/// An observable end to "nothing more", instead of a sleep.
+fn nothing_more(clients: &[Client], senders: &[usize]) {
+    for &s in senders {
+        clients[s].send(format!("end{s}").as_bytes());
+    }
+    for (n, c) in clients.iter().enumerate() {
+        let mut ends = 0;
+        while ends < senders.len() {
+            let d = c.recv();
+            assert!(
+                d.starts_with(b"end"),
+                "client {n}: a stray or duplicate datagram {:?}",
+                String::from_utf8_lossy(&d)
+            );
+            ends += 1;
+        }
+    }
+}
+
 /// Both shards got clients, per the per-shard gauge.
 fn shards_in_use(relay: &RelayProc) -> usize {
     let text = relay.scrape();
@@ -70,22 +93,17 @@ fn lobby_exactly_once_in_order(threads: &str) {
             "client {n}"
         );
     }
-    // Nothing more (no duplicate) for anyone: one wait covers them all.
-    std::thread::sleep(Duration::from_millis(200));
-    for (n, c) in clients.iter().enumerate() {
-        assert!(
-            c.recv_within(Duration::from_millis(1)).is_none(),
-            "client {n}: a duplicate"
-        );
-    }
+    // Nothing more (no duplicate) for anyone.
+    nothing_more(&clients, &[0, 63]);
     // The accounting adds up across loops.
+    relay.wait_metric("udphub_deliveries_total", 42.0 * 64.0);
     let text = relay.scrape();
     assert_eq!(metric(&text, "udphub_clients"), 64.0);
     assert_eq!(
         metric(&text, "udphub_datagrams_received_total{kind=\"message\"}"),
-        40.0
+        42.0
     );
-    assert_eq!(metric(&text, "udphub_deliveries_total"), 40.0 * 64.0);
+    assert_eq!(metric(&text, "udphub_deliveries_total"), 42.0 * 64.0);
     assert_eq!(
         metric(&text, "udphub_fanout_recipients_total"),
         metric(&text, "udphub_deliveries_total")
@@ -118,8 +136,9 @@ fn rooms_span_loops_and_stay_isolated() {
         assert_eq!(c.recv(), format!("^room^r{}", i % 10).into_bytes());
     }
     assert!(shards_in_use(&relay) == 2);
-    // Rooms open on each loop are announced to the other between batches.
-    std::thread::sleep(Duration::from_millis(100));
+    // No wait here: a loop announces a room before it answers the join, and
+    // reads the others' news before every hand-off, so once every `^room^`
+    // is in, every loop knows which rooms the others have.
     for (room, sender) in clients.iter().take(10).enumerate() {
         for k in 0..5 {
             sender.send(format!("r{room}-{k}").as_bytes());
@@ -132,16 +151,26 @@ fn rooms_span_loops_and_stay_isolated() {
         let got: Vec<Vec<u8>> = (0..5).map(|_| c.recv()).collect();
         assert_eq!(got, want, "client {i}");
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Nothing stray: each room's sender ends with a marker, and the next
+    // thing every member gets is its own room's marker (a stray datagram
+    // from that sender would come before it, through the same queue).
+    for (room, sender) in clients.iter().take(10).enumerate() {
+        sender.send(format!("end{room}").as_bytes());
+    }
     for (i, c) in clients.iter().enumerate() {
-        assert!(
-            c.recv_within(Duration::from_millis(1)).is_none(),
-            "client {i}: a stray datagram"
+        assert_eq!(
+            c.recv(),
+            format!("end{}", i % 10).into_bytes(),
+            "client {i}"
         );
     }
+    relay.wait_metric(
+        "udphub_deliveries_total",
+        120.0 + 10.0 * 5.0 * 12.0 + 10.0 * 12.0,
+    );
     assert_eq!(
         relay.metric("udphub_deliveries_total"),
-        120.0 + 10.0 * 5.0 * 12.0
+        120.0 + 10.0 * 5.0 * 12.0 + 10.0 * 12.0
     );
 }
 
