@@ -5,7 +5,8 @@
 //! and clients silent for `--timeout` expire. The protocol is the classic
 //! Python UDP chat server's, kept byte-compatible (see `docs/PROTOCOL.md`).
 //!
-//! One thread runs a mio poll loop: datagrams are read in `recvmmsg`
+//! A thread runs a mio poll loop (one per core with `--threads`, each on
+//! its own socket of one port): datagrams are read in `recvmmsg`
 //! batches, admitted, and handed to the hub — a state machine with no I/O —
 //! whose decisions (fan this message out to these members) the loop carries
 //! out in `sendmmsg` batches. Expiry runs on a hashed timer wheel.
