@@ -20,6 +20,8 @@
 //! `tests/layers.rs` checks every `crate::` path against).
 //!
 //! - [`error`]: the typed start-up error.
+//! - [`throttle`]: a log line at most once per interval, for the loops and
+//!   the cluster bridge.
 //! - [`core`]: no I/O — [`core::admission`] (every drop reason),
 //!   [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
@@ -60,6 +62,7 @@ pub mod fuzzing;
 pub mod net;
 pub mod runtime;
 pub mod servers;
+pub mod throttle;
 
 pub use config::Config;
 pub use error::Error;

@@ -52,22 +52,13 @@ pub fn spawn(bridge: Bridge) -> Result<(), Error> {
 
 /// Logs connection changes, at most one line a second (a flapping link
 /// must not flood the log), saying how many were held back.
-struct ChangeLog {
-    last: Option<Instant>,
-    held: u64,
-}
+struct ChangeLog(crate::throttle::Throttle);
 
 impl ChangeLog {
     fn log(&mut self, connected: bool, what: &str) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.held += 1;
+        let Some(held) = self.0.admit(Instant::now()) else {
             return;
-        }
-        let held = std::mem::take(&mut self.held);
+        };
         let note = if held > 0 {
             format!(" ({held} more changes since the last line)")
         } else {
@@ -78,15 +69,13 @@ impl ChangeLog {
         } else {
             tracing::warn!("cluster: {what}{note}");
         }
-        self.last = Some(now);
     }
 }
 
 async fn run(mut b: Bridge) {
-    let log = Arc::new(Mutex::new(ChangeLog {
-        last: None,
-        held: 0,
-    }));
+    let log = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
+        Duration::from_secs(1),
+    ))));
     let connected = Arc::clone(&b.connected);
     let gauge = b.metrics.connected.clone();
     let servers = b.config.servers.join(",");

@@ -150,28 +150,22 @@ impl ShutdownHandle {
 
 /// Logs an error at most once per [`ERROR_LOG_INTERVAL`], saying how many
 /// were suppressed in between.
-#[derive(Debug, Default)]
-pub(crate) struct RateLimitedLog {
-    /// When the last line was logged.
-    last: Option<Instant>,
-    /// Errors not logged since.
-    suppressed: u64,
+#[derive(Debug)]
+pub(crate) struct RateLimitedLog(crate::throttle::Throttle);
+
+impl Default for RateLimitedLog {
+    fn default() -> RateLimitedLog {
+        RateLimitedLog(crate::throttle::Throttle::new(ERROR_LOG_INTERVAL))
+    }
 }
 
 impl RateLimitedLog {
     /// Logs `err` unless a line was logged within the interval.
     pub(crate) fn warn(&mut self, what: &str, err: &io::Error) {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < ERROR_LOG_INTERVAL => self.suppressed += 1,
-            _ => {
-                tracing::warn!(
-                    "{what}: {err} ({} similar errors suppressed since the last report)",
-                    self.suppressed
-                );
-                self.last = Some(now);
-                self.suppressed = 0;
-            }
+        if let Some(suppressed) = self.0.admit(Instant::now()) {
+            tracing::warn!(
+                "{what}: {err} ({suppressed} similar errors suppressed since the last report)"
+            );
         }
     }
 }
