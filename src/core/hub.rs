@@ -407,10 +407,13 @@ impl Hub {
         }
     }
 
-    /// Counts clients together with the relay's other loops (`--threads`),
-    /// so that `--max-clients` and `--max-clients-per-ip` cap the relay,
-    /// not each loop. Call before any datagram.
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+    /// Counts clients and room members together with the relay's other
+    /// loops (`--threads`), so that `--max-clients`,
+    /// `--max-clients-per-ip`, `--max-rooms` and `--max-room-clients` cap
+    /// the relay, not each loop. Call before any datagram; without it the
+    /// hub keeps a [`LocalCensus`](crate::core::census::LocalCensus) of its
+    /// own.
+    pub fn share_census(&mut self, census: Box<dyn crate::core::census::Census>) {
         self.table.share_census(census);
     }
 
@@ -613,6 +616,7 @@ mod tests {
 
     use super::*;
     use crate::core::admission::DropReason;
+    use crate::core::census::{Census, LocalCensus};
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -831,16 +835,17 @@ mod tests {
     #[test]
     fn a_join_is_answered_from_what_the_move_did() {
         // Another loop fills the room between any check and the move (here:
-        // before the join; the census is what the loops share): the answer
-        // is the refusal, and the client stays where it was.
-        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        // before the join; the census is what the loops share, and this one
+        // counts that loop's member): the answer is the refusal, and the
+        // client stays where it was.
+        let mut elsewhere = LocalCensus::default();
+        elsewhere.member_added(b"one");
         let mut f = Fixture::new(HubConfig {
             max_room_clients: 1,
             ..config()
         });
-        f.hub.share_census(std::sync::Arc::clone(&census));
+        f.hub.share_census(Box::new(elsewhere));
         f.at(0, from(1, b"^hb^"));
-        census.member_added(b"one");
         let (reply, _) = f.at(1, from(1, b"^join^one      ")).unwrap();
         assert_eq!(reply, b"^denied^full");
         let (reply, _) = f.at(1, from(2, b"^join^one      ")).unwrap();

@@ -18,7 +18,11 @@
 //! - [`token`]: room tokens (HS256 JWTs): verify and mint.
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
 //! - [`clock`]: instants to wheel ticks.
-//! - [`limits`]: token buckets, and the bounded per-prefix table.
+//! - [`limits`]: token buckets, the bounded per-prefix table, and the
+//!   cookie-reply budget's interface ([`limits::CookieBudget`]).
+//! - [`census`]: the relay-wide counts the caps are checked against: the
+//!   [`census::Census`] interface and its plain local implementation
+//!   (the loops of `--threads` share the runtime's).
 //! - [`hub`]: the relay's state machine, which ties them together.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with

@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::net::fanout::{Fanout, Report};
 use crate::net::holders::Claim;
 use crate::net::socket;
+use crate::runtime::census::SharedCensus;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
@@ -51,8 +52,8 @@ pub struct Relay {
     reloads: Option<ReloadReceiver>,
     /// The other loops, with `--threads` above 1.
     siblings: Option<Siblings>,
-    /// Counts shared with them.
-    census: Option<std::sync::Arc<crate::core::census::Census>>,
+    /// Counts shared with them (the caps are the relay's).
+    census: Option<SharedCensus>,
 }
 
 impl Relay {
@@ -72,9 +73,9 @@ impl Relay {
 
     /// Counts clients together with the other loops (the caps are the
     /// relay's).
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
-        self.hub.share_census(std::sync::Arc::clone(&census));
-        self.census = Some(census);
+    pub fn share_census(&mut self, census: &SharedCensus) {
+        self.hub.share_census(Box::new(census.clone()));
+        self.census = Some(census.clone());
     }
 
     /// Budgets cookie replies together with the other loops (verify mode:
@@ -174,11 +175,10 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
     }
     if threads > 1 {
-        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        let census = SharedCensus::default();
         let budget = shards::SharedBudget::new(config.cookie_rate);
         for lp in &mut loops {
-            lp.service_mut()
-                .share_census(std::sync::Arc::clone(&census));
+            lp.service_mut().share_census(&census);
             lp.service_mut().share_cookie_budget(&budget);
         }
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
@@ -374,10 +374,11 @@ impl Service for Relay {
 
     /// This loop's share of the `udphub_rooms` gauge. With several loops
     /// a room may have members on each: the first loop reports the
-    /// relay's distinct rooms (from the shared census), the others none.
+    /// relay's distinct rooms (from the shared census, an atomic read),
+    /// the others none.
     fn rooms(&self) -> usize {
         match (&self.siblings, &self.census) {
-            (Some(s), Some(census)) if s.index() == 0 => census.rooms(),
+            (Some(s), Some(census)) if s.index() == 0 => census.open_rooms(),
             (Some(_), Some(_)) => 0,
             _ => self.hub.rooms(),
         }
