@@ -290,7 +290,7 @@ impl Hub {
                 }
             }
             Kind::Join { room, token } => {
-                counts.joins += 1;
+                counts.join_requests += 1;
                 self.join(
                     source,
                     client,
@@ -316,7 +316,7 @@ impl Hub {
             Kind::Quit => {
                 counts.quits += 1;
                 if client.is_some() && self.table.remove(&source) {
-                    counts.left += 1;
+                    counts.clients_left += 1;
                 }
                 Effect::Nothing
             }
@@ -474,7 +474,7 @@ impl Hub {
                     Ok(joined) => {
                         self.wheel
                             .schedule(joined.key, joined.generation, joined.due);
-                        counts.joined += 1;
+                        counts.clients_joined += 1;
                         tracing::debug!("{source} joined");
                         Ok(())
                     }
@@ -482,14 +482,14 @@ impl Hub {
                 },
             };
             match moved {
-                Ok(()) => counts.room_joins += 1,
+                Ok(()) => counts.joins_accepted += 1,
                 Err(_) => refusal = Some(Refusal::Full),
             }
         }
         self.reply.clear();
         match refusal {
             Some(reason) => {
-                counts.room_refused[reason.index()] += 1;
+                counts.joins_refused[reason.index()] += 1;
                 self.reply.extend_from_slice(protocol::DENIED_REPLY);
                 self.reply.extend_from_slice(reason.label().as_bytes());
             }
@@ -555,7 +555,7 @@ impl Hub {
                 let joined = self.table.insert(source, tick);
                 self.wheel
                     .schedule(joined.key, joined.generation, joined.due);
-                counts.joined += 1;
+                counts.clients_joined += 1;
                 tracing::debug!("{source} joined");
                 joined.key
             }
@@ -573,7 +573,7 @@ impl Hub {
             match self.table.settle(entry, tick) {
                 Due::Stale => {}
                 Due::Expired(addr) => {
-                    counts.expired += 1;
+                    counts.clients_expired += 1;
                     tracing::debug!("{addr} expired");
                 }
                 Due::Reschedule(at) => self.wheel.schedule(entry.key, entry.generation, at),
@@ -695,7 +695,11 @@ mod tests {
         assert_eq!(payload, b"123abc. from 127.0.0.1:3");
         assert_eq!(to, vec![1, 2, 3]);
         assert_eq!(
-            (f.counts.heartbeats, f.counts.messages, f.counts.joined),
+            (
+                f.counts.heartbeats,
+                f.counts.messages,
+                f.counts.clients_joined
+            ),
             (2, 1, 3)
         );
     }
@@ -711,7 +715,7 @@ mod tests {
         assert_eq!((answer.as_slice(), to), (&b"^timeout^2500"[..], vec![1]));
         // Unpadded, the answer would be longer than the question: silence.
         assert_eq!(f.at(0, from(2, b"^timeout^")), None);
-        assert_eq!((f.counts.heartbeats, f.counts.joined), (2, 2));
+        assert_eq!((f.counts.heartbeats, f.counts.clients_joined), (2, 2));
     }
 
     #[test]
@@ -785,7 +789,7 @@ mod tests {
         f.at(4, from(1, b"quit"));
         f.at(4, from(2, b"quit"));
         assert_eq!(f.hub.rooms(), 0);
-        assert_eq!((f.counts.joins, f.counts.room_joins), (4, 4));
+        assert_eq!((f.counts.join_requests, f.counts.joins_accepted), (4, 4));
     }
 
     #[test]
@@ -807,8 +811,8 @@ mod tests {
         let (reply, _) = f.at(0, from(2, b"^join^a/b       ")).unwrap();
         assert_eq!(reply, b"^denied^name");
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 2);
-        assert_eq!(f.counts.room_refused[Refusal::Name.index()], 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Full.index()], 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Name.index()], 2);
         // Refused newcomers were not registered.
         assert_eq!(f.hub.clients(), 1);
     }
@@ -828,8 +832,8 @@ mod tests {
         let (reply, _) = f.at(2, from(2, b"^join^one      ")).unwrap();
         assert_eq!(reply, b"^denied^full");
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 1);
-        assert_eq!(f.counts.room_joins, 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Full.index()], 1);
+        assert_eq!(f.counts.joins_accepted, 2);
     }
 
     #[test]
@@ -902,7 +906,7 @@ mod tests {
             reached_silent_after_timeout, 0,
             "nothing reaches the silent member"
         );
-        assert_eq!(f.counts.expired, 1, "the silent member expired");
+        assert_eq!(f.counts.clients_expired, 1, "the silent member expired");
         assert_eq!(f.hub.clients(), 1, "the talker, proving itself, stayed");
         // Before it expired, the forged heartbeats, keepalives and timeout
         // questions were unproven; after, everything from its address is
@@ -940,7 +944,7 @@ mod tests {
         }
         let (_, to) = f.at(4_000, from(2, b"still here?")).unwrap();
         assert_eq!(to, vec![1, 2], "both alive, both in red");
-        assert_eq!(f.counts.expired, 0);
+        assert_eq!(f.counts.clients_expired, 0);
         // A stale cookie (another key's) from a member: a fresh cookie comes
         // back if the datagram is long enough, and nothing is extended.
         let other = CookieKey::new([5; 32], t0);
@@ -990,7 +994,7 @@ mod tests {
             assert_eq!(reply, b"^denied^token", "case {n}");
         }
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Token.index()], 5);
+        assert_eq!(f.counts.joins_refused[Refusal::Token.index()], 5);
         // The open lobby needs no token.
         assert_eq!(f.at(0, from(3, b"^join^")).unwrap().0, b"^room^");
     }
@@ -1045,7 +1049,7 @@ mod tests {
         assert_eq!(f.at(0, from(1, b" quit\n")), None);
         let (_, to) = f.at(0, from(2, b"left?")).unwrap();
         assert_eq!(to, vec![2]);
-        assert_eq!((f.counts.quits, f.counts.left), (2, 1));
+        assert_eq!((f.counts.quits, f.counts.clients_left), (2, 1));
         assert_eq!(f.hub.clients(), 1);
     }
 
@@ -1095,16 +1099,16 @@ mod tests {
         assert!(!f
             .hub
             .expire(f.t0 + Duration::from_millis(99), 64, &mut f.counts));
-        assert_eq!(f.counts.expired, 0);
+        assert_eq!(f.counts.clients_expired, 0);
         f.hub
             .expire(f.t0 + Duration::from_millis(101), 64, &mut f.counts);
-        assert_eq!((f.counts.expired, f.hub.clients()), (1, 1));
+        assert_eq!((f.counts.clients_expired, f.hub.clients()), (1, 1));
         // A message at 120 ms reaches only client 2 (and the sender, 3).
         let (_, to) = f.at(120, from(3, b"who?")).unwrap();
         assert_eq!(to, vec![2, 3]);
         f.hub
             .expire(f.t0 + Duration::from_millis(162), 64, &mut f.counts);
-        assert_eq!(f.counts.expired, 2);
+        assert_eq!(f.counts.clients_expired, 2);
     }
 
     #[test]
@@ -1132,7 +1136,7 @@ mod tests {
         while f.hub.expire(later, 8, &mut f.counts) {
             calls += 1;
         }
-        assert_eq!(f.counts.expired, 50);
+        assert_eq!(f.counts.clients_expired, 50);
         assert_eq!(calls, 7);
         assert_eq!(f.hub.next_timer(), None);
     }
