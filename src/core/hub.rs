@@ -85,10 +85,10 @@ pub enum Effect<'a> {
 /// One message to fan out: the bytes, rendered once, and who gets them.
 #[derive(Debug)]
 pub struct Fanout<'a> {
-    /// The room it is for: what another loop or node needs to fan it out
-    /// to its own members (see [`Hub::relay_from_elsewhere`]).
-    pub room: RoomId,
-    /// Its name (empty for the lobby): what names it across nodes.
+    /// The name of the room it is for (empty for the lobby): what names
+    /// the room to other loops and nodes, which fan it out to their own
+    /// members ([`Hub::relay_from_elsewhere`], after [`Hub::find_room`]).
+    /// A [`RoomId`] is this hub's own and means nothing elsewhere.
     pub room_name: &'a [u8],
     /// The bytes every recipient receives.
     pub payload: &'a [u8],
@@ -347,7 +347,6 @@ impl Hub {
         };
         let skip = (!self.echo).then_some(sender);
         Effect::Fanout(Fanout {
-            room,
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, skip),
@@ -385,7 +384,6 @@ impl Hub {
     ) -> Fanout<'a> {
         let tick = self.clock.tick_at(now);
         Fanout {
-            room,
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, None),
