@@ -258,7 +258,7 @@ fn describe() {
     describe_counter!(
         "udphub_clients_joined_total",
         Unit::Count,
-        "Clients that joined."
+        "Clients registered: a new source's first admitted heartbeat, message or join (room joins are udphub_room_joins_total)."
     );
     describe_counter!(
         "udphub_clients_expired_total",

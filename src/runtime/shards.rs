@@ -165,7 +165,7 @@ pub struct Siblings {
 }
 
 /// What a loop needs from the others before they all start: its own end
-/// of every queue and every other loop's waker. Made by [`wire`].
+/// of every queue and every other loop's waker. Made by [`wire`](Unwired::wire).
 pub struct Unwired {
     index: usize,
     data_tx: Vec<(usize, SyncSender<Handoff>)>,
