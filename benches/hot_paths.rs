@@ -285,7 +285,7 @@ fn room_fanout(c: &mut Criterion) {
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
     use udphub::net::batch_io::{LocalAddr, SourceControl};
-    use udphub::net::fanout::Fanout;
+    use udphub::net::fanout::FanoutSender;
 
     let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let members: Vec<UdpSocket> = (0..100)
@@ -328,7 +328,7 @@ fn room_fanout(c: &mut Criterion) {
             }
         }
         let sender = RawAddr::from(members[0].local_addr().unwrap()).with_local(tag);
-        let mut fanout = Fanout::default();
+        let mut fanout = FanoutSender::default();
         let body = [b'm'; 64];
         let now = t0 + Duration::from_millis(1);
         g.bench_function(BenchmarkId::from_parameter(label), |b| {

@@ -22,16 +22,29 @@
 //! - [`error`]: the typed start-up error.
 //! - [`throttle`]: a log line at most once per interval, for the loops and
 //!   the cluster bridge.
-//! - [`core`]: no I/O — [`core::admission`] (every drop reason),
-//!   [`core::hub`] (the state machine), [`core::protocol`],
+//! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
+//!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
+//!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
+//!   service that executes the hub's effects), [`runtime::shards`] (several
+//!   loops on one port) and [`runtime::census`] (the counts they share),
+//!   [`runtime::reload`] (SIGHUP), [`runtime::metrics`],
+//!   [`runtime::exporter`], [`runtime::logging`] and [`runtime::watch`]
+//!   (no stranger on the relay's address).
+//! - [`cluster`]: relays sharing rooms over NATS — the loop's
+//!   [`cluster::Bus`], the [`cluster::bridge`] thread, the
+//!   [`cluster::frame`]s on the bus, and the [`cluster::interest`] in rooms.
+//! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
+//!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
-//!   [`core::addr`], [`core::counts`], [`core::cookie`], [`core::token`],
-//!   [`core::limits`], `core::census`.
+//!   [`core::addr`], [`core::counts`], [`core::cookie`] and
+//!   [`core::limits`] (verify mode's cookies and their budget),
+//!   [`core::token`] (room tokens), [`core::census`] (what the relay-wide
+//!   caps are checked against).
 //! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
-//!   the only `unsafe` code), [`net::fanout`], [`net::socket`] (one
+//!   the only `unsafe` code), [`net::fanout`], [`net::local_addrs`] (which
+//!   of the relay's addresses a reply leaves from), [`net::socket`] (one
 //!   socket, or the loops' group), [`net::steering`] (which loop a source
-//!   goes to), [`net::holders`] (who else holds an address),
-//!   [`net::local_addrs`] (which local address a client talks to).
+//!   goes to), [`net::holders`] (who else holds an address).
 //! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
 //!   each one once (where a new setting goes); flags, environment, the
 //!   TOML file, defaults, checks, reload and the docs table follow.

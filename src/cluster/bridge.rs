@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::{ClusterConfig, ClusterMetrics, Control, DropReason, Inbound, Publish};
+use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, Publish};
 use crate::error::Error;
 
 /// What the bridge thread owns.
@@ -178,7 +178,7 @@ async fn run(mut b: Bridge) {
             message = b.publish.recv() => match message {
                 Some(m) => match client.publish(m.subject, m.frame).await {
                     Ok(()) => b.metrics.published.increment(1),
-                    Err(_) => b.metrics.drop_one(DropReason::PublishError),
+                    Err(_) => b.metrics.drop_one(BusDrop::PublishError),
                 },
                 None => break,
             },
@@ -206,7 +206,7 @@ async fn forward(
         match inbound.try_send(m) {
             Ok(()) => {}
             Err(mpsc::TrySendError::Full(_)) => {
-                metrics.drop_one(DropReason::InboundFull);
+                metrics.drop_one(BusDrop::InboundFull);
                 continue;
             }
             Err(mpsc::TrySendError::Disconnected(_)) => return,

@@ -12,8 +12,9 @@
 //! - [`frame`]: the bytes on the bus (a stamp for order, dedup and gaps).
 //! - [`bridge`]: the thread that talks to NATS (async-nats on a small
 //!   current-thread runtime).
-//! - [`Link`] (here): the loop's side: bounded queues to and from the
-//!   bridge, and a mio `Waker` the bridge rings once per burst.
+//! - [`Bus`] (here): the loop's side of the bus: bounded queues to and
+//!   from the bridge, and a mio `Waker` the bridge rings once per burst.
+//!   ([`BusDrop`]: why a message to or from the bus was dropped.)
 //!
 //! Failure stays local: the loop never waits for the bus. A publish that
 //! does not fit the queue, or finds NATS down, is dropped and counted
@@ -61,7 +62,7 @@ pub fn subject(cluster: &str, room: &[u8]) -> String {
     s
 }
 
-/// Which rooms the loop wants the bridge subscribed to: an [`Interest`]
+/// Which rooms the loop wants the bridge subscribed to: an [`Interest`](interest::Interest)
 /// (coalesced per room, bounded by the rooms open, nothing lost) and the
 /// bridge's wake-up.
 #[derive(Debug, Default)]
@@ -90,43 +91,23 @@ pub struct Inbound {
     pub frame: Bytes,
 }
 
-/// Why a cluster message was dropped (`udphub_cluster_dropped_total{reason}`).
-#[derive(Debug, Clone, Copy)]
-pub enum DropReason {
-    /// The publish queue to the bridge was full (NATS slow).
-    QueueFull,
-    /// NATS was not connected.
-    Disconnected,
-    /// The NATS client refused the publish.
-    PublishError,
-    /// The queue from the bridge to the loop was full (the loop slow).
-    InboundFull,
-    /// Not a frame of ours.
-    Malformed,
-    /// Seen already (the stamp said so).
-    Duplicate,
-}
-
-impl DropReason {
-    const ALL: [DropReason; 6] = [
-        DropReason::QueueFull,
-        DropReason::Disconnected,
-        DropReason::PublishError,
-        DropReason::InboundFull,
-        DropReason::Malformed,
-        DropReason::Duplicate,
-    ];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::Disconnected => "disconnected",
-            DropReason::PublishError => "publish_error",
-            DropReason::InboundFull => "inbound_full",
-            DropReason::Malformed => "malformed",
-            DropReason::Duplicate => "duplicate",
-        }
+crate::core::labelled_enum! {
+    /// Why a message between this node and the bus was dropped
+    /// (`udphub_cluster_dropped_total{reason}`). Not a datagram's
+    /// [`DropReason`](crate::core::DropReason): these are cluster frames.
+    pub enum BusDrop {
+        /// The publish queue to the bridge was full (NATS slow).
+        QueueFull => "queue_full",
+        /// NATS was not connected.
+        Disconnected => "disconnected",
+        /// The NATS client refused the publish.
+        PublishError => "publish_error",
+        /// The queue from the bridge to the loop was full (the loop slow).
+        InboundFull => "inbound_full",
+        /// Not a frame of ours.
+        Malformed => "malformed",
+        /// Seen already (the stamp said so).
+        Duplicate => "duplicate",
     }
 }
 
@@ -139,7 +120,8 @@ pub struct ClusterMetrics {
     pub received: Counter,
     /// Messages the bus lost, from the gaps in the stamps.
     pub gap: Counter,
-    dropped: Vec<Counter>,
+    /// Drops, indexed by [`BusDrop::index`].
+    dropped: [Counter; BusDrop::COUNT],
     /// 1 while connected.
     pub connected: metrics::Gauge,
 }
@@ -179,17 +161,16 @@ impl ClusterMetrics {
             published: metrics::counter!("udphub_cluster_published_total"),
             received: metrics::counter!("udphub_cluster_received_total"),
             gap: metrics::counter!("udphub_cluster_gap_total"),
-            dropped: DropReason::ALL
-                .iter()
-                .map(|r| metrics::counter!("udphub_cluster_dropped_total", "reason" => r.label()))
-                .collect(),
+            dropped: std::array::from_fn(
+                |i| metrics::counter!("udphub_cluster_dropped_total", "reason" => BusDrop::ALL[i].label()),
+            ),
             connected,
         }
     }
 
     /// Counts one drop.
-    pub fn drop_one(&self, reason: DropReason) {
-        self.dropped[reason as usize].increment(1);
+    pub fn drop_one(&self, reason: BusDrop) {
+        self.dropped[reason.index()].increment(1);
     }
 }
 
@@ -200,8 +181,9 @@ struct Outgoing {
     seq: u64,
 }
 
-/// The loop's side of the cluster.
-pub struct Link {
+/// The loop's side of the cluster: what it publishes, what it receives,
+/// and which rooms it wants.
+pub struct Bus {
     cluster: String,
     epoch: u64,
     next_stream: u32,
@@ -216,14 +198,10 @@ pub struct Link {
     scratch: Vec<u8>,
 }
 
-impl Link {
+impl Bus {
     /// Starts the bridge thread for `config`; it rings `waker` when
     /// messages from the bus wait. `epoch` is random per process.
-    pub fn start(
-        config: &ClusterConfig,
-        waker: Arc<mio::Waker>,
-        epoch: u64,
-    ) -> Result<Link, Error> {
+    pub fn start(config: &ClusterConfig, waker: Arc<mio::Waker>, epoch: u64) -> Result<Bus, Error> {
         let metrics = ClusterMetrics::register();
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let control = Arc::new(Control::default());
@@ -240,7 +218,7 @@ impl Link {
             connected: Arc::clone(&connected),
             metrics: metrics.clone(),
         })?;
-        let mut link = Link {
+        let mut bus = Bus {
             cluster: config.name.clone(),
             epoch,
             next_stream: 1,
@@ -255,8 +233,8 @@ impl Link {
             scratch: Vec::new(),
         };
         // The lobby spans the cluster: always subscribed.
-        link.room_opened(b"");
-        Ok(link)
+        bus.room_opened(b"");
+        Ok(bus)
     }
 
     /// A room got its first member here: subscribe to it.
@@ -281,7 +259,7 @@ impl Link {
     /// counted.
     pub fn publish(&mut self, room: &[u8], body: &[u8]) {
         if !self.connected.load(Ordering::Relaxed) {
-            self.metrics.drop_one(DropReason::Disconnected);
+            self.metrics.drop_one(BusDrop::Disconnected);
             return;
         }
         if !self.outgoing.contains_key(room) {
@@ -312,7 +290,7 @@ impl Link {
         };
         if self.publish.try_send(message).is_err() {
             // The receivers will see the gap in this stream.
-            self.metrics.drop_one(DropReason::QueueFull);
+            self.metrics.drop_one(BusDrop::QueueFull);
         }
     }
 
@@ -325,7 +303,7 @@ impl Link {
         self.wake_pending.store(false, Ordering::SeqCst);
         while let Ok(m) = self.inbound.try_recv() {
             let Some((stamp, body)) = frame::decode(&m.frame) else {
-                self.metrics.drop_one(DropReason::Malformed);
+                self.metrics.drop_one(BusDrop::Malformed);
                 continue;
             };
             // A room closed here a moment ago has no streams (and no
@@ -333,7 +311,7 @@ impl Link {
             if let Some(streams) = self.incoming.get_mut(&m.room) {
                 match streams.check(stamp) {
                     frame::Order::Duplicate => {
-                        self.metrics.drop_one(DropReason::Duplicate);
+                        self.metrics.drop_one(BusDrop::Duplicate);
                         continue;
                     }
                     frame::Order::After { missed } => self.metrics.gap.increment(missed),
@@ -343,11 +321,6 @@ impl Link {
             self.metrics.received.increment(1);
             deliver(&m.room, body);
         }
-    }
-
-    /// Whether NATS is connected now.
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
     }
 }
 

@@ -390,6 +390,7 @@ impl Admission {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::time::Instant;
 
     fn from(port: u16) -> Option<RawAddr> {
         Some(SocketAddr::from(([127, 0, 0, 1], port)).into())
@@ -429,22 +430,17 @@ mod tests {
         assert!(Admission::envelope(&arrival(b"x")).is_ok());
     }
 
-    /// The instant every test's cookie key is born at.
-    fn born() -> std::time::Instant {
-        use std::sync::OnceLock;
-        static BORN: OnceLock<std::time::Instant> = OnceLock::new();
-        *BORN.get_or_init(std::time::Instant::now)
-    }
-
-    fn when(secs: u64) -> When {
+    /// `secs` after `born`, the instant a test's cookie key is born at.
+    fn when(born: Instant, secs: u64) -> When {
         When {
             tick: 0,
             nanos: secs * 1_000_000_000,
-            at: born() + std::time::Duration::from_secs(secs),
+            at: born + std::time::Duration::from_secs(secs),
         }
     }
 
     fn verdict(
+        born: Instant,
         a: &mut Admission,
         t: &mut Table,
         d: &[u8],
@@ -454,7 +450,7 @@ mod tests {
             source: from(port),
             ..arrival(d)
         };
-        match a.admit(&one, t, when(1_000)) {
+        match a.admit(&one, t, when(born, 1_000)) {
             Verdict::Admit(ad) => Ok(ad.client),
             Verdict::Drop(r) => Err(r),
             Verdict::Challenge(_) => Err(DropReason::Unverified),
@@ -463,48 +459,57 @@ mod tests {
 
     #[test]
     fn a_full_table_refuses_newcomers_but_not_members_or_quits() {
+        let born = Instant::now();
         let mut a = Admission::new(2, true);
         let mut t = Table::new(100);
         t.insert(from(1).unwrap(), 0);
         t.insert(from(2).unwrap(), 0);
         for d in [&b"^hb^"[..], b"hello", b""] {
             assert_eq!(
-                verdict(&mut a, &mut t, d, 3),
+                verdict(born, &mut a, &mut t, d, 3),
                 Err(DropReason::TableFull),
                 "{d:?}"
             );
-            assert!(verdict(&mut a, &mut t, d, 1).unwrap().is_some());
+            assert!(verdict(born, &mut a, &mut t, d, 1).unwrap().is_some());
         }
-        assert_eq!(verdict(&mut a, &mut t, b"quit", 3), Ok(None));
+        assert_eq!(verdict(born, &mut a, &mut t, b"quit", 3), Ok(None));
     }
 
     #[test]
     fn a_closed_lobby_lets_only_joins_quits_and_room_members_through() {
+        let born = Instant::now();
         let mut a = Admission::new(10, false);
         let mut t = Table::new(100);
         t.insert(from(1).unwrap(), 0);
         let k2 = t.insert(from(2).unwrap(), 0).key;
         t.move_to(k2, b"r").unwrap();
         for d in [&b"^hb^"[..], b"hi", b"^timeout^"] {
-            assert_eq!(verdict(&mut a, &mut t, d, 9), Err(DropReason::LobbyClosed));
-            assert_eq!(verdict(&mut a, &mut t, d, 1), Err(DropReason::LobbyClosed));
-            assert!(verdict(&mut a, &mut t, d, 2).is_ok());
+            assert_eq!(
+                verdict(born, &mut a, &mut t, d, 9),
+                Err(DropReason::LobbyClosed)
+            );
+            assert_eq!(
+                verdict(born, &mut a, &mut t, d, 1),
+                Err(DropReason::LobbyClosed)
+            );
+            assert!(verdict(born, &mut a, &mut t, d, 2).is_ok());
         }
-        assert!(verdict(&mut a, &mut t, b"^join^r^t", 9).is_ok());
-        assert!(verdict(&mut a, &mut t, b"quit", 1).is_ok());
+        assert!(verdict(born, &mut a, &mut t, b"^join^r^t", 9).is_ok());
+        assert!(verdict(born, &mut a, &mut t, b"quit", 1).is_ok());
     }
 
     #[test]
     fn verify_mode_lets_nothing_register_without_a_cookie() {
-        let key = CookieKey::new([3; 32], born());
+        let born = Instant::now();
+        let key = CookieKey::new([3; 32], born);
         let mut a = Admission::new(10, true).verify_sources(Verify::new(
             key.clone(),
-            Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born())),
+            Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born)),
         ));
         let mut t = Table::new(100);
         let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
         assert_eq!(
-            verdict(&mut a, &mut t, b"hi", 1),
+            verdict(born, &mut a, &mut t, b"hi", 1),
             Err(DropReason::Unverified)
         );
         let hi = Arrival {
@@ -512,26 +517,26 @@ mod tests {
             ..arrival(&hello)
         };
         assert!(matches!(
-            a.admit(&hi, &mut t, when(1_000)),
+            a.admit(&hi, &mut t, when(born, 1_000)),
             Verdict::Challenge(DropReason::Unverified)
         ));
         let good = [
             &b"^cookie^"[..],
-            &key.make(&from(1).unwrap(), when(1_000).at),
+            &key.make(&from(1).unwrap(), when(born, 1_000).at),
         ]
         .concat();
         assert_eq!(
-            verdict(&mut a, &mut t, &good, 1),
+            verdict(born, &mut a, &mut t, &good, 1),
             Ok(None),
             "admitted, not yet a client"
         );
         assert_eq!(
-            verdict(&mut a, &mut t, &good, 2),
+            verdict(born, &mut a, &mut t, &good, 2),
             Err(DropReason::BadCookie),
             "another port's"
         );
         assert_eq!(
-            verdict(&mut a, &mut t, b"^cookie^AAAAAAAAAAAAAAAAAAAAAA", 1),
+            verdict(born, &mut a, &mut t, b"^cookie^AAAAAAAAAAAAAAAAAAAAAA", 1),
             Err(DropReason::BadCookie)
         );
         // A bad cookie long enough to answer gets a fresh one: how a client
@@ -542,16 +547,16 @@ mod tests {
             ..arrival(&stale)
         };
         assert!(matches!(
-            a.admit(&one, &mut t, when(1_000)),
+            a.admit(&one, &mut t, when(born, 1_000)),
             Verdict::Challenge(DropReason::BadCookie)
         ));
         // A member: talks freely, but quit, join, heartbeats and timeout
         // questions need its cookie.
         t.insert(from(1).unwrap(), 0);
-        assert!(verdict(&mut a, &mut t, b"hi", 1).is_ok());
+        assert!(verdict(born, &mut a, &mut t, b"hi", 1).is_ok());
         for unproven in [&b"quit"[..], b"^join^r", b"^hb^", b"", b"^timeout^"] {
             assert_eq!(
-                verdict(&mut a, &mut t, unproven, 1),
+                verdict(born, &mut a, &mut t, unproven, 1),
                 Err(DropReason::Unproven),
                 "{unproven:?}"
             );
@@ -561,7 +566,7 @@ mod tests {
                 source: from(1),
                 ..arrival(d)
             };
-            match a.admit(&one, t, when(1_000)) {
+            match a.admit(&one, t, when(born, 1_000)) {
                 Verdict::Admit(ad) => Some(ad.proves_liveness),
                 _ => None,
             }
@@ -582,7 +587,7 @@ mod tests {
             "the cookie does"
         );
         let quit = [&good[..], b"^quit"].concat();
-        assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
+        assert!(verdict(born, &mut a, &mut t, &quit, 1).is_ok());
         // The cookie budget: 100 replies per /24 at once, then its rate.
         let challenged = (100..300)
             .filter(|p| {
@@ -590,7 +595,10 @@ mod tests {
                     source: from(*p),
                     ..arrival(&hello)
                 };
-                matches!(a.admit(&hi, &mut t, when(1_000)), Verdict::Challenge(_))
+                matches!(
+                    a.admit(&hi, &mut t, when(born, 1_000)),
+                    Verdict::Challenge(_)
+                )
             })
             .count();
         assert_eq!(challenged, 98, "the /24 had 2 of its 100 spent already");
@@ -598,13 +606,14 @@ mod tests {
 
     #[test]
     fn a_proven_heartbeat_is_never_rate_limited() {
+        let born = Instant::now();
         // A spoofer sending messages in a member's name spends its rate
         // budget, but cannot get the member's proven heartbeats refused.
-        let key = CookieKey::new([3; 32], born());
+        let key = CookieKey::new([3; 32], born);
         let mut a = Admission::new(10, true)
             .verify_sources(Verify::new(
                 key.clone(),
-                Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born())),
+                Box::new(Verify::local_budget(COOKIE_PREFIX_RATE, born)),
             ))
             .client_rate(0.0, 2.0);
         let mut t = Table::new(100);
@@ -612,17 +621,19 @@ mod tests {
         t.insert(from(1).unwrap(), 0);
         let good = [
             &b"^cookie^"[..],
-            &key.make(&from(1).unwrap(), when(1_000).at),
+            &key.make(&from(1).unwrap(), when(born, 1_000).at),
         ]
         .concat();
-        let sent: Vec<_> = (0..4).map(|_| verdict(&mut a, &mut t, b"m", 1)).collect();
+        let sent: Vec<_> = (0..4)
+            .map(|_| verdict(born, &mut a, &mut t, b"m", 1))
+            .collect();
         assert_eq!(sent[3], Err(DropReason::RateLimited));
-        assert!(verdict(&mut a, &mut t, &good, 1).is_ok());
+        assert!(verdict(born, &mut a, &mut t, &good, 1).is_ok());
         let quit = [&good[..], b"^quit"].concat();
-        assert!(verdict(&mut a, &mut t, &quit, 1).is_ok());
+        assert!(verdict(born, &mut a, &mut t, &quit, 1).is_ok());
         let join = [&good[..], b"^join^r"].concat();
         assert_eq!(
-            verdict(&mut a, &mut t, &join, 1),
+            verdict(born, &mut a, &mut t, &join, 1),
             Err(DropReason::RateLimited),
             "a move is not spared"
         );
@@ -630,6 +641,7 @@ mod tests {
 
     #[test]
     fn rate_limits_and_per_ip_caps() {
+        let born = Instant::now();
         let mut a = Admission::new(10, true)
             .client_rate(1.0, 3.0)
             .max_clients_per_ip(2);
@@ -638,8 +650,13 @@ mod tests {
         t.count_per_ip();
         t.insert(from(1).unwrap(), 0);
         t.insert(from(2).unwrap(), 0);
-        assert_eq!(verdict(&mut a, &mut t, b"^hb^", 3), Err(DropReason::IpFull));
-        let sent: Vec<_> = (0..5).map(|_| verdict(&mut a, &mut t, b"m", 1)).collect();
+        assert_eq!(
+            verdict(born, &mut a, &mut t, b"^hb^", 3),
+            Err(DropReason::IpFull)
+        );
+        let sent: Vec<_> = (0..5)
+            .map(|_| verdict(born, &mut a, &mut t, b"m", 1))
+            .collect();
         assert_eq!(sent.iter().filter(|v| v.is_ok()).count(), 3, "{sent:?}");
         assert_eq!(sent[4], Err(DropReason::RateLimited));
     }

@@ -32,7 +32,7 @@ use crate::core::addr::RawAddr;
 pub const EPOCH_SECS: u64 = 120;
 /// Bytes of MAC a cookie carries.
 const TAG_LEN: usize = 16;
-/// Length of a cookie on the wire (base64url of [`TAG_LEN`] bytes).
+/// Length of a cookie on the wire (base64url of `TAG_LEN` bytes).
 pub const COOKIE_LEN: usize = 22;
 
 /// The relay's cookie key, and the instant its epochs count from. Never

@@ -40,22 +40,30 @@ labelled_enum! {
     }
 }
 
-/// Counts gathered between two flushes.
-#[derive(Debug, Default, Clone)]
+/// Counts gathered between two flushes. Each field names what it counts;
+/// the metric it is added to is in its doc (the metric names are the
+/// contract, see docs/OPERATIONS.md).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Counts {
-    /// Heartbeats and empty keepalives.
+    /// Heartbeats and empty keepalives
+    /// (`udphub_datagrams_received_total{kind="heartbeat"}`).
     pub heartbeats: u64,
-    /// `quit`s (also from senders that were not clients).
+    /// `quit`s, also from senders that were not clients
+    /// (`{kind="quit"}`).
     pub quits: u64,
-    /// Messages fanned out.
+    /// Messages fanned out (`{kind="message"}`).
     pub messages: u64,
-    /// `^join^` requests, accepted or refused.
-    pub joins: u64,
-    /// Joins accepted.
-    pub room_joins: u64,
-    /// Joins refused, indexed by [`Refusal::index`].
-    pub room_refused: [u64; Refusal::COUNT],
-    /// Datagram drops, indexed by [`DropReason::index`].
+    /// `^join^` requests that passed admission, accepted or refused
+    /// (`{kind="join"}`).
+    pub join_requests: u64,
+    /// Join requests accepted: answered `^room^`
+    /// (`udphub_room_joins_total`).
+    pub joins_accepted: u64,
+    /// Join requests refused, indexed by [`Refusal::index`]
+    /// (`udphub_room_join_refused_total{reason}`).
+    pub joins_refused: [u64; Refusal::COUNT],
+    /// Datagram drops, indexed by [`DropReason::index`]
+    /// (`udphub_dropped_total{reason}`).
     pub dropped: [u64; DropReason::COUNT],
     /// Deliveries the fan-outs attempted.
     pub recipients: u64,
@@ -63,12 +71,13 @@ pub struct Counts {
     pub delivered: u64,
     /// Deliveries dropped, indexed by [`DeliveryDrop::index`].
     pub delivery_dropped: [u64; DeliveryDrop::COUNT],
-    /// Clients that joined.
-    pub joined: u64,
-    /// Clients expired by the wheel.
-    pub expired: u64,
-    /// Clients that sent `quit`.
-    pub left: u64,
+    /// Clients registered in the table, by any datagram that registers
+    /// one (a heartbeat, a message, a join) (`udphub_clients_joined_total`).
+    pub clients_joined: u64,
+    /// Clients expired by the wheel (`udphub_clients_expired_total`).
+    pub clients_expired: u64,
+    /// Clients that sent `quit` (`udphub_clients_left_total`).
+    pub clients_left: u64,
     /// Datagrams the kernel dropped before we read them (SO_RXQ_OVFL delta).
     pub kernel_rx_dropped: u64,
     /// `recvmmsg` calls that failed with something other than `WouldBlock`.
@@ -91,8 +100,13 @@ impl Counts {
         self.dropped[reason.index()] += 1;
     }
 
-    /// Datagrams accounted for: heartbeats + quits + messages + joins + drops.
+    /// Datagrams accounted for: heartbeats + quits + messages + join
+    /// requests + drops.
     pub fn received(&self) -> u64 {
-        self.heartbeats + self.quits + self.messages + self.joins + self.dropped.iter().sum::<u64>()
+        self.heartbeats
+            + self.quits
+            + self.messages
+            + self.join_requests
+            + self.dropped.iter().sum::<u64>()
     }
 }

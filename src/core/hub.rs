@@ -85,10 +85,10 @@ pub enum Effect<'a> {
 /// One message to fan out: the bytes, rendered once, and who gets them.
 #[derive(Debug)]
 pub struct Fanout<'a> {
-    /// The room it is for: what another loop or node needs to fan it out
-    /// to its own members (see [`Hub::relay_from_elsewhere`]).
-    pub room: RoomId,
-    /// Its name (empty for the lobby): what names it across nodes.
+    /// The name of the room it is for (empty for the lobby): what names
+    /// the room to other loops and nodes, which fan it out to their own
+    /// members ([`Hub::relay_from_elsewhere`], after [`Hub::find_room`]).
+    /// A [`RoomId`] is this hub's own and means nothing elsewhere.
     pub room_name: &'a [u8],
     /// The bytes every recipient receives.
     pub payload: &'a [u8],
@@ -299,7 +299,7 @@ impl Hub {
                 }
             }
             Kind::Join { room, token } => {
-                counts.joins += 1;
+                counts.join_requests += 1;
                 self.join(
                     source,
                     client,
@@ -325,7 +325,7 @@ impl Hub {
             Kind::Quit => {
                 counts.quits += 1;
                 if client.is_some() && self.table.remove(&source) {
-                    counts.left += 1;
+                    counts.clients_left += 1;
                 }
                 Effect::Nothing
             }
@@ -356,7 +356,6 @@ impl Hub {
         };
         let skip = (!self.echo).then_some(sender);
         Effect::Fanout(Fanout {
-            room,
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, skip),
@@ -394,7 +393,6 @@ impl Hub {
     ) -> Fanout<'a> {
         let tick = self.clock.tick_at(now);
         Fanout {
-            room,
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, None),
@@ -416,10 +414,13 @@ impl Hub {
         }
     }
 
-    /// Counts clients together with the relay's other loops (`--threads`),
-    /// so that `--max-clients` and `--max-clients-per-ip` cap the relay,
-    /// not each loop. Call before any datagram.
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
+    /// Counts clients and room members together with the relay's other
+    /// loops (`--threads`), so that `--max-clients`,
+    /// `--max-clients-per-ip`, `--max-rooms` and `--max-room-clients` cap
+    /// the relay, not each loop. Call before any datagram; without it the
+    /// hub keeps a [`LocalCensus`](crate::core::census::LocalCensus) of its
+    /// own.
+    pub fn share_census(&mut self, census: Box<dyn crate::core::census::Census>) {
         self.table.share_census(census);
     }
 
@@ -490,7 +491,7 @@ impl Hub {
                     Ok(joined) => {
                         self.wheel
                             .schedule(joined.key, joined.generation, joined.due);
-                        counts.joined += 1;
+                        counts.clients_joined += 1;
                         tracing::debug!("{source} joined");
                         Ok(())
                     }
@@ -498,14 +499,14 @@ impl Hub {
                 },
             };
             match moved {
-                Ok(()) => counts.room_joins += 1,
+                Ok(()) => counts.joins_accepted += 1,
                 Err(_) => refusal = Some(Refusal::Full),
             }
         }
         self.reply.clear();
         match refusal {
             Some(reason) => {
-                counts.room_refused[reason.index()] += 1;
+                counts.joins_refused[reason.index()] += 1;
                 self.reply.extend_from_slice(protocol::DENIED_REPLY);
                 self.reply.extend_from_slice(reason.label().as_bytes());
             }
@@ -571,7 +572,7 @@ impl Hub {
                 let joined = self.table.insert(source, tick);
                 self.wheel
                     .schedule(joined.key, joined.generation, joined.due);
-                counts.joined += 1;
+                counts.clients_joined += 1;
                 tracing::debug!("{source} joined");
                 joined.key
             }
@@ -589,7 +590,7 @@ impl Hub {
             match self.table.settle(entry, tick) {
                 Due::Stale => {}
                 Due::Expired(addr) => {
-                    counts.expired += 1;
+                    counts.clients_expired += 1;
                     tracing::debug!("{addr} expired");
                 }
                 Due::Reschedule(at) => self.wheel.schedule(entry.key, entry.generation, at),
@@ -632,6 +633,7 @@ mod tests {
 
     use super::*;
     use crate::core::admission::DropReason;
+    use crate::core::census::{Census, LocalCensus};
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -710,7 +712,11 @@ mod tests {
         assert_eq!(payload, b"123abc. from 127.0.0.1:3");
         assert_eq!(to, vec![1, 2, 3]);
         assert_eq!(
-            (f.counts.heartbeats, f.counts.messages, f.counts.joined),
+            (
+                f.counts.heartbeats,
+                f.counts.messages,
+                f.counts.clients_joined
+            ),
             (2, 1, 3)
         );
     }
@@ -726,7 +732,7 @@ mod tests {
         assert_eq!((answer.as_slice(), to), (&b"^timeout^2500"[..], vec![1]));
         // Unpadded, the answer would be longer than the question: silence.
         assert_eq!(f.at(0, from(2, b"^timeout^")), None);
-        assert_eq!((f.counts.heartbeats, f.counts.joined), (2, 2));
+        assert_eq!((f.counts.heartbeats, f.counts.clients_joined), (2, 2));
     }
 
     #[test]
@@ -800,7 +806,7 @@ mod tests {
         f.at(4, from(1, b"quit"));
         f.at(4, from(2, b"quit"));
         assert_eq!(f.hub.rooms(), 0);
-        assert_eq!((f.counts.joins, f.counts.room_joins), (4, 4));
+        assert_eq!((f.counts.join_requests, f.counts.joins_accepted), (4, 4));
     }
 
     #[test]
@@ -822,8 +828,8 @@ mod tests {
         let (reply, _) = f.at(0, from(2, b"^join^a/b       ")).unwrap();
         assert_eq!(reply, b"^denied^name");
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 2);
-        assert_eq!(f.counts.room_refused[Refusal::Name.index()], 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Full.index()], 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Name.index()], 2);
         // Refused newcomers were not registered.
         assert_eq!(f.hub.clients(), 1);
     }
@@ -843,23 +849,24 @@ mod tests {
         let (reply, _) = f.at(2, from(2, b"^join^one      ")).unwrap();
         assert_eq!(reply, b"^denied^full");
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Full.index()], 1);
-        assert_eq!(f.counts.room_joins, 2);
+        assert_eq!(f.counts.joins_refused[Refusal::Full.index()], 1);
+        assert_eq!(f.counts.joins_accepted, 2);
     }
 
     #[test]
     fn a_join_is_answered_from_what_the_move_did() {
         // Another loop fills the room between any check and the move (here:
-        // before the join; the census is what the loops share): the answer
-        // is the refusal, and the client stays where it was.
-        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        // before the join; the census is what the loops share, and this one
+        // counts that loop's member): the answer is the refusal, and the
+        // client stays where it was.
+        let mut elsewhere = LocalCensus::default();
+        elsewhere.member_added(b"one");
         let mut f = Fixture::new(HubConfig {
             max_room_clients: 1,
             ..config()
         });
-        f.hub.share_census(std::sync::Arc::clone(&census));
+        f.hub.share_census(Box::new(elsewhere));
         f.at(0, from(1, b"^hb^"));
-        census.member_added(b"one");
         let (reply, _) = f.at(1, from(1, b"^join^one      ")).unwrap();
         assert_eq!(reply, b"^denied^full");
         let (reply, _) = f.at(1, from(2, b"^join^one      ")).unwrap();
@@ -916,7 +923,7 @@ mod tests {
             reached_silent_after_timeout, 0,
             "nothing reaches the silent member"
         );
-        assert_eq!(f.counts.expired, 1, "the silent member expired");
+        assert_eq!(f.counts.clients_expired, 1, "the silent member expired");
         assert_eq!(f.hub.clients(), 1, "the talker, proving itself, stayed");
         // Before it expired, the forged heartbeats, keepalives and timeout
         // questions were unproven; after, everything from its address is
@@ -954,7 +961,7 @@ mod tests {
         }
         let (_, to) = f.at(4_000, from(2, b"still here?")).unwrap();
         assert_eq!(to, vec![1, 2], "both alive, both in red");
-        assert_eq!(f.counts.expired, 0);
+        assert_eq!(f.counts.clients_expired, 0);
         // A stale cookie (another key's) from a member: a fresh cookie comes
         // back if the datagram is long enough, and nothing is extended.
         let other = CookieKey::new([5; 32], t0);
@@ -996,7 +1003,7 @@ mod tests {
                 .expire(t0 + Duration::from_millis(ms), 1_000, &mut f.counts);
         }
         assert_eq!(
-            f.counts.expired, 0,
+            f.counts.clients_expired, 0,
             "the member heartbeating with its cookie stays"
         );
         assert_eq!(f.hub.clients(), 1);
@@ -1050,7 +1057,7 @@ mod tests {
                 .expire(t0 + Duration::from_millis(step * 300), 1_000, &mut f.counts);
         }
         assert_eq!(
-            f.counts.expired, 0,
+            f.counts.clients_expired, 0,
             "the member heartbeating with its cookie stays"
         );
     }
@@ -1115,7 +1122,7 @@ mod tests {
             f.hub
                 .expire(t0 + Duration::from_millis(step * 300), 1_000, &mut f.counts);
         }
-        assert_eq!(f.counts.expired, 0);
+        assert_eq!(f.counts.clients_expired, 0);
         verified(&mut f, &key, 2, 2_900);
         let (_, to) = f.at(3_000, from(1, b"still in vip")).unwrap();
         assert_eq!(to, vec![1], "not the lobby's member");
@@ -1145,7 +1152,7 @@ mod tests {
             assert_eq!(reply, b"^denied^token", "case {n}");
         }
         use crate::core::counts::Refusal;
-        assert_eq!(f.counts.room_refused[Refusal::Token.index()], 5);
+        assert_eq!(f.counts.joins_refused[Refusal::Token.index()], 5);
         // The open lobby needs no token.
         assert_eq!(f.at(0, from(3, b"^join^")).unwrap().0, b"^room^");
     }
@@ -1200,7 +1207,7 @@ mod tests {
         assert_eq!(f.at(0, from(1, b" quit\n")), None);
         let (_, to) = f.at(0, from(2, b"left?")).unwrap();
         assert_eq!(to, vec![2]);
-        assert_eq!((f.counts.quits, f.counts.left), (2, 1));
+        assert_eq!((f.counts.quits, f.counts.clients_left), (2, 1));
         assert_eq!(f.hub.clients(), 1);
     }
 
@@ -1250,16 +1257,16 @@ mod tests {
         assert!(!f
             .hub
             .expire(f.t0 + Duration::from_millis(99), 64, &mut f.counts));
-        assert_eq!(f.counts.expired, 0);
+        assert_eq!(f.counts.clients_expired, 0);
         f.hub
             .expire(f.t0 + Duration::from_millis(101), 64, &mut f.counts);
-        assert_eq!((f.counts.expired, f.hub.clients()), (1, 1));
+        assert_eq!((f.counts.clients_expired, f.hub.clients()), (1, 1));
         // A message at 120 ms reaches only client 2 (and the sender, 3).
         let (_, to) = f.at(120, from(3, b"who?")).unwrap();
         assert_eq!(to, vec![2, 3]);
         f.hub
             .expire(f.t0 + Duration::from_millis(162), 64, &mut f.counts);
-        assert_eq!(f.counts.expired, 2);
+        assert_eq!(f.counts.clients_expired, 2);
     }
 
     #[test]
@@ -1287,7 +1294,7 @@ mod tests {
         while f.hub.expire(later, 8, &mut f.counts) {
             calls += 1;
         }
-        assert_eq!(f.counts.expired, 50);
+        assert_eq!(f.counts.clients_expired, 50);
         assert_eq!(calls, 7);
         assert_eq!(f.hub.next_timer(), None);
     }

@@ -5,8 +5,15 @@
 //! get any relevant timestamps from the operating system"). The caller
 //! passes `now` and the datagram's bytes in; decisions come back out as
 //! values ([`hub::Effect`]) for the runtime to carry out with the batched
-//! syscalls. That is what lets them be tested without sockets, fuzzed, and
-//! driven by more than one runtime (several loops, a cluster bridge).
+//! syscalls. That is what lets them be tested without sockets, fuzzed,
+//! replayed (`tests/replay.rs`), and driven by more than one runtime
+//! (several loops, a cluster bridge).
+//!
+//! Nothing here takes a lock, touches an atomic or starts a thread. What
+//! the loops of one relay share reaches the hub through an interface the
+//! core owns, with a plain implementation here and a shared one in the
+//! runtime: [`census::Census`] (the relay-wide caps) and
+//! [`limits::CookieBudget`] (verify mode's cookie replies).
 //!
 //! - [`protocol`]: what a datagram means; the `--format` template.
 //! - [`addr`]: client addresses kept in the kernel's `sockaddr` layout.
@@ -18,7 +25,11 @@
 //! - [`token`]: room tokens (HS256 JWTs): verify and mint.
 //! - [`wheel`]: the hashed timer wheel for heartbeat expiry.
 //! - [`clock`]: instants to wheel ticks.
-//! - [`limits`]: token buckets, and the bounded per-prefix table.
+//! - [`limits`]: token buckets, the bounded per-prefix table, and the
+//!   cookie-reply budget's interface ([`limits::CookieBudget`]).
+//! - [`census`]: the relay-wide counts the caps are checked against: the
+//!   [`census::Census`] interface and its plain local implementation
+//!   (the loops of `--threads` share the runtime's).
 //! - [`hub`]: the relay's state machine, which ties them together.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
@@ -58,6 +69,7 @@ macro_rules! labelled_enum {
         }
     };
 }
+pub(crate) use labelled_enum;
 
 pub mod addr;
 pub mod admission;

@@ -10,9 +10,12 @@
 //! where every client that never joined lives, v1's one group. Named rooms
 //! are made by their first join and freed when their last member leaves;
 //! their ids are reused. Both caps (`--max-rooms`, `--max-room-clients`)
-//! are checked here.
+//! are checked here, against the relay's counts ([`Census`]): every member
+//! added or removed here is told to it.
 
 use hashbrown::HashMap;
+
+use crate::core::census::Census;
 
 /// A room's identity within one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,9 +72,6 @@ pub struct Rooms {
     max_members: usize,
     /// Rooms opened and closed since last taken, if tracked.
     changes: Option<Vec<RoomChange>>,
-    /// Member counts shared with the relay's other loops (`--threads`):
-    /// the caps are then the relay's.
-    census: Option<std::sync::Arc<crate::core::census::Census>>,
 }
 
 impl Default for Rooms {
@@ -92,7 +92,6 @@ impl Rooms {
             max_rooms,
             max_members,
             changes: None,
-            census: None,
         }
     }
 
@@ -101,30 +100,6 @@ impl Rooms {
     pub fn set_limits(&mut self, max_rooms: usize, max_members: usize) {
         self.max_rooms = max_rooms;
         self.max_members = max_members;
-    }
-
-    /// Counts members with the relay's other loops from now on (call it
-    /// before anyone joins a room): `--max-room-clients` and `--max-rooms`
-    /// then cap the relay's rooms, not this loop's.
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
-        self.census = Some(census);
-    }
-
-    /// Members of `room` called `name`: here, or in the whole relay.
-    fn members_in_all(&self, room: RoomId, name: &[u8]) -> usize {
-        match &self.census {
-            Some(c) => c.members(name),
-            None => self.members(room).len(),
-        }
-    }
-
-    /// Whether a room called `name`, not open here, would be one too many.
-    fn too_many_rooms(&self, name: &[u8]) -> bool {
-        match &self.census {
-            // Open on another loop: not a new room for the relay.
-            Some(c) => c.members(name) == 0 && c.rooms() >= self.max_rooms,
-            None => self.by_name.len() >= self.max_rooms,
-        }
     }
 
     /// Records from now on every named room opened and closed, for
@@ -160,20 +135,23 @@ impl Rooms {
         self.by_name.get(name).copied()
     }
 
-    /// The room called `name` with room for one more member, made if need
-    /// be. `name` must be [`valid_name`] or empty (the lobby, never full).
-    pub fn open(&mut self, name: &[u8]) -> Result<RoomId, Full> {
+    /// The room called `name` with room for one more member in the relay
+    /// (`census`), made here if need be. `name` must be [`valid_name`] or
+    /// empty (the lobby, never full).
+    pub fn open(&mut self, name: &[u8], census: &dyn Census) -> Result<RoomId, Full> {
         if let Some(room) = self.find(name) {
-            if room != LOBBY && self.members_in_all(room, name) >= self.max_members {
+            if room != LOBBY && census.members(name) >= self.max_members {
                 return Err(Full::Members);
             }
             return Ok(room);
         }
-        let members_elsewhere = self.census.as_ref().map_or(0, |c| c.members(name));
-        if self.max_members == 0 || members_elsewhere >= self.max_members {
+        // Not open here; it may be on another loop of the relay, with
+        // members, and then it is not a new room for `--max-rooms`.
+        let members = census.members(name);
+        if self.max_members == 0 || members >= self.max_members {
             return Err(Full::Members);
         }
-        if self.too_many_rooms(name) {
+        if members == 0 && census.rooms() >= self.max_rooms {
             return Err(Full::Rooms);
         }
         let name: Box<[u8]> = name.into();
@@ -195,28 +173,15 @@ impl Rooms {
         Ok(room)
     }
 
-    /// Whether [`open`](Self::open) would succeed for `name`, without
-    /// making anything.
-    pub fn check(&self, name: &[u8]) -> Result<(), Full> {
-        let elsewhere = || self.census.as_ref().map_or(0, |c| c.members(name));
-        match self.find(name) {
-            Some(LOBBY) => Ok(()),
-            Some(room) if self.members_in_all(room, name) >= self.max_members => Err(Full::Members),
-            Some(_) => Ok(()),
-            None if self.max_members == 0 || elsewhere() >= self.max_members => Err(Full::Members),
-            None if self.too_many_rooms(name) => Err(Full::Rooms),
-            None => Ok(()),
-        }
-    }
-
     /// The name of `room` (empty for the lobby).
     pub fn name(&self, room: RoomId) -> &[u8] {
         self.names.get(room.0 as usize).map_or(&[][..], |n| n)
     }
 
-    /// Adds slot `key` to `room`; returns its position in the member list.
-    pub fn add(&mut self, room: RoomId, key: u32) -> u32 {
-        if let (Some(census), true) = (&self.census, room != LOBBY) {
+    /// Adds slot `key` to `room`, and tells `census`; returns its position
+    /// in the member list.
+    pub fn add(&mut self, room: RoomId, key: u32, census: &mut dyn Census) -> u32 {
+        if room != LOBBY {
             census.member_added(self.name(room));
         }
         let list = &mut self.members[room.0 as usize];
@@ -224,10 +189,11 @@ impl Rooms {
         (list.len() - 1) as u32
     }
 
-    /// Removes the member at `position` of `room`, and frees a named room
-    /// left empty. Returns the slot of the member that moved into that
-    /// position, whose stored position must be updated to `position`.
-    pub fn remove(&mut self, room: RoomId, position: u32) -> Option<u32> {
+    /// Removes the member at `position` of `room`, tells `census`, and
+    /// frees a named room left empty. Returns the slot of the member that
+    /// moved into that position, whose stored position must be updated to
+    /// `position`.
+    pub fn remove(&mut self, room: RoomId, position: u32, census: &mut dyn Census) -> Option<u32> {
         let list = self.members.get_mut(room.0 as usize)?;
         let position = position as usize;
         if position >= list.len() {
@@ -235,7 +201,7 @@ impl Rooms {
         }
         list.swap_remove(position);
         let moved = list.get(position).copied();
-        if let (Some(census), true) = (&self.census, room != LOBBY) {
+        if room != LOBBY {
             census.member_removed(&self.names[room.0 as usize]);
         }
         if list.is_empty() && room != LOBBY {
@@ -258,13 +224,11 @@ impl Rooms {
             .map_or(&[][..], Vec::as_slice)
     }
 
-    /// Empties every room; only the lobby remains.
-    pub fn clear(&mut self) {
-        if let Some(census) = &self.census {
-            for (name, room) in &self.by_name {
-                for _ in 0..self.members(*room).len() {
-                    census.member_removed(name);
-                }
+    /// Empties every room, telling `census`; only the lobby remains.
+    pub fn clear(&mut self, census: &mut dyn Census) {
+        for (name, room) in &self.by_name {
+            for _ in 0..self.members(*room).len() {
+                census.member_removed(name);
             }
         }
         if let Some(changes) = &mut self.changes {
@@ -281,27 +245,29 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::census::{Census, LocalCensus};
 
     #[test]
     fn tracked_changes_say_when_a_room_opens_and_closes() {
         let mut rooms = Rooms::default();
-        let untracked = rooms.open(b"quiet").unwrap();
-        rooms.add(untracked, 9);
+        let mut c = LocalCensus::default();
+        let untracked = rooms.open(b"quiet", &c).unwrap();
+        rooms.add(untracked, 9, &mut c);
         assert!(rooms.take_changes().is_empty(), "off by default");
         rooms.track_changes();
-        let red = rooms.open(b"red").unwrap();
-        let a = rooms.add(red, 1);
-        let b = rooms.add(red, 2);
-        assert_eq!(rooms.open(b"red"), Ok(red));
+        let red = rooms.open(b"red", &c).unwrap();
+        let a = rooms.add(red, 1, &mut c);
+        let b = rooms.add(red, 2, &mut c);
+        assert_eq!(rooms.open(b"red", &c), Ok(red));
         assert_eq!(
             rooms.take_changes(),
             vec![RoomChange::Opened(b"red"[..].into())]
         );
-        rooms.remove(red, b);
+        rooms.remove(red, b, &mut c);
         assert!(rooms.take_changes().is_empty(), "one member left");
-        rooms.remove(red, a);
-        let blue = rooms.open(b"blue").unwrap();
-        rooms.add(blue, 3);
+        rooms.remove(red, a, &mut c);
+        let blue = rooms.open(b"blue", &c).unwrap();
+        rooms.add(blue, 3, &mut c);
         assert_eq!(
             rooms.take_changes(),
             vec![
@@ -309,7 +275,7 @@ mod tests {
                 RoomChange::Opened(b"blue"[..].into())
             ]
         );
-        rooms.clear();
+        rooms.clear(&mut c);
         let mut closed = rooms.take_changes();
         closed.sort_by_key(|c| match c {
             RoomChange::Opened(n) | RoomChange::Closed(n) => n.clone(),
@@ -326,14 +292,15 @@ mod tests {
     #[test]
     fn remove_moves_the_last_member_into_the_gap() {
         let mut r = Rooms::default();
-        assert_eq!(r.add(LOBBY, 10), 0);
-        assert_eq!(r.add(LOBBY, 11), 1);
-        assert_eq!(r.add(LOBBY, 12), 2);
-        assert_eq!(r.remove(LOBBY, 0), Some(12));
+        let mut c = LocalCensus::default();
+        assert_eq!(r.add(LOBBY, 10, &mut c), 0);
+        assert_eq!(r.add(LOBBY, 11, &mut c), 1);
+        assert_eq!(r.add(LOBBY, 12, &mut c), 2);
+        assert_eq!(r.remove(LOBBY, 0, &mut c), Some(12));
         assert_eq!(r.members(LOBBY), &[12, 11]);
-        assert_eq!(r.remove(LOBBY, 1), None);
+        assert_eq!(r.remove(LOBBY, 1, &mut c), None);
         assert_eq!(r.members(LOBBY), &[12]);
-        assert_eq!(r.remove(LOBBY, 5), None);
+        assert_eq!(r.remove(LOBBY, 5, &mut c), None);
         assert_eq!(r.members(RoomId(9)), &[] as &[u32]);
     }
 
@@ -357,24 +324,52 @@ mod tests {
     #[test]
     fn rooms_are_made_on_first_join_and_freed_when_empty() {
         let mut r = Rooms::new(2, 2, 0);
-        let a = r.open(b"a").unwrap();
-        assert_eq!(r.open(b"a"), Ok(a));
+        let mut census = LocalCensus::default();
+        let a = r.open(b"a", &census).unwrap();
+        assert_eq!(r.open(b"a", &census), Ok(a));
         assert_eq!(r.name(a), b"a");
-        r.add(a, 1);
-        r.add(a, 2);
-        assert_eq!(r.open(b"a"), Err(Full::Members));
-        let b = r.open(b"b").unwrap();
-        r.add(b, 3);
-        assert_eq!(r.open(b"c"), Err(Full::Rooms));
+        r.add(a, 1, &mut census);
+        r.add(a, 2, &mut census);
+        assert_eq!(r.open(b"a", &census), Err(Full::Members));
+        let b = r.open(b"b", &census).unwrap();
+        r.add(b, 3, &mut census);
+        assert_eq!(r.open(b"c", &census), Err(Full::Rooms));
         assert_eq!(r.len(), 2);
         // The lobby is never full.
-        assert_eq!(r.open(b""), Ok(LOBBY));
-        r.remove(b, 0);
+        assert_eq!(r.open(b"", &census), Ok(LOBBY));
+        r.remove(b, 0, &mut census);
         assert_eq!((r.len(), r.find(b"b")), (1, None));
-        let c = r.open(b"c").unwrap();
+        let c = r.open(b"c", &census).unwrap();
         assert_eq!(c, b, "a freed id is reused");
         assert_eq!(r.name(c), b"c");
-        r.clear();
+        r.clear(&mut census);
         assert!(r.is_empty());
+    }
+
+    /// With the relay's counts (what another loop's members add to), the
+    /// caps are the relay's: a room full elsewhere is full here, and a room
+    /// open elsewhere is no new room.
+    #[test]
+    fn the_caps_count_the_whole_relay() {
+        let mut r = Rooms::new(2, 2, 0);
+        let mut census = LocalCensus::default();
+        census.member_added(b"a");
+        census.member_added(b"a");
+        census.member_added(b"b");
+        census.member_added(b"c");
+        assert_eq!(r.open(b"a", &census), Err(Full::Members), "full elsewhere");
+        assert_eq!(
+            r.open(b"d", &census),
+            Err(Full::Rooms),
+            "three rooms elsewhere"
+        );
+        let b = r
+            .open(b"b", &census)
+            .expect("open elsewhere: not a new room");
+        r.add(b, 1, &mut census);
+        assert_eq!(census.members(b"b"), 2);
+        assert_eq!(r.open(b"b", &census), Err(Full::Members));
+        r.remove(b, 0, &mut census);
+        assert_eq!((census.members(b"b"), census.rooms()), (1, 3));
     }
 }

@@ -32,6 +32,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use slab::Slab;
 
 use crate::core::addr::RawAddr;
+use crate::core::census::{Census, LocalCensus};
 use crate::core::rooms::{Full, RoomId, Rooms, LOBBY};
 use crate::core::wheel::Entry;
 
@@ -94,12 +95,14 @@ pub struct Table {
     /// Generation given to the next join; wraps (a stale wheel entry lives
     /// at most one timeout, far shorter than 2^32 joins).
     next_generation: u32,
-    /// Clients per IP address, kept only with `--max-clients-per-ip`.
-    per_ip: Option<hashbrown::HashMap<std::net::IpAddr, u32>>,
+    /// Whether clients per IP address are counted (only with
+    /// `--max-clients-per-ip`: a hash per join and leave).
+    per_ip: bool,
     /// Tokens a new client's bucket starts with.
     burst: f32,
-    /// Counts shared with the relay's other loops (`--threads`), if any.
-    census: Option<std::sync::Arc<crate::core::census::Census>>,
+    /// The relay's counts, told of every client and member that comes and
+    /// goes: this table's own, or every loop's (`--threads`).
+    census: Box<dyn Census>,
 }
 
 impl Table {
@@ -129,53 +132,60 @@ impl Table {
             rooms,
             timeout: timeout.clamp(1, MAX_TIMEOUT_TICKS),
             next_generation: 0,
-            per_ip: None,
+            per_ip: false,
             burst: 0.0,
-            census: None,
+            census: Box::new(LocalCensus::default()),
         }
     }
 
-    /// Counts clients together with the relay's other loops from now on
-    /// (call it before any client joins): the caps then apply to the
-    /// relay, not to this loop.
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
-        self.rooms.share_census(std::sync::Arc::clone(&census));
-        self.census = Some(census);
+    /// Counts clients and room members in `census` from now on, instead
+    /// of in a census of the table's own: shared with the relay's other
+    /// loops (`--threads`), the caps apply to the relay, not to this loop.
+    /// Call it while the table is empty.
+    pub fn share_census(&mut self, census: Box<dyn Census>) {
+        self.census = census;
     }
 
     /// Clients in the relay: this table's, or every loop's with a shared
     /// census.
     pub fn total_len(&self) -> usize {
-        match &self.census {
-            Some(c) => c.clients(),
-            None => self.clients.len(),
-        }
+        self.census.clients()
     }
 
-    /// Keeps a count of clients per IP address from now on, starting from
-    /// the clients already here.
+    /// Counts clients per IP address from now on, starting from the
+    /// clients already here.
     pub fn count_per_ip(&mut self) {
-        if self.per_ip.is_none() {
-            let mut counts = hashbrown::HashMap::new();
-            for (_, c) in &self.clients {
-                *counts.entry(c.addr.display_ip()).or_insert(0) += 1;
+        if !self.per_ip {
+            for (ip, n) in self.clients_per_ip() {
+                self.census.count_ip(ip, n);
             }
-            if let Some(census) = &self.census {
-                for (ip, n) in &counts {
-                    census.add_ip(*ip, *n);
-                }
-            }
-            self.per_ip = Some(counts);
+            self.per_ip = true;
         }
     }
 
     /// Stops counting clients per IP address.
     pub fn stop_counting_per_ip(&mut self) {
-        if let (Some(counts), Some(census)) = (self.per_ip.take(), &self.census) {
-            for (ip, n) in counts {
-                census.sub_ip(ip, n);
+        if self.per_ip {
+            for (ip, n) in self.clients_per_ip() {
+                self.census.uncount_ip(ip, n);
             }
+            self.per_ip = false;
         }
+    }
+
+    /// This table's clients per IP address, gathered so that the census
+    /// is told once per address, not once per client.
+    fn clients_per_ip(&self) -> hashbrown::HashMap<std::net::IpAddr, u32> {
+        let mut counts = hashbrown::HashMap::new();
+        for (_, c) in &self.clients {
+            crate::core::census::add(&mut counts, c.addr.display_ip(), 1);
+        }
+        counts
+    }
+
+    /// The IP address the census counts `addr` under, if it counts them.
+    fn counted_ip(&self, addr: &RawAddr) -> Option<std::net::IpAddr> {
+        self.per_ip.then(|| addr.display_ip())
     }
 
     /// Changes the timeout (in ticks) of a running table. Liveness follows
@@ -194,13 +204,10 @@ impl Table {
 
     /// Clients at `addr`'s IP address (0 unless counted), in the relay.
     pub fn clients_at(&self, addr: &RawAddr) -> u32 {
-        if let (Some(census), Some(_)) = (&self.census, &self.per_ip) {
-            return census.at(&addr.display_ip());
+        match self.counted_ip(addr) {
+            Some(ip) => self.census.clients_at(&ip),
+            None => 0,
         }
-        self.per_ip
-            .as_ref()
-            .and_then(|m| m.get(&addr.display_ip()).copied())
-            .unwrap_or(0)
     }
 
     /// Sets the tokens a new client's bucket starts with.
@@ -267,13 +274,16 @@ impl Table {
         if self.rooms.name(client.room) == name {
             return Ok(client.room);
         }
-        let room = self.rooms.open(name)?;
-        if let Some(moved) = self.rooms.remove(client.room, client.position) {
+        let room = self.rooms.open(name, &*self.census)?;
+        if let Some(moved) = self
+            .rooms
+            .remove(client.room, client.position, &mut *self.census)
+        {
             if let Some(m) = self.clients.get_mut(moved as usize) {
                 m.position = client.position;
             }
         }
-        let position = self.rooms.add(room, key);
+        let position = self.rooms.add(room, key, &mut *self.census);
         if let Some(c) = self.clients.get_mut(key as usize) {
             c.room = room;
             c.position = position;
@@ -330,7 +340,7 @@ impl Table {
     /// room called `name`, if that room has room: otherwise nothing is
     /// registered at all (a refused newcomer leaves no trace).
     pub fn insert_into(&mut self, addr: RawAddr, now: u64, name: &[u8]) -> Result<Joined, Full> {
-        let room = self.rooms.open(name)?;
+        let room = self.rooms.open(name, &*self.census)?;
         Ok(self.insert_in(addr, now, room))
     }
 
@@ -339,7 +349,7 @@ impl Table {
         self.next_generation = self.next_generation.wrapping_add(1);
         let entry = self.clients.vacant_entry();
         let key = entry.key() as u32;
-        let position = self.rooms.add(room, key);
+        let position = self.rooms.add(room, key, &mut *self.census);
         entry.insert(Client {
             addr,
             last_seen: now as u32,
@@ -349,12 +359,8 @@ impl Table {
             position,
             tokens: self.burst,
         });
-        if let Some(per_ip) = &mut self.per_ip {
-            *per_ip.entry(addr.display_ip()).or_insert(0) += 1;
-        }
-        if let Some(census) = &self.census {
-            census.joined(self.per_ip.is_some().then(|| addr.display_ip()));
-        }
+        let ip = self.counted_ip(&addr);
+        self.census.client_joined(ip);
         let hash = self.hasher.hash_one(addr);
         let Table {
             index,
@@ -393,19 +399,12 @@ impl Table {
     /// already gone).
     fn forget(&mut self, key: u32) -> Option<Client> {
         let client = self.clients.try_remove(key as usize)?;
-        if let Some(census) = &self.census {
-            census.left(self.per_ip.is_some().then(|| client.addr.display_ip()));
-        }
-        if let Some(per_ip) = &mut self.per_ip {
-            let ip = client.addr.display_ip();
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&ip);
-                }
-            }
-        }
-        if let Some(moved) = self.rooms.remove(client.room, client.position) {
+        let ip = self.counted_ip(&client.addr);
+        self.census.client_left(ip);
+        if let Some(moved) = self
+            .rooms
+            .remove(client.room, client.position, &mut *self.census)
+        {
             if let Some(m) = self.clients.get_mut(moved as usize) {
                 m.position = client.position;
             }
@@ -461,18 +460,13 @@ impl Table {
     /// Drops every client (shutdown). Returns how many there were.
     pub fn clear(&mut self) -> usize {
         let n = self.clients.len();
-        if let Some(census) = &self.census {
-            let counting = self.per_ip.is_some();
-            for (_, c) in &self.clients {
-                census.left(counting.then(|| c.addr.display_ip()));
-            }
+        for (_, c) in &self.clients {
+            let ip = self.per_ip.then(|| c.addr.display_ip());
+            self.census.client_left(ip);
         }
         self.index.clear();
         self.clients.clear();
-        self.rooms.clear();
-        if let Some(per_ip) = &mut self.per_ip {
-            per_ip.clear();
-        }
+        self.rooms.clear(&mut *self.census);
         n
     }
 }
@@ -594,6 +588,27 @@ mod tests {
         assert_eq!(t.everyone(1).next().unwrap().local(), 2);
     }
 
+    /// Counting per IP (a reload may turn it on and off) starts from the
+    /// clients already here and stops without a trace.
+    #[test]
+    fn per_ip_counts_start_and_stop_with_the_clients_already_here() {
+        let mut t = Table::new(5);
+        t.insert(addr(1), 0);
+        t.insert(addr(2), 0);
+        assert_eq!(t.clients_at(&addr(1)), 0, "not counted");
+        t.count_per_ip();
+        assert_eq!(t.clients_at(&addr(9)), 2, "same IP, any port");
+        t.insert(addr(3), 0);
+        assert!(t.remove(&addr(1)));
+        assert_eq!(t.clients_at(&addr(1)), 2);
+        t.stop_counting_per_ip();
+        assert_eq!(t.clients_at(&addr(1)), 0);
+        t.count_per_ip();
+        assert_eq!((t.clients_at(&addr(1)), t.total_len()), (2, 2));
+        assert_eq!(t.clear(), 2);
+        assert_eq!((t.clients_at(&addr(1)), t.total_len()), (0, 0));
+    }
+
     #[test]
     fn reserved_room_is_there_up_front() {
         let t = Table::with_capacity(5, 500);
@@ -643,7 +658,7 @@ mod tests {
     }
 
     proptest! {
-        /// The index, the slab and the member lists always agree, whatever
+        /// The index, the slab, the census and the member lists always agree, whatever
         /// the sequence of joins, refreshes, quits and expiries.
         #[test]
         fn index_slab_and_rooms_agree(ops in proptest::collection::vec((0u16..20, 0u8..3), 1..200)) {
@@ -665,6 +680,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(t.index.len(), t.clients.len());
+                prop_assert_eq!(t.census.clients(), t.clients.len());
                 let members = t.rooms.members(LOBBY);
                 prop_assert_eq!(members.len(), t.clients.len());
                 for (pos, &k) in members.iter().enumerate() {

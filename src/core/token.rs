@@ -82,7 +82,8 @@ pub enum TokenError {
     Signature,
     /// The token is for another room.
     Room,
-    /// `exp` has passed (or is missing).
+    /// `exp` has passed (give or take the leeway). A token without `exp`
+    /// is [`Malformed`](Self::Malformed): every token expires.
     Expired,
     /// `nbf` is still to come.
     NotYet,
@@ -285,6 +286,16 @@ mod tests {
         assert_eq!(
             verify(&secret(), swapped.as_bytes(), b"r", 1),
             Err(TokenError::Signature)
+        );
+        // Well signed, but without `exp`: not a token of ours.
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let forever = format!("{header}.{}", URL_SAFE_NO_PAD.encode(br#"{"room":"r"}"#));
+        let mut mac = secret().mac();
+        mac.update(forever.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        assert_eq!(
+            verify(&secret(), format!("{forever}.{sig}").as_bytes(), b"r", 1),
+            Err(TokenError::Malformed)
         );
         for garbage in [
             &b""[..],

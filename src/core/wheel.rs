@@ -16,7 +16,8 @@
 //!
 //! An occupancy bitmap (one bit per slot) lets `next_wakeup` — asked before
 //! every idle poll — skip 64 empty slots per word instead of visiting each:
-//! a 1-hour timeout has ~36,000 slots, 563 words.
+//! a 1-hour timeout is 36,000 ticks of 100 ms, so the hub asks for 36,002
+//! slots, rounded up here to 65,536 (the hub's cap), 1,024 words.
 
 /// A deadline in the wheel: a client's table slot, the generation that slot
 /// had when scheduled (a reused slot is never mistaken), and the due tick.

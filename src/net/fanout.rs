@@ -58,8 +58,10 @@ pub enum BatchEnd {
     BufferFull,
 }
 
-/// Reusable state for fanning messages out.
-pub struct Fanout {
+/// Reusable state for fanning messages out: the `sendmmsg` machinery
+/// that carries out a hub's [`Fanout`](crate::core::hub::Fanout) (what to
+/// send to whom).
+pub struct FanoutSender {
     /// The `sendmmsg` header array.
     batch: SendBatch,
     /// Destinations of the batch being sent, copied out of the table so the
@@ -67,17 +69,17 @@ pub struct Fanout {
     staging: Vec<RawAddr>,
 }
 
-impl Default for Fanout {
-    fn default() -> Fanout {
-        Fanout::new(SEND_BATCH)
+impl Default for FanoutSender {
+    fn default() -> FanoutSender {
+        FanoutSender::new(SEND_BATCH)
     }
 }
 
-impl Fanout {
+impl FanoutSender {
     /// Fan-out with `batch` destinations per syscall.
-    pub fn new(batch: usize) -> Fanout {
+    pub fn new(batch: usize) -> FanoutSender {
         let batch = SendBatch::new(batch);
-        Fanout {
+        FanoutSender {
             staging: Vec::with_capacity(batch.capacity()),
             batch,
         }
@@ -100,7 +102,7 @@ impl Fanout {
     where
         I: IntoIterator<Item = &'a RawAddr>,
     {
-        let Fanout { batch, staging } = self;
+        let FanoutSender { batch, staging } = self;
         let capacity = batch.capacity();
         drive(staging, capacity, dests, |chunk| {
             batch.send(fd, sources, payload, chunk)
@@ -201,7 +203,7 @@ mod tests {
             .iter()
             .map(|s| s.local_addr().unwrap().into())
             .collect();
-        let mut f = Fanout::new(3);
+        let mut f = FanoutSender::new(3);
         let out = f.send(server.as_fd(), &[], b"m", &dests);
         assert_eq!(
             (
@@ -227,7 +229,7 @@ mod tests {
         // An IPv6 destination on an IPv4 socket fails (EAFNOSUPPORT/EINVAL).
         let bad: RawAddr = "[::1]:9".parse::<SocketAddr>().unwrap().into();
         let dests = [bad, good.local_addr().unwrap().into(), bad];
-        let out = Fanout::new(8).send(server.as_fd(), &[], b"m", &dests);
+        let out = FanoutSender::new(8).send(server.as_fd(), &[], b"m", &dests);
         assert_eq!((out.recipients, out.delivered, out.dropped[ERR]), (3, 1, 2));
         assert!(out.first_error.is_some());
         let mut b = [0u8; 4];
@@ -300,7 +302,7 @@ mod tests {
     #[test]
     fn no_destinations_is_nothing() {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let out = Fanout::default().send(server.as_fd(), &[], b"m", &[]);
+        let out = FanoutSender::default().send(server.as_fd(), &[], b"m", &[]);
         assert_eq!(out.recipients, 0);
     }
 }

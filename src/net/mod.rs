@@ -1,4 +1,8 @@
-//! The network layer: the system calls, and nothing that decides.
+//! The network layer: the system calls and what they need. What a
+//! datagram means and who receives it is decided in [`crate::core`]; what
+//! is decided here is only how bytes move: batching, which deliveries to
+//! drop when the kernel will take no more, which loop the kernel hands a
+//! source to, which local address a reply leaves from.
 //!
 //! - [`batch_io`]: `recvmmsg`/`sendmmsg`, the kernel's drop counter and
 //!   each datagram's local address — the only `unsafe` code in udphub.

@@ -10,8 +10,10 @@
 //!
 //! Accounting (checked from a live scrape by `tests/metrics.rs`):
 //! `sum(udphub_datagrams_received_total) = heartbeat + quit + message +
-//! sum(udphub_dropped_total)` and `udphub_fanout_recipients_total =
-//! udphub_deliveries_total + sum(udphub_delivery_dropped_total)`.
+//! join + dropped`, where `dropped = sum(udphub_dropped_total)`, and
+//! `udphub_fanout_recipients_total = udphub_deliveries_total +
+//! sum(udphub_delivery_dropped_total)` (reasons `buffer_full`,
+//! `send_error` and, with `--threads`, `shard_queue_full`).
 
 use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
@@ -29,8 +31,8 @@ pub struct Metrics {
     received_message: Counter,
     received_join: Counter,
     received_dropped: Counter,
-    room_joins: Counter,
-    room_refused: [Counter; Refusal::COUNT],
+    joins_accepted: Counter,
+    joins_refused: [Counter; Refusal::COUNT],
     rooms: Gauge,
     /// This loop's room count at the last flush (its share of the gauge).
     rooms_reported: usize,
@@ -38,9 +40,9 @@ pub struct Metrics {
     recipients: Counter,
     deliveries: Counter,
     delivery_dropped: [Counter; DeliveryDrop::COUNT],
-    joined: Counter,
-    expired: Counter,
-    left: Counter,
+    clients_joined: Counter,
+    clients_expired: Counter,
+    clients_left: Counter,
     kernel_rx_dropped: Counter,
     recv_errors: Counter,
     local_addr_overflow: Counter,
@@ -91,8 +93,8 @@ impl Metrics {
             received_message: received("message"),
             received_join: received("join"),
             received_dropped: received("dropped"),
-            room_joins: metrics::counter!("udphub_room_joins_total"),
-            room_refused: std::array::from_fn(
+            joins_accepted: metrics::counter!("udphub_room_joins_total"),
+            joins_refused: std::array::from_fn(
                 |i| metrics::counter!("udphub_room_join_refused_total", "reason" => Refusal::ALL[i].label()),
             ),
             rooms: metrics::gauge!("udphub_rooms"),
@@ -105,9 +107,9 @@ impl Metrics {
             delivery_dropped: std::array::from_fn(
                 |i| metrics::counter!("udphub_delivery_dropped_total", "reason" => DeliveryDrop::ALL[i].label()),
             ),
-            joined: metrics::counter!("udphub_clients_joined_total"),
-            expired: metrics::counter!("udphub_clients_expired_total"),
-            left: metrics::counter!("udphub_clients_left_total"),
+            clients_joined: metrics::counter!("udphub_clients_joined_total"),
+            clients_expired: metrics::counter!("udphub_clients_expired_total"),
+            clients_left: metrics::counter!("udphub_clients_left_total"),
             kernel_rx_dropped: metrics::counter!("udphub_kernel_rx_dropped_total"),
             recv_errors: metrics::counter!("udphub_recv_errors_total"),
             local_addr_overflow: metrics::counter!("udphub_local_address_overflow_total"),
@@ -146,9 +148,9 @@ impl Metrics {
         add(&self.received_heartbeat, &mut c.heartbeats);
         add(&self.received_quit, &mut c.quits);
         add(&self.received_message, &mut c.messages);
-        add(&self.received_join, &mut c.joins);
-        add(&self.room_joins, &mut c.room_joins);
-        for (counter, v) in self.room_refused.iter().zip(c.room_refused.iter_mut()) {
+        add(&self.received_join, &mut c.join_requests);
+        add(&self.joins_accepted, &mut c.joins_accepted);
+        for (counter, v) in self.joins_refused.iter().zip(c.joins_refused.iter_mut()) {
             add(counter, v);
         }
         for (counter, v) in self.dropped.iter().zip(c.dropped.iter_mut()) {
@@ -163,9 +165,9 @@ impl Metrics {
         {
             add(counter, v);
         }
-        add(&self.joined, &mut c.joined);
-        add(&self.expired, &mut c.expired);
-        add(&self.left, &mut c.left);
+        add(&self.clients_joined, &mut c.clients_joined);
+        add(&self.clients_expired, &mut c.clients_expired);
+        add(&self.clients_left, &mut c.clients_left);
         add(&self.kernel_rx_dropped, &mut c.kernel_rx_dropped);
         add(&self.recv_errors, &mut c.recv_errors);
         add(&self.local_addr_overflow, &mut c.local_addr_overflow);
@@ -221,7 +223,7 @@ fn describe() {
     describe_counter!(
         "udphub_delivery_dropped_total",
         Unit::Count,
-        "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS) or send_error."
+        "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS), send_error, or shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members)."
     );
     describe_gauge!(
         "udphub_rooms",
@@ -256,7 +258,7 @@ fn describe() {
     describe_counter!(
         "udphub_clients_joined_total",
         Unit::Count,
-        "Clients that joined."
+        "Clients registered: a new source's first admitted heartbeat, message or join (room joins are udphub_room_joins_total)."
     );
     describe_counter!(
         "udphub_clients_expired_total",

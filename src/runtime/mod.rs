@@ -3,6 +3,8 @@
 //! - [`event_loop`]: one mio loop over one UDP socket, shared by every
 //!   server through its [`event_loop::Service`] trait.
 //! - [`relay`]: the chat relay as a service — executes the hub's effects.
+//! - [`census`]: the client and room counts the loops of one relay share
+//!   (the caps are the relay's).
 //! - [`supervisor`]: signals, the ready file, and the loop threads;
 //!   [`supervisor::serve`] is `udphub serve`.
 //! - [`shards`]: several loops on one port (`--threads`): the queues and
@@ -16,6 +18,7 @@
 //! - [`watch`]: the periodic check that no other process shares the
 //!   relay's address.
 
+pub mod census;
 pub mod event_loop;
 pub mod exporter;
 pub mod logging;

@@ -2,23 +2,24 @@
 //!
 //! The [`Hub`] decides; this carries its decisions out. For each datagram
 //! it asks the hub for an [`Effect`] and executes it with the batched
-//! sends ([`Fanout`]), counting every delivery; it runs the hub's expiry in
+//! sends ([`FanoutSender`]), counting every delivery; it runs the hub's expiry in
 //! time slices; it says `bye` at shutdown.
 //!
 //! Data flows one way: socket → batch → admission → hub → effect → socket.
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::Link;
+use crate::cluster::Bus;
 use crate::config::Config;
 use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::core::hub::{Effect, Hub, HubConfig};
 use crate::core::rooms::RoomChange;
 use crate::error::Error;
-use crate::net::fanout::{Fanout, Report};
+use crate::net::fanout::{FanoutSender, Report};
 use crate::net::holders::Claim;
 use crate::net::socket;
+use crate::runtime::census::SharedCensus;
 use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
@@ -39,20 +40,20 @@ pub struct Relay {
     /// The state machine.
     hub: Hub,
     /// `sendmmsg` state for fan-outs.
-    fanout: Fanout,
+    fanout: FanoutSender,
     /// Answers queued in this batch (`^room^`, `^denied^`, `^timeout^`),
     /// sent together: a join storm answers 64 joins per syscall.
     replies: Replies,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
     /// The cluster bridge, with `--cluster`.
-    cluster: Option<Link>,
+    cluster: Option<Bus>,
     /// New settings from a reload (SIGHUP), once asked for.
     reloads: Option<ReloadReceiver>,
     /// The other loops, with `--threads` above 1.
     siblings: Option<Siblings>,
-    /// Counts shared with them.
-    census: Option<std::sync::Arc<crate::core::census::Census>>,
+    /// Counts shared with them (the caps are the relay's).
+    census: Option<SharedCensus>,
 }
 
 impl Relay {
@@ -60,7 +61,7 @@ impl Relay {
     pub fn new(config: &HubConfig) -> Relay {
         Relay {
             hub: Hub::new(config, Instant::now()),
-            fanout: Fanout::default(),
+            fanout: FanoutSender::default(),
             replies: Replies::new(64),
             send_errors: RateLimitedLog::default(),
             cluster: None,
@@ -72,9 +73,9 @@ impl Relay {
 
     /// Counts clients together with the other loops (the caps are the
     /// relay's).
-    pub fn share_census(&mut self, census: std::sync::Arc<crate::core::census::Census>) {
-        self.hub.share_census(std::sync::Arc::clone(&census));
-        self.census = Some(census);
+    pub fn share_census(&mut self, census: &SharedCensus) {
+        self.hub.share_census(Box::new(census.clone()));
+        self.census = Some(census.clone());
     }
 
     /// Budgets cookie replies together with the other loops (verify mode:
@@ -100,12 +101,12 @@ impl Relay {
         tx
     }
 
-    /// Joins the cluster through `link`: local messages are published,
+    /// Joins the cluster through `bus`: local messages are published,
     /// the bus's are fanned out here, and the hub reports rooms opening
-    /// and closing so the link subscribes to just those.
-    pub fn attach_cluster(&mut self, link: Link) {
+    /// and closing so the bridge subscribes to just those.
+    pub fn attach_cluster(&mut self, bus: Bus) {
         self.hub.track_room_changes();
-        self.cluster = Some(link);
+        self.cluster = Some(bus);
     }
 }
 
@@ -174,11 +175,10 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
     }
     if threads > 1 {
-        let census = std::sync::Arc::new(crate::core::census::Census::default());
+        let census = SharedCensus::default();
         let budget = shards::SharedBudget::new(config.cookie_rate);
         for lp in &mut loops {
-            lp.service_mut()
-                .share_census(std::sync::Arc::clone(&census));
+            lp.service_mut().share_census(&census);
             lp.service_mut().share_cookie_budget(&budget);
         }
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
@@ -197,14 +197,14 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
     }
     if let (Some(cluster), Some(lp)) = (config.cluster(), loops.first_mut()) {
         let epoch = u64::from_be_bytes(random_bytes::<8>()?);
-        let link = Link::start(&cluster, lp.waker(), epoch)?;
+        let bus = Bus::start(&cluster, lp.waker(), epoch)?;
         tracing::info!(
             "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster)",
             cluster.name,
             cluster.node_id,
             cluster.servers.join(",")
         );
-        lp.service_mut().attach_cluster(link);
+        lp.service_mut().attach_cluster(bus);
     }
     Ok((loops, claim))
 }
@@ -263,8 +263,8 @@ impl Service for Relay {
                 if let Some(siblings) = &mut self.siblings {
                     siblings.hand_off(room, payload, io.counts);
                 }
-                if let Some(link) = &mut self.cluster {
-                    link.publish(room, payload);
+                if let Some(bus) = &mut self.cluster {
+                    bus.publish(room, payload);
                 }
             }
             Effect::Reply { to, bytes } => {
@@ -287,16 +287,16 @@ impl Service for Relay {
                         if let Some(s) = &mut self.siblings {
                             s.room_opened(&name);
                         }
-                        if let Some(link) = &mut self.cluster {
-                            link.room_opened(&name);
+                        if let Some(bus) = &mut self.cluster {
+                            bus.room_opened(&name);
                         }
                     }
                     RoomChange::Closed(name) => {
                         if let Some(s) = &mut self.siblings {
                             s.room_closed(&name);
                         }
-                        if let Some(link) = &mut self.cluster {
-                            link.room_closed(&name);
+                        if let Some(bus) = &mut self.cluster {
+                            bus.room_closed(&name);
                         }
                     }
                 }
@@ -328,8 +328,8 @@ impl Service for Relay {
         if let Some(siblings) = &mut self.siblings {
             siblings.drain(&mut fan_out);
         }
-        if let Some(link) = &mut self.cluster {
-            link.drain(&mut fan_out);
+        if let Some(bus) = &mut self.cluster {
+            bus.drain(&mut fan_out);
         }
     }
 
@@ -374,10 +374,11 @@ impl Service for Relay {
 
     /// This loop's share of the `udphub_rooms` gauge. With several loops
     /// a room may have members on each: the first loop reports the
-    /// relay's distinct rooms (from the shared census), the others none.
+    /// relay's distinct rooms (from the shared census, an atomic read),
+    /// the others none.
     fn rooms(&self) -> usize {
         match (&self.siblings, &self.census) {
-            (Some(s), Some(census)) if s.index() == 0 => census.rooms(),
+            (Some(s), Some(census)) if s.index() == 0 => census.open_rooms(),
             (Some(_), Some(_)) => 0,
             _ => self.hub.rooms(),
         }

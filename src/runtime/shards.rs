@@ -20,7 +20,7 @@
 //! it is bounded by the rooms open and never loses an "opened"); every
 //! shard reads that news before each hand-off. The lobby counts as open
 //! everywhere. The caps are counted across shards by
-//! [`crate::core::census::Census`].
+//! [`crate::runtime::census::SharedCensus`].
 //!
 //! A full queue drops the message for that shard and counts it
 //! (`udphub_delivery_dropped_total{reason="shard_queue_full"}`); a loop
@@ -165,7 +165,7 @@ pub struct Siblings {
 }
 
 /// What a loop needs from the others before they all start: its own end
-/// of every queue and every other loop's waker. Made by [`wire`].
+/// of every queue and every other loop's waker. Made by [`wire`](Unwired::wire).
 pub struct Unwired {
     index: usize,
     data_tx: Vec<(usize, SyncSender<Handoff>)>,
