@@ -374,6 +374,17 @@ fn supervise<S: Service + Send + 'static>(
             }
         }
     }
+    // The loops can finish before the poll above saw a second signal that
+    // came with the first (both pending when a stopped relay resumes, their
+    // handlers on two threads at once): one last look before saying all
+    // went well.
+    if signals.pending().filter(|&sig| sig != SIGHUP).any(|_| {
+        signals_seen += 1;
+        signals_seen >= 2
+    }) {
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(SECOND_SIGNAL_EXIT);
+    }
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
