@@ -214,10 +214,15 @@ pub fn run(c: &Common, plan: &Plan, newcomers: NewcomerPlan) -> Result<Admission
         flood.victims.drain();
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The tap stops before the last scrape: the relay counts a delivery as
+    // soon as `sendmmsg` returns, by when the tap has seen it, so what the
+    // tap saw is in the scrape taken after it (under load a straggling
+    // reply after the scrape would otherwise be seen but not counted).
+    let tap = tap.stop();
+    settle(c, plan.wait)?;
     let after = c.scrape_optional()?;
     let rss_after = c.relay_pid.and_then(procfs::rss_bytes);
     let host_backlog_drops = crate::sink::backlog_drops().saturating_sub(backlog_before);
-    let tap = tap.stop();
     arrivals.leave();
 
     let outcomes = arrivals.outcomes();
