@@ -443,6 +443,10 @@ pub fn run(c: &Common, plan: &Plan) -> Result<SpoofReport, String> {
     let register = Duration::from_secs(5);
     let speaker = Member::join(relay, plan.verify, register)?;
     let witness = Member::join(relay, plan.verify, register)?;
+    // A member hears its answer before the relay has flushed that batch's
+    // counts (the gauge of clients among them): wait until they are still,
+    // so the members' own slots are not taken for the attack's.
+    settle(c, plan.wait)?;
     let before = c.scrape_optional()?;
     let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
 
