@@ -876,6 +876,18 @@ mod tests {
         assert_eq!(to, vec![1]);
     }
 
+    /// A hub in verify mode with `config`, its cookie key and its start.
+    fn verifying(config: HubConfig) -> (Fixture, CookieKey, Instant) {
+        let t0 = Instant::now();
+        let key = CookieKey::new([4; 32], t0);
+        let mut f = Fixture::new(HubConfig {
+            cookie_key: Some(key.clone()),
+            ..config
+        });
+        f.t0 = t0;
+        (f, key, t0)
+    }
+
     /// The hub in verify mode, and a client at `port` registered with its
     /// cookie at `ms`; returns the cookie.
     fn verified(f: &mut Fixture, key: &CookieKey, port: u16, ms: u64) -> Vec<u8> {
@@ -887,14 +899,10 @@ mod tests {
 
     #[test]
     fn in_verify_mode_only_the_cookie_keeps_a_member_alive() {
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, t0) = verifying(HubConfig {
             timeout: Duration::from_millis(1_000),
-            cookie_key: Some(key.clone()),
             ..config()
         });
-        f.t0 = t0;
         let silent = verified(&mut f, &key, 1, 0);
         let talker = verified(&mut f, &key, 2, 0);
         let hello = [&b"^hello^"[..], &[b' '; 57]].concat();
@@ -937,14 +945,10 @@ mod tests {
 
     #[test]
     fn in_verify_mode_a_proven_heartbeat_keeps_a_member_in_its_room() {
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, t0) = verifying(HubConfig {
             timeout: Duration::from_millis(1_000),
-            cookie_key: Some(key.clone()),
             ..config()
         });
-        f.t0 = t0;
         let c1 = verified(&mut f, &key, 1, 0);
         let join = [&c1[..], b"^join^red"].concat();
         let (reply, _) = f.at(0, from(1, &join)).unwrap();
@@ -978,15 +982,11 @@ mod tests {
     /// expires: re-joining one's own room with the cookie is a heartbeat.
     #[test]
     fn in_verify_mode_a_spoofer_cannot_rate_limit_a_proven_rejoin_of_ones_own_room() {
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, t0) = verifying(HubConfig {
             timeout: Duration::from_millis(1_000),
-            cookie_key: Some(key.clone()),
             client_rate: Some((10.0, 20.0)),
             ..config()
         });
-        f.t0 = t0;
         let c1 = verified(&mut f, &key, 1, 0);
         let beat = [&c1[..], b"^join^red"].concat();
         assert_eq!(f.at(0, from(1, &beat)).unwrap().0, b"^room^red");
@@ -1037,15 +1037,11 @@ mod tests {
     /// modes (found in review: the membership used to end with the token).
     #[test]
     fn in_verify_mode_a_member_outlives_its_tokens_expiry_as_without() {
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, t0) = verifying(HubConfig {
             timeout: Duration::from_millis(1_000),
-            cookie_key: Some(key.clone()),
             room_secret: Some(secret()),
             ..config()
         });
-        f.t0 = t0;
         f.hub.set_unix_time(1_000);
         let cookie = [&b"^cookie^"[..], &key.make(&addr(1), t0)].concat();
         let beat = [&cookie[..], b"^join^vip^", &token("vip", 1_001, None)].concat();
@@ -1067,15 +1063,11 @@ mod tests {
         // Renewal rides on the proven heartbeat (never rate-limited), not on
         // a `^hello^` a spoofer could get refused in the member's name.
         use crate::core::cookie::EPOCH_SECS;
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, _) = verifying(HubConfig {
             timeout: Duration::from_secs(600),
-            cookie_key: Some(key.clone()),
             client_rate: Some((1.0, 1.0)),
             ..config()
         });
-        f.t0 = t0;
         let old = verified(&mut f, &key, 1, 0);
         assert_eq!(
             f.at(1_000, from(1, &old)),
@@ -1102,15 +1094,11 @@ mod tests {
         // Tokens are checked on joining, not while one stays: a member whose
         // token expired since, re-sending its proven join, is answered with
         // its room (it is in it), is still alive, and stays.
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
+        let (mut f, key, t0) = verifying(HubConfig {
             timeout: Duration::from_millis(1_000),
             room_secret: Some(secret()),
-            cookie_key: Some(key.clone()),
             ..config()
         });
-        f.t0 = t0;
         f.hub.set_unix_time(1_000);
         let c = verified(&mut f, &key, 1, 0);
         let join = [&c[..], b"^join^vip^", &token("vip", 1_001, None)[..]].concat();
@@ -1361,13 +1349,7 @@ mod tests {
     /// would then drop everything); its own cookie does.
     #[test]
     fn in_verify_mode_only_a_proven_datagram_moves_a_member_to_another_local_address() {
-        let t0 = Instant::now();
-        let key = CookieKey::new([4; 32], t0);
-        let mut f = Fixture::new(HubConfig {
-            cookie_key: Some(key.clone()),
-            ..config()
-        });
-        f.t0 = t0;
+        let (mut f, key, t0) = verifying(HubConfig { ..config() });
         fn via(port: u16, local: u8, data: &[u8]) -> Arrival<'_> {
             Arrival {
                 source: Some(addr(port).with_local(local)),
