@@ -52,10 +52,11 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
 /// that never read, has one send `MESSAGES` messages, waits (bounded) for
 /// the relay to have handled them all, and prints the final scrape.
 const DRIVER: &str = r#"
-import socket, sys, time, urllib.request
+import os, signal, socket, sys, time, urllib.request
 udp_host, udp_port = sys.argv[1].rsplit(":", 1)
 relay = (udp_host, int(udp_port))
 metrics = "http://%s/metrics" % sys.argv[2]
+relay_pid = int(sys.argv[3])
 CLIENTS, MESSAGES = 20, 60
 
 def scrape():
@@ -75,11 +76,12 @@ def wait(series, at_least):
             return text
         if time.time() > deadline:
             sys.exit("%s never reached %s:\n%s" % (series, at_least, text))
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 socks = []
 for _ in range(CLIENTS):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     s.bind(("127.0.0.1", 0))
     s.sendto(b"^hb^", relay)
     socks.append(s)
@@ -91,11 +93,31 @@ wait('udphub_datagrams_received_total{kind="message"}', MESSAGES)
 # batch is in.
 time.sleep(0.2)
 print(scrape())
+# Fill the buffer again and stop the relay while it is full: the queue
+# ahead of the byes takes a quarter of a second to drain.
+for i in range(MESSAGES):
+    socks[0].sendto(b"n%04d" % i + b"x" * 1000, relay)
+wait('udphub_datagrams_received_total{kind="message"}', 2 * MESSAGES)
+os.kill(relay_pid, signal.SIGTERM)
+byes = 0
+deadline = time.time() + 10
+for s in socks:
+    try:
+        while True:
+            s.settimeout(max(0.01, deadline - time.time()))
+            if s.recv(2048) == b"bye":
+                byes += 1
+                break
+    except socket.timeout:
+        pass
+print("---")
+print("byes %d" % byes)
 "#;
 
 /// A full send buffer drops deliveries, counts them as buffer_full, and
 /// never stalls the relay: every message is still handled, and recipients
-/// = delivered + dropped.
+/// = delivered + dropped. Stopped while its buffer is full, the relay
+/// waits for room and says `bye` to every member.
 #[test]
 fn a_full_send_buffer_drops_and_counts_deliveries() {
     for tool in ["ip", "tc", "python3"] {
@@ -113,8 +135,9 @@ fn a_full_send_buffer_drops_and_counts_deliveries() {
     }
     run("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).unwrap();
     // UDP only (the metrics scrape is TCP and must not queue behind it)
-    // through 1 Mbit/s with a deep queue: sent datagrams wait in the qdisc,
-    // still charged to the relay's socket, so its small send buffer fills.
+    // through 256 kbit/s with a deep queue: sent datagrams wait in the
+    // qdisc, still charged to the relay's socket, so its small send buffer
+    // fills (and stays full for a quarter of a second).
     let tc = |args: &str| {
         let mut all = vec!["-n", &ns.0];
         all.extend(args.split_whitespace());
@@ -122,20 +145,21 @@ fn a_full_send_buffer_drops_and_counts_deliveries() {
     };
     // (htb and u32: the qdiscs a container's kernel is most likely to have.)
     tc("qdisc add dev lo root handle 1: htb default 20");
-    tc("class add dev lo parent 1: classid 1:10 htb rate 1mbit burst 4kb");
+    tc("class add dev lo parent 1: classid 1:10 htb rate 256kbit burst 4kb");
     tc("class add dev lo parent 1: classid 1:20 htb rate 1gbit quantum 60000");
     tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
     tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
 
     let ready = util::temp_path("bf-ready");
     let mut cmd = Command::new("ip");
+    // (`ip netns exec` execs the relay: the child's pid is the relay's.)
     cmd.args(["netns", "exec", &ns.0, udphub_bin(), "serve"])
         .args(["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
         .args(["--send-buffer", "4096", "--format", "raw", "--ready-file"])
         .arg(&ready);
-    let (mut relay, _log, addrs) = util::spawn_until_ready(cmd, &ready);
+    let (mut relay, log, addrs) = util::spawn_until_ready(cmd, &ready);
     let metrics = addrs.metrics.expect("metrics on").to_string();
-    let scrape = run(
+    let out = run(
         "ip",
         &[
             "netns",
@@ -146,26 +170,40 @@ fn a_full_send_buffer_drops_and_counts_deliveries() {
             DRIVER,
             &addrs.udp.to_string(),
             &metrics,
+            &relay.id().to_string(),
         ],
     );
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        match relay.try_wait().expect("try_wait") {
+            Some(status) => break Some(status),
+            None if Instant::now() > deadline => break None,
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    };
     let _ = relay.kill();
     let _ = relay.wait();
-    let text = scrape.unwrap();
+    let log: Vec<String> = log.try_iter().collect();
+    let log = log.join("\n");
+    let out = out.unwrap();
+    let (text, byes) = out.split_once("---").expect("the driver's two parts");
 
     let full = metric(
-        &text,
+        text,
         "udphub_delivery_dropped_total{reason=\"buffer_full\"}",
     );
-    let recipients = metric(&text, "udphub_fanout_recipients_total");
-    let delivered = metric(&text, "udphub_deliveries_total");
+    let recipients = metric(text, "udphub_fanout_recipients_total");
+    let delivered = metric(text, "udphub_deliveries_total");
     assert_eq!(recipients, 60.0 * 20.0, "{text}");
     assert!(full > 0.0, "the send buffer never filled:\n{text}");
     assert!(delivered > 0.0, "{text}");
     assert_eq!(
         recipients,
-        delivered + metric_sum(&text, "udphub_delivery_dropped_total"),
+        delivered + metric_sum(text, "udphub_delivery_dropped_total"),
         "{text}"
     );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert_eq!(byes.trim(), "byes 20", "{log}");
 }
 
 /// Every datagram `c` receives until it has been quiet for `quiet`.
@@ -373,6 +411,12 @@ fn sigterm_in_the_middle_of_a_fanout_says_bye_once_to_everyone() {
     const MEMBERS: usize = 20;
     let mut relay = spawn_relay(&["--format", "raw"]);
     let members: Vec<Client> = (0..MEMBERS).map(|_| Client::joined(&relay)).collect();
+    // Room for a few thousand datagrams each, so a reader the scheduler
+    // keeps waiting (2 busy cores) does not make its kernel drop the bye;
+    // the kernel's own drop count for the socket is in the failure message.
+    for m in &members {
+        let _ = socket2::SockRef::from(&m.sock).set_recv_buffer_size(4 << 20);
+    }
     let flowing = Arc::new(AtomicBool::new(true));
     // Each member reads on its own thread, so no buffer overflows and a
     // bye is never lost behind the flood.
@@ -416,7 +460,33 @@ fn sigterm_in_the_middle_of_a_fanout_says_bye_once_to_everyone() {
     for r in readers {
         let (byes, after_bye, got, m) = r.join().unwrap();
         assert!(got > 0, "{} got no fan-out before the bye", m.addr());
-        assert_eq!(byes, 1, "{}: {byes} byes", m.addr());
+        assert_eq!(
+            byes,
+            1,
+            "{}: {byes} byes ({} datagrams dropped by its kernel socket)",
+            m.addr(),
+            util::socket_drops(m.addr()).map_or("?".into(), |d| d.to_string())
+        );
         assert_eq!(after_bye, 0, "{}: datagrams after the bye", m.addr());
     }
+}
+
+/// The diagnostic the bye test prints: the kernel's drop count for one
+/// socket, read from /proc/net/udp.
+#[test]
+fn socket_drops_reads_the_kernels_count_for_one_socket() {
+    let full = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket2::SockRef::from(&full)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..200 {
+        sender
+            .send_to(&[0u8; 1000], full.local_addr().unwrap())
+            .unwrap();
+    }
+    let dropped = util::socket_drops(full.local_addr().unwrap()).expect("listed");
+    assert!(dropped > 0, "{dropped}");
+    assert_eq!(util::socket_drops(quiet.local_addr().unwrap()), Some(0));
 }

@@ -3,10 +3,13 @@
 //! The payload is rendered once per message by the caller; here it is handed
 //! to the kernel with up to [`SEND_BATCH`] destinations per syscall. A full
 //! socket buffer never stalls or spins the loop: the deliveries the kernel
-//! would not take are dropped and counted, and the loop moves on.
+//! would not take are dropped and counted, and the loop moves on. Only the
+//! shutdown `bye` ([`FanoutSender::send_patiently`]) waits for the buffer.
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::core::addr::RawAddr;
 use crate::core::counts::{Counts, DeliveryDrop};
@@ -104,19 +107,115 @@ impl FanoutSender {
     {
         let FanoutSender { batch, staging } = self;
         let capacity = batch.capacity();
-        drive(staging, capacity, dests, |chunk| {
-            batch.send(fd, sources, payload, chunk)
-        })
+        drive(
+            staging,
+            capacity,
+            dests,
+            |chunk| batch.send(fd, sources, payload, chunk),
+            Impatient,
+        )
+    }
+
+    /// Like [`send`](Self::send), but a full buffer is waited out: the
+    /// sender sleeps [`PATIENT_PAUSE`] and tries again, and gives up on
+    /// the rest only after `patience` without the kernel taking anything.
+    ///
+    /// For the shutdown `bye`: the loop reads nothing any more, so there is
+    /// nothing to starve, and a fan-out that was in full flow when the
+    /// signal came has just filled the buffer the goodbye needs.
+    pub fn send_patiently<'a, I>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
+        payload: &[u8],
+        dests: I,
+        patience: Duration,
+    ) -> Report
+    where
+        I: IntoIterator<Item = &'a RawAddr>,
+    {
+        let FanoutSender { batch, staging } = self;
+        let capacity = batch.capacity();
+        drive(
+            staging,
+            capacity,
+            dests,
+            |chunk| batch.send(fd, sources, payload, chunk),
+            Patient::new(patience),
+        )
+    }
+}
+
+/// How long [`FanoutSender::send_patiently`] sleeps before trying a full
+/// buffer again: long enough not to spin, short against the time a
+/// loopback or NIC queue takes to drain.
+pub const PATIENT_PAUSE: Duration = Duration::from_millis(1);
+
+/// What a sender does when the kernel says its buffer is full.
+pub trait OnFull {
+    /// Called with the deliveries handed to the kernel so far; returns
+    /// whether to try the same destination again (after waiting) rather
+    /// than drop the rest.
+    fn wait(&mut self, delivered: u64) -> bool;
+}
+
+/// Never waits: the rest is dropped at once (the relay's normal path,
+/// where waiting would stop the loop from reading).
+pub struct Impatient;
+
+impl OnFull for Impatient {
+    fn wait(&mut self, _: u64) -> bool {
+        false
+    }
+}
+
+/// Waits while the kernel keeps taking deliveries: gives up only after
+/// `patience` with no progress.
+pub struct Patient {
+    patience: Duration,
+    delivered: u64,
+    since: Instant,
+}
+
+impl Patient {
+    /// Gives up after `patience` without progress.
+    pub fn new(patience: Duration) -> Patient {
+        Patient {
+            patience,
+            delivered: 0,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl OnFull for Patient {
+    fn wait(&mut self, delivered: u64) -> bool {
+        if delivered != self.delivered {
+            self.delivered = delivered;
+            self.since = Instant::now();
+        }
+        if self.since.elapsed() >= self.patience {
+            return false;
+        }
+        thread::sleep(PATIENT_PAUSE);
+        true
     }
 }
 
 /// The fan-out policy, apart from the syscall so it can be tested with a
 /// fake kernel: `send(chunk)` sends a leading part of `chunk` and says how
 /// much, or fails on `chunk[0]`.
-fn drive<'a, I, S>(staging: &mut Vec<RawAddr>, capacity: usize, dests: I, mut send: S) -> Report
+fn drive<'a, I, S, W>(
+    staging: &mut Vec<RawAddr>,
+    capacity: usize,
+    dests: I,
+    mut send: S,
+    mut on_full: W,
+) -> Report
 where
     I: IntoIterator<Item = &'a RawAddr>,
     S: FnMut(&[RawAddr]) -> io::Result<usize>,
+    W: OnFull,
 {
     let mut out = Report::default();
     let mut dests = dests.into_iter();
@@ -127,7 +226,13 @@ where
             return out;
         }
         out.recipients += staging.len() as u64;
-        if deliver(staging.len(), &mut out, |i| send(&staging[i..])) == BatchEnd::BufferFull {
+        let end = deliver(
+            staging.len(),
+            &mut out,
+            |i| send(&staging[i..]),
+            &mut on_full,
+        );
+        if end == BatchEnd::BufferFull {
             let rest = dests.count() as u64;
             out.recipients += rest;
             out.drop(DeliveryDrop::BufferFull, rest);
@@ -140,14 +245,16 @@ where
 /// echo server's replies: `send(i)` hands the kernel messages `i..` and says
 /// how many it took, or fails on message `i`.
 ///
-/// A full buffer drops everything from `i` on (and says
+/// A full buffer is offered to `on_full`; unless it waits and asks for a
+/// retry, everything from `i` on is dropped (and the result is
 /// [`BatchEnd::BufferFull`]: the caller drops whatever else it had queued
-/// too); any other error drops message `i` alone and goes on. Adds to
+/// too). Any other error drops message `i` alone and goes on. Adds to
 /// `out`'s delivered/dropped counts, so that `len` = delivered + dropped
 /// afterwards.
-pub fn deliver<S>(len: usize, out: &mut Report, mut send: S) -> BatchEnd
+pub fn deliver<S, W>(len: usize, out: &mut Report, mut send: S, on_full: &mut W) -> BatchEnd
 where
     S: FnMut(usize) -> io::Result<usize>,
+    W: OnFull,
 {
     let mut i = 0;
     while i < len {
@@ -163,6 +270,7 @@ where
                 out.delivered += n as u64;
                 i += n;
             }
+            Err(e) if is_buffer_full(&e) && on_full.wait(out.delivered) => {}
             Err(e) if is_buffer_full(&e) => {
                 out.drop(DeliveryDrop::BufferFull, (len - i) as u64);
                 return BatchEnd::BufferFull;
@@ -246,14 +354,20 @@ mod tests {
     fn a_full_buffer_drops_the_rest_of_the_message_without_retrying() {
         let dests = addrs(10);
         let mut calls = 0;
-        let out = drive(&mut Vec::new(), 4, &dests, |chunk| {
-            calls += 1;
-            match calls {
-                1 => Ok(chunk.len()), // first 4
-                2 => Ok(1),           // partial: 1 of the next 4
-                _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
-            }
-        });
+        let out = drive(
+            &mut Vec::new(),
+            4,
+            &dests,
+            |chunk| {
+                calls += 1;
+                match calls {
+                    1 => Ok(chunk.len()), // first 4
+                    2 => Ok(1),           // partial: 1 of the next 4
+                    _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+                }
+            },
+            Impatient,
+        );
         assert_eq!(calls, 3, "must not retry after EAGAIN");
         assert_eq!(
             (
@@ -269,9 +383,13 @@ mod tests {
     #[test]
     fn enobufs_counts_as_a_full_buffer() {
         let dests = addrs(3);
-        let out = drive(&mut Vec::new(), 8, &dests, |_| {
-            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
-        });
+        let out = drive(
+            &mut Vec::new(),
+            8,
+            &dests,
+            |_| Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+            Impatient,
+        );
         assert_eq!((out.recipients, out.dropped[FULL]), (3, 3));
     }
 
@@ -280,15 +398,21 @@ mod tests {
         // A fake kernel that cycles through every behaviour.
         let dests = addrs(50);
         let mut step = 0u32;
-        let out = drive(&mut Vec::new(), 7, &dests, |chunk| {
-            step += 1;
-            match step % 4 {
-                0 => Err(io::Error::from_raw_os_error(libc::EPERM)),
-                1 => Ok(chunk.len().min(3)),
-                2 => Ok(0),
-                _ => Ok(chunk.len()),
-            }
-        });
+        let out = drive(
+            &mut Vec::new(),
+            7,
+            &dests,
+            |chunk| {
+                step += 1;
+                match step % 4 {
+                    0 => Err(io::Error::from_raw_os_error(libc::EPERM)),
+                    1 => Ok(chunk.len().min(3)),
+                    2 => Ok(0),
+                    _ => Ok(chunk.len()),
+                }
+            },
+            Impatient,
+        );
         assert_eq!(out.recipients, 50);
         assert_eq!(out.delivered + out.dropped.iter().sum::<u64>(), 50);
         let mut counts = Counts::default();
@@ -304,5 +428,57 @@ mod tests {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         let out = FanoutSender::default().send(server.as_fd(), &[], b"m", &[]);
         assert_eq!(out.recipients, 0);
+    }
+
+    #[test]
+    fn a_patient_sender_retries_a_full_buffer_while_the_kernel_takes_more() {
+        let dests = addrs(10);
+        let mut calls = 0;
+        let out = drive(
+            &mut Vec::new(),
+            4,
+            &dests,
+            |chunk| {
+                calls += 1;
+                // Full on every other call: the kernel drains between.
+                if calls % 2 == 0 {
+                    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                } else {
+                    Ok(chunk.len().min(2))
+                }
+            },
+            Patient::new(Duration::from_secs(5)),
+        );
+        assert_eq!(
+            (out.recipients, out.delivered, out.dropped[FULL]),
+            (10, 10, 0)
+        );
+    }
+
+    #[test]
+    fn a_patient_sender_gives_up_when_nothing_moves_for_its_patience() {
+        let dests = addrs(6);
+        let mut calls = 0;
+        let started = Instant::now();
+        let out = drive(
+            &mut Vec::new(),
+            4,
+            &dests,
+            |_| {
+                calls += 1;
+                match calls {
+                    1 => Ok(1),
+                    _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+                }
+            },
+            Patient::new(Duration::from_millis(20)),
+        );
+        assert_eq!(
+            (out.recipients, out.delivered, out.dropped[FULL]),
+            (6, 1, 5)
+        );
+        // It waited (several retries), and not for ever.
+        assert!(calls > 2, "{calls} calls");
+        assert!(started.elapsed() >= Duration::from_millis(20));
     }
 }

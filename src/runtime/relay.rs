@@ -31,6 +31,11 @@ pub const EXPIRY_CHUNK: usize = 256;
 /// datagrams. Settling one costs 0.1–1 µs (cache misses in a big table), so
 /// a million expiring at once take many passes, none of them long.
 pub const EXPIRY_SLICE: Duration = Duration::from_millis(1);
+/// How long the shutdown `bye` waits on a send buffer that takes nothing
+/// before it gives up on the rest (counted `buffer_full`). Measured from
+/// the last delivery the kernel took, so a big table is never cut short
+/// while the buffer drains; a peer that cannot drain it costs at most this.
+pub const BYE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The relay's loop: an [`EventLoop`] running a [`Relay`].
 pub type RelayLoop = EventLoop<Relay>;
@@ -349,14 +354,18 @@ impl Service for Relay {
         self.hub.next_timer()
     }
 
-    /// Sends `bye` to every live client and empties the table.
+    /// Sends `bye` to every live client and empties the table. A send
+    /// buffer left full by the fan-out the signal interrupted is waited out
+    /// (up to [`BYE_PATIENCE`] without progress): nothing is read any more,
+    /// and every member is owed its one `bye`.
     fn shutdown(&mut self, io: &mut Io<'_>) {
         let now = Instant::now();
-        let report = self.fanout.send(
+        let report = self.fanout.send_patiently(
             io.fd,
             io.sources,
             self.hub.goodbye(),
             self.hub.everyone(now),
+            BYE_PATIENCE,
         );
         tracing::info!(
             "said bye to {} client{} ({} not delivered)",

@@ -69,9 +69,12 @@ impl Replies {
             queued,
             batch,
         } = self;
-        fanout::deliver(queued.len(), &mut report, |i| {
-            batch.send(io.fd, io.sources, bytes, &queued[i..])
-        });
+        fanout::deliver(
+            queued.len(),
+            &mut report,
+            |i| batch.send(io.fd, io.sources, bytes, &queued[i..]),
+            &mut fanout::Impatient,
+        );
         if let Some(e) = report.add_to(io.counts) {
             log.warn("sendmmsg", &e);
         }

@@ -425,3 +425,32 @@ pub fn require_tool(tool: &str) -> bool {
     }
     found
 }
+
+/// How many datagrams the kernel dropped at the local UDP socket bound to
+/// `addr` (the `drops` column of /proc/net/udp or udp6): a full receive
+/// buffer, for diagnosing a datagram a test did not get.
+pub fn socket_drops(addr: SocketAddr) -> Option<u64> {
+    let (file, local) = match addr {
+        SocketAddr::V4(a) => (
+            "/proc/net/udp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            let words: String = o
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{words}:{:04X}", a.port()))
+        }
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&local.as_str()))
+        .and_then(|f| f.last()?.parse().ok())
+}
