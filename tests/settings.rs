@@ -248,6 +248,35 @@ fn rows(files: &Files) -> Vec<Row> {
             needs: cluster,
         },
         Row {
+            key: "cluster-ca",
+            default: Some("the system's CAs"),
+            file: (quoted(&files.certs[0]), s(&files.certs[0])),
+            env: (s(&files.certs[1]), s(&files.certs[1])),
+            flag: (Flag::Value(s(&files.certs[2])), s(&files.certs[2])),
+            needs: cluster,
+        },
+        Row {
+            key: "cluster-cert",
+            default: Some("none"),
+            file: (quoted(&files.certs[0]), s(&files.certs[0])),
+            env: (s(&files.certs[1]), s(&files.certs[1])),
+            flag: (Flag::Value(s(&files.certs[2])), s(&files.certs[2])),
+            needs: cluster,
+        },
+        Row {
+            key: "cluster-cert-key",
+            default: Some("none"),
+            file: (quoted(&files.keys[0]), s(&files.keys[0])),
+            env: (s(&files.keys[1]), s(&files.keys[1])),
+            flag: (Flag::Value(s(&files.keys[2])), s(&files.keys[2])),
+            needs: Box::leak(Box::new([
+                "--cluster",
+                "nats://127.0.0.1:4000",
+                "--cluster-cert",
+                s(&files.certs[0]),
+            ])),
+        },
+        Row {
             key: "threads",
             default: Some("1"),
             file: ("2", "2"),
@@ -301,6 +330,28 @@ struct Files {
     secrets: Vec<PathBuf>,
     /// Three ready-file paths (not written: `--check-config` binds nothing).
     ready: Vec<PathBuf>,
+    /// Three certificates (PEM, self-signed, so each is also a CA) of one
+    /// key, each followed by the key (a combined PEM), and three copies of
+    /// that key: any of them goes with any certificate, whichever source
+    /// wins.
+    certs: Vec<PathBuf>,
+    /// The key's copies.
+    keys: Vec<PathBuf>,
+}
+
+/// Runs the openssl CLI in `dir` (tests/run.sh installs it).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is needed (tests/run.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Files {
@@ -314,7 +365,52 @@ impl Files {
             })
             .collect();
         let ready = (0..3).map(|i| dir.join(format!("ready-{i}"))).collect();
-        Files { secrets, ready }
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "key-0.pem",
+            ],
+        );
+        for i in 0..3 {
+            let (cert, subj) = (format!("cert-{i}.pem"), format!("/CN=udphub settings {i}"));
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-key",
+                    "key-0.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    &subj,
+                    "-out",
+                    &cert,
+                ],
+            );
+            if i > 0 {
+                std::fs::copy(dir.join("key-0.pem"), dir.join(format!("key-{i}.pem"))).unwrap();
+            }
+            // The key after the certificate: a combined PEM needs no
+            // --cluster-cert-key.
+            let mut combined = std::fs::read(dir.join(&cert)).unwrap();
+            combined.extend(std::fs::read(dir.join("key-0.pem")).unwrap());
+            std::fs::write(dir.join(&cert), combined).unwrap();
+        }
+        let certs = (0..3).map(|i| dir.join(format!("cert-{i}.pem"))).collect();
+        let keys = (0..3).map(|i| dir.join(format!("key-{i}.pem"))).collect();
+        Files {
+            secrets,
+            ready,
+            certs,
+            keys,
+        }
     }
 }
 

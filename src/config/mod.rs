@@ -13,6 +13,8 @@
 //!   by flag, environment and file).
 //! - [`file`](mod@file): reading the `--config` file and the room secret file, with
 //!   errors that name the line, the key and what was expected.
+//! - [`tls`]: the TLS files for NATS (`--cluster-ca`, `--cluster-cert`),
+//!   read and checked at start.
 //! - [`validate`]: each setting's check and the rules between settings.
 //! - [`summary`]: `--check-config`'s line and the docs' settings table.
 //! - [`logging`]: the log settings' rules (installing the logger is the
@@ -25,16 +27,18 @@ pub mod file;
 pub mod logging;
 pub mod settings;
 pub mod summary;
+pub mod tls;
 pub mod validate;
 pub mod values;
 
 pub use file::read_secret;
 pub use logging::LogFormat;
 pub use settings::{Config, Layer};
+pub use tls::ClusterTls;
 pub use validate::MAX_THREADS;
 pub use values::{
-    parse_addr, parse_duration, parse_metrics, Lobby, MetricsAddr, Threads, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD,
+    parse_addr, parse_duration, parse_metrics, Lobby, MetricsAddr, NatsLogin, Threads,
+    DEFAULT_MAX_DATAGRAM, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD,
 };
 
 use crate::core::hub::HubConfig;
@@ -62,8 +66,14 @@ pub struct ServeArgs {
 /// the cluster bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// NATS servers (`nats://host:port`), tried in turn.
+    /// NATS servers (`nats://host:port`, `tls://host:port`), tried in
+    /// turn; never with a password in them (see `login`).
     pub servers: Vec<String>,
+    /// The user and password the URLs named, if any.
+    pub login: Option<NatsLogin>,
+    /// TLS, if a URL is `tls://` or a TLS file was given: then the
+    /// connection must be TLS, to every server, learnt ones included.
+    pub tls: Option<ClusterTls>,
     /// Subject prefix: relays with the same name share rooms.
     pub name: String,
     /// This node's name on the bus (the NATS connection name).
@@ -86,10 +96,13 @@ impl Config {
         if given.cluster.is_none()
             && (given.cluster_name.is_some()
                 || given.node_id.is_some()
-                || given.cluster_credentials.is_some())
+                || given.cluster_credentials.is_some()
+                || given.cluster_ca.is_some()
+                || given.cluster_cert.is_some()
+                || given.cluster_cert_key.is_some())
         {
             return Err(Error::Config(
-                "--cluster-name, --node-id and --cluster-credentials need --cluster nats://HOST:PORT".into(),
+                "--cluster-name, --node-id, --cluster-credentials, --cluster-ca, --cluster-cert and --cluster-cert-key need --cluster nats://HOST:PORT".into(),
             ));
         }
         let preset = if given.public == Some(true) {
@@ -103,6 +116,14 @@ impl Config {
             .as_deref()
             .map(read_secret)
             .transpose()?;
+        if let Some(urls) = &config.cluster {
+            config.cluster_tls = ClusterTls::read(
+                config.cluster_ca.as_ref(),
+                config.cluster_cert.as_ref(),
+                config.cluster_cert_key.as_ref(),
+                urls.wants_tls(),
+            )?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -122,7 +143,9 @@ impl Config {
     /// The cluster settings, if the relay is in a cluster.
     pub fn cluster(&self) -> Option<ClusterConfig> {
         self.cluster.as_ref().map(|servers| ClusterConfig {
-            servers: servers.0.clone(),
+            servers: servers.servers.clone(),
+            login: servers.login.clone(),
+            tls: self.cluster_tls.clone(),
             name: self.cluster_name.clone(),
             node_id: self.node_id.clone(),
             credentials: self.cluster_credentials.clone(),

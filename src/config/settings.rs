@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::declare::declare_settings;
 use super::logging::LogFormat;
+use super::tls::ClusterTls;
 use super::validate::{
     any, at_least_one, between, cluster_credentials, cluster_name, log_level, max_datagram,
     node_id, positive, threads,
@@ -280,9 +281,13 @@ declare_settings! {
             reload: Live,
         }
         /// Share rooms with other relays through these NATS servers:
-        /// comma-separated `nats://HOST:PORT`.
+        /// comma-separated `nats://HOST:PORT`, or `tls://HOST:PORT` for TLS.
         ///
-        /// See docs/CLUSTER.md. Without it no cluster thread runs.
+        /// A NATS user logs in with `nats://USER:PASSWORD@HOST:PORT`: put
+        /// that in `UDPHUB_CLUSTER` or the `--config` file, not on the
+        /// command line (which any local user can read); the password is
+        /// never logged or shown. See docs/CLUSTER.md. Without it no
+        /// cluster thread runs.
         cluster: NatsUrls {
             env: "UDPHUB_CLUSTER",
             value: "URLS",
@@ -320,6 +325,41 @@ declare_settings! {
             parse: parse_path,
             default: none("none"),
             check: cluster_credentials,
+            reload: Restart,
+        }
+        /// With `--cluster`: the CA certificates (PEM) that sign the NATS
+        /// servers' certificates; TLS is then required.
+        ///
+        /// Without it, `tls://` URLs trust the system's CAs. Read once, at
+        /// start (at most 1 MiB); see docs/CLUSTER.md.
+        cluster_ca: PathBuf {
+            env: "UDPHUB_CLUSTER_CA",
+            value: "FILE",
+            parse: parse_path,
+            default: none("the system's CAs"),
+            check: any,
+            reload: Restart,
+        }
+        /// With `--cluster`: this relay's certificate (PEM, the chain from
+        /// it up), for NATS servers that verify clients (mutual TLS); needs
+        /// `--cluster-cert-key`.
+        cluster_cert: PathBuf {
+            env: "UDPHUB_CLUSTER_CERT",
+            value: "FILE",
+            parse: parse_path,
+            default: none("none"),
+            check: any,
+            reload: Restart,
+        }
+        /// With `--cluster-cert`: its private key (PEM: PKCS#8, RSA or EC).
+        ///
+        /// Read once, at start; never logged.
+        cluster_cert_key: PathBuf {
+            env: "UDPHUB_CLUSTER_CERT_KEY",
+            value: "FILE",
+            parse: parse_path,
+            default: none("none"),
+            check: any,
             reload: Restart,
         }
         /// Loops relaying on the address, each on its own thread with its
@@ -366,6 +406,9 @@ declare_settings! {
         /// The room secret, read from `room_secret_file` when the settings
         /// are resolved (at start and on each reload). Never shown.
         room_secret: Option<RoomSecret>,
+        /// TLS to NATS, read from `cluster_ca`, `cluster_cert` and
+        /// `cluster_cert_key` at start (a reload keeps the running one).
+        cluster_tls: Option<ClusterTls>,
     }
 }
 

@@ -195,7 +195,11 @@ impl Value for NatsUrls {
         text(value)
     }
     fn show(&self) -> String {
-        self.0.join(",")
+        // The password never: this is what --check-config and reload print.
+        match &self.login {
+            Some(login) => format!("{} as user {:?}", self.servers.join(","), login.user),
+            None => self.servers.join(","),
+        }
     }
 }
 
@@ -287,12 +291,46 @@ pub fn parse_threads(s: &str) -> Result<Threads, String> {
     }
 }
 
-/// NATS server URLs (`--cluster`).
+/// NATS server URLs (`--cluster`), with the user and password that
+/// `nats://USER:PASSWORD@HOST:PORT` names kept apart: the URLs here are
+/// what logs and `--check-config` show, so a password is never printed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatsUrls(pub Vec<String>);
+pub struct NatsUrls {
+    /// `nats://HOST:PORT` or `tls://HOST:PORT`, less any `USER:PASSWORD@`.
+    pub servers: Vec<String>,
+    /// The user the URLs name (every URL that names one names the same).
+    pub login: Option<NatsLogin>,
+}
 
-/// `--cluster`: comma-separated `nats://host:port` URLs (`host:port` gets
-/// `nats://`).
+impl NatsUrls {
+    /// Whether any server is to be reached over TLS (`tls://`).
+    pub fn wants_tls(&self) -> bool {
+        self.servers.iter().any(|u| u.starts_with("tls://"))
+    }
+}
+
+/// A NATS user and password (from `nats://USER:PASSWORD@…`). Its `Debug`
+/// leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsLogin {
+    /// The user.
+    pub user: String,
+    /// The password (never shown).
+    pub password: String,
+}
+
+impl fmt::Debug for NatsLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsLogin")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `--cluster`: comma-separated `nats://host:port` or `tls://host:port`
+/// URLs (`host:port` gets `nats://`), each optionally with `USER:PASSWORD@`
+/// (percent-encoded, as in any URL).
 pub fn parse_cluster_urls(s: &str) -> Result<NatsUrls, String> {
     let urls: Vec<String> = s
         .split(',')
@@ -309,20 +347,77 @@ pub fn parse_cluster_urls(s: &str) -> Result<NatsUrls, String> {
     if urls.is_empty() {
         return Err("expected nats://HOST:PORT[,nats://HOST:PORT…]".into());
     }
+    let mut servers = Vec::with_capacity(urls.len());
+    let mut login: Option<NatsLogin> = None;
     for u in &urls {
-        let rest = u
-            .strip_prefix("nats://")
-            .or_else(|| u.strip_prefix("tls://"))
-            .ok_or_else(|| format!("{u}: only nats:// and tls:// URLs"))?;
-        let hostport = rest.rsplit('@').next().unwrap_or(rest);
+        let (scheme, rest) = u
+            .split_once("://")
+            .filter(|(scheme, _)| matches!(*scheme, "nats" | "tls"))
+            .ok_or_else(|| format!("{}: only nats:// and tls:// URLs", without_login(u)))?;
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, rest),
+        };
+        let shown = format!("{scheme}://{hostport}");
         let port = hostport
             .rsplit_once(':')
             .map(|(_, p)| p)
-            .ok_or_else(|| format!("{u}: expected a port, as in nats://127.0.0.1:4222"))?;
+            .ok_or_else(|| format!("{shown}: expected a port, as in nats://127.0.0.1:4222"))?;
         port.parse::<u16>()
-            .map_err(|_| format!("{u}: {port:?} is not a port number"))?;
+            .map_err(|_| format!("{shown}: {port:?} is not a port number"))?;
+        if let Some(userinfo) = userinfo {
+            let (user, password) = userinfo.split_once(':').ok_or_else(|| {
+                format!("{shown}: a user needs a password, as in nats://USER:PASSWORD@HOST:PORT")
+            })?;
+            let this = NatsLogin {
+                user: percent_decode(user).map_err(|why| format!("{shown}: the user {why}"))?,
+                password: percent_decode(password)
+                    .map_err(|why| format!("{shown}: the password {why}"))?,
+            };
+            if this.user.is_empty() {
+                return Err(format!("{shown}: the user is empty"));
+            }
+            if login.as_ref().is_some_and(|l| *l != this) {
+                return Err(format!(
+                    "{shown}: every URL that names a user must name the same user and password (NATS has one login per connection)"
+                ));
+            }
+            login = Some(this);
+        }
+        servers.push(shown);
     }
-    Ok(NatsUrls(urls))
+    Ok(NatsUrls { servers, login })
+}
+
+/// A URL with any `USER:PASSWORD@` cut out, for an error message.
+fn without_login(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, hostport))) => format!("{scheme}://{hostport}"),
+        _ => url.to_string(),
+    }
+}
+
+/// Decodes a URL's `%XX` escapes (a user or password with `@`, `:` or `%`
+/// in it is written so); the result must be UTF-8.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("has a % not followed by two hex digits (write % as %25)")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "is not UTF-8 once decoded".to_string())
 }
 
 /// `--lobby`: with a room secret, whether clients outside any room may
@@ -494,9 +589,40 @@ mod tests {
     #[test]
     fn cluster_flags_are_checked() {
         let urls = parse_cluster_urls("nats://127.0.0.1:4222, 10.0.0.2:4222").unwrap();
-        assert_eq!(urls.0, ["nats://127.0.0.1:4222", "nats://10.0.0.2:4222"]);
+        assert_eq!(
+            urls.servers,
+            ["nats://127.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert!(urls.login.is_none() && !urls.wants_tls());
         for bad in ["", " , ", "http://x:1", "nats://nohost", "nats://h:99999"] {
             assert!(parse_cluster_urls(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_password_in_a_cluster_url_is_kept_apart_and_never_shown() {
+        let urls = parse_cluster_urls(
+            "tls://eu:s%40cret:x@10.0.0.5:4222,tls://eu:s%40cret:x@10.0.0.6:4222",
+        )
+        .unwrap();
+        assert_eq!(urls.servers, ["tls://10.0.0.5:4222", "tls://10.0.0.6:4222"]);
+        let login = urls.login.clone().unwrap();
+        assert_eq!(
+            (login.user.as_str(), login.password.as_str()),
+            ("eu", "s@cret:x")
+        );
+        assert!(urls.wants_tls());
+        for shown in [urls.show(), format!("{urls:?}")] {
+            assert!(!shown.contains("cret"), "{shown}");
+        }
+        for bad in [
+            "nats://eu@h:1",
+            "nats://eu:p%4@h:1",
+            "nats://eu:a@h:1,nats://us:a@h:2",
+            "http://eu:hush@h:1",
+        ] {
+            let e = parse_cluster_urls(bad).unwrap_err();
+            assert!(!e.contains("hush") && !e.contains(":a@"), "{e}");
         }
     }
 }
