@@ -32,7 +32,8 @@
 //!   (no stranger on the relay's address).
 //! - [`cluster`]: relays sharing rooms over NATS — the loop's
 //!   [`cluster::Bus`], the [`cluster::bridge`] thread, the
-//!   [`cluster::frame`]s on the bus, and the [`cluster::interest`] in rooms.
+//!   [`cluster::frame`]s on the bus, the [`cluster::interest`] in rooms,
+//!   and the bridge's [`cluster::tls`] client.
 //! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
 //!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
@@ -47,7 +48,8 @@
 //!   goes to), [`net::holders`] (who else holds an address).
 //! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
 //!   each one once (where a new setting goes); flags, environment, the
-//!   TOML file, defaults, checks, reload and the docs table follow.
+//!   TOML file, defaults, checks, reload and the docs table follow;
+//!   [`config::tls`] reads the TLS files for NATS at start.
 //! - [`cluster`]: relays sharing rooms over NATS.
 //! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
 //!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]

@@ -50,8 +50,9 @@ pub fn spawn(bridge: Bridge) -> Result<(), Error> {
     Ok(())
 }
 
-/// Logs connection changes, at most one line a second (a flapping link
-/// must not flood the log), saying how many were held back.
+/// Logs connection changes (or, a second one, what the server says), at
+/// most one line a second (a flapping link or a stream of refused
+/// publishes must not flood the log), saying how many were held back.
 struct ChangeLog(crate::throttle::Throttle);
 
 impl ChangeLog {
@@ -60,7 +61,7 @@ impl ChangeLog {
             return;
         };
         let note = if held > 0 {
-            format!(" ({held} more changes since the last line)")
+            format!(" ({held} more since the last line)")
         } else {
             String::new()
         };
@@ -78,15 +79,23 @@ async fn run(mut b: Bridge) {
     ))));
     let connected = Arc::clone(&b.connected);
     let gauge = b.metrics.connected.clone();
+    // Never a password: the configuration keeps it out of the URLs.
     let servers = b.config.servers.join(",");
+    let trouble = super::tls::TlsTrouble::default();
+    let said = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
+        Duration::from_secs(1),
+    ))));
     let events = {
         let log = Arc::clone(&log);
+        let trouble = trouble.clone();
         move |event: async_nats::Event| {
-            let (connected, log, gauge, servers) = (
+            let (connected, log, said, gauge, servers, trouble) = (
                 Arc::clone(&connected),
                 Arc::clone(&log),
+                Arc::clone(&said),
                 gauge.clone(),
                 servers.clone(),
+                trouble.clone(),
             );
             async move {
                 let change = match &event {
@@ -96,6 +105,10 @@ async fn run(mut b: Bridge) {
                 };
                 match change {
                     Some(up) => {
+                        if up {
+                            // What went wrong before this connection is moot.
+                            trouble.take();
+                        }
                         connected.store(up, Ordering::SeqCst);
                         gauge.set(if up { 1.0 } else { 0.0 });
                         if let Ok(mut l) = log.lock() {
@@ -107,7 +120,23 @@ async fn run(mut b: Bridge) {
                             l.log(up, &what);
                         }
                     }
-                    None => tracing::warn!("cluster: NATS says {event}"),
+                    // A failed attempt (retried every second at most): with
+                    // the connection changes, with the reason TLS left if it
+                    // was TLS (async-nats itself only says "IO error").
+                    None if matches!(event, async_nats::Event::ClientError(_)) => {
+                        let why = trouble.take().unwrap_or_else(|| event.to_string());
+                        if let Ok(mut l) = log.lock() {
+                            l.log(false, &format!("cannot connect to NATS ({servers}): {why}"));
+                        }
+                    }
+                    // The server's complaints (a permissions violation comes
+                    // once per refused publish): rate-limited on their own,
+                    // so neither kind of line hides the other.
+                    None => {
+                        if let Ok(mut l) = said.lock() {
+                            l.log(false, &format!("NATS says {event}"));
+                        }
+                    }
                 }
             }
         }
@@ -125,6 +154,20 @@ async fn run(mut b: Bridge) {
             Duration::from_millis((100u64 << attempt.min(4)).min(1_000))
         })
         .event_callback(events);
+    if let Some(login) = &b.config.login {
+        options = options.user_and_password(login.user.clone(), login.password.clone());
+    }
+    if let Some(tls) = &b.config.tls {
+        match super::tls::client_config(tls, &trouble) {
+            // Required, to every server: one learnt from the cluster
+            // (announced as a bare HOST:PORT) is never tried in the clear.
+            Ok(client) => options = options.tls_client_config(client).require_tls(true),
+            Err(e) => {
+                tracing::error!("cluster: {e}; the cluster is off");
+                return;
+            }
+        }
+    }
     if let Some(path) = &b.config.credentials {
         options = match options.credentials_file(path).await {
             Ok(o) => o,

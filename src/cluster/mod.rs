@@ -12,6 +12,8 @@
 //! - [`frame`]: the bytes on the bus (a stamp for order, dedup and gaps).
 //! - [`bridge`]: the thread that talks to NATS (async-nats on a small
 //!   current-thread runtime).
+//! - [`tls`]: the bridge's TLS client (`tls://`, `--cluster-ca`, mutual
+//!   TLS), which says why a handshake failed.
 //! - [`Bus`] (here): the loop's side of the bus: bounded queues to and
 //!   from the bridge, and a mio `Waker` the bridge rings once per burst.
 //!   ([`BusDrop`]: why a message to or from the bus was dropped.)
@@ -23,6 +25,7 @@
 pub mod bridge;
 pub mod frame;
 pub mod interest;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
