@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
-# prometheus and promtool, systemd-analyze, tmux, ip, nats-server, python3
-# from Debian; PyJWT from PyPI) if they are missing, then runs every test.
+# prometheus and promtool, systemd-analyze, tmux, ip, nats-server, openssl,
+# python3 from Debian; PyJWT from PyPI) if they are missing, then runs every
+# test.
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nats-server >/dev/null || missing+=(nats-server)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo=""

@@ -8,6 +8,7 @@
 
 pub mod impair;
 pub mod nats;
+pub mod pki;
 pub mod proc;
 
 use std::io::{BufRead, BufReader, Read, Write};

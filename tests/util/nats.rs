@@ -1,8 +1,10 @@
 //! Debian's `nats-server` for the cluster tests: started on loopback on
 //! ports it picks itself (read back from its log), optionally as one of a
-//! routed cluster, killed on drop.
+//! routed cluster or with a configuration file (TLS, users), killed on
+//! drop.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -18,6 +20,8 @@ pub struct Nats {
     /// Its route port, if it is part of a cluster.
     pub route_port: Option<u16>,
     routes: Vec<u16>,
+    /// Its configuration file and the environment it reads (`$VAR`s).
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 fn port_after(line: &str, marker: &str) -> Option<u16> {
@@ -28,12 +32,27 @@ fn port_after(line: &str, marker: &str) -> Option<u16> {
 impl Nats {
     /// A lone server on a port of its choosing.
     pub fn start() -> Nats {
-        Nats::spawn(0, None, &[])
+        Nats::spawn(0, None, &[], None)
     }
 
     /// A server of a routed cluster, with routes to `routes` (route ports).
     pub fn start_routed(routes: &[u16]) -> Nats {
-        Nats::spawn(0, Some(0), routes)
+        Nats::spawn(0, Some(0), routes, None)
+    }
+
+    /// A lone server with the configuration file `config` (its `$VAR`s
+    /// from `env`), on loopback on a port of its choosing.
+    pub fn start_with(config: &Path, env: &[(&str, &str)]) -> Nats {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Nats::spawn(0, None, &[], Some((config.to_path_buf(), env)))
+    }
+
+    /// `tls://127.0.0.1:PORT`.
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -41,12 +60,23 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(port: u16, route_port: Option<u16>, routes: &[u16]) -> Nats {
+    fn spawn(
+        port: u16,
+        route_port: Option<u16>,
+        routes: &[u16],
+        config: Option<(PathBuf, Vec<(String, String)>)>,
+    ) -> Nats {
         assert!(
             super::require_tool("nats-server"),
             "nats-server is needed (tests/run.sh installs it)"
         );
         let mut cmd = Command::new("nats-server");
+        if let Some((file, env)) = &config {
+            // Flags after -c win over the file: the address stays loopback.
+            cmd.arg("-c")
+                .arg(file)
+                .envs(env.iter().map(|(k, v)| (k, v)));
+        }
         let p = if port == 0 {
             "-1".to_string()
         } else {
@@ -102,6 +132,7 @@ impl Nats {
             port: client.unwrap_or_default(),
             route_port: route,
             routes: routes.to_vec(),
+            config,
         }
     }
 
@@ -117,8 +148,14 @@ impl Nats {
         let deadline = Instant::now() + PATIENCE;
         loop {
             // The port may linger a moment after the kill.
-            let again =
-                std::panic::catch_unwind(|| Nats::spawn(self.port, self.route_port, &self.routes));
+            let again = std::panic::catch_unwind(|| {
+                Nats::spawn(
+                    self.port,
+                    self.route_port,
+                    &self.routes,
+                    self.config.clone(),
+                )
+            });
             match again {
                 Ok(n) => {
                     *self = n;
