@@ -156,6 +156,9 @@ async fn run(mut b: Bridge) {
                 for (index, rooms) in b.control.rooms.iter().enumerate() {
                     rooms.take(|room, open| changes.push((index, room, open)));
                 }
+                // Opens first: a room that closed on one loop and opened on
+                // another since the last look keeps its subscription.
+                changes.sort_by_key(|&(_, _, open)| !open);
                 for (index, room, open) in changes {
                     let subject = super::subject(&b.config.name, &room);
                     let bit = 1u64 << index;
