@@ -2,19 +2,23 @@
 //!
 //! A current-thread tokio runtime runs the async-nats client (reconnects
 //! and resubscribes by itself), one task per subscribed room that forwards
-//! its messages to the loop, and a loop over the publish and control
-//! queues. Nothing here can stall the relay's loop: the loop only ever
-//! `try_send`s to it, and the bridge only `try_send`s back (a full inbound
-//! queue drops and counts) and rings the loop's waker once per burst.
+//! its messages to the loops with members in it, and a loop over the
+//! publish and control queues. One bridge serves every loop of the process
+//! (`--threads`): a room is subscribed to while any loop has it open, and
+//! each of its messages is queued for each such loop, in the order NATS
+//! delivered them. Nothing here can stall a relay loop: a loop only ever
+//! `try_send`s to the bridge, and the bridge only `try_send`s back (a full
+//! inbound queue drops and counts, for that loop) and rings each loop's
+//! waker once per burst.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, Publish};
+use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, LoopInbox, Publish};
 use crate::error::Error;
 
 /// What the bridge thread owns.
@@ -23,21 +27,17 @@ pub struct Bridge {
     pub config: ClusterConfig,
     /// Messages to publish, from the loop.
     pub publish: tokio::sync::mpsc::Receiver<Publish>,
-    /// Subscriptions to make and drop, from the loop.
+    /// Subscriptions to make and drop, from the loops.
     pub control: Arc<Control>,
-    /// Messages from the bus, to the loop.
-    pub inbound: mpsc::SyncSender<Inbound>,
-    /// Rings the loop.
-    pub waker: Arc<mio::Waker>,
-    /// Set when the loop has been rung and has not drained yet.
-    pub wake_pending: Arc<AtomicBool>,
-    /// Whether NATS is connected (read by the loop before publishing).
+    /// Messages from the bus, to each loop (by index).
+    pub loops: Arc<[LoopInbox]>,
+    /// Whether NATS is connected (read by the loops before publishing).
     pub connected: Arc<AtomicBool>,
     /// Counters.
     pub metrics: ClusterMetrics,
 }
 
-/// Starts the bridge thread. It ends when the loop drops its side.
+/// Starts the bridge thread. It ends when every loop has dropped its side.
 pub fn spawn(bridge: Bridge) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -190,29 +190,46 @@ async fn run(mut b: Bridge) {
             return;
         }
     };
-    let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut subscriptions: HashMap<String, Subscription> = HashMap::new();
     loop {
         tokio::select! {
             biased;
             () = b.control.changed.notified() => {
                 let mut changes = Vec::new();
-                b.control.rooms.take(|room, open| changes.push((room, open)));
-                for (room, open) in changes {
+                for (index, rooms) in b.control.rooms.iter().enumerate() {
+                    rooms.take(|room, open| changes.push((index, room, open)));
+                }
+                // Opens first: a room that closed on one loop and opened on
+                // another since the last look keeps its subscription.
+                changes.sort_by_key(|&(_, _, open)| !open);
+                for (index, room, open) in changes {
                     let subject = super::subject(&b.config.name, &room);
+                    let bit = 1u64 << index;
                     if !open {
-                        // Dropping the subscriber (with its task) unsubscribes.
-                        if let Some(task) = subscriptions.remove(&subject) {
-                            task.abort();
+                        let left = subscriptions
+                            .get(&subject)
+                            .map(|s| s.loops.fetch_and(!bit, Ordering::SeqCst) & !bit);
+                        if left == Some(0) {
+                            // No loop has it open: dropping the subscriber
+                            // (with its task) unsubscribes.
+                            if let Some(s) = subscriptions.remove(&subject) {
+                                s.task.abort();
+                            }
                         }
+                        continue;
+                    }
+                    if let Some(s) = subscriptions.get(&subject) {
+                        // Subscribed for another loop already: from the
+                        // next message on, this one gets them too.
+                        s.loops.fetch_or(bit, Ordering::SeqCst);
                         continue;
                     }
                     match client.subscribe(subject.clone()).await {
                         Ok(sub) => {
                             let room: Arc<[u8]> = room.into();
-                            let task = tokio::spawn(forward(sub, room, b.inbound.clone(), Arc::clone(&b.waker), Arc::clone(&b.wake_pending), b.metrics.clone()));
-                            if let Some(old) = subscriptions.insert(subject, task) {
-                                old.abort();
-                            }
+                            let loops = Arc::new(AtomicU64::new(bit));
+                            let task = tokio::spawn(forward(sub, room, Arc::clone(&b.loops), Arc::clone(&loops), b.metrics.clone()));
+                            subscriptions.insert(subject, Subscription { task, loops });
                         }
                         Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
                     }
@@ -231,33 +248,128 @@ async fn run(mut b: Bridge) {
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
 }
 
-/// Forwards one room's messages to the loop, ringing it when it was not
-/// rung already.
+/// One subscribed room.
+struct Subscription {
+    /// The task forwarding its messages (aborting it unsubscribes).
+    task: tokio::task::JoinHandle<()>,
+    /// The loops with members in it: bit `i` for loop `i` (at most 64
+    /// loops, `--threads`' limit). Read by the task per message.
+    loops: Arc<AtomicU64>,
+}
+
+/// Forwards one room's messages to the loops with members in it.
 async fn forward(
     mut sub: async_nats::Subscriber,
     room: Arc<[u8]>,
-    inbound: mpsc::SyncSender<Inbound>,
-    waker: Arc<mio::Waker>,
-    wake_pending: Arc<AtomicBool>,
+    loops: Arc<[LoopInbox]>,
+    mask: Arc<AtomicU64>,
     metrics: ClusterMetrics,
 ) {
     while let Some(message) = sub.next().await {
+        let mask = mask.load(Ordering::SeqCst);
+        if !fan(&loops, mask, &room, &message.payload, &metrics) {
+            return;
+        }
+    }
+}
+
+/// Queues one message from the bus for each loop in `mask` (the same
+/// bytes, shared), ringing each once per burst; a full queue drops it for
+/// that loop, counted. Returns `false` once the loops are gone.
+fn fan(
+    loops: &[LoopInbox],
+    mask: u64,
+    room: &Arc<[u8]>,
+    frame: &bytes::Bytes,
+    metrics: &ClusterMetrics,
+) -> bool {
+    let mut alive = false;
+    for (i, inbox) in loops.iter().enumerate() {
+        if mask & (1 << i) == 0 {
+            continue;
+        }
         let m = Inbound {
-            room: Arc::clone(&room),
-            frame: message.payload,
+            room: Arc::clone(room),
+            frame: frame.clone(),
         };
-        match inbound.try_send(m) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(_)) => {
-                metrics.drop_one(BusDrop::InboundFull);
-                continue;
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return,
+        alive |= inbox.offer(m, metrics);
+    }
+    alive || mask == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    use mio::{Poll, Token};
+
+    /// Loop inboxes with their receiving ends and polls.
+    fn inboxes(
+        n: usize,
+        capacity: usize,
+    ) -> (Vec<Poll>, Arc<[LoopInbox]>, Vec<mpsc::Receiver<Inbound>>) {
+        let mut polls = Vec::new();
+        let mut inboxes = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            let poll = Poll::new().unwrap();
+            let waker = Arc::new(mio::Waker::new(poll.registry(), Token(1)).unwrap());
+            let (queue, rx) = mpsc::sync_channel(capacity);
+            inboxes.push(LoopInbox {
+                queue,
+                waker,
+                wake_pending: Arc::new(AtomicBool::new(false)),
+            });
+            receivers.push(rx);
+            polls.push(poll);
         }
-        if !wake_pending.swap(true, Ordering::SeqCst) {
-            if let Err(e) = waker.wake() {
-                tracing::warn!("cluster: cannot wake the loop: {e}");
-            }
+        (polls, inboxes.into(), receivers)
+    }
+
+    fn rung(poll: &mut Poll) -> bool {
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+        !events.is_empty()
+    }
+
+    #[test]
+    fn a_message_reaches_each_loop_with_the_room_in_order_ringing_once() {
+        let (mut polls, loops, rx) = inboxes(3, 16);
+        let metrics = ClusterMetrics::register();
+        let room: Arc<[u8]> = Arc::from(&b"red"[..]);
+        for m in [&b"one"[..], b"two", b"three"] {
+            assert!(fan(&loops, 0b101, &room, &bytes::Bytes::from(m), &metrics));
         }
+        for (i, want) in [(0, true), (1, false), (2, true)] {
+            let got: Vec<bytes::Bytes> = rx[i].try_iter().map(|m| m.frame).collect();
+            if want {
+                assert_eq!(got, vec!["one", "two", "three"], "loop {i}");
+            } else {
+                assert!(got.is_empty(), "loop {i} has no member in the room");
+            }
+            assert_eq!(rung(&mut polls[i]), want, "loop {i} rung once");
+            assert!(!rung(&mut polls[i]));
+        }
+    }
+
+    #[test]
+    fn a_full_loop_drops_for_itself_only() {
+        let (_polls, loops, rx) = inboxes(2, 2);
+        let metrics = ClusterMetrics::register();
+        let room: Arc<[u8]> = Arc::from(&b""[..]);
+        for i in 0..3 {
+            let frame = bytes::Bytes::from(format!("{i}"));
+            assert!(fan(&loops, 0b01, &room, &frame, &metrics));
+        }
+        assert_eq!(rx[0].try_iter().count(), 2, "the third did not fit");
+        assert!(fan(&loops, 0b11, &room, &bytes::Bytes::from("x"), &metrics));
+        assert_eq!(rx[0].try_iter().count(), 1);
+        assert_eq!(rx[1].try_iter().count(), 1);
+        drop(rx);
+        assert!(
+            !fan(&loops, 0b11, &room, &bytes::Bytes::from("y"), &metrics),
+            "gone"
+        );
     }
 }

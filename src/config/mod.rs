@@ -218,6 +218,21 @@ mod tests {
         assert!(c.cluster().is_none() && c.client_rate().is_none());
     }
 
+    /// A cluster node may use every core: `--cluster` with `--threads`
+    /// is accepted (it was refused before one bridge served every loop).
+    #[test]
+    fn a_cluster_node_may_have_several_loops() {
+        let c = Config::from_args(&args(&[
+            "--cluster",
+            "nats://127.0.0.1:4222",
+            "--threads",
+            "2",
+        ]))
+        .unwrap();
+        assert_eq!(c.loops(), 2);
+        assert!(c.cluster().is_some());
+    }
+
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let p = file(

@@ -131,11 +131,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
         self.check_each().map_err(Error::Config)?;
-        if self.loops() > 1 && self.cluster.is_some() {
-            return bad(
-                "--cluster with --threads above 1 is not supported yet: run one relay per core, each with --cluster".into(),
-            );
-        }
         if self.expect_clients > self.max_clients {
             return bad(format!(
                 "--expect-clients ({}) is more than --max-clients ({})",

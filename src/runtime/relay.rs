@@ -200,16 +200,26 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
             }
         }
     }
-    if let (Some(cluster), Some(lp)) = (config.cluster(), loops.first_mut()) {
+    if let Some(cluster) = config.cluster() {
+        // One bridge (one NATS connection) for the process; each loop
+        // publishes through it and gets the bus's messages for its rooms.
         let epoch = u64::from_be_bytes(random_bytes::<8>()?);
-        let bus = Bus::start(&cluster, lp.waker(), epoch)?;
+        let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
+        let buses = Bus::start(&cluster, &wakers, epoch)?;
         tracing::info!(
-            "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster)",
+            "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster{})",
             cluster.name,
             cluster.node_id,
-            cluster.servers.join(",")
+            cluster.servers.join(","),
+            if threads > 1 {
+                format!("; one bridge for the {threads} loops")
+            } else {
+                String::new()
+            }
         );
-        lp.service_mut().attach_cluster(bus);
+        for (lp, bus) in loops.iter_mut().zip(buses) {
+            lp.service_mut().attach_cluster(bus);
+        }
     }
     Ok((loops, claim))
 }
