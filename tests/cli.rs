@@ -274,3 +274,78 @@ fn completions_and_man_page_cover_every_command() {
         assert!(man.contains(flag), "man page lacks {flag}");
     }
 }
+
+/// `udphub token` refuses to mint a dead token and says how to mint a
+/// live one; its errors name its own flag, `--secret-file`.
+#[test]
+fn token_refuses_lifetimes_that_mint_dead_tokens() {
+    let secret = util::temp_path("token-secret");
+    std::fs::write(&secret, format!("{}\n", "k".repeat(32))).unwrap();
+    let secret = secret.to_str().unwrap();
+    fn mint<'a>(ttl: &'a str, secret: &'a str) -> [&'a str; 7] {
+        [
+            "token",
+            "--room",
+            "red",
+            "--ttl",
+            ttl,
+            "--secret-file",
+            secret,
+        ]
+    }
+    usage_error(
+        &mint("-5m", secret),
+        &["--ttl", "negative", "--ttl 5m", "--not-before"],
+    );
+    usage_error(
+        &mint("0", secret),
+        &["--ttl", "already expired", "at least 1s"],
+    );
+    usage_error(&mint("0s", secret), &["--ttl", "already expired"]);
+    usage_error(&mint("400ms", secret), &["--ttl", "at least 1s"]);
+    usage_error(&mint("100000y", secret), &["--ttl", "year 9999"]);
+    usage_error(
+        &[
+            "token",
+            "--room",
+            "red",
+            "--ttl",
+            "1m",
+            "--not-before",
+            "1h",
+            "--secret-file",
+            secret,
+        ],
+        &["--not-before", "--ttl", "longer"],
+    );
+    usage_error(
+        &[
+            "token",
+            "--room",
+            "red",
+            "--ttl",
+            "1h",
+            "--secret-file",
+            "/nonexistent/secret",
+        ],
+        &["cannot read --secret-file /nonexistent/secret"],
+    );
+    let short = util::temp_path("short-secret");
+    std::fs::write(&short, "short\n").unwrap();
+    let (code, err) = udphub(&[
+        "token",
+        "--room",
+        "red",
+        "--ttl",
+        "1h",
+        "--secret-file",
+        short.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--secret-file") && !err.contains("--room-secret-file"),
+        "{err}"
+    );
+    let (code, err) = udphub(&mint("1s", secret));
+    assert_eq!(code, Some(0), "{err}");
+}

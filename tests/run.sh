@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
 # prometheus and promtool, systemd-analyze, tmux, ip, nats-server, openssl,
-# python3 from Debian; PyJWT from PyPI) if they are missing, then runs every
-# test.
+# python3, nodejs and npm from Debian; PyJWT from PyPI; npm's jsonwebtoken
+# and jose into target/npm) if they are missing, then runs every test.
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nats-server >/dev/null || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo=""
@@ -31,6 +33,17 @@ if ! python3 -c "import jwt" 2>/dev/null; then
     echo "tests/run.sh: installing PyJWT" >&2
     python3 -m pip install --quiet --disable-pip-version-check pyjwt 2>&1 | grep -v "^WARNING: Running pip as" >&2 || true
 fi
+
+# npm's jsonwebtoken and jose, the JWT libraries Node backends mint room
+# tokens with (tests/token_interop.rs), into a cache of their own under
+# target/ (the test finds them there, or wherever UDPHUB_NPM_DIR says).
+npm_dir="${UDPHUB_NPM_DIR:-target/npm}"
+if [ ! -f "$npm_dir/node_modules/jsonwebtoken/package.json" ] || [ ! -f "$npm_dir/node_modules/jose/package.json" ]; then
+    echo "tests/run.sh: installing npm jsonwebtoken and jose into $npm_dir" >&2
+    mkdir -p "$npm_dir"
+    npm install --prefix "$npm_dir" --no-audit --no-fund --loglevel=error jsonwebtoken@9 jose@5 >&2 || true
+fi
+export UDPHUB_NPM_DIR="$(cd "$npm_dir" && pwd)"
 
 # Run everything, then close with one summary line over all test binaries
 # (cargo's own last line is the doc-tests', which may well be "0 passed").

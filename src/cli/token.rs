@@ -19,8 +19,8 @@ pub struct TokenArgs {
     #[arg(long, value_name = "ROOM")]
     pub room: String,
 
-    /// How long the token is valid from now, e.g. `1h`, `30m`
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// How long the token is valid from now, e.g. `1h`, `30m` (at least 1s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, allow_hyphen_values = true)]
     pub ttl: Duration,
 
     /// The file with the relay's room secret (as for `serve --room-secret-file`)
@@ -28,9 +28,47 @@ pub struct TokenArgs {
     pub secret_file: PathBuf,
 
     /// Not valid until this long from now (an `nbf` claim)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_not_before,
+        allow_hyphen_values = true
+    )]
     pub not_before: Option<Duration>,
 }
+
+/// `--ttl`: a duration of at least a second (a token's times are whole
+/// seconds; 0 or less would mint a token that is dead on arrival). Hyphen
+/// values reach here (`allow_hyphen_values`) so that `--ttl -5m` is told
+/// what is wrong instead of "unexpected argument '-5'".
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: the token would be expired when minted; give how long it lives, e.g. --ttl 5m (for a token valid only later, add --not-before 5m)"
+        ));
+    }
+    let ttl = parse_duration(s)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?} would mint a token that is already expired (its times are whole seconds); give it at least 1s, e.g. --ttl 1h"
+        ));
+    }
+    Ok(ttl)
+}
+
+/// `--not-before`: a duration from now, never negative (a token valid
+/// since the past is simply one without `--not-before`).
+fn parse_not_before(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: a token is valid from when it is minted without --not-before; leave it out, or give a time to come, e.g. --not-before 5m"
+        ));
+    }
+    parse_duration(s)
+}
+
+/// The last unix second of year 9999: the latest `exp` a relay accepts.
+const LATEST_EXP: u64 = 253_402_300_799;
 
 /// Prints a token for `args`.
 pub fn run(args: &TokenArgs) -> Result<(), Error> {
@@ -40,15 +78,26 @@ pub fn run(args: &TokenArgs) -> Result<(), Error> {
             args.room
         )));
     }
-    let secret = read_secret(&args.secret_file)?;
+    let secret = read_secret(&args.secret_file, "--secret-file")?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let claims = Claims {
         room: args.room.clone(),
-        exp: now.saturating_add(args.ttl.as_secs().max(1)),
+        exp: now.saturating_add(args.ttl.as_secs()),
         nbf: args.not_before.map(|d| now.saturating_add(d.as_secs())),
     };
+    if claims.exp > LATEST_EXP || claims.nbf.is_some_and(|nbf| nbf > LATEST_EXP) {
+        return Err(Error::Config(format!(
+            "--ttl {}: the token would expire after year 9999, which no relay accepts; give a shorter one, e.g. --ttl 30d",
+            humantime::format_duration(args.ttl)
+        )));
+    }
+    if claims.nbf.is_some_and(|nbf| nbf >= claims.exp) {
+        return Err(Error::Config(
+            "--not-before is as late as --ttl or later: the token would expire before it is valid; --ttl counts from now, so make it longer than --not-before".into(),
+        ));
+    }
     println!("{}", token::mint(&secret, &claims));
     Ok(())
 }

@@ -223,6 +223,12 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     if let Some(notice) = probe.timeout.and_then(|t| adapt_heartbeat(&link, t)) {
         eprintln!("udphub: {notice}");
     }
+    if let Some(warning) =
+        args.room
+            .open_without_token(&socket, server, probe.cookie.as_deref(), PROBE_WAIT)
+    {
+        eprintln!("udphub: {warning}");
+    }
     args.room
         .join(&socket, server, probe.cookie.as_deref(), JOIN_WAIT)?;
     // Verify mode without a room: the cookie itself registers us.

@@ -51,6 +51,28 @@ impl RoomArgs {
         join_room(sock, server, room, token.as_deref(), cookie, wait)
     }
 
+    /// With a token: whether the relay lets us into the room without it
+    /// (then it has no room secret, and the room is open to anyone). Asks
+    /// with a plain `^join^ROOM` first, so a relay that does check tokens
+    /// counts one refusal (`missing`) for it. `None` when there is no token
+    /// to worry about, or no answer within `wait`.
+    pub(crate) fn open_without_token(
+        &self,
+        sock: &UdpSocket,
+        server: SocketAddr,
+        cookie: Option<&[u8]>,
+        wait: Duration,
+    ) -> Option<String> {
+        let room = self.room.as_ref()?;
+        if self.token.is_none() && self.token_file.is_none() {
+            return None;
+        }
+        join_room(sock, server, room, None, cookie, wait).ok()?;
+        Some(format!(
+            "warning: the relay let us into room {room:?} without the token: it has no --room-secret-file, so tokens are not checked and anyone can join {room:?}; the room is not private (whoever runs the relay: set --room-secret-file)"
+        ))
+    }
+
     /// What follows `^cookie^C` to (re)join this room: `^join^ROOM[^TOKEN]`,
     /// or nothing for the lobby.
     pub(crate) fn rejoin_suffix(&self) -> Result<Vec<u8>, Error> {
@@ -219,10 +241,9 @@ fn join_room(
 }
 
 /// A `^denied^REASON` for `room`, in words; for a token, what is wrong with
-/// it as far as its holder can tell (its claims are readable, its signature
-/// is not checkable here).
+/// it as far as its holder can tell (its header and claims are readable,
+/// its signature is not checkable here).
 fn explain_refusal(room: &str, token: Option<&str>, reason: &[u8]) -> String {
-    let fix = "ask whoever runs the relay for a fresh one";
     match (reason, token) {
         (b"full", _) => format!(
             "room {room:?} is full (or the relay has as many rooms as it allows); try again later"
@@ -234,29 +255,56 @@ fn explain_refusal(room: &str, token: Option<&str>, reason: &[u8]) -> String {
         (b"token", Some(t)) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            match crate::core::token::peek(t.as_bytes()) {
-                Err(_) => format!("the token for room {room:?} is not a JWT; {fix}"),
-                Ok(c) if c.room != room => format!(
-                    "the token is for room {:?}, not {room:?}",
-                    c.room
-                ),
-                Ok(c) if c.exp <= now => format!(
-                    "the token for room {room:?} expired {} ago; {fix}",
-                    humantime::format_duration(Duration::from_secs(now - c.exp))
-                ),
-                Ok(c) if c.nbf.is_some_and(|nbf| nbf > now) => format!(
-                    "the token for room {room:?} is not valid for another {}",
-                    humantime::format_duration(Duration::from_secs(c.nbf.unwrap_or(now) - now))
-                ),
-                Ok(_) => format!(
-                    "the relay refused the token for room {room:?}: it was not signed with the relay's room secret; {fix}"
-                ),
-            }
+                .map_or(0.0, |d| d.as_secs_f64());
+            explain_token(room, t, now)
         }
         (other, _) => format!(
             "the relay refused to let you into room {room:?} ({})",
             String::from_utf8_lossy(other)
+        ),
+    }
+}
+
+/// Why the relay refused `token` for `room` at unix time `now`, as far as
+/// its claims tell, with what fixes it.
+fn explain_token(room: &str, token: &str, now: f64) -> String {
+    use crate::core::token::{self, TokenError};
+    let fresh = "ask whoever runs the relay for a fresh one";
+    let minter = "whoever mints it must fix that";
+    let ago = |secs: f64| humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64));
+    let claims = match token::peek(token.as_bytes()) {
+        Ok(claims) => claims,
+        Err(e) => {
+            let fix = match e {
+                TokenError::Malformed => "check that it was copied whole (no quotes or spaces)",
+                TokenError::Algorithm => "it must be minted with HS256 (e.g. PyJWT algorithm=\"HS256\", jsonwebtoken {algorithm: 'HS256'})",
+                TokenError::Crit => "it must be minted without a `crit` header",
+                TokenError::Milliseconds => {
+                    "mint it with seconds: Python int(time.time()) + 3600, JavaScript Math.floor(Date.now() / 1000) + 3600"
+                }
+                _ => minter,
+            };
+            return format!("the token for room {room:?} {e}; {fix}");
+        }
+    };
+    let now_secs = if now.is_finite() { now as u64 } else { 0 };
+    match claims.check(room.as_bytes(), now_secs) {
+        Err(TokenError::Room) => format!(
+            "the token is for room {:?}, not {room:?}; use that room's token",
+            claims.room
+        ),
+        Err(TokenError::Expired) => format!(
+            "the token for room {room:?} expired {} ago; {fresh}",
+            ago(now - claims.exp)
+        ),
+        Err(TokenError::NotYet) => format!(
+            "the token for room {room:?} is not valid for another {} (its `nbf`); wait, or {fresh}",
+            ago(claims.nbf.unwrap_or(now) - now)
+        ),
+        Err(e) => format!("the token for room {room:?} {e}; {fresh}"),
+        Ok(()) => format!(
+            "the relay refused the token for room {room:?}: it {}. If you minted it, does the secret end in a newline? The relay drops one trailing newline from --room-secret-file, so a minter must too (Python .rstrip(\"\\n\"), shell $(cat FILE)); otherwise {fresh}",
+            TokenError::Signature
         ),
     }
 }

@@ -127,22 +127,19 @@ fn describe(value: &toml::Value) -> String {
     }
 }
 
-/// Reads a room secret file: its bytes, less one trailing newline.
-pub fn read_secret(path: &Path) -> Result<RoomSecret, Error> {
-    let mut bytes = std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read --room-secret-file {}: {e}",
-            path.display()
-        ))
-    })?;
+/// Reads a room secret file: its bytes, less one trailing newline. `flag`
+/// is the flag that named the file, for the errors (`--room-secret-file`
+/// for the relay, `--secret-file` for `udphub token`).
+pub fn read_secret(path: &Path, flag: &str) -> Result<RoomSecret, Error> {
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("cannot read {flag} {}: {e}", path.display())))?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
         if bytes.ends_with(b"\r") {
             bytes.pop();
         }
     }
-    RoomSecret::new(bytes)
-        .map_err(|e| Error::Config(format!("--room-secret-file {}: {e}", path.display())))
+    RoomSecret::new(bytes).map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -114,7 +114,7 @@ impl Config {
         config.room_secret = config
             .room_secret_file
             .as_deref()
-            .map(read_secret)
+            .map(|path| read_secret(path, "--room-secret-file"))
             .transpose()?;
         if let Some(urls) = &config.cluster {
             config.cluster_tls = ClusterTls::read(

@@ -10,6 +10,7 @@
 //!   [`DeliveryDrop`] reason.
 
 use crate::core::admission::DropReason;
+use crate::core::token::TokenError;
 
 labelled_enum! {
     /// Why a delivery was not handed to the kernel
@@ -31,7 +32,9 @@ labelled_enum! {
     /// Why a `^join^` was refused (`udphub_room_join_refused_total{reason}`,
     /// and the `^denied^REASON` reply).
     pub enum Refusal {
-        /// No token where one is needed, or one that does not check out.
+        /// No token where one is needed, or one that does not check out
+        /// (which of the two, and why, is in
+        /// `udphub_room_token_refused_total{reason}`: [`TokenError`]).
         Token => "token",
         /// `--max-rooms` or `--max-room-clients` reached.
         Full => "full",
@@ -62,6 +65,13 @@ pub struct Counts {
     /// Join requests refused, indexed by [`Refusal::index`]
     /// (`udphub_room_join_refused_total{reason}`).
     pub joins_refused: [u64; Refusal::COUNT],
+    /// Joins refused for their token, indexed by [`TokenError::index`]
+    /// (`udphub_room_token_refused_total{reason}`; their sum is
+    /// `joins_refused[Refusal::Token]`).
+    pub token_refused: [u64; TokenError::COUNT],
+    /// Joins that carried a token to a relay without a room secret: not
+    /// looked at, the room is open (`udphub_room_tokens_ignored_total`).
+    pub tokens_ignored: u64,
     /// Datagram drops, indexed by [`DropReason::index`]
     /// (`udphub_dropped_total{reason}`).
     pub dropped: [u64; DropReason::COUNT],

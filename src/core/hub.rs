@@ -464,8 +464,9 @@ impl Hub {
             None
         } else if !name.is_empty() && !rooms::valid_name(name) {
             Some(Refusal::Name)
-        } else if let Err(why) = self.check_token(name, token) {
-            tracing::debug!("{source}: join refused: token {why}");
+        } else if let Err(why) = self.check_token(name, token, counts) {
+            counts.token_refused[why.index()] += 1;
+            tracing::debug!("{source}: join refused: token {}", why.label());
             Some(Refusal::Token)
         } else {
             None
@@ -526,9 +527,18 @@ impl Hub {
     }
 
     /// Whether `token` lets its holder into the room called `name`.
-    fn check_token(&self, name: &[u8], token: Option<&[u8]>) -> Result<(), TokenError> {
+    fn check_token(
+        &self,
+        name: &[u8],
+        token: Option<&[u8]>,
+        counts: &mut Counts,
+    ) -> Result<(), TokenError> {
         let Some(secret) = &self.room_secret else {
             // No secret: every room is open, and tokens are not looked at.
+            // Counted, because whoever sent one believes the room private.
+            if token.is_some() {
+                counts.tokens_ignored += 1;
+            }
             return Ok(());
         };
         if name.is_empty() {
@@ -536,10 +546,10 @@ impl Hub {
             return if self.lobby_open {
                 Ok(())
             } else {
-                Err(TokenError::Room)
+                Err(TokenError::LobbyClosed)
             };
         }
-        let token = token.ok_or(TokenError::Malformed)?;
+        let token = token.ok_or(TokenError::Missing)?;
         token::verify(secret, token, name, self.unix_now)
     }
 
@@ -1141,8 +1151,37 @@ mod tests {
         }
         use crate::core::counts::Refusal;
         assert_eq!(f.counts.joins_refused[Refusal::Token.index()], 5);
+        // Each for its own reason, in the finer count.
+        for why in [
+            TokenError::Room,
+            TokenError::Expired,
+            TokenError::NotYet,
+            TokenError::Malformed,
+            TokenError::Missing,
+        ] {
+            assert_eq!(f.counts.token_refused[why.index()], 1, "{why:?}");
+        }
+        assert_eq!(f.counts.token_refused.iter().sum::<u64>(), 5);
         // The open lobby needs no token.
         assert_eq!(f.at(0, from(3, b"^join^")).unwrap().0, b"^room^");
+    }
+
+    /// Without a secret a token is not looked at, and the room is open:
+    /// counted, because whoever sent it believes otherwise.
+    #[test]
+    fn without_a_secret_a_token_is_counted_as_ignored() {
+        let mut f = Fixture::new(config());
+        let join = [&b"^join^vip^"[..], &token("vip", 2_000, None)].concat();
+        assert_eq!(f.at(0, from(1, &join)).unwrap().0, b"^room^vip");
+        assert_eq!(
+            f.at(0, from(2, b"^join^vip           ")).unwrap().0,
+            b"^room^vip"
+        );
+        assert_eq!(f.counts.tokens_ignored, 1);
+        // Already in the room: the rejoin checks nothing and counts nothing.
+        assert_eq!(f.at(0, from(1, &join)).unwrap().0, b"^room^vip");
+        assert_eq!(f.counts.tokens_ignored, 1);
+        assert_eq!(f.counts.token_refused.iter().sum::<u64>(), 0);
     }
 
     #[test]

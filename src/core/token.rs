@@ -3,12 +3,16 @@
 //!
 //! A token is `BASE64URL(header).BASE64URL(claims).BASE64URL(signature)`,
 //! where the header says `"alg":"HS256"` (the only algorithm accepted:
-//! pinned, so `none` or an RSA-for-HMAC confusion can't get in), the
-//! signature is HMAC-SHA-256 of the first two parts under the relay's room
-//! secret, and the claims carry `room` (must equal the room asked for),
-//! `exp` (unix seconds; the token is refused from then on) and optionally
-//! `nbf` (refused before then). The same scheme as Centrifugo's channel
-//! tokens.
+//! pinned, so `none` or an RSA-for-HMAC confusion can't get in) and has no
+//! `crit` (no extension is implemented, so any listed one is refused, as
+//! RFC 7515 4.1.11 requires), the signature is HMAC-SHA-256 of the first
+//! two parts under the relay's room secret, and the claims carry `room`
+//! (must equal the room asked for), `exp` (the token is refused from then
+//! on) and optionally `nbf` (refused before then) and `iat`. Times are
+//! NumericDates as RFC 7519 defines them: seconds since 1970, whole or
+//! fractional (PyJWT writes `time.time() + 600` as a fraction); a number
+//! that can only be milliseconds is refused by that name. The same scheme
+//! as Centrifugo's channel tokens.
 //!
 //! The cryptography is RustCrypto's `hmac` and `sha2`; the signature is
 //! checked with `verify_slice`, in constant time. This module only parses
@@ -16,10 +20,13 @@
 
 use std::fmt;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::alphabet::URL_SAFE;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use sha2::Sha256;
 
 /// How far a token's `exp`/`nbf` may be off the relay's clock and still
@@ -30,7 +37,17 @@ pub const LEEWAY_SECS: u64 = 5;
 pub const MIN_SECRET_LEN: usize = 32;
 /// The longest token looked at (a datagram holds at most 1472 bytes by
 /// default anyway); longer is malformed, before any decoding.
-const MAX_TOKEN_LEN: usize = 2048;
+pub const MAX_TOKEN_LEN: usize = 2048;
+
+/// Base64url as read: without padding, as RFC 7515 writes it, or with it,
+/// as a few older libraries do (the signature covers the bytes as sent, so
+/// reading both costs nothing).
+const READ_BASE64URL: GeneralPurpose = GeneralPurpose::new(
+    &URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// The relay's room secret. Its bytes are never printed.
 #[derive(Clone)]
@@ -70,59 +87,169 @@ impl fmt::Debug for RoomSecret {
     }
 }
 
-/// Why a token was refused. On the wire all of these are `token`; the
-/// detail is for logs and for the client that holds the token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenError {
-    /// Not three base64url parts of JSON.
-    Malformed,
-    /// The header's `alg` is not `HS256` (e.g. `none`).
-    Algorithm,
-    /// The signature does not match the secret.
-    Signature,
-    /// The token is for another room.
-    Room,
-    /// `exp` has passed (give or take the leeway). A token without `exp`
-    /// is [`Malformed`](Self::Malformed): every token expires.
-    Expired,
-    /// `nbf` is still to come.
-    NotYet,
+crate::core::labelled_enum! {
+    /// Why a token (or the lack of one) kept a sender out of a room. On the
+    /// wire all of these are `^denied^token`; the label is for
+    /// `udphub_room_token_refused_total{reason}` and the relay's log, and the
+    /// words ([`Display`](fmt::Display), a predicate of "the token") for the
+    /// client that holds the token.
+    pub enum TokenError {
+        /// A named room asked for without a token, with a room secret set.
+        Missing => "missing",
+        /// The closed lobby (`--lobby closed`): no token admits to it.
+        LobbyClosed => "lobby_closed",
+        /// Not three base64url parts of JSON objects, or longer than
+        /// [`MAX_TOKEN_LEN`].
+        Malformed => "malformed",
+        /// The header's `alg` is not `HS256` (e.g. `none`, `HS512`).
+        Algorithm => "algorithm",
+        /// The header has a `crit` (RFC 7515, 4.1.11): it names extensions
+        /// that must be understood, and none are implemented here.
+        Crit => "crit",
+        /// The signature does not match the secret.
+        Signature => "signature",
+        /// No `room` claim, or one that is not text.
+        NoRoom => "no_room",
+        /// No `exp` claim: every room token expires.
+        NoExp => "no_exp",
+        /// `exp`, `nbf` or `iat` is a number that can only be milliseconds
+        /// (past year 9999 as seconds, before it as milliseconds).
+        Milliseconds => "milliseconds",
+        /// `exp`, `nbf` or `iat` is not a NumericDate: not a number, or
+        /// outside years 1 to 9999 even as milliseconds.
+        BadTime => "bad_time",
+        /// The token is for another room.
+        Room => "room",
+        /// `exp` has passed (give or take the leeway).
+        Expired => "expired",
+        /// `nbf` is still to come (give or take the leeway).
+        NotYet => "not_yet",
+    }
 }
 
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            TokenError::Malformed => "not a JWT",
-            TokenError::Algorithm => "not signed with HS256",
-            TokenError::Signature => "bad signature",
-            TokenError::Room => "for another room",
-            TokenError::Expired => "expired",
-            TokenError::NotYet => "not valid yet",
+            TokenError::Missing => "is missing",
+            TokenError::LobbyClosed => "cannot open the lobby: it is closed (--lobby closed)",
+            TokenError::Malformed => {
+                "is not a JWT (three base64url parts of JSON, at most 2048 bytes)"
+            }
+            TokenError::Algorithm => "is not signed with HS256 (its header's `alg`)",
+            TokenError::Crit => {
+                "lists extensions in its header's `crit` that the relay does not implement"
+            }
+            TokenError::Signature => "is not signed with the relay's room secret",
+            TokenError::NoRoom => "has no `room` claim (text naming the room)",
+            TokenError::NoExp => "has no `exp` claim (unix seconds when it expires)",
+            TokenError::Milliseconds => {
+                "has a time claim (`exp`, `nbf` or `iat`) in milliseconds; JWT times are unix seconds (divide by 1000)"
+            }
+            TokenError::BadTime => {
+                "has a time claim (`exp`, `nbf` or `iat`) that is not unix seconds (a number up to year 9999)"
+            }
+            TokenError::Room => "is for another room",
+            TokenError::Expired => "has expired",
+            TokenError::NotYet => "is not valid yet (`nbf`)",
         })
     }
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
+/// The last second of year 9999 (`9999-12-31T23:59:59Z`): the latest
+/// NumericDate accepted. Later is absurd as seconds; up to 1000 times it is
+/// what milliseconds look like.
+const MAX_NUMERIC_DATE: f64 = 253_402_300_799.0;
+/// The first second of year 1: the earliest NumericDate accepted (RFC 7519
+/// allows dates before 1970; an `exp` there is simply expired).
+const MIN_NUMERIC_DATE: f64 = -62_135_596_800.0;
+
+/// Reads a NumericDate (RFC 7519, section 2: seconds since 1970, integer or
+/// fraction) from a claim's JSON value.
+fn numeric_date(value: &Value) -> Result<f64, TokenError> {
+    let secs = value.as_f64().ok_or(TokenError::BadTime)?;
+    if !secs.is_finite() || secs < MIN_NUMERIC_DATE {
+        return Err(TokenError::BadTime);
+    }
+    if secs > MAX_NUMERIC_DATE {
+        // 1000 × year 9999 is as far as milliseconds go; beyond is nothing.
+        return Err(if secs / 1000.0 <= MAX_NUMERIC_DATE {
+            TokenError::Milliseconds
+        } else {
+            TokenError::BadTime
+        });
+    }
+    Ok(secs)
 }
 
-/// A token's claims.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A token's claims as minted by `udphub token` (whole seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Claims {
     /// The room it admits to.
     pub room: String,
     /// Unix seconds from which it is refused.
     pub exp: u64,
     /// Unix seconds before which it is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
 }
 
-/// Reads a token's claims without checking its signature: for a client to
-/// explain a refusal of its own token, never for admission.
-pub fn peek(token: &[u8]) -> Result<Claims, TokenError> {
-    decode_json(split(token)?.claims)
+/// A token's claims as read: the times are NumericDates, whole or not, as
+/// any JWT library may write them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadClaims {
+    /// The room it admits to.
+    pub room: String,
+    /// Unix seconds from which it is refused.
+    pub exp: f64,
+    /// Unix seconds before which it is refused.
+    pub nbf: Option<f64>,
+    /// Unix seconds when it was issued (checked for form only).
+    pub iat: Option<f64>,
+}
+
+impl ReadClaims {
+    fn from_json(part: &[u8]) -> Result<ReadClaims, TokenError> {
+        let claims: Map<String, Value> = decode_json(part)?;
+        let time = |name: &str| claims.get(name).map(numeric_date).transpose();
+        let room = match claims.get("room") {
+            Some(Value::String(room)) => room.clone(),
+            _ => return Err(TokenError::NoRoom),
+        };
+        Ok(ReadClaims {
+            room,
+            exp: time("exp")?.ok_or(TokenError::NoExp)?,
+            nbf: time("nbf")?,
+            iat: time("iat")?,
+        })
+    }
+
+    /// Whether these claims admit to `room` at unix time `now` (the
+    /// signature aside).
+    pub fn check(&self, room: &[u8], now: u64) -> Result<(), TokenError> {
+        if self.room.as_bytes() != room {
+            return Err(TokenError::Room);
+        }
+        // f64 holds every unix second up to year 9999 exactly.
+        let now = now as f64;
+        let leeway = LEEWAY_SECS as f64;
+        if now >= self.exp + leeway {
+            return Err(TokenError::Expired);
+        }
+        if self.nbf.is_some_and(|nbf| now + leeway < nbf) {
+            return Err(TokenError::NotYet);
+        }
+        Ok(())
+    }
+}
+
+/// Reads a token's header and claims without checking its signature: for
+/// a client to explain a refusal of its own token, never for admission.
+/// Every refusal but [`TokenError::Signature`] (and the room and times,
+/// which [`ReadClaims::check`] tells) shows here.
+pub fn peek(token: &[u8]) -> Result<ReadClaims, TokenError> {
+    let parts = split(token)?;
+    check_header(parts.header)?;
+    ReadClaims::from_json(parts.claims)
 }
 
 /// A token's three dot-separated parts, still base64url.
@@ -147,45 +274,47 @@ fn split(token: &[u8]) -> Result<Parts<'_>, TokenError> {
     }
 }
 
+/// A JSON object from one base64url part. Bounded: the part is at most
+/// [`MAX_TOKEN_LEN`] bytes, so is what it decodes to.
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &[u8]) -> Result<T, TokenError> {
-    let json = URL_SAFE_NO_PAD
+    let json = READ_BASE64URL
         .decode(part)
         .map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)
 }
 
-/// Checks `token` for `room` at unix time `now`.
+/// The header: `alg` must be `HS256`, and a `crit` (extensions the
+/// verifier must understand, RFC 7515, 4.1.11) is refused whatever it
+/// lists, since none are implemented (an empty list is itself invalid).
+fn check_header(part: &[u8]) -> Result<(), TokenError> {
+    let header: Map<String, Value> = decode_json(part)?;
+    if header.get("alg").and_then(Value::as_str) != Some("HS256") {
+        return Err(TokenError::Algorithm);
+    }
+    if header.contains_key("crit") {
+        return Err(TokenError::Crit);
+    }
+    Ok(())
+}
+
+/// Checks `token` for `room` at unix time `now`: the header, then the
+/// signature, and only then the claims (an unsigned token's claims say
+/// nothing).
 pub fn verify(secret: &RoomSecret, token: &[u8], room: &[u8], now: u64) -> Result<(), TokenError> {
     let Parts {
         header,
         claims,
         signature,
     } = split(token)?;
-    let header: Header = decode_json(header)?;
-    if header.alg != "HS256" {
-        return Err(TokenError::Algorithm);
-    }
-    let signature = URL_SAFE_NO_PAD
+    check_header(header)?;
+    let signature = READ_BASE64URL
         .decode(signature)
         .map_err(|_| TokenError::Malformed)?;
     let mut mac = secret.mac();
     mac.update(&token[..header_and_claims_len(token)]);
     mac.verify_slice(&signature)
         .map_err(|_| TokenError::Signature)?;
-    let claims: Claims = decode_json(claims)?;
-    if claims.room.as_bytes() != room {
-        return Err(TokenError::Room);
-    }
-    if now >= claims.exp.saturating_add(LEEWAY_SECS) {
-        return Err(TokenError::Expired);
-    }
-    if claims
-        .nbf
-        .is_some_and(|nbf| now.saturating_add(LEEWAY_SECS) < nbf)
-    {
-        return Err(TokenError::NotYet);
-    }
-    Ok(())
+    ReadClaims::from_json(claims)?.check(room, now)
 }
 
 /// The signed part of a token: everything before the last `.`.
@@ -287,7 +416,7 @@ mod tests {
             verify(&secret(), swapped.as_bytes(), b"r", 1),
             Err(TokenError::Signature)
         );
-        // Well signed, but without `exp`: not a token of ours.
+        // Well signed, but without `exp`: said so.
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let forever = format!("{header}.{}", URL_SAFE_NO_PAD.encode(br#"{"room":"r"}"#));
         let mut mac = secret().mac();
@@ -295,7 +424,7 @@ mod tests {
         let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         assert_eq!(
             verify(&secret(), format!("{forever}.{sig}").as_bytes(), b"r", 1),
-            Err(TokenError::Malformed)
+            Err(TokenError::NoExp)
         );
         for garbage in [
             &b""[..],
@@ -326,7 +455,179 @@ mod tests {
     fn peek_reads_claims_for_explanations() {
         let t = token("r", 42, Some(7));
         let c = peek(t.as_bytes()).unwrap();
-        assert_eq!((c.room.as_str(), c.exp, c.nbf), ("r", 42, Some(7)));
+        assert_eq!((c.room.as_str(), c.exp, c.nbf), ("r", 42.0, Some(7.0)));
+    }
+
+    /// Signs `header` and `claims` (JSON) with `key`, as any library would.
+    fn signed_with(key: &RoomSecret, header: &str, claims: &str) -> Vec<u8> {
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let mut mac = key.mac();
+        mac.update(signed.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signed}.{sig}").into_bytes()
+    }
+
+    fn signed(claims: &str) -> Vec<u8> {
+        signed_with(&secret(), r#"{"alg":"HS256","typ":"JWT"}"#, claims)
+    }
+
+    /// RFC 7519's NumericDate: integers and fractions (PyJWT's
+    /// `time.time() + 600`), for `exp`, `nbf` and `iat` alike.
+    #[test]
+    fn numeric_dates_may_be_fractions() {
+        let now = 1_796_134_000;
+        for claims in [
+            r#"{"room":"red","exp":1796134187.3796487}"#,
+            r#"{"room":"red","exp":1796134187}"#,
+            r#"{"room":"red","exp":1.7961341873796487e9}"#,
+            r#"{"room":"red","exp":1796134187.5,"nbf":1796133999.25,"iat":1796133999.25}"#,
+            r#"{"iat":1796133999,"room":"red","exp":1796134187,"sub":"ann","extra":[1,{"a":null}]}"#,
+        ] {
+            assert_eq!(
+                verify(&secret(), &signed(claims), b"red", now),
+                Ok(()),
+                "{claims}"
+            );
+        }
+        // The fraction counts: expired at 1000.5 + leeway, not at 1000.
+        let t = signed(r#"{"room":"r","exp":1000.5}"#);
+        assert_eq!(verify(&secret(), &t, b"r", 1_005), Ok(()));
+        assert_eq!(verify(&secret(), &t, b"r", 1_006), Err(TokenError::Expired));
+        let t = signed(r#"{"room":"r","exp":9999999,"nbf":1010.5}"#);
+        assert_eq!(verify(&secret(), &t, b"r", 1_005), Err(TokenError::NotYet));
+        assert_eq!(verify(&secret(), &t, b"r", 1_006), Ok(()));
+    }
+
+    /// Each refusal says what is actually wrong.
+    #[test]
+    fn refusals_name_the_real_cause() {
+        let now = 1_796_134_000;
+        let hs512 = signed_with(
+            &secret(),
+            r#"{"alg":"HS512","typ":"JWT"}"#,
+            r#"{"room":"r","exp":1796137600}"#,
+        );
+        let crit = signed_with(
+            &secret(),
+            r#"{"alg":"HS256","crit":["exp-in-ms"],"exp-in-ms":true}"#,
+            r#"{"room":"r","exp":1796137600}"#,
+        );
+        let empty_crit = signed_with(
+            &secret(),
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"room":"r","exp":1796137600}"#,
+        );
+        let no_alg = signed_with(
+            &secret(),
+            r#"{"typ":"JWT"}"#,
+            r#"{"room":"r","exp":1796137600}"#,
+        );
+        let newline = RoomSecret::new(b"0123456789abcdef0123456789abcdef\n".to_vec()).unwrap();
+        let other_key = signed_with(
+            &newline,
+            r#"{"alg":"HS256"}"#,
+            r#"{"room":"r","exp":1796137600}"#,
+        );
+        for (token, why) in [
+            (hs512, TokenError::Algorithm),
+            (no_alg, TokenError::Algorithm),
+            (crit, TokenError::Crit),
+            (empty_crit, TokenError::Crit),
+            (other_key, TokenError::Signature),
+            (signed(r#"{"exp":1796137600}"#), TokenError::NoRoom),
+            (signed(r#"{"room":7,"exp":1796137600}"#), TokenError::NoRoom),
+            (signed(r#"{"room":"r"}"#), TokenError::NoExp),
+            (signed(r#"{"room":"r","exp":null}"#), TokenError::BadTime),
+            (
+                signed(r#"{"room":"r","exp":"1796137600"}"#),
+                TokenError::BadTime,
+            ),
+            (
+                signed(r#"{"room":"r","exp":1796137600000}"#),
+                TokenError::Milliseconds,
+            ),
+            (
+                signed(r#"{"room":"r","exp":1796137600,"nbf":1796133000000}"#),
+                TokenError::Milliseconds,
+            ),
+            (
+                signed(r#"{"room":"r","exp":1796137600,"iat":1796133000000.5}"#),
+                TokenError::Milliseconds,
+            ),
+            (
+                signed(r#"{"room":"r","exp":1796137600000000}"#),
+                TokenError::BadTime,
+            ),
+            (signed(r#"{"room":"r","exp":1e300}"#), TokenError::BadTime),
+            (signed(r#"{"room":"r","exp":-1e300}"#), TokenError::BadTime),
+            (
+                signed(r#"{"room":"r","exp":253402300800}"#),
+                TokenError::Milliseconds,
+            ),
+            (signed(r#"{"room":"r","exp":-5}"#), TokenError::Expired),
+            (signed(r#"["r",1796137600]"#), TokenError::Malformed),
+            (
+                signed(r#"{"room":"other","exp":1796137600}"#),
+                TokenError::Room,
+            ),
+        ] {
+            assert_eq!(
+                verify(&secret(), &token, b"r", now),
+                Err(why),
+                "{}",
+                String::from_utf8_lossy(&token)
+            );
+        }
+        // A padded signature (a few older libraries) reads the same.
+        let t = String::from_utf8(signed(r#"{"room":"r","exp":1796137600}"#)).unwrap();
+        let padding = "=".repeat((4 - t.rsplit('.').next().unwrap().len() % 4) % 4);
+        assert!(!padding.is_empty());
+        assert_eq!(
+            verify(&secret(), format!("{t}{padding}").as_bytes(), b"r", now),
+            Ok(())
+        );
+        // The last second of year 9999 is a date.
+        let t = signed(r#"{"room":"r","exp":253402300799}"#);
+        assert_eq!(verify(&secret(), &t, b"r", now), Ok(()));
+        // Claims are judged only once the signature is good: a forged
+        // token learns nothing about them.
+        let forged = signed_with(
+            &RoomSecret::new(vec![1; 32]).unwrap(),
+            r#"{"alg":"HS256"}"#,
+            r#"{"room":"r"}"#,
+        );
+        assert_eq!(
+            verify(&secret(), &forged, b"r", now),
+            Err(TokenError::Signature)
+        );
+        // peek sees all but the signature.
+        assert_eq!(
+            peek(&signed(r#"{"room":"r","exp":1796137600000}"#)),
+            Err(TokenError::Milliseconds)
+        );
+        assert_eq!(peek(&forged), Err(TokenError::NoExp));
+    }
+
+    #[test]
+    fn labels_are_distinct_and_words_are_predicates() {
+        let mut labels: Vec<_> = TokenError::ALL.iter().map(|e| e.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), TokenError::COUNT);
+        for e in TokenError::ALL {
+            let words = e.to_string();
+            assert!(
+                words.starts_with("is ")
+                    || words.starts_with("has ")
+                    || words.starts_with("cannot ")
+                    || words.starts_with("lists "),
+                "{words}"
+            );
+        }
     }
 
     proptest! {

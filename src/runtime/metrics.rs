@@ -19,8 +19,16 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::core::counts::{Counts, DeliveryDrop, Refusal};
+use crate::core::token::TokenError;
 use crate::core::DropReason;
+
+/// Whether the process has logged a token that was not looked at (a relay
+/// without a room secret): once per process, whatever the loops, since
+/// every further one says the same (the count goes on).
+static TOKEN_IGNORED_TOLD: AtomicBool = AtomicBool::new(false);
 
 /// Handles to every udphub metric, plus one loop's local counts.
 pub struct Metrics {
@@ -33,6 +41,8 @@ pub struct Metrics {
     received_dropped: Counter,
     joins_accepted: Counter,
     joins_refused: [Counter; Refusal::COUNT],
+    token_refused: [Counter; TokenError::COUNT],
+    tokens_ignored: Counter,
     rooms: Gauge,
     /// This loop's room count at the last flush (its share of the gauge).
     rooms_reported: usize,
@@ -97,6 +107,10 @@ impl Metrics {
             joins_refused: std::array::from_fn(
                 |i| metrics::counter!("udphub_room_join_refused_total", "reason" => Refusal::ALL[i].label()),
             ),
+            token_refused: std::array::from_fn(
+                |i| metrics::counter!("udphub_room_token_refused_total", "reason" => TokenError::ALL[i].label()),
+            ),
+            tokens_ignored: metrics::counter!("udphub_room_tokens_ignored_total"),
             rooms: metrics::gauge!("udphub_rooms"),
             rooms_reported: 0,
             dropped: std::array::from_fn(
@@ -153,6 +167,15 @@ impl Metrics {
         for (counter, v) in self.joins_refused.iter().zip(c.joins_refused.iter_mut()) {
             add(counter, v);
         }
+        for (counter, v) in self.token_refused.iter().zip(c.token_refused.iter_mut()) {
+            add(counter, v);
+        }
+        if c.tokens_ignored > 0 && !TOKEN_IGNORED_TOLD.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "a client joined a room with a token, but this relay has no --room-secret-file: tokens are not checked and every room is open to anyone; set --room-secret-file to make rooms private (further ones are counted in udphub_room_tokens_ignored_total, not logged)"
+            );
+        }
+        add(&self.tokens_ignored, &mut c.tokens_ignored);
         for (counter, v) in self.dropped.iter().zip(c.dropped.iter_mut()) {
             add(counter, v);
         }
@@ -239,6 +262,16 @@ fn describe() {
         "udphub_room_join_refused_total",
         Unit::Count,
         "Joins refused, by reason: token, full (--max-rooms, --max-room-clients), name."
+    );
+    describe_counter!(
+        "udphub_room_token_refused_total",
+        Unit::Count,
+        "Joins refused for their token (reason=\"token\" above), by why: missing, lobby_closed, malformed, algorithm, crit, signature, no_room, no_exp, milliseconds, bad_time, room, expired, not_yet."
+    );
+    describe_counter!(
+        "udphub_room_tokens_ignored_total",
+        Unit::Count,
+        "Joins that carried a token to a relay without --room-secret-file: not checked, the room is open to anyone."
     );
     describe_counter!(
         "udphub_recv_errors_total",
