@@ -1,11 +1,19 @@
 //! The bridge thread: the only place that talks to NATS.
 //!
 //! A current-thread tokio runtime runs the async-nats client (reconnects
-//! and resubscribes by itself), one task per subscribed room that forwards
-//! its messages to the loop, and a loop over the publish and control
-//! queues. Nothing here can stall the relay's loop: the loop only ever
-//! `try_send`s to it, and the bridge only `try_send`s back (a full inbound
-//! queue drops and counts) and rings the loop's waker once per burst.
+//! and resubscribes by itself), one task per subscribed room that checks
+//! its batches ([`Inbox`]) and forwards their new messages to the loop, and
+//! a loop over the publish and control queues. Nothing here can stall the
+//! relay's loop: the loop only ever `try_send`s to it, and the bridge only
+//! `try_send`s back (a queue full in messages or bytes drops and counts)
+//! and rings the loop's waker once per burst.
+//!
+//! **Batching**: each time the publish queue wakes the bridge, it takes
+//! what is waiting (up to [`PASS_LIMIT`] messages) and packs the messages
+//! of each room's stream into as few NATS messages as the batch limits
+//! allow ([`super::frame::MAX_BATCH_FRAMES`], [`super::frame::MAX_BATCH_BYTES`]). It never
+//! waits for more: a lone message goes out at once, alone; under load the
+//! queue fills while the bridge publishes, and the next pass takes many.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +22,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, Publish};
+use super::frame::BatchWriter;
+use super::inbox::Inbox;
+use super::keys::Keys;
+use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, InboundBytes, Publish};
 use crate::error::Error;
+
+/// The most messages one pass takes from the publish queue before it
+/// publishes: a bound on the batches held open at once (and on the time
+/// before the control queue is looked at again).
+pub const PASS_LIMIT: usize = 4096;
 
 /// What the bridge thread owns.
 pub struct Bridge {
@@ -27,6 +43,12 @@ pub struct Bridge {
     pub control: Arc<Control>,
     /// Messages from the bus, to the loop.
     pub inbound: mpsc::SyncSender<Inbound>,
+    /// The bytes in `inbound` (bounded by [`super::INBOUND_BYTES`]).
+    pub inbound_bytes: Arc<InboundBytes>,
+    /// Signs what is published, checks what is received.
+    pub keys: Keys,
+    /// The longest rendered message delivered.
+    pub max_body: usize,
     /// Rings the loop.
     pub waker: Arc<mio::Waker>,
     /// Set when the loop has been rung and has not drained yet.
@@ -165,8 +187,15 @@ async fn run(mut b: Bridge) {
                     }
                     match client.subscribe(subject.clone()).await {
                         Ok(sub) => {
-                            let room: Arc<[u8]> = room.into();
-                            let task = tokio::spawn(forward(sub, room, b.inbound.clone(), Arc::clone(&b.waker), Arc::clone(&b.wake_pending), b.metrics.clone()));
+                            let to_loop = ToLoop {
+                                room: room.into(),
+                                inbound: b.inbound.clone(),
+                                bytes: Arc::clone(&b.inbound_bytes),
+                                waker: Arc::clone(&b.waker),
+                                wake_pending: Arc::clone(&b.wake_pending),
+                            };
+                            let inbox = Inbox::new(subject.clone(), b.max_body);
+                            let task = tokio::spawn(forward(sub, inbox, b.keys.clone(), to_loop, b.metrics.clone()));
                             if let Some(old) = subscriptions.insert(subject, task) {
                                 old.abort();
                             }
@@ -176,10 +205,16 @@ async fn run(mut b: Bridge) {
                 }
             },
             message = b.publish.recv() => match message {
-                Some(m) => match client.publish(m.subject, m.frame).await {
-                    Ok(()) => b.metrics.published.increment(1),
-                    Err(_) => b.metrics.drop_one(BusDrop::PublishError),
-                },
+                Some(m) => {
+                    let mut pass = vec![m];
+                    while pass.len() < PASS_LIMIT {
+                        match b.publish.try_recv() {
+                            Ok(m) => pass.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    publish_pass(&client, pass, &b.keys, &b.metrics).await;
+                }
                 None => break,
             },
         }
@@ -188,33 +223,160 @@ async fn run(mut b: Bridge) {
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
 }
 
-/// Forwards one room's messages to the loop, ringing it when it was not
-/// rung already.
+/// The open batch of one subject in a pass.
+struct Open {
+    /// Its subject.
+    subject: async_nats::Subject,
+    /// The NATS message being built.
+    writer: BatchWriter,
+}
+
+/// Publishes one pass's messages, each room's consecutive ones packed
+/// into one NATS message (in order: a batch that cannot take the next
+/// message goes out before the next batch of its subject starts).
+async fn publish_pass(
+    client: &async_nats::Client,
+    pass: Vec<Publish>,
+    keys: &Keys,
+    metrics: &ClusterMetrics,
+) {
+    let key = keys.signing();
+    let time = u32::try_from(unix_now()).unwrap_or(u32::MAX);
+    // Few subjects per pass, usually: a list beats a map.
+    let mut open: Vec<Open> = Vec::new();
+    for m in pass {
+        let at = match open.iter().position(|o| o.subject == m.subject) {
+            Some(at) => at,
+            None => {
+                open.push(Open {
+                    subject: m.subject.clone(),
+                    writer: BatchWriter::default(),
+                });
+                open.len() - 1
+            }
+        };
+        let o = &mut open[at];
+        if !o.writer.is_empty() && !o.writer.fits(m.stamp, m.body.len()) {
+            send(client, o, key.as_ref(), metrics).await;
+        }
+        if o.writer.is_empty() {
+            o.writer.begin(time, m.stamp, key.is_some());
+        }
+        o.writer.push(&m.body);
+    }
+    for o in &mut open {
+        send(client, o, key.as_ref(), metrics).await;
+    }
+}
+
+/// Publishes `o`'s batch and counts it.
+async fn send(
+    client: &async_nats::Client,
+    o: &mut Open,
+    key: Option<&crate::config::ClusterKey>,
+    metrics: &ClusterMetrics,
+) {
+    let frames = o.writer.count() as u64;
+    if frames == 0 {
+        return;
+    }
+    let msg = o.writer.finish(key, &o.subject);
+    let len = msg.len() as u64;
+    match client.publish(o.subject.clone(), msg.into()).await {
+        Ok(()) => {
+            metrics.published.increment(frames);
+            metrics.nats_out.increment(1);
+            metrics.bytes_out.increment(len);
+        }
+        Err(_) => metrics.drop_n(BusDrop::PublishError, frames),
+    }
+}
+
+/// Seconds since the Unix epoch by the wall clock (0 if it is before).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Where one room's checked messages go: the loop's inbound queue.
+struct ToLoop {
+    /// The room.
+    room: Arc<[u8]>,
+    /// The queue.
+    inbound: mpsc::SyncSender<Inbound>,
+    /// Its size in bytes.
+    bytes: Arc<InboundBytes>,
+    /// Rings the loop.
+    waker: Arc<mio::Waker>,
+    /// Whether the loop was rung and has not drained yet.
+    wake_pending: Arc<AtomicBool>,
+}
+
+impl ToLoop {
+    /// Queues `body` for the loop; false if the loop is gone.
+    fn send(&self, body: bytes::Bytes, metrics: &ClusterMetrics) -> bool {
+        let len = body.len();
+        if !self.bytes.reserve(len) {
+            metrics.drop_one(BusDrop::InboundFull);
+            return true;
+        }
+        let m = Inbound {
+            room: Arc::clone(&self.room),
+            body,
+        };
+        match self.inbound.try_send(m) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.bytes.release(len);
+                metrics.drop_one(BusDrop::InboundFull);
+                true
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Rings the loop unless it was rung already.
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!("cluster: cannot wake the loop: {e}");
+            }
+        }
+    }
+}
+
+/// Checks one room's NATS messages ([`Inbox`]) and forwards their new
+/// messages to the loop, ringing it once per NATS message.
 async fn forward(
     mut sub: async_nats::Subscriber,
-    room: Arc<[u8]>,
-    inbound: mpsc::SyncSender<Inbound>,
-    waker: Arc<mio::Waker>,
-    wake_pending: Arc<AtomicBool>,
+    mut inbox: Inbox,
+    keys: Keys,
+    to_loop: ToLoop,
     metrics: ClusterMetrics,
 ) {
     while let Some(message) = sub.next().await {
-        let m = Inbound {
-            room: Arc::clone(&room),
-            frame: message.payload,
-        };
-        match inbound.try_send(m) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(_)) => {
-                metrics.drop_one(BusDrop::InboundFull);
-                continue;
+        let payload = message.payload;
+        metrics.nats_in.increment(1);
+        metrics.bytes_in.increment(payload.len() as u64);
+        let mut open = true;
+        let checked = inbox.accept(&payload, &keys, Instant::now(), unix_now(), |body| {
+            open = open && to_loop.send(payload.slice(body), &metrics);
+        });
+        match checked {
+            Ok(t) => {
+                metrics.drop_n(BusDrop::Duplicate, t.duplicate);
+                metrics.drop_n(BusDrop::Oversized, t.oversized);
+                metrics.gap.increment(t.gap);
+                metrics.stream_resets.increment(t.resets);
+                if t.delivered > 0 {
+                    to_loop.wake();
+                }
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return,
+            Err(reason) => metrics.drop_one(reason),
         }
-        if !wake_pending.swap(true, Ordering::SeqCst) {
-            if let Err(e) = waker.wake() {
-                tracing::warn!("cluster: cannot wake the loop: {e}");
-            }
+        if !open {
+            return;
         }
     }
 }

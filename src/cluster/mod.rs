@@ -9,9 +9,14 @@
 //! and to the lobby always. The connection has `no_echo`, so a node never
 //! hears itself: each recipient in the cluster gets each message once.
 //!
-//! - [`frame`]: the bytes on the bus (a stamp for order, dedup and gaps).
+//! - [`frame`]: the bytes on the bus (a batch of one room's messages, a
+//!   stamp for order, dedup and gaps, a tag under the cluster key).
+//! - [`keys`]: the cluster keys a node signs and accepts with, rotated by
+//!   a reload.
+//! - [`inbox`]: a subscribed room's receiving side (check, dedup, bounds).
 //! - [`bridge`]: the thread that talks to NATS (async-nats on a small
-//!   current-thread runtime).
+//!   current-thread runtime); it batches what waits for the same subject
+//!   into one NATS message.
 //! - [`Bus`] (here): the loop's side of the bus: bounded queues to and
 //!   from the bridge, and a mio `Waker` the bridge rings once per burst.
 //!   ([`BusDrop`]: why a message to or from the bus was dropped.)
@@ -22,10 +27,12 @@
 
 pub mod bridge;
 pub mod frame;
+pub mod inbox;
 pub mod interest;
+pub mod keys;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -41,6 +48,18 @@ pub use crate::config::ClusterConfig;
 pub const PUBLISH_QUEUE: usize = 65_536;
 /// Messages from the bus waiting for the loop; a full queue drops.
 pub const INBOUND_QUEUE: usize = 65_536;
+/// Bytes of messages from the bus waiting for the loop (bodies plus
+/// [`INBOUND_OVERHEAD`] each); beyond it the bridge drops (`inbound_full`).
+/// 65,536 messages of 1.5 kB would be 100 MB: a receiver that falls behind
+/// should cost a bounded, small amount of memory, not that.
+pub const INBOUND_BYTES: usize = 16 << 20;
+/// What a queued message costs besides its body (the queue slot, the
+/// room and buffer handles), for [`INBOUND_BYTES`].
+pub const INBOUND_OVERHEAD: usize = 64;
+/// How much longer than `--max-datagram` a rendered message may be: what
+/// the `--format` template adds (`. from [IPv6]:port` is 50 bytes). A
+/// longer one is neither published nor delivered (`oversized`).
+pub const RENDER_ALLOWANCE: usize = 512;
 
 /// The subject of a room (the empty name is the lobby). Room names may
 /// hold `.`, which separates NATS tokens: it is written `~2E` (`~` is
@@ -73,22 +92,58 @@ pub struct Control {
     pub changed: tokio::sync::Notify,
 }
 
-/// A message for the bridge to publish.
+/// A message for the bridge to publish (it batches and signs).
 #[derive(Debug)]
 pub struct Publish {
     /// Where.
     pub subject: async_nats::Subject,
-    /// A [`frame`].
-    pub frame: Bytes,
+    /// Its place in its stream.
+    pub stamp: frame::Stamp,
+    /// The rendered message.
+    pub body: Bytes,
 }
 
-/// A message from the bus for the loop.
+/// A message from the bus for the loop: checked, new, in order.
 #[derive(Debug)]
 pub struct Inbound {
     /// Its room.
     pub room: Arc<[u8]>,
-    /// A [`frame`] (checked by the loop).
-    pub frame: Bytes,
+    /// The rendered message (a slice of the NATS message it came in).
+    pub body: Bytes,
+}
+
+/// The inbound queue's size in bytes, shared by the bridge (adds before
+/// it sends) and the loop (subtracts what it took).
+#[derive(Debug, Default)]
+pub struct InboundBytes(AtomicUsize);
+
+impl InboundBytes {
+    /// What a message of `len` bytes costs.
+    pub fn cost(len: usize) -> usize {
+        len + INBOUND_OVERHEAD
+    }
+
+    /// Reserves room for a message of `len` bytes; false (nothing
+    /// reserved) if the queue would go over [`INBOUND_BYTES`].
+    pub fn reserve(&self, len: usize) -> bool {
+        let cost = InboundBytes::cost(len);
+        let before = self.0.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > INBOUND_BYTES {
+            self.0.fetch_sub(cost, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back what a message of `len` bytes reserved.
+    pub fn release(&self, len: usize) {
+        self.0.fetch_sub(InboundBytes::cost(len), Ordering::AcqRel);
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 crate::core::labelled_enum! {
@@ -102,12 +157,26 @@ crate::core::labelled_enum! {
         Disconnected => "disconnected",
         /// The NATS client refused the publish.
         PublishError => "publish_error",
-        /// The queue from the bridge to the loop was full (the loop slow).
+        /// The queue from the bridge to the loop was full, in messages or
+        /// bytes (the loop slow).
         InboundFull => "inbound_full",
-        /// Not a frame of ours.
+        /// Not a batch of this frame version (counted per NATS message).
         Malformed => "malformed",
         /// Seen already (the stamp said so).
         Duplicate => "duplicate",
+        /// A rendered message longer than `--max-datagram` plus
+        /// [`RENDER_ALLOWANCE`] (outgoing or incoming).
+        Oversized => "oversized",
+        /// No tag, at a node with a cluster key (per NATS message).
+        Unsigned => "unsigned",
+        /// A tag that no accepted cluster key made for this room and these
+        /// bytes: forged, altered, replayed into another room, or another
+        /// cluster's key (per NATS message).
+        BadMac => "bad_mac",
+        /// Tagged correctly but sent more than `frame::FRESHNESS` from
+        /// this node's clock: an old capture replayed, or clocks apart
+        /// (per NATS message).
+        Stale => "stale",
     }
 }
 
@@ -124,6 +193,16 @@ pub struct ClusterMetrics {
     dropped: [Counter; BusDrop::COUNT],
     /// 1 while connected.
     pub connected: metrics::Gauge,
+    /// NATS messages published (each a batch of `published`).
+    pub nats_out: Counter,
+    /// NATS messages received on the room subjects.
+    pub nats_in: Counter,
+    /// Bytes of the NATS messages published.
+    pub bytes_out: Counter,
+    /// Bytes of the NATS messages received.
+    pub bytes_in: Counter,
+    /// Stream states started again (seq jump, eviction).
+    pub stream_resets: Counter,
 }
 
 impl ClusterMetrics {
@@ -148,7 +227,22 @@ impl ClusterMetrics {
         describe_counter!(
             "udphub_cluster_dropped_total",
             Unit::Count,
-            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error (outgoing); inbound_full, malformed, duplicate (incoming)."
+            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole)."
+        );
+        describe_counter!(
+            "udphub_cluster_nats_messages_total",
+            Unit::Count,
+            "NATS messages, by direction (out: published, in: received on room subjects); each carries a batch of one room's messages."
+        );
+        describe_counter!(
+            "udphub_cluster_bytes_total",
+            Unit::Bytes,
+            "Payload bytes of the NATS messages, by direction (out, in)."
+        );
+        describe_counter!(
+            "udphub_cluster_stream_resets_total",
+            Unit::Count,
+            "Stream states started again at this receiver (a sequence jump beyond the window, or evicted by newer streams in a full room)."
         );
         describe_gauge!(
             "udphub_cluster_connected",
@@ -165,12 +259,24 @@ impl ClusterMetrics {
                 |i| metrics::counter!("udphub_cluster_dropped_total", "reason" => BusDrop::ALL[i].label()),
             ),
             connected,
+            nats_out: metrics::counter!("udphub_cluster_nats_messages_total", "direction" => "out"),
+            nats_in: metrics::counter!("udphub_cluster_nats_messages_total", "direction" => "in"),
+            bytes_out: metrics::counter!("udphub_cluster_bytes_total", "direction" => "out"),
+            bytes_in: metrics::counter!("udphub_cluster_bytes_total", "direction" => "in"),
+            stream_resets: metrics::counter!("udphub_cluster_stream_resets_total"),
         }
     }
 
     /// Counts one drop.
     pub fn drop_one(&self, reason: BusDrop) {
-        self.dropped[reason.index()].increment(1);
+        self.drop_n(reason, 1);
+    }
+
+    /// Counts `n` drops.
+    pub fn drop_n(&self, reason: BusDrop, n: u64) {
+        if n > 0 {
+            self.dropped[reason.index()].increment(n);
+        }
     }
 }
 
@@ -188,14 +294,18 @@ pub struct Bus {
     epoch: u64,
     next_stream: u32,
     outgoing: HashMap<Box<[u8]>, Outgoing>,
-    incoming: HashMap<Arc<[u8]>, frame::Streams>,
     publish: tokio::sync::mpsc::Sender<Publish>,
     control: Arc<Control>,
     inbound: mpsc::Receiver<Inbound>,
+    inbound_bytes: Arc<InboundBytes>,
     wake_pending: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
     metrics: ClusterMetrics,
-    scratch: Vec<u8>,
+    /// The longest rendered message published (`--max-datagram` plus
+    /// [`RENDER_ALLOWANCE`]).
+    max_body: usize,
+    /// The keys the bridge signs and checks with (a reload rotates them).
+    keys: keys::Keys,
 }
 
 impl Bus {
@@ -206,13 +316,19 @@ impl Bus {
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
         let control = Arc::new(Control::default());
         let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_QUEUE);
+        let inbound_bytes = Arc::new(InboundBytes::default());
         let wake_pending = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
+        let keys = keys::Keys::new(config.key.clone());
+        let max_body = config.max_datagram + RENDER_ALLOWANCE;
         bridge::spawn(bridge::Bridge {
             config: config.clone(),
             publish: publish_rx,
             control: Arc::clone(&control),
             inbound: inbound_tx,
+            inbound_bytes: Arc::clone(&inbound_bytes),
+            keys: keys.clone(),
+            max_body,
             waker,
             wake_pending: Arc::clone(&wake_pending),
             connected: Arc::clone(&connected),
@@ -223,32 +339,36 @@ impl Bus {
             epoch,
             next_stream: 1,
             outgoing: HashMap::new(),
-            incoming: HashMap::new(),
             publish,
             control,
             inbound,
+            inbound_bytes,
             wake_pending,
             connected,
             metrics,
-            scratch: Vec::new(),
+            max_body,
+            keys,
         };
         // The lobby spans the cluster: always subscribed.
         bus.room_opened(b"");
         Ok(bus)
     }
 
+    /// The keys the bridge signs and checks with: a reload rotates them
+    /// ([`keys::Keys::rotate`]).
+    pub fn keys(&self) -> keys::Keys {
+        self.keys.clone()
+    }
+
     /// A room got its first member here: subscribe to it.
     pub fn room_opened(&mut self, room: &[u8]) {
-        let room: Arc<[u8]> = room.into();
-        self.incoming
-            .insert(Arc::clone(&room), frame::Streams::default());
-        self.control.rooms.tell(&room, true);
+        self.control.rooms.tell(room, true);
         self.control.changed.notify_one();
     }
 
-    /// Its last member here left: unsubscribe, forget its streams.
+    /// Its last member here left: unsubscribe (the bridge forgets its
+    /// streams with the subscription).
     pub fn room_closed(&mut self, room: &[u8]) {
-        self.incoming.remove(room);
         self.outgoing.remove(room);
         self.control.rooms.tell(room, false);
         self.control.changed.notify_one();
@@ -260,6 +380,11 @@ impl Bus {
     pub fn publish(&mut self, room: &[u8], body: &[u8]) {
         if !self.connected.load(Ordering::Relaxed) {
             self.metrics.drop_one(BusDrop::Disconnected);
+            return;
+        }
+        if body.len() > self.max_body {
+            // Every receiver would drop it: say so here, once.
+            self.metrics.drop_one(BusDrop::Oversized);
             return;
         }
         if !self.outgoing.contains_key(room) {
@@ -283,10 +408,10 @@ impl Bus {
             stream: out.stream,
             seq: out.seq,
         };
-        frame::encode(stamp, body, &mut self.scratch);
         let message = Publish {
             subject: out.subject.clone(),
-            frame: Bytes::copy_from_slice(&self.scratch),
+            stamp,
+            body: Bytes::copy_from_slice(body),
         };
         if self.publish.try_send(message).is_err() {
             // The receivers will see the gap in this stream.
@@ -294,32 +419,18 @@ impl Bus {
         }
     }
 
-    /// Takes the messages waiting from the bus and hands each one that is
-    /// new, in order, to `deliver(room, body)`; counts duplicates, gaps and
-    /// strangers.
+    /// Takes the messages waiting from the bus (checked, deduplicated
+    /// and ordered by the bridge) and hands each to `deliver(room, body)`.
     pub fn drain(&mut self, mut deliver: impl FnMut(&[u8], &[u8])) {
         // Cleared before draining: a message queued after this will ring
         // again, so none waits for the next datagram.
         self.wake_pending.store(false, Ordering::SeqCst);
         while let Ok(m) = self.inbound.try_recv() {
-            let Some((stamp, body)) = frame::decode(&m.frame) else {
-                self.metrics.drop_one(BusDrop::Malformed);
-                continue;
-            };
-            // A room closed here a moment ago has no streams (and no
-            // members): the message reaches nobody, which is right.
-            if let Some(streams) = self.incoming.get_mut(&m.room) {
-                match streams.check(stamp) {
-                    frame::Order::Duplicate => {
-                        self.metrics.drop_one(BusDrop::Duplicate);
-                        continue;
-                    }
-                    frame::Order::After { missed } => self.metrics.gap.increment(missed),
-                    frame::Order::Next => {}
-                }
-            }
+            self.inbound_bytes.release(m.body.len());
+            // A room closed here a moment ago has no members: the message
+            // reaches nobody, which is right.
             self.metrics.received.increment(1);
-            deliver(&m.room, body);
+            deliver(&m.room, &m.body);
         }
     }
 }

@@ -113,6 +113,11 @@ impl Relay {
         self.hub.track_room_changes();
         self.cluster = Some(bus);
     }
+
+    /// The cluster keys, with `--cluster`: a reload rotates them.
+    pub fn cluster_keys(&self) -> Option<crate::cluster::keys::Keys> {
+        self.cluster.as_ref().map(Bus::keys)
+    }
 }
 
 /// Adds a fan-out's deliveries to the counts; logs its first error.
