@@ -32,7 +32,9 @@
 //!   (no stranger on the relay's address).
 //! - [`cluster`]: relays sharing rooms over NATS — the loop's
 //!   [`cluster::Bus`], the [`cluster::bridge`] thread, the
-//!   [`cluster::frame`]s on the bus, and the [`cluster::interest`] in rooms.
+//!   [`cluster::frame`]s on the bus (batches, tags), the [`cluster::keys`]
+//!   that sign them, each room's [`cluster::inbox`], and the
+//!   [`cluster::interest`] in rooms.
 //! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
 //!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
