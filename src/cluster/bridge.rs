@@ -26,6 +26,7 @@ use super::frame::BatchWriter;
 use super::inbox::Inbox;
 use super::keys::Keys;
 use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, InboundBytes, Publish};
+use crate::config::ClusterKey;
 use crate::error::Error;
 
 /// The most messages one pass takes from the publish queue before it
@@ -231,23 +232,41 @@ struct Open {
     writer: BatchWriter,
 }
 
-/// Publishes one pass's messages, each room's consecutive ones packed
-/// into one NATS message (in order: a batch that cannot take the next
-/// message goes out before the next batch of its subject starts).
-async fn publish_pass(
-    client: &async_nats::Client,
-    pass: Vec<Publish>,
-    keys: &Keys,
-    metrics: &ClusterMetrics,
-) {
-    let key = keys.signing();
-    let time = u32::try_from(unix_now()).unwrap_or(u32::MAX);
-    // Few subjects per pass, usually: a list beats a map.
+/// A NATS message ready to publish.
+#[derive(Debug)]
+pub struct Packed {
+    /// Where.
+    pub subject: async_nats::Subject,
+    /// A batch ([`super::frame`]).
+    pub msg: Vec<u8>,
+    /// The messages in it.
+    pub frames: u64,
+}
+
+/// Packs one pass's messages, each room stream's consecutive ones into one
+/// NATS message, signed with `key` at `time`; returned in the order they
+/// must be published (a batch that cannot take the next message of its
+/// subject comes before the batch that does).
+pub fn pack(pass: Vec<Publish>, key: Option<&ClusterKey>, time: u32) -> Vec<Packed> {
+    let mut packed = Vec::new();
     let mut open: Vec<Open> = Vec::new();
+    // A pass may hold thousands of rooms: find each one's batch by name.
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let finish = |o: &mut Open, packed: &mut Vec<Packed>| {
+        let frames = o.writer.count() as u64;
+        if frames > 0 {
+            packed.push(Packed {
+                subject: o.subject.clone(),
+                msg: o.writer.finish(key, &o.subject),
+                frames,
+            });
+        }
+    };
     for m in pass {
-        let at = match open.iter().position(|o| o.subject == m.subject) {
-            Some(at) => at,
+        let at = match index.get(m.subject.as_str()) {
+            Some(&at) => at,
             None => {
+                index.insert(m.subject.as_str().to_owned(), open.len());
                 open.push(Open {
                     subject: m.subject.clone(),
                     writer: BatchWriter::default(),
@@ -257,7 +276,7 @@ async fn publish_pass(
         };
         let o = &mut open[at];
         if !o.writer.is_empty() && !o.writer.fits(m.stamp, m.body.len()) {
-            send(client, o, key.as_ref(), metrics).await;
+            finish(o, &mut packed);
         }
         if o.writer.is_empty() {
             o.writer.begin(time, m.stamp, key.is_some());
@@ -265,30 +284,30 @@ async fn publish_pass(
         o.writer.push(&m.body);
     }
     for o in &mut open {
-        send(client, o, key.as_ref(), metrics).await;
+        finish(o, &mut packed);
     }
+    packed
 }
 
-/// Publishes `o`'s batch and counts it.
-async fn send(
+/// Publishes one pass's messages, packed ([`pack`]), and counts them.
+async fn publish_pass(
     client: &async_nats::Client,
-    o: &mut Open,
-    key: Option<&crate::config::ClusterKey>,
+    pass: Vec<Publish>,
+    keys: &Keys,
     metrics: &ClusterMetrics,
 ) {
-    let frames = o.writer.count() as u64;
-    if frames == 0 {
-        return;
-    }
-    let msg = o.writer.finish(key, &o.subject);
-    let len = msg.len() as u64;
-    match client.publish(o.subject.clone(), msg.into()).await {
-        Ok(()) => {
-            metrics.published.increment(frames);
-            metrics.nats_out.increment(1);
-            metrics.bytes_out.increment(len);
+    let key = keys.signing();
+    let time = u32::try_from(unix_now()).unwrap_or(u32::MAX);
+    for p in pack(pass, key.as_ref(), time) {
+        let len = p.msg.len() as u64;
+        match client.publish(p.subject, p.msg.into()).await {
+            Ok(()) => {
+                metrics.published.increment(p.frames);
+                metrics.nats_out.increment(1);
+                metrics.bytes_out.increment(len);
+            }
+            Err(_) => metrics.drop_n(BusDrop::PublishError, p.frames),
         }
-        Err(_) => metrics.drop_n(BusDrop::PublishError, frames),
     }
 }
 
@@ -378,5 +397,82 @@ async fn forward(
         if !open {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::frame::{parse, Stamp};
+
+    fn publish(subject: &str, stream: u32, seq: u64, body: &str) -> Publish {
+        Publish {
+            subject: subject.to_string().into(),
+            stamp: Stamp {
+                epoch: 1,
+                stream,
+                seq,
+            },
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    fn read(p: &Packed) -> (String, u64, Vec<String>) {
+        let b = parse(&p.msg).unwrap();
+        let bodies = b
+            .bodies
+            .iter()
+            .map(|r| String::from_utf8_lossy(&p.msg[r.clone()]).into_owned())
+            .collect();
+        (p.subject.to_string(), b.first.seq, bodies)
+    }
+
+    #[test]
+    fn a_pass_becomes_one_nats_message_per_room_stream_in_order() {
+        let pass = vec![
+            publish("u.room.a", 1, 1, "a1"),
+            publish("u.room.b", 2, 7, "b7"),
+            publish("u.room.a", 1, 2, "a2"),
+            publish("u.room.b", 2, 8, "b8"),
+            publish("u.room.a", 1, 3, "a3"),
+        ];
+        let packed = pack(pass, None, 0);
+        let got: Vec<_> = packed.iter().map(read).collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "u.room.a".into(),
+                    1,
+                    vec!["a1".into(), "a2".into(), "a3".into()]
+                ),
+                ("u.room.b".into(), 7, vec!["b7".into(), "b8".into()]),
+            ]
+        );
+        assert_eq!(packed.iter().map(|p| p.frames).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn a_hole_or_a_new_stream_starts_a_new_batch_published_after_the_old() {
+        let pass = vec![
+            publish("u.lobby", 1, 1, "x1"),
+            // seq 2 was dropped (queue_full): the receivers see the gap.
+            publish("u.lobby", 1, 3, "x3"),
+            publish("u.lobby", 2, 1, "y1"),
+        ];
+        let got: Vec<_> = pack(pass, None, 0).iter().map(read).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u.lobby".into(), 1, vec!["x1".into()]),
+                ("u.lobby".into(), 3, vec!["x3".into()]),
+                ("u.lobby".into(), 1, vec!["y1".into()]),
+            ]
+        );
+        // A lone message goes out alone, signed when there is a key.
+        let key = ClusterKey::new(vec![1; 32]).unwrap();
+        let one = pack(vec![publish("u.lobby", 1, 1, "z")], Some(&key), 5);
+        assert_eq!(one.len(), 1);
+        assert!(parse(&one[0].msg).unwrap().tag.is_some());
     }
 }
