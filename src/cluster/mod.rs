@@ -440,6 +440,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_inbound_queue_is_bounded_in_bytes() {
+        let q = InboundBytes::default();
+        let big = INBOUND_BYTES / 4 - INBOUND_OVERHEAD;
+        for _ in 0..4 {
+            assert!(q.reserve(big));
+        }
+        assert!(!q.reserve(0), "full: not even an empty message");
+        assert_eq!(q.queued(), INBOUND_BYTES, "a refusal reserves nothing");
+        q.release(big);
+        assert!(q.reserve(big - 1));
+        assert!(!q.reserve(1));
+    }
+
+    #[test]
     fn subjects_are_nats_tokens() {
         assert_eq!(subject("udphub", b""), "udphub.lobby");
         assert_eq!(subject("udphub", b"red"), "udphub.room.red");
