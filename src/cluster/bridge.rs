@@ -8,8 +8,10 @@
 //! `try_send`s back (a queue full in messages or bytes drops and counts)
 //! and rings the loop's waker once per burst.
 //!
-//! **Batching**: each time the publish queue wakes the bridge, it takes
-//! what is waiting (up to [`PASS_LIMIT`] messages) and packs the messages
+//! **Batching**: the loop hands over what each of its passes published
+//! in one piece ([`super::Bus::flush`]); each time the publish queue wakes
+//! the bridge, it takes what is waiting (up to [`PASS_LIMIT`] messages,
+//! give or take one loop pass) and packs the messages
 //! of each room's stream into as few NATS messages as the batch limits
 //! allow ([`super::frame::MAX_BATCH_FRAMES`], [`super::frame::MAX_BATCH_BYTES`]). It never
 //! waits for more: a lone message goes out at once, alone; under load the
@@ -38,8 +40,8 @@ pub const PASS_LIMIT: usize = 4096;
 pub struct Bridge {
     /// Where to connect, and as whom.
     pub config: ClusterConfig,
-    /// Messages to publish, from the loop.
-    pub publish: tokio::sync::mpsc::Receiver<Publish>,
+    /// Messages to publish, from the loop, a pass of it at a time.
+    pub publish: tokio::sync::mpsc::Receiver<Vec<Publish>>,
     /// Subscriptions to make and drop, from the loop.
     pub control: Arc<Control>,
     /// Messages from the bus, to the loop.
@@ -206,11 +208,10 @@ async fn run(mut b: Bridge) {
                 }
             },
             message = b.publish.recv() => match message {
-                Some(m) => {
-                    let mut pass = vec![m];
+                Some(mut pass) => {
                     while pass.len() < PASS_LIMIT {
                         match b.publish.try_recv() {
-                            Ok(m) => pass.push(m),
+                            Ok(more) => pass.extend(more),
                             Err(_) => break,
                         }
                     }

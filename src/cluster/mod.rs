@@ -46,6 +46,11 @@ pub use crate::config::ClusterConfig;
 
 /// Messages waiting for the bridge to publish; a full queue drops.
 pub const PUBLISH_QUEUE: usize = 65_536;
+/// The most messages the loop hands the bridge at once: what one of its
+/// passes published ([`Bus::flush`]), cut at this (a receive batch is 64
+/// datagrams). One queue operation, and one wake-up of the bridge, per
+/// pass rather than per message.
+pub const PUBLISH_PASS: usize = 64;
 /// Messages from the bus waiting for the loop; a full queue drops.
 pub const INBOUND_QUEUE: usize = 65_536;
 /// Bytes of messages from the bus waiting for the loop (bodies plus
@@ -294,7 +299,9 @@ pub struct Bus {
     epoch: u64,
     next_stream: u32,
     outgoing: HashMap<Box<[u8]>, Outgoing>,
-    publish: tokio::sync::mpsc::Sender<Publish>,
+    /// What this pass of the loop published, handed on by [`Bus::flush`].
+    pending: Vec<Publish>,
+    publish: tokio::sync::mpsc::Sender<Vec<Publish>>,
     control: Arc<Control>,
     inbound: mpsc::Receiver<Inbound>,
     inbound_bytes: Arc<InboundBytes>,
@@ -313,7 +320,7 @@ impl Bus {
     /// messages from the bus wait. `epoch` is random per process.
     pub fn start(config: &ClusterConfig, waker: Arc<mio::Waker>, epoch: u64) -> Result<Bus, Error> {
         let metrics = ClusterMetrics::register();
-        let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+        let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
         let control = Arc::new(Control::default());
         let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_QUEUE);
         let inbound_bytes = Arc::new(InboundBytes::default());
@@ -339,6 +346,7 @@ impl Bus {
             epoch,
             next_stream: 1,
             outgoing: HashMap::new(),
+            pending: Vec::with_capacity(PUBLISH_PASS),
             publish,
             control,
             inbound,
@@ -376,7 +384,8 @@ impl Bus {
 
     /// Publishes a message a local member sent to `room`, already rendered
     /// (`body`); never waits: a full queue or a disconnected bus drops it,
-    /// counted.
+    /// counted. It goes to the bridge with the rest of the loop's pass, at
+    /// [`flush`](Self::flush).
     pub fn publish(&mut self, room: &[u8], body: &[u8]) {
         if !self.connected.load(Ordering::Relaxed) {
             self.metrics.drop_one(BusDrop::Disconnected);
@@ -408,14 +417,31 @@ impl Bus {
             stream: out.stream,
             seq: out.seq,
         };
-        let message = Publish {
+        self.pending.push(Publish {
             subject: out.subject.clone(),
             stamp,
             body: Bytes::copy_from_slice(body),
-        };
-        if self.publish.try_send(message).is_err() {
-            // The receivers will see the gap in this stream.
-            self.metrics.drop_one(BusDrop::QueueFull);
+        });
+        if self.pending.len() >= PUBLISH_PASS {
+            self.flush();
+        }
+    }
+
+    /// Hands the bridge what was published since the last flush: the loop
+    /// calls it at the end of each pass, so nothing waits longer than the
+    /// pass it was published in.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pass = std::mem::replace(&mut self.pending, Vec::with_capacity(PUBLISH_PASS));
+        if let Err(e) = self.publish.try_send(pass) {
+            let lost = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(p)
+                | tokio::sync::mpsc::error::TrySendError::Closed(p) => p.len(),
+            };
+            // The receivers will see the gap in these streams.
+            self.metrics.drop_n(BusDrop::QueueFull, lost as u64);
         }
     }
 

@@ -315,6 +315,10 @@ impl Service for Relay {
         if let Some(siblings) = &mut self.siblings {
             siblings.wake();
         }
+        // What this batch published goes to the bridge in one piece.
+        if let Some(bus) = &mut self.cluster {
+            bus.flush();
+        }
         self.replies.flush(io, &mut self.send_errors);
     }
 
