@@ -150,6 +150,126 @@ pub fn hub(script: &[u8]) {
     assert!(goodbye <= hub.clients());
 }
 
+/// The cluster's receiving side: batches taken apart, checked under a key
+/// (or none) and run through one room's stream state ([`Inbox`]). The
+/// script's first byte picks the receiver (bit 0: keyed); then each step is
+/// `[what, len, bytes…]`: the bytes as a NATS message as they are (`what`
+/// % 4 = 0), with a valid tag appended (1), or a batch built from them
+/// (2: epoch, stream, seq and bodies from the bytes, signed when the
+/// receiver is keyed; 3: the same with one byte flipped). Checks that
+/// every body is delivered, a duplicate or oversized — exactly one of
+/// them — that a built batch reads back as it was written, that a keyed
+/// receiver takes nothing unsigned or altered, and that the stream state
+/// stays bounded.
+///
+/// [`Inbox`]: crate::cluster::inbox::Inbox
+pub fn cluster(script: &[u8]) {
+    use crate::cluster::frame::{self, BatchWriter, Stamp};
+    use crate::cluster::inbox::Inbox;
+    use crate::cluster::keys::Keys;
+    use crate::cluster::BusDrop;
+    use crate::config::ClusterKey;
+
+    let Ok(key) = ClusterKey::new(vec![b'k'; 32]) else {
+        unreachable!("a 32-byte key is valid")
+    };
+    let keyed = script.first().is_some_and(|b| b & 1 == 1);
+    let keys = Keys::new(keyed.then(|| key.clone()));
+    let subject = "udphub.room.r";
+    let mut inbox = Inbox::new(subject.into(), 64);
+    let now = Instant::now();
+    let unix = 1_000_000u64;
+    let mut rest = script.get(1..).unwrap_or_default();
+    while rest.len() >= 2 {
+        let (what, len) = (rest[0], usize::from(rest[1]));
+        let take = len.min(rest.len() - 2);
+        let bytes = &rest[2..2 + take];
+        rest = &rest[2 + take..];
+        let mut msg = bytes.to_vec();
+        let mut built: Option<Vec<Vec<u8>>> = None;
+        match what % 4 {
+            0 => {}
+            1 => msg.extend_from_slice(&frame::tag(&key, subject, bytes)),
+            _ => {
+                let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+                let stamp = Stamp {
+                    epoch: u64::from(at(0) % 4),
+                    stream: u32::from(at(1) % 4),
+                    // Mostly small seqs (duplicates, gaps), sometimes far.
+                    seq: if at(2) & 0x80 == 0 {
+                        u64::from(at(2)) + 1
+                    } else {
+                        u64::MAX - u64::from(at(3)) * 4096
+                    },
+                };
+                let bodies: Vec<Vec<u8>> = bytes
+                    .get(4..)
+                    .unwrap_or_default()
+                    .chunks(usize::from(at(3) % 80) + 1)
+                    .map(<[u8]>::to_vec)
+                    .collect();
+                let mut w = BatchWriter::default();
+                w.begin(unix as u32, stamp, keyed);
+                let mut st = stamp;
+                let mut n = 0;
+                for b in &bodies {
+                    if !w.is_empty() && !w.fits(st, b.len()) {
+                        break;
+                    }
+                    w.push(b);
+                    st.seq = st.seq.wrapping_add(1);
+                    n += 1;
+                }
+                if n == 0 {
+                    continue;
+                }
+                msg = w.finish(keyed.then_some(&key), subject);
+                let fits = stamp.seq.checked_add(n as u64).is_some();
+                match frame::parse(&msg) {
+                    Some(b) if fits => {
+                        let read: Vec<&[u8]> = b.bodies.iter().map(|r| &msg[r.clone()]).collect();
+                        assert_eq!(
+                            read,
+                            bodies[..n].iter().map(Vec::as_slice).collect::<Vec<_>>()
+                        );
+                    }
+                    Some(_) => unreachable!("a batch running past u64::MAX parsed"),
+                    None => assert!(!fits, "a built batch did not parse"),
+                }
+                if what % 4 == 3 && !msg.is_empty() {
+                    let i = usize::from(at(0)) * 7 % msg.len();
+                    msg[i] ^= 1 << (at(1) % 8);
+                    built = None;
+                } else {
+                    built = Some(bodies[..n].to_vec());
+                }
+            }
+        }
+        let parsed = frame::parse(&msg).map(|b| b.bodies.len());
+        let mut delivered = 0u64;
+        let result = inbox.accept(&msg, &keys, now, unix, |r| {
+            assert!(r.end <= msg.len() && r.len() <= 64);
+            delivered += 1;
+        });
+        match result {
+            Ok(t) => {
+                let n = parsed.unwrap_or_else(|| unreachable!("an unparsable batch taken"));
+                assert_eq!(t.delivered, delivered);
+                assert_eq!(t.delivered + t.duplicate + t.oversized, n as u64);
+                if keyed {
+                    assert!(
+                        built.is_some() || what % 4 == 1,
+                        "a keyed receiver took an unsigned or altered batch"
+                    );
+                }
+            }
+            Err(BusDrop::Malformed) => assert!(parsed.is_none()),
+            Err(_) => assert!(keyed, "a receiver without a key refused a batch"),
+        }
+        assert!(inbox.streams() <= frame::MAX_STREAMS);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

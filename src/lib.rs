@@ -32,8 +32,10 @@
 //!   (no stranger on the relay's address).
 //! - [`cluster`]: relays sharing rooms over NATS — the loop's
 //!   [`cluster::Bus`], the [`cluster::bridge`] thread, the
-//!   [`cluster::frame`]s on the bus, the [`cluster::interest`] in rooms,
-//!   and the bridge's [`cluster::tls`] client.
+//!   [`cluster::frame`]s on the bus (batches, tags), the [`cluster::keys`]
+//!   that sign them, each room's [`cluster::inbox`], the
+//!   [`cluster::interest`] in rooms, and the bridge's [`cluster::tls`]
+//!   client.
 //! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
 //!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
 //!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],

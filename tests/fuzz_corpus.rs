@@ -33,3 +33,13 @@ fn datagram_corpus_replays() {
 fn hub_corpus_replays() {
     assert!(replay("hub", udphub::fuzzing::hub) > 0, "empty corpus");
 }
+
+/// Every cluster-corpus script runs through batch parsing, the tag check
+/// and the stream state with every invariant holding.
+#[test]
+fn cluster_corpus_replays() {
+    assert!(
+        replay("cluster", udphub::fuzzing::cluster) > 0,
+        "empty corpus"
+    );
+}

@@ -277,6 +277,14 @@ fn rows(files: &Files) -> Vec<Row> {
             ])),
         },
         Row {
+            key: "cluster-key-file",
+            default: Some("none"),
+            file: (quoted(&files.secrets[0]), s(&files.secrets[0])),
+            env: (s(&files.secrets[1]), s(&files.secrets[1])),
+            flag: (Flag::Value(s(&files.secrets[2])), s(&files.secrets[2])),
+            needs: cluster,
+        },
+        Row {
             key: "threads",
             default: Some("1"),
             file: ("2", "2"),

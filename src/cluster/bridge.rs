@@ -1,15 +1,25 @@
 //! The bridge thread: the only place that talks to NATS.
 //!
 //! A current-thread tokio runtime runs the async-nats client (reconnects
-//! and resubscribes by itself), one task per subscribed room that forwards
-//! its messages to the loops with members in it, and a loop over the
-//! publish and control queues. One bridge serves every loop of the process
-//! (`--threads`): a room is subscribed to while any loop has it open, and
-//! each of its messages is queued for each such loop, in the order NATS
-//! delivered them. Nothing here can stall a relay loop: a loop only ever
-//! `try_send`s to the bridge, and the bridge only `try_send`s back (a full
-//! inbound queue drops and counts, for that loop) and rings each loop's
-//! waker once per burst.
+//! and resubscribes by itself), one task per subscribed room that checks
+//! its batches ([`Inbox`]) and forwards their new messages to the loops
+//! with members in it, and a loop over the publish and control queues.
+//! One bridge serves every loop of the process (`--threads`): a room is
+//! subscribed to while any loop has it open, and each of its messages is
+//! queued for each such loop, in the order NATS delivered them. Nothing
+//! here can stall a relay loop: a loop only ever `try_send`s to the
+//! bridge, and the bridge only `try_send`s back (a queue full in messages
+//! or bytes drops and counts, for that loop) and rings each loop's waker
+//! once per burst.
+//!
+//! **Batching**: the loop hands over what each of its passes published
+//! in one piece ([`super::Bus::flush`]); each time the publish queue wakes
+//! the bridge, it takes what is waiting (up to [`PASS_LIMIT`] messages,
+//! give or take one loop pass) and packs the messages
+//! of each room's stream into as few NATS messages as the batch limits
+//! allow ([`super::frame::MAX_BATCH_FRAMES`], [`super::frame::MAX_BATCH_BYTES`]). It never
+//! waits for more: a lone message goes out at once, alone; under load the
+//! queue fills while the bridge publishes, and the next pass takes many.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,19 +28,32 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+use super::frame::BatchWriter;
+use super::inbox::Inbox;
+use super::keys::Keys;
 use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, LoopInbox, Publish};
+use crate::config::ClusterKey;
 use crate::error::Error;
+
+/// The most messages one pass takes from the publish queue before it
+/// publishes: a bound on the batches held open at once (and on the time
+/// before the control queue is looked at again).
+pub const PASS_LIMIT: usize = 4096;
 
 /// What the bridge thread owns.
 pub struct Bridge {
     /// Where to connect, and as whom.
     pub config: ClusterConfig,
-    /// Messages to publish, from the loop.
-    pub publish: tokio::sync::mpsc::Receiver<Publish>,
+    /// Messages to publish, from the loops, a pass of one at a time.
+    pub publish: tokio::sync::mpsc::Receiver<Vec<Publish>>,
     /// Subscriptions to make and drop, from the loops.
     pub control: Arc<Control>,
     /// Messages from the bus, to each loop (by index).
     pub loops: Arc<[LoopInbox]>,
+    /// Signs what is published, checks what is received.
+    pub keys: Keys,
+    /// The longest rendered message delivered.
+    pub max_body: usize,
     /// Whether NATS is connected (read by the loops before publishing).
     pub connected: Arc<AtomicBool>,
     /// Counters.
@@ -228,7 +251,13 @@ async fn run(mut b: Bridge) {
                         Ok(sub) => {
                             let room: Arc<[u8]> = room.into();
                             let loops = Arc::new(AtomicU64::new(bit));
-                            let task = tokio::spawn(forward(sub, room, Arc::clone(&b.loops), Arc::clone(&loops), b.metrics.clone()));
+                            let inbox = Inbox::new(subject.clone(), b.max_body);
+                            let to_loops = ToLoops {
+                                room,
+                                loops: Arc::clone(&b.loops),
+                                mask: Arc::clone(&loops),
+                            };
+                            let task = tokio::spawn(forward(sub, inbox, b.keys.clone(), to_loops, b.metrics.clone()));
                             subscriptions.insert(subject, Subscription { task, loops });
                         }
                         Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
@@ -236,10 +265,15 @@ async fn run(mut b: Bridge) {
                 }
             },
             message = b.publish.recv() => match message {
-                Some(m) => match client.publish(m.subject, m.frame).await {
-                    Ok(()) => b.metrics.published.increment(1),
-                    Err(_) => b.metrics.drop_one(BusDrop::PublishError),
-                },
+                Some(mut pass) => {
+                    while pass.len() < PASS_LIMIT {
+                        match b.publish.try_recv() {
+                            Ok(more) => pass.extend(more),
+                            Err(_) => break,
+                        }
+                    }
+                    publish_pass(&client, pass, &b.keys, &b.metrics).await;
+                }
                 None => break,
             },
         }
@@ -257,19 +291,117 @@ struct Subscription {
     loops: Arc<AtomicU64>,
 }
 
-/// Forwards one room's messages to the loops with members in it.
-async fn forward(
-    mut sub: async_nats::Subscriber,
-    room: Arc<[u8]>,
-    loops: Arc<[LoopInbox]>,
-    mask: Arc<AtomicU64>,
-    metrics: ClusterMetrics,
-) {
-    while let Some(message) = sub.next().await {
-        let mask = mask.load(Ordering::SeqCst);
-        if !fan(&loops, mask, &room, &message.payload, &metrics) {
-            return;
+/// The open batch of one subject in a pass.
+struct Open {
+    /// Its subject.
+    subject: async_nats::Subject,
+    /// The NATS message being built.
+    writer: BatchWriter,
+}
+
+/// A NATS message ready to publish.
+#[derive(Debug)]
+pub struct Packed {
+    /// Where.
+    pub subject: async_nats::Subject,
+    /// A batch ([`super::frame`]).
+    pub msg: Vec<u8>,
+    /// The messages in it.
+    pub frames: u64,
+}
+
+/// Packs one pass's messages, each room stream's consecutive ones into one
+/// NATS message, signed with `key` at `time`; returned in the order they
+/// must be published (a batch that cannot take the next message of its
+/// subject comes before the batch that does).
+pub fn pack(pass: Vec<Publish>, key: Option<&ClusterKey>, time: u32) -> Vec<Packed> {
+    let mut packed = Vec::new();
+    let mut open: Vec<Open> = Vec::new();
+    // A pass may hold thousands of rooms: find each one's batch by name.
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let finish = |o: &mut Open, packed: &mut Vec<Packed>| {
+        let frames = o.writer.count() as u64;
+        if frames > 0 {
+            packed.push(Packed {
+                subject: o.subject.clone(),
+                msg: o.writer.finish(key, &o.subject),
+                frames,
+            });
         }
+    };
+    for m in pass {
+        let at = match index.get(m.subject.as_str()) {
+            Some(&at) => at,
+            None => {
+                index.insert(m.subject.as_str().to_owned(), open.len());
+                open.push(Open {
+                    subject: m.subject.clone(),
+                    writer: BatchWriter::default(),
+                });
+                open.len() - 1
+            }
+        };
+        let o = &mut open[at];
+        if !o.writer.is_empty() && !o.writer.fits(m.stamp, m.body.len()) {
+            finish(o, &mut packed);
+        }
+        if o.writer.is_empty() {
+            o.writer.begin(time, m.stamp, key.is_some());
+        }
+        o.writer.push(&m.body);
+    }
+    for o in &mut open {
+        finish(o, &mut packed);
+    }
+    packed
+}
+
+/// Publishes one pass's messages, packed ([`pack`]), and counts them.
+async fn publish_pass(
+    client: &async_nats::Client,
+    pass: Vec<Publish>,
+    keys: &Keys,
+    metrics: &ClusterMetrics,
+) {
+    let key = keys.signing();
+    let time = u32::try_from(unix_now()).unwrap_or(u32::MAX);
+    for p in pack(pass, key.as_ref(), time) {
+        let len = p.msg.len() as u64;
+        match client.publish(p.subject, p.msg.into()).await {
+            Ok(()) => {
+                metrics.published.increment(p.frames);
+                metrics.nats_out.increment(1);
+                metrics.bytes_out.increment(len);
+            }
+            Err(_) => metrics.drop_n(BusDrop::PublishError, p.frames),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch by the wall clock (0 if it is before).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Where one room's checked messages go: the queues of the loops with
+/// members in it.
+struct ToLoops {
+    /// The room.
+    room: Arc<[u8]>,
+    /// Every loop's way in.
+    loops: Arc<[LoopInbox]>,
+    /// The loops with members in the room (see [`Subscription::loops`]).
+    mask: Arc<AtomicU64>,
+}
+
+impl ToLoops {
+    /// Queues `body` for each loop with members in the room; false once
+    /// the loops are gone.
+    fn send(&self, body: &bytes::Bytes, metrics: &ClusterMetrics) -> bool {
+        let mask = self.mask.load(Ordering::SeqCst);
+        fan(&self.loops, mask, &self.room, body, metrics)
     }
 }
 
@@ -280,7 +412,7 @@ fn fan(
     loops: &[LoopInbox],
     mask: u64,
     room: &Arc<[u8]>,
-    frame: &bytes::Bytes,
+    body: &bytes::Bytes,
     metrics: &ClusterMetrics,
 ) -> bool {
     let mut alive = false;
@@ -290,11 +422,43 @@ fn fan(
         }
         let m = Inbound {
             room: Arc::clone(room),
-            frame: frame.clone(),
+            body: body.clone(),
         };
         alive |= inbox.offer(m, metrics);
     }
     alive || mask == 0
+}
+
+/// Checks one room's NATS messages ([`Inbox`]) and forwards their new
+/// messages to the loops with members in the room.
+async fn forward(
+    mut sub: async_nats::Subscriber,
+    mut inbox: Inbox,
+    keys: Keys,
+    to_loops: ToLoops,
+    metrics: ClusterMetrics,
+) {
+    while let Some(message) = sub.next().await {
+        let payload = message.payload;
+        metrics.nats_in.increment(1);
+        metrics.bytes_in.increment(payload.len() as u64);
+        let mut open = true;
+        let checked = inbox.accept(&payload, &keys, Instant::now(), unix_now(), |body| {
+            open = open && to_loops.send(&payload.slice(body), &metrics);
+        });
+        match checked {
+            Ok(t) => {
+                metrics.drop_n(BusDrop::Duplicate, t.duplicate);
+                metrics.drop_n(BusDrop::Oversized, t.oversized);
+                metrics.gap.increment(t.gap);
+                metrics.stream_resets.increment(t.resets);
+            }
+            Err(reason) => metrics.drop_one(reason),
+        }
+        if !open {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +482,7 @@ mod tests {
             let (queue, rx) = mpsc::sync_channel(capacity);
             inboxes.push(LoopInbox {
                 queue,
+                bytes: Arc::new(super::super::InboundBytes::default()),
                 waker,
                 wake_pending: Arc::new(AtomicBool::new(false)),
             });
@@ -342,7 +507,7 @@ mod tests {
             assert!(fan(&loops, 0b101, &room, &bytes::Bytes::from(m), &metrics));
         }
         for (i, want) in [(0, true), (1, false), (2, true)] {
-            let got: Vec<bytes::Bytes> = rx[i].try_iter().map(|m| m.frame).collect();
+            let got: Vec<bytes::Bytes> = rx[i].try_iter().map(|m| m.body).collect();
             if want {
                 assert_eq!(got, vec!["one", "two", "three"], "loop {i}");
             } else {
@@ -371,5 +536,78 @@ mod tests {
             !fan(&loops, 0b11, &room, &bytes::Bytes::from("y"), &metrics),
             "gone"
         );
+    }
+
+    use crate::cluster::frame::{parse, Stamp};
+
+    fn publish(subject: &str, stream: u32, seq: u64, body: &str) -> Publish {
+        Publish {
+            subject: subject.to_string().into(),
+            stamp: Stamp {
+                epoch: 1,
+                stream,
+                seq,
+            },
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    fn read(p: &Packed) -> (String, u64, Vec<String>) {
+        let b = parse(&p.msg).unwrap();
+        let bodies = b
+            .bodies
+            .iter()
+            .map(|r| String::from_utf8_lossy(&p.msg[r.clone()]).into_owned())
+            .collect();
+        (p.subject.to_string(), b.first.seq, bodies)
+    }
+
+    #[test]
+    fn a_pass_becomes_one_nats_message_per_room_stream_in_order() {
+        let pass = vec![
+            publish("u.room.a", 1, 1, "a1"),
+            publish("u.room.b", 2, 7, "b7"),
+            publish("u.room.a", 1, 2, "a2"),
+            publish("u.room.b", 2, 8, "b8"),
+            publish("u.room.a", 1, 3, "a3"),
+        ];
+        let packed = pack(pass, None, 0);
+        let got: Vec<_> = packed.iter().map(read).collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "u.room.a".into(),
+                    1,
+                    vec!["a1".into(), "a2".into(), "a3".into()]
+                ),
+                ("u.room.b".into(), 7, vec!["b7".into(), "b8".into()]),
+            ]
+        );
+        assert_eq!(packed.iter().map(|p| p.frames).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn a_hole_or_a_new_stream_starts_a_new_batch_published_after_the_old() {
+        let pass = vec![
+            publish("u.lobby", 1, 1, "x1"),
+            // seq 2 was dropped (queue_full): the receivers see the gap.
+            publish("u.lobby", 1, 3, "x3"),
+            publish("u.lobby", 2, 1, "y1"),
+        ];
+        let got: Vec<_> = pack(pass, None, 0).iter().map(read).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u.lobby".into(), 1, vec!["x1".into()]),
+                ("u.lobby".into(), 3, vec!["x3".into()]),
+                ("u.lobby".into(), 1, vec!["y1".into()]),
+            ]
+        );
+        // A lone message goes out alone, signed when there is a key.
+        let key = ClusterKey::new(vec![1; 32]).unwrap();
+        let one = pack(vec![publish("u.lobby", 1, 1, "z")], Some(&key), 5);
+        assert_eq!(one.len(), 1);
+        assert!(parse(&one[0].msg).unwrap().tag.is_some());
     }
 }

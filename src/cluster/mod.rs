@@ -19,9 +19,14 @@
 //! it. Members on the origin's other loops get a local message through the
 //! shard hand-off ([`crate::runtime::shards`]), never through NATS.
 //!
-//! - [`frame`]: the bytes on the bus (a stamp for order, dedup and gaps).
+//! - [`frame`]: the bytes on the bus (a batch of one room's messages, a
+//!   stamp for order, dedup and gaps, a tag under the cluster key).
+//! - [`keys`]: the cluster keys a node signs and accepts with, rotated by
+//!   a reload.
+//! - [`inbox`]: a subscribed room's receiving side (check, dedup, bounds).
 //! - [`bridge`]: the thread that talks to NATS (async-nats on a small
-//!   current-thread runtime).
+//!   current-thread runtime); it batches what waits for the same subject
+//!   into one NATS message.
 //! - [`tls`]: the bridge's TLS client (`tls://`, `--cluster-ca`, mutual
 //!   TLS), which says why a handshake failed.
 //! - [`Bus`] (here): one loop's side of the bus: bounded queues to and
@@ -35,11 +40,13 @@
 
 pub mod bridge;
 pub mod frame;
+pub mod inbox;
 pub mod interest;
+pub mod keys;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -53,6 +60,11 @@ pub use crate::config::ClusterConfig;
 
 /// Messages waiting for the bridge to publish; a full queue drops.
 pub const PUBLISH_QUEUE: usize = 65_536;
+/// The most messages the loop hands the bridge at once: what one of its
+/// passes published ([`Bus::flush`]), cut at this (a receive batch is 64
+/// datagrams). One queue operation, and one wake-up of the bridge, per
+/// pass rather than per message.
+pub const PUBLISH_PASS: usize = 64;
 /// Messages from the bus waiting for the loops, all loops' queues together
 /// (each loop's queue gets its share, see [`inbound_capacity`]); a full
 /// queue drops. A queue's slots are allocated up front, so the total, not
@@ -72,6 +84,19 @@ pub const DRAIN_BUDGET: usize = 64;
 pub fn inbound_capacity(loops: usize) -> usize {
     (INBOUND_QUEUE / loops.max(1)).max(4_096)
 }
+
+/// Bytes of messages from the bus waiting for the loop (bodies plus
+/// [`INBOUND_OVERHEAD`] each); beyond it the bridge drops (`inbound_full`).
+/// 65,536 messages of 1.5 kB would be 100 MB: a receiver that falls behind
+/// should cost a bounded, small amount of memory, not that.
+pub const INBOUND_BYTES: usize = 16 << 20;
+/// What a queued message costs besides its body (the queue slot, the
+/// room and buffer handles), for [`INBOUND_BYTES`].
+pub const INBOUND_OVERHEAD: usize = 64;
+/// How much longer than `--max-datagram` a rendered message may be: what
+/// the `--format` template adds (`. from [IPv6]:port` is 50 bytes). A
+/// longer one is neither published nor delivered (`oversized`).
+pub const RENDER_ALLOWANCE: usize = 512;
 
 /// The subject of a room (the empty name is the lobby). Room names may
 /// hold `.`, which separates NATS tokens: it is written `~2E` (`~` is
@@ -119,6 +144,8 @@ impl Control {
 pub struct LoopInbox {
     /// Messages from the bus for this loop.
     pub queue: mpsc::SyncSender<Inbound>,
+    /// The bytes in `queue` (bounded too).
+    pub bytes: Arc<InboundBytes>,
     /// Rings the loop.
     pub waker: Arc<mio::Waker>,
     /// Set when the loop has been rung and has not drained yet: the bridge
@@ -131,13 +158,22 @@ impl LoopInbox {
     /// unless it was rung already; a full queue drops it, counted. Returns
     /// `false` if the loop is gone.
     pub fn offer(&self, message: Inbound, metrics: &ClusterMetrics) -> bool {
+        let len = message.body.len();
+        if !self.bytes.reserve(len) {
+            metrics.drop_one(BusDrop::InboundFull);
+            return true;
+        }
         match self.queue.try_send(message) {
             Ok(()) => {}
             Err(mpsc::TrySendError::Full(_)) => {
+                self.bytes.release(len);
                 metrics.drop_one(BusDrop::InboundFull);
                 return true;
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                self.bytes.release(len);
+                return false;
+            }
         }
         if !self.wake_pending.swap(true, Ordering::SeqCst) {
             if let Err(e) = self.waker.wake() {
@@ -148,22 +184,83 @@ impl LoopInbox {
     }
 }
 
-/// A message for the bridge to publish.
+/// A message for the bridge to publish (it batches and signs).
 #[derive(Debug)]
 pub struct Publish {
     /// Where.
     pub subject: async_nats::Subject,
-    /// A [`frame`].
-    pub frame: Bytes,
+    /// Its place in its stream.
+    pub stamp: frame::Stamp,
+    /// The rendered message.
+    pub body: Bytes,
 }
 
-/// A message from the bus for the loop.
+/// A message from the bus for the loop: checked, new, in order.
 #[derive(Debug)]
 pub struct Inbound {
     /// Its room.
     pub room: Arc<[u8]>,
-    /// A [`frame`] (checked by the loop).
-    pub frame: Bytes,
+    /// The rendered message (a slice of the NATS message it came in).
+    pub body: Bytes,
+}
+
+/// A loop's inbound queue's size in bytes, shared by the bridge (adds
+/// before it sends) and the loop (subtracts what it took).
+#[derive(Debug)]
+pub struct InboundBytes {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Default for InboundBytes {
+    /// The whole [`INBOUND_BYTES`] (one loop).
+    fn default() -> InboundBytes {
+        InboundBytes::with_limit(INBOUND_BYTES)
+    }
+}
+
+impl InboundBytes {
+    /// A queue of at most `limit` bytes.
+    pub fn with_limit(limit: usize) -> InboundBytes {
+        InboundBytes {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Each loop's byte budget with `loops` loops: its share of
+    /// [`INBOUND_BYTES`], never under 1 MiB.
+    pub fn share(loops: usize) -> usize {
+        (INBOUND_BYTES / loops.max(1)).max(1 << 20)
+    }
+
+    /// What a message of `len` bytes costs.
+    pub fn cost(len: usize) -> usize {
+        len + INBOUND_OVERHEAD
+    }
+
+    /// Reserves room for a message of `len` bytes; false (nothing
+    /// reserved) if the queue would go over its limit.
+    pub fn reserve(&self, len: usize) -> bool {
+        let cost = InboundBytes::cost(len);
+        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.limit {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back what a message of `len` bytes reserved.
+    pub fn release(&self, len: usize) {
+        self.queued
+            .fetch_sub(InboundBytes::cost(len), Ordering::AcqRel);
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
 }
 
 crate::core::labelled_enum! {
@@ -177,12 +274,26 @@ crate::core::labelled_enum! {
         Disconnected => "disconnected",
         /// The NATS client refused the publish.
         PublishError => "publish_error",
-        /// The queue from the bridge to the loop was full (the loop slow).
+        /// The queue from the bridge to the loop was full, in messages or
+        /// bytes (the loop slow).
         InboundFull => "inbound_full",
-        /// Not a frame of ours.
+        /// Not a batch of this frame version (counted per NATS message).
         Malformed => "malformed",
         /// Seen already (the stamp said so).
         Duplicate => "duplicate",
+        /// A rendered message longer than `--max-datagram` plus
+        /// [`RENDER_ALLOWANCE`] (outgoing or incoming).
+        Oversized => "oversized",
+        /// No tag, at a node with a cluster key (per NATS message).
+        Unsigned => "unsigned",
+        /// A tag that no accepted cluster key made for this room and these
+        /// bytes: forged, altered, replayed into another room, or another
+        /// cluster's key (per NATS message).
+        BadMac => "bad_mac",
+        /// Tagged correctly but sent more than `frame::FRESHNESS` from
+        /// this node's clock: an old capture replayed, or clocks apart
+        /// (per NATS message).
+        Stale => "stale",
     }
 }
 
@@ -199,6 +310,16 @@ pub struct ClusterMetrics {
     dropped: [Counter; BusDrop::COUNT],
     /// 1 while connected.
     pub connected: metrics::Gauge,
+    /// NATS messages published (each a batch of `published`).
+    pub nats_out: Counter,
+    /// NATS messages received on the room subjects.
+    pub nats_in: Counter,
+    /// Bytes of the NATS messages published.
+    pub bytes_out: Counter,
+    /// Bytes of the NATS messages received.
+    pub bytes_in: Counter,
+    /// Stream states started again (seq jump, eviction).
+    pub stream_resets: Counter,
 }
 
 impl ClusterMetrics {
@@ -223,7 +344,22 @@ impl ClusterMetrics {
         describe_counter!(
             "udphub_cluster_dropped_total",
             Unit::Count,
-            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error (outgoing); inbound_full, malformed, duplicate (incoming)."
+            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole)."
+        );
+        describe_counter!(
+            "udphub_cluster_nats_messages_total",
+            Unit::Count,
+            "NATS messages, by direction (out: published, in: received on room subjects); each carries a batch of one room's messages."
+        );
+        describe_counter!(
+            "udphub_cluster_bytes_total",
+            Unit::Bytes,
+            "Payload bytes of the NATS messages, by direction (out, in)."
+        );
+        describe_counter!(
+            "udphub_cluster_stream_resets_total",
+            Unit::Count,
+            "Stream states started again at this receiver (a sequence jump beyond the window, or evicted by newer streams in a full room)."
         );
         describe_gauge!(
             "udphub_cluster_connected",
@@ -240,12 +376,24 @@ impl ClusterMetrics {
                 |i| metrics::counter!("udphub_cluster_dropped_total", "reason" => BusDrop::ALL[i].label()),
             ),
             connected,
+            nats_out: metrics::counter!("udphub_cluster_nats_messages_total", "direction" => "out"),
+            nats_in: metrics::counter!("udphub_cluster_nats_messages_total", "direction" => "in"),
+            bytes_out: metrics::counter!("udphub_cluster_bytes_total", "direction" => "out"),
+            bytes_in: metrics::counter!("udphub_cluster_bytes_total", "direction" => "in"),
+            stream_resets: metrics::counter!("udphub_cluster_stream_resets_total"),
         }
     }
 
     /// Counts one drop.
     pub fn drop_one(&self, reason: BusDrop) {
-        self.dropped[reason.index()].increment(1);
+        self.drop_n(reason, 1);
+    }
+
+    /// Counts `n` drops.
+    pub fn drop_n(&self, reason: BusDrop, n: u64) {
+        if n > 0 {
+            self.dropped[reason.index()].increment(n);
+        }
     }
 }
 
@@ -256,51 +404,62 @@ struct Outgoing {
     seq: u64,
 }
 
-/// One loop's side of the cluster: what it publishes, what it receives,
+/// The loop's side of the cluster: what it publishes, what it receives,
 /// and which rooms it wants.
 pub struct Bus {
     cluster: String,
     /// This loop's epoch: the process's random one plus the loop's index,
-    /// so that no two loops of a process stamp the same stream.
+    /// so no two loops of a process stamp the same stream.
     epoch: u64,
     /// This loop's index: which of [`Control::rooms`] it tells.
     index: usize,
     next_stream: u32,
     outgoing: HashMap<Box<[u8]>, Outgoing>,
-    incoming: HashMap<Arc<[u8]>, frame::Streams>,
-    publish: tokio::sync::mpsc::Sender<Publish>,
+    /// What this pass of the loop published, handed on by [`Bus::flush`].
+    pending: Vec<Publish>,
+    publish: tokio::sync::mpsc::Sender<Vec<Publish>>,
     control: Arc<Control>,
     inbound: mpsc::Receiver<Inbound>,
+    inbound_bytes: Arc<InboundBytes>,
     wake_pending: Arc<AtomicBool>,
-    /// This loop's own waker: messages left after a drain's budget.
+    /// Rings this loop (a drain that ran out of budget wakes it again).
     own_waker: Arc<mio::Waker>,
     connected: Arc<AtomicBool>,
     metrics: ClusterMetrics,
-    scratch: Vec<u8>,
+    /// The longest rendered message published (`--max-datagram` plus
+    /// [`RENDER_ALLOWANCE`]).
+    max_body: usize,
+    /// The keys the bridge signs and checks with (a reload rotates them).
+    keys: keys::Keys,
 }
 
 impl Bus {
-    /// Starts the one bridge thread for `config` and returns one `Bus` per
-    /// loop: the bridge rings `wakers[i]` when messages from the bus wait
-    /// for loop `i`. `epoch` is random per process; loop `i` stamps with
-    /// `epoch + i`.
+    /// Starts the one bridge thread of the process for `config`, and
+    /// returns one `Bus` per loop, in the order of `wakers` (loop `i`'s
+    /// waker, rung when messages from the bus wait for it). `epoch` is
+    /// random per process.
     pub fn start(
         config: &ClusterConfig,
         wakers: &[Arc<mio::Waker>],
         epoch: u64,
     ) -> Result<Vec<Bus>, Error> {
         let metrics = ClusterMetrics::register();
-        let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+        let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
         let control = Arc::new(Control::new(wakers.len()));
         let connected = Arc::new(AtomicBool::new(false));
+        let keys = keys::Keys::new(config.key.clone());
+        let max_body = config.max_datagram + RENDER_ALLOWANCE;
         let capacity = inbound_capacity(wakers.len());
+        let byte_share = InboundBytes::share(wakers.len());
         let mut inboxes = Vec::with_capacity(wakers.len());
         let mut buses = Vec::with_capacity(wakers.len());
         for (index, waker) in wakers.iter().enumerate() {
             let (queue, inbound) = mpsc::sync_channel(capacity);
+            let bytes = Arc::new(InboundBytes::with_limit(byte_share));
             let wake_pending = Arc::new(AtomicBool::new(false));
             inboxes.push(LoopInbox {
                 queue,
+                bytes: Arc::clone(&bytes),
                 waker: Arc::clone(waker),
                 wake_pending: Arc::clone(&wake_pending),
             });
@@ -310,15 +469,17 @@ impl Bus {
                 index,
                 next_stream: 1,
                 outgoing: HashMap::new(),
-                incoming: HashMap::new(),
+                pending: Vec::with_capacity(PUBLISH_PASS),
                 publish: publish.clone(),
                 control: Arc::clone(&control),
                 inbound,
+                inbound_bytes: bytes,
                 wake_pending,
                 own_waker: Arc::clone(waker),
                 connected: Arc::clone(&connected),
                 metrics: metrics.clone(),
-                scratch: Vec::new(),
+                max_body,
+                keys: keys.clone(),
             });
         }
         bridge::spawn(bridge::Bridge {
@@ -326,6 +487,8 @@ impl Bus {
             publish: publish_rx,
             control,
             loops: inboxes.into(),
+            keys,
+            max_body,
             connected,
             metrics,
         })?;
@@ -336,23 +499,26 @@ impl Bus {
         Ok(buses)
     }
 
+    /// The keys the bridge signs and checks with: a reload rotates them
+    /// ([`keys::Keys::rotate`]).
+    pub fn keys(&self) -> keys::Keys {
+        self.keys.clone()
+    }
+
     /// A room got its first member on this loop: subscribe to it (if no
     /// other loop had).
     pub fn room_opened(&mut self, room: &[u8]) {
-        let room: Arc<[u8]> = room.into();
-        self.incoming
-            .insert(Arc::clone(&room), frame::Streams::default());
-        self.tell(&room, true);
+        self.tell(room, true);
     }
 
-    /// Its last member on this loop left: forget its streams here, and
-    /// unsubscribe if no other loop has it open.
+    /// Its last member on this loop left: unsubscribe if no other loop has
+    /// it open (the bridge forgets its streams with the subscription).
     pub fn room_closed(&mut self, room: &[u8]) {
-        self.incoming.remove(room);
         self.outgoing.remove(room);
         self.tell(room, false);
     }
 
+    /// Tells the bridge this loop's interest in `room` changed.
     fn tell(&self, room: &[u8], open: bool) {
         if let Some(rooms) = self.control.rooms.get(self.index) {
             rooms.tell(room, open);
@@ -362,10 +528,16 @@ impl Bus {
 
     /// Publishes a message a local member sent to `room`, already rendered
     /// (`body`); never waits: a full queue or a disconnected bus drops it,
-    /// counted.
+    /// counted. It goes to the bridge with the rest of the loop's pass, at
+    /// [`flush`](Self::flush).
     pub fn publish(&mut self, room: &[u8], body: &[u8]) {
         if !self.connected.load(Ordering::Relaxed) {
             self.metrics.drop_one(BusDrop::Disconnected);
+            return;
+        }
+        if body.len() > self.max_body {
+            // Every receiver would drop it: say so here, once.
+            self.metrics.drop_one(BusDrop::Oversized);
             return;
         }
         if !self.outgoing.contains_key(room) {
@@ -389,22 +561,39 @@ impl Bus {
             stream: out.stream,
             seq: out.seq,
         };
-        frame::encode(stamp, body, &mut self.scratch);
-        let message = Publish {
+        self.pending.push(Publish {
             subject: out.subject.clone(),
-            frame: Bytes::copy_from_slice(&self.scratch),
-        };
-        if self.publish.try_send(message).is_err() {
-            // The receivers will see the gap in this stream.
-            self.metrics.drop_one(BusDrop::QueueFull);
+            stamp,
+            body: Bytes::copy_from_slice(body),
+        });
+        if self.pending.len() >= PUBLISH_PASS {
+            self.flush();
         }
     }
 
-    /// Takes up to [`DRAIN_BUDGET`] messages waiting from the bus and hands
-    /// each one that is new, in order, to `deliver(room, body)`; counts
-    /// duplicates, gaps and strangers. If the budget ran out, wakes this
-    /// loop again, so the rest is drained on its next pass, after its own
-    /// socket and timers have had a turn.
+    /// Hands the bridge what was published since the last flush: the loop
+    /// calls it at the end of each pass, so nothing waits longer than the
+    /// pass it was published in.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pass = std::mem::replace(&mut self.pending, Vec::with_capacity(PUBLISH_PASS));
+        if let Err(e) = self.publish.try_send(pass) {
+            let lost = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(p)
+                | tokio::sync::mpsc::error::TrySendError::Closed(p) => p.len(),
+            };
+            // The receivers will see the gap in these streams.
+            self.metrics.drop_n(BusDrop::QueueFull, lost as u64);
+        }
+    }
+
+    /// Takes up to [`DRAIN_BUDGET`] messages waiting from the bus
+    /// (checked, deduplicated and ordered by the bridge) and hands each to
+    /// `deliver(room, body)`. If the budget ran out, wakes this loop again,
+    /// so the rest is drained on its next pass, after its own socket and
+    /// timers have had a turn.
     pub fn drain(&mut self, deliver: impl FnMut(&[u8], &[u8])) {
         if self.drain_up_to(DRAIN_BUDGET, deliver) {
             if let Err(e) = self.own_waker.wake() {
@@ -423,24 +612,11 @@ impl Bus {
             let Ok(m) = self.inbound.try_recv() else {
                 return false;
             };
-            let Some((stamp, body)) = frame::decode(&m.frame) else {
-                self.metrics.drop_one(BusDrop::Malformed);
-                continue;
-            };
-            // A room closed here a moment ago has no streams (and no
-            // members): the message reaches nobody, which is right.
-            if let Some(streams) = self.incoming.get_mut(&m.room) {
-                match streams.check(stamp) {
-                    frame::Order::Duplicate => {
-                        self.metrics.drop_one(BusDrop::Duplicate);
-                        continue;
-                    }
-                    frame::Order::After { missed } => self.metrics.gap.increment(missed),
-                    frame::Order::Next => {}
-                }
-            }
+            self.inbound_bytes.release(m.body.len());
+            // A room closed here a moment ago has no members: the message
+            // reaches nobody, which is right.
             self.metrics.received.increment(1);
-            deliver(&m.room, body);
+            deliver(&m.room, &m.body);
         }
         true
     }
@@ -464,15 +640,17 @@ mod tests {
             index: 0,
             next_stream: 1,
             outgoing: HashMap::new(),
-            incoming: HashMap::new(),
+            pending: Vec::new(),
             publish,
             control: Arc::new(Control::new(1)),
             inbound,
+            inbound_bytes: Arc::new(InboundBytes::default()),
             wake_pending: Arc::new(AtomicBool::new(true)),
             own_waker: waker,
             connected: Arc::new(AtomicBool::new(true)),
             metrics: ClusterMetrics::register(),
-            scratch: Vec::new(),
+            max_body: 2048,
+            keys: keys::Keys::new(None),
         };
         (bus, queue)
     }
@@ -494,18 +672,13 @@ mod tests {
         bus.room_opened(b"red");
         let room: Arc<[u8]> = Arc::from(&b"red"[..]);
         const QUEUED: u64 = 1000;
-        let mut frame = Vec::new();
         for seq in 1..=QUEUED {
-            let stamp = frame::Stamp {
-                epoch: 9,
-                stream: 1,
-                seq,
-            };
-            frame::encode(stamp, format!("m{seq}").as_bytes(), &mut frame);
+            let body = Bytes::from(format!("m{seq}"));
+            assert!(bus.inbound_bytes.reserve(body.len()));
             queue
                 .try_send(Inbound {
                     room: Arc::clone(&room),
-                    frame: Bytes::copy_from_slice(&frame),
+                    body,
                 })
                 .unwrap();
         }
@@ -529,6 +702,7 @@ mod tests {
         // Every drain but the last used its whole budget and rang again.
         assert_eq!(wakes, QUEUED as usize / DRAIN_BUDGET);
         assert!(!bus.wake_pending.load(Ordering::SeqCst), "cleared");
+        assert_eq!(bus.inbound_bytes.queued(), 0, "every byte given back");
     }
 
     #[test]
@@ -536,6 +710,23 @@ mod tests {
         assert_eq!(inbound_capacity(1), INBOUND_QUEUE);
         assert_eq!(inbound_capacity(2), INBOUND_QUEUE / 2);
         assert_eq!(inbound_capacity(64), 4_096);
+        assert_eq!(InboundBytes::share(1), INBOUND_BYTES);
+        assert_eq!(InboundBytes::share(2), INBOUND_BYTES / 2);
+        assert_eq!(InboundBytes::share(64), 1 << 20);
+    }
+
+    #[test]
+    fn the_inbound_queue_is_bounded_in_bytes() {
+        let q = InboundBytes::default();
+        let big = INBOUND_BYTES / 4 - INBOUND_OVERHEAD;
+        for _ in 0..4 {
+            assert!(q.reserve(big));
+        }
+        assert!(!q.reserve(0), "full: not even an empty message");
+        assert_eq!(q.queued(), INBOUND_BYTES, "a refusal reserves nothing");
+        q.release(big);
+        assert!(q.reserve(big - 1));
+        assert!(!q.reserve(1));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`declare`]: what a declaration turns into (the macro).
 //! - [`values`]: the settings' types and their parsers (one per type, shared
 //!   by flag, environment and file).
+//! - [`cluster_key`]: the cluster key (`--cluster-key-file`), never shown.
 //! - [`file`](mod@file): reading the `--config` file and the room secret file, with
 //!   errors that name the line, the key and what was expected.
 //! - [`tls`]: the TLS files for NATS (`--cluster-ca`, `--cluster-cert`),
@@ -22,6 +23,7 @@
 
 use std::path::PathBuf;
 
+pub mod cluster_key;
 pub mod declare;
 pub mod file;
 pub mod logging;
@@ -31,6 +33,7 @@ pub mod tls;
 pub mod validate;
 pub mod values;
 
+pub use cluster_key::{read_cluster_key, ClusterKey};
 pub use file::read_secret;
 pub use logging::LogFormat;
 pub use settings::{Config, Layer};
@@ -80,6 +83,11 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// A NATS credentials file, if the servers need one.
     pub credentials: Option<PathBuf>,
+    /// The key batches are tagged with, if any (a reload rotates it
+    /// through [`crate::cluster::keys::Keys`], not through this).
+    pub key: Option<ClusterKey>,
+    /// `--max-datagram`: bounds the rendered messages on the bus.
+    pub max_datagram: usize,
 }
 
 impl Config {
@@ -99,10 +107,11 @@ impl Config {
                 || given.cluster_credentials.is_some()
                 || given.cluster_ca.is_some()
                 || given.cluster_cert.is_some()
-                || given.cluster_cert_key.is_some())
+                || given.cluster_cert_key.is_some()
+                || given.cluster_key_file.is_some())
         {
             return Err(Error::Config(
-                "--cluster-name, --node-id, --cluster-credentials, --cluster-ca, --cluster-cert and --cluster-cert-key need --cluster nats://HOST:PORT".into(),
+                "--cluster-name, --node-id, --cluster-credentials, --cluster-ca, --cluster-cert, --cluster-cert-key and --cluster-key-file need --cluster nats://HOST:PORT".into(),
             ));
         }
         let preset = if given.public == Some(true) {
@@ -124,6 +133,11 @@ impl Config {
                 urls.wants_tls(),
             )?;
         }
+        config.cluster_key = config
+            .cluster_key_file
+            .as_deref()
+            .map(read_cluster_key)
+            .transpose()?;
         config.validate()?;
         Ok(config)
     }
@@ -149,6 +163,8 @@ impl Config {
             name: self.cluster_name.clone(),
             node_id: self.node_id.clone(),
             credentials: self.cluster_credentials.clone(),
+            key: self.cluster_key.clone(),
+            max_datagram: self.max_datagram,
         })
     }
 

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::cluster_key::ClusterKey;
 use super::declare::declare_settings;
 use super::logging::LogFormat;
 use super::tls::ClusterTls;
@@ -362,6 +363,23 @@ declare_settings! {
             check: any,
             reload: Restart,
         }
+        /// With `--cluster`: file holding the cluster key; every message on
+        /// the bus is then tagged with it, and untagged or wrongly tagged
+        /// ones are dropped and counted.
+        ///
+        /// The key is the file's bytes less a trailing newline, at least 32
+        /// (e.g. `openssl rand -hex 32 > FILE`), the same on every relay of
+        /// the cluster; never taken on the command line, never logged. A
+        /// reload reads the file again: the new key signs at once, the old
+        /// one is still accepted for 60 s (docs/CLUSTER.md).
+        cluster_key_file: PathBuf {
+            env: "UDPHUB_CLUSTER_KEY_FILE",
+            value: "FILE",
+            parse: parse_path,
+            default: none("none"),
+            check: any,
+            reload: Live,
+        }
         /// Loops relaying on the address, each on its own thread with its
         /// own SO_REUSEPORT socket and its own clients (1 to 64); `auto` =
         /// the CPUs this process may use.
@@ -409,6 +427,9 @@ declare_settings! {
         /// TLS to NATS, read from `cluster_ca`, `cluster_cert` and
         /// `cluster_cert_key` at start (a reload keeps the running one).
         cluster_tls: Option<ClusterTls>,
+        /// The cluster key, read from `cluster_key_file` when the settings
+        /// are resolved (at start and on each reload). Never shown.
+        cluster_key: Option<ClusterKey>,
     }
 }
 

@@ -113,6 +113,11 @@ impl Relay {
         self.hub.track_room_changes();
         self.cluster = Some(bus);
     }
+
+    /// The cluster keys, with `--cluster`: a reload rotates them.
+    pub fn cluster_keys(&self) -> Option<crate::cluster::keys::Keys> {
+        self.cluster.as_ref().map(Bus::keys)
+    }
 }
 
 /// Adds a fan-out's deliveries to the counts; logs its first error.
@@ -319,6 +324,10 @@ impl Service for Relay {
         }
         if let Some(siblings) = &mut self.siblings {
             siblings.wake();
+        }
+        // What this batch published goes to the bridge in one piece.
+        if let Some(bus) = &mut self.cluster {
+            bus.flush();
         }
         self.replies.flush(io, &mut self.send_errors);
     }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use mio::Waker;
 
+use crate::cluster::keys::KEY_GRACE;
 use crate::config::declare::Reload;
 use crate::config::Config;
 use crate::core::hub::HubConfig;
@@ -68,6 +69,22 @@ pub fn plan(running: &Config, wanted: Config) -> Plan {
         (Some(_), Some(_)) => changed.push(
             "room secret: replaced (tokens signed with the old one are refused from now on)".into(),
         ),
+    }
+    match (&running.cluster_key, &config.cluster_key) {
+        (None, None) => {}
+        (Some(a), Some(b)) if a.same_as(b) => {}
+        (None, Some(_)) => changed.push(format!(
+            "cluster key: set (batches are signed from now on; unsigned ones are still accepted for {}s)",
+            KEY_GRACE.as_secs()
+        )),
+        (Some(_), None) => changed.push(format!(
+            "cluster key: removed (batches go unsigned; signed ones are still checked for {}s, then taken unchecked)",
+            KEY_GRACE.as_secs()
+        )),
+        (Some(_), Some(_)) => changed.push(format!(
+            "cluster key: replaced (the new one signs; the old one is still accepted for {}s)",
+            KEY_GRACE.as_secs()
+        )),
     }
     Plan {
         config,

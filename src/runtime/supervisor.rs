@@ -56,6 +56,9 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     if relays.len() > 1 {
         supervisor.every(watch::CHECK_INTERVAL, Box::new(move || address.check()));
     }
+    let cluster_keys = relays
+        .first_mut()
+        .and_then(|lp| lp.service_mut().cluster_keys());
     let loops: Vec<ReloadSender> = relays
         .iter_mut()
         .map(|lp| {
@@ -90,7 +93,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     }
     publish_limits(&config);
     let mut running = config;
-    let on_hup = move || reload_now(&args, &mut running, &loops);
+    let on_hup = move || reload_now(&args, &mut running, &loops, cluster_keys.as_ref());
     supervisor.run_reloading(relays, Some(Box::new(on_hup)))
 }
 
@@ -111,7 +114,12 @@ fn publish_limits(config: &Config) {
 
 /// SIGHUP: resolves the settings again and applies the live changes; a bad
 /// file or secret keeps everything as it runs, and says why.
-fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
+fn reload_now(
+    args: &ServeArgs,
+    running: &mut Config,
+    loops: &[ReloadSender],
+    cluster_keys: Option<&crate::cluster::keys::Keys>,
+) {
     let source = match &args.config {
         Some(path) => format!("config file {}", path.display()),
         None => "flags and environment (no --config file: nothing can change)".to_string(),
@@ -129,6 +137,9 @@ fn reload_now(args: &ServeArgs, running: &mut Config, loops: &[ReloadSender]) {
     let plan = reload::plan(running, wanted);
     for refused in &plan.refused {
         tracing::warn!("reload: {refused}");
+    }
+    if let Some(keys) = cluster_keys {
+        keys.rotate(plan.config.cluster_key.clone(), Instant::now());
     }
     if !plan.changed.is_empty() {
         let hub = plan.config.hub();
