@@ -9,6 +9,8 @@
 #   bash loadtest/shards.sh                               # 1000 clients, 5 rounds of 5 s
 #   ROUNDS=7 RELAYS="t1 t2 t4 baseline" bash loadtest/shards.sh
 #   PIN=1 bash loadtest/shards.sh                         # with --pin-threads
+#   UDPHUB_REF=/path/to/older/udphub RELAYS="t1 t2 r1 r2" bash loadtest/shards.sh
+#                                                         # rN: the older build with --threads N
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,10 +32,14 @@ relay_pid=""
 start_relay() {
     metrics=()
     case "$1" in
-    t[0-9]*)
+    t[0-9]* | r[0-9]*)
         pin=()
         [ -n "$PIN" ] && pin=(--pin-threads)
-        target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        bin=target/release/udphub
+        if [ "${1:0:1}" = r ]; then
+            bin="${UDPHUB_REF:?rN needs UDPHUB_REF=/path/to/udphub}"
+        fi
+        "$bin" serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
             --timeout 60s --log-level warn --threads "${1#t}" "${pin[@]}" 2>/dev/null &
         metrics=(--metrics-url "http://127.0.0.1:$((PORT + 1))/metrics") ;;
     baseline)
