@@ -301,6 +301,7 @@ fn explain_token(room: &str, token: &str, now: f64) -> String {
             "the token for room {room:?} is not valid for another {} (its `nbf`); wait, or {fresh}",
             ago(claims.nbf.unwrap_or(now) - now)
         ),
+        Err(e @ TokenError::NeverValid) => format!("the token for room {room:?} {e}; {minter}"),
         Err(e) => format!("the token for room {room:?} {e}; {fresh}"),
         Ok(()) => format!(
             "the relay refused the token for room {room:?}: it {}. If you minted it, does the secret end in a newline? The relay drops one trailing newline from --room-secret-file, so a minter must too (Python .rstrip(\"\\n\"), shell $(cat FILE)); otherwise {fresh}",
