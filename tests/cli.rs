@@ -318,6 +318,24 @@ fn token_refuses_lifetimes_that_mint_dead_tokens() {
         ],
         &["--not-before", "--ttl", "longer"],
     );
+    // A --not-before past year 9999 is blamed on itself, not on --ttl
+    // (found in review).
+    let (code, err) = udphub(&[
+        "token",
+        "--room",
+        "red",
+        "--ttl",
+        "1h",
+        "--not-before",
+        "100000y",
+        "--secret-file",
+        secret,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--not-before") && !err.contains("--ttl 1h"),
+        "{err}"
+    );
     usage_error(
         &[
             "token",

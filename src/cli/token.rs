@@ -87,7 +87,13 @@ pub fn run(args: &TokenArgs) -> Result<(), Error> {
         exp: now.saturating_add(args.ttl.as_secs()),
         nbf: args.not_before.map(|d| now.saturating_add(d.as_secs())),
     };
-    if claims.exp > LATEST_EXP || claims.nbf.is_some_and(|nbf| nbf > LATEST_EXP) {
+    if claims.nbf.is_some_and(|nbf| nbf > LATEST_EXP) {
+        return Err(Error::Config(format!(
+            "--not-before {}: the token would be valid only after year 9999, which no relay accepts; give a shorter one, e.g. --not-before 1h",
+            humantime::format_duration(args.not_before.unwrap_or_default())
+        )));
+    }
+    if claims.exp > LATEST_EXP {
         return Err(Error::Config(format!(
             "--ttl {}: the token would expire after year 9999, which no relay accepts; give a shorter one, e.g. --ttl 30d",
             humantime::format_duration(args.ttl)

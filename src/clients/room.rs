@@ -168,9 +168,21 @@ fn token_arg(token: Option<&str>, file: Option<&std::path::Path>) -> Result<Opti
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::Config(format!("cannot read --token-file {}: {e}", path.display()))
         })?;
-        return Ok(Some(text.trim().to_string()));
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(Error::Config(format!(
+                "--token-file {} is empty: put the room's token in it (from `udphub token` or whoever runs the relay)",
+                path.display()
+            )));
+        }
+        return Ok(Some(token.to_string()));
     }
-    Ok(token.map(|t| t.trim().to_string()))
+    match token.map(str::trim) {
+        Some("") => Err(Error::Config(
+            "--token is empty: give the room's token (from `udphub token` or whoever runs the relay)".into(),
+        )),
+        t => Ok(t.map(str::to_string)),
+    }
 }
 
 /// Joins `room` on the relay at `server` through `sock` (connected to it),
@@ -301,10 +313,38 @@ fn explain_token(room: &str, token: &str, now: f64) -> String {
             "the token for room {room:?} is not valid for another {} (its `nbf`); wait, or {fresh}",
             ago(claims.nbf.unwrap_or(now) - now)
         ),
+        Err(e @ TokenError::NeverValid) => format!("the token for room {room:?} {e}; {minter}"),
         Err(e) => format!("the token for room {room:?} {e}; {fresh}"),
         Ok(()) => format!(
             "the relay refused the token for room {room:?}: it {}. If you minted it, does the secret end in a newline? The relay drops one trailing newline from --room-secret-file, so a minter must too (Python .rstrip(\"\\n\"), shell $(cat FILE)); otherwise {fresh}",
             TokenError::Signature
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty `--token` or `--token-file` is the user's mistake, said so
+    /// by flag before anything is sent (found in review: it went out as
+    /// `^join^ROOM^` and came back as "not a JWT").
+    #[test]
+    fn an_empty_token_is_refused_by_its_flag() {
+        let err = token_arg(Some("  "), None).unwrap_err().to_string();
+        assert!(err.contains("--token") && err.contains("empty"), "{err}");
+        let path = std::env::temp_dir().join(format!("udphub-empty-token-{}", std::process::id()));
+        std::fs::write(&path, "\n").unwrap();
+        let err = token_arg(None, Some(&path)).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("--token-file") && err.contains("empty"),
+            "{err}"
+        );
+        assert_eq!(
+            token_arg(Some(" a.b.c\n"), None).unwrap().as_deref(),
+            Some("a.b.c")
+        );
+        assert_eq!(token_arg(None, None).unwrap(), None);
     }
 }

@@ -549,7 +549,8 @@ impl Hub {
                 Err(TokenError::LobbyClosed)
             };
         }
-        let token = token.ok_or(TokenError::Missing)?;
+        // `^join^ROOM^` (an empty token file) carries none either.
+        let token = token.filter(|t| !t.is_empty()).ok_or(TokenError::Missing)?;
         token::verify(secret, token, name, self.unix_now)
     }
 
@@ -1164,6 +1165,21 @@ mod tests {
         assert_eq!(f.counts.token_refused.iter().sum::<u64>(), 5);
         // The open lobby needs no token.
         assert_eq!(f.at(0, from(3, b"^join^")).unwrap().0, b"^room^");
+    }
+
+    /// An empty token (`^join^vip^`, from an empty `--token-file`) is
+    /// counted as `missing`, not `malformed` (found in review).
+    #[test]
+    fn an_empty_token_is_counted_as_missing() {
+        let mut f = Fixture::new(HubConfig {
+            room_secret: Some(secret()),
+            ..config()
+        });
+        f.hub.set_unix_time(1_000);
+        let (reply, _) = f.at(0, from(1, b"^join^vip^          ")).unwrap();
+        assert_eq!(reply, b"^denied^token");
+        assert_eq!(f.counts.token_refused[TokenError::Missing.index()], 1);
+        assert_eq!(f.counts.token_refused.iter().sum::<u64>(), 1);
     }
 
     /// Without a secret a token is not looked at, and the room is open:

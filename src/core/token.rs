@@ -124,6 +124,8 @@ crate::core::labelled_enum! {
         Expired => "expired",
         /// `nbf` is still to come (give or take the leeway).
         NotYet => "not_yet",
+        /// `nbf` is not before `exp` (leeway included): valid at no time.
+        NeverValid => "never_valid",
     }
 }
 
@@ -151,6 +153,7 @@ impl fmt::Display for TokenError {
             TokenError::Room => "is for another room",
             TokenError::Expired => "has expired",
             TokenError::NotYet => "is not valid yet (`nbf`)",
+            TokenError::NeverValid => "is never valid: its `nbf` is not before its `exp`",
         })
     }
 }
@@ -232,6 +235,14 @@ impl ReadClaims {
         // f64 holds every unix second up to year 9999 exactly.
         let now = now as f64;
         let leeway = LEEWAY_SECS as f64;
+        // Said whatever the time: "not yet" would have its holder wait for
+        // a token that is expired by then.
+        if self
+            .nbf
+            .is_some_and(|nbf| nbf - leeway >= self.exp + leeway)
+        {
+            return Err(TokenError::NeverValid);
+        }
         if now >= self.exp + leeway {
             return Err(TokenError::Expired);
         }
@@ -610,6 +621,30 @@ mod tests {
             Err(TokenError::Milliseconds)
         );
         assert_eq!(peek(&forged), Err(TokenError::NoExp));
+    }
+
+    /// A token whose `nbf` is not before its `exp` (leeway included) is
+    /// never valid: said so at any time, not "wait" before `nbf` (found in
+    /// review: it was `not_yet`, and the client advised waiting for a token
+    /// that would be expired by then). One with a window, however short,
+    /// is judged as before.
+    #[test]
+    fn a_token_valid_at_no_time_is_told_so() {
+        let t = signed(r#"{"room":"r","exp":1000,"nbf":1100}"#);
+        for now in [0, 990, 1_050, 1_100, 2_000] {
+            assert_eq!(
+                verify(&secret(), &t, b"r", now),
+                Err(TokenError::NeverValid),
+                "{now}"
+            );
+        }
+        let t = signed(r#"{"room":"r","exp":1000,"nbf":1000}"#);
+        assert_eq!(verify(&secret(), &t, b"r", 994), Err(TokenError::NotYet));
+        assert_eq!(verify(&secret(), &t, b"r", 995), Ok(()));
+        assert_eq!(verify(&secret(), &t, b"r", 1_005), Err(TokenError::Expired));
+        // Another room's token is still told as that first.
+        let t = signed(r#"{"room":"x","exp":1000,"nbf":1100}"#);
+        assert_eq!(verify(&secret(), &t, b"r", 0), Err(TokenError::Room));
     }
 
     #[test]

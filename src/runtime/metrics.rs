@@ -266,7 +266,7 @@ fn describe() {
     describe_counter!(
         "udphub_room_token_refused_total",
         Unit::Count,
-        "Joins refused for their token (reason=\"token\" above), by why: missing, lobby_closed, malformed, algorithm, crit, signature, no_room, no_exp, milliseconds, bad_time, room, expired, not_yet."
+        "Joins refused for their token (reason=\"token\" above), by why: missing, lobby_closed, malformed, algorithm, crit, signature, no_room, no_exp, milliseconds, bad_time, room, expired, not_yet, never_valid."
     );
     describe_counter!(
         "udphub_room_tokens_ignored_total",
