@@ -277,8 +277,19 @@ pub const MAX_STREAMS: usize = 256;
 /// made (16 M messages of one room, within [`FRESHNESS`] with a key);
 /// further behind is not a duplicate but a sender that started over. So
 /// no single frame can silence a stream (a seq of u64::MAX would
-/// otherwise make every later one a "duplicate").
+/// otherwise make every later one a "duplicate"). Behind a seq no key
+/// vouched for, the window is [`UNVERIFIED_WINDOW`].
 pub const SEQ_WINDOW: u64 = 1 << 24;
+
+/// How far behind the last seq a body is still a duplicate when that last
+/// seq came in a batch no key verified (a node without a key, or a new
+/// key's grace for unsigned batches); further behind starts the stream
+/// again. Anyone may have sent it: with [`SEQ_WINDOW`] a stranger's one
+/// frame at `last + 2^24 - 1` would make the next 16 M messages of the
+/// stream "duplicates". Core NATS never delivers a message twice, so a
+/// real duplicate is a replay, and a small window is all it needs; a
+/// stranger's frame silences at most this many.
+pub const UNVERIFIED_WINDOW: u64 = 64;
 
 /// One stream's state.
 #[derive(Debug, Clone, Copy)]
@@ -287,6 +298,8 @@ struct Seen {
     last: u64,
     /// When it was last heard of ([`Streams::clock`]), for eviction.
     used: u64,
+    /// Whether `last` came in a batch a key verified.
+    verified: bool,
 }
 
 /// The last seq seen per stream, for one room at one receiver, bounded
@@ -300,8 +313,9 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// Checks `stamp` against what was seen and remembers it.
-    pub fn check(&mut self, stamp: Stamp) -> Order {
+    /// Checks `stamp`, of a batch a key verified or not (`verified`),
+    /// against what was seen and remembers it.
+    pub fn check(&mut self, stamp: Stamp, verified: bool) -> Order {
         self.clock += 1;
         let now = self.clock;
         let key = (stamp.epoch, stamp.stream);
@@ -323,6 +337,7 @@ impl Streams {
                 Seen {
                     last: stamp.seq,
                     used: now,
+                    verified,
                 },
             );
             // A stream joined midway (we subscribed late): no history.
@@ -334,14 +349,21 @@ impl Streams {
         };
         seen.used = now;
         if stamp.seq <= seen.last {
-            if seen.last - stamp.seq < SEQ_WINDOW {
+            let window = if seen.verified {
+                SEQ_WINDOW
+            } else {
+                UNVERIFIED_WINDOW
+            };
+            if seen.last - stamp.seq < window {
                 return Order::Duplicate;
             }
             seen.last = stamp.seq;
+            seen.verified = verified;
             return Order::Restarted;
         }
         let missed = stamp.seq - seen.last - 1;
         seen.last = stamp.seq;
+        seen.verified = verified;
         if missed >= SEQ_WINDOW {
             Order::Restarted
         } else if missed == 0 {
@@ -480,45 +502,91 @@ mod tests {
     #[test]
     fn streams_deliver_once_in_order_and_count_gaps() {
         let mut s = Streams::default();
-        assert_eq!(s.check(st(1, 5)), Order::Next, "joined midway");
-        assert_eq!(s.check(st(1, 6)), Order::Next);
-        assert_eq!(s.check(st(1, 6)), Order::Duplicate);
-        assert_eq!(s.check(st(1, 4)), Order::Duplicate);
-        assert_eq!(s.check(st(1, 9)), Order::After { missed: 2 });
-        assert_eq!(s.check(st(2, 1)), Order::Next, "another stream");
+        assert_eq!(s.check(st(1, 5), true), Order::Next, "joined midway");
+        assert_eq!(s.check(st(1, 6), true), Order::Next);
+        assert_eq!(s.check(st(1, 6), true), Order::Duplicate);
+        assert_eq!(s.check(st(1, 4), true), Order::Duplicate);
+        assert_eq!(s.check(st(1, 9), true), Order::After { missed: 2 });
+        assert_eq!(s.check(st(2, 1), true), Order::Next, "another stream");
         assert_eq!(s.len(), 2);
     }
 
     #[test]
     fn no_seq_can_silence_a_stream() {
         let mut s = Streams::default();
-        assert_eq!(s.check(st(1, 5)), Order::Next);
-        assert_eq!(s.check(st(1, u64::MAX)), Order::Restarted);
+        assert_eq!(s.check(st(1, 5), true), Order::Next);
+        assert_eq!(s.check(st(1, u64::MAX), true), Order::Restarted);
         // The sender goes on where it was: the far jump back restarts.
-        assert_eq!(s.check(st(1, 6)), Order::Restarted);
-        assert_eq!(s.check(st(1, 7)), Order::Next);
-        assert_eq!(s.check(st(1, 8 + SEQ_WINDOW)), Order::Restarted);
-        assert_eq!(s.check(st(1, 9 + SEQ_WINDOW)), Order::Next);
+        assert_eq!(s.check(st(1, 6), true), Order::Restarted);
+        assert_eq!(s.check(st(1, 7), true), Order::Next);
+        assert_eq!(s.check(st(1, 8 + SEQ_WINDOW), true), Order::Restarted);
+        assert_eq!(s.check(st(1, 9 + SEQ_WINDOW), true), Order::Next);
         assert_eq!(
-            s.check(st(1, 9 + 2 * SEQ_WINDOW)),
+            s.check(st(1, 9 + 2 * SEQ_WINDOW), true),
             Order::After {
                 missed: SEQ_WINDOW - 1
             }
         );
     }
 
+    /// Without a key anyone may send a frame: one just inside the window
+    /// ahead must not make the stream's next messages "duplicates".
+    #[test]
+    fn an_unverified_jump_silences_no_more_than_its_window() {
+        let mut s = Streams::default();
+        assert_eq!(s.check(st(1, 5), false), Order::Next);
+        let jump = 5 + SEQ_WINDOW - 1;
+        assert_eq!(
+            s.check(st(1, jump), false),
+            Order::After { missed: jump - 6 }
+        );
+        // The sender goes on: started again at once, not dropped 16 M times.
+        assert_eq!(s.check(st(1, 6), false), Order::Restarted);
+        assert_eq!(s.check(st(1, 7), false), Order::Next);
+        assert_eq!(s.check(st(1, 7), false), Order::Duplicate, "a replay");
+        assert_eq!(
+            s.check(st(1, 7 + UNVERIFIED_WINDOW), false),
+            Order::After {
+                missed: UNVERIFIED_WINDOW - 1
+            }
+        );
+        assert_eq!(
+            s.check(st(1, 8), false),
+            Order::Duplicate,
+            "within the small window"
+        );
+        // Behind a verified seq, the whole window holds (replays of a
+        // keyed stream stay duplicates).
+        assert_eq!(s.check(st(2, 1_000), true), Order::Next);
+        assert_eq!(s.check(st(2, 1), true), Order::Duplicate);
+        // An unverified jump over a verified stream (a new key's grace):
+        // the verified sender is restarted, not silenced.
+        assert_eq!(
+            s.check(st(2, 1_000 + SEQ_WINDOW - 1), false),
+            Order::After {
+                missed: SEQ_WINDOW - 2
+            }
+        );
+        assert_eq!(s.check(st(2, 1_001), true), Order::Restarted);
+        assert_eq!(s.check(st(2, 1_002), true), Order::Next);
+    }
+
     #[test]
     fn streams_per_room_are_bounded_evicting_the_least_recent() {
         let mut s = Streams::default();
         for n in 0..MAX_STREAMS as u32 {
-            assert_eq!(s.check(st(n, 1)), Order::Next);
+            assert_eq!(s.check(st(n, 1), true), Order::Next);
         }
         // Stream 0 stays in use; a flood of new streams evicts the others.
         for n in 0..10 * MAX_STREAMS as u32 {
-            assert_eq!(s.check(st(0, 2 + u64::from(n))), Order::Next);
-            assert_eq!(s.check(st(1_000 + n, 1)), Order::Restarted);
+            assert_eq!(s.check(st(0, 2 + u64::from(n)), true), Order::Next);
+            assert_eq!(s.check(st(1_000 + n, 1), true), Order::Restarted);
             assert!(s.len() <= MAX_STREAMS);
         }
-        assert_eq!(s.check(st(0, 2)), Order::Duplicate, "the busy one kept");
+        assert_eq!(
+            s.check(st(0, 2), true),
+            Order::Duplicate,
+            "the busy one kept"
+        );
     }
 }
