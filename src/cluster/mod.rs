@@ -97,6 +97,16 @@ pub const INBOUND_OVERHEAD: usize = 64;
 /// the `--format` template adds (`. from [IPv6]:port` is 50 bytes). A
 /// longer one is neither published nor delivered (`oversized`).
 pub const RENDER_ALLOWANCE: usize = 512;
+/// The longest body a batch can carry: its length is a u16 on the bus.
+pub const MAX_BODY: usize = u16::MAX as usize;
+
+/// The longest rendered message published and delivered with
+/// `--max-datagram` `max_datagram`: that plus [`RENDER_ALLOWANCE`], but
+/// never more than a batch's length field holds ([`MAX_BODY`]); a longer
+/// one would go out cut short, not whole.
+pub fn max_body(max_datagram: usize) -> usize {
+    max_datagram.saturating_add(RENDER_ALLOWANCE).min(MAX_BODY)
+}
 
 /// The subject of a room (the empty name is the lobby). Room names may
 /// hold `.`, which separates NATS tokens: it is written `~2E` (`~` is
@@ -448,7 +458,7 @@ impl Bus {
         let control = Arc::new(Control::new(wakers.len()));
         let connected = Arc::new(AtomicBool::new(false));
         let keys = keys::Keys::new(config.key.clone());
-        let max_body = config.max_datagram + RENDER_ALLOWANCE;
+        let max_body = max_body(config.max_datagram);
         let capacity = inbound_capacity(wakers.len());
         let byte_share = InboundBytes::share(wakers.len());
         let mut inboxes = Vec::with_capacity(wakers.len());
@@ -703,6 +713,25 @@ mod tests {
         assert_eq!(wakes, QUEUED as usize / DRAIN_BUDGET);
         assert!(!bus.wake_pending.load(Ordering::SeqCst), "cleared");
         assert_eq!(bus.inbound_bytes.queued(), 0, "every byte given back");
+    }
+
+    /// With the largest `--max-datagram`, a rendered message can pass the
+    /// u16 a batch gives its length: it is dropped as oversized, never
+    /// published cut short.
+    #[test]
+    fn a_body_over_what_a_batch_holds_is_oversized_not_cut() {
+        assert_eq!(max_body(1472), 1472 + RENDER_ALLOWANCE);
+        assert_eq!(max_body(crate::config::MAX_UDP_PAYLOAD), MAX_BODY);
+        let poll = Poll::new().unwrap();
+        let (mut bus, _queue) = fake_bus(&poll);
+        bus.max_body = max_body(crate::config::MAX_UDP_PAYLOAD);
+        bus.publish(b"red", &vec![b'x'; MAX_BODY + 1]);
+        assert!(bus.pending.is_empty(), "not published");
+        bus.publish(b"red", &vec![b'x'; MAX_BODY]);
+        let pass = std::mem::take(&mut bus.pending);
+        let packed = bridge::pack(pass, None, 0);
+        let batch = frame::parse(&packed[0].msg).unwrap();
+        assert_eq!(batch.bodies[0].len(), MAX_BODY, "whole");
     }
 
     #[test]
