@@ -40,6 +40,15 @@ use crate::error::Error;
 /// before the control queue is looked at again).
 pub const PASS_LIMIT: usize = 4096;
 
+/// The most NATS messages the client holds for one room's subscription
+/// before the bridge has checked them; beyond it the client drops them
+/// (`slow_consumer`). The client's default (65,536) would let anyone who
+/// may publish on a subject, key or not (nothing is checked yet), make
+/// every relay hold 65,536 messages of up to the server's `max_payload`
+/// (1 MB by default) per room: 64 GB. A room's batches are few (one per
+/// sender's pass), so a few hundred is a burst's worth.
+pub const SUBSCRIPTION_CAPACITY: usize = 256;
+
 /// What the bridge thread owns.
 pub struct Bridge {
     /// Where to connect, and as whom.
@@ -111,6 +120,7 @@ async fn run(mut b: Bridge) {
     let events = {
         let log = Arc::clone(&log);
         let trouble = trouble.clone();
+        let metrics = b.metrics.clone();
         move |event: async_nats::Event| {
             let (connected, log, said, gauge, servers, trouble) = (
                 Arc::clone(&connected),
@@ -120,6 +130,10 @@ async fn run(mut b: Bridge) {
                 servers.clone(),
                 trouble.clone(),
             );
+            if matches!(event, async_nats::Event::SlowConsumer(_)) {
+                // One per NATS message the client dropped, unseen.
+                metrics.drop_one(BusDrop::SlowConsumer);
+            }
             async move {
                 let change = match &event {
                     async_nats::Event::Connected => Some(true),
@@ -167,6 +181,7 @@ async fn run(mut b: Bridge) {
     let mut options = async_nats::ConnectOptions::new()
         .name(&b.config.node_id)
         .no_echo()
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .ping_interval(Duration::from_secs(5))

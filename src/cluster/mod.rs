@@ -304,6 +304,11 @@ crate::core::labelled_enum! {
         /// this node's clock: an old capture replayed, or clocks apart
         /// (per NATS message).
         Stale => "stale",
+        /// The NATS client dropped it before the bridge saw it: the room's
+        /// subscription already held `bridge::SUBSCRIPTION_CAPACITY` NATS
+        /// messages (a flood, or the bridge too slow). Per NATS message,
+        /// as the client reports them (its reports can be lost in a burst).
+        SlowConsumer => "slow_consumer",
     }
 }
 
@@ -354,7 +359,7 @@ impl ClusterMetrics {
         describe_counter!(
             "udphub_cluster_dropped_total",
             Unit::Count,
-            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole)."
+            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole); slow_consumer (incoming NATS messages the client dropped, its subscription full)."
         );
         describe_counter!(
             "udphub_cluster_nats_messages_total",
