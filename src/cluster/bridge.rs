@@ -31,7 +31,9 @@ use futures_util::StreamExt;
 use super::frame::BatchWriter;
 use super::inbox::Inbox;
 use super::keys::Keys;
-use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, LoopInbox, Publish};
+use super::{
+    BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, InboundBytes, LoopInbox, Publish,
+};
 use crate::config::ClusterKey;
 use crate::error::Error;
 
@@ -49,12 +51,20 @@ pub const PASS_LIMIT: usize = 4096;
 /// sender's pass), so a few hundred is a burst's worth.
 pub const SUBSCRIPTION_CAPACITY: usize = 256;
 
+/// The most NATS messages the client holds on their way to the server
+/// (its default is 2,048): with batches of up to 64 KiB, 16 MiB for a
+/// server that reads slowly, on top of [`super::PUBLISH_BYTES`].
+pub const CLIENT_CAPACITY: usize = 256;
+
 /// What the bridge thread owns.
 pub struct Bridge {
     /// Where to connect, and as whom.
     pub config: ClusterConfig,
     /// Messages to publish, from the loops, a pass of one at a time.
     pub publish: tokio::sync::mpsc::Receiver<Vec<Publish>>,
+    /// What the passes waiting in `publish` (or being published) cost:
+    /// given back once NATS has them ([`super::PUBLISH_BYTES`]).
+    pub publish_bytes: Arc<InboundBytes>,
     /// Subscriptions to make and drop, from the loops.
     pub control: Arc<Control>,
     /// Messages from the bus, to each loop (by index).
@@ -182,6 +192,7 @@ async fn run(mut b: Bridge) {
         .name(&b.config.node_id)
         .no_echo()
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .client_capacity(CLIENT_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .ping_interval(Duration::from_secs(5))
@@ -287,7 +298,9 @@ async fn run(mut b: Bridge) {
                             Err(_) => break,
                         }
                     }
+                    let cost = InboundBytes::pass_cost(&pass);
                     publish_pass(&client, pass, &b.keys, &b.metrics).await;
+                    b.publish_bytes.release_cost(cost);
                 }
                 None => break,
             },
