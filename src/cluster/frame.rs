@@ -69,6 +69,19 @@ pub const MAX_BATCH_FRAMES: usize = 1024;
 /// default `max_payload` (1 MB), and small enough that a batch never
 /// holds a receiver's queue for long.
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// The longest NATS message a sender makes: a batch of
+/// [`MAX_BATCH_BYTES`], or one body alone at the longest a length says
+/// (65,535) with its header and tag. A receiver refuses anything longer
+/// as malformed before it spends a MAC on it (the server's `max_payload`
+/// is 1 MB by default, and anyone allowed to publish may fill it).
+pub const MAX_MESSAGE: usize = {
+    let one = HEADER_LEN + LEN_LEN + u16::MAX as usize + TAG_LEN;
+    if one > MAX_BATCH_BYTES {
+        one
+    } else {
+        MAX_BATCH_BYTES
+    }
+};
 
 /// Who sent a message and where it sits in its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,10 +208,15 @@ pub struct Batch<'a> {
 }
 
 /// Takes a NATS message apart; `None` if it is not a well-formed batch of
-/// this version (wrong version, unknown flags, a count of 0, a length
-/// running past the end, bytes left over).
+/// this version (wrong version, unknown flags, a count of 0 or over
+/// [`MAX_BATCH_FRAMES`], longer than [`MAX_MESSAGE`], a length running
+/// past the end, bytes left over).
 pub fn parse(msg: &[u8]) -> Option<Batch<'_>> {
-    if msg.len() < HEADER_LEN || msg[0] != VERSION || msg[1] & !FLAG_TAGGED != 0 {
+    if msg.len() < HEADER_LEN
+        || msg.len() > MAX_MESSAGE
+        || msg[0] != VERSION
+        || msg[1] & !FLAG_TAGGED != 0
+    {
         return None;
     }
     let tagged = msg[1] & FLAG_TAGGED != 0;
@@ -210,7 +228,7 @@ pub fn parse(msg: &[u8]) -> Option<Batch<'_>> {
         seq: be(18..26),
     };
     let count = usize::try_from(be(26..28)).ok()?;
-    if count == 0 || first.seq.checked_add(count as u64).is_none() {
+    if count == 0 || count > MAX_BATCH_FRAMES || first.seq.checked_add(count as u64).is_none() {
         return None;
     }
     let end = if tagged {
@@ -481,6 +499,34 @@ mod tests {
         let msg = w.finish(None, "s");
         assert_eq!(parse(&msg).unwrap().bodies.len(), MAX_BATCH_FRAMES);
         assert!(w.is_empty());
+    }
+
+    /// What no sender makes is refused before any MAC is spent on it: a
+    /// message longer than the longest batch, or more bodies than a batch
+    /// holds (each would be a delivery to every member).
+    #[test]
+    fn a_receiver_refuses_what_no_sender_makes() {
+        let mut w = BatchWriter::default();
+        w.begin(0, ST, true);
+        w.push(&vec![b'x'; usize::from(u16::MAX)]);
+        let longest = w.finish(Some(&key(1)), "s");
+        assert_eq!(longest.len(), MAX_MESSAGE);
+        assert!(parse(&longest).is_some(), "the longest a sender makes");
+        let mut over = longest.clone();
+        over.push(0);
+        assert_eq!(parse(&over), None);
+        // 1,025 empty bodies, built by hand (a writer stops at 1,024).
+        let mut many = BatchWriter::default();
+        many.begin(0, ST, false);
+        for _ in 0..=MAX_BATCH_FRAMES {
+            many.push(b"");
+        }
+        let msg = many.finish(None, "s");
+        assert_eq!(parse(&msg), None, "{} bodies", MAX_BATCH_FRAMES + 1);
+        assert_eq!(parse(&msg[..msg.len() - LEN_LEN]).map(|_| ()), None);
+        let mut fewer = msg[..msg.len() - LEN_LEN].to_vec();
+        fewer[26..28].copy_from_slice(&(MAX_BATCH_FRAMES as u16).to_be_bytes());
+        assert_eq!(parse(&fewer).unwrap().bodies.len(), MAX_BATCH_FRAMES);
     }
 
     #[test]
