@@ -12,7 +12,7 @@
 //!      6     8  origin epoch (u64 BE): random per relay process
 //!     14     4  stream (u32 BE): one room's life at the origin
 //!     18     8  first seq (u64 BE): the first body's place in the stream
-//!     26     2  count (u16 BE, >= 1): bodies that follow, seq first..
+//!     26     2  count (u16 BE, 1 to 1,024): bodies that follow, seq first..
 //!     28        count x [ length (u16 BE) | body (length bytes) ]
 //!      …    16  tag, if flags bit 0: HMAC-SHA-256 under the cluster key of
 //!               "udphub-cluster-v2" | subject length (u16 BE) | subject |
