@@ -31,7 +31,9 @@ use futures_util::StreamExt;
 use super::frame::BatchWriter;
 use super::inbox::Inbox;
 use super::keys::Keys;
-use super::{BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, LoopInbox, Publish};
+use super::{
+    BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, InboundBytes, LoopInbox, Publish,
+};
 use crate::config::ClusterKey;
 use crate::error::Error;
 
@@ -40,12 +42,29 @@ use crate::error::Error;
 /// before the control queue is looked at again).
 pub const PASS_LIMIT: usize = 4096;
 
+/// The most NATS messages the client holds for one room's subscription
+/// before the bridge has checked them; beyond it the client drops them
+/// (`slow_consumer`). The client's default (65,536) would let anyone who
+/// may publish on a subject, key or not (nothing is checked yet), make
+/// every relay hold 65,536 messages of up to the server's `max_payload`
+/// (1 MB by default) per room: 64 GB. A room's batches are few (one per
+/// sender's pass), so a few hundred is a burst's worth.
+pub const SUBSCRIPTION_CAPACITY: usize = 256;
+
+/// The most NATS messages the client holds on their way to the server
+/// (its default is 2,048): with batches of up to 64 KiB, 16 MiB for a
+/// server that reads slowly, on top of [`super::PUBLISH_BYTES`].
+pub const CLIENT_CAPACITY: usize = 256;
+
 /// What the bridge thread owns.
 pub struct Bridge {
     /// Where to connect, and as whom.
     pub config: ClusterConfig,
     /// Messages to publish, from the loops, a pass of one at a time.
     pub publish: tokio::sync::mpsc::Receiver<Vec<Publish>>,
+    /// What the passes waiting in `publish` (or being published) cost:
+    /// given back once NATS has them ([`super::PUBLISH_BYTES`]).
+    pub publish_bytes: Arc<InboundBytes>,
     /// Subscriptions to make and drop, from the loops.
     pub control: Arc<Control>,
     /// Messages from the bus, to each loop (by index).
@@ -111,6 +130,7 @@ async fn run(mut b: Bridge) {
     let events = {
         let log = Arc::clone(&log);
         let trouble = trouble.clone();
+        let metrics = b.metrics.clone();
         move |event: async_nats::Event| {
             let (connected, log, said, gauge, servers, trouble) = (
                 Arc::clone(&connected),
@@ -120,6 +140,10 @@ async fn run(mut b: Bridge) {
                 servers.clone(),
                 trouble.clone(),
             );
+            if matches!(event, async_nats::Event::SlowConsumer(_)) {
+                // One per NATS message the client dropped, unseen.
+                metrics.drop_one(BusDrop::SlowConsumer);
+            }
             async move {
                 let change = match &event {
                     async_nats::Event::Connected => Some(true),
@@ -167,6 +191,8 @@ async fn run(mut b: Bridge) {
     let mut options = async_nats::ConnectOptions::new()
         .name(&b.config.node_id)
         .no_echo()
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .client_capacity(CLIENT_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .ping_interval(Duration::from_secs(5))
@@ -272,7 +298,9 @@ async fn run(mut b: Bridge) {
                             Err(_) => break,
                         }
                     }
+                    let cost = InboundBytes::pass_cost(&pass);
                     publish_pass(&client, pass, &b.keys, &b.metrics).await;
+                    b.publish_bytes.release_cost(cost);
                 }
                 None => break,
             },

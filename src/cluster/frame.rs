@@ -12,7 +12,7 @@
 //!      6     8  origin epoch (u64 BE): random per relay process
 //!     14     4  stream (u32 BE): one room's life at the origin
 //!     18     8  first seq (u64 BE): the first body's place in the stream
-//!     26     2  count (u16 BE, >= 1): bodies that follow, seq first..
+//!     26     2  count (u16 BE, 1 to 1,024): bodies that follow, seq first..
 //!     28        count x [ length (u16 BE) | body (length bytes) ]
 //!      …    16  tag, if flags bit 0: HMAC-SHA-256 under the cluster key of
 //!               "udphub-cluster-v2" | subject length (u16 BE) | subject |
@@ -69,6 +69,19 @@ pub const MAX_BATCH_FRAMES: usize = 1024;
 /// default `max_payload` (1 MB), and small enough that a batch never
 /// holds a receiver's queue for long.
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// The longest NATS message a sender makes: a batch of
+/// [`MAX_BATCH_BYTES`], or one body alone at the longest a length says
+/// (65,535) with its header and tag. A receiver refuses anything longer
+/// as malformed before it spends a MAC on it (the server's `max_payload`
+/// is 1 MB by default, and anyone allowed to publish may fill it).
+pub const MAX_MESSAGE: usize = {
+    let one = HEADER_LEN + LEN_LEN + u16::MAX as usize + TAG_LEN;
+    if one > MAX_BATCH_BYTES {
+        one
+    } else {
+        MAX_BATCH_BYTES
+    }
+};
 
 /// Who sent a message and where it sits in its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,10 +208,15 @@ pub struct Batch<'a> {
 }
 
 /// Takes a NATS message apart; `None` if it is not a well-formed batch of
-/// this version (wrong version, unknown flags, a count of 0, a length
-/// running past the end, bytes left over).
+/// this version (wrong version, unknown flags, a count of 0 or over
+/// [`MAX_BATCH_FRAMES`], longer than [`MAX_MESSAGE`], a length running
+/// past the end, bytes left over).
 pub fn parse(msg: &[u8]) -> Option<Batch<'_>> {
-    if msg.len() < HEADER_LEN || msg[0] != VERSION || msg[1] & !FLAG_TAGGED != 0 {
+    if msg.len() < HEADER_LEN
+        || msg.len() > MAX_MESSAGE
+        || msg[0] != VERSION
+        || msg[1] & !FLAG_TAGGED != 0
+    {
         return None;
     }
     let tagged = msg[1] & FLAG_TAGGED != 0;
@@ -210,7 +228,7 @@ pub fn parse(msg: &[u8]) -> Option<Batch<'_>> {
         seq: be(18..26),
     };
     let count = usize::try_from(be(26..28)).ok()?;
-    if count == 0 || first.seq.checked_add(count as u64).is_none() {
+    if count == 0 || count > MAX_BATCH_FRAMES || first.seq.checked_add(count as u64).is_none() {
         return None;
     }
     let end = if tagged {
@@ -277,8 +295,19 @@ pub const MAX_STREAMS: usize = 256;
 /// made (16 M messages of one room, within [`FRESHNESS`] with a key);
 /// further behind is not a duplicate but a sender that started over. So
 /// no single frame can silence a stream (a seq of u64::MAX would
-/// otherwise make every later one a "duplicate").
+/// otherwise make every later one a "duplicate"). Behind a seq no key
+/// vouched for, the window is [`UNVERIFIED_WINDOW`].
 pub const SEQ_WINDOW: u64 = 1 << 24;
+
+/// How far behind the last seq a body is still a duplicate when that last
+/// seq came in a batch no key verified (a node without a key, or a new
+/// key's grace for unsigned batches); further behind starts the stream
+/// again. Anyone may have sent it: with [`SEQ_WINDOW`] a stranger's one
+/// frame at `last + 2^24 - 1` would make the next 16 M messages of the
+/// stream "duplicates". Core NATS never delivers a message twice, so a
+/// real duplicate is a replay, and a small window is all it needs; a
+/// stranger's frame silences at most this many.
+pub const UNVERIFIED_WINDOW: u64 = 64;
 
 /// One stream's state.
 #[derive(Debug, Clone, Copy)]
@@ -287,6 +316,8 @@ struct Seen {
     last: u64,
     /// When it was last heard of ([`Streams::clock`]), for eviction.
     used: u64,
+    /// Whether `last` came in a batch a key verified.
+    verified: bool,
 }
 
 /// The last seq seen per stream, for one room at one receiver, bounded
@@ -300,8 +331,9 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// Checks `stamp` against what was seen and remembers it.
-    pub fn check(&mut self, stamp: Stamp) -> Order {
+    /// Checks `stamp`, of a batch a key verified or not (`verified`),
+    /// against what was seen and remembers it.
+    pub fn check(&mut self, stamp: Stamp, verified: bool) -> Order {
         self.clock += 1;
         let now = self.clock;
         let key = (stamp.epoch, stamp.stream);
@@ -323,6 +355,7 @@ impl Streams {
                 Seen {
                     last: stamp.seq,
                     used: now,
+                    verified,
                 },
             );
             // A stream joined midway (we subscribed late): no history.
@@ -334,14 +367,21 @@ impl Streams {
         };
         seen.used = now;
         if stamp.seq <= seen.last {
-            if seen.last - stamp.seq < SEQ_WINDOW {
+            let window = if seen.verified {
+                SEQ_WINDOW
+            } else {
+                UNVERIFIED_WINDOW
+            };
+            if seen.last - stamp.seq < window {
                 return Order::Duplicate;
             }
             seen.last = stamp.seq;
+            seen.verified = verified;
             return Order::Restarted;
         }
         let missed = stamp.seq - seen.last - 1;
         seen.last = stamp.seq;
+        seen.verified = verified;
         if missed >= SEQ_WINDOW {
             Order::Restarted
         } else if missed == 0 {
@@ -461,6 +501,34 @@ mod tests {
         assert!(w.is_empty());
     }
 
+    /// What no sender makes is refused before any MAC is spent on it: a
+    /// message longer than the longest batch, or more bodies than a batch
+    /// holds (each would be a delivery to every member).
+    #[test]
+    fn a_receiver_refuses_what_no_sender_makes() {
+        let mut w = BatchWriter::default();
+        w.begin(0, ST, true);
+        w.push(&vec![b'x'; usize::from(u16::MAX)]);
+        let longest = w.finish(Some(&key(1)), "s");
+        assert_eq!(longest.len(), MAX_MESSAGE);
+        assert!(parse(&longest).is_some(), "the longest a sender makes");
+        let mut over = longest.clone();
+        over.push(0);
+        assert_eq!(parse(&over), None);
+        // 1,025 empty bodies, built by hand (a writer stops at 1,024).
+        let mut many = BatchWriter::default();
+        many.begin(0, ST, false);
+        for _ in 0..=MAX_BATCH_FRAMES {
+            many.push(b"");
+        }
+        let msg = many.finish(None, "s");
+        assert_eq!(parse(&msg), None, "{} bodies", MAX_BATCH_FRAMES + 1);
+        assert_eq!(parse(&msg[..msg.len() - LEN_LEN]).map(|_| ()), None);
+        let mut fewer = msg[..msg.len() - LEN_LEN].to_vec();
+        fewer[26..28].copy_from_slice(&(MAX_BATCH_FRAMES as u16).to_be_bytes());
+        assert_eq!(parse(&fewer).unwrap().bodies.len(), MAX_BATCH_FRAMES);
+    }
+
     #[test]
     fn freshness_is_symmetric() {
         assert!(fresh(1_000, 1_000 + FRESHNESS));
@@ -480,45 +548,91 @@ mod tests {
     #[test]
     fn streams_deliver_once_in_order_and_count_gaps() {
         let mut s = Streams::default();
-        assert_eq!(s.check(st(1, 5)), Order::Next, "joined midway");
-        assert_eq!(s.check(st(1, 6)), Order::Next);
-        assert_eq!(s.check(st(1, 6)), Order::Duplicate);
-        assert_eq!(s.check(st(1, 4)), Order::Duplicate);
-        assert_eq!(s.check(st(1, 9)), Order::After { missed: 2 });
-        assert_eq!(s.check(st(2, 1)), Order::Next, "another stream");
+        assert_eq!(s.check(st(1, 5), true), Order::Next, "joined midway");
+        assert_eq!(s.check(st(1, 6), true), Order::Next);
+        assert_eq!(s.check(st(1, 6), true), Order::Duplicate);
+        assert_eq!(s.check(st(1, 4), true), Order::Duplicate);
+        assert_eq!(s.check(st(1, 9), true), Order::After { missed: 2 });
+        assert_eq!(s.check(st(2, 1), true), Order::Next, "another stream");
         assert_eq!(s.len(), 2);
     }
 
     #[test]
     fn no_seq_can_silence_a_stream() {
         let mut s = Streams::default();
-        assert_eq!(s.check(st(1, 5)), Order::Next);
-        assert_eq!(s.check(st(1, u64::MAX)), Order::Restarted);
+        assert_eq!(s.check(st(1, 5), true), Order::Next);
+        assert_eq!(s.check(st(1, u64::MAX), true), Order::Restarted);
         // The sender goes on where it was: the far jump back restarts.
-        assert_eq!(s.check(st(1, 6)), Order::Restarted);
-        assert_eq!(s.check(st(1, 7)), Order::Next);
-        assert_eq!(s.check(st(1, 8 + SEQ_WINDOW)), Order::Restarted);
-        assert_eq!(s.check(st(1, 9 + SEQ_WINDOW)), Order::Next);
+        assert_eq!(s.check(st(1, 6), true), Order::Restarted);
+        assert_eq!(s.check(st(1, 7), true), Order::Next);
+        assert_eq!(s.check(st(1, 8 + SEQ_WINDOW), true), Order::Restarted);
+        assert_eq!(s.check(st(1, 9 + SEQ_WINDOW), true), Order::Next);
         assert_eq!(
-            s.check(st(1, 9 + 2 * SEQ_WINDOW)),
+            s.check(st(1, 9 + 2 * SEQ_WINDOW), true),
             Order::After {
                 missed: SEQ_WINDOW - 1
             }
         );
     }
 
+    /// Without a key anyone may send a frame: one just inside the window
+    /// ahead must not make the stream's next messages "duplicates".
+    #[test]
+    fn an_unverified_jump_silences_no_more_than_its_window() {
+        let mut s = Streams::default();
+        assert_eq!(s.check(st(1, 5), false), Order::Next);
+        let jump = 5 + SEQ_WINDOW - 1;
+        assert_eq!(
+            s.check(st(1, jump), false),
+            Order::After { missed: jump - 6 }
+        );
+        // The sender goes on: started again at once, not dropped 16 M times.
+        assert_eq!(s.check(st(1, 6), false), Order::Restarted);
+        assert_eq!(s.check(st(1, 7), false), Order::Next);
+        assert_eq!(s.check(st(1, 7), false), Order::Duplicate, "a replay");
+        assert_eq!(
+            s.check(st(1, 7 + UNVERIFIED_WINDOW), false),
+            Order::After {
+                missed: UNVERIFIED_WINDOW - 1
+            }
+        );
+        assert_eq!(
+            s.check(st(1, 8), false),
+            Order::Duplicate,
+            "within the small window"
+        );
+        // Behind a verified seq, the whole window holds (replays of a
+        // keyed stream stay duplicates).
+        assert_eq!(s.check(st(2, 1_000), true), Order::Next);
+        assert_eq!(s.check(st(2, 1), true), Order::Duplicate);
+        // An unverified jump over a verified stream (a new key's grace):
+        // the verified sender is restarted, not silenced.
+        assert_eq!(
+            s.check(st(2, 1_000 + SEQ_WINDOW - 1), false),
+            Order::After {
+                missed: SEQ_WINDOW - 2
+            }
+        );
+        assert_eq!(s.check(st(2, 1_001), true), Order::Restarted);
+        assert_eq!(s.check(st(2, 1_002), true), Order::Next);
+    }
+
     #[test]
     fn streams_per_room_are_bounded_evicting_the_least_recent() {
         let mut s = Streams::default();
         for n in 0..MAX_STREAMS as u32 {
-            assert_eq!(s.check(st(n, 1)), Order::Next);
+            assert_eq!(s.check(st(n, 1), true), Order::Next);
         }
         // Stream 0 stays in use; a flood of new streams evicts the others.
         for n in 0..10 * MAX_STREAMS as u32 {
-            assert_eq!(s.check(st(0, 2 + u64::from(n))), Order::Next);
-            assert_eq!(s.check(st(1_000 + n, 1)), Order::Restarted);
+            assert_eq!(s.check(st(0, 2 + u64::from(n)), true), Order::Next);
+            assert_eq!(s.check(st(1_000 + n, 1), true), Order::Restarted);
             assert!(s.len() <= MAX_STREAMS);
         }
-        assert_eq!(s.check(st(0, 2)), Order::Duplicate, "the busy one kept");
+        assert_eq!(
+            s.check(st(0, 2), true),
+            Order::Duplicate,
+            "the busy one kept"
+        );
     }
 }

@@ -68,7 +68,8 @@ impl Inbox {
         let Some(batch) = frame::parse(msg) else {
             return Err(BusDrop::Malformed);
         };
-        keys.check(&batch, &self.subject, now, unix)
+        let verified = keys
+            .check(&batch, &self.subject, now, unix)
             .map_err(|r| match r {
                 Refusal::Unsigned => BusDrop::Unsigned,
                 Refusal::BadMac => BusDrop::BadMac,
@@ -77,7 +78,7 @@ impl Inbox {
         let mut tally = Tally::default();
         let mut stamp = batch.first;
         for body in batch.bodies {
-            let order = self.streams.check(stamp);
+            let order = self.streams.check(stamp, verified);
             stamp.seq = stamp.seq.wrapping_add(1);
             match order {
                 Order::Duplicate => {

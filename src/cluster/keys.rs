@@ -79,14 +79,16 @@ impl Keys {
     }
 
     /// Whether `batch`, received on `subject` at `now` (and `unix` seconds
-    /// by the wall clock), may be delivered.
+    /// by the wall clock), may be delivered: `Ok(true)` if a key verified
+    /// it, `Ok(false)` if it was taken unchecked (no key is in force, or
+    /// the first key's grace period still takes unsigned batches).
     pub fn check(
         &self,
         batch: &Batch<'_>,
         subject: &str,
         now: Instant,
         unix: u64,
-    ) -> Result<(), Refusal> {
+    ) -> Result<bool, Refusal> {
         let ring = self.lock();
         let first = accepts(ring.current.as_ref(), batch, subject, unix);
         if first.is_ok() {
@@ -107,15 +109,15 @@ impl Keys {
     }
 }
 
-/// Whether a node with `key` accepts `batch`.
+/// Whether a node with `key` accepts `batch` (true: verified by it).
 fn accepts(
     key: Option<&ClusterKey>,
     batch: &Batch<'_>,
     subject: &str,
     unix: u64,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let Some(key) = key else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(tag) = batch.tag else {
         return Err(Refusal::Unsigned);
@@ -126,7 +128,7 @@ fn accepts(
     if !frame::fresh(batch.time, unix) {
         return Err(Refusal::Stale);
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -152,8 +154,10 @@ mod tests {
 
     const T: u32 = 1_800_000_000;
 
+    /// `Ok(())` if taken, whether verified or not.
     fn check(keys: &Keys, m: &[u8], now: Instant) -> Result<(), Refusal> {
         keys.check(&parse(m).unwrap(), "u.room.r", now, u64::from(T))
+            .map(|_| ())
     }
 
     #[test]
@@ -168,7 +172,8 @@ mod tests {
         );
         let m = msg(Some(&key(1)), T);
         assert_eq!(
-            keys.check(&parse(&m).unwrap(), "u.room.s", now, u64::from(T)),
+            keys.check(&parse(&m).unwrap(), "u.room.s", now, u64::from(T))
+                .map(|_| ()),
             Err(Refusal::BadMac),
             "replayed into another room"
         );
@@ -177,10 +182,13 @@ mod tests {
             check(&keys, &msg(Some(&key(1)), old), now),
             Err(Refusal::Stale)
         );
-        // A node without a key cannot tell, and takes both.
+        // A node without a key cannot tell, and takes both, unverified.
         let open = Keys::new(None);
-        assert_eq!(check(&open, &msg(None, T), now), Ok(()));
-        assert_eq!(check(&open, &msg(Some(&key(2)), old), now), Ok(()));
+        let verified =
+            |keys: &Keys, m: &[u8]| keys.check(&parse(m).unwrap(), "u.room.r", now, u64::from(T));
+        assert_eq!(verified(&open, &msg(None, T)), Ok(false));
+        assert_eq!(verified(&open, &msg(Some(&key(2)), old)), Ok(false));
+        assert_eq!(verified(&keys, &msg(Some(&key(1)), T)), Ok(true));
     }
 
     #[test]

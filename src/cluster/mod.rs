@@ -60,6 +60,13 @@ pub use crate::config::ClusterConfig;
 
 /// Messages waiting for the bridge to publish; a full queue drops.
 pub const PUBLISH_QUEUE: usize = 65_536;
+/// Bytes of messages waiting for the bridge to publish, every loop's
+/// together (bodies plus [`INBOUND_OVERHEAD`] each), until the bridge has
+/// handed them to NATS; beyond it a loop's pass is dropped (`queue_full`).
+/// A NATS server that reads slowly (or on purpose not at all) must cost a
+/// relay a bounded, small amount of memory: 65,536 messages of 1.5 kB
+/// would be 100 MB, and of `--max-datagram 65507` 4 GB.
+pub const PUBLISH_BYTES: usize = 16 << 20;
 /// The most messages the loop hands the bridge at once: what one of its
 /// passes published ([`Bus::flush`]), cut at this (a receive batch is 64
 /// datagrams). One queue operation, and one wake-up of the bridge, per
@@ -97,6 +104,16 @@ pub const INBOUND_OVERHEAD: usize = 64;
 /// the `--format` template adds (`. from [IPv6]:port` is 50 bytes). A
 /// longer one is neither published nor delivered (`oversized`).
 pub const RENDER_ALLOWANCE: usize = 512;
+/// The longest body a batch can carry: its length is a u16 on the bus.
+pub const MAX_BODY: usize = u16::MAX as usize;
+
+/// The longest rendered message published and delivered with
+/// `--max-datagram` `max_datagram`: that plus [`RENDER_ALLOWANCE`], but
+/// never more than a batch's length field holds ([`MAX_BODY`]); a longer
+/// one would go out cut short, not whole.
+pub fn max_body(max_datagram: usize) -> usize {
+    max_datagram.saturating_add(RENDER_ALLOWANCE).min(MAX_BODY)
+}
 
 /// The subject of a room (the empty name is the lobby). Room names may
 /// hold `.`, which separates NATS tokens: it is written `~2E` (`~` is
@@ -242,7 +259,12 @@ impl InboundBytes {
     /// Reserves room for a message of `len` bytes; false (nothing
     /// reserved) if the queue would go over its limit.
     pub fn reserve(&self, len: usize) -> bool {
-        let cost = InboundBytes::cost(len);
+        self.reserve_cost(InboundBytes::cost(len))
+    }
+
+    /// Reserves `cost` bytes (several messages' [`cost`](Self::cost));
+    /// false (nothing reserved) if the queue would go over its limit.
+    pub fn reserve_cost(&self, cost: usize) -> bool {
         let before = self.queued.fetch_add(cost, Ordering::AcqRel);
         if before + cost > self.limit {
             self.queued.fetch_sub(cost, Ordering::AcqRel);
@@ -253,8 +275,17 @@ impl InboundBytes {
 
     /// Gives back what a message of `len` bytes reserved.
     pub fn release(&self, len: usize) {
-        self.queued
-            .fetch_sub(InboundBytes::cost(len), Ordering::AcqRel);
+        self.release_cost(InboundBytes::cost(len));
+    }
+
+    /// Gives back `cost` bytes reserved by [`reserve_cost`](Self::reserve_cost).
+    pub fn release_cost(&self, cost: usize) {
+        self.queued.fetch_sub(cost, Ordering::AcqRel);
+    }
+
+    /// What the messages of a pass cost, together.
+    pub fn pass_cost(pass: &[Publish]) -> usize {
+        pass.iter().map(|p| InboundBytes::cost(p.body.len())).sum()
     }
 
     /// Bytes queued now.
@@ -294,6 +325,11 @@ crate::core::labelled_enum! {
         /// this node's clock: an old capture replayed, or clocks apart
         /// (per NATS message).
         Stale => "stale",
+        /// The NATS client dropped it before the bridge saw it: the room's
+        /// subscription already held `bridge::SUBSCRIPTION_CAPACITY` NATS
+        /// messages (a flood, or the bridge too slow). Per NATS message,
+        /// as the client reports them (its reports can be lost in a burst).
+        SlowConsumer => "slow_consumer",
     }
 }
 
@@ -344,7 +380,7 @@ impl ClusterMetrics {
         describe_counter!(
             "udphub_cluster_dropped_total",
             Unit::Count,
-            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole)."
+            "Cluster messages dropped, by reason: queue_full, disconnected, publish_error, oversized (outgoing); inbound_full, duplicate, oversized (incoming messages); malformed, unsigned, bad_mac, stale (incoming NATS messages, refused whole); slow_consumer (incoming NATS messages the client dropped, its subscription full)."
         );
         describe_counter!(
             "udphub_cluster_nats_messages_total",
@@ -418,6 +454,8 @@ pub struct Bus {
     /// What this pass of the loop published, handed on by [`Bus::flush`].
     pending: Vec<Publish>,
     publish: tokio::sync::mpsc::Sender<Vec<Publish>>,
+    /// The bytes waiting in `publish` or in the bridge (every loop's).
+    publish_bytes: Arc<InboundBytes>,
     control: Arc<Control>,
     inbound: mpsc::Receiver<Inbound>,
     inbound_bytes: Arc<InboundBytes>,
@@ -445,10 +483,11 @@ impl Bus {
     ) -> Result<Vec<Bus>, Error> {
         let metrics = ClusterMetrics::register();
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
+        let publish_bytes = Arc::new(InboundBytes::with_limit(PUBLISH_BYTES));
         let control = Arc::new(Control::new(wakers.len()));
         let connected = Arc::new(AtomicBool::new(false));
         let keys = keys::Keys::new(config.key.clone());
-        let max_body = config.max_datagram + RENDER_ALLOWANCE;
+        let max_body = max_body(config.max_datagram);
         let capacity = inbound_capacity(wakers.len());
         let byte_share = InboundBytes::share(wakers.len());
         let mut inboxes = Vec::with_capacity(wakers.len());
@@ -471,6 +510,7 @@ impl Bus {
                 outgoing: HashMap::new(),
                 pending: Vec::with_capacity(PUBLISH_PASS),
                 publish: publish.clone(),
+                publish_bytes: Arc::clone(&publish_bytes),
                 control: Arc::clone(&control),
                 inbound,
                 inbound_bytes: bytes,
@@ -485,6 +525,7 @@ impl Bus {
         bridge::spawn(bridge::Bridge {
             config: config.clone(),
             publish: publish_rx,
+            publish_bytes,
             control,
             loops: inboxes.into(),
             keys,
@@ -579,7 +620,14 @@ impl Bus {
             return;
         }
         let pass = std::mem::replace(&mut self.pending, Vec::with_capacity(PUBLISH_PASS));
+        let cost = InboundBytes::pass_cost(&pass);
+        if !self.publish_bytes.reserve_cost(cost) {
+            // NATS is slow: the receivers will see the gap in these streams.
+            self.metrics.drop_n(BusDrop::QueueFull, pass.len() as u64);
+            return;
+        }
         if let Err(e) = self.publish.try_send(pass) {
+            self.publish_bytes.release_cost(cost);
             let lost = match e {
                 tokio::sync::mpsc::error::TrySendError::Full(p)
                 | tokio::sync::mpsc::error::TrySendError::Closed(p) => p.len(),
@@ -642,6 +690,7 @@ mod tests {
             outgoing: HashMap::new(),
             pending: Vec::new(),
             publish,
+            publish_bytes: Arc::new(InboundBytes::with_limit(PUBLISH_BYTES)),
             control: Arc::new(Control::new(1)),
             inbound,
             inbound_bytes: Arc::new(InboundBytes::default()),
@@ -703,6 +752,53 @@ mod tests {
         assert_eq!(wakes, QUEUED as usize / DRAIN_BUDGET);
         assert!(!bus.wake_pending.load(Ordering::SeqCst), "cleared");
         assert_eq!(bus.inbound_bytes.queued(), 0, "every byte given back");
+    }
+
+    /// With the largest `--max-datagram`, a rendered message can pass the
+    /// u16 a batch gives its length: it is dropped as oversized, never
+    /// published cut short.
+    #[test]
+    fn a_body_over_what_a_batch_holds_is_oversized_not_cut() {
+        assert_eq!(max_body(1472), 1472 + RENDER_ALLOWANCE);
+        assert_eq!(max_body(crate::config::MAX_UDP_PAYLOAD), MAX_BODY);
+        let poll = Poll::new().unwrap();
+        let (mut bus, _queue) = fake_bus(&poll);
+        bus.max_body = max_body(crate::config::MAX_UDP_PAYLOAD);
+        bus.publish(b"red", &vec![b'x'; MAX_BODY + 1]);
+        assert!(bus.pending.is_empty(), "not published");
+        bus.publish(b"red", &vec![b'x'; MAX_BODY]);
+        let pass = std::mem::take(&mut bus.pending);
+        let packed = bridge::pack(pass, None, 0);
+        let batch = frame::parse(&packed[0].msg).unwrap();
+        assert_eq!(batch.bodies[0].len(), MAX_BODY, "whole");
+    }
+
+    /// A NATS server that does not read: what waits for the bridge stays
+    /// within [`PUBLISH_BYTES`], whatever the messages' count; the rest is
+    /// dropped as `queue_full`, and what the bridge publishes is given back.
+    #[test]
+    fn the_publish_queue_is_bounded_in_bytes() {
+        let poll = Poll::new().unwrap();
+        let (mut bus, _queue) = fake_bus(&poll);
+        let (publish, mut bridge) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
+        bus.publish = publish;
+        bus.max_body = MAX_BODY;
+        let body = vec![b'x'; 60_000];
+        for _ in 0..PUBLISH_QUEUE {
+            bus.publish(b"red", &body);
+            bus.flush();
+        }
+        let queued = bus.publish_bytes.queued();
+        assert!(queued <= PUBLISH_BYTES, "{queued} bytes held");
+        let mut held = 0;
+        while let Ok(pass) = bridge.try_recv() {
+            // What the bridge does once it has published a pass.
+            bus.publish_bytes
+                .release_cost(InboundBytes::pass_cost(&pass));
+            held += pass.len();
+        }
+        assert_eq!(held, PUBLISH_BYTES / InboundBytes::cost(body.len()));
+        assert_eq!(bus.publish_bytes.queued(), 0, "every byte given back");
     }
 
     #[test]

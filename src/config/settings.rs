@@ -297,8 +297,8 @@ declare_settings! {
             check: any,
             reload: Restart,
         }
-        /// With `--cluster`: the subject prefix; relays with the same
-        /// cluster name share rooms.
+        /// With `--cluster`: the subject prefix (not ending in `.room`);
+        /// relays with the same cluster name share rooms.
         cluster_name: String {
             env: "UDPHUB_CLUSTER_NAME",
             value: "NAME",

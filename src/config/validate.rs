@@ -88,6 +88,11 @@ pub fn log_level(spec: &str) -> Result<(), String> {
 
 /// `--cluster-name`: usable as a NATS subject prefix.
 pub fn cluster_name(name: &str) -> Result<(), String> {
+    if let Some(parent) = name.strip_suffix(".room") {
+        return Err(format!(
+            "{name:?}: its lobby's subject would be {name}.lobby, that of the room `lobby` of a cluster named {parent:?}; use another last part"
+        ));
+    }
     if valid_cluster_name(name) {
         Ok(())
     } else {
@@ -194,5 +199,10 @@ mod tests {
         for bad in ["", "a.", ".a", "a..b", "a.*", "a >", &"x".repeat(65)] {
             assert!(!valid_cluster_name(bad), "{bad:?}");
         }
+        // Cluster `eu.room`'s lobby would be cluster `eu`'s room `lobby`.
+        let e = cluster_name("eu.room").unwrap_err();
+        assert!(e.contains("eu.room.lobby") && e.contains("\"eu\""), "{e}");
+        assert!(cluster_name("room").is_ok());
+        assert!(cluster_name("eu.rooms").is_ok());
     }
 }
