@@ -101,6 +101,18 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
                 );
                 Ok(Exit::NoReply)
             }
+            Sent::Silent(why) => {
+                eprintln!(
+                    "udphub: no reply from {} within {}: {why}",
+                    args.server,
+                    humantime::format_duration(args.wait)
+                );
+                Ok(if args.expect_reply {
+                    Exit::NoReply
+                } else {
+                    Exit::Done
+                })
+            }
             Sent::Replies(_) => Ok(Exit::Done),
         },
     }
