@@ -349,3 +349,89 @@ fn token_refuses_lifetimes_that_mint_dead_tokens() {
     let (code, err) = udphub(&mint("1s", secret));
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// A duplicate key in the config file is named with both lines, not
+/// taken for a quoting mistake.
+#[test]
+fn a_duplicate_config_key_names_both_lines() {
+    let f = util::temp_path("dup.toml");
+    std::fs::write(&f, "timeout = 30\nmetrics = \"off\"\ntimeout = 5\n").unwrap();
+    let f = f.to_str().unwrap();
+    usage_error(
+        &["serve", "--config", f],
+        &["duplicate key `timeout`", "line 3, first on line 1"],
+    );
+    let (_, stderr) = udphub(&["serve", "--config", f]);
+    assert!(!stderr.contains("need quotes"), "{stderr}");
+}
+
+/// Every subcommand that prints to stdout exits quietly when its reader
+/// has gone (`udphub completions fish | head -3`): status 0, nothing on
+/// stderr, no panic. The reader is a socket whose peer is closed, so
+/// every write is refused (EPIPE), whatever the timing.
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let secret = util::temp_path("pipe-secret");
+    std::fs::write(&secret, "k".repeat(32)).unwrap();
+    let secret = secret.to_str().unwrap();
+    let runs: [&[&str]; 6] = [
+        &["completions", "fish"],
+        &["completions", "bash"],
+        &["man"],
+        &["serve", "--check-config", "--metrics", "off"],
+        &[
+            "token",
+            "--room",
+            "red",
+            "--ttl",
+            "1h",
+            "--secret-file",
+            secret,
+        ],
+        &["--help"],
+    ];
+    for args in runs {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let out = Command::new(udphub_bin())
+            .args(args)
+            .stdout(Stdio::from(OwnedFd::from(ours)))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+/// The start log: private rooms announced with the lobby's state; capped
+/// socket buffers at their default sizes are no WARN line.
+#[test]
+fn the_start_log_says_private_rooms_and_no_buffer_warnings() {
+    let secret = util::temp_path("start-secret");
+    std::fs::write(&secret, "k".repeat(32)).unwrap();
+    let secret = secret.to_str().unwrap();
+    let relay = spawn_relay(&["--room-secret-file", secret, "--lobby", "closed"]);
+    let mut before = Vec::new();
+    loop {
+        let line = relay
+            .log
+            .recv_timeout(util::PATIENCE)
+            .expect("a start line");
+        if line.contains("relaying on") {
+            break;
+        }
+        before.push(line);
+    }
+    for line in &before {
+        assert!(!line.contains("WARN"), "{line}");
+    }
+    let note = relay.expect_log("private rooms");
+    assert!(
+        note.contains(secret) && note.contains("lobby is closed") && note.contains("udphub token"),
+        "{note}"
+    );
+}

@@ -150,6 +150,15 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         config.send_buffer,
         threads,
     )?;
+    if let Some(first) = members.first() {
+        socket::report_buffers(
+            first,
+            config.recv_buffer,
+            config.send_buffer,
+            config.recv_buffer != crate::config::DEFAULT_SOCKET_BUFFER
+                || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
+        );
+    }
     let (addr, recv_buffer, send_buffer) = match members.first() {
         Some(b) => (b.local_addr, b.recv_buffer, b.send_buffer),
         None => (config.bind, 0, 0),
@@ -174,6 +183,12 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         // One key for every loop: a cookie is valid whichever loop sees it.
         hub.cookie_key = Some(random_cookie_key()?);
         tracing::info!("verify mode: sources must prove their address with a cookie");
+    }
+    if let Some(warning) = config.exposure_warning() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(note) = config.private_rooms_note() {
+        tracing::info!("{note}");
     }
     let mut loops = Vec::with_capacity(threads);
     for b in members {
