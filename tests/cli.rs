@@ -435,3 +435,23 @@ fn the_start_log_says_private_rooms_and_no_buffer_warnings() {
         "{note}"
     );
 }
+
+/// `--cluster` to a NATS that is not running: the line names the URL and
+/// asks whether nats-server runs there and whether the URL is right.
+#[test]
+fn a_cluster_without_nats_says_where_and_what_to_check() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let relay = spawn_relay(&["--cluster", &url]);
+    let line = relay.expect_log("cannot connect to NATS");
+    assert!(
+        line.contains(&url)
+            && line.contains("is nats-server running")
+            && line.contains("--cluster"),
+        "{line}"
+    );
+}
