@@ -226,10 +226,36 @@ fn json_logs_are_one_object_per_line() {
             .contains("udphub relaying on"),
         "{line}"
     );
+    // The event's values as fields by name, not only in the message.
+    assert_eq!(v["event"], "start", "{line}");
+    assert_eq!(v["addr"], relay.addr.to_string(), "{line}");
+    assert_eq!(v["timeout_ms"], 10_000, "{line}");
+    assert_eq!(v["threads"], 1, "{line}");
+    assert!(v["recv_buffer"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(v["verify_sources"], false, "{line}");
+    let line = relay.expect_log("metrics on");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["event"], "metrics", "{line}");
+    assert_eq!(v["addr"], relay.metrics.unwrap().to_string(), "{line}");
     relay.signal("HUP");
     let line = relay.expect_log("SIGHUP");
     let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     assert!(v["message"].is_string(), "{line}");
+    assert_eq!(v["event"], "reload", "{line}");
+    let line = relay.expect_log("reload: nothing to change");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["event"], "reload_applied", "{line}");
+    relay.signal("TERM");
+    let line = relay.expect_log("received signal");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["signal"], 15, "{line}");
+    let line = relay.expect_log("said bye");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(
+        (v["event"].as_str(), v["delivered"].as_u64()),
+        (Some("bye"), Some(0)),
+        "{line}"
+    );
     usage_error(
         &["serve", "--log-format", "yaml"],
         &["--log-format", "text"],

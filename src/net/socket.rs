@@ -145,10 +145,25 @@ pub fn report_buffers(bound: &Bound, asked_recv: usize, asked_send: usize, expli
         capped.join(", "),
         sysctl.join(" ")
     );
+    let (recv, send) = (bound.recv_buffer, bound.send_buffer);
     if explicit {
-        tracing::warn!("{line}");
+        tracing::warn!(
+            event = "buffers_capped",
+            recv_buffer = recv,
+            send_buffer = send,
+            asked_recv,
+            asked_send,
+            "{line}"
+        );
     } else {
-        tracing::info!("{line}");
+        tracing::info!(
+            event = "buffers_capped",
+            recv_buffer = recv,
+            send_buffer = send,
+            asked_recv,
+            asked_send,
+            "{line}"
+        );
     }
 }
 
