@@ -914,10 +914,10 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     // After the last scrape (quits are the relay's datagrams too, and are
     // no part of the run): leave the relay as we found it.
     let quits_sent = e.leave_all();
-    let left = match &c.metrics_url {
-        Some(_) => Some(wait_left(c, &before, Duration::from_secs(2))),
-        None => None,
-    };
+    let left = c
+        .metrics_url
+        .as_ref()
+        .and_then(|_| wait_left(c, &before, Duration::from_secs(2)));
     let secs = sending_time.as_secs_f64().max(1e-9);
     let expected = e.expected();
     let relay_usage = c.relay_pid.map(|pid| {
@@ -983,7 +983,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         latency_us: Latency::from(&e.latency),
         relay_said_bye: e.bye,
         quits_sent,
-        clients_left_behind: left.flatten(),
+        clients_left_behind: left,
         relay_usage,
         metrics_check,
         timeline,

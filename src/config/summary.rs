@@ -113,11 +113,13 @@ mod tests {
     #[test]
     fn an_exposed_bind_warns_naming_public() {
         let at = |bind: &str, verify: bool, public: bool| {
-            let mut c = Config::default();
-            c.bind = bind.parse().unwrap();
-            c.verify_sources = verify;
-            c.public = public;
-            c.exposure_warning()
+            Config {
+                bind: bind.parse().unwrap(),
+                verify_sources: verify,
+                public,
+                ..Config::default()
+            }
+            .exposure_warning()
         };
         let w = at("0.0.0.0:9999", false, false).unwrap();
         assert!(w.contains("0.0.0.0:9999") && w.contains("--public"), "{w}");
