@@ -226,10 +226,36 @@ fn json_logs_are_one_object_per_line() {
             .contains("udphub relaying on"),
         "{line}"
     );
+    // The event's values as fields by name, not only in the message.
+    assert_eq!(v["event"], "start", "{line}");
+    assert_eq!(v["addr"], relay.addr.to_string(), "{line}");
+    assert_eq!(v["timeout_ms"], 10_000, "{line}");
+    assert_eq!(v["threads"], 1, "{line}");
+    assert!(v["recv_buffer"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(v["verify_sources"], false, "{line}");
+    let line = relay.expect_log("metrics on");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["event"], "metrics", "{line}");
+    assert_eq!(v["addr"], relay.metrics.unwrap().to_string(), "{line}");
     relay.signal("HUP");
     let line = relay.expect_log("SIGHUP");
     let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     assert!(v["message"].is_string(), "{line}");
+    assert_eq!(v["event"], "reload", "{line}");
+    let line = relay.expect_log("reload: nothing to change");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["event"], "reload_applied", "{line}");
+    relay.signal("TERM");
+    let line = relay.expect_log("received signal");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["signal"], 15, "{line}");
+    let line = relay.expect_log("said bye");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(
+        (v["event"].as_str(), v["delivered"].as_u64()),
+        (Some("bye"), Some(0)),
+        "{line}"
+    );
     usage_error(
         &["serve", "--log-format", "yaml"],
         &["--log-format", "text"],
@@ -366,4 +392,110 @@ fn token_refuses_lifetimes_that_mint_dead_tokens() {
     );
     let (code, err) = udphub(&mint("1s", secret));
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// A duplicate key in the config file is named with both lines, not
+/// taken for a quoting mistake.
+#[test]
+fn a_duplicate_config_key_names_both_lines() {
+    let f = util::temp_path("dup.toml");
+    std::fs::write(&f, "timeout = 30\nmetrics = \"off\"\ntimeout = 5\n").unwrap();
+    let f = f.to_str().unwrap();
+    usage_error(
+        &["serve", "--config", f],
+        &["duplicate key `timeout`", "line 3, first on line 1"],
+    );
+    let (_, stderr) = udphub(&["serve", "--config", f]);
+    assert!(!stderr.contains("need quotes"), "{stderr}");
+}
+
+/// Every subcommand that prints to stdout exits quietly when its reader
+/// has gone (`udphub completions fish | head -3`): status 0, nothing on
+/// stderr, no panic. The reader is a socket whose peer is closed, so
+/// every write is refused (EPIPE), whatever the timing.
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let secret = util::temp_path("pipe-secret");
+    std::fs::write(&secret, "k".repeat(32)).unwrap();
+    let secret = secret.to_str().unwrap();
+    let runs: [&[&str]; 6] = [
+        &["completions", "fish"],
+        &["completions", "bash"],
+        &["man"],
+        &["serve", "--check-config", "--metrics", "off"],
+        &[
+            "token",
+            "--room",
+            "red",
+            "--ttl",
+            "1h",
+            "--secret-file",
+            secret,
+        ],
+        &["--help"],
+    ];
+    for args in runs {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let out = Command::new(udphub_bin())
+            .args(args)
+            .stdout(Stdio::from(OwnedFd::from(ours)))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+/// The start log: private rooms announced with the lobby's state; capped
+/// socket buffers at their default sizes are no WARN line.
+#[test]
+fn the_start_log_says_private_rooms_and_no_buffer_warnings() {
+    let secret = util::temp_path("start-secret");
+    std::fs::write(&secret, "k".repeat(32)).unwrap();
+    let secret = secret.to_str().unwrap();
+    let relay = spawn_relay(&["--room-secret-file", secret, "--lobby", "closed"]);
+    let mut before = Vec::new();
+    loop {
+        let line = relay
+            .log
+            .recv_timeout(util::PATIENCE)
+            .expect("a start line");
+        if line.contains("relaying on") {
+            break;
+        }
+        before.push(line);
+    }
+    for line in &before {
+        assert!(!line.contains("WARN"), "{line}");
+    }
+    let note = relay.expect_log("private rooms");
+    assert!(
+        note.contains(secret) && note.contains("lobby is closed") && note.contains("udphub token"),
+        "{note}"
+    );
+}
+
+/// `--cluster` to a NATS that is not running: the line names the URL and
+/// asks whether nats-server runs there and whether the URL is right.
+#[test]
+fn a_cluster_without_nats_says_where_and_what_to_check() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let relay = spawn_relay(&["--cluster", &url]);
+    let line = relay.expect_log("cannot connect to NATS");
+    assert!(
+        line.contains(&url)
+            && line.contains("is nats-server running")
+            && line.contains("--cluster"),
+        "{line}"
+    );
 }

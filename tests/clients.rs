@@ -525,3 +525,91 @@ fn chat_says_why_a_room_refused_it() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("room \"solo\" is full"), "{stderr}");
 }
+
+/// A relay in verify mode answers a plain datagram with silence: `send`
+/// says it is verify mode and names `--verify`; `chat` says so and does the
+/// handshake itself, and its line is relayed.
+#[test]
+fn send_and_chat_name_verify_mode() {
+    let relay = spawn_relay(&["--verify-sources"]);
+    let server = relay.addr.to_string();
+    let out = Command::new(udphub_bin())
+        .args(["send", "--server", &server, "hi", "--wait", "200ms"])
+        .arg("--expect-reply")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no reply from") && stderr.contains("verify mode"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("add --verify"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    let out = Command::new(udphub_bin())
+        .args(["send", "--server", &server, "hi", "--verify"])
+        .args(["--expect-reply", "--wait", "2s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("hi. from 127.0.0.1:"), "{stdout}");
+
+    let mut chat = Command::new(udphub_bin())
+        .args(["chat", "--server", &server, "--linger", "2s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"proven\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in verify mode") && stderr.contains("nc"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("proven. from"),
+        "{stderr}"
+    );
+}
+
+/// Two silent drops made audible: `chat` without `--room` against a closed
+/// lobby stops with a line naming `--lobby closed` and `--room`; an
+/// unpadded `^join^` refused in silence (`^denied^token` is longer than
+/// it) gets `send` to say why and what to do.
+#[test]
+fn a_closed_lobby_and_a_short_join_are_explained() {
+    let secret = util::temp_path("secret");
+    std::fs::write(&secret, "a room secret of thirty-two bytes or more!").unwrap();
+    let secret = secret.to_string_lossy().to_string();
+    let relay = spawn_relay(&["--room-secret-file", &secret, "--lobby", "closed"]);
+    let server = relay.addr.to_string();
+    let out = Command::new(udphub_bin())
+        .args(["chat", "--server", &server])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("closed lobby")
+            && stderr.contains("--lobby closed")
+            && stderr.contains("--room ROOM --token"),
+        "{stderr}"
+    );
+
+    let out = Command::new(udphub_bin())
+        .args(["send", "--server", &server, "^join^red", "--wait", "200ms"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused in silence")
+            && stderr.contains("--room ROOM")
+            && stderr.contains("pad the join"),
+        "{stderr}"
+    );
+}

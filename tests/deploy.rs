@@ -336,3 +336,130 @@ fn a_real_prometheus_scrapes_the_relay_and_answers_the_dashboard() {
     assert_eq!(instance, "label_values(udphub_clients, instance)");
     assert!(!prom.query("udphub_clients", None).is_empty());
 }
+
+/// A file of the repository, as text.
+fn repo_text(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// One answer for the room secret under `DynamicUser=yes`: the unit's
+/// `LoadCredential=` lines (which verify once uncommented), the same in
+/// OPERATIONS.md and SECURITY.md, and no doc left suggesting a mode the
+/// dynamic user could not read (0640) or everyone could (0644).
+#[test]
+fn the_room_secret_has_one_answer_under_dynamic_user() {
+    let unit = std::fs::read_to_string(deploy("systemd/udphub.service")).unwrap();
+    let load = "LoadCredential=room.secret:/etc/udphub/room.secret";
+    let env = "Environment=UDPHUB_ROOM_SECRET_FILE=%d/room.secret";
+    for line in [load, env] {
+        assert!(
+            unit.contains(&format!("#{line}\n")),
+            "the unit lacks {line:?}"
+        );
+    }
+    let operations = repo_text("docs/OPERATIONS.md");
+    let security = repo_text("docs/SECURITY.md");
+    for (name, text) in [("OPERATIONS.md", &operations), ("SECURITY.md", &security)] {
+        assert!(
+            text.contains("LoadCredential="),
+            "{name} lacks LoadCredential="
+        );
+    }
+    assert!(operations.contains(load) && operations.contains(env));
+    for (name, text) in [
+        ("the unit", &unit),
+        ("OPERATIONS.md", &operations),
+        ("SECURITY.md", &security),
+        ("README.md", &repo_text("README.md")),
+    ] {
+        for line in text.lines().filter(|l| l.contains("secret")) {
+            assert!(
+                !line.contains("0640") && !line.contains("0644"),
+                "{name}: {line}"
+            );
+        }
+    }
+    // Uncommented, the unit still verifies.
+    assert!(require_tool("systemd-analyze"));
+    let dir = temp_path("unit-cred");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("udphub.service");
+    let enabled = unit
+        .replace(&format!("#{load}"), load)
+        .replace(&format!("#{env}"), env)
+        .replace("/usr/local/bin/udphub", util::udphub_bin());
+    std::fs::write(&copy, enabled).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify:\n{text}");
+    assert!(!text.contains("udphub.service:"), "warnings:\n{text}");
+}
+
+/// README, SECURITY.md and the unit each say in one paragraph what a plain
+/// client must do in verify mode (padded `^hello^`, `^cookie^C` back,
+/// prefix with it) and point to our clients; PROTOCOL.md no longer calls
+/// verify mode something v1 clients need not know about.
+#[test]
+fn plain_clients_are_told_the_handshake() {
+    for (name, text) in [
+        ("README.md", repo_text("README.md")),
+        ("docs/SECURITY.md", repo_text("docs/SECURITY.md")),
+        ("the unit", repo_text("deploy/systemd/udphub.service")),
+        ("docs/PROTOCOL.md", repo_text("docs/PROTOCOL.md")),
+    ] {
+        let flat = text.replace("\n# ", " ").replace('\n', " ");
+        for needle in [
+            "`^hello^` padded with spaces to 64 bytes",
+            "`^cookie^C`",
+            "udphub send --verify",
+        ] {
+            assert!(flat.contains(needle), "{name} lacks {needle:?}");
+        }
+    }
+    let protocol = repo_text("docs/PROTOCOL.md").replace('\n', " ");
+    assert!(
+        !protocol.contains("and verify mode above: additions v1 clients need not know about"),
+        "PROTOCOL.md still says v1 clients need not know about verify mode"
+    );
+    assert!(protocol.contains("Verify mode is not one of them"));
+}
+
+/// The Prometheus example scrapes what the install binds: every target in
+/// OPERATIONS.md's scrape config is a `metrics =` address of the install
+/// example, or loopback (a Prometheus on the relay's own host).
+#[test]
+fn the_prometheus_example_scrapes_what_the_relay_binds() {
+    let ops = repo_text("docs/OPERATIONS.md");
+    let bound: Vec<String> = ops
+        .split("metrics = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_string))
+        .collect();
+    assert!(!bound.is_empty(), "no `metrics =` in the install example");
+    let targets_line = ops
+        .lines()
+        .find(|l| l.trim_start().starts_with("- targets:"))
+        .expect("a scrape config");
+    let targets: Vec<&str> = targets_line.split('"').skip(1).step_by(2).collect();
+    assert!(!targets.is_empty(), "{targets_line}");
+    let private = |t: &str| {
+        t.parse::<SocketAddr>().is_ok_and(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) => ip.is_private() || ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => ip.is_loopback(),
+        })
+    };
+    for t in &targets {
+        assert!(
+            private(t),
+            "target {t} is not a private or loopback address"
+        );
+    }
+    assert!(
+        bound.iter().any(|b| targets.contains(&b.as_str())),
+        "the install binds metrics to {bound:?}, the scrape config targets {targets:?}"
+    );
+}

@@ -347,6 +347,28 @@ impl Engine {
         d
     }
 
+    /// Every client leaves: `quit`, or in verify mode the proven
+    /// `^cookie^C^quit` (an unproven one is ignored there), paced as
+    /// registration is. Without it the relay keeps this run's clients for
+    /// its `--timeout`, and a second run within it counts their deliveries
+    /// as its own losses. Returns how many quits were sent.
+    pub fn leave_all(&mut self) -> u64 {
+        let mut sent = 0;
+        for (n, c) in self.clients.iter().enumerate() {
+            let quit = match (&self.cookies[n], self.verify) {
+                (Some((cookie, _)), true) => [&b"^cookie^"[..], cookie, b"^quit"].concat(),
+                _ => b"quit".to_vec(),
+            };
+            if send_retrying(&c.sock, &quit, self.relay_of(n)).is_ok() {
+                sent += 1;
+            }
+            if n % 64 == 63 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        sent
+    }
+
     /// The first heartbeat of every client, paced (64 per millisecond) so
     /// that a relay with a small receive buffer isn't flooded into
     /// dropping the same late-comers every time.
@@ -720,6 +742,29 @@ pub fn parse_payload(s: &str) -> Result<usize, String> {
 }
 
 /// Runs the scenario and reports.
+/// With `--metrics-url`, after the quits: waits (bounded by `limit`,
+/// polling the relay's gauge) until `udphub_clients` is back where it was
+/// before the run; returns how many of ours it still has then, if any
+/// (`None` when it is back, or cannot be read).
+fn wait_left(
+    c: &crate::report::Common,
+    before: &Option<metrics::Scrape>,
+    limit: Duration,
+) -> Option<u64> {
+    let base = before.as_ref().map_or(0.0, |b| b.get("udphub_clients"));
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = c.scrape_optional().ok().flatten()?.get("udphub_clients");
+        if now <= base {
+            return None;
+        }
+        if Instant::now() >= deadline {
+            return Some((now - base) as u64);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let c = &args.common;
     let relays = c.relay_addrs()?;
@@ -728,6 +773,16 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         return Err("--clients must be at least 1".into());
     }
     let before = c.scrape_optional()?;
+    if let Some(already) = before
+        .as_ref()
+        .map(|b| b.get("udphub_clients"))
+        .filter(|n| *n > 0.0)
+    {
+        eprintln!(
+            "loadtest: warning: the relay already has {} (udphub_clients) before this run: a previous run's (within the relay's --timeout) or someone else's; their share of the fan-out shows up here as relay deliveries \"lost after the relay\". Wait for them to expire, or restart the relay, for a clean measurement",
+            crate::report::plural(already as usize, "client")
+        );
+    }
     let mut e = Engine::new(
         &relays,
         args.clients,
@@ -856,6 +911,13 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let after = c.scrape_optional()?;
+    // After the last scrape (quits are the relay's datagrams too, and are
+    // no part of the run): leave the relay as we found it.
+    let quits_sent = e.leave_all();
+    let left = c
+        .metrics_url
+        .as_ref()
+        .and_then(|_| wait_left(c, &before, Duration::from_secs(2)));
     let secs = sending_time.as_secs_f64().max(1e-9);
     let expected = e.expected();
     let relay_usage = c.relay_pid.map(|pid| {
@@ -920,6 +982,8 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         deliveries_per_s: delivered_while_sending as f64 / secs,
         latency_us: Latency::from(&e.latency),
         relay_said_bye: e.bye,
+        quits_sent,
+        clients_left_behind: left,
         relay_usage,
         metrics_check,
         timeline,

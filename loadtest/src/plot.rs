@@ -77,19 +77,25 @@ fn panel(s: &mut String, top: f64, label: &str, t_max: f64, series: &[Series<'_>
         top - 6.0,
         escape(label)
     );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text>"#,
-        left - 4.0,
-        top + 10.0,
-        y_max
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="end">0</text>"#,
-        left - 4.0,
-        top + PANEL
-    );
+    // Ticks at round values (0, 1/2/5 × 10^k steps) with light grid
+    // lines, so a reader can read a value off the line, not only the range.
+    for value in ticks(y_max) {
+        let y = top + PANEL - PANEL * value / y_max;
+        if value > 0.0 {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#e0e0e0"/>"##,
+                left + w
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 4.0,
+            y + 4.0,
+            tick_label(value)
+        );
+    }
     let _ = writeln!(
         s,
         r#"<text x="{}" y="{}" text-anchor="end">{:.1} s</text>"#,
@@ -118,6 +124,42 @@ fn panel(s: &mut String, top: f64, label: &str, t_max: f64, series: &[Series<'_>
     }
 }
 
+/// Round tick values from 0 up to `max`: four to ten of them, a step of
+/// 1, 2 or 5 times a power of ten.
+fn ticks(max: f64) -> Vec<f64> {
+    if !(max.is_finite() && max > 0.0) {
+        return vec![0.0];
+    }
+    let rough = max / 8.0;
+    let magnitude = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= rough)
+        .unwrap_or(10.0 * magnitude);
+    (0..=10)
+        .map(|i| i as f64 * step)
+        .take_while(|v| *v <= max)
+        .collect()
+}
+
+/// A tick value, short: `250`, `1.5k`, `2M`, `0.5`.
+fn tick_label(v: f64) -> String {
+    let trim = |x: f64| {
+        let t = format!("{x:.1}");
+        t.strip_suffix(".0").map(str::to_string).unwrap_or(t)
+    };
+    if v >= 1e6 {
+        format!("{}M", trim(v / 1e6))
+    } else if v >= 1e3 {
+        format!("{}k", trim(v / 1e3))
+    } else if v >= 1.0 || v == 0.0 {
+        trim(v)
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -143,5 +185,27 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 3);
         assert!(svg.contains("a &lt;test&gt;"));
         assert!(svg.trim_end().ends_with("</svg>"));
+        // Intermediate ticks on both y axes, not only 0 and the top.
+        for label in [">1k<", ">2k<", ">5k<", ">10<", ">20<", ">40<"] {
+            assert!(svg.contains(label), "no tick {label} in {svg}");
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_within_the_axis() {
+        assert_eq!(
+            ticks(5500.0),
+            vec![0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0]
+        );
+        assert_eq!(ticks(44.0), vec![0.0, 10.0, 20.0, 30.0, 40.0]);
+        assert_eq!(ticks(0.0), vec![0.0]);
+        for max in [0.3, 7.0, 123.0, 9.9e6] {
+            let t = ticks(max);
+            assert!((4..=11).contains(&t.len()), "{max}: {t:?}");
+            assert!(t.iter().all(|v| *v <= max));
+        }
+        assert_eq!(tick_label(1500.0), "1.5k");
+        assert_eq!(tick_label(2e6), "2M");
+        assert_eq!(tick_label(250.0), "250");
     }
 }

@@ -240,6 +240,14 @@ pub struct FanoutReport {
     pub latency_local_us: Option<Latency>,
     /// Several relays: latency of deliveries that crossed relays.
     pub latency_cross_node_us: Option<Latency>,
+    /// `quit`s sent at the end (proven with the cookie in verify mode), so
+    /// the relay is left as it was found.
+    pub quits_sent: u64,
+    /// With `--metrics-url`: clients of this run the relay still had when
+    /// loadtest stopped waiting (2 s) for the quits to land; absent when
+    /// every one left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients_left_behind: Option<u64>,
     /// With `--flood`: what the flooding member did and got through.
     pub flood: Option<crate::flood::FloodReport>,
 }
@@ -248,8 +256,12 @@ impl FanoutReport {
     /// The human-readable table.
     pub fn print_table(&self) {
         println!(
-            "fanout against {} ({}; {} clients, {} senders, {} B)",
-            self.relay, self.mode, self.clients, self.senders, self.payload_bytes
+            "fanout against {} ({}; {}, {}, {} B)",
+            self.relay,
+            self.mode,
+            plural(self.clients, "client"),
+            plural(self.senders, "sender"),
+            self.payload_bytes
         );
         row(
             "sent",
@@ -351,13 +363,19 @@ impl FanoutReport {
                     m.relay_deliveries, m.loadtest_deliveries, m.lost_after_relay
                 ),
             );
-            row(
-                "relay drops",
+            row("relay drops", reasons(&m.relay_dropped));
+            row("delivery drops", reasons(&m.relay_delivery_dropped));
+            row("kernel rx drops", format!("{}", m.relay_kernel_rx_dropped));
+        }
+        match self.clients_left_behind {
+            Some(n) => row(
+                "left",
                 format!(
-                    "{:?} deliveries {:?} kernel rx {}",
-                    m.relay_dropped, m.relay_delivery_dropped, m.relay_kernel_rx_dropped
+                    "{} quits sent; the relay still has {n} of this run's clients (they expire after its --timeout)",
+                    self.quits_sent
                 ),
-            );
+            ),
+            None => row("left", format!("{} quits sent", self.quits_sent)),
         }
         if self.relay_said_bye {
             row(
@@ -366,6 +384,36 @@ impl FanoutReport {
             );
         }
     }
+}
+
+/// `1 sender`, `2 senders`.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// Drops by reason, `none` when there were none: `rate_limited 12,
+/// unverified 3` (the reason label alone, from
+/// `udphub_dropped_total{reason="rate_limited"}`).
+pub fn reasons(drops: &[(String, f64)]) -> String {
+    if drops.is_empty() {
+        return "none".into();
+    }
+    drops
+        .iter()
+        .map(|(series, n)| {
+            let reason = series
+                .split("reason=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or(series);
+            format!("{reason} {n}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One `label: value` line of a table.

@@ -69,8 +69,12 @@ impl SinkReport {
     /// The human-readable table.
     pub fn print_table(&self) {
         println!(
-            "sink against {} ({} clients, {} senders at {:.0} msgs/s, {:.2} s)",
-            self.relay, self.clients, self.senders, self.rate, self.seconds
+            "sink against {} ({}, {} at {:.0} msgs/s, {:.2} s)",
+            self.relay,
+            crate::report::plural(self.clients, "client"),
+            crate::report::plural(self.senders, "sender"),
+            self.rate,
+            self.seconds
         );
         println!(
             "  deliveries (kernel)   {} ({:.0}/s; {} at full receive queues)",

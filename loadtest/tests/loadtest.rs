@@ -982,3 +982,99 @@ fn assert_counters_agree(r: &Value) {
         "{m}"
     );
 }
+
+/// loadtest leaves the relay clean: its clients `quit` at the end (proven
+/// with the cookie in verify mode), so a second run within the relay's
+/// `--timeout` finds no clients and loses nothing after the relay; a
+/// client already there is named in a warning at start. The table reads
+/// as words: `1 sender`, `relay drops none`.
+#[test]
+fn a_second_run_finds_the_relay_clean() {
+    for (serve, extra) in [
+        (&[][..], &[][..]),
+        (&["--verify-sources"][..], &["--verify"][..]),
+    ] {
+        let Some((child, addr, url)) = spawn_udphub(serve) else {
+            return;
+        };
+        // Killed on drop, so a failed assertion leaves no relay behind.
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _relay = Kill(child);
+        let mut args = vec![
+            "--relay",
+            &addr,
+            "--clients",
+            "8",
+            "--duration",
+            "300ms",
+            "--metrics-url",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = loadtest(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("already has"), "{stderr}");
+        assert!(stdout.contains("8 clients, 1 sender,"), "{stdout}");
+        let row = |label: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.trim_start().strip_prefix(label))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {label:?} row in {stdout}"))
+                .to_string()
+        };
+        if serve.is_empty() {
+            assert_eq!(row("relay drops"), "none", "{stdout}");
+        } else {
+            // The handshake's own probes: by reason, in words.
+            let drops = row("relay drops");
+            assert!(
+                drops == "none" || drops.starts_with("unverified "),
+                "{stdout}"
+            );
+        }
+        assert_eq!(row("delivery drops"), "none", "{stdout}");
+        assert_eq!(row("left"), "8 quits sent", "{stdout}");
+        assert!(!stdout.contains("still has"), "{stdout}");
+        assert!(!stdout.contains("[]"), "{stdout}");
+
+        args.push("--json");
+        let (code, stdout, stderr) = loadtest(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("already has"), "{stderr}");
+        let r: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(
+            r["metrics_check"]["lost_after_relay"].as_f64(),
+            Some(0.0),
+            "{r}"
+        );
+        assert_eq!(r["quits_sent"], 8, "{r}");
+        assert!(r.get("clients_left_behind").is_none(), "{r}");
+
+        if serve.is_empty() {
+            // Someone else's client: registered (its padded question
+            // answered), then named at the start of the next run.
+            let stray = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            stray
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut ask = b"^timeout^".to_vec();
+            ask.resize(32, b' ');
+            stray.send_to(&ask, &addr).unwrap();
+            let mut buf = [0u8; 64];
+            let n = stray.recv(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"^timeout^"));
+            let (_, _, stderr) = loadtest(&args);
+            assert!(
+                stderr.contains("warning: the relay already has 1 client (udphub_clients)"),
+                "{stderr}"
+            );
+        }
+    }
+}

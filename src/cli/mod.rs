@@ -62,7 +62,7 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
             if args.check_config {
-                println!("{}", config.summary());
+                print_out(format!("{}\n", config.summary()).as_bytes())?;
                 return Ok(Exit::Done);
             }
             init_logging(&config.log_level, config.log_format)?;
@@ -76,13 +76,16 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "udphub", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "udphub", &mut script);
+            print_out(&script)?;
             Ok(Exit::Done)
         }
         Command::Man => {
             use clap::CommandFactory;
-            man_page(Cli::command(), &mut std::io::stdout())
-                .map_err(|e| Error::io("write the man page", e))?;
+            let mut page = Vec::new();
+            man_page(Cli::command(), &mut page).map_err(|e| Error::io("write the man page", e))?;
+            print_out(&page)?;
             Ok(Exit::Done)
         }
         Command::Chat(args) => crate::clients::chat::run(&args).map(|()| Exit::Done),
@@ -101,8 +104,34 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
                 );
                 Ok(Exit::NoReply)
             }
+            Sent::Silent(why) => {
+                eprintln!(
+                    "udphub: no reply from {} within {}: {why}",
+                    args.server,
+                    humantime::format_duration(args.wait)
+                );
+                Ok(if args.expect_reply {
+                    Exit::NoReply
+                } else {
+                    Exit::Done
+                })
+            }
             Sent::Replies(_) => Ok(Exit::Done),
         },
+    }
+}
+
+/// Writes `bytes` to stdout. A reader that has gone (`udphub completions
+/// fish | head -3`) is not an error: what it wanted it read, and the rest
+/// is nobody's (a quiet exit 0, as `cat` would exit quietly by SIGPIPE).
+pub fn print_out(bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("write to stdout", e))
+        }
+        _ => Ok(()),
     }
 }
 

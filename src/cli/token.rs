@@ -104,6 +104,6 @@ pub fn run(args: &TokenArgs) -> Result<(), Error> {
             "--not-before is as late as --ttl or later: the token would expire before it is valid; --ttl counts from now, so make it longer than --not-before".into(),
         ));
     }
-    println!("{}", token::mint(&secret, &claims));
+    super::print_out(format!("{}\n", token::mint(&secret, &claims)).as_bytes())?;
     Ok(())
 }

@@ -215,6 +215,22 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         .try_clone()
         .map_err(|e| Error::io("clone the chat socket", e))?;
     let probe = crate::clients::room::probe(&socket, PROBE_WAIT);
+    if probe.cookie.is_some() {
+        eprintln!(
+            "udphub: the relay at {server} is in verify mode (--public): proving our address with its cookie (plain clients such as nc get no answer there; see docs/PROTOCOL.md)"
+        );
+    }
+    // A closed lobby drops a roomless client's lines in silence: a relay
+    // that did not answer the probe (or answered only with a cookie) is
+    // asked whether its lobby is open.
+    if args.room.room.is_none()
+        && probe.timeout.is_none()
+        && crate::clients::room::lobby_closed(&socket, probe.cookie.as_deref(), PROBE_WAIT)
+    {
+        return Err(Error::Refused(format!(
+            "the relay at {server} has a closed lobby (serve --lobby closed): lines sent outside a room are dropped; pass --room ROOM --token TOKEN (whoever runs the relay mints tokens with `udphub token`)"
+        )));
+    }
     let link = Link::with_cookie(
         args.heartbeat,
         probe.cookie.clone(),

@@ -143,6 +143,43 @@ pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
     }
 }
 
+/// Whether the relay's lobby is closed (`serve --lobby closed`): asks to
+/// join the lobby (`[^cookie^C]^join^`, padded so a refusal fits) and
+/// hears `^denied^token`. Without a room a client's lines would then be
+/// dropped (`lobby_closed`) in silence. `false` on an answer of `^room^`,
+/// on silence, or when nothing listens.
+pub(crate) fn lobby_closed(sock: &UdpSocket, cookie: Option<&[u8]>, wait: Duration) -> bool {
+    let mut request = join_request("", None, cookie);
+    request.resize(request.len().max(protocol::TIMEOUT_QUERY_LEN), b' ');
+    let deadline = Instant::now() + wait;
+    let mut ask_at = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        let now = Instant::now();
+        if now >= ask_at {
+            if sock.send(&request).is_err() {
+                return false;
+            }
+            ask_at = now + RETRY;
+        }
+        let left = deadline.saturating_duration_since(now).min(ask_at - now);
+        if deadline <= now || sock.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n].starts_with(protocol::DENIED_REPLY) => return true,
+            Ok(n) if buf[..n].starts_with(protocol::ROOM_REPLY) => return false,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 /// `[^cookie^C]^join^ROOM[^TOKEN]`, padded so that any answer fits.
 fn join_request(room: &str, token: Option<&str>, cookie: Option<&[u8]>) -> Vec<u8> {
     let mut request = Vec::new();

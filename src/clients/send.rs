@@ -13,6 +13,7 @@ use clap::Args;
 use crate::clients::chat::resolve;
 use crate::clients::room::{self, RoomArgs};
 use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
+use crate::core::protocol;
 use crate::error::Error;
 
 /// `udphub send` flags.
@@ -53,10 +54,13 @@ pub struct SendArgs {
 }
 
 /// What a send came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sent {
     /// This many replies arrived within `--wait`.
     Replies(usize),
+    /// Nothing arrived, and this is why as far as we can tell (a relay in
+    /// verify mode, a join too short for its refusal), with the fix.
+    Silent(String),
     /// The kernel reported "connection refused": nothing listens there.
     NotListening(SocketAddr),
 }
@@ -125,7 +129,8 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
     let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
     sock.connect(server).map_err(|e| Error::io("connect", e))?;
     let wait = args.wait.max(Duration::from_secs(1));
-    if args.verify || args.room.room.is_some() {
+    let proving = args.verify || args.room.room.is_some();
+    if proving {
         let probe = room::probe(&sock, wait);
         if let (Some(cookie), None) = (&probe.cookie, &args.room.room) {
             // Verify mode, no room: the cookie registers us in the lobby.
@@ -170,8 +175,45 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
             Err(e) => return Err(Error::io("receive", e)),
         }
     }
+    // `--wait 0s` is fire and forget: no replies wanted, nothing to ask.
+    if replies == 0 && !args.wait.is_zero() {
+        if let Some(why) = why_silent(&sock, server, &message, proving) {
+            return Ok(Sent::Silent(why));
+        }
+    }
     Ok(Sent::Replies(replies))
 }
+
+/// After silence: why, if the relay will tell. A relay in verify mode
+/// answers nobody unproven except a `^hello^` padded to 64 bytes (its
+/// cookie, never more bytes than it was sent), so one padded probe tells
+/// verify mode apart from a relay that had nothing to say. A `^join^`
+/// shorter than its refusal (`^denied^token` is 14 bytes) is refused in
+/// silence, by the same rule.
+fn why_silent(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    message: &[u8],
+    proving: bool,
+) -> Option<String> {
+    if !proving && room::probe(sock, PROBE_WAIT).cookie.is_some() {
+        return Some(format!(
+            "the relay at {server} is in verify mode (--public / --verify-sources): it ignores every datagram until the sender proves its address with the cookie handshake; add --verify (or --room ROOM), or see docs/PROTOCOL.md \"Verify mode\" for a plain client"
+        ));
+    }
+    let body = message.trim_ascii();
+    if body.starts_with(protocol::JOIN) && message.len() < protocol::TIMEOUT_QUERY_LEN {
+        return Some(format!(
+            "a refused join is answered only when `^denied^REASON` fits in the request (the relay never sends more bytes than it got), so this {}-byte join may have been refused in silence; use --room ROOM [--token TOKEN], or pad the join with spaces to {} bytes",
+            message.len(),
+            protocol::TIMEOUT_QUERY_LEN
+        ));
+    }
+    None
+}
+
+/// How long to wait for the relay to answer a probe after silence.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

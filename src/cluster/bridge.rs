@@ -127,14 +127,18 @@ async fn run(mut b: Bridge) {
     let said = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
         Duration::from_secs(1),
     ))));
+    let failed = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
+        Duration::from_secs(60),
+    ))));
     let events = {
         let log = Arc::clone(&log);
         let trouble = trouble.clone();
         let metrics = b.metrics.clone();
         move |event: async_nats::Event| {
-            let (connected, log, said, gauge, servers, trouble) = (
+            let (connected, log, failed, said, gauge, servers, trouble) = (
                 Arc::clone(&connected),
                 Arc::clone(&log),
+                Arc::clone(&failed),
                 Arc::clone(&said),
                 gauge.clone(),
                 servers.clone(),
@@ -170,10 +174,19 @@ async fn run(mut b: Bridge) {
                     // A failed attempt (retried every second at most): with
                     // the connection changes, with the reason TLS left if it
                     // was TLS (async-nats itself only says "IO error").
+                    // async-nats says only "IO error" for a refused or
+                    // unreachable server: the line says where it tried and
+                    // what to check, once, then at most once a minute
+                    // while it keeps failing (attempts go on every second).
                     None if matches!(event, async_nats::Event::ClientError(_)) => {
-                        let why = trouble.take().unwrap_or_else(|| event.to_string());
-                        if let Ok(mut l) = log.lock() {
-                            l.log(false, &format!("cannot connect to NATS ({servers}): {why}"));
+                        let why = trouble.take().unwrap_or_else(|| {
+                            format!("{event}; is nats-server running there, and is the --cluster URL right? Retrying every second; local rooms go on")
+                        });
+                        if let Ok(mut l) = failed.lock() {
+                            l.log(
+                                false,
+                                &format!("cannot connect to NATS at {servers}: {why}"),
+                            );
                         }
                     }
                     // The server's complaints (a permissions violation comes

@@ -62,6 +62,16 @@ fn line_of_key(text: &str, key: &str) -> usize {
         .map_or(0, |i| i + 1)
 }
 
+/// The key set twice, when TOML says the line at fault (`timeout = 5`)
+/// repeats one (its message is "duplicate key", the key not named).
+fn duplicate_key<'a>(msg: &str, line: &'a str) -> Option<&'a str> {
+    if !msg.starts_with("duplicate key") {
+        return None;
+    }
+    let (key, _) = line.split_once('=')?;
+    Some(key.trim().trim_matches(['"', '\''])).filter(|k| !k.is_empty())
+}
+
 /// Parses the file's text; errors start with ", line N: " (or ": ").
 fn parse_file(text: &str) -> Result<Layer, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
@@ -69,6 +79,13 @@ fn parse_file(text: &str) -> Result<Layer, String> {
         match e.span() {
             Some(span) => {
                 let (n, line) = line_at(text, span.start);
+                if let Some(key) = duplicate_key(&msg, line) {
+                    // Not a quoting problem: say which two lines collide.
+                    let first = line_of_key(text, key);
+                    return format!(
+                        ", line {n}: duplicate key `{key}` (line {n}, first on line {first}); keep one of them"
+                    );
+                }
                 let hint = match line.split_once('=') {
                     Some((key, value))
                         if !value.trim().starts_with(['"', '\''])

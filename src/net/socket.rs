@@ -93,18 +93,6 @@ pub fn bind(
         };
     let got_recv = socket.recv_buffer_size().unwrap_or(0);
     let got_send = socket.send_buffer_size().unwrap_or(0);
-    for (name, sysctl, asked, got) in [
-        ("SO_RCVBUF", "net.core.rmem_max", recv_buffer, got_recv),
-        ("SO_SNDBUF", "net.core.wmem_max", send_buffer, got_send),
-    ] {
-        // Linux grants min(asked, cap) and reports double that.
-        if got / 2 < asked {
-            tracing::warn!(
-                "{name} capped at {} bytes (asked for {asked}); raise the cap with `sysctl -w {sysctl}={asked}`",
-                got / 2
-            );
-        }
-    }
     let local_addr = socket
         .local_addr()
         .ok()
@@ -118,6 +106,65 @@ pub fn bind(
         send_buffer: got_send / 2,
         pktinfo,
     })
+}
+
+/// Says once per process (not per loop) when the kernel granted smaller
+/// socket buffers than asked (it caps them at `net.core.{r,w}mem_max`;
+/// Linux grants min(asked, cap)). With the default sizes that is an info
+/// line: the relay runs well on the kernel's cap, and a newcomer can do
+/// nothing about it at start; the sysctl is there for whoever sees kernel
+/// drops (`udphub_kernel_rx_dropped_total`). Sizes the operator asked for
+/// (`explicit`) and did not get are a warning.
+pub fn report_buffers(bound: &Bound, asked_recv: usize, asked_send: usize, explicit: bool) {
+    let mut capped = Vec::new();
+    let mut sysctl = Vec::new();
+    for (name, knob, asked, got) in [
+        (
+            "SO_RCVBUF",
+            "net.core.rmem_max",
+            asked_recv,
+            bound.recv_buffer,
+        ),
+        (
+            "SO_SNDBUF",
+            "net.core.wmem_max",
+            asked_send,
+            bound.send_buffer,
+        ),
+    ] {
+        if got < asked {
+            capped.push(format!("{name} {got} B of {asked} B asked"));
+            sysctl.push(format!("{knob}={asked}"));
+        }
+    }
+    if capped.is_empty() {
+        return;
+    }
+    let line = format!(
+        "socket buffers capped by the kernel: {}; if udphub_kernel_rx_dropped_total grows under bursts, raise the cap with `sysctl -w {}`",
+        capped.join(", "),
+        sysctl.join(" ")
+    );
+    let (recv, send) = (bound.recv_buffer, bound.send_buffer);
+    if explicit {
+        tracing::warn!(
+            event = "buffers_capped",
+            recv_buffer = recv,
+            send_buffer = send,
+            asked_recv,
+            asked_send,
+            "{line}"
+        );
+    } else {
+        tracing::info!(
+            event = "buffers_capped",
+            recv_buffer = recv,
+            send_buffer = send,
+            asked_recv,
+            asked_send,
+            "{line}"
+        );
+    }
 }
 
 /// The sockets of `n` loops on one address, and the relay's claim on it.

@@ -32,6 +32,19 @@ fn env_filter(spec: &str) -> Result<(EnvFilter, Option<String>), Error> {
     Ok((filter, note))
 }
 
+/// Text lines show an event's message alone: its fields (`event`,
+/// `addr`, …) are for JSON lines and log shippers, and every message
+/// already says their values in words.
+fn message_only() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        if field.name() == "message" {
+            write!(writer, "{value:?}")
+        } else {
+            Ok(())
+        }
+    })
+}
+
 /// Logs to stderr with the given `tracing` filter (see [`log_filter`]),
 /// as text or JSON lines. The filter can be changed later with
 /// [`set_log_level`].
@@ -48,7 +61,8 @@ pub fn init_logging(spec: &str, format: LogFormat) -> Result<(), Error> {
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false),
+                    .with_target(false)
+                    .fmt_fields(message_only()),
             )
             .try_init(),
         LogFormat::Json => registry

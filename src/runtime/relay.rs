@@ -155,11 +155,31 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         config.send_buffer,
         threads,
     )?;
+    if let Some(first) = members.first() {
+        socket::report_buffers(
+            first,
+            config.recv_buffer,
+            config.send_buffer,
+            config.recv_buffer != crate::config::DEFAULT_SOCKET_BUFFER
+                || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
+        );
+    }
     let (addr, recv_buffer, send_buffer) = match members.first() {
         Some(b) => (b.local_addr, b.recv_buffer, b.send_buffer),
         None => (config.bind, 0, 0),
     };
     tracing::info!(
+        event = "start",
+        addr = %addr,
+        timeout_ms = config.timeout.as_millis() as u64,
+        echo = !config.no_echo,
+        max_datagram = config.max_datagram,
+        max_clients = config.max_clients,
+        threads,
+        recv_buffer,
+        send_buffer,
+        verify_sources = config.verify_sources,
+        private_rooms = config.room_secret_file.is_some(),
         "udphub relaying on {} (timeout {}, echo {}, max datagram {} B, max clients {}){}; SO_RCVBUF {} B, SO_SNDBUF {} B",
         addr,
         humantime::format_duration(config.timeout),
@@ -178,7 +198,20 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
     if config.verify_sources {
         // One key for every loop: a cookie is valid whichever loop sees it.
         hub.cookie_key = Some(random_cookie_key()?);
-        tracing::info!("verify mode: sources must prove their address with a cookie");
+        tracing::info!(
+            event = "verify_mode",
+            "verify mode: sources must prove their address with a cookie"
+        );
+    }
+    if let Some(warning) = config.exposure_warning() {
+        tracing::warn!(event = "exposed", bind = %config.bind, "{warning}");
+    }
+    if let Some(note) = config.private_rooms_note() {
+        tracing::info!(
+            event = "private_rooms",
+            lobby_open = config.lobby == crate::config::Lobby::Open,
+            "{note}"
+        );
     }
     let mut loops = Vec::with_capacity(threads);
     for b in members {
@@ -212,6 +245,10 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
         let buses = Bus::start(&cluster, &wakers, epoch)?;
         tracing::info!(
+            event = "cluster",
+            cluster = %cluster.name,
+            node = %cluster.node_id,
+            servers = %cluster.servers.join(","),
             "cluster {:?}: node {:?}, NATS {} (rooms are shared with every relay of the cluster{})",
             cluster.name,
             cluster.node_id,
@@ -387,6 +424,9 @@ impl Service for Relay {
             BYE_PATIENCE,
         );
         tracing::info!(
+            event = "bye",
+            delivered = report.delivered,
+            undelivered = report.dropped.iter().sum::<u64>(),
             "said bye to {} client{} ({} not delivered)",
             report.delivered,
             if report.delivered == 1 { "" } else { "s" },

@@ -72,7 +72,7 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
         .unwrap_or(config.bind);
     let metrics = metrics.map(|m| m.local_addr);
     if let Some(addr) = metrics {
-        tracing::info!("metrics on http://{addr}/metrics");
+        tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
     if let Some(path) = &config.ready_file {
         write_ready_file(path, "udp", local, metrics)?;
@@ -124,19 +124,19 @@ fn reload_now(
         Some(path) => format!("config file {}", path.display()),
         None => "flags and environment (no --config file: nothing can change)".to_string(),
     };
-    tracing::info!("SIGHUP: reloading from {source}");
+    tracing::info!(event = "reload", source = %source, "SIGHUP: reloading from {source}");
     let wanted = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {
             metrics::counter!("udphub_config_reloads_total", "result" => "failed").increment(1);
             metrics::gauge!("udphub_config_last_reload_successful").set(0.0);
-            tracing::error!("reload failed, keeping the running configuration: {e}");
+            tracing::error!(event = "reload_failed", error = %e, "reload failed, keeping the running configuration: {e}");
             return;
         }
     };
     let plan = reload::plan(running, wanted);
     for refused in &plan.refused {
-        tracing::warn!("reload: {refused}");
+        tracing::warn!(event = "reload_refused", setting = %refused, "reload: {refused}");
     }
     if let Some(keys) = cluster_keys {
         keys.rotate(plan.config.cluster_key.clone(), Instant::now());
@@ -150,9 +150,14 @@ fn reload_now(
     metrics::counter!("udphub_config_reloads_total", "result" => "applied").increment(1);
     metrics::gauge!("udphub_config_last_reload_successful").set(1.0);
     if plan.changed.is_empty() {
-        tracing::info!("reload: nothing to change");
+        tracing::info!(
+            event = "reload_applied",
+            changed = "",
+            "reload: nothing to change"
+        );
     } else {
-        tracing::info!("reload: applied {}", plan.changed.join("; "));
+        let changed = plan.changed.join("; ");
+        tracing::info!(event = "reload_applied", changed = %changed, "reload: applied {changed}");
     }
     // Last, so that the lines above are logged at the level they were
     // asked at.
@@ -355,7 +360,11 @@ fn supervise<S: Service + Send + 'static>(
                         tracing::warn!("second signal ({sig}): exiting at once");
                         std::process::exit(SECOND_SIGNAL_EXIT);
                     }
-                    tracing::info!("received signal {sig}; shutting down (again to exit at once)");
+                    tracing::info!(
+                        event = "signal",
+                        signal = sig,
+                        "received signal {sig}; shutting down (again to exit at once)"
+                    );
                     stop = true;
                 }
             }

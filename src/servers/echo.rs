@@ -155,6 +155,7 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
         DEFAULT_SOCKET_BUFFER,
         false,
     )?;
+    socket::report_buffers(&bound, DEFAULT_SOCKET_BUFFER, DEFAULT_SOCKET_BUFFER, false);
     tracing::info!(
         "udphub echo on {}{}",
         bound.local_addr,
