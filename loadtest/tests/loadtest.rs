@@ -689,8 +689,11 @@ fn every_scenario_has_verify() {
 /// relay's counters still account for every delivery.
 #[test]
 fn a_flooding_member_gets_only_its_allowance() {
+    // (Rates kept well below what 2 busy cores receive: what passes the
+    // limit reaches 9 sockets, and a receiver the scheduler starves would
+    // count kernel drops as losses.)
     let r = run_against_udphub(
-        &["--client-rate", "5000", "--client-burst", "100"],
+        &["--client-rate", "2000", "--client-burst", "100"],
         &[
             "fanout",
             "--clients",
@@ -700,7 +703,7 @@ fn a_flooding_member_gets_only_its_allowance() {
             "--duration",
             "1s",
             "--flood",
-            "20000",
+            "10000",
         ],
     );
     if r.is_null() {
