@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use util::cluster::{member, until_connected};
 use util::nats::Nats;
 use util::{metric, metric_sum, spawn_relay, Client, RelayProc, PATIENCE};
 
@@ -17,14 +18,6 @@ fn node(url: &str, id: &str) -> RelayProc {
     let relay = spawn_relay(&["--cluster", url, "--node-id", id, "--format", "raw"]);
     relay.wait_metric("udphub_cluster_connected", 1.0);
     relay
-}
-
-/// A client of `relay` in `room` (the answer checked).
-fn member(relay: &RelayProc, room: &str) -> Client {
-    let c = Client::new(relay.addr);
-    c.send(format!("^join^{room}").as_bytes());
-    assert_eq!(c.recv(), format!("^room^{room}").into_bytes());
-    c
 }
 
 /// Everything `c` receives until it is quiet for `quiet`.
@@ -36,43 +29,6 @@ fn drain(c: &Client, quiet: Duration) -> Vec<String> {
         assert!(Instant::now() < deadline, "never quiet");
     }
     got
-}
-
-/// Subscriptions travel through NATS asynchronously: `sender` sends
-/// probes until every one of `members` has heard one, then everyone's
-/// inbox is emptied.
-fn until_connected(sender: &Client, members: &[&Client]) {
-    let deadline = Instant::now() + PATIENCE * 2;
-    let mut heard = vec![false; members.len()];
-    let mut n = 0;
-    while heard.iter().any(|h| !h) {
-        assert!(
-            Instant::now() < deadline,
-            "the room never spanned the nodes"
-        );
-        sender.send(format!("probe {n}").as_bytes());
-        n += 1;
-        for (i, m) in members.iter().enumerate() {
-            if m.recv_within(Duration::from_millis(50)).is_some() {
-                heard[i] = true;
-            }
-        }
-    }
-    // Empty every inbox up to a last probe: the sender's datagrams reach
-    // each member exactly once and in order, so once its last probe is
-    // in, no earlier one is still on its way (an observable end, not a
-    // sleep).
-    let last = format!("probe end {n}");
-    sender.send(last.as_bytes());
-    let deadline = Instant::now() + PATIENCE * 2;
-    for m in members.iter().copied().chain([sender]) {
-        while m
-            .recv_within(PATIENCE)
-            .is_some_and(|d| d != last.as_bytes())
-        {
-            assert!(Instant::now() < deadline, "the last probe never came");
-        }
-    }
 }
 
 /// Three relays on one NATS server: a room spans them; each of its

@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use util::cluster::{member, until_connected};
 use util::nats::Nats;
 use util::pki::{repo_file, Pki};
-use util::{spawn_relay, spawn_relay_with, temp_path, udphub_bin, Client, RelayProc, PATIENCE};
+use util::{spawn_relay, spawn_relay_with, temp_path, udphub_bin, RelayProc, PATIENCE};
 
 /// A nats-server with deploy/nats/tls.conf (clients verified) and `pki`'s
 /// server certificate.
@@ -48,44 +49,6 @@ fn tls_flags(pki: &Pki, ca: &str, client: bool) -> Vec<String> {
     f
 }
 
-/// A client of `relay` in `room` (the answer checked).
-fn member(relay: &RelayProc, room: &str) -> Client {
-    let c = Client::new(relay.addr);
-    c.send(format!("^join^{room}").as_bytes());
-    assert_eq!(c.recv(), format!("^room^{room}").into_bytes());
-    c
-}
-
-/// `sender` probes until `other` hears one (subscriptions reach the
-/// server asynchronously), then both inboxes are emptied up to a last
-/// probe.
-fn until_spanned(sender: &Client, other: &Client) {
-    let deadline = Instant::now() + PATIENCE * 2;
-    let mut n = 0;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the room never spanned the relays"
-        );
-        sender.send(format!("probe {n}").as_bytes());
-        n += 1;
-        if other.recv_within(Duration::from_millis(50)).is_some() {
-            break;
-        }
-    }
-    let last = format!("probe end {n}");
-    sender.send(last.as_bytes());
-    for m in [other, sender] {
-        let deadline = Instant::now() + PATIENCE * 2;
-        while m
-            .recv_within(PATIENCE)
-            .is_some_and(|d| d != last.as_bytes())
-        {
-            assert!(Instant::now() < deadline, "the last probe never came");
-        }
-    }
-}
-
 /// Every log line the relay has written so far (bounded: what is queued).
 fn log_lines(relay: &RelayProc) -> Vec<String> {
     relay.log.try_iter().collect()
@@ -104,8 +67,8 @@ fn two_relays_share_a_room_over_mutual_tls() {
     a.wait_metric("udphub_cluster_connected", 1.0);
     b.wait_metric("udphub_cluster_connected", 1.0);
     let (ma, mb) = (member(&a, "red"), member(&b, "red"));
-    until_spanned(&ma, &mb);
-    until_spanned(&mb, &ma);
+    until_connected(&ma, &[&mb]);
+    until_connected(&mb, &[&ma]);
     for i in 0..20 {
         ma.send(format!("over tls {i:02}").as_bytes());
     }
@@ -347,8 +310,8 @@ fn a_user_of_another_cluster_cannot_inject_into_a_clusters_rooms() {
         member(&b, "red"),
         member(&intruder, "red"),
     );
-    until_spanned(&ma, &mb);
-    until_spanned(&mb, &ma);
+    until_connected(&ma, &[&mb]);
+    until_connected(&mb, &[&ma]);
     // The server refuses the intruder's subscriptions (and publishes).
     intruder.expect_log("Permissions Violation");
     // The intruder's member talks while a's member probes b's: every probe

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use udphub::cluster::frame::{self, BatchWriter, Stamp};
 use udphub::config::ClusterKey;
+use util::cluster::{member, until_connected};
 use util::nats::Nats;
-use util::{spawn_relay, temp_path, Client, RelayProc, PATIENCE};
+use util::{spawn_relay, temp_path, RelayProc, PATIENCE};
 
 const KEY1: &[u8] = b"0123456789abcdef0123456789abcdef-one";
 const KEY2: &[u8] = b"0123456789abcdef0123456789abcdef-two";
@@ -45,43 +46,6 @@ fn node(url: &str, id: &str, key: &std::path::Path) -> RelayProc {
     ]);
     relay.wait_metric("udphub_cluster_connected", 1.0);
     relay
-}
-
-/// A client of `relay` in `room`.
-fn member(relay: &RelayProc, room: &str) -> Client {
-    let c = Client::new(relay.addr);
-    c.send(format!("^join^{room}").as_bytes());
-    assert_eq!(c.recv(), format!("^room^{room}").into_bytes());
-    c
-}
-
-/// `sender` sends probes until `receiver` hears one (the subscription
-/// reached the server), then both inboxes are emptied up to a last probe.
-fn until_connected(sender: &Client, receiver: &Client) {
-    let deadline = Instant::now() + PATIENCE * 2;
-    let mut n = 0;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the room never spanned the nodes"
-        );
-        sender.send(format!("probe {n}").as_bytes());
-        n += 1;
-        if receiver.recv_within(Duration::from_millis(50)).is_some() {
-            break;
-        }
-    }
-    let last = format!("probe end {n}");
-    sender.send(last.as_bytes());
-    for c in [receiver, sender] {
-        let deadline = Instant::now() + PATIENCE * 2;
-        while c
-            .recv_within(PATIENCE)
-            .is_some_and(|d| d != last.as_bytes())
-        {
-            assert!(Instant::now() < deadline, "the last probe never came");
-        }
-    }
 }
 
 /// A NATS client in a few lines of the text protocol: enough to capture
@@ -217,8 +181,8 @@ fn a_nats_publisher_cannot_inject_replay_or_misroute() {
     let mut raw = RawNats::connect(nats.port);
     let (a_red, b_red) = (member(&a, "red"), member(&b, "red"));
     let (a_blue, b_blue) = (member(&a, "blue"), member(&b, "blue"));
-    until_connected(&a_red, &b_red);
-    until_connected(&a_blue, &b_blue);
+    until_connected(&a_red, &[&b_red]);
+    until_connected(&a_blue, &[&b_blue]);
     // Capture a real batch on its way.
     a_red.send(b"the secret plan");
     assert_eq!(b_red.recv(), b"the secret plan");
@@ -335,7 +299,7 @@ fn a_reloaded_key_signs_at_once_and_the_old_one_is_still_accepted() {
     let a = node(&nats.url(), "a", &key_a);
     let b = node(&nats.url(), "b", &key_b);
     let (a_red, b_red) = (member(&a, "red"), member(&b, "red"));
-    until_connected(&a_red, &b_red);
+    until_connected(&a_red, &[&b_red]);
 
     std::fs::write(&key_b, KEY2).expect("rotate B's key");
     b.signal("HUP");

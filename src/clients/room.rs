@@ -107,40 +107,14 @@ pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
     let mut question = protocol::TIMEOUT_QUERY.to_vec();
     question.resize(protocol::HELLO_LEN, b' ');
     let mut out = Probe::default();
-    let deadline = Instant::now() + wait;
-    let mut ask_at = Instant::now();
-    let mut buf = [0u8; 256];
-    loop {
-        let now = Instant::now();
-        if now >= ask_at {
-            if sock.send(&question).is_err() {
-                return out;
-            }
-            ask_at = now + RETRY;
+    ask(sock, &question, wait, |answer| {
+        if let Some(c) = answer.strip_prefix(protocol::COOKIE) {
+            out.cookie = Some(c.to_vec());
+            return Some(());
         }
-        let left = deadline.saturating_duration_since(now).min(ask_at - now);
-        if deadline <= now || sock.set_read_timeout(Some(left)).is_err() {
-            return out;
-        }
-        match sock.recv(&mut buf) {
-            Ok(n) => {
-                if let Some(c) = buf[..n].strip_prefix(protocol::COOKIE) {
-                    out.cookie = Some(c.to_vec());
-                    return out;
-                }
-                if let Some(t) = protocol::parse_timeout_answer(&buf[..n]) {
-                    out.timeout = Some(t);
-                    return out;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return out,
-        }
-    }
+        protocol::parse_timeout_answer(answer).map(|t| out.timeout = Some(t))
+    });
+    out
 }
 
 /// Whether the relay's lobby is closed (`serve --lobby closed`): asks to
@@ -151,31 +125,53 @@ pub(crate) fn probe(sock: &UdpSocket, wait: Duration) -> Probe {
 pub(crate) fn lobby_closed(sock: &UdpSocket, cookie: Option<&[u8]>, wait: Duration) -> bool {
     let mut request = join_request("", None, cookie);
     request.resize(request.len().max(protocol::TIMEOUT_QUERY_LEN), b' ');
+    ask(sock, &request, wait, |answer| {
+        if answer.starts_with(protocol::DENIED_REPLY) {
+            Some(true)
+        } else if answer.starts_with(protocol::ROOM_REPLY) {
+            Some(false)
+        } else {
+            None
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// Sends `request` every [`RETRY`] until `understood` makes something of
+/// an answer, for at most `wait`; `None` on silence, or when sending or
+/// receiving fails (nothing listens).
+fn ask<T>(
+    sock: &UdpSocket,
+    request: &[u8],
+    wait: Duration,
+    mut understood: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + wait;
     let mut ask_at = Instant::now();
     let mut buf = [0u8; 256];
     loop {
         let now = Instant::now();
         if now >= ask_at {
-            if sock.send(&request).is_err() {
-                return false;
-            }
+            sock.send(request).ok()?;
             ask_at = now + RETRY;
         }
         let left = deadline.saturating_duration_since(now).min(ask_at - now);
-        if deadline <= now || sock.set_read_timeout(Some(left)).is_err() {
-            return false;
+        if deadline <= now {
+            return None;
         }
+        sock.set_read_timeout(Some(left)).ok()?;
         match sock.recv(&mut buf) {
-            Ok(n) if buf[..n].starts_with(protocol::DENIED_REPLY) => return true,
-            Ok(n) if buf[..n].starts_with(protocol::ROOM_REPLY) => return false,
-            Ok(_) => {}
+            Ok(n) => {
+                if let Some(t) = understood(&buf[..n]) {
+                    return Some(t);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod impair;
 pub mod nats;
 pub mod pki;
