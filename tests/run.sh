@@ -19,6 +19,9 @@ command -v nats-server >/dev/null || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+# PyJWT mints the room tokens the tests check udphub against (a JWT
+# library nobody here wrote): Debian's python3-jwt, or pip's below.
+python3 -c "import jwt" 2>/dev/null || missing+=(python3-jwt)
 if ((${#missing[@]})); then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo=""
@@ -27,11 +30,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# PyJWT mints the room tokens the tests check udphub against (a JWT
-# library nobody here wrote).
 if ! python3 -c "import jwt" 2>/dev/null; then
-    echo "tests/run.sh: installing PyJWT" >&2
-    python3 -m pip install --quiet --disable-pip-version-check pyjwt 2>&1 | grep -v "^WARNING: Running pip as" >&2 || true
+    echo "tests/run.sh: installing PyJWT from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check pyjwt 2>&1 | grep -v "^WARNING: Running pip as" >&2 ||
+        python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pyjwt >&2 || true
 fi
 
 # npm's jsonwebtoken and jose, the JWT libraries Node backends mint room
