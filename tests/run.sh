@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
 # prometheus and promtool, systemd-analyze, tmux, ip, nats-server, openssl,
-# python3, nodejs and npm from Debian; PyJWT from PyPI; npm's jsonwebtoken
-# and jose into target/npm) if they are missing, then runs every test.
+# python3, python3-pytest, nodejs and npm from Debian; PyJWT from PyPI;
+# npm's jsonwebtoken and jose into target/npm) if they are missing, then
+# runs every test: cargo's, then the Python package's (clients/python).
 # Under CI=true a tool that is still missing fails its test; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ command -v socat >/dev/null || missing+=(socat)
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v python3 >/dev/null || missing+=(python3)
+# pytest runs the Python client package's tests (clients/python/tests).
+{ python3 -m pytest --version || /usr/bin/python3 -m pytest --version; } >/dev/null 2>&1 || missing+=(python3-pytest)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nats-server >/dev/null || missing+=(nats-server)
@@ -66,6 +69,20 @@ if [ "$status" = 0 ]; then
     status=${PIPESTATUS[0]}
     set -e
 fi
+# The Python package (clients/python) against the debug relay binary. A
+# python3 on PATH without pytest (a pyenv one) leaves it to Debian's.
+echo "== the Python client package (clients/python/tests)" | tee -a "$log"
+python=python3
+python3 -m pytest --version >/dev/null 2>&1 || python=/usr/bin/python3
+set +e
+cargo build --locked --quiet --bin udphub 2>&1 | tee -a "$log"
+py_status=${PIPESTATUS[0]}
+if [ "$py_status" = 0 ]; then
+    UDPHUB_BIN="$PWD/target/debug/udphub" "$python" -m pytest -q -p no:cacheprovider clients/python/tests 2>&1 | tee -a "$log"
+    py_status=${PIPESTATUS[0]}
+fi
+set -e
+if [ "$py_status" != 0 ] && [ "$status" = 0 ]; then status=$py_status; fi
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"
