@@ -69,6 +69,24 @@ def test_rooms_with_minted_tokens_and_a_refused_one(relay, tmp_path):
         udphub.Client(r.addr, room="no spaces")
 
 
+def test_a_closed_lobby_is_said_not_suffered(relay, tmp_path):
+    """A roomless client of a relay with --lobby closed gets JoinRefused saying so, not silence."""
+    r = relay("--room-secret-file", secret_file(tmp_path), "--lobby", "closed")
+    with pytest.raises(udphub.JoinRefused, match="lobby is closed") as refused:
+        udphub.Client(r.addr)
+    assert refused.value.reason == "token"
+
+    async def main() -> None:
+        with pytest.raises(udphub.JoinRefused, match="lobby is closed"):
+            async with udphub.AsyncClient(r.addr):
+                pass
+
+    asyncio.run(main())
+    with udphub.Client(r.addr, room="red", token=udphub.mint_token(SECRET, room="red")) as c:
+        c.send("inside")
+        assert recv_until(c, b"inside")
+
+
 def test_the_stdlib_minter_is_hs256_and_matches_pyjwt(monkeypatch):
     """Without PyJWT the hmac minter makes an HS256 JWT (RFC 7519); with PyJWT, the same token byte for byte."""
     import base64

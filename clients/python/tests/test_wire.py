@@ -71,6 +71,8 @@ def test_a_renewed_cookie_replaces_the_old_one_in_heartbeats_and_quit():
         probe, peer = relay.recvfrom(2048)
         assert probe == b"^timeout^".ljust(64)
         relay.sendto(b"^cookie^" + C1, peer)
+        assert relay.recv(2048) == (b"^cookie^" + C1 + b"^join^").ljust(32), "asks whether the lobby is open"
+        relay.sendto(b"^room^", peer)
         assert relay.recv(2048) == b"^cookie^" + C1, "registers with the cookie"
         t.join(5.0)
         c = made["c"]

@@ -13,7 +13,7 @@ import collections
 from typing import Callable, Deque, Optional, Union
 
 from . import _addr, _wire
-from ._client import DEFAULT_QUEUE, RETRY
+from ._client import DEFAULT_QUEUE, RETRY, _lobby_answer
 from ._errors import ClientClosed, JoinRefused, NoAnswer, RelayClosed
 
 
@@ -256,6 +256,9 @@ class AsyncClient:
         link = self._link
         await self._ask(link.probe, min(self._wait, 0.5), lambda e: e.kind in ("timeout", "cookie"))
         if link.room is None:
+            if link.relay_timeout is None:
+                # Is the lobby open? (as Client does)
+                await self._ask(link.join_lobby, min(self._wait, 0.5), lambda e: bool(_lobby_answer(e)))
             if link.cookie is not None:
                 self._send(link.register())
             return

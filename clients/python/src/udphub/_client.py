@@ -64,6 +64,13 @@ class _Inbox:
             return item
 
 
+def _lobby_answer(e: _wire.Event) -> Optional[bool]:
+    """The answer to :meth:`~udphub._wire.Link.join_lobby`: raises for a closed lobby."""
+    if e.kind == "denied":
+        raise JoinRefused(e.data.decode("ascii"), None)
+    return True if e.kind == "room" else None
+
+
 class Client:
     """A member of a udphub relay, in the lobby or in ``room``.
 
@@ -264,6 +271,11 @@ class Client:
         # The relay's timeout (and registration in the lobby), or its cookie.
         self._ask(link.probe, min(wait, 0.5), lambda e: True if e.kind in ("timeout", "cookie") else None)
         if link.room is None:
+            if link.relay_timeout is None:
+                # No timeout answer (verify mode, or a closed lobby, which
+                # answers non-members nothing): is the lobby open? A closed
+                # one would drop our lines in silence.
+                self._ask(link.join_lobby, min(wait, 0.5), _lobby_answer)
             if link.cookie is not None:
                 self._send(link.register())
             return

@@ -21,6 +21,12 @@ class JoinRefused(Error):
         self.reason = reason
         self.room = room
         where = f"room {room!r}" if room is not None else "the room"
+        if room is None and reason == "token":
+            super().__init__(
+                "token: the relay's lobby is closed (serve --lobby closed): lines outside a room "
+                "are dropped; pass room= and token= (minted with the relay's room secret)"
+            )
+            return
         why = {
             "token": "needs a valid token (missing, expired, for another room, or minted with another secret)",
             "full": "is full, or the relay has as many rooms as it allows; try again later",

@@ -144,6 +144,11 @@ class Link:
         """
         return padded(self._proof() + self.join_suffix(), JOIN_LEN if self.answered else HELLO_LEN)
 
+    def join_lobby(self) -> bytes:
+        """``[^cookie^C]^join^``, padded: asks whether the lobby is open
+        (a closed one, ``serve --lobby closed``, answers ``^denied^token``)."""
+        return padded(self._proof() + JOIN, JOIN_LEN)
+
     def register(self) -> bytes:
         """Verify mode, lobby: the bare proof ``^cookie^C``, which registers us."""
         return self._proof()
