@@ -220,11 +220,16 @@ fn accounting_invariant_holds_under_a_flood() {
         delivered + delivery_dropped,
         "recipients != delivered + dropped\n{text}"
     );
-    assert_eq!(
-        metric(&text, "udphub_fanout_duration_seconds_count"),
-        kind("message"),
-        "one fan-out sample per message"
-    );
+    // One fan-out sample per message. Histogram samples reach the
+    // exporter's buckets later than counters (its upkeep drains them), so
+    // two equal scrapes may still show one short: wait for it, bounded.
+    let deadline = Instant::now() + PATIENCE;
+    let mut samples = metric(&text, "udphub_fanout_duration_seconds_count");
+    while samples != kind("message") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        samples = metric(&relay.scrape(), "udphub_fanout_duration_seconds_count");
+    }
+    assert_eq!(samples, kind("message"), "one fan-out sample per message");
 }
 
 /// Packets the kernel dropped from its per-CPU input backlogs, all CPUs
