@@ -105,15 +105,7 @@ impl FanoutSender {
     where
         I: IntoIterator<Item = &'a RawAddr>,
     {
-        let FanoutSender { batch, staging } = self;
-        let capacity = batch.capacity();
-        drive(
-            staging,
-            capacity,
-            dests,
-            |chunk| batch.send(fd, sources, payload, chunk),
-            Impatient,
-        )
+        self.send_with(fd, sources, payload, dests, Impatient)
     }
 
     /// Like [`send`](Self::send), but a full buffer is waited out: the
@@ -134,6 +126,22 @@ impl FanoutSender {
     where
         I: IntoIterator<Item = &'a RawAddr>,
     {
+        self.send_with(fd, sources, payload, dests, Patient::new(patience))
+    }
+
+    /// [`send`](Self::send) with what to do when the buffer is full.
+    fn send_with<'a, I, W>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
+        payload: &[u8],
+        dests: I,
+        on_full: W,
+    ) -> Report
+    where
+        I: IntoIterator<Item = &'a RawAddr>,
+        W: OnFull,
+    {
         let FanoutSender { batch, staging } = self;
         let capacity = batch.capacity();
         drive(
@@ -141,7 +149,7 @@ impl FanoutSender {
             capacity,
             dests,
             |chunk| batch.send(fd, sources, payload, chunk),
-            Patient::new(patience),
+            on_full,
         )
     }
 }
