@@ -22,6 +22,10 @@ pub struct FloodReport {
     pub sent: u64,
     /// The rate it reached.
     pub sent_per_s: f64,
+    /// Heartbeats it sent besides (one a second): a relay in open mode
+    /// charges them to the same allowance, so one may count as
+    /// rate-limited too.
+    pub heartbeats: u64,
     /// Datagrams the flooder itself received (it is a member: the room's
     /// messages, its own echoes, the answers while it registered).
     pub received: u64,
@@ -36,7 +40,7 @@ pub struct FloodReport {
 pub struct Flood {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-    thread: Option<JoinHandle<Result<u64, String>>>,
+    thread: Option<JoinHandle<Result<(u64, u64), String>>>,
     started: Instant,
     rate: f64,
 }
@@ -62,11 +66,13 @@ impl Flood {
             let mut received = member.answers;
             let mut buf = vec![0u8; 65_536];
             let mut beat = Instant::now();
+            let mut heartbeats = 0u64;
             while !stop2.load(Ordering::Relaxed) {
                 // Its messages keep no member alive in verify mode: its
                 // cookie does, once a second.
                 if beat.elapsed() >= Duration::from_secs(1) {
                     member.heartbeat()?;
+                    heartbeats += 1;
                     beat = Instant::now();
                 }
                 // Pace in 1 ms steps: whatever is due by now goes out.
@@ -83,7 +89,7 @@ impl Flood {
             std::thread::sleep(Duration::from_millis(100));
             received += member.drain(&mut buf);
             member.leave();
-            Ok(received)
+            Ok((received, heartbeats))
         });
         Ok(Flood {
             stop,
@@ -98,15 +104,16 @@ impl Flood {
     /// `relay_rate_limited` are filled in by the caller.
     pub fn finish(mut self) -> Result<FloodReport, String> {
         self.stop.store(true, Ordering::Relaxed);
-        let received = match self.thread.take() {
+        let (received, heartbeats) = match self.thread.take() {
             Some(t) => t.join().map_err(|_| "the flooder panicked".to_string())??,
-            None => 0,
+            None => (0, 0),
         };
         let sent = self.sent.load(Ordering::Relaxed);
         Ok(FloodReport {
             rate: self.rate,
             sent,
             sent_per_s: sent as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            heartbeats,
             received,
             deliveries_to_others: 0,
             relay_rate_limited: None,
