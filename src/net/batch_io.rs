@@ -20,9 +20,11 @@
 //!   bound to a wildcard address otherwise sends from whatever address the
 //!   route picks, which a client with a connected socket drops).
 //!
-//! A separate section at the end holds the one unsafe call that is not a
-//! batched syscall: [`attach_reuseport_cbpf`], the setsockopt that gives
-//! the loops' SO_REUSEPORT group its steering program.
+//! Two sections at the end hold the unsafe calls that are not batched
+//! syscalls: [`attach_reuseport_cbpf`], the setsockopt that gives the
+//! loops' SO_REUSEPORT group its steering program, and
+//! [`adopt_listen_fds`], which takes ownership of the sockets a service
+//! manager passed (socket activation).
 //!
 //! Why libc and not nix: nix's `MultiHeaders` re-encodes every destination
 //! from a `SockaddrLike` on each call and its `recvmmsg` returns an iterator
@@ -44,7 +46,7 @@ compile_error!("udphub needs Linux: recvmmsg, sendmmsg and SO_RXQ_OVFL are Linux
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use crate::core::addr::{RawAddr, SOCKADDR_MAX};
@@ -1287,5 +1289,120 @@ mod reuseport_tests {
         assert!(attach_reuseport_cbpf(lone.as_fd(), &steering).is_err());
         // udphub's own program passes the kernel's checker.
         attach_reuseport_cbpf(socks[0].as_fd(), &steering).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------
+// Sockets inherited from the service manager (socket activation).
+//
+// Not a batched syscall either: taking ownership of a descriptor number
+// (`OwnedFd::from_raw_fd`) is unsafe, and this is the module allowed it.
+// What the sockets must be (UDP, one address) is checked safely by
+// `net::activation` once they are owned.
+// ---------------------------------------------------------------------
+
+/// The first descriptor a service manager passes (`SD_LISTEN_FDS_START`:
+/// after stdin, stdout and stderr).
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// The most descriptors [`adopt_listen_fds`] takes: one per loop, and
+/// udphub runs at most 64 loops. A larger `LISTEN_FDS` is refused before
+/// anything is adopted.
+pub const MAX_LISTEN_FDS: usize = 64;
+
+/// Set by the first [`adopt_listen_fds`]: the inherited range is adopted
+/// at most once per process, so no descriptor gets two owners.
+static LISTEN_FDS_ADOPTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of the `count` descriptors a service manager passed
+/// this process (`3 .. 3 + count`, the `LISTEN_FDS` protocol). Call it
+/// once, at start, before the process opens descriptors of its own, and
+/// only after checking that `LISTEN_PID` names this process (then the
+/// descriptors were passed to it, open, by whoever exec'd it).
+///
+/// Each descriptor must be open (`fcntl(F_GETFD)`), or the call fails
+/// with `EBADF` naming it (those adopted before it are closed). A second
+/// call, or a `count` over [`MAX_LISTEN_FDS`], is an `InvalidInput` error
+/// that adopts nothing.
+pub fn adopt_listen_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
+    use std::sync::atomic::Ordering;
+    if count > MAX_LISTEN_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{count} inherited descriptors; udphub takes at most {MAX_LISTEN_FDS}"),
+        ));
+    }
+    if LISTEN_FDS_ADOPTED.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the inherited descriptors were already taken",
+        ));
+    }
+    // SAFETY: the range 3 .. 3 + count is what the service manager passed
+    // this process (the caller checked LISTEN_PID is ours), and nothing in
+    // udphub owns those numbers: they were open before `main`, udphub never
+    // wraps a raw number it did not create except here, and the flag above
+    // makes this the only time per process. `adopt_range` checks each is
+    // open before owning it.
+    unsafe { adopt_range(LISTEN_FDS_START, count) }
+}
+
+/// Owns descriptors `first .. first + count`, each checked open first.
+///
+/// # Safety
+///
+/// Nothing else in the process may own (or later wrap, or close) any of
+/// these numbers: each returned `OwnedFd` closes its descriptor on drop.
+unsafe fn adopt_range(first: RawFd, count: usize) -> io::Result<Vec<OwnedFd>> {
+    let mut owned = Vec::with_capacity(count);
+    for i in 0..count {
+        let fd = RawFd::try_from(i)
+            .ok()
+            .and_then(|i| first.checked_add(i))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        // SAFETY: F_GETFD reads the descriptor's flags and touches no
+        // memory; on a closed number it fails with EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("inherited descriptor {fd} is not open: {e}"),
+            ));
+        }
+        // SAFETY: `fd` is open (checked just above) and, by this
+        // function's contract, owned by nothing else: the OwnedFd becomes
+        // its one owner.
+        owned.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(owned)
+}
+
+#[cfg(test)]
+mod inherited_tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    #[test]
+    fn an_inherited_socket_is_owned_once_and_a_closed_number_refused() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        // Give the number up, as an exec does: nothing owns it now.
+        let raw = socket.into_raw_fd();
+        // SAFETY: `raw` was released by into_raw_fd just above and is
+        // wrapped here once.
+        let owned = unsafe { adopt_range(raw, 1) }.unwrap();
+        assert_eq!(owned.len(), 1);
+        assert_eq!(owned[0].as_raw_fd(), raw);
+        let back = UdpSocket::from(owned.into_iter().next().unwrap());
+        assert_eq!(back.local_addr().unwrap(), addr);
+        // A number far above any open descriptor: EBADF, nothing owned.
+        // SAFETY: nothing owns a descriptor that is not open.
+        let err = unsafe { adopt_range(1 << 20, 1) }.unwrap_err();
+        assert!(err.to_string().contains("not open"), "{err}");
+        // Too many: refused before anything is touched.
+        let err = adopt_listen_fds(MAX_LISTEN_FDS + 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 }

@@ -11,6 +11,8 @@
 //! - [`local_addrs`]: on a wildcard socket, the relay's own addresses
 //!   clients talk to, so that what is sent to each leaves from the one it
 //!   used.
+//! - [`activation`]: the socket(s) a service manager passes
+//!   (`LISTEN_FDS`), checked, instead of binding.
 //! - [`socket`]: creating and binding the UDP socket(s), buffer sizes; a
 //!   group of loops on one address, and its claim on it.
 //! - [`steering`]: the classic BPF program that pins each source to one
@@ -18,6 +20,7 @@
 //! - [`holders`]: who else holds a UDP address (`/proc/net/udp*`), for the
 //!   messages and the check that nobody joined the group.
 
+pub mod activation;
 #[allow(unsafe_code)]
 pub mod batch_io;
 pub mod fanout;

@@ -75,6 +75,14 @@ pub fn bind(
     let _ = socket.set_recv_buffer_size(recv_buffer);
     let _ = socket.set_send_buffer_size(send_buffer);
     socket.bind(&addr.into()).map_err(bind_error)?;
+    Ok(prepare(socket, addr))
+}
+
+/// Makes a bound, non-blocking socket a [`Bound`]: asks for the kernel's
+/// drop counter, and on a wildcard address for each datagram's local
+/// address, and reads what the kernel granted. `addr` stands in for the
+/// socket's address if the kernel cannot say it.
+pub(crate) fn prepare(socket: Socket, addr: SocketAddr) -> Bound {
     if let Err(e) = batch_io::enable_rxq_ovfl(socket.as_fd()) {
         tracing::warn!("SO_RXQ_OVFL unavailable ({e}): udphub_kernel_rx_dropped_total will stay 0");
     }
@@ -99,13 +107,13 @@ pub fn bind(
         .and_then(|a| a.as_socket())
         .unwrap_or(addr);
     let std_socket: std::net::UdpSocket = socket.into();
-    Ok(Bound {
+    Bound {
         socket: mio::net::UdpSocket::from_std(std_socket),
         local_addr,
         recv_buffer: got_recv / 2,
         send_buffer: got_send / 2,
         pktinfo,
-    })
+    }
 }
 
 /// Says once per process (not per loop) when the kernel granted smaller

@@ -41,6 +41,7 @@ use crate::net::batch_io::{self, RecvBatch, SourceControl};
 use crate::net::local_addrs::LocalAddrs;
 use crate::net::socket::Bound;
 use crate::runtime::metrics::Metrics;
+use crate::runtime::readiness::Readiness;
 
 /// The UDP socket's token.
 const SOCKET: Token = Token(0);
@@ -257,6 +258,9 @@ pub struct EventLoop<S> {
     service: S,
     /// The CPU to pin the loop's thread to (`--pin-threads`), if any.
     pin: Option<usize>,
+    /// Told once, after the first pass (polled and drained): `/readyz`
+    /// waits for every loop's.
+    readiness: Option<Readiness>,
 }
 
 impl<S: Service> EventLoop<S> {
@@ -289,6 +293,7 @@ impl<S: Service> EventLoop<S> {
             kernel_drops_checked: Instant::now(),
             service,
             pin: None,
+            readiness: None,
         })
     }
 
@@ -317,6 +322,13 @@ impl<S: Service> EventLoop<S> {
     /// Pins the thread that will [`run`](Self::run) the loop to `cpu`.
     pub fn pin_to_cpu(&mut self, cpu: usize) {
         self.pin = Some(cpu);
+    }
+
+    /// Tells `readiness` when the loop has made its first pass (polled and
+    /// drained its socket once): what `/readyz` and systemd's `READY=1`
+    /// wait for.
+    pub fn report_readiness(&mut self, readiness: Readiness) {
+        self.readiness = Some(readiness);
     }
 
     /// The service, to attach things to it before the loop runs.
@@ -382,6 +394,9 @@ impl<S: Service> EventLoop<S> {
             let counts = &mut self.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
             self.flush();
+            if let Some(readiness) = self.readiness.take() {
+                readiness.loop_polled();
+            }
             if stop {
                 let mut io = Io {
                     fd: self.socket.as_fd(),

@@ -1,5 +1,8 @@
 //! The `/metrics` endpoint: the Prometheus recorder, and a small HTTP
-//! server on its own thread that renders it.
+//! server on its own thread that renders it; beside it the probes,
+//! `/healthz` (the loops are running) and `/readyz` (the relay serves),
+//! read from the relay's [`Readiness`] (atomics: a probe never waits on a
+//! loop), and the `udphub_build_info{version}` gauge.
 //!
 //! Why not metrics-exporter-prometheus' `http-listener`: it runs hyper on
 //! a tokio runtime and binds inside that runtime, so the process cannot
@@ -19,7 +22,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, describe_counter};
+use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -28,6 +31,7 @@ use slab::Slab;
 use crate::error::Error;
 use crate::runtime::event_loop::RateLimitedLog;
 use crate::runtime::metrics::HISTOGRAMS;
+use crate::runtime::readiness::Readiness;
 
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -65,8 +69,14 @@ pub struct Exporter {
 
 /// Binds `addr`, installs the Prometheus recorder as the process's global
 /// one, and serves `/metrics` from a thread. Call once per process, before
-/// any loop registers its metrics.
+/// any loop registers its metrics. A server without probes (`udphub
+/// echo`) answers `/healthz` and `/readyz` with 404; see [`start_with`].
 pub fn start(addr: SocketAddr) -> Result<Exporter, Error> {
+    start_with(addr, None)
+}
+
+/// [`start`], with `/healthz` and `/readyz` answered from `health`.
+pub fn start_with(addr: SocketAddr, health: Option<Readiness>) -> Result<Exporter, Error> {
     let bind_error = |reason: String| Error::Bind {
         what: "metrics listener",
         addr,
@@ -96,9 +106,14 @@ pub fn start(addr: SocketAddr) -> Result<Exporter, Error> {
     for reason in ["deadline", "max_connections"] {
         counter!("udphub_metrics_connections_dropped_total", "reason" => reason).increment(0);
     }
+    describe_gauge!(
+        "udphub_build_info",
+        "Always 1; its version label is the running binary's version (Cargo.toml)"
+    );
+    gauge!("udphub_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     thread::Builder::new()
         .name("udphub-metrics".into())
-        .spawn(move || serve(poll, listener, handle))
+        .spawn(move || serve(poll, listener, handle, health))
         .map_err(|e| Error::io("start the metrics thread", e))?;
     Ok(Exporter { local_addr })
 }
@@ -116,7 +131,12 @@ struct Scrape {
 }
 
 /// Serves scrapes until the process ends.
-fn serve(mut poll: Poll, listener: TcpListener, handle: PrometheusHandle) {
+fn serve(
+    mut poll: Poll,
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Option<Readiness>,
+) {
     let mut scrapes: Slab<Scrape> = Slab::with_capacity(MAX_CONNECTIONS);
     let mut events = Events::with_capacity(MAX_CONNECTIONS + 1);
     let mut errors = RateLimitedLog::default();
@@ -153,7 +173,12 @@ fn serve(mut poll: Poll, listener: TcpListener, handle: PrometheusHandle) {
                     let Some(scrape) = scrapes.get_mut(key) else {
                         continue;
                     };
-                    if advance(scrape, || handle.render()) {
+                    let page = |path: Page| match path {
+                        Page::Metrics => Some(("200 OK", handle.render())),
+                        Page::Health => probe(health.as_ref(), Readiness::healthy),
+                        Page::Ready => probe(health.as_ref(), Readiness::ready),
+                    };
+                    if advance(scrape, page) {
                         close(&mut scrapes, key, &poll, None);
                     }
                 }
@@ -255,7 +280,7 @@ fn close(scrapes: &mut Slab<Scrape>, key: usize, poll: &Poll, dropped: Option<&'
 /// Moves a connection on as far as its socket allows: reads the request
 /// until its head is whole, answers it, writes the answer. True when the
 /// connection is done (answered, or failed).
-fn advance(scrape: &mut Scrape, render: impl FnOnce() -> String) -> bool {
+fn advance(scrape: &mut Scrape, render: impl FnOnce(Page) -> Option<Reply>) -> bool {
     if scrape.answer.is_none() {
         let mut buf = [0u8; 1024];
         loop {
@@ -295,8 +320,39 @@ fn head_is_whole(request: &[u8]) -> bool {
     request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
 }
 
+/// The pages a GET may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    /// `/metrics`: the Prometheus text.
+    Metrics,
+    /// `/healthz`: liveness.
+    Health,
+    /// `/readyz`: readiness.
+    Ready,
+}
+
+/// A page's status line and body; `None`: this server has no such page.
+type Reply = (&'static str, String);
+
+/// A probe's answer: 200 with the phase when `check` holds, 503 with it
+/// when not; `None` on a server without probes.
+fn probe(health: Option<&Readiness>, check: fn(&Readiness) -> bool) -> Option<Reply> {
+    let r = health?;
+    let phase = r.phase().name();
+    Some(if check(r) {
+        ("200 OK", format!("ok: {phase}\n"))
+    } else if r.healthy() {
+        ("503 Service Unavailable", format!("not ready: {phase}\n"))
+    } else {
+        (
+            "503 Service Unavailable",
+            format!("not running: {phase}, the loops are not all running\n"),
+        )
+    })
+}
+
 /// The whole HTTP/1.0 answer to `request`; `render` makes the page.
-fn answer(request: &[u8], render: impl FnOnce() -> String) -> Vec<u8> {
+fn answer(request: &[u8], render: impl FnOnce(Page) -> Option<Reply>) -> Vec<u8> {
     if request.len() > MAX_REQUEST {
         return response("431 Request Header Fields Too Large", b"");
     }
@@ -305,11 +361,22 @@ fn answer(request: &[u8], render: impl FnOnce() -> String) -> Vec<u8> {
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (b"GET", b"/metrics") => response("200 OK", render().as_bytes()),
-        (b"GET", b"/") => response("200 OK", b"udphub: metrics are at /metrics\n"),
-        (b"GET", _) => response("404 Not Found", b"not found; try /metrics\n"),
-        _ => response("405 Method Not Allowed", b"GET only\n"),
+    let page = match (method, path) {
+        (b"GET", b"/metrics") => Page::Metrics,
+        (b"GET", b"/healthz") => Page::Health,
+        (b"GET", b"/readyz") => Page::Ready,
+        (b"GET", b"/") => {
+            return response(
+                "200 OK",
+                b"udphub: metrics are at /metrics, probes at /healthz and /readyz\n",
+            )
+        }
+        (b"GET", _) => return response("404 Not Found", b"not found; try /metrics\n"),
+        _ => return response("405 Method Not Allowed", b"GET only\n"),
+    };
+    match render(page) {
+        Some((status, body)) => response(status, body.as_bytes()),
+        None => response("404 Not Found", b"no probes on this server; try /metrics\n"),
     }
 }
 
@@ -328,8 +395,12 @@ fn response(status: &str, body: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn page(p: Page) -> Option<Reply> {
+        (p == Page::Metrics).then(|| ("200 OK", "page\n".to_string()))
+    }
+
     fn status(request: &[u8]) -> String {
-        let out = answer(request, || "page\n".to_string());
+        let out = answer(request, page);
         let out = String::from_utf8(out).unwrap();
         out.lines().next().unwrap().to_string()
     }
@@ -352,8 +423,44 @@ mod tests {
             status(&vec![b'a'; MAX_REQUEST + 1]),
             "HTTP/1.0 431 Request Header Fields Too Large"
         );
-        let page = answer(b"GET /metrics HTTP/1.0\r\n\r\n", || "page\n".to_string());
+        // No probes on this server.
+        assert_eq!(
+            status(b"GET /readyz HTTP/1.0\r\n\r\n"),
+            "HTTP/1.0 404 Not Found"
+        );
+        let page = answer(b"GET /metrics HTTP/1.0\r\n\r\n", page);
         assert!(page.ends_with(b"Content-Length: 5\r\nConnection: close\r\n\r\npage\n"));
+    }
+
+    #[test]
+    fn the_probes_follow_the_relay_phase() {
+        let r = Readiness::default();
+        let ask = |path: &str| {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let out = answer(request.as_bytes(), |p| match p {
+                Page::Metrics => None,
+                Page::Health => probe(Some(&r), Readiness::healthy),
+                Page::Ready => probe(Some(&r), Readiness::ready),
+            });
+            String::from_utf8(out).unwrap()
+        };
+        assert!(ask("/healthz").starts_with("HTTP/1.0 503"));
+        assert!(ask("/readyz").ends_with("not running: starting, the loops are not all running\n"));
+        r.expect_loops(1);
+        r.loop_started();
+        assert!(ask("/healthz").starts_with("HTTP/1.0 200"));
+        let ready = ask("/readyz");
+        assert!(ready.starts_with("HTTP/1.0 503") && ready.ends_with("not ready: starting\n"));
+        r.loop_polled();
+        assert!(ask("/readyz").ends_with("\r\n\r\nok: serving\n"));
+        r.hand_over_started();
+        assert!(ask("/readyz").ends_with("not ready: handing_over\n"));
+        assert!(ask("/healthz?verbose").starts_with("HTTP/1.0 200"));
+        r.hand_over_ended(true);
+        r.shutting_down();
+        assert!(ask("/readyz").ends_with("not ready: shutting_down\n"));
+        r.loop_ended();
+        assert!(ask("/healthz").starts_with("HTTP/1.0 503"));
     }
 
     #[test]

@@ -14,7 +14,11 @@
 //! - [`logging`]: the process's logger (text or JSON lines), and its
 //!   filter changed on reload.
 //! - [`metrics`]: per-loop counts flushed to the metrics facade.
-//! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint.
+//! - [`exporter`]: the Prometheus recorder and its `/metrics` endpoint,
+//!   with the probes `/healthz` and `/readyz`.
+//! - [`readiness`]: what the relay is doing (starting, serving, handing
+//!   over, shutting down), for the probes and systemd.
+//! - [`notify`]: systemd's `READY=1`/`STOPPING=1` (`NOTIFY_SOCKET`).
 //! - [`watch`]: the periodic check that no other process shares the
 //!   relay's address.
 
@@ -23,6 +27,8 @@ pub mod event_loop;
 pub mod exporter;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod readiness;
 pub mod relay;
 pub mod reload;
 pub(crate) mod replies;

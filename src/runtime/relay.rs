@@ -146,15 +146,22 @@ pub fn bind(config: &Config) -> Result<Vec<RelayLoop>, Error> {
 /// [`bind`], and the relay's [`Claim`] on its address, for the
 /// supervisor's periodic check that nobody else shares it.
 pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
-    let threads = config.loops();
-    let reuse = threads > 1;
-    let socket::Group { members, claim } = socket::bind_group(
+    let group = socket::bind_group(
         config.bind,
         "relay socket",
         config.recv_buffer,
         config.send_buffer,
-        threads,
+        config.loops(),
     )?;
+    on_group(config, group)
+}
+
+/// [`bind_claimed`] on sockets bound already: the group a service manager
+/// passed ([`crate::net::activation`]), one socket per loop.
+pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>, Claim), Error> {
+    let socket::Group { members, claim } = group;
+    let threads = members.len().max(1);
+    let reuse = threads > 1;
     if let Some(first) = members.first() {
         socket::report_buffers(
             first,

@@ -25,7 +25,10 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{Config, ServeArgs};
 use crate::error::Error;
+use crate::net::activation;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
+use crate::runtime::notify::Notifier;
+use crate::runtime::readiness::Readiness;
 use crate::runtime::reload::{self, ReloadSender};
 use crate::runtime::watch::{self, AddressWatch};
 use crate::runtime::{exporter, relay};
@@ -43,13 +46,45 @@ pub const SECOND_SIGNAL_EXIT: i32 = 130;
 /// metrics endpoint, binds, writes the ready file, and relays until a
 /// signal stops it. SIGHUP resolves `args` again (re-reading the
 /// `--config` file and the room secret) and applies what can change live.
-pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
-    // Signals first: from the moment the ready file says so, a SIGTERM
+pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
+    // Sockets a service manager passed, first: before the process opens a
+    // descriptor of its own or starts a thread (the environment changes).
+    let inherited = activation::take_from_env()?;
+    // Signals next: from the moment the ready file says so, a SIGTERM
     // must mean a graceful shutdown, not the default kill.
     let mut supervisor = Supervisor::new()?;
+    let readiness = Readiness::new(Notifier::from_env());
+    supervisor.report_to(readiness.clone());
     // The recorder must exist before the loop registers its metrics.
-    let metrics = config.metrics.addr().map(exporter::start).transpose()?;
-    let (mut relays, claim) = relay::bind_claimed(&config)?;
+    let metrics = config
+        .metrics
+        .addr()
+        .map(|addr| exporter::start_with(addr, Some(readiness.clone())))
+        .transpose()?;
+    let activated = inherited.is_some();
+    let (mut relays, claim) = match inherited {
+        Some(inherited) => {
+            let group =
+                inherited.into_group(config.loops(), config.recv_buffer, config.send_buffer)?;
+            let addr = group.claim.addr();
+            tracing::info!(
+                event = "socket_activation",
+                addr = %addr,
+                sockets = group.members.len(),
+                "socket activation: relaying on the socket{} the service manager passed, bound to {addr} (--bind {} is not used)",
+                if group.members.len() == 1 { "" } else { "s" },
+                config.bind
+            );
+            // What the logs, the ready file and the exposure check report
+            // from here on: the socket's own address.
+            config.bind = addr;
+            relay::on_group(&config, group)?
+        }
+        None => relay::bind_claimed(&config)?,
+    };
+    for lp in &mut relays {
+        lp.report_readiness(readiness.clone());
+    }
     let mut address = AddressWatch::new(claim);
     // A lone socket (no SO_REUSEPORT) shares its address with nobody: the
     // kernel refuses every other bind to it.
@@ -93,7 +128,15 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     }
     publish_limits(&config);
     let mut running = config;
-    let on_hup = move || reload_now(&args, &mut running, &loops, cluster_keys.as_ref());
+    let on_hup = move || {
+        reload_now(
+            &args,
+            &mut running,
+            &loops,
+            cluster_keys.as_ref(),
+            activated,
+        )
+    };
     supervisor.run_reloading(relays, Some(Box::new(on_hup)))
 }
 
@@ -119,6 +162,7 @@ fn reload_now(
     running: &mut Config,
     loops: &[ReloadSender],
     cluster_keys: Option<&crate::cluster::keys::Keys>,
+    activated: bool,
 ) {
     let source = match &args.config {
         Some(path) => format!("config file {}", path.display()),
@@ -126,6 +170,12 @@ fn reload_now(
     };
     tracing::info!(event = "reload", source = %source, "SIGHUP: reloading from {source}");
     let wanted = match Config::from_args(args) {
+        // Socket activation: the address is the passed socket's, whatever
+        // the file says (not a change a restart would make either).
+        Ok(config) if activated => Config {
+            bind: running.bind,
+            ..config
+        },
         Ok(config) => config,
         Err(e) => {
             metrics::counter!("udphub_config_reloads_total", "result" => "failed").increment(1);
@@ -214,10 +264,15 @@ struct NotifyOnExit {
     ended: mpsc::Sender<usize>,
     /// Wakes the supervisor's poll.
     waker: Arc<Waker>,
+    /// Told the loop ended (`/healthz` turns 503).
+    readiness: Option<Readiness>,
 }
 
 impl Drop for NotifyOnExit {
     fn drop(&mut self) {
+        if let Some(r) = &self.readiness {
+            r.loop_ended();
+        }
         let _ = self.ended.send(self.index);
         let _ = self.waker.wake();
     }
@@ -231,6 +286,9 @@ pub struct Supervisor {
     signals: Signals,
     /// A periodic task, if any (the poll's timeout is its next run).
     periodic: Option<Periodic>,
+    /// Told when loops start and end and when a signal stops them, if
+    /// the server has probes.
+    readiness: Option<Readiness>,
 }
 
 /// Something the supervisor runs every `interval` on its own thread.
@@ -253,7 +311,14 @@ impl Supervisor {
             poll,
             signals,
             periodic: None,
+            readiness: None,
         })
+    }
+
+    /// Tells `readiness` how many loops run, when each starts and ends,
+    /// and when a signal stops them (the probes and systemd read it).
+    pub fn report_to(&mut self, readiness: Readiness) {
+        self.readiness = Some(readiness);
     }
 
     /// Runs `task` every `interval` (first after one interval) on the
@@ -297,7 +362,11 @@ fn supervise<S: Service + Send + 'static>(
         mut poll,
         mut signals,
         mut periodic,
+        readiness,
     } = sup;
+    if let Some(r) = &readiness {
+        r.expect_loops(loops.len());
+    }
     let exited =
         Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
     let (ended_tx, ended) = mpsc::channel();
@@ -309,10 +378,14 @@ fn supervise<S: Service + Send + 'static>(
             index: i,
             ended: ended_tx.clone(),
             waker: Arc::clone(&exited),
+            readiness: readiness.clone(),
         };
         let thread = thread::Builder::new()
             .name(format!("udphub-loop-{i}"))
             .spawn(move || {
+                if let Some(r) = &guard.readiness {
+                    r.loop_started();
+                }
                 let _guard = guard;
                 lp.run()
             })
@@ -389,6 +462,9 @@ fn supervise<S: Service + Send + 'static>(
         }
         if stop && !stopping {
             stopping = true;
+            if let Some(r) = &readiness {
+                r.shutting_down();
+            }
             for r in &running {
                 r.shutdown.shutdown();
             }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod http;
 pub mod impair;
 pub mod nats;
 pub mod pki;
