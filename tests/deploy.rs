@@ -87,6 +87,75 @@ fn the_systemd_unit_is_sandboxed_and_verifies() {
     );
 }
 
+/// The socket unit sits beside the service: systemd-analyze verifies the
+/// pair without a warning, the socket is a datagram socket on the relay's
+/// default address (so enabling it changes nothing but who holds the
+/// socket), and the service says READY=1 (Type=notify) and keeps its
+/// control socket in its own runtime directory.
+#[test]
+fn the_socket_unit_verifies_beside_the_service() {
+    let socket = std::fs::read_to_string(deploy("systemd/udphub.socket")).unwrap();
+    let service = std::fs::read_to_string(deploy("systemd/udphub.service")).unwrap();
+    for directive in ["ReusePort=yes", "Accept=no", "WantedBy=sockets.target"] {
+        assert!(
+            socket.contains(directive),
+            "the socket unit lacks {directive:?}"
+        );
+    }
+    assert!(!socket.contains("\nListenStream="));
+    assert!(
+        !socket.contains("PartOf="),
+        "a restart of the service must keep the socket"
+    );
+    for directive in [
+        "Type=notify",
+        "RuntimeDirectory=udphub",
+        "RuntimeDirectoryMode=0700",
+        "--control /run/udphub/control",
+    ] {
+        assert!(
+            service.contains(directive),
+            "the service lacks {directive:?}"
+        );
+    }
+    // The relay's default --bind, from its own summary.
+    let out = Command::new(util::udphub_bin())
+        .args(["serve", "--check-config"])
+        .env_remove("UDPHUB_BIND")
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let bind = summary
+        .split(", ")
+        .find_map(|s| s.split("bind ").nth(1))
+        .unwrap_or_else(|| panic!("no bind in {summary}"));
+    assert!(
+        socket.contains(&format!("\nListenDatagram={bind}\n")),
+        "the socket unit listens elsewhere than --bind's default {bind}"
+    );
+    assert!(require_tool("systemd-analyze"));
+    let dir = temp_path("units");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("udphub.socket"), &socket).unwrap();
+    std::fs::write(
+        dir.join("udphub.service"),
+        service.replace("/usr/local/bin/udphub", util::udphub_bin()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("udphub.socket"))
+        .arg(dir.join("udphub.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify:\n{text}");
+    assert!(
+        !text.contains("udphub."),
+        "warnings about the units:\n{text}"
+    );
+}
+
 /// A Prometheus server on loopback, killed on drop.
 struct Prometheus {
     child: Child,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
-# prometheus and promtool, systemd-analyze, tmux, ip, nats-server, openssl,
-# python3, python3-pytest, nodejs and npm from Debian; PyJWT from PyPI;
+# prometheus and promtool, systemd-analyze and systemd-socket-activate,
+# tmux, ip, nats-server, openssl, python3, python3-pytest, nodejs and npm from Debian; PyJWT from PyPI;
 # npm's jsonwebtoken and jose into target/npm) if they are missing, then
 # runs every test: cargo's, then the Python package's (clients/python).
 # Under CI=true a tool that is still missing fails its test; it never skips.
@@ -12,7 +12,8 @@ missing=()
 command -v nc >/dev/null || missing+=(netcat-openbsd)
 command -v socat >/dev/null || missing+=(socat)
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
-command -v systemd-analyze >/dev/null || missing+=(systemd)
+# systemd-socket-activate (tests/activation.rs) comes with systemd-analyze.
+command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null || missing+=(systemd)
 command -v python3 >/dev/null || missing+=(python3)
 # pytest runs the Python client package's tests (clients/python/tests).
 { python3 -m pytest --version || /usr/bin/python3 -m pytest --version; } >/dev/null 2>&1 || missing+=(python3-pytest)
