@@ -28,8 +28,10 @@
 //!   service that executes the hub's effects), [`runtime::shards`] (several
 //!   loops on one port) and [`runtime::census`] (the counts they share),
 //!   [`runtime::reload`] (SIGHUP), [`runtime::metrics`],
-//!   [`runtime::exporter`], [`runtime::logging`] and [`runtime::watch`]
-//!   (no stranger on the relay's address).
+//!   [`runtime::exporter`] (`/metrics`, `/healthz`, `/readyz`),
+//!   [`runtime::readiness`] (the phase the probes and systemd read),
+//!   [`runtime::notify`] (`READY=1`), [`runtime::logging`] and
+//!   [`runtime::watch`] (no stranger on the relay's address).
 //! - [`cluster`]: relays sharing rooms over NATS — the loop's
 //!   [`cluster::Bus`], the [`cluster::bridge`] thread, the
 //!   [`cluster::frame`]s on the bus (batches, tags), the [`cluster::keys`]
@@ -46,7 +48,8 @@
 //! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
 //!   the only `unsafe` code), [`net::fanout`], [`net::local_addrs`] (which
 //!   of the relay's addresses a reply leaves from), [`net::socket`] (one
-//!   socket, or the loops' group), [`net::steering`] (which loop a source
+//!   socket, or the loops' group), [`net::activation`] (the sockets a
+//!   service manager passes), [`net::steering`] (which loop a source
 //!   goes to), [`net::holders`] (who else holds an address).
 //! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
 //!   each one once (where a new setting goes); flags, environment, the
