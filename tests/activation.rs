@@ -14,7 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use util::http;
-use util::{metric, require_tool, temp_path, udphub_bin, Client, RelayProc, PATIENCE};
+use util::{
+    metric, require_tool, spawn_until_ready, temp_path, udphub_bin, Client, RelayProc, PATIENCE,
+};
 
 /// `systemd-socket-activate` listening on a few loopback ports, with
 /// `udphub serve ARGS` to start on the first datagram (or connection).
@@ -55,6 +57,7 @@ impl Activator {
                 .args(args)
                 .env_remove("RUST_LOG")
                 .env_remove("NOTIFY_SOCKET")
+                .env_remove("UDPHUB_THREADS")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
@@ -276,4 +279,66 @@ fn a_wrong_count_or_type_of_socket_is_a_clear_error() {
     // One line from udphub itself.
     let ours: Vec<&str> = said.lines().filter(|l| l.starts_with("udphub:")).collect();
     assert_eq!(ours.len(), 1, "{said}");
+}
+
+/// Launches its arguments (udphub) the way a service manager does with
+/// two sockets: both SO_REUSEPORT on one loopback address, as
+/// descriptors 3 and 4, with `LISTEN_PID` (its own pid, kept by exec),
+/// `LISTEN_FDS=2` and their names. (systemd does this for a `.socket`
+/// unit with the address twice and `ReusePort=yes`;
+/// `systemd-socket-activate` cannot: it sets no SO_REUSEPORT.)
+const TWO_SOCKETS: &str = r#"
+import fcntl, os, socket, sys
+socks = []
+for _ in range(2):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", socks[0].getsockname()[1] if socks else 0))
+    socks.append(s)
+high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 100) for s in socks]
+for s in socks:
+    s.close()
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="udphub:udphub")
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+/// Two inherited sockets on one address run two loops (`--threads 2`):
+/// clients spread over both, and a message reaches every member
+/// whichever loop it landed on.
+#[test]
+fn two_inherited_sockets_run_two_loops() {
+    assert!(require_tool("python3"));
+    let ready = temp_path("two-sockets-ready");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(TWO_SOCKETS)
+        .arg(udphub_bin())
+        .args(["serve", "--threads", "2", "--metrics", "127.0.0.1:0"])
+        .args(["--log-level", "info", "--ready-file"])
+        .arg(&ready)
+        .env_remove("RUST_LOG")
+        .env_remove("UDPHUB_THREADS");
+    let (child, log, addrs) = spawn_until_ready(cmd, &ready);
+    let relay = RelayProc {
+        child,
+        addr: addrs.udp,
+        metrics: addrs.metrics,
+        log,
+    };
+    relay.expect_log("socket activation: relaying on the sockets the service manager passed");
+    relay.expect_log("2 loops on SO_REUSEPORT sockets");
+    let clients: Vec<Client> = (0..20).map(|_| Client::joined(&relay)).collect();
+    let text = relay.scrape();
+    for shard in ["0", "1"] {
+        let here = metric(&text, &format!("udphub_shard_clients{{shard=\"{shard}\"}}"));
+        assert!(here > 0.0, "no client on loop {shard}:\n{text}");
+    }
+    clients[0].send(b"to all\n");
+    let want = util::seed_format("to all", clients[0].addr());
+    for c in &clients {
+        assert_eq!(c.recv(), want);
+    }
 }
