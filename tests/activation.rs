@@ -168,10 +168,17 @@ fn a_client_is_relayed_through_the_activated_socket() {
     let ready = temp_path("activated-ready");
     let _ = std::fs::remove_file(&ready);
     let ready_arg = ready.to_string_lossy().to_string();
+    // The file's bind is not the socket's: not used, and no reload
+    // calls it a change.
+    let config = temp_path("activated.toml");
+    std::fs::write(&config, "bind = \"127.0.0.1:9\"\n").unwrap();
+    let config_arg = config.to_string_lossy().to_string();
     let activator = Activator::start(
         1,
         true,
         &[
+            "--config",
+            &config_arg,
             "--metrics",
             "127.0.0.1:0",
             "--log-level",
@@ -205,7 +212,10 @@ fn a_client_is_relayed_through_the_activated_socket() {
 
     let mut relay = activator.into_relay(addr, metrics);
     let said = relay.expect_log("socket activation");
-    assert!(said.contains(&addr.to_string()), "{said}");
+    assert!(
+        said.contains(&addr.to_string()) && said.contains("--bind 127.0.0.1:9 is not used"),
+        "{said}"
+    );
     relay.expect_log(&format!("udphub relaying on {addr}"));
     http::wait_status(metrics, "/readyz", 200);
     http::wait_status(metrics, "/healthz", 200);
@@ -225,9 +235,23 @@ fn a_client_is_relayed_through_the_activated_socket() {
     assert_eq!(other.recv(), util::seed_format("hello", other.addr()));
     assert_eq!(client.recv(), util::seed_format("hello", other.addr()));
 
+    relay.signal("HUP");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(Instant::now() < deadline, "no reload line");
+        let Ok(line) = relay.log.recv_timeout(Duration::from_millis(20)) else {
+            continue;
+        };
+        assert!(!line.contains("needs a restart"), "{line}");
+        if line.contains("reload: nothing to change") {
+            break;
+        }
+    }
+
     relay.signal("TERM");
     assert!(relay.wait_exit().success());
     assert_eq!(client.recv(), b"bye");
+    let _ = std::fs::remove_file(&config);
 }
 
 /// More sockets than loops, one socket for two loops, and a TCP socket
