@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::error::ClientError;
 use super::session::{Answer, Event, Session};
 use crate::config::DEFAULT_MAX_DATAGRAM;
+use crate::core::protocol;
 
 /// How long to wait for an answer before asking again: a lost datagram
 /// (a flood filling the relay's queue, a lossy link) costs this much, not
@@ -80,6 +81,15 @@ impl Options {
     }
 }
 
+/// What became of the first datagram, the timeout question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probed {
+    /// A udphub relay answered it (its timeout, or its cookie).
+    Answered,
+    /// A v1 relay relayed it as a message.
+    Relayed,
+}
+
 /// What the client holds between calls, behind one lock.
 #[derive(Debug)]
 struct State {
@@ -95,6 +105,8 @@ struct State {
     bye: bool,
     /// [`Client::close`] ran.
     closed: bool,
+    /// The relay confirmed our membership during the handshake.
+    confirmed: bool,
 }
 
 /// A member of a udphub relay, in the lobby or a room: asks the relay's
@@ -159,6 +171,7 @@ impl Client {
                 dropped: 0,
                 bye: false,
                 closed: false,
+                confirmed: false,
             }),
         };
         match client.handshake() {
@@ -176,16 +189,31 @@ impl Client {
     /// room or the lobby.
     fn handshake(&self) -> Result<(), ClientError> {
         let probe = self.lock().session.probe();
-        self.ask(&|_| probe.clone(), PROBE_WAIT, |a| {
-            matches!(a, Answer::Timeout(_) | Answer::Cookie(_)).then_some(())
+        let answer = self.ask(&|_| probe.clone(), PROBE_WAIT, |a| match a {
+            Answer::Timeout(_) | Answer::Cookie(_) => Some(Probed::Answered),
+            // A relay that does not know the question (the seeds', v1)
+            // relays it, to us too: we are a member of its one room.
+            Answer::Message(m) if m.starts_with(protocol::TIMEOUT_QUERY) => Some(Probed::Relayed),
+            _ => None,
         })?;
         let room = self.lock().session.room().map(str::to_string);
+        if answer == Some(Probed::Relayed) && room.is_none() {
+            self.lock().confirmed = true;
+            return Ok(());
+        }
         match room {
-            Some(room) => self.join_asked(&room),
+            Some(room) => {
+                self.join_asked(&room)?;
+                self.lock().confirmed = true;
+                Ok(())
+            }
             None => {
-                let (told_timeout, verified) = {
-                    let s = self.lock();
-                    (s.session.relay_timeout().is_some(), s.session.verified())
+                let told_timeout = {
+                    let mut s = self.lock();
+                    // The timeout question is a heartbeat: answered, it
+                    // registered us.
+                    s.confirmed = s.session.relay_timeout().is_some();
+                    s.confirmed
                 };
                 // No timeout answer: verify mode, or a closed lobby (which
                 // answers non-members nothing), or silence. A proven join
@@ -200,12 +228,12 @@ impl Client {
                     if open == Some(false) {
                         return Err(ClientError::LobbyClosed(self.relay));
                     }
+                    self.lock().confirmed = open == Some(true);
                     let register = self.lock().session.register();
                     if let (Some(r), None) = (register, open) {
                         self.send_raw(&r);
                     }
                 }
-                let _ = verified;
                 Ok(())
             }
         }
@@ -309,24 +337,28 @@ impl Client {
             match self.sock.recv(&mut buf) {
                 Ok(n) => {
                     let data = &buf[..n];
-                    let mut s = self.lock();
-                    s.session.heard();
-                    let (event, _) = s.session.handle(Instant::now(), data);
-                    match event {
-                        Event::Message(m) => {
-                            s.queue_message(m, self.queue);
-                            continue;
+                    let event = {
+                        let mut s = self.lock();
+                        s.session.heard();
+                        let (event, _) = s.session.handle(Instant::now(), data);
+                        match event {
+                            Event::Bye => {
+                                s.bye = true;
+                                return Err(ClientError::RelayClosed(self.relay));
+                            }
+                            Event::HeartbeatLowered { .. } => {
+                                s.notice(event);
+                                None
+                            }
+                            Event::Message(m) => Some(m),
+                            _ => None,
                         }
-                        Event::Bye => {
-                            s.bye = true;
-                            return Err(ClientError::RelayClosed(self.relay));
-                        }
-                        Event::HeartbeatLowered { .. } => s.notice(event),
-                        _ => {}
-                    }
-                    drop(s);
+                    };
                     if let Some(t) = understood(&super::session::classify(data)) {
                         return Ok(Some(t));
+                    }
+                    if let Some(m) = event {
+                        self.lock().queue_message(m, self.queue);
                     }
                 }
                 Err(e) if is_timeout(&e) => {}
@@ -550,6 +582,14 @@ impl Client {
     /// Whether the relay runs in verify mode (we hold its cookie).
     pub fn verified(&self) -> bool {
         self.lock().session.verified()
+    }
+
+    /// Whether the relay confirmed our membership while connecting (it
+    /// answered the timeout question, or our join). A lobby client that
+    /// heard nothing is connected all the same (the relay may not be up
+    /// yet) but not confirmed.
+    pub fn confirmed(&self) -> bool {
+        self.lock().confirmed
     }
 
     /// The relay's `--timeout`, if it said.
