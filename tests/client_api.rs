@@ -228,3 +228,53 @@ fn nothing_listening_is_said() {
     let err = Client::connect_with(port, &options).unwrap_err();
     assert!(matches!(err, ClientError::NotListening(_)), "{err}");
 }
+
+/// A v1 relay (the seeds' server: every datagram relayed to every sender,
+/// no control words) has one room: a client is a member of it (its
+/// question is relayed back, which shows it), and a room join gets no
+/// answer, said as such.
+#[test]
+fn a_v1_relay_is_joined_in_its_one_room() {
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = relay.local_addr().unwrap();
+    relay
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = std::sync::Arc::clone(&stop);
+    let seed = std::thread::spawn(move || {
+        let mut members = Vec::new();
+        let mut buf = [0u8; 2048];
+        let until = Instant::now() + Duration::from_secs(20);
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+            let Ok((n, from)) = relay.recv_from(&mut buf) else {
+                continue;
+            };
+            if !members.contains(&from) {
+                members.push(from);
+            }
+            let body = buf[..n].strip_suffix(b"\n").unwrap_or(&buf[..n]);
+            let out = [body, format!(". from {from}").as_bytes()].concat();
+            for m in &members {
+                let _ = relay.send_to(&out, m);
+            }
+        }
+    });
+    let a = Client::connect(addr).unwrap();
+    assert!(a.confirmed() && !a.verified());
+    assert_eq!(a.relay_timeout(), None);
+    let b = Client::connect(addr).unwrap();
+    b.send(b"hi v1").unwrap();
+    recv_until(&a, |m| m.starts_with(b"hi v1. from"));
+    let options = Options {
+        wait: Duration::from_millis(600),
+        ..Options::room("red", None)
+    };
+    let err = Client::connect_with(addr, &options).unwrap_err();
+    assert!(
+        matches!(err, ClientError::NoAnswer { .. }) && err.to_string().contains("knows rooms"),
+        "{err}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    seed.join().unwrap();
+}
