@@ -502,8 +502,10 @@ impl Client {
     }
 
     /// Without blocking: sends a heartbeat if one is due, and handles what
-    /// has arrived (messages are kept for [`Client::recv`]). For loops
-    /// that drive many clients from one thread.
+    /// has arrived (messages are kept for [`Client::recv`], notices for
+    /// [`Client::next_event`]). For loops that drive many clients from one
+    /// thread; it makes the socket nonblocking for a moment, so do not
+    /// call it while another thread blocks in [`Client::recv`].
     pub fn tick(&self) -> Result<(), ClientError> {
         let mut buf = vec![0u8; RECV_BUF];
         if let Some(beat) = self.live()?.session.poll_transmit(Instant::now()) {

@@ -326,19 +326,20 @@ impl Session {
             Answer::Bye => (Event::Bye, None),
             Answer::Cookie(c) => {
                 self.answered = true;
-                let renewal = self.cookie.is_some();
                 self.cookie = Some((c.to_vec(), now));
                 // Verify mode heartbeats more often (the relay does not
                 // say its timeout): from now, not from the first guess.
                 self.next_beat = self.next_beat.min(now + self.heartbeat_every());
-                // A renewal of a member in the lobby needs no answer; a
-                // first cookie, or one for a room, is proven with a join
-                // (a join of one's own room is answered with the room and
-                // changes nothing).
-                let reply = match (&self.room, renewal) {
-                    (None, true) => self.register(),
-                    _ if self.room.is_some() => Some(self.join()),
-                    _ => self.register(),
+                // Proven at once, whether the cookie is the first, a
+                // renewal, or the relay no longer knows us (it restarted,
+                // or a NAT gave us a new port): in a room, a proven join
+                // of it (of one's own room, answered with the room and
+                // changing nothing); in the lobby, the bare proof (a
+                // proven heartbeat, or a registration).
+                let reply = if self.room.is_some() {
+                    Some(self.join())
+                } else {
+                    self.register()
                 };
                 (Event::Handled, reply)
             }

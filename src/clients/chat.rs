@@ -1,6 +1,6 @@
 //! `udphub chat`: the people side — a terminal chat client for a relay
 //! (seeds 000/002's client), or with `--lan` a serverless broadcast room
-//! (seed 003, see [`crate::lan`]).
+//! (seed 003, see [`crate::clients::lan`]).
 //!
 //! On a terminal it runs a line editor (rustyline) whose external printer
 //! shows incoming messages above the line being typed, without garbling it.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::client::{ClientError, Options, Refusal};
+use crate::config::MAX_UDP_PAYLOAD;
 use crate::error::Error;
 
 /// The room flags.
@@ -40,7 +41,9 @@ impl RoomArgs {
 
     /// The client library's options for these flags: the room and its
     /// token, heartbeating every `heartbeat` (`None`: the library's
-    /// choice), waiting up to `wait` for a join's answer.
+    /// choice), waiting up to `wait` for a join's answer. Messages up to
+    /// the largest UDP payload go out: a relay with a larger
+    /// `--max-datagram` takes them, and a default one counts the drop.
     pub(crate) fn options(
         &self,
         heartbeat: Option<Duration>,
@@ -51,6 +54,7 @@ impl RoomArgs {
             token: self.token()?,
             heartbeat,
             wait,
+            max_datagram: MAX_UDP_PAYLOAD,
             ..Options::default()
         })
     }

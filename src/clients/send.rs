@@ -133,10 +133,7 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
         // A member: the client library does the handshake (the relay's
         // cookie in verify mode, the room), and reads the replies.
         let wait = args.wait.max(Duration::from_secs(1));
-        let options = Options {
-            max_datagram: MAX_UDP_PAYLOAD,
-            ..args.room.options(None, wait)?
-        };
+        let options = args.room.options(None, wait)?;
         let client = Client::connect_with(server, &options).map_err(|e| args.room.error(e))?;
         client.send(&message).map_err(|e| args.room.error(e))?;
         match replies_as_member(&client, args.wait, &mut print)? {
