@@ -130,6 +130,15 @@ fn refused_joins_say_why() {
         }
     ));
     assert_eq!(c.room(), None);
+    let stray = Options {
+        token: Some(token("red", 60)),
+        ..Options::default()
+    };
+    let err = Client::connect_with(relay.addr, &stray).unwrap_err();
+    assert!(
+        err.is_usage() && err.to_string().contains("a token is for a room"),
+        "{err}"
+    );
     let err = c.join("no spaces", None).unwrap_err();
     assert!(
         err.is_usage() && err.to_string().contains("1 to 64"),
@@ -277,4 +286,28 @@ fn a_v1_relay_is_joined_in_its_one_room() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     seed.join().unwrap();
+}
+
+/// Many clients on one thread: `tick` never blocks, heartbeats each in
+/// time (the relay's 1 s timeout, told to them, passes twice), and keeps
+/// what arrives for `recv`.
+#[test]
+fn many_clients_on_one_thread_tick() {
+    let relay = spawn_relay(&["--timeout", "1s", "--format", "raw"]);
+    let clients: Vec<Client> = (0..20)
+        .map(|_| Client::connect_with(relay.addr, &Options::room("many", None)).unwrap())
+        .collect();
+    assert!(clients[0].heartbeat_interval() < Duration::from_millis(500));
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        for c in &clients {
+            c.tick().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    clients[0].send(b"all here?").unwrap();
+    for c in &clients {
+        recv_until(c, |m| m == b"all here?");
+    }
+    assert_eq!(relay.metric("udphub_clients_expired_total"), 0.0);
 }

@@ -149,8 +149,10 @@ impl Client {
         options: &Options,
     ) -> Result<Client, ClientError> {
         let relay = resolve(addr)?;
-        if let Some(room) = &options.room {
-            check_room(room)?;
+        match (&options.room, &options.token) {
+            (Some(room), _) => check_room(room)?,
+            (None, Some(_)) => return Err(ClientError::TokenWithoutRoom),
+            (None, None) => {}
         }
         let sock = UdpSocket::bind(local_for(relay.ip()))
             .map_err(|e| ClientError::io("bind the client's socket", e))?;

@@ -54,6 +54,8 @@ pub enum ClientError {
     Address(String),
     /// A room name the relay would refuse: 1 to 64 of `A-Z a-z 0-9 _ . : -`.
     RoomName(String),
+    /// A token was given without a room: tokens are for rooms.
+    TokenWithoutRoom,
     /// A message longer than a datagram the relay accepts.
     TooLong {
         /// Its length.
@@ -105,7 +107,10 @@ impl ClientError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            ClientError::Address(_) | ClientError::RoomName(_) | ClientError::TooLong { .. }
+            ClientError::Address(_)
+                | ClientError::RoomName(_)
+                | ClientError::TokenWithoutRoom
+                | ClientError::TooLong { .. }
         )
     }
 
@@ -134,6 +139,9 @@ impl fmt::Display for ClientError {
                 f,
                 "room {room:?}: a room name is 1 to 64 of A-Z a-z 0-9 _ . : -"
             ),
+            ClientError::TokenWithoutRoom => {
+                f.write_str("a token is for a room: give the room it admits to as well")
+            }
             ClientError::TooLong { len, max } => write!(
                 f,
                 "the message is {len} bytes; a datagram holds at most {max} (the relay's --max-datagram): send it in parts"
