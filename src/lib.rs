@@ -63,7 +63,10 @@
 //!   (several loops on one port), [`runtime::reload`], [`runtime::logging`],
 //!   [`runtime::metrics`], [`runtime::exporter`] and [`runtime::watch`]
 //!   (no stranger on the relay's address).
-//! - [`clients`]: `chat`, `chat --lan`, `send`.
+//! - [`client`]: the client library — connect, join, send, receive,
+//!   heartbeats and verify mode's handshake ([`client::Client`] over a
+//!   sans-I/O [`client::Session`]).
+//! - [`clients`]: `chat`, `chat --lan`, `send`, written on [`client`].
 //! - [`servers`]: `echo` and `echo --tcp`, the seeds' echo servers.
 //! - [`cli`]: the `udphub` command line, which runs all of the above.
 //! - `fuzzing`: the entry points `fuzz/` and the corpus-replay test run.
@@ -72,6 +75,7 @@
 #![warn(unreachable_pub)]
 
 pub mod cli;
+pub mod client;
 pub mod clients;
 pub mod cluster;
 pub mod config;

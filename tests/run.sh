@@ -66,7 +66,7 @@ if [ "$status" = 0 ]; then
     echo "== the protocol tests with UDPHUB_THREADS=4" | tee -a "$log"
     set +e
     UDPHUB_THREADS=4 cargo test --locked --test relay --test rooms --test verify --test metrics \
-        --test clients --test reload --test faults 2>&1 | tee -a "$log"
+        --test clients --test client_api --test reload --test faults 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
     set -e
 fi

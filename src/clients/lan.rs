@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::clients::chat::{ChatArgs, Incoming, Session};
+use crate::clients::chat::{ChatArgs, Incoming, Peer, Session};
 use crate::error::Error;
 
 /// What a member sends when it joins (seed 003 sent "***加入了聊天室").
@@ -31,15 +31,15 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
         args.port
     );
     Session {
-        recv,
-        send,
-        dest: SocketAddr::V4(SocketAddrV4::new(broadcast, args.port)),
+        peer: Peer::Lan {
+            recv,
+            send,
+            dest: SocketAddr::V4(SocketAddrV4::new(broadcast, args.port)),
+            hello: JOINED.to_vec(),
+            goodbye: LEFT.to_vec(),
+        },
         name: args.name.clone(),
         room: None,
-        heartbeat: None,
-        link: crate::clients::chat::Link::new_unused(),
-        hello: JOINED.to_vec(),
-        goodbye: LEFT.to_vec(),
         linger: args.linger,
         render: |data, from| Incoming::Line(render(data, from, &clock())),
     }

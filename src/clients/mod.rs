@@ -5,7 +5,11 @@
 //! - [`chat`]: `udphub chat`, the terminal/pipe client; [`lan`]: its
 //!   `--lan` serverless broadcast room (seed 003).
 //! - [`send`]: `udphub send`, one datagram and its replies (seed 004's client).
-//! - [`room`]: joining a room from `chat` and `send` (`--room`, `--token`).
+//! - [`room`]: the `--room`, `--token` flags `chat` and `send` share, as
+//!   the client library's options, and its errors said with those flags.
+//!
+//! `chat` and `send` talk to a relay through [`crate::client`], the
+//! client library, which owns the handshake, heartbeats and verify mode.
 
 pub mod chat;
 pub mod lan;

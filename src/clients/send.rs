@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use crate::client::{Client, ClientError, Event, Options};
 use crate::clients::chat::resolve;
-use crate::clients::room::{self, RoomArgs};
+use crate::clients::room::RoomArgs;
 use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::core::protocol;
 use crate::error::Error;
@@ -121,43 +122,70 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
             message.len()
         )));
     }
-    let local: SocketAddr = if server.is_ipv6() {
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    };
-    let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
-    sock.connect(server).map_err(|e| Error::io("connect", e))?;
-    let wait = args.wait.max(Duration::from_secs(1));
     let proving = args.verify || args.room.room.is_some();
-    if proving {
-        let probe = room::probe(&sock, wait);
-        if let (Some(cookie), None) = (&probe.cookie, &args.room.room) {
-            // Verify mode, no room: the cookie registers us in the lobby.
-            sock.send(&[crate::core::protocol::COOKIE, cookie].concat())
-                .map_err(|e| Error::io("send", e))?;
+    let mut out = io::stdout().lock();
+    let mut print = |reply: &[u8]| {
+        let _ = out.write_all(reply);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    };
+    let replies = if proving {
+        // A member: the client library does the handshake (the relay's
+        // cookie in verify mode, the room), and reads the replies.
+        let wait = args.wait.max(Duration::from_secs(1));
+        let options = args.room.options(None, wait)?;
+        let client = Client::connect_with(server, &options).map_err(|e| args.room.error(e))?;
+        client.send(&message).map_err(|e| args.room.error(e))?;
+        match replies_as_member(&client, args.wait, &mut print)? {
+            Some(n) => n,
+            None => return Ok(Sent::NotListening(server)),
         }
-        args.room
-            .join(&sock, server, probe.cookie.as_deref(), wait)?;
+    } else {
+        // Anything that answers datagrams (an echo server, a seed's
+        // relay): one datagram as it is, and whatever comes back.
+        let local: SocketAddr = if server.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let sock = UdpSocket::bind(local).map_err(|e| Error::io("bind", e))?;
+        sock.connect(server).map_err(|e| Error::io("connect", e))?;
+        sock.send(&message).map_err(|e| Error::io("send", e))?;
+        match raw_replies(&sock, args.wait, &mut print)? {
+            Some(n) => n,
+            None => return Ok(Sent::NotListening(server)),
+        }
+    };
+    // `--wait 0s` is fire and forget: no replies wanted, nothing to ask.
+    if replies == 0 && !args.wait.is_zero() {
+        if let Some(why) = why_silent(server, &message, proving) {
+            return Ok(Sent::Silent(why));
+        }
     }
-    sock.send(&message).map_err(|e| Error::io("send", e))?;
-    let deadline = Instant::now() + args.wait;
+    Ok(Sent::Replies(replies))
+}
+
+/// Prints each datagram that arrives on `sock` within `wait`; how many,
+/// or `None` if the kernel said nothing listens before any came.
+fn raw_replies(
+    sock: &UdpSocket,
+    wait: Duration,
+    print: &mut impl FnMut(&[u8]),
+) -> Result<Option<usize>, Error> {
+    let deadline = Instant::now() + wait;
     let mut buf = vec![0u8; 65_536];
     let mut replies = 0;
-    let mut out = io::stdout().lock();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break;
+            return Ok(Some(replies));
         }
         sock.set_read_timeout(Some(left))
             .map_err(|e| Error::io("set a read timeout", e))?;
         match sock.recv(&mut buf) {
             Ok(n) => {
                 replies += 1;
-                let _ = out.write_all(&buf[..n]);
-                let _ = out.write_all(b"\n");
-                let _ = out.flush();
+                print(&buf[..n]);
             }
             Err(e)
                 if matches!(
@@ -165,41 +193,63 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                break
+                return Ok(Some(replies))
             }
             // ICMP "port unreachable": no reply will ever come.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && replies == 0 => {
-                return Ok(Sent::NotListening(server))
+                return Ok(None)
             }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Some(replies)),
             Err(e) => return Err(Error::io("receive", e)),
         }
     }
-    // `--wait 0s` is fire and forget: no replies wanted, nothing to ask.
-    if replies == 0 && !args.wait.is_zero() {
-        if let Some(why) = why_silent(&sock, server, &message, proving) {
-            return Ok(Sent::Silent(why));
+}
+
+/// Prints each message the relay sends `client` within `wait`; how many,
+/// or `None` if the kernel said nothing listens before any came.
+fn replies_as_member(
+    client: &Client,
+    wait: Duration,
+    print: &mut impl FnMut(&[u8]),
+) -> Result<Option<usize>, Error> {
+    let deadline = Instant::now() + wait;
+    let mut replies = 0;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match client.next_event(left) {
+            Ok(Some(Event::Message(m))) => {
+                replies += 1;
+                print(&m);
+            }
+            Ok(Some(Event::Unreachable)) if replies == 0 => return Ok(None),
+            Ok(Some(Event::Bye)) | Err(ClientError::RelayClosed(_)) => {
+                print(crate::core::protocol::BYE);
+                return Ok(Some(replies + 1));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => return Err(Error::Refused(e.to_string())),
         }
     }
-    Ok(Sent::Replies(replies))
+    Ok(Some(replies))
 }
 
 /// After silence: why, if the relay will tell. A relay in verify mode
-/// answers nobody unproven except a `^hello^` padded to 64 bytes (its
-/// cookie, never more bytes than it was sent), so one padded probe tells
-/// verify mode apart from a relay that had nothing to say. A `^join^`
-/// shorter than its refusal (`^denied^token` is 14 bytes) is refused in
-/// silence, by the same rule.
-fn why_silent(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    message: &[u8],
-    proving: bool,
-) -> Option<String> {
-    if !proving && room::probe(sock, PROBE_WAIT).cookie.is_some() {
-        return Some(format!(
-            "the relay at {server} is in verify mode (--public / --verify-sources): it ignores every datagram until the sender proves its address with the cookie handshake; add --verify (or --room ROOM), or see docs/PROTOCOL.md \"Verify mode\" for a plain client"
-        ));
+/// answers nobody unproven except a padded question (its cookie, never
+/// more bytes than it was sent), so one client library probe tells verify
+/// mode apart from a relay that had nothing to say. A `^join^` shorter
+/// than its refusal (`^denied^token` is 14 bytes) is refused in silence,
+/// by the same rule.
+fn why_silent(server: SocketAddr, message: &[u8], proving: bool) -> Option<String> {
+    if !proving {
+        let options = Options {
+            wait: PROBE_WAIT,
+            ..Options::default()
+        };
+        if Client::connect_with(server, &options).is_ok_and(|c| c.verified()) {
+            return Some(format!(
+                "the relay at {server} is in verify mode (--public / --verify-sources): it ignores every datagram until the sender proves its address with the cookie handshake; add --verify (or --room ROOM), or see docs/PROTOCOL.md \"Verify mode\" for a plain client"
+            ));
+        }
     }
     let body = message.trim_ascii();
     if body.starts_with(protocol::JOIN) && message.len() < protocol::TIMEOUT_QUERY_LEN {
