@@ -147,7 +147,7 @@ fn serve(
     loop {
         let now = Instant::now();
         if now >= next_upkeep {
-            handle.run_upkeep();
+            crate::runtime::metrics::draining(|| handle.run_upkeep());
             next_upkeep = now + UPKEEP_INTERVAL;
         }
         let wake = scrapes
@@ -174,7 +174,10 @@ fn serve(
                         continue;
                     };
                     let page = |path: Page| match path {
-                        Page::Metrics => Some(("200 OK", handle.render())),
+                        Page::Metrics => Some((
+                            "200 OK",
+                            crate::runtime::metrics::draining(|| handle.render()),
+                        )),
                         Page::Health => probe(health.as_ref(), Readiness::healthy),
                         Page::Ready => probe(health.as_ref(), Readiness::ready),
                     };
