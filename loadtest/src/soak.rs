@@ -87,6 +87,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
             no_echo: false,
             rooms: args.rooms,
             verify: args.verify,
+            room_prefix: String::new(),
         },
     )
     .map_err(|e| e.to_string())?;

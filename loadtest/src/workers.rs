@@ -1,0 +1,276 @@
+//! `fanout --threads N`: the worker threads.
+//!
+//! Each worker owns one [`Engine`]: its share of the clients (their
+//! sockets, one mio poll) and its receivers' stream state, so loss,
+//! duplicates, reordering and cross-room deliveries are counted exactly
+//! where they arrive, and it sends for the senders among its clients.
+//! What the workers must agree on crosses in atomics: the run's totals,
+//! which the closed-loop window and the drain read, and the phase (sending,
+//! then the drain once the main thread says go). Each worker closes its
+//! timeline intervals itself and hands their histograms to the main thread,
+//! which merges them into the timeline and the progress bar.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::fanout::Engine;
+use crate::procfs;
+
+/// What every worker is told to do.
+pub struct Plan {
+    /// Open loop: the run's total messages per second.
+    pub rate: Option<f64>,
+    /// Closed loop: messages in flight per sender.
+    pub window: u64,
+    /// Recipients per message (the largest, with rooms).
+    pub per_message: u64,
+    /// Senders in the run.
+    pub senders: u64,
+    /// How long to send, from the shared start.
+    pub send_until: Duration,
+    /// `--messages` for the whole run (`u64::MAX`: none).
+    pub max_messages: u64,
+    /// Timeline interval.
+    pub interval: Duration,
+    /// A `--flood` member ran: read its last deliveries before the drain.
+    pub flood: bool,
+}
+
+/// One worker's running counters, published for the others.
+#[derive(Default)]
+struct Slot {
+    delivered: AtomicU64,
+    expected: AtomicU64,
+    sent: AtomicU64,
+}
+
+/// What the workers and the main thread share.
+pub struct Shared {
+    slots: Vec<Slot>,
+    /// Workers past their sending phase (finished or failed).
+    pub done_sending: AtomicUsize,
+    /// The main thread's go for the drain (after a `--flood` member's end).
+    pub drain: AtomicBool,
+    /// A worker failed: the others stop sending.
+    stop: AtomicBool,
+    /// Some worker's client heard the relay's `bye`.
+    bye: AtomicBool,
+}
+
+impl Shared {
+    /// Counters for `workers` workers.
+    pub fn new(workers: usize) -> Shared {
+        Shared {
+            slots: (0..workers).map(|_| Slot::default()).collect(),
+            done_sending: AtomicUsize::new(0),
+            drain: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            bye: AtomicBool::new(false),
+        }
+    }
+
+    /// Deliveries received so far, all workers.
+    pub fn delivered(&self) -> u64 {
+        self.sum(|s| &s.delivered)
+    }
+
+    fn sum(&self, field: impl Fn(&Slot) -> &AtomicU64) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| field(s).load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn publish(&self, me: usize, e: &Engine) {
+        let slot = &self.slots[me];
+        slot.delivered.store(e.delivered, Ordering::Relaxed);
+        slot.expected.store(e.expected(), Ordering::Relaxed);
+        slot.sent.store(e.messages_sent(), Ordering::Relaxed);
+        if e.bye {
+            self.bye.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One closed timeline interval of one worker.
+pub struct Interval {
+    /// Which interval (0, 1, …): the same schedule on every worker.
+    pub index: u64,
+    /// When the worker closed it, since the shared start.
+    pub t: Duration,
+    /// New deliveries in it.
+    pub delivered: u64,
+    /// Their latencies.
+    pub latency: Histogram<u64>,
+}
+
+/// A worker's engine and figures, once it is done.
+pub struct Finished {
+    /// Its clients (for the quits) and counters.
+    pub engine: Engine,
+    /// When it stopped sending, since the shared start.
+    pub sending_time: Duration,
+    /// Its deliveries by then.
+    pub delivered_while_sending: u64,
+    /// Its CPU while sending as a fraction of one core (`None`: too short
+    /// a phase for the kernel's 10 ms CPU clock, or no `/proc`).
+    pub busy: Option<f64>,
+}
+
+/// Runs one worker: sends and receives until the run's end, then drains.
+/// On failure the others are told to stop sending.
+pub fn drive(
+    mut e: Engine,
+    me: usize,
+    plan: &Plan,
+    shared: &Shared,
+    intervals: &Sender<Interval>,
+) -> Result<Finished, String> {
+    let sending = send_phase(&mut e, me, plan, shared, intervals);
+    // Counted whatever happened: the main thread waits for every worker.
+    shared.done_sending.fetch_add(1, Ordering::SeqCst);
+    let (sending_time, delivered_while_sending, busy) = match sending {
+        Ok(s) => s,
+        Err(err) => {
+            shared.stop.store(true, Ordering::SeqCst);
+            return Err(err);
+        }
+    };
+    drain_phase(&mut e, me, plan, shared).inspect_err(|_| {
+        shared.stop.store(true, Ordering::SeqCst);
+    })?;
+    Ok(Finished {
+        engine: e,
+        sending_time,
+        delivered_while_sending,
+        busy,
+    })
+}
+
+/// The shortest sending phase whose CPU share is worth reporting: the
+/// kernel's CPU clock ticks every 10 ms.
+const BUSY_MIN_WALL: Duration = Duration::from_millis(500);
+
+fn send_phase(
+    e: &mut Engine,
+    me: usize,
+    plan: &Plan,
+    shared: &Shared,
+    intervals: &Sender<Interval>,
+) -> Result<(Duration, u64, Option<f64>), String> {
+    let wall0 = Instant::now();
+    let cpu0 = procfs::thread_cpu_seconds();
+    let my_max = e.share_of(plan.max_messages);
+    let my_rate = plan
+        .rate
+        .map(|r| r * e.local_senders() as f64 / plan.senders.max(1) as f64);
+    let mut next_point = plan.interval;
+    let mut index = 0u64;
+    let mut last_progress = (Instant::now(), 0u64);
+    loop {
+        let t = e.elapsed();
+        if t >= next_point {
+            let (delivered, latency) = e.take_interval();
+            // The main thread gone means the run is over anyway.
+            let _ = intervals.send(Interval {
+                index,
+                t,
+                delivered,
+                latency,
+            });
+            index += 1;
+            next_point += plan.interval;
+        }
+        shared.publish(me, e);
+        let sending = t < plan.send_until
+            && shared.sum(|s| &s.sent) < plan.max_messages
+            && !shared.bye.load(Ordering::Relaxed)
+            && !shared.stop.load(Ordering::Relaxed);
+        if !sending {
+            break;
+        }
+        let wait = match my_rate {
+            Some(rate) => {
+                // Open loop: the schedule says how many should be out by now.
+                let due = (t.as_secs_f64() * rate) as u64;
+                let mut n = 0;
+                while e.messages_sent() < due.min(my_max) && n < 64 {
+                    e.send_one().map_err(|e| e.to_string())?;
+                    n += 1;
+                }
+                Duration::from_micros(200)
+            }
+            None => {
+                let expected = shared.sum(|s| &s.expected);
+                let delivered = shared.delivered();
+                let outstanding = expected - delivered.min(expected);
+                let stalled = last_progress.0.elapsed() > Duration::from_millis(200);
+                if e.local_senders() > 0
+                    && e.messages_sent() < my_max
+                    && (outstanding < plan.window * plan.per_message * plan.senders || stalled)
+                {
+                    e.send_one().map_err(|e| e.to_string())?;
+                    if stalled {
+                        last_progress = (Instant::now(), delivered);
+                    }
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(5)
+                }
+            }
+        };
+        e.step(wait).map_err(|e| e.to_string())?;
+        shared.publish(me, e);
+        let delivered = shared.delivered();
+        if delivered != last_progress.1 {
+            last_progress = (Instant::now(), delivered);
+        }
+    }
+    let wall = wall0.elapsed();
+    let busy = match (cpu0, procfs::thread_cpu_seconds()) {
+        (Some(a), Some(b)) if wall >= BUSY_MIN_WALL => Some((b - a) / wall.as_secs_f64()),
+        _ => None,
+    };
+    Ok((e.elapsed(), e.delivered, busy))
+}
+
+/// How long a worker waits for the main thread's go (it ends a `--flood`
+/// member first, a fraction of a second) before giving up.
+const DRAIN_GO_LIMIT: Duration = Duration::from_secs(30);
+
+fn drain_phase(e: &mut Engine, me: usize, plan: &Plan, shared: &Shared) -> Result<(), String> {
+    let give_up = Instant::now() + DRAIN_GO_LIMIT;
+    while !shared.drain.load(Ordering::SeqCst) {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if Instant::now() >= give_up {
+            return Err("the other workers never finished sending".into());
+        }
+        e.step(Duration::from_millis(10))
+            .map_err(|e| e.to_string())?;
+        shared.publish(me, e);
+    }
+    if plan.flood {
+        // The flood's last deliveries to the clients are no message of
+        // ours: read them here, as the drain below stops at our own.
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            e.step(Duration::from_millis(10))
+                .map_err(|e| e.to_string())?;
+        }
+        shared.publish(me, e);
+    }
+    // Stragglers for up to a second, until the run has all it expects.
+    let drain_until = Instant::now() + Duration::from_secs(1);
+    while shared.delivered() < shared.sum(|s| &s.expected) && Instant::now() < drain_until && !e.bye
+    {
+        e.step(Duration::from_millis(10))
+            .map_err(|e| e.to_string())?;
+        shared.publish(me, e);
+    }
+    Ok(())
+}
