@@ -38,7 +38,21 @@ struct Read {
 
 /// Reads, merges and prints. Every error is one line naming the file.
 pub fn run(args: &MergeArgs) -> Result<(), String> {
-    let reports = args.files.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+    let values = args.files.iter().map(load).collect::<Result<Vec<_>, _>>()?;
+    let scenario = |v: &serde_json::Value| v["scenario"].as_str().unwrap_or("unknown").to_string();
+    if let Some((first, v0)) = values.first() {
+        if let Some((other, v)) = values.iter().find(|(_, v)| scenario(v) != scenario(v0)) {
+            return Err(format!(
+                "{first} is a {} report and {other} a {} report: merge reports of one scenario (fanout)",
+                scenario(v0),
+                scenario(v)
+            ));
+        }
+    }
+    let reports = values
+        .into_iter()
+        .map(|(name, v)| read(name, v))
+        .collect::<Result<Vec<_>, _>>()?;
     let merged = merge(reports)?;
     if args.json {
         use std::io::Write;
@@ -51,23 +65,32 @@ pub fn run(args: &MergeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn read(path: &PathBuf) -> Result<Read, String> {
+/// A report file as JSON, with its name.
+fn load(path: &PathBuf) -> Result<(String, serde_json::Value), String> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    let value = serde_json::from_str(&text).map_err(|e| {
         format!("{name}: not a loadtest JSON report ({e}); write one with `loadtest fanout --json > {name}`")
     })?;
+    Ok((name, value))
+}
+
+/// A fanout report, its histogram decoded.
+fn read(name: String, value: serde_json::Value) -> Result<Read, String> {
     let scenario = value["scenario"].as_str().unwrap_or("unknown").to_string();
     if scenario != "fanout" {
         return Err(format!(
             "{name} is a {scenario} report: merge reads fanout reports (`loadtest fanout --json`)"
         ));
     }
+    if value["latency_histogram"].as_str().is_none() {
+        return Err(format!(
+            "{name} has no latency_histogram (an older loadtest wrote it?): rerun that machine's fanout --json with this loadtest"
+        ));
+    }
     let report: FanoutReport = serde_json::from_value(value)
         .map_err(|e| format!("{name}: not a whole fanout report ({e})"))?;
-    let encoded = report.latency_histogram.as_deref().ok_or_else(|| {
-        format!("{name} has no latency_histogram (an older loadtest wrote it?): rerun that machine's fanout --json with this loadtest")
-    })?;
+    let encoded = report.latency_histogram.as_deref().unwrap_or_default();
     let latency =
         crate::histogram::decode(encoded).map_err(|e| format!("{name}: latency_histogram: {e}"))?;
     Ok(Read {
