@@ -10,7 +10,6 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -161,11 +160,6 @@ pub struct Part {
     pub of: usize,
 }
 
-impl Part {
-    /// Every client, one engine.
-    pub const ALL: Part = Part { index: 0, of: 1 };
-}
-
 /// One client socket.
 struct ClientSock {
     sock: mio::net::UdpSocket,
@@ -276,28 +270,9 @@ impl Engine {
         self.ids[i] % self.rooms.max(1)
     }
 
-    /// Opens `clients` sockets next to the relay's address family and
-    /// registers them with a heartbeat each.
-    pub fn new(
-        relays: &[SocketAddr],
-        clients: usize,
-        senders: usize,
-        payload: usize,
-        heartbeat: Duration,
-        joining: Joining,
-    ) -> io::Result<Engine> {
-        Engine::new_part(
-            relays,
-            clients,
-            Part::ALL,
-            senders,
-            payload,
-            heartbeat,
-            joining,
-        )
-    }
-
-    /// [`Engine::new`] for one worker's share of the run's `clients`.
+    /// Opens sockets for worker `part`'s share of the run's `clients`,
+    /// next to the relay's address family, and registers them with a
+    /// heartbeat each.
     pub fn new_part(
         relays: &[SocketAddr],
         clients: usize,
@@ -1011,63 +986,28 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         max_messages: args.messages.unwrap_or(u64::MAX),
         interval,
         flood: flood.is_some(),
+        drain: Duration::from_secs(1),
     };
     let start = Instant::now();
     for e in &mut engines {
         e.set_start(start);
     }
     let shared = workers::Shared::new(threads);
-    let (tx, rx) = std::sync::mpsc::channel::<workers::Interval>();
     let mut timeline = Timeline::new(threads, interval);
     let mut flood_end = None;
-    let results: Vec<Result<workers::Finished, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = engines
-            .into_iter()
-            .enumerate()
-            .map(|(me, e)| {
-                let tx = tx.clone();
-                let (plan, shared) = (&plan, &shared);
-                std::thread::Builder::new()
-                    .name(format!("loadtest-{me}"))
-                    .spawn_scoped(s, move || workers::drive(e, me, plan, shared, &tx))
-            })
-            .collect();
-        drop(tx);
-        let mut flood = flood;
-        // Merge the workers' intervals as they come; once every worker has
-        // stopped sending, end the flood and let them drain. The channel
-        // closes when the last worker ends.
-        loop {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(iv) => {
-                    if let Some(t) = timeline.add(iv) {
-                        progress.tick(t, shared.delivered());
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+    let finished = workers::run_all(
+        engines,
+        &plan,
+        &shared,
+        |iv| {
+            if let Some(t) = timeline.add(iv) {
+                progress.tick(t, shared.delivered());
             }
-            if !shared.drain.load(Ordering::SeqCst)
-                && shared.done_sending.load(Ordering::SeqCst) >= threads
-            {
-                flood_end = flood.take().map(|f| f.finish());
-                shared.drain.store(true, Ordering::SeqCst);
-            }
-        }
-        handles
-            .into_iter()
-            .map(|h| match h {
-                Ok(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Err("a worker thread panicked".into())),
-                Err(e) => Err(format!("start a worker thread: {e}")),
-            })
-            .collect()
-    });
-    let mut finished = Vec::with_capacity(threads);
-    for r in results {
-        finished.push(r?);
-    }
+        },
+        |_| {},
+        || flood_end = flood.map(|f| f.finish()),
+    );
+    let mut finished = finished?;
     let flood = flood_end.transpose()?;
     progress.finish();
     let own_cpu1 = procfs::cpu_seconds(std::process::id());

@@ -11,7 +11,7 @@
 //! which merges them into the timeline and the progress bar.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -37,6 +37,8 @@ pub struct Plan {
     pub interval: Duration,
     /// A `--flood` member ran: read its last deliveries before the drain.
     pub flood: bool,
+    /// How long to wait for stragglers after sending (zero: none).
+    pub drain: Duration,
 }
 
 /// One worker's running counters, published for the others.
@@ -75,6 +77,16 @@ impl Shared {
     /// Deliveries received so far, all workers.
     pub fn delivered(&self) -> u64 {
         self.sum(|s| &s.delivered)
+    }
+
+    /// Deliveries the messages sent so far call for, all workers.
+    pub fn expected(&self) -> u64 {
+        self.sum(|s| &s.expected)
+    }
+
+    /// Whether every worker has stopped sending.
+    pub fn all_done_sending(&self) -> bool {
+        self.done_sending.load(Ordering::SeqCst) >= self.slots.len()
     }
 
     fn sum(&self, field: impl Fn(&Slot) -> &AtomicU64) -> u64 {
@@ -265,12 +277,67 @@ fn drain_phase(e: &mut Engine, me: usize, plan: &Plan, shared: &Shared) -> Resul
         shared.publish(me, e);
     }
     // Stragglers for up to a second, until the run has all it expects.
-    let drain_until = Instant::now() + Duration::from_secs(1);
-    while shared.delivered() < shared.sum(|s| &s.expected) && Instant::now() < drain_until && !e.bye
-    {
+    let drain_until = Instant::now() + plan.drain;
+    while shared.delivered() < shared.expected() && Instant::now() < drain_until && !e.bye {
         e.step(Duration::from_millis(10))
             .map_err(|e| e.to_string())?;
         shared.publish(me, e);
     }
     Ok(())
+}
+
+/// Runs `engines` (whose start is already set), one worker thread each, to
+/// the end of the drain. Meanwhile the calling thread hands each closed
+/// interval to `interval`, calls `tick` every few milliseconds (sampling,
+/// progress), and once every worker has stopped sending calls
+/// `before_drain` (e.g. ends a `--flood` member) and lets them drain.
+/// Returns the workers in order, or the first failure.
+pub fn run_all(
+    engines: Vec<Engine>,
+    plan: &Plan,
+    shared: &Shared,
+    mut interval: impl FnMut(Interval),
+    mut tick: impl FnMut(&Shared),
+    before_drain: impl FnOnce(),
+) -> Result<Vec<Finished>, String> {
+    let (tx, rx) = mpsc::channel::<Interval>();
+    let results: Vec<Result<Finished, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = engines
+            .into_iter()
+            .enumerate()
+            .map(|(me, e)| {
+                let tx = tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("loadtest-{me}"))
+                    .spawn_scoped(s, move || drive(e, me, plan, shared, &tx))
+            })
+            .collect();
+        drop(tx);
+        let mut before_drain = Some(before_drain);
+        // The channel closes when the last worker ends.
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(iv) => interval(iv),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            tick(shared);
+            if shared.all_done_sending() {
+                if let Some(f) = before_drain.take() {
+                    f();
+                    shared.drain.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err("a worker thread panicked".into())),
+                Err(e) => Err(format!("start a worker thread: {e}")),
+            })
+            .collect()
+    });
+    results.into_iter().collect()
 }

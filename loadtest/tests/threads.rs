@@ -344,3 +344,42 @@ fn a_bad_thread_count_names_the_fix() {
         assert!(stderr.contains("or auto"), "{stderr}");
     }
 }
+
+/// `soak --threads 2`: the clients dealt over two workers all register
+/// with the relay, and the samples add up both workers' deliveries.
+#[test]
+fn soak_runs_on_two_threads() {
+    let Some(r) = relay(&[]) else {
+        return;
+    };
+    let j = report(&loadtest(&[
+        "soak",
+        "--relay",
+        &r.udp,
+        "--metrics-url",
+        &r.metrics,
+        "--clients",
+        "30",
+        "--senders",
+        "3",
+        "--rate",
+        "300",
+        "--duration",
+        "1s",
+        "--sample-every",
+        "400ms",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    let samples = j["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2, "{j}");
+    assert_eq!(u(&samples[0]["deliveries"]), 0, "{j}");
+    let last = samples.last().unwrap();
+    assert_eq!(last["relay_clients"].as_f64(), Some(30.0), "{j}");
+    // Both workers' receivers count: 30 recipients per message.
+    assert!(
+        u(&last["deliveries"]) + u(&last["missing"]) >= 30 * 250,
+        "{j}"
+    );
+}
