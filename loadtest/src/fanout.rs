@@ -970,7 +970,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let cpu0 = c.relay_pid.and_then(procfs::cpu_seconds);
     let own_cpu0 = procfs::cpu_seconds(std::process::id());
     let ports: Vec<u16> = engines.iter().flat_map(|e| e.local_ports()).collect();
-    let drops0 = procfs::socket_drops(&ports, relay.is_ipv6());
+    let queues0 = procfs::socket_queues(&ports, relay.is_ipv6());
     let progress = Progress::new(c, c.duration);
     let interval = Duration::from_millis(if c.duration < Duration::from_secs(5) {
         100
@@ -1011,7 +1011,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let flood = flood_end.transpose()?;
     progress.finish();
     let own_cpu1 = procfs::cpu_seconds(std::process::id());
-    let drops1 = procfs::socket_drops(&ports, relay.is_ipv6());
+    let queues1 = procfs::socket_queues(&ports, relay.is_ipv6());
     let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
     if c.metrics_url.is_some() {
         // The relay publishes its counters after each batch; let the last
@@ -1079,16 +1079,25 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         cpu_seconds: own_cpu,
         cpu_ns_per_delivery: own_cpu.map(|s| s * 1e9 / t.delivered.max(1) as f64),
         thread_busy: finished.iter().filter_map(|f| f.busy).collect(),
-        socket_drops: match (drops0, drops1) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        thread_waiting: finished.iter().filter_map(|f| f.waiting).collect(),
+        socket_drops: match (queues0, queues1) {
+            (Some(a), Some(b)) => Some(b.drops.saturating_sub(a.drops)),
             _ => None,
         },
+        socket_backlog_bytes: queues1.map(|q| q.rx_queue_bytes),
         rate_reached: args.rate.map(|_| t.messages_sent as f64 / secs),
     };
     let scheduled = args
         .rate
         .map(|r| ((r * secs) as u64).min(plan.max_messages));
-    let limited = limits::judge(&usage, args.rate, scheduled, t.messages_sent, t.bye);
+    let limited = limits::judge(
+        &usage,
+        args.rate,
+        scheduled,
+        t.messages_sent,
+        t.bye,
+        t.expected.saturating_sub(t.delivered),
+    );
     Ok(FanoutReport {
         scenario: "fanout".into(),
         relay: c.relay.clone(),

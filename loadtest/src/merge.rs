@@ -240,6 +240,10 @@ fn merge_usage(reads: &[Read], delivered: u64) -> LoadtestUsage {
         cpu_seconds: cpu,
         cpu_ns_per_delivery: cpu.map(|s| s * 1e9 / delivered.max(1) as f64),
         thread_busy: usages().flat_map(|u| u.thread_busy.clone()).collect(),
+        thread_waiting: usages().flat_map(|u| u.thread_waiting.clone()).collect(),
+        socket_backlog_bytes: usages()
+            .map(|u| u.socket_backlog_bytes)
+            .try_fold(0u64, |a, b| b.map(|b| a + b)),
         socket_drops: usages()
             .map(|u| u.socket_drops)
             .try_fold(0u64, |a, b| b.map(|b| a + b)),

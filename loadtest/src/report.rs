@@ -279,10 +279,19 @@ pub struct LoadtestUsage {
     /// Each worker's CPU while sending, as a fraction of one core (absent
     /// for runs too short for the kernel's 10 ms CPU clock).
     pub thread_busy: Vec<f64>,
+    /// Each worker's time runnable but waiting for a core while sending,
+    /// as a fraction (`/proc/thread-self/schedstat`): a machine too busy to
+    /// give loadtest the CPU it wanted.
+    #[serde(default)]
+    pub thread_waiting: Vec<f64>,
     /// Datagrams the kernel dropped at loadtest's own full receive buffers
     /// (`/proc/net/udp` drops of its sockets): deliveries the relay made
     /// that loadtest could not take.
     pub socket_drops: Option<u64>,
+    /// Bytes still unread in loadtest's sockets when it stopped reading
+    /// (`/proc/net/udp` rx_queue): deliveries it had not caught up with.
+    #[serde(default)]
+    pub socket_backlog_bytes: Option<u64>,
     /// Open loop: the rate reached (msgs/s), against `--rate`.
     pub rate_reached: Option<f64>,
 }
@@ -290,8 +299,11 @@ pub struct LoadtestUsage {
 /// Why loadtest, not the relay, limited the run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadtestLimited {
-    /// `cpu` (a worker thread near 100 % of a core), `rcvbuf` (its sockets'
-    /// receive buffers overflowed), `rate` (an open-loop rate not reached).
+    /// `cpu` (a worker thread wanted a core at least 90 % of the time:
+    /// running, or runnable and waiting for one), `rcvbuf` (its sockets'
+    /// receive buffers overflowed), `backlog` (deliveries still unread in
+    /// its sockets when it stopped, counted as loss), `rate` (an open-loop
+    /// rate not reached).
     pub reason: Vec<String>,
     /// The same in words, one line each.
     pub detail: Vec<String>,
@@ -423,11 +435,13 @@ impl FanoutReport {
             row("kernel rx drops", format!("{}", m.relay_kernel_rx_dropped));
         }
         if let Some(u) = &self.loadtest {
-            let busiest = u
-                .thread_busy
-                .iter()
-                .copied()
-                .fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
+            // The worker that wanted a core most: running, or waiting for one.
+            let busiest = (0..u.thread_busy.len())
+                .map(|t| {
+                    let w = u.thread_waiting.get(t).copied().unwrap_or(0.0);
+                    (u.thread_busy[t], w)
+                })
+                .max_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
             row(
                 "loadtest",
                 format!(
@@ -436,9 +450,10 @@ impl FanoutReport {
                     u.cpu_seconds.map_or("?".into(), |s| format!("{s:.2} s")),
                     u.cpu_ns_per_delivery
                         .map_or("?".into(), |n| format!("{n:.0} ns")),
-                    busiest.map_or(String::new(), |b| format!(
-                        ", busiest thread {:.0}%",
-                        b * 100.0
+                    busiest.map_or(String::new(), |(b, w)| format!(
+                        ", busiest thread ran {:.0}% (waited for a core {:.0}%)",
+                        b * 100.0,
+                        w * 100.0
                     )),
                     u.socket_drops.map_or("?".into(), |d| d.to_string()),
                 ),

@@ -130,6 +130,9 @@ pub struct Finished {
     /// Its CPU while sending as a fraction of one core (`None`: too short
     /// a phase for the kernel's 10 ms CPU clock, or no `/proc`).
     pub busy: Option<f64>,
+    /// The fraction of its sending time it was runnable but waited for a
+    /// core (a machine busy with others, or the relay).
+    pub waiting: Option<f64>,
 }
 
 /// Runs one worker: sends and receives until the run's end, then drains.
@@ -144,7 +147,12 @@ pub fn drive(
     let sending = send_phase(&mut e, me, plan, shared, intervals);
     // Counted whatever happened: the main thread waits for every worker.
     shared.done_sending.fetch_add(1, Ordering::SeqCst);
-    let (sending_time, delivered_while_sending, busy) = match sending {
+    let Sent {
+        time: sending_time,
+        delivered: delivered_while_sending,
+        busy,
+        waiting,
+    } = match sending {
         Ok(s) => s,
         Err(err) => {
             shared.stop.store(true, Ordering::SeqCst);
@@ -159,6 +167,7 @@ pub fn drive(
         sending_time,
         delivered_while_sending,
         busy,
+        waiting,
     })
 }
 
@@ -166,15 +175,24 @@ pub fn drive(
 /// kernel's CPU clock ticks every 10 ms.
 const BUSY_MIN_WALL: Duration = Duration::from_millis(500);
 
+/// A worker's sending phase, as [`Finished`] reports it.
+struct Sent {
+    time: Duration,
+    delivered: u64,
+    busy: Option<f64>,
+    waiting: Option<f64>,
+}
+
 fn send_phase(
     e: &mut Engine,
     me: usize,
     plan: &Plan,
     shared: &Shared,
     intervals: &Sender<Interval>,
-) -> Result<(Duration, u64, Option<f64>), String> {
+) -> Result<Sent, String> {
     let wall0 = Instant::now();
     let cpu0 = procfs::thread_cpu_seconds();
+    let delay0 = procfs::thread_run_delay_seconds();
     let my_max = e.share_of(plan.max_messages);
     let my_rate = plan
         .rate
@@ -242,11 +260,18 @@ fn send_phase(
         }
     }
     let wall = wall0.elapsed();
-    let busy = match (cpu0, procfs::thread_cpu_seconds()) {
+    let share = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if wall >= BUSY_MIN_WALL => Some((b - a) / wall.as_secs_f64()),
         _ => None,
     };
-    Ok((e.elapsed(), e.delivered, busy))
+    let busy = share(cpu0, procfs::thread_cpu_seconds());
+    let waiting = share(delay0, procfs::thread_run_delay_seconds());
+    Ok(Sent {
+        time: e.elapsed(),
+        delivered: e.delivered,
+        busy,
+        waiting,
+    })
 }
 
 /// How long a worker waits for the main thread's go (it ends a `--flood`
