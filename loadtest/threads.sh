@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 CLIENTS="${CLIENTS:-1000}"
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECS:-4s}"
-RATE="${RATE:-200}"          # A: messages/s (x CLIENTS deliveries/s)
-MESSAGES="${MESSAGES:-600}"  # A: messages per run
+RATE="${RATE:-100}"          # A: messages/s (x CLIENTS deliveries/s)
+MESSAGES="${MESSAGES:-400}"  # A: messages per run
 OUT="${OUT:-target/lt-threads}"
 PORT="${PORT:-19890}"
 
@@ -71,8 +71,9 @@ out, rounds = sys.argv[1], int(sys.argv[2])
 load = lambda n: json.load(open(f"{out}/{n}.json"))
 med = statistics.median
 print(f"A. fixed rate and count, udphub --threads 1; medians of {rounds} rounds")
-print("| loadtest | messages | deliveries | lost | dup | reordered | relay = loadtest | loadtest CPU ns/delivery | vs 1 thread | relay CPU ns/delivery |")
-print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+print("| loadtest | messages | deliveries | lost | dup | reordered | relay = loadtest | loadtest CPU ns/delivery | vs 1 thread | relay CPU ns/delivery | limited by loadtest (rounds) |")
+print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
+why = lambda rs: " / ".join(",".join((r.get("loadtest_limited") or {}).get("reason", [])) or "-" for r in rs)
 base = {r: load(f"a-t1-r{r}")["loadtest"]["cpu_ns_per_delivery"] for r in range(1, rounds + 1)}
 for t in (1, 2, 4):
     rs = [load(f"a-t{t}-r{r}") for r in range(1, rounds + 1)]
@@ -82,18 +83,17 @@ for t in (1, 2, 4):
     print(f"| --threads {t} | {sorted({r['messages_sent'] for r in rs})} | {sorted({r['deliveries'] for r in rs})} "
           f"| {sorted({r['lost'] for r in rs})} | {sorted({r['duplicates'] for r in rs})} | {sorted({r['reordered'] for r in rs})} "
           f"| {'yes' if agree else 'NO'} | {med([r['loadtest']['cpu_ns_per_delivery'] for r in rs]):.0f} | {ratio:.3f}x "
-          f"| {med([r['relay_usage']['cpu_ns_per_delivery'] for r in rs]):.0f} |")
+          f"| {med([r['relay_usage']['cpu_ns_per_delivery'] for r in rs]):.0f} | {why(rs)} |")
 print()
 print(f"B. closed loop, udphub --threads 2; medians of {rounds} rounds, ratio paired per round")
-print("| loadtest | deliveries/s | vs 1 thread | loss | p50 µs | p99 µs | loadtest busiest thread | limited by loadtest (rounds) |")
+print("| loadtest | deliveries/s | vs 1 thread | loss | p50 µs | p99 µs | busiest loadtest thread: ran + waited for a core | limited by loadtest (rounds) |")
 print("|---|---:|---:|---:|---:|---:|---:|---|")
 b1 = [load(f"b-t1-r{r}") for r in range(1, rounds + 1)]
 for t in (1, 2):
     rs = [load(f"b-t{t}-r{r}") for r in range(1, rounds + 1)]
     ratio = [r["deliveries_per_s"] / b["deliveries_per_s"] for r, b in zip(rs, b1)]
-    why = [",".join((r.get("loadtest_limited") or {}).get("reason", [])) or "-" for r in rs]
-    busy = [max(r["loadtest"]["thread_busy"] or [0]) for r in rs]
+    busy = [max(zip(r["loadtest"]["thread_busy"] or [0], r["loadtest"]["thread_waiting"] or [0]), key=sum) for r in rs]
     print(f"| --threads {t} | {med([r['deliveries_per_s'] for r in rs]):.0f} | {med(ratio):.3f}x ({min(ratio):.2f}–{max(ratio):.2f}) "
           f"| {med([r['loss_ratio'] for r in rs]) * 100:.4f}% | {med([r['latency_us']['p50'] for r in rs]):.0f} "
-          f"| {med([r['latency_us']['p99'] for r in rs]):.0f} | {med(busy) * 100:.0f}% | {' / '.join(why)} |")
+          f"| {med([r['latency_us']['p99'] for r in rs]):.0f} | {med([b for b, _ in busy]) * 100:.0f}% + {med([w for _, w in busy]) * 100:.0f}% | {why(rs)} |")
 EOF
