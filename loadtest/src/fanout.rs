@@ -607,13 +607,18 @@ impl Engine {
     /// deliveries, as the relays count them.
     pub fn wait_spanning(&mut self, limit: Duration) -> io::Result<bool> {
         let n = self.clients.len();
-        let rooms = self.rooms.max(1).min(n);
+        // This engine's members of each room; the first of them probes it.
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); self.rooms.max(1)];
+        for i in 0..n {
+            members[self.room_of(i)].push(i);
+        }
+        members.retain(|m| !m.is_empty());
         let deadline = Instant::now() + limit;
         let mut got = vec![false; n];
         if self.no_echo {
             // A probe's sender never hears it.
-            for g in got.iter_mut().take(rooms) {
-                *g = true;
+            for m in &members {
+                got[m[0]] = true;
             }
         }
         let mut next = Instant::now();
@@ -624,9 +629,10 @@ impl Engine {
                 break;
             }
             if Instant::now() >= next {
-                for r in 0..rooms {
-                    if (r..n).step_by(rooms).any(|i| !got[i]) {
-                        send_retrying(&self.clients[r].sock, b"loadtest probe", self.relay_of(r))?;
+                for m in &members {
+                    if m.iter().any(|&i| !got[i]) {
+                        let p = m[0];
+                        send_retrying(&self.clients[p].sock, b"loadtest probe", self.relay_of(p))?;
                         self.probes_sent += 1;
                     }
                 }
@@ -892,12 +898,6 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         return Err("--clients must be at least 1".into());
     }
     let threads = args.threads.min(args.clients);
-    if threads > 1 && relays.len() > 1 {
-        return Err(format!(
-            "--threads {threads} with {} relays: several relays (a cluster) run on one thread for now; use --threads 1",
-            relays.len()
-        ));
-    }
     if args.room_prefix.is_some() && args.rooms == 0 {
         return Err("--room-prefix names rooms: add --rooms K".into());
     }
@@ -947,16 +947,17 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         }
         engines.push(e);
     }
-    if relays.len() > 1
-        && !engines[0]
+    for e in engines.iter_mut().filter(|_| relays.len() > 1) {
+        if !e
             .wait_spanning(args.register_timeout)
             .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "the rooms never spanned the {} relays within {:?}: are they in one cluster (udphub --cluster, same --cluster-name)?",
-            relays.len(),
-            args.register_timeout
-        ));
+        {
+            return Err(format!(
+                "the rooms never spanned the {} relays within {:?}: are they in one cluster (udphub --cluster, same --cluster-name)?",
+                relays.len(),
+                args.register_timeout
+            ));
+        }
     }
     let window = args.window.unwrap_or(8);
     let mode = match args.rate {
@@ -1119,8 +1120,8 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         reordered: t.reordered,
         rooms: args.rooms,
         cross_room_deliveries: t.cross_room,
-        latency_local_us: (relays.len() > 1).then(|| Latency::from(&e0.latency_local)),
-        latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&e0.latency_cross)),
+        latency_local_us: (relays.len() > 1).then(|| Latency::from(&t.latency_local)),
+        latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&t.latency_cross)),
         messages_per_s: t.messages_sent as f64 / secs,
         deliveries_per_s: delivered_while_sending as f64 / secs,
         latency_us: Latency::from(&t.latency),
@@ -1152,6 +1153,8 @@ struct Totals {
     flood_deliveries: u64,
     bye: bool,
     latency: Histogram<u64>,
+    latency_local: Histogram<u64>,
+    latency_cross: Histogram<u64>,
 }
 
 impl Totals {
@@ -1169,6 +1172,8 @@ impl Totals {
             flood_deliveries: 0,
             bye: false,
             latency: crate::histogram::latency(),
+            latency_local: crate::histogram::latency(),
+            latency_cross: crate::histogram::latency(),
         };
         for e in finished.iter().map(|f| &f.engine) {
             t.messages_sent += e.messages_sent();
@@ -1184,6 +1189,8 @@ impl Totals {
             t.bye |= e.bye;
             // Same bounds on every worker: adding cannot fail.
             let _ = t.latency.add(&e.latency);
+            let _ = t.latency_local.add(&e.latency_local);
+            let _ = t.latency_cross.add(&e.latency_cross);
         }
         t
     }

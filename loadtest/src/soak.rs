@@ -83,12 +83,6 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     let relays = c.relay_addrs()?;
     let relay = c.relay.clone();
     let threads = args.threads.min(args.clients.max(1));
-    if threads > 1 && relays.len() > 1 {
-        return Err(format!(
-            "--threads {threads} with {} relays: several relays (a cluster) run on one thread for now; use --threads 1",
-            relays.len()
-        ));
-    }
     let mut engines = Vec::with_capacity(threads);
     for index in 0..threads {
         let mut e = Engine::new_part(
