@@ -93,6 +93,11 @@ pub struct FanoutArgs {
     #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_threads, conflicts_with = "sink")]
     pub threads: usize,
 
+    /// Pin worker thread t to the t-th core this process may run on
+    /// (wrapping around), as `udphub --pin-threads` pins its loops
+    #[arg(long, conflicts_with = "sink")]
+    pub pin_threads: bool,
+
     /// With --rooms: put this before each room's name (`{P}r0`, `{P}r1`, …), so
     /// that concurrent runs against one relay (several load machines, one
     /// `loadtest merge`) keep to rooms of their own
@@ -988,6 +993,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         interval,
         flood: flood.is_some(),
         drain: Duration::from_secs(1),
+        pin: args.pin_threads,
     };
     let start = Instant::now();
     for e in &mut engines {

@@ -47,6 +47,10 @@ pub struct SoakArgs {
     /// poll loop (`auto`: one per core)
     #[arg(long, value_name = "N|auto", default_value = "1", value_parser = crate::fanout::parse_threads)]
     pub threads: usize,
+
+    /// Pin worker thread t to the t-th core this process may run on
+    #[arg(long)]
+    pub pin_threads: bool,
 }
 
 /// One sample.
@@ -123,6 +127,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         flood: false,
         // Missing means not delivered by the end of sending, as always.
         drain: Duration::ZERO,
+        pin: args.pin_threads,
     };
     let progress = Progress::new(c, c.duration);
     let start = Instant::now();

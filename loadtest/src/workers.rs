@@ -39,6 +39,9 @@ pub struct Plan {
     pub flood: bool,
     /// How long to wait for stragglers after sending (zero: none).
     pub drain: Duration,
+    /// `--pin-threads`: worker `t` runs on the `t`-th core this process may
+    /// use (wrapping around).
+    pub pin: bool,
 }
 
 /// One worker's running counters, published for the others.
@@ -144,6 +147,12 @@ pub fn drive(
     shared: &Shared,
     intervals: &Sender<Interval>,
 ) -> Result<Finished, String> {
+    if plan.pin {
+        if let Err(err) = pin(me) {
+            // The run is still worth having, unpinned: say so.
+            eprintln!("loadtest: warning: --pin-threads: worker {me} not pinned: {err}");
+        }
+    }
     let sending = send_phase(&mut e, me, plan, shared, intervals);
     // Counted whatever happened: the main thread waits for every worker.
     shared.done_sending.fetch_add(1, Ordering::SeqCst);
@@ -169,6 +178,24 @@ pub fn drive(
         busy,
         waiting,
     })
+}
+
+/// Pins the calling thread to the `t`-th of the cores this process may
+/// run on (wrapping around), as `udphub --pin-threads` pins its loops.
+fn pin(t: usize) -> Result<usize, String> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(|e| e.to_string())?;
+    let cores: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    let core = *cores
+        .get(t % cores.len().max(1))
+        .ok_or("no core in this process's affinity mask")?;
+    let mut set = CpuSet::new();
+    set.set(core).map_err(|e| e.to_string())?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(|e| e.to_string())?;
+    Ok(core)
 }
 
 /// The shortest sending phase whose CPU share is worth reporting: the
