@@ -152,6 +152,30 @@ pub struct Joining {
     /// Put before each room's name (`{prefix}r3`), so that concurrent runs
     /// against one relay keep to rooms of their own.
     pub room_prefix: String,
+    /// This run's tag ([`run_tag`]), shared by its workers.
+    pub run_tag: u16,
+}
+
+/// The most senders a run can have: a stamp's sender field carries the
+/// run's tag in its upper 16 bits and the sender in the lower 16.
+pub const MAX_SENDERS: usize = 0xffff;
+
+/// A random tag for this run: its stamps carry it, so a delivery of
+/// another (concurrent) loadtest run's message is told apart and counted
+/// as such, never taken for one of ours.
+pub fn run_tag() -> u16 {
+    use std::io::Read;
+    let mut b = [0u8; 2];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u16::from_le_bytes(b),
+        // Without /dev/urandom: the clock's nanoseconds and our pid.
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            (t ^ std::process::id().rotate_left(16)) as u16
+        }
+    }
 }
 
 /// Which share of the clients an [`Engine`] owns: with `--threads N`,
@@ -183,6 +207,8 @@ pub struct Engine {
     local_senders: Vec<usize>,
     /// Put before each room's name.
     room_prefix: String,
+    /// This run's tag, in the upper 16 bits of every stamp's sender field.
+    run_tag: u32,
     /// The relays; see [`Engine::node_of`].
     relays: Vec<SocketAddr>,
     /// The relay does not echo to the sender.
@@ -233,6 +259,9 @@ pub struct Engine {
     pub join_replies: u64,
     /// Deliveries from a sender in another room: isolation broken.
     pub cross_room: u64,
+    /// Deliveries of another loadtest run's messages (a concurrent run in
+    /// the same rooms).
+    pub foreign: u64,
     /// Latency of every delivery.
     pub latency: Histogram<u64>,
     /// Latency since the last timeline point.
@@ -292,7 +321,13 @@ impl Engine {
             rooms,
             verify,
             room_prefix,
+            run_tag,
         } = joining;
+        if senders > MAX_SENDERS {
+            return Err(io::Error::other(format!(
+                "--senders {senders}: at most {MAX_SENDERS}"
+            )));
+        }
         let ids: Vec<usize> = (part.index..clients).step_by(part.of.max(1)).collect();
         let poll = Poll::new()?;
         let relay = *relays
@@ -338,6 +373,7 @@ impl Engine {
             ids,
             local_senders,
             room_prefix,
+            run_tag: u32::from(run_tag) << 16,
             relays: relays.to_vec(),
             no_echo,
             latency_local: crate::histogram::latency(),
@@ -361,6 +397,7 @@ impl Engine {
             joins_sent: 0,
             join_replies: 0,
             cross_room: 0,
+            foreign: 0,
             latency: crate::histogram::latency(),
             interval_latency: crate::histogram::latency(),
             interval_delivered: 0,
@@ -687,7 +724,7 @@ impl Engine {
         self.next_sender = (self.next_sender + 1) % self.local_senders.len();
         let sender = self.ids[local];
         let stamp = Stamp {
-            sender: sender as u32,
+            sender: self.run_tag | sender as u32,
             seq: self.sent[sender],
             sent_ns: self.start.elapsed().as_nanos() as u64,
         };
@@ -752,7 +789,12 @@ impl Engine {
             self.other += 1;
             return;
         };
-        let sender = stamp.sender as usize;
+        if stamp.sender & 0xffff_0000 != self.run_tag {
+            // Another run's message: counted, never taken for ours.
+            self.foreign += 1;
+            return;
+        }
+        let sender = (stamp.sender & 0xffff) as usize;
         if sender >= self.senders {
             self.other += 1;
             return;
@@ -919,6 +961,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     }
     // One engine per worker, registered one after the other (a worker's
     // clients hear the later workers' probes: counted as probe copies).
+    let tag = run_tag();
     let mut engines = Vec::with_capacity(threads);
     for index in 0..threads {
         let mut e = Engine::new_part(
@@ -933,6 +976,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
                 rooms: args.rooms,
                 verify: args.verify,
                 room_prefix: args.room_prefix.clone().unwrap_or_default(),
+                run_tag: tag,
             },
         )
         .map_err(|e| format!("open client sockets: {e}"))?;
@@ -1074,6 +1118,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
                 + t.probe_deliveries
                 + t.join_replies
                 + t.flood_deliveries
+                + t.foreign
                 + flood.as_ref().map_or(0, |f| f.received),
         )
     });
@@ -1126,6 +1171,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         reordered: t.reordered,
         rooms: args.rooms,
         cross_room_deliveries: t.cross_room,
+        foreign_deliveries: t.foreign,
         latency_local_us: (relays.len() > 1).then(|| Latency::from(&t.latency_local)),
         latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&t.latency_cross)),
         messages_per_s: t.messages_sent as f64 / secs,
@@ -1154,6 +1200,7 @@ struct Totals {
     duplicates: u64,
     reordered: u64,
     cross_room: u64,
+    foreign: u64,
     probe_deliveries: u64,
     join_replies: u64,
     flood_deliveries: u64,
@@ -1173,6 +1220,7 @@ impl Totals {
             duplicates: 0,
             reordered: 0,
             cross_room: 0,
+            foreign: 0,
             probe_deliveries: 0,
             join_replies: 0,
             flood_deliveries: 0,
@@ -1189,6 +1237,7 @@ impl Totals {
             t.duplicates += e.duplicates;
             t.reordered += e.reordered;
             t.cross_room += e.cross_room;
+            t.foreign += e.foreign;
             t.probe_deliveries += e.probe_deliveries;
             t.join_replies += e.join_replies;
             t.flood_deliveries += e.flood_deliveries;

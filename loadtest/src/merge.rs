@@ -170,6 +170,7 @@ fn merge(reads: Vec<Read>) -> Result<FanoutReport, String> {
         timeline: Vec::new(),
         rooms: reads.iter().map(|r| r.report.rooms).sum(),
         cross_room_deliveries: sum(|r| r.cross_room_deliveries),
+        foreign_deliveries: sum(|r| r.foreign_deliveries),
         latency_local_us: None,
         latency_cross_node_us: None,
         quits_sent: sum(|r| r.quits_sent),

@@ -136,7 +136,8 @@ pub struct MetricsCheck {
     pub loadtest_messages: u64,
     /// `udphub_deliveries_total` growth.
     pub relay_deliveries: f64,
-    /// Deliveries loadtest received (new + duplicates + probe copies).
+    /// Deliveries loadtest received (new + duplicates + probe copies +
+    /// other runs' messages).
     pub loadtest_deliveries: u64,
     /// `udphub_dropped_total` growth by reason (non-zero only).
     pub relay_dropped: Vec<(String, f64)>,
@@ -236,6 +237,11 @@ pub struct FanoutReport {
     pub rooms: usize,
     /// Deliveries from a sender in another room (must be 0).
     pub cross_room_deliveries: u64,
+    /// Deliveries of another loadtest run's messages: a concurrent run in
+    /// the same rooms (give each `--rooms K --room-prefix P` of its own).
+    /// Counted apart, and as deliveries in `metrics_check`.
+    #[serde(default)]
+    pub foreign_deliveries: u64,
     /// Several relays: latency between clients of the same relay.
     pub latency_local_us: Option<Latency>,
     /// Several relays: latency of deliveries that crossed relays.
@@ -362,6 +368,15 @@ impl FanoutReport {
                     } else {
                         ": ISOLATION BROKEN"
                     }
+                ),
+            );
+        }
+        if self.foreign_deliveries > 0 {
+            row(
+                "other runs",
+                format!(
+                    "{} deliveries of another loadtest run's messages (a concurrent run in the same rooms: give each --rooms K --room-prefix P)",
+                    self.foreign_deliveries
                 ),
             );
         }

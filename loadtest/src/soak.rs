@@ -87,6 +87,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     let relays = c.relay_addrs()?;
     let relay = c.relay.clone();
     let threads = args.threads.min(args.clients.max(1));
+    let tag = crate::fanout::run_tag();
     let mut engines = Vec::with_capacity(threads);
     for index in 0..threads {
         let mut e = Engine::new_part(
@@ -101,6 +102,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
                 rooms: args.rooms,
                 verify: args.verify,
                 room_prefix: String::new(),
+                run_tag: tag,
             },
         )
         .map_err(|e| e.to_string())?;

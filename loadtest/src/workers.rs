@@ -301,6 +301,11 @@ fn send_phase(
     })
 }
 
+/// With another run's messages arriving (a concurrent run in our rooms),
+/// the drain goes on until none came for this long, so that the relay's
+/// deliveries to us are read and counted (within the drain's bound).
+const FOREIGN_SETTLE: Duration = Duration::from_millis(100);
+
 /// How long a worker waits for the main thread's go (it ends a `--flood`
 /// member first, a fraction of a second) before giving up.
 const DRAIN_GO_LIMIT: Duration = Duration::from_secs(30);
@@ -328,12 +333,22 @@ fn drain_phase(e: &mut Engine, me: usize, plan: &Plan, shared: &Shared) -> Resul
         }
         shared.publish(me, e);
     }
-    // Stragglers for up to a second, until the run has all it expects.
+    // Stragglers for up to `plan.drain`, until the run has all it expects
+    // and (with a concurrent run in our rooms) that run's messages stopped
+    // coming (a solo run never hears one, and drains exactly as before).
     let drain_until = Instant::now() + plan.drain;
-    while shared.delivered() < shared.expected() && Instant::now() < drain_until && !e.bye {
+    let mut foreign = (e.foreign, Instant::now());
+    while (shared.delivered() < shared.expected()
+        || (e.foreign > 0 && foreign.1.elapsed() < FOREIGN_SETTLE))
+        && Instant::now() < drain_until
+        && !e.bye
+    {
         e.step(Duration::from_millis(10))
             .map_err(|e| e.to_string())?;
         shared.publish(me, e);
+        if e.foreign != foreign.0 {
+            foreign = (e.foreign, Instant::now());
+        }
     }
     Ok(())
 }

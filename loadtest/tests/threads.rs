@@ -383,3 +383,63 @@ fn soak_runs_on_two_threads() {
         "{j}"
     );
 }
+
+/// Two runs at once in the same lobby: each hears the other's messages,
+/// counts them apart (`foreign_deliveries`) and never takes them for its
+/// own, so neither sees loss, duplicates or reordering; merged, the
+/// messages equal the relay's count.
+#[test]
+fn concurrent_runs_in_one_lobby_keep_their_own_counts() {
+    let Some(r) = relay(&[]) else {
+        return;
+    };
+    let messages0 = scrape(&r.metrics, &format!("udphub_{MESSAGES}"));
+    let run = |threads: &str| {
+        Command::new(env!("CARGO_BIN_EXE_loadtest"))
+            .args(["fanout", "--relay", &r.udp, "--metrics-url", &r.metrics])
+            .args(["--clients", "8", "--senders", "2", "--threads", threads])
+            .args(["--rate", "500", "--messages", "300", "--duration", "5s"])
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn loadtest")
+    };
+    let (a, b) = (run("2"), run("1"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let dir = std::env::temp_dir().join(format!("loadtest-lobby-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (fa, fb) = (dir.join("a.json"), dir.join("b.json"));
+    let mut foreign = 0;
+    for (out, file) in [(&a, &fa), (&b, &fb)] {
+        let j = report(out);
+        assert_eq!(
+            (
+                u(&j["deliveries"]),
+                u(&j["lost"]),
+                u(&j["duplicates"]),
+                u(&j["reordered"])
+            ),
+            (300 * 8, 0, 0, 0),
+            "{j}"
+        );
+        foreign += u(&j["foreign_deliveries"]);
+        std::fs::write(file, &out.stdout).unwrap();
+    }
+    // The later of the two hears the earlier's messages at the least.
+    assert!(foreign > 0);
+    let merged = report(&loadtest(&[
+        "merge",
+        fa.to_str().unwrap(),
+        fb.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(u(&merged["deliveries"]), 2 * 300 * 8, "{merged}");
+    let messages = scrape(&r.metrics, &format!("udphub_{MESSAGES}")) - messages0;
+    assert_eq!(
+        merged["metrics_check"]["loadtest_messages"].as_f64(),
+        Some(messages),
+        "{merged}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
