@@ -2,8 +2,11 @@
 //! stamped messages (closed loop with a window, or open loop at a rate),
 //! and every client counts what it receives.
 //!
-//! One thread, one mio poll over all client sockets: on a 2-core machine
-//! the relay gets the other core.
+//! By default one thread, one mio poll over all client sockets: on a 2-core
+//! machine the relay gets the other core. With `--threads N` the clients
+//! are dealt over N workers ([`crate::workers`]), each an [`Engine`] of its
+//! own; the report merges them and says when loadtest itself was the
+//! bottleneck ([`crate::limits`]).
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -14,9 +17,11 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::payload::{self, Stamp};
-use crate::report::{Common, FanoutReport, Latency, Progress, RelayUsage, TimelinePoint};
+use crate::report::{
+    Common, FanoutReport, Latency, LoadtestUsage, Progress, RelayUsage, TimelinePoint,
+};
 use crate::tracker::{Arrival, Stream};
-use crate::{metrics, procfs};
+use crate::{limits, metrics, procfs, workers};
 
 /// `loadtest fanout` flags.
 #[derive(Debug, Clone, Args)]
@@ -81,10 +86,62 @@ pub struct FanoutArgs {
     /// CPU. Needs --rate (set it above what the relay can fan out)
     #[arg(long, requires = "rate")]
     pub sink: bool,
+
+    /// Worker threads, each with its own share of the clients (and of the
+    /// senders), sockets and poll loop: `auto` is one per core. Past one
+    /// core's worth of deliveries a single thread measures itself, not the relay
+    #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_threads, conflicts_with = "sink")]
+    pub threads: usize,
+
+    /// Pin worker thread t to the t-th core this process may run on
+    /// (wrapping around), as `udphub --pin-threads` pins its loops
+    #[arg(long, conflicts_with = "sink")]
+    pub pin_threads: bool,
+
+    /// With --rooms: put this before each room's name (`{P}r0`, `{P}r1`, …), so
+    /// that concurrent runs against one relay (several load machines, one
+    /// `loadtest merge`) keep to rooms of their own
+    #[arg(long, value_name = "P", value_parser = parse_room_prefix)]
+    pub room_prefix: Option<String>,
+}
+
+/// The most worker threads `--threads` takes.
+const MAX_THREADS: usize = 256;
+
+/// Parses `--threads`: a count from 1 to [`MAX_THREADS`], or `auto` (the
+/// cores this process may run on).
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    if s.trim() == "auto" {
+        return Ok(std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS));
+    }
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a thread count: use 1 to {MAX_THREADS}, or auto (one per core)"
+        )),
+    }
+}
+
+/// Parses `--room-prefix`: up to 16 letters, digits, `-` or `_` (room
+/// names travel in every join).
+pub fn parse_room_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 16
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: a room prefix is 1 to 16 letters, digits, '-' or '_' (e.g. m1-)"
+        ))
+    }
 }
 
 /// How the clients register with the relay.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Joining {
     /// The relay does not echo to the sender.
     pub no_echo: bool,
@@ -92,6 +149,44 @@ pub struct Joining {
     pub rooms: usize,
     /// The relay is in verify mode: register with cookies.
     pub verify: bool,
+    /// Put before each room's name (`{prefix}r3`), so that concurrent runs
+    /// against one relay keep to rooms of their own.
+    pub room_prefix: String,
+    /// This run's tag ([`run_tag`]), shared by its workers.
+    pub run_tag: u16,
+}
+
+/// The most senders a run can have: a stamp's sender field carries the
+/// run's tag in its upper 16 bits and the sender in the lower 16.
+pub const MAX_SENDERS: usize = 0xffff;
+
+/// A random tag for this run: its stamps carry it, so a delivery of
+/// another (concurrent) loadtest run's message is told apart and counted
+/// as such, never taken for one of ours.
+pub fn run_tag() -> u16 {
+    use std::io::Read;
+    let mut b = [0u8; 2];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u16::from_le_bytes(b),
+        // Without /dev/urandom: the clock's nanoseconds and our pid.
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            (t ^ std::process::id().rotate_left(16)) as u16
+        }
+    }
+}
+
+/// Which share of the clients an [`Engine`] owns: with `--threads N`,
+/// worker `index` of `of` owns clients `index, index + of, index + 2 of, …`,
+/// so senders and rooms spread over the workers.
+#[derive(Debug, Clone, Copy)]
+pub struct Part {
+    /// This worker.
+    pub index: usize,
+    /// Workers in all.
+    pub of: usize,
 }
 
 /// One client socket.
@@ -103,7 +198,17 @@ struct ClientSock {
 pub struct Engine {
     poll: Poll,
     events: Events,
+    /// This engine's clients; local index `i` is client `ids[i]` of the run.
     clients: Vec<ClientSock>,
+    /// Each local client's index in the whole run: the identity that rooms,
+    /// relays and message stamps use (see [`Part`]).
+    ids: Vec<usize>,
+    /// Local indices of the clients that send (run index below `senders`).
+    local_senders: Vec<usize>,
+    /// Put before each room's name.
+    room_prefix: String,
+    /// This run's tag, in the upper 16 bits of every stamp's sender field.
+    run_tag: u32,
     /// The relays; see [`Engine::node_of`].
     relays: Vec<SocketAddr>,
     /// The relay does not echo to the sender.
@@ -124,10 +229,11 @@ pub struct Engine {
     /// heartbeats carry it (only the cookie proves a member alive), and a
     /// `^hello^` renews it before it ages out.
     cookies: Vec<Option<(Vec<u8>, Instant)>>,
+    /// Senders in the whole run.
     senders: usize,
-    /// `streams[receiver * senders + sender]`.
+    /// `streams[local receiver * senders + sender]`.
     streams: Vec<Stream>,
-    /// Messages sent, per sender.
+    /// Messages sent, per sender of the run (only this engine's are non-zero).
     sent: Vec<u64>,
     /// Run start: the zero of every timestamp.
     start: Instant,
@@ -153,6 +259,9 @@ pub struct Engine {
     pub join_replies: u64,
     /// Deliveries from a sender in another room: isolation broken.
     pub cross_room: u64,
+    /// Deliveries of another loadtest run's messages (a concurrent run in
+    /// the same rooms).
+    pub foreign: u64,
     /// Latency of every delivery.
     pub latency: Histogram<u64>,
     /// Latency since the last timeline point.
@@ -166,6 +275,7 @@ pub struct Engine {
     /// Next client to heartbeat in this round.
     round_next: usize,
     heartbeat: Duration,
+    /// Next of `local_senders` to send.
     next_sender: usize,
 }
 
@@ -176,30 +286,31 @@ pub struct Engine {
 /// two to four minutes).
 const COOKIE_RENEW: Duration = Duration::from_secs(100);
 
-fn histogram() -> Histogram<u64> {
-    // 1 µs .. 100 s in nanoseconds, 3 significant digits.
-    Histogram::new_with_bounds(1_000, 100_000_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
-}
-
 impl Engine {
-    /// Which relay client `i` talks to: consecutive runs of `rooms`
-    /// clients (one per room) go to one relay, so every room spans every
-    /// relay.
-    fn node_of(&self, i: usize) -> usize {
-        (i / self.rooms.max(1)) % self.relays.len()
+    /// Which relay client `id` (of the run) talks to: consecutive runs of
+    /// `rooms` clients (one per room) go to one relay, so every room spans
+    /// every relay.
+    fn node_of(&self, id: usize) -> usize {
+        (id / self.rooms.max(1)) % self.relays.len()
     }
 
-    /// The relay client `i` talks to.
+    /// The relay local client `i` talks to.
     fn relay_of(&self, i: usize) -> SocketAddr {
-        self.relays[self.node_of(i)]
+        self.relays[self.node_of(self.ids[i])]
     }
 
-    /// Opens `clients` sockets next to the relay's address family and
-    /// registers them with a heartbeat each.
-    pub fn new(
+    /// The room local client `i` is in (with rooms).
+    fn room_of(&self, i: usize) -> usize {
+        self.ids[i] % self.rooms.max(1)
+    }
+
+    /// Opens sockets for worker `part`'s share of the run's `clients`,
+    /// next to the relay's address family, and registers them with a
+    /// heartbeat each.
+    pub fn new_part(
         relays: &[SocketAddr],
         clients: usize,
+        part: Part,
         senders: usize,
         payload: usize,
         heartbeat: Duration,
@@ -209,7 +320,15 @@ impl Engine {
             no_echo,
             rooms,
             verify,
+            room_prefix,
+            run_tag,
         } = joining;
+        if senders > MAX_SENDERS {
+            return Err(io::Error::other(format!(
+                "--senders {senders}: at most {MAX_SENDERS}"
+            )));
+        }
+        let ids: Vec<usize> = (part.index..clients).step_by(part.of.max(1)).collect();
         let poll = Poll::new()?;
         let relay = *relays
             .first()
@@ -223,8 +342,8 @@ impl Engine {
                 .parse()
                 .map_err(|_| io::Error::other("bad address"))?
         };
-        let mut socks = Vec::with_capacity(clients);
-        for i in 0..clients {
+        let mut socks = Vec::with_capacity(ids.len());
+        for i in 0..ids.len() {
             let s = UdpSocket::bind(local)?;
             s.set_nonblocking(true)?;
             // Room for bursts of fan-out while this one thread is busy.
@@ -245,20 +364,26 @@ impl Engine {
                 (members as u64).saturating_sub(u64::from(no_echo))
             })
             .collect();
+        let local_senders = (0..ids.len()).filter(|&i| ids[i] < senders).collect();
+        let streams = vec![Stream::default(); ids.len() * senders];
         let mut e = Engine {
             poll,
             events: Events::with_capacity(1024),
             clients: socks,
+            ids,
+            local_senders,
+            room_prefix,
+            run_tag: u32::from(run_tag) << 16,
             relays: relays.to_vec(),
             no_echo,
-            latency_local: histogram(),
-            latency_cross: histogram(),
+            latency_local: crate::histogram::latency(),
+            latency_cross: crate::histogram::latency(),
             expect: expect_of.iter().copied().max().unwrap_or(0),
             expect_of,
             rooms,
             verify,
             senders,
-            streams: vec![Stream::default(); clients * senders],
+            streams,
             sent: vec![0; senders],
             start: Instant::now(),
             delivered: 0,
@@ -272,8 +397,9 @@ impl Engine {
             joins_sent: 0,
             join_replies: 0,
             cross_room: 0,
-            latency: histogram(),
-            interval_latency: histogram(),
+            foreign: 0,
+            latency: crate::histogram::latency(),
+            interval_latency: crate::histogram::latency(),
             interval_delivered: 0,
             buf: vec![0; 65_536],
             out: Vec::with_capacity(payload),
@@ -311,7 +437,8 @@ impl Engine {
     /// How many clients must be seen registered before the run starts.
     pub fn registration_target(&self) -> u64 {
         if self.rooms == 0 {
-            self.expect
+            // Every client hears a lobby probe but (with --no-echo) its sender.
+            (self.clients.len() as u64).saturating_sub(u64::from(self.no_echo))
         } else {
             self.clients.len() as u64
         }
@@ -319,7 +446,7 @@ impl Engine {
 
     /// Client `i`'s join, padded so that any answer fits.
     fn join_request(&self, i: usize) -> Vec<u8> {
-        let mut j = format!("^join^r{}", i % self.rooms.max(1)).into_bytes();
+        let mut j = format!("^join^{}r{}", self.room_prefix, self.room_of(i)).into_bytes();
         j.resize(32, b' ');
         j
     }
@@ -342,7 +469,9 @@ impl Engine {
     fn proven(&self, i: usize, cookie: &[u8]) -> Vec<u8> {
         let mut d = [&b"^cookie^"[..], cookie].concat();
         if self.rooms > 0 {
-            d.extend_from_slice(format!("^join^r{}", i % self.rooms).as_bytes());
+            d.extend_from_slice(
+                format!("^join^{}r{}", self.room_prefix, self.room_of(i)).as_bytes(),
+            );
         }
         d
     }
@@ -520,13 +649,18 @@ impl Engine {
     /// deliveries, as the relays count them.
     pub fn wait_spanning(&mut self, limit: Duration) -> io::Result<bool> {
         let n = self.clients.len();
-        let rooms = self.rooms.max(1).min(n);
+        // This engine's members of each room; the first of them probes it.
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); self.rooms.max(1)];
+        for i in 0..n {
+            members[self.room_of(i)].push(i);
+        }
+        members.retain(|m| !m.is_empty());
         let deadline = Instant::now() + limit;
         let mut got = vec![false; n];
         if self.no_echo {
             // A probe's sender never hears it.
-            for g in got.iter_mut().take(rooms) {
-                *g = true;
+            for m in &members {
+                got[m[0]] = true;
             }
         }
         let mut next = Instant::now();
@@ -537,9 +671,10 @@ impl Engine {
                 break;
             }
             if Instant::now() >= next {
-                for r in 0..rooms {
-                    if (r..n).step_by(rooms).any(|i| !got[i]) {
-                        send_retrying(&self.clients[r].sock, b"loadtest probe", self.relay_of(r))?;
+                for m in &members {
+                    if m.iter().any(|&i| !got[i]) {
+                        let p = m[0];
+                        send_retrying(&self.clients[p].sock, b"loadtest probe", self.relay_of(p))?;
                         self.probes_sent += 1;
                     }
                 }
@@ -582,15 +717,19 @@ impl Engine {
 
     /// Sends the next message, from the next sender in turn.
     pub fn send_one(&mut self) -> io::Result<()> {
-        let sender = self.next_sender;
-        self.next_sender = (self.next_sender + 1) % self.senders;
+        let Some(&local) = self.local_senders.get(self.next_sender) else {
+            // No sender among this engine's clients.
+            return Ok(());
+        };
+        self.next_sender = (self.next_sender + 1) % self.local_senders.len();
+        let sender = self.ids[local];
         let stamp = Stamp {
-            sender: sender as u32,
+            sender: self.run_tag | sender as u32,
             seq: self.sent[sender],
             sent_ns: self.start.elapsed().as_nanos() as u64,
         };
         payload::encode(&mut self.out, stamp, self.payload);
-        send_retrying(&self.clients[sender].sock, &self.out, self.relay_of(sender))?;
+        send_retrying(&self.clients[local].sock, &self.out, self.relay_of(local))?;
         self.sent[sender] += 1;
         Ok(())
     }
@@ -650,12 +789,17 @@ impl Engine {
             self.other += 1;
             return;
         };
-        let sender = stamp.sender as usize;
+        if stamp.sender & 0xffff_0000 != self.run_tag {
+            // Another run's message: counted, never taken for ours.
+            self.foreign += 1;
+            return;
+        }
+        let sender = (stamp.sender & 0xffff) as usize;
         if sender >= self.senders {
             self.other += 1;
             return;
         }
-        if self.rooms > 0 && receiver % self.rooms != sender % self.rooms {
+        if self.rooms > 0 && self.room_of(receiver) != sender % self.rooms {
             self.cross_room += 1;
             return;
         }
@@ -674,7 +818,7 @@ impl Engine {
         let _ = self.latency.record(latency);
         let _ = self.interval_latency.record(latency);
         if self.relays.len() > 1 {
-            let _ = if self.node_of(receiver) == self.node_of(sender) {
+            let _ = if self.node_of(self.ids[receiver]) == self.node_of(sender) {
                 self.latency_local.record(latency)
             } else {
                 self.latency_cross.record(latency)
@@ -682,23 +826,51 @@ impl Engine {
         }
     }
 
-    /// Closes the current timeline interval.
-    pub fn timeline_point(&mut self, t: Duration, interval: Duration) -> TimelinePoint {
-        let secs = interval.as_secs_f64().max(1e-9);
-        let p = TimelinePoint {
-            t_s: t.as_secs_f64(),
-            deliveries_per_s: self.interval_delivered as f64 / secs,
-            p50_us: self.interval_latency.value_at_quantile(0.5) as f64 / 1e3,
-            p99_us: self.interval_latency.value_at_quantile(0.99) as f64 / 1e3,
-        };
-        self.interval_delivered = 0;
-        self.interval_latency.reset();
-        p
-    }
-
     /// Nanoseconds since the run's start.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// Sets the zero of every timestamp: the workers of one run share it,
+    /// as a message stamped by one is timed by another.
+    pub fn set_start(&mut self, start: Instant) {
+        self.start = start;
+    }
+
+    /// How many of the run's senders are this engine's.
+    pub fn local_senders(&self) -> usize {
+        self.local_senders.len()
+    }
+
+    /// This engine's share of `--messages` (`u64::MAX`: none): sender `s`
+    /// of `S` sends `m / S` of them, the first `m % S` senders one more.
+    pub fn share_of(&self, messages: u64) -> u64 {
+        if messages == u64::MAX {
+            return u64::MAX;
+        }
+        let n = self.senders as u64;
+        self.local_senders
+            .iter()
+            .map(|&i| messages / n + u64::from((self.ids[i] as u64) < messages % n))
+            .sum()
+    }
+
+    /// Closes the current timeline interval: its new deliveries and their
+    /// latencies (for the main thread to merge with the other workers').
+    pub fn take_interval(&mut self) -> (u64, Histogram<u64>) {
+        let h = self.interval_latency.clone();
+        self.interval_latency.reset();
+        (std::mem::take(&mut self.interval_delivered), h)
+    }
+
+    /// The local ports of this engine's client sockets (to find their
+    /// receive-buffer drops in `/proc/net/udp`).
+    pub fn local_ports(&self) -> Vec<u16> {
+        self.clients
+            .iter()
+            .filter_map(|c| c.sock.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
     }
 }
 
@@ -741,7 +913,6 @@ pub fn parse_payload(s: &str) -> Result<usize, String> {
     Ok(payload)
 }
 
-/// Runs the scenario and reports.
 /// With `--metrics-url`, after the quits: waits (bounded by `limit`,
 /// polling the relay's gauge) until `udphub_clients` is back where it was
 /// before the run; returns how many of ours it still has then, if any
@@ -765,12 +936,17 @@ fn wait_left(
     }
 }
 
+/// Runs the scenario and reports.
 pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let c = &args.common;
     let relays = c.relay_addrs()?;
     let relay = relays[0];
     if args.clients == 0 {
         return Err("--clients must be at least 1".into());
+    }
+    let threads = args.threads.min(args.clients);
+    if args.room_prefix.is_some() && args.rooms == 0 {
+        return Err("--room-prefix names rooms: add --rooms K".into());
     }
     let before = c.scrape_optional()?;
     if let Some(already) = before
@@ -783,43 +959,54 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
             crate::report::plural(already as usize, "client")
         );
     }
-    let mut e = Engine::new(
-        &relays,
-        args.clients,
-        args.senders,
-        args.payload,
-        args.heartbeat,
-        Joining {
-            no_echo: args.no_echo,
-            rooms: args.rooms,
-            verify: args.verify,
-        },
-    )
-    .map_err(|e| format!("open client sockets: {e}"))?;
-    let registered = e
-        .wait_registered(args.register_timeout)
-        .map_err(|e| e.to_string())?;
-    if registered < e.registration_target() {
-        let what = if args.rooms > 0 {
-            "got an answer to their ^join^ (does the relay know rooms?)"
-        } else {
-            "received the probe"
-        };
-        return Err(format!(
-            "only {registered} of {} clients {what}: is the relay at {relay} running (and --no-echo right)?",
-            e.registration_target()
-        ));
+    // One engine per worker, registered one after the other (a worker's
+    // clients hear the later workers' probes: counted as probe copies).
+    let tag = run_tag();
+    let mut engines = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let mut e = Engine::new_part(
+            &relays,
+            args.clients,
+            Part { index, of: threads },
+            args.senders,
+            args.payload,
+            args.heartbeat,
+            Joining {
+                no_echo: args.no_echo,
+                rooms: args.rooms,
+                verify: args.verify,
+                room_prefix: args.room_prefix.clone().unwrap_or_default(),
+                run_tag: tag,
+            },
+        )
+        .map_err(|e| format!("open client sockets: {e}"))?;
+        let registered = e
+            .wait_registered(args.register_timeout)
+            .map_err(|e| e.to_string())?;
+        if registered < e.registration_target() {
+            let what = if args.rooms > 0 {
+                "got an answer to their ^join^ (does the relay know rooms?)"
+            } else {
+                "received the probe"
+            };
+            return Err(format!(
+                "only {registered} of {} clients {what}: is the relay at {relay} running (and --no-echo right)?",
+                e.registration_target()
+            ));
+        }
+        engines.push(e);
     }
-    if relays.len() > 1
-        && !e
+    for e in engines.iter_mut().filter(|_| relays.len() > 1) {
+        if !e
             .wait_spanning(args.register_timeout)
             .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "the rooms never spanned the {} relays within {:?}: are they in one cluster (udphub --cluster, same --cluster-name)?",
-            relays.len(),
-            args.register_timeout
-        ));
+        {
+            return Err(format!(
+                "the rooms never spanned the {} relays within {:?}: are they in one cluster (udphub --cluster, same --cluster-name)?",
+                relays.len(),
+                args.register_timeout
+            ));
+        }
     }
     let window = args.window.unwrap_or(8);
     let mode = match args.rate {
@@ -831,79 +1018,51 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         None => None,
     };
     let cpu0 = c.relay_pid.and_then(procfs::cpu_seconds);
+    let own_cpu0 = procfs::cpu_seconds(std::process::id());
+    let ports: Vec<u16> = engines.iter().flat_map(|e| e.local_ports()).collect();
+    let queues0 = procfs::socket_queues(&ports, relay.is_ipv6());
     let progress = Progress::new(c, c.duration);
     let interval = Duration::from_millis(if c.duration < Duration::from_secs(5) {
         100
     } else {
         500
     });
-    let mut timeline = Vec::new();
-    let mut next_point = interval;
-    let send_until = c.duration;
-    let max_messages = args.messages.unwrap_or(u64::MAX);
-    let mut last_progress = (Instant::now(), 0u64);
+    let plan = workers::Plan {
+        rate: args.rate,
+        window,
+        per_message: engines[0].expect(),
+        senders: engines[0].senders as u64,
+        send_until: c.duration,
+        max_messages: args.messages.unwrap_or(u64::MAX),
+        interval,
+        flood: flood.is_some(),
+        drain: Duration::from_secs(1),
+        pin: args.pin_threads,
+    };
     let start = Instant::now();
-    let per_message = e.expect();
-    loop {
-        let t = e.elapsed();
-        if t >= next_point {
-            timeline.push(e.timeline_point(t, interval));
-            progress.tick(t, e.delivered);
-            next_point += interval;
-        }
-        let sending = t < send_until && e.messages_sent() < max_messages && !e.bye;
-        if !sending {
-            break;
-        }
-        let wait = match args.rate {
-            Some(rate) => {
-                // Open loop: the schedule says how many should be out by now.
-                let due = (t.as_secs_f64() * rate) as u64;
-                let mut n = 0;
-                while e.messages_sent() < due.min(max_messages) && n < 64 {
-                    e.send_one().map_err(|e| e.to_string())?;
-                    n += 1;
-                }
-                Duration::from_micros(200)
+    for e in &mut engines {
+        e.set_start(start);
+    }
+    let shared = workers::Shared::new(threads);
+    let mut timeline = Timeline::new(threads, interval);
+    let mut flood_end = None;
+    let finished = workers::run_all(
+        engines,
+        &plan,
+        &shared,
+        |iv| {
+            if let Some(t) = timeline.add(iv) {
+                progress.tick(t, shared.delivered());
             }
-            None => {
-                let outstanding = e.expected() - e.delivered.min(e.expected());
-                let stalled = last_progress.0.elapsed() > Duration::from_millis(200);
-                if outstanding < window * per_message * args.senders as u64 || stalled {
-                    e.send_one().map_err(|e| e.to_string())?;
-                    if stalled {
-                        last_progress = (Instant::now(), e.delivered);
-                    }
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(5)
-                }
-            }
-        };
-        e.step(wait).map_err(|e| e.to_string())?;
-        if e.delivered != last_progress.1 {
-            last_progress = (Instant::now(), e.delivered);
-        }
-    }
-    let sending_time = start.elapsed();
-    let delivered_while_sending = e.delivered;
-    let flood = flood.map(|f| f.finish()).transpose()?;
-    if flood.is_some() {
-        // The flood's last deliveries to the clients are no message of
-        // ours: read them here, as the drain below stops at our own.
-        let until = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < until {
-            e.step(Duration::from_millis(10))
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    // Drain: stragglers for up to a second.
-    let drain_until = Instant::now() + Duration::from_secs(1);
-    while e.delivered < e.expected() && Instant::now() < drain_until && !e.bye {
-        e.step(Duration::from_millis(10))
-            .map_err(|e| e.to_string())?;
-    }
+        },
+        |_| {},
+        || flood_end = flood.map(|f| f.finish()),
+    );
+    let mut finished = finished?;
+    let flood = flood_end.transpose()?;
     progress.finish();
+    let own_cpu1 = procfs::cpu_seconds(std::process::id());
+    let queues1 = procfs::socket_queues(&ports, relay.is_ipv6());
     let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
     if c.metrics_url.is_some() {
         // The relay publishes its counters after each batch; let the last
@@ -913,13 +1072,20 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let after = c.scrape_optional()?;
     // After the last scrape (quits are the relay's datagrams too, and are
     // no part of the run): leave the relay as we found it.
-    let quits_sent = e.leave_all();
+    let quits_sent: u64 = finished.iter_mut().map(|f| f.engine.leave_all()).sum();
     let left = c
         .metrics_url
         .as_ref()
         .and_then(|_| wait_left(c, &before, Duration::from_secs(2)));
+    let sending_time = finished
+        .iter()
+        .map(|f| f.sending_time)
+        .max()
+        .unwrap_or_default();
     let secs = sending_time.as_secs_f64().max(1e-9);
-    let expected = e.expected();
+    let delivered_while_sending: u64 = finished.iter().map(|f| f.delivered_while_sending).sum();
+    let t = Totals::of(&finished);
+    let e0 = &finished[0].engine;
     let relay_usage = c.relay_pid.map(|pid| {
         let cpu = match (cpu0, cpu1) {
             (Some(a), Some(b)) => Some(b - a),
@@ -928,7 +1094,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         RelayUsage {
             pid,
             cpu_seconds: cpu,
-            cpu_ns_per_delivery: cpu.map(|s| s * 1e9 / e.delivered.max(1) as f64),
+            cpu_ns_per_delivery: cpu.map(|s| s * 1e9 / t.delivered.max(1) as f64),
             rss_bytes: procfs::rss_bytes(pid),
         }
     });
@@ -937,7 +1103,7 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         _ => None,
     };
     let flood = flood.map(|mut f| {
-        f.deliveries_to_others = e.flood_deliveries;
+        f.deliveries_to_others = t.flood_deliveries;
         f.relay_rate_limited = delta
             .as_ref()
             .map(|d| d.get("udphub_dropped_total{reason=\"rate_limited\"}"));
@@ -946,47 +1112,189 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
     let metrics_check = delta.as_ref().map(|d| {
         crate::report::MetricsCheck::new(
             d,
-            e.messages_sent() + e.probes_sent,
-            e.delivered
-                + e.duplicates
-                + e.probe_deliveries
-                + e.join_replies
-                + e.flood_deliveries
+            t.messages_sent + t.probes_sent,
+            t.delivered
+                + t.duplicates
+                + t.probe_deliveries
+                + t.join_replies
+                + t.flood_deliveries
+                + t.foreign
                 + flood.as_ref().map_or(0, |f| f.received),
         )
     });
+    let own_cpu = match (own_cpu0, own_cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let usage = LoadtestUsage {
+        threads,
+        cpu_seconds: own_cpu,
+        cpu_ns_per_delivery: own_cpu.map(|s| s * 1e9 / t.delivered.max(1) as f64),
+        thread_busy: finished.iter().filter_map(|f| f.busy).collect(),
+        thread_waiting: finished.iter().filter_map(|f| f.waiting).collect(),
+        socket_drops: match (queues0, queues1) {
+            (Some(a), Some(b)) => Some(b.drops.saturating_sub(a.drops)),
+            _ => None,
+        },
+        socket_backlog_bytes: queues1.map(|q| q.rx_queue_bytes),
+        rate_reached: args.rate.map(|_| t.messages_sent as f64 / secs),
+    };
+    let scheduled = args
+        .rate
+        .map(|r| ((r * secs) as u64).min(plan.max_messages));
+    let limited = limits::judge(
+        &usage,
+        args.rate,
+        scheduled,
+        t.messages_sent,
+        t.bye,
+        t.expected.saturating_sub(t.delivered),
+    );
     Ok(FanoutReport {
         scenario: "fanout".into(),
         relay: c.relay.clone(),
         clients: args.clients,
-        senders: e.senders,
+        senders: e0.senders,
         payload_bytes: args.payload,
         mode,
         seconds: secs,
-        messages_sent: e.messages_sent(),
-        deliveries_expected: expected,
-        deliveries: e.delivered,
-        lost: expected.saturating_sub(e.delivered),
-        loss_ratio: if expected == 0 {
+        messages_sent: t.messages_sent,
+        deliveries_expected: t.expected,
+        deliveries: t.delivered,
+        lost: t.expected.saturating_sub(t.delivered),
+        loss_ratio: if t.expected == 0 {
             0.0
         } else {
-            expected.saturating_sub(e.delivered) as f64 / expected as f64
+            t.expected.saturating_sub(t.delivered) as f64 / t.expected as f64
         },
-        duplicates: e.duplicates,
-        reordered: e.reordered,
+        duplicates: t.duplicates,
+        reordered: t.reordered,
         rooms: args.rooms,
-        cross_room_deliveries: e.cross_room,
-        latency_local_us: (relays.len() > 1).then(|| Latency::from(&e.latency_local)),
-        latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&e.latency_cross)),
-        messages_per_s: e.messages_sent() as f64 / secs,
+        cross_room_deliveries: t.cross_room,
+        foreign_deliveries: t.foreign,
+        latency_local_us: (relays.len() > 1).then(|| Latency::from(&t.latency_local)),
+        latency_cross_node_us: (relays.len() > 1).then(|| Latency::from(&t.latency_cross)),
+        messages_per_s: t.messages_sent as f64 / secs,
         deliveries_per_s: delivered_while_sending as f64 / secs,
-        latency_us: Latency::from(&e.latency),
-        relay_said_bye: e.bye,
+        latency_us: Latency::from(&t.latency),
+        relay_said_bye: t.bye,
         quits_sent,
         clients_left_behind: left,
         relay_usage,
         metrics_check,
-        timeline,
+        timeline: timeline.points,
         flood,
+        latency_histogram: Some(crate::histogram::encode(&t.latency)?),
+        loadtest: Some(usage),
+        loadtest_limited: limited,
+        merged_from: Vec::new(),
     })
+}
+
+/// The workers' counters, summed; their latency histograms, merged.
+struct Totals {
+    messages_sent: u64,
+    probes_sent: u64,
+    expected: u64,
+    delivered: u64,
+    duplicates: u64,
+    reordered: u64,
+    cross_room: u64,
+    foreign: u64,
+    probe_deliveries: u64,
+    join_replies: u64,
+    flood_deliveries: u64,
+    bye: bool,
+    latency: Histogram<u64>,
+    latency_local: Histogram<u64>,
+    latency_cross: Histogram<u64>,
+}
+
+impl Totals {
+    fn of(finished: &[workers::Finished]) -> Totals {
+        let mut t = Totals {
+            messages_sent: 0,
+            probes_sent: 0,
+            expected: 0,
+            delivered: 0,
+            duplicates: 0,
+            reordered: 0,
+            cross_room: 0,
+            foreign: 0,
+            probe_deliveries: 0,
+            join_replies: 0,
+            flood_deliveries: 0,
+            bye: false,
+            latency: crate::histogram::latency(),
+            latency_local: crate::histogram::latency(),
+            latency_cross: crate::histogram::latency(),
+        };
+        for e in finished.iter().map(|f| &f.engine) {
+            t.messages_sent += e.messages_sent();
+            t.probes_sent += e.probes_sent;
+            t.expected += e.expected();
+            t.delivered += e.delivered;
+            t.duplicates += e.duplicates;
+            t.reordered += e.reordered;
+            t.cross_room += e.cross_room;
+            t.foreign += e.foreign;
+            t.probe_deliveries += e.probe_deliveries;
+            t.join_replies += e.join_replies;
+            t.flood_deliveries += e.flood_deliveries;
+            t.bye |= e.bye;
+            // Same bounds on every worker: adding cannot fail.
+            let _ = t.latency.add(&e.latency);
+            let _ = t.latency_local.add(&e.latency_local);
+            let _ = t.latency_cross.add(&e.latency_cross);
+        }
+        t
+    }
+}
+
+/// The timeline, from the workers' intervals: a point once every worker
+/// has closed that interval (the deliveries summed, the latencies merged).
+struct Timeline {
+    workers: usize,
+    interval: Duration,
+    /// Intervals some workers have closed: how many, the latest close,
+    /// the deliveries and latencies so far. Bounded by the workers' skew
+    /// (a few intervals).
+    open: std::collections::BTreeMap<u64, (usize, Duration, u64, Histogram<u64>)>,
+    points: Vec<TimelinePoint>,
+}
+
+impl Timeline {
+    fn new(workers: usize, interval: Duration) -> Timeline {
+        Timeline {
+            workers,
+            interval,
+            open: std::collections::BTreeMap::new(),
+            points: Vec::new(),
+        }
+    }
+
+    /// Adds one worker's interval; returns the point's time when that
+    /// completed it.
+    fn add(&mut self, iv: workers::Interval) -> Option<Duration> {
+        let slot = self
+            .open
+            .entry(iv.index)
+            .or_insert_with(|| (0, Duration::ZERO, 0, crate::histogram::latency()));
+        slot.0 += 1;
+        slot.1 = slot.1.max(iv.t);
+        slot.2 += iv.delivered;
+        let _ = slot.3.add(&iv.latency);
+        if slot.0 < self.workers {
+            return None;
+        }
+        let (_, t, delivered, h) = self.open.remove(&iv.index)?;
+        let secs = self.interval.as_secs_f64().max(1e-9);
+        self.points.push(TimelinePoint {
+            t_s: t.as_secs_f64(),
+            deliveries_per_s: delivered as f64 / secs,
+            p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
+            p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        });
+        Some(t)
+    }
 }

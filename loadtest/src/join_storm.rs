@@ -77,6 +77,12 @@ pub struct JoinStormArgs {
     /// storm from a few prefixes)
     #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
     pub verify_timeout: Duration,
+
+    /// Worker threads for the joins and the heartbeats, the --ports sockets
+    /// dealt over them (at most one per socket; `auto`: one per core). The
+    /// verify handshake stays on one thread
+    #[arg(long, value_name = "N|auto", default_value = "1", value_parser = crate::fanout::parse_threads)]
+    pub threads: usize,
 }
 
 /// The `join-storm` report.
@@ -335,57 +341,94 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
 
     // Phase 1: every source joins once, as fast as the relay takes it.
     let t0 = Instant::now();
-    let mut join = Vec::with_capacity(32);
     let verified = if args.verify {
         Some(storm.verify(args.rooms, args.join_rate, args.verify_timeout)?)
     } else {
         None
     };
-    for k in (0..storm.clients).filter(|_| !args.verify) {
-        if let Some(rate) = args.join_rate.filter(|r| *r > 0.0) {
-            if k % 256 == 0 {
-                let due = Duration::from_secs_f64(f64::from(k) / rate);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait);
+    // Each worker sends for the sources of its own sockets.
+    let threads = args.threads.clamp(1, storm.socks.len());
+    let share = |t: usize| {
+        let (ports, n) = (storm.socks.len() as u32, threads as u32);
+        (0..storm.clients).filter(move |k| (k % ports) % n == t as u32)
+    };
+    if !args.verify {
+        let rate = args
+            .join_rate
+            .filter(|r| *r > 0.0)
+            .map(|r| r / threads as f64);
+        on_threads(threads, |t| {
+            let mut join = Vec::with_capacity(32);
+            for (i, k) in share(t).enumerate() {
+                if let Some(rate) = rate {
+                    if i % 256 == 0 {
+                        let due = Duration::from_secs_f64(i as f64 / rate);
+                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+                if args.rooms > 0 {
+                    join.clear();
+                    join.extend_from_slice(format!("^join^r{}", k % args.rooms).as_bytes());
+                    storm.send(k, &join)?;
+                } else {
+                    storm.heartbeat(k)?;
                 }
             }
-        }
-        if args.rooms > 0 {
-            join.clear();
-            join.extend_from_slice(format!("^join^r{}", k % args.rooms).as_bytes());
-            storm.send(k, &join)?;
-        } else {
-            storm.heartbeat(k)?;
-        }
+            Ok(0)
+        })?;
     }
     let join_seconds = t0.elapsed().as_secs_f64();
+    if let (Some(before), false) = (&scrape0, args.verify) {
+        // The steady phase's count starts once the relay has counted the
+        // joins (bounded): otherwise the last of them, still queued, count
+        // as steady heartbeats.
+        let want = before.get("udphub_clients") + f64::from(args.clients);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until
+            && c.scrape_optional()?
+                .is_some_and(|s| s.get("udphub_clients") < want)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     // Phase 2: keep every source alive for --duration.
     let progress = Progress::new(c, c.duration);
     let scrape1 = c.scrape_optional()?;
     let cpu1 = c.relay_pid.and_then(procfs::cpu_seconds);
     let t1 = Instant::now();
-    let mut sent = 0u64;
     let per_heartbeat = args.heartbeat;
-    let mut round_start = Instant::now();
-    let mut k = 0;
-    while t1.elapsed() < c.duration {
-        storm.heartbeat(k)?;
-        sent += 1;
-        k += 1;
-        if k == storm.clients {
-            k = 0;
-            progress.tick(t1.elapsed(), sent);
-            // Pace to one heartbeat per source per interval.
-            let spent = round_start.elapsed();
-            if spent < per_heartbeat {
-                std::thread::sleep(
-                    (per_heartbeat - spent).min(c.duration.saturating_sub(t1.elapsed())),
-                );
-            }
-            round_start = Instant::now();
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let sent = on_threads(threads, |t| {
+        let mut sent = 0u64;
+        let mut round_start = Instant::now();
+        let mut ks = share(t);
+        while t1.elapsed() < c.duration {
+            let Some(k) = ks.next() else {
+                ks = share(t);
+                total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+                sent = 0;
+                if t == 0 {
+                    let all = total.load(std::sync::atomic::Ordering::Relaxed);
+                    progress.tick(t1.elapsed(), all);
+                }
+                // Pace to one heartbeat per source per interval.
+                let spent = round_start.elapsed();
+                if spent < per_heartbeat {
+                    std::thread::sleep(
+                        (per_heartbeat - spent).min(c.duration.saturating_sub(t1.elapsed())),
+                    );
+                }
+                round_start = Instant::now();
+                continue;
+            };
+            storm.heartbeat(k)?;
+            sent += 1;
         }
-    }
+        Ok(sent)
+    })? + total.load(std::sync::atomic::Ordering::Relaxed);
     let steady = t1.elapsed().as_secs_f64();
     progress.finish();
     // Let the relay's counters catch up with the last datagrams.
@@ -432,6 +475,34 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         },
         expiry,
         verified,
+    })
+}
+
+/// Runs `work(t)` for `t` in `0..threads`, each on a thread of its own
+/// (the calling one when there is one), and sums what they return.
+fn on_threads(
+    threads: usize,
+    work: impl Fn(usize) -> Result<u64, String> + Sync,
+) -> Result<u64, String> {
+    if threads <= 1 {
+        return work(0);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn({
+                    let work = &work;
+                    move || work(t)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a worker thread panicked".into()))
+            })
+            .sum()
     })
 }
 

@@ -7,6 +7,8 @@
 //! # Layout
 //! - `fanout` (default): stamped messages fanned out to N clients; `sink`:
 //!   `fanout --sink`, receivers that never read (the relay's send capacity).
+//! - `workers`: `fanout --threads N`, the clients dealt over N threads;
+//!   `limits`: when loadtest itself, not the relay, was the bottleneck.
 //! - `join_storm`: millions of distinct sources heartbeating; memory per client; mass expiry.
 //! - `soak`: a long mixed load, sampling growth.
 //! - `abuse`: nasty datagrams, one by one; `spoof`: `abuse --spoof`, forged sources.
@@ -14,7 +16,9 @@
 //!   `^hello^` flood; `newcomer`: their handshake; `tap`: what the relay sends.
 //! - `member`: a real (verify-aware) member, for the scenarios that need one.
 //! - `payload`, `tracker`: message stamps; loss/duplicate/reorder bookkeeping.
-//! - `report`, `plot`: reports (table, JSON, SVG); `metrics`, `procfs`: what the relay says.
+//! - `report`, `plot`: reports (table, JSON, SVG); `histogram`: latency
+//!   histograms, losslessly in a report; `merge`: several reports, one.
+//! - `metrics`, `procfs`: what the relay (and `/proc`) says.
 
 use std::process::ExitCode;
 
@@ -25,8 +29,11 @@ mod admission;
 mod duration;
 mod fanout;
 mod flood;
+mod histogram;
 mod join_storm;
+mod limits;
 mod member;
+mod merge;
 mod metrics;
 mod newcomer;
 mod payload;
@@ -38,6 +45,7 @@ mod soak;
 mod spoof;
 mod tap;
 mod tracker;
+mod workers;
 
 /// Flood generator and benchmark driver for UDP chat relays.
 #[derive(Debug, Parser)]
@@ -66,6 +74,8 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Nasty datagrams, and what the relay did with each
     Abuse(abuse::AbuseArgs),
+    /// Several `fanout --json` reports (several load machines) as one
+    Merge(merge::MergeArgs),
 }
 
 fn emit<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> Result<(), String> {
@@ -117,6 +127,8 @@ fn run(cli: Cli) -> Result<(), String> {
             },
             None => emit(args.common.json, &abuse::run(&args)?, |r| r.print_table()),
         },
+        // Handled in `main`: its errors are usage errors.
+        Command::Merge(_) => Ok(()),
     }
 }
 
@@ -143,6 +155,16 @@ fn main() -> ExitCode {
             eprintln!("loadtest: {e}");
             return ExitCode::from(2);
         }
+    }
+    if let Some(Command::Merge(args)) = &cli.command {
+        // Unreadable or mismatched reports are the user's to fix: exit 2.
+        return match merge::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("loadtest merge: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

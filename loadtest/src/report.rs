@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::metrics::{self, Scrape};
 
@@ -85,7 +85,7 @@ impl Common {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50: f64,
@@ -113,7 +113,7 @@ impl From<&Histogram<u64>> for Latency {
 }
 
 /// The relay process's resource use over the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RelayUsage {
     /// Its pid.
     pub pid: u32,
@@ -126,7 +126,7 @@ pub struct RelayUsage {
 }
 
 /// The relay's own counters against what loadtest saw.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricsCheck {
     /// `udphub_datagrams_received_total` growth, all kinds.
     pub relay_received: f64,
@@ -136,7 +136,8 @@ pub struct MetricsCheck {
     pub loadtest_messages: u64,
     /// `udphub_deliveries_total` growth.
     pub relay_deliveries: f64,
-    /// Deliveries loadtest received (new + duplicates + probe copies).
+    /// Deliveries loadtest received (new + duplicates + probe copies +
+    /// other runs' messages).
     pub loadtest_deliveries: u64,
     /// `udphub_dropped_total` growth by reason (non-zero only).
     pub relay_dropped: Vec<(String, f64)>,
@@ -175,7 +176,7 @@ impl MetricsCheck {
 }
 
 /// One point of the timeline.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimelinePoint {
     /// Seconds since the start.
     pub t_s: f64,
@@ -188,7 +189,7 @@ pub struct TimelinePoint {
 }
 
 /// The `fanout` report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutReport {
     /// "fanout".
     pub scenario: String,
@@ -236,6 +237,11 @@ pub struct FanoutReport {
     pub rooms: usize,
     /// Deliveries from a sender in another room (must be 0).
     pub cross_room_deliveries: u64,
+    /// Deliveries of another loadtest run's messages: a concurrent run in
+    /// the same rooms (give each `--rooms K --room-prefix P` of its own).
+    /// Counted apart, and as deliveries in `metrics_check`.
+    #[serde(default)]
+    pub foreign_deliveries: u64,
     /// Several relays: latency between clients of the same relay.
     pub latency_local_us: Option<Latency>,
     /// Several relays: latency of deliveries that crossed relays.
@@ -250,6 +256,63 @@ pub struct FanoutReport {
     pub clients_left_behind: Option<u64>,
     /// With `--flood`: what the flooding member did and got through.
     pub flood: Option<crate::flood::FloodReport>,
+    /// Every delivery's latency in nanoseconds, losslessly: HdrHistogram's
+    /// compressed V2 encoding in base64 (what `loadtest merge` reads).
+    #[serde(default)]
+    pub latency_histogram: Option<String>,
+    /// loadtest's own resource use.
+    #[serde(default)]
+    pub loadtest: Option<LoadtestUsage>,
+    /// Present when loadtest itself, not the relay, was (or may have been)
+    /// the bottleneck: its figures are then a floor for the relay.
+    #[serde(default)]
+    pub loadtest_limited: Option<LoadtestLimited>,
+    /// A merged report: the reports it was merged from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+}
+
+/// What loadtest itself used during a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoadtestUsage {
+    /// Worker threads (`--threads`), each with its own clients and poll loop.
+    pub threads: usize,
+    /// User + system CPU seconds of the whole loadtest process, from the
+    /// start of sending to the end of the drain.
+    pub cpu_seconds: Option<f64>,
+    /// Those CPU nanoseconds per delivery received.
+    pub cpu_ns_per_delivery: Option<f64>,
+    /// Each worker's CPU while sending, as a fraction of one core (absent
+    /// for runs too short for the kernel's 10 ms CPU clock).
+    pub thread_busy: Vec<f64>,
+    /// Each worker's time runnable but waiting for a core while sending,
+    /// as a fraction (`/proc/thread-self/schedstat`): a machine too busy to
+    /// give loadtest the CPU it wanted.
+    #[serde(default)]
+    pub thread_waiting: Vec<f64>,
+    /// Datagrams the kernel dropped at loadtest's own full receive buffers
+    /// (`/proc/net/udp` drops of its sockets): deliveries the relay made
+    /// that loadtest could not take.
+    pub socket_drops: Option<u64>,
+    /// Bytes still unread in loadtest's sockets when it stopped reading
+    /// (`/proc/net/udp` rx_queue): deliveries it had not caught up with.
+    #[serde(default)]
+    pub socket_backlog_bytes: Option<u64>,
+    /// Open loop: the rate reached (msgs/s), against `--rate`.
+    pub rate_reached: Option<f64>,
+}
+
+/// Why loadtest, not the relay, limited the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadtestLimited {
+    /// `cpu` (a worker thread wanted a core at least 90 % of the time:
+    /// running, or runnable and waiting for one), `rcvbuf` (its sockets'
+    /// receive buffers overflowed), `backlog` (deliveries still unread in
+    /// its sockets when it stopped, counted as loss), `rate` (an open-loop
+    /// rate not reached).
+    pub reason: Vec<String>,
+    /// The same in words, one line each.
+    pub detail: Vec<String>,
 }
 
 impl FanoutReport {
@@ -263,6 +326,16 @@ impl FanoutReport {
             plural(self.senders, "sender"),
             self.payload_bytes
         );
+        if !self.merged_from.is_empty() {
+            row(
+                "merged",
+                format!(
+                    "{}: {}",
+                    plural(self.merged_from.len(), "report"),
+                    self.merged_from.join(", ")
+                ),
+            );
+        }
         row(
             "sent",
             format!(
@@ -295,6 +368,15 @@ impl FanoutReport {
                     } else {
                         ": ISOLATION BROKEN"
                     }
+                ),
+            );
+        }
+        if self.foreign_deliveries > 0 {
+            row(
+                "other runs",
+                format!(
+                    "{} deliveries of another loadtest run's messages (a concurrent run in the same rooms: give each --rooms K --room-prefix P)",
+                    self.foreign_deliveries
                 ),
             );
         }
@@ -366,6 +448,36 @@ impl FanoutReport {
             row("relay drops", reasons(&m.relay_dropped));
             row("delivery drops", reasons(&m.relay_delivery_dropped));
             row("kernel rx drops", format!("{}", m.relay_kernel_rx_dropped));
+        }
+        if let Some(u) = &self.loadtest {
+            // The worker that wanted a core most: running, or waiting for one.
+            let busiest = (0..u.thread_busy.len())
+                .map(|t| {
+                    let w = u.thread_waiting.get(t).copied().unwrap_or(0.0);
+                    (u.thread_busy[t], w)
+                })
+                .max_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
+            row(
+                "loadtest",
+                format!(
+                    "{}: {} CPU, {} per delivery{}; {} socket drops",
+                    plural(u.threads, "thread"),
+                    u.cpu_seconds.map_or("?".into(), |s| format!("{s:.2} s")),
+                    u.cpu_ns_per_delivery
+                        .map_or("?".into(), |n| format!("{n:.0} ns")),
+                    busiest.map_or(String::new(), |(b, w)| format!(
+                        ", busiest thread ran {:.0}% (waited for a core {:.0}%)",
+                        b * 100.0,
+                        w * 100.0
+                    )),
+                    u.socket_drops.map_or("?".into(), |d| d.to_string()),
+                ),
+            );
+        }
+        if let Some(l) = &self.loadtest_limited {
+            for d in &l.detail {
+                row("LOADTEST LIMITED", d.clone());
+            }
         }
         match self.clients_left_behind {
             Some(n) => row(

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use crate::fanout::Engine;
+use crate::fanout::{Engine, Part};
 use crate::report::{row, Common, Progress};
-use crate::{metrics, procfs};
+use crate::{metrics, procfs, workers};
 
 /// `loadtest soak` flags.
 #[derive(Debug, Clone, Args)]
@@ -42,6 +42,15 @@ pub struct SoakArgs {
     /// register with the cookie handshake
     #[arg(long)]
     pub verify: bool,
+
+    /// Worker threads, each with its own share of the clients, sockets and
+    /// poll loop (`auto`: one per core)
+    #[arg(long, value_name = "N|auto", default_value = "1", value_parser = crate::fanout::parse_threads)]
+    pub threads: usize,
+
+    /// Pin worker thread t to the t-th core this process may run on
+    #[arg(long)]
+    pub pin_threads: bool,
 }
 
 /// One sample.
@@ -77,58 +86,104 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     let c = &args.common;
     let relays = c.relay_addrs()?;
     let relay = c.relay.clone();
-    let mut e = Engine::new(
-        &relays,
-        args.clients.max(1),
-        args.senders,
-        64,
-        Duration::from_secs(2),
-        crate::fanout::Joining {
-            no_echo: false,
-            rooms: args.rooms,
-            verify: args.verify,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let registered = e
-        .wait_registered(Duration::from_secs(10))
+    let threads = args.threads.min(args.clients.max(1));
+    let tag = crate::fanout::run_tag();
+    let mut engines = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let mut e = Engine::new_part(
+            &relays,
+            args.clients.max(1),
+            Part { index, of: threads },
+            args.senders,
+            64,
+            Duration::from_secs(2),
+            crate::fanout::Joining {
+                no_echo: false,
+                rooms: args.rooms,
+                verify: args.verify,
+                room_prefix: String::new(),
+                run_tag: tag,
+            },
+        )
         .map_err(|e| e.to_string())?;
-    if registered < e.registration_target() {
-        return Err(format!(
-            "only {registered} of {} clients registered with the relay at {relay} (verify mode? add --verify)",
-            e.registration_target()
-        ));
+        let registered = e
+            .wait_registered(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        if registered < e.registration_target() {
+            return Err(format!(
+                "only {registered} of {} clients registered with the relay at {relay} (verify mode? add --verify)",
+                e.registration_target()
+            ));
+        }
+        engines.push(e);
     }
+    let plan = workers::Plan {
+        rate: Some(args.rate),
+        window: 0,
+        per_message: engines[0].expect(),
+        senders: args.senders.clamp(1, args.clients.max(1)) as u64,
+        send_until: c.duration,
+        max_messages: u64::MAX,
+        // A timeline the soak does not keep: its samples are its own.
+        interval: Duration::from_secs(3600),
+        flood: false,
+        // Missing means not delivered by the end of sending, as always.
+        drain: Duration::ZERO,
+        pin: args.pin_threads,
+    };
     let progress = Progress::new(c, c.duration);
     let start = Instant::now();
+    for e in &mut engines {
+        e.set_start(start);
+    }
+    let shared = workers::Shared::new(threads);
     let mut next_sample = Duration::ZERO;
     let mut samples = Vec::new();
-    loop {
+    let mut failed = None;
+    let mut sample = |shared: &workers::Shared, last: bool| {
         let t = start.elapsed();
-        if t >= next_sample || t >= c.duration {
-            let relay_clients = match &c.metrics_url {
-                Some(url) => Some(metrics::scrape_all(url)?.get("udphub_clients")),
-                None => None,
-            };
-            samples.push(SoakSample {
-                t_s: t.as_secs_f64(),
-                rss_bytes: c.relay_pid.and_then(procfs::rss_bytes),
-                relay_clients,
-                deliveries: e.delivered,
-                missing: e.expected().saturating_sub(e.delivered),
-            });
-            progress.tick(t, e.delivered);
-            next_sample += args.sample_every;
+        if failed.is_some() || !(last || (t >= next_sample && !shared.all_done_sending())) {
+            return;
         }
-        if t >= c.duration || e.bye {
-            break;
-        }
-        let due = (t.as_secs_f64() * args.rate) as u64;
-        while e.messages_sent() < due {
-            e.send_one().map_err(|e| e.to_string())?;
-        }
-        e.step(Duration::from_millis(1))
-            .map_err(|e| e.to_string())?;
+        let relay_clients = match &c.metrics_url {
+            Some(url) => match metrics::scrape_all(url) {
+                Ok(s) => Some(s.get("udphub_clients")),
+                Err(e) => {
+                    failed = Some(e);
+                    return;
+                }
+            },
+            None => None,
+        };
+        let (delivered, expected) = (shared.delivered(), shared.expected());
+        samples.push(SoakSample {
+            t_s: t.as_secs_f64(),
+            rss_bytes: c.relay_pid.and_then(procfs::rss_bytes),
+            relay_clients,
+            deliveries: delivered,
+            missing: expected.saturating_sub(delivered),
+        });
+        progress.tick(t, delivered);
+        next_sample += args.sample_every;
+    };
+    // The first sample before any message, as the workers start.
+    sample(&shared, false);
+    let mut last_taken = false;
+    workers::run_all(
+        engines,
+        &plan,
+        &shared,
+        |_| {},
+        |shared| {
+            // The last sample when every worker has stopped sending.
+            let last = shared.all_done_sending() && !last_taken;
+            last_taken |= last;
+            sample(shared, last);
+        },
+        || {},
+    )?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     progress.finish();
     let rss = |s: &SoakSample| s.rss_bytes.map(|b| b as i64);
@@ -136,14 +191,16 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let expected = e.expected();
+    let (missing, expected) = samples
+        .last()
+        .map_or((0, 0), |s| (s.missing, s.missing + s.deliveries));
     Ok(SoakReport {
         scenario: "soak".into(),
         rss_growth_bytes: growth,
         loss_ratio: if expected == 0 {
             0.0
         } else {
-            expected.saturating_sub(e.delivered) as f64 / expected as f64
+            missing as f64 / expected as f64
         },
         samples,
     })
