@@ -132,7 +132,28 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// `loadtest … | head` closes the pipe early: `println!` then panics with
+/// "failed printing to stdout: Broken pipe". That is the reader's choice,
+/// not an error of ours: end quietly, as a program killed by SIGPIPE
+/// would (ripgrep does the same), instead of printing a panic.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {

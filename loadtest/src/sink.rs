@@ -187,8 +187,13 @@ pub fn run(args: &FanoutArgs) -> Result<SinkReport, String> {
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 65_536];
     let mut registered = 0;
+    // One deadline for them all: a relay that is not there costs
+    // --register-timeout (at most 2 s), not that much per client.
+    let deadline = Instant::now() + args.register_timeout.min(Duration::from_secs(2));
     for s in &socks {
-        s.set_read_timeout(Some(args.register_timeout.min(Duration::from_secs(2))))
+        let left = deadline.saturating_duration_since(Instant::now());
+        // (A zero read timeout means "block forever": keep a millisecond.)
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .map_err(|e| e.to_string())?;
         // The probe, rendered by the relay: it contains the text.
         while let Ok((len, _)) = s.recv_from(&mut buf) {
