@@ -12,6 +12,10 @@
 #   RELAYS="baseline udphub udphub-t2" bash loadtest/compare.sh       # + --threads 2 (closed loop: see shards.sh)
 #   UDPHUB_REF=/path/to/older/udphub RELAYS="baseline udphub udphub-ref" bash loadtest/compare.sh
 #                                                   # A/B against another build of udphub
+#   RELAYS="baseline udphub-noecho udpexchange" bash loadtest/compare.sh
+#                                                   # against udpexchange 0.1.1 (crates.io), which
+#                                                   # sends to every other client: udphub --no-echo
+#                                                   # does the same (installed into target/ if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +36,11 @@ rm -f "$OUT"/*.json
 source loadtest/baselines/common.sh
 build_and_find_baseline
 [ -x "$baseline_bin" ] || { echo "compare.sh: baseline_relay bench binary not found" >&2; exit 1; }
+UDPEXCHANGE="${UDPEXCHANGE:-target/udpexchange/bin/udpexchange}"
+if [[ " $RELAYS " == *" udpexchange "* && ! -x "$UDPEXCHANGE" ]]; then
+    cargo install --quiet udpexchange --version 0.1.1 --root target/udpexchange \
+        || { echo "compare.sh: could not install udpexchange 0.1.1 (set UDPEXCHANGE to its binary)" >&2; exit 1; }
+fi
 
 start_relay() {
     loadtest_extra=()
@@ -44,6 +53,11 @@ start_relay() {
     udphub-verify) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --verify-sources --client-rate 100000 --cookie-rate 100000 2>/dev/null &
         loadtest_extra=(--verify) ;;
+    udphub-noecho) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn --no-echo 2>/dev/null &
+        loadtest_extra=(--no-echo) ;;
+    udpexchange) "$UDPEXCHANGE" -t 60 "127.0.0.1:$PORT" >/dev/null 2>&1 &
+        loadtest_extra=(--no-echo) ;;
     udphub-t2) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --threads 2 2>/dev/null & ;;
     udphub-ref) "${UDPHUB_REF:?set UDPHUB_REF to the udphub binary to compare with}" serve \
