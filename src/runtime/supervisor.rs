@@ -26,6 +26,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
+use crate::runtime::handover::{self, Control, Identity, Outcome};
 use crate::runtime::reload::{self, ReloadSender};
 use crate::runtime::watch::{self, AddressWatch};
 use crate::runtime::{exporter, relay};
@@ -34,6 +35,8 @@ use crate::runtime::{exporter, relay};
 const SIGNALS: Token = Token(0);
 /// A loop thread ended (returned, failed or panicked).
 const EXITED: Token = Token(1);
+/// A connection on the hand-over control socket.
+const CONTROL: Token = Token(2);
 
 /// Exit status when a second signal interrupts a graceful shutdown
 /// (128 + SIGINT, what shells report for an interrupted command).
@@ -47,9 +50,15 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     // Signals first: from the moment the ready file says so, a SIGTERM
     // must mean a graceful shutdown, not the default kill.
     let mut supervisor = Supervisor::new()?;
-    // The recorder must exist before the loop registers its metrics.
-    let metrics = config.metrics.addr().map(exporter::start).transpose()?;
-    let (mut relays, claim) = relay::bind_claimed(&config)?;
+    let (mut relays, claim, metrics) = match &args.takeover {
+        Some(path) => take_over(path, &config)?,
+        None => {
+            // The recorder must exist before the loop registers its metrics.
+            let metrics = config.metrics.addr().map(exporter::start).transpose()?;
+            let (relays, claim) = relay::bind_claimed(&config)?;
+            (relays, claim, metrics)
+        }
+    };
     let mut address = AddressWatch::new(claim);
     // A lone socket (no SO_REUSEPORT) shares its address with nobody: the
     // kernel refuses every other bind to it.
@@ -71,6 +80,10 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
         .map(EventLoop::local_addr)
         .unwrap_or(config.bind);
     let metrics = metrics.map(|m| m.local_addr);
+    if let Some(path) = &config.control {
+        let replace_live = args.takeover.is_some();
+        supervisor.control(Control::bind(path, &config, local, replace_live)?);
+    }
     if let Some(addr) = metrics {
         tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
@@ -95,6 +108,73 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
     let mut running = config;
     let on_hup = move || reload_now(&args, &mut running, &loops, cluster_keys.as_ref());
     supervisor.run_reloading(relays, Some(Box::new(on_hup)))
+}
+
+/// How long a process that took over waits for the metrics address to be
+/// free (the old process lets go of it as it exits, a moment after the
+/// hand-over).
+const METRICS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// `serve --takeover PATH`: the running relay's sockets and members,
+/// taken over with `config`'s settings. The old relay resumes if anything
+/// here fails before the confirmation; after it, this process serves
+/// whatever else goes wrong (a metrics address still taken is logged).
+fn take_over(
+    path: &Path,
+    config: &Config,
+) -> Result<
+    (
+        Vec<relay::RelayLoop>,
+        crate::net::holders::Claim,
+        Option<exporter::Exporter>,
+    ),
+    Error,
+> {
+    if config.cluster.is_some() {
+        return Err(Error::Config(
+            "--takeover with --cluster is not supported yet: restart a cluster relay instead (its rooms live on in the other relays)".into(),
+        ));
+    }
+    let started = Instant::now();
+    // The recorder before the loops register their metrics; the endpoint
+    // once the old process has let go of its address.
+    let recorder = config
+        .metrics
+        .addr()
+        .map(|addr| exporter::install(addr).map(|r| (addr, r)))
+        .transpose()?;
+    let mut offer = handover::request(path, &Identity::of(config), config.max_clients)?;
+    let fds = std::mem::take(&mut offer.fds);
+    let (relays, claim, restored) = match relay::adopt(config, fds, &offer.snapshot) {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            offer.fail(&e.to_string());
+            return Err(e);
+        }
+    };
+    let (members, bytes) = (offer.snapshot.members(), offer.bytes);
+    offer.confirm()?;
+    tracing::info!(
+        event = "took_over",
+        members = restored,
+        handed = members,
+        snapshot_bytes = bytes,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "took over from {}: {restored} member(s) of {members} handed over (the rest had timed out), a {bytes}-byte snapshot, in {:.1} ms",
+        path.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let metrics = match recorder {
+        Some((addr, recorder)) => match exporter::serve_at(addr, recorder, METRICS_PATIENCE) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!("serving on without /metrics: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    Ok((relays, claim, metrics))
 }
 
 /// Exports the caps the saturation alerts divide by (`udphub_clients /
@@ -231,6 +311,8 @@ pub struct Supervisor {
     signals: Signals,
     /// A periodic task, if any (the poll's timeout is its next run).
     periodic: Option<Periodic>,
+    /// The hand-over control socket (`--control`), if any.
+    control: Option<Control>,
 }
 
 /// Something the supervisor runs every `interval` on its own thread.
@@ -253,7 +335,14 @@ impl Supervisor {
             poll,
             signals,
             periodic: None,
+            control: None,
         })
+    }
+
+    /// Serves hand-overs on `control` while the loops run: a new process
+    /// that takes over pauses them, and they exit (or resume if it fails).
+    pub fn control(&mut self, control: Control) {
+        self.control = Some(control);
     }
 
     /// Runs `task` every `interval` (first after one interval) on the
@@ -297,13 +386,24 @@ fn supervise<S: Service + Send + 'static>(
         mut poll,
         mut signals,
         mut periodic,
+        mut control,
     } = sup;
     let exited =
         Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
     let (ended_tx, ended) = mpsc::channel();
+    let (reports_tx, reports) = mpsc::channel();
+    let mut pauses = Vec::new();
+    if let Some(c) = control.as_mut() {
+        poll.registry()
+            .register(c.listener_mut(), CONTROL, Interest::READABLE)
+            .map_err(|e| Error::io("register the control socket", e))?;
+    }
 
     let mut running = Vec::with_capacity(loops.len());
-    for (i, lp) in loops.into_iter().enumerate() {
+    for (i, mut lp) in loops.into_iter().enumerate() {
+        if control.is_some() {
+            pauses.push(lp.pause_handle(i, reports_tx.clone()));
+        }
         let shutdown = lp.shutdown_handle();
         let guard = NotifyOnExit {
             index: i,
@@ -325,6 +425,7 @@ fn supervise<S: Service + Send + 'static>(
 
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
+    let mut handed_over = false;
     let mut signals_seen = 0u32;
     let mut first_error = None;
     while running.iter().any(|r| r.thread.is_some()) {
@@ -342,6 +443,15 @@ fn supervise<S: Service + Send + 'static>(
         }
         let mut stop = false;
         for event in events.iter() {
+            if event.token() == CONTROL && !stopping {
+                if let Some(c) = control.as_mut() {
+                    if c.accept(&pauses, &reports) == Outcome::HandedOver {
+                        // The loops are returning without a goodbye.
+                        handed_over = true;
+                        stopping = true;
+                    }
+                }
+            }
             if event.token() == SIGNALS {
                 for sig in signals.pending() {
                     if sig == SIGHUP {
@@ -404,6 +514,9 @@ fn supervise<S: Service + Send + 'static>(
     }) {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(SECOND_SIGNAL_EXIT);
+    }
+    if let Some(c) = control.as_ref().filter(|_| !handed_over) {
+        c.remove();
     }
     match first_error {
         Some(e) => Err(e),
