@@ -580,7 +580,12 @@ impl Offer {
         self.stream
             .read_exact(&mut bytes)
             .map_err(|e| Error::io("hand-over snapshot", e))?;
-        let refused = |e: snapshot::SnapshotError| Error::Refused(format!("snapshot refused: {e}"));
+        // Too many members for this process's settings is the user's to
+        // fix (exit 2); anything else is a damaged or foreign snapshot.
+        let refused = |e: snapshot::SnapshotError| match e {
+            snapshot::SnapshotError::TooBig(_) => Error::Config(format!("cannot take over: {e}")),
+            e => Error::Refused(format!("snapshot refused: {e}")),
+        };
         let head = snapshot::header(&bytes, max_clients).map_err(refused)?;
         if head.total_len as u64 != len {
             return Err(Error::Refused(format!(
