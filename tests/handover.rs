@@ -266,15 +266,10 @@ fn a_changed_bind_or_thread_count_is_refused() {
     let clients = members(relay.addr, 2);
     let other = UdpSocket::bind("127.0.0.1:0").unwrap();
     let elsewhere = other.local_addr().unwrap().to_string();
-    let cases = [
-        (
-            vec!["--bind", &*relay.addr.to_string(), "--threads", "2"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-            "--threads 1",
-        ),
-        (vec!["--bind".to_string(), elsewhere], "--bind"),
+    let here = relay.addr.to_string();
+    let cases: [(Vec<&str>, &str); 2] = [
+        (vec!["--bind", &here, "--threads", "2"], "--threads 1"),
+        (vec!["--bind", &elsewhere], "--bind"),
     ];
     for (args, flag) in &cases {
         let out = Command::new(udphub_bin())
@@ -344,4 +339,24 @@ fn control_and_takeover_misuse_get_clear_messages() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--takeover with --cluster"), "{stderr}");
+}
+
+/// In verify mode the cookie key passes over: a cookie handed out by the
+/// old process registers its holder with the new one, and the members
+/// verified with the old one are members of the new one.
+#[test]
+fn verify_mode_cookies_stay_valid_across_a_hand_over() {
+    let ctl = control_path("verify");
+    let mut relay = old_relay(&ctl, &["--verify-sources"]);
+    let a = util::Client::verified(&relay);
+    let b = util::Client::new(relay.addr);
+    let cookie = b.cookie();
+    let new = take_over(&relay, &ctl, &["--verify-sources"]);
+    assert_eq!(relay.wait_exit().code(), Some(0));
+    new.wait_metric("udphub_clients", 1.0);
+    b.send(&[&b"^cookie^"[..], &cookie].concat());
+    new.wait_metric("udphub_clients_joined_total", 1.0);
+    a.send(b"hi");
+    assert_eq!(a.recv(), b"hi");
+    assert_eq!(b.recv(), b"hi");
 }
