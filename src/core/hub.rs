@@ -642,6 +642,9 @@ impl Hub {
     /// since each last proved itself alive, its rate-limit tokens.
     pub fn export(&self, now: Instant) -> LoopState {
         let tick = self.clock.tick_at(now);
+        // Unlimited here: a full bucket wherever it goes (the receiver
+        // caps it at its burst), as a reload that turns limits on gives.
+        let limited = self.admission.limits_clients();
         let members = self
             .table
             .live_with_rooms(tick)
@@ -652,7 +655,7 @@ impl Hub {
                     .clock
                     .tick()
                     .saturating_mul(u32::try_from(silent).unwrap_or(u32::MAX)),
-                tokens: c.tokens,
+                tokens: if limited { c.tokens } else { f32::MAX },
             })
             .collect();
         LoopState { members }
@@ -831,6 +834,26 @@ mod tests {
             &mut counts,
         );
         assert_eq!((hub.clients(), counts.clients_expired), (1, 2));
+    }
+
+    /// A member's rate-limit bucket passes over: one that spent its burst
+    /// is still limited in the new hub, not handed a fresh one.
+    #[test]
+    fn rate_buckets_pass_over() {
+        let mut limited = config();
+        limited.client_rate = Some((1.0, 2.0));
+        let mut f = Fixture::new(limited.clone());
+        for _ in 0..5 {
+            f.at(0, from(1, b"m"));
+        }
+        let dropped = |c: &Counts| c.dropped[DropReason::RateLimited.index()];
+        assert!(dropped(&f.counts) >= 1);
+        let state = f.hub.export(f.t0);
+        let mut hub = Hub::new(&limited, Hub::resume_start(&limited, f.t0));
+        hub.restore(&state, f.t0).unwrap();
+        let mut counts = Counts::default();
+        hub.handle(f.t0, from(1, b"m"), &mut counts);
+        assert_eq!(dropped(&counts), 1, "still limited");
     }
 
     /// A state that does not fit the new settings is refused as a whole.

@@ -383,11 +383,9 @@ impl Table {
     /// handed over from another process): `tokens`, last charged at `now`.
     pub fn set_bucket(&mut self, key: u32, tokens: f32, now: u64) {
         if let Some(c) = self.clients.get_mut(key as usize) {
-            c.tokens = if self.burst > 0.0 {
-                tokens.min(self.burst)
-            } else {
-                tokens
-            };
+            // Unlimited here (no burst): the tokens mean nothing until a
+            // reload turns limits on, which fills every bucket.
+            c.tokens = tokens.min(self.burst);
             c.charged = now as u32;
         }
     }
