@@ -24,6 +24,10 @@
 //!    address it was sent to, see [`crate::net::local_addrs`]);
 //! 4. runs the service's timers;
 //! 5. flushes the counts to the metrics facade (also after every batch).
+//!
+//! A hand-over pauses the loop between two passes ([`PauseHandle`]): it
+//! reads nothing until the supervisor says to export its state, resume, or
+//! return without a goodbye.
 
 use std::io;
 use std::net::SocketAddr;

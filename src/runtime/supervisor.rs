@@ -10,6 +10,9 @@
 //! them, and hands each loop its new hub settings through a channel and
 //! its waker. Between signals it runs what must happen every few seconds
 //! outside the loops ([`Supervisor::every`]: the relay's address watch).
+//! With `--control` it also serves hand-overs ([`Supervisor::control`],
+//! [`crate::runtime::handover`]): it pauses the loops, passes their sockets
+//! and state on, and lets them return without `bye` (or resume).
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
