@@ -408,6 +408,14 @@ impl<S: Service> EventLoop<S> {
         }
     }
 
+    /// Whether a hand-over is waiting for this loop (without taking the
+    /// request: [`pause_requested`](Self::pause_requested) does).
+    fn pause_pending(&self) -> bool {
+        self.pause
+            .as_ref()
+            .is_some_and(|p| p.requested.load(Ordering::Relaxed))
+    }
+
     /// Whether a hand-over asked this loop to pause.
     fn pause_requested(&self) -> bool {
         self.pause
@@ -535,20 +543,6 @@ impl<S: Service> EventLoop<S> {
                     unix_secs: unix_now(),
                 };
                 self.service.on_wake(&mut io);
-                if self.pause_requested() {
-                    match self.paused() {
-                        Unpaused::Resume => {
-                            // Whatever arrived meanwhile is in the queue,
-                            // and its readiness edge may be gone: read.
-                            drained = Drained::More;
-                            continue;
-                        }
-                        Unpaused::Exit => {
-                            self.flush();
-                            return Ok(());
-                        }
-                    }
-                }
             }
             if drained != Drained::Empty {
                 drained = self.drain()?;
@@ -560,6 +554,20 @@ impl<S: Service> EventLoop<S> {
             let counts = &mut self.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
             self.flush();
+            if self.pause_requested() {
+                match self.paused() {
+                    Unpaused::Resume => {
+                        // Whatever arrived meanwhile is in the queue, and
+                        // its readiness edge may be gone: read.
+                        drained = Drained::More;
+                        continue;
+                    }
+                    Unpaused::Exit => {
+                        self.flush();
+                        return Ok(());
+                    }
+                }
+            }
             if stop {
                 let mut io = Io {
                     fd: self.socket.as_fd(),
@@ -597,6 +605,11 @@ impl<S: Service> EventLoop<S> {
         mut read: impl FnMut(&mut RecvBatch, BorrowedFd<'_>) -> io::Result<usize>,
     ) -> Result<Drained, Error> {
         for _ in 0..MAX_BATCHES_PER_PASS {
+            // A hand-over waits for no more than the batch in hand: a
+            // pass of big fan-outs under a closed loop can last seconds.
+            if self.pause_pending() {
+                return Ok(Drained::More);
+            }
             match read(&mut self.recv, self.socket.as_fd()) {
                 Ok(n) => {
                     self.recv_errors.success();
