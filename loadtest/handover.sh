@@ -82,12 +82,12 @@ wait "$load" || true
 kill -TERM "$pid"
 wait "$pid" || true
 
-echo "| hand-over | members | snapshot bytes | pause ms (old: paused → let go) | new: took ms |"
-echo "| ---: | ---: | ---: | ---: | ---: |"
+echo "| hand-over | members | snapshot bytes | pause ms (old: stopped reading → let go) | finishing the batch in hand ms | new: took ms |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: |"
 for i in $(seq 0 $((HANDOVERS - 1))); do
     line=$(grep -h 'handed over to the new process' "$OUT/relay.$i.log" || true)
     took=$(grep -h 'took over from' "$OUT/relay.$((i + 1)).log" | sed -E 's/.* in ([0-9.]+) ms.*/\1/' || true)
-    echo "$line" | sed -E "s/.*: ([0-9]+) member\(s\), a ([0-9]+)-byte snapshot, reading paused ([0-9.]+) ms.*/| $((i + 1)) | \1 | \2 | \3 | $took |/"
+    echo "$line" | sed -E "s/.*: ([0-9]+) member\(s\), a ([0-9]+)-byte snapshot, reading paused ([0-9.]+) ms here \(after ([0-9.]+) ms.*/| $((i + 1)) | \1 | \2 | \3 | \4 | $took |/"
 done
 grep -h 'handed over to the new process' "$OUT"/relay.*.log |
     sed -E 's/.*reading paused ([0-9.]+) ms.*/\1/' | sort -n |

@@ -349,16 +349,19 @@ impl Control {
         set_in_progress(true);
         let paused_at = Instant::now();
         match self.offer(&mut stream, loops, reports, paused_at) {
-            Ok((members, bytes)) => {
-                let pause = paused_at.elapsed();
+            Ok((members, bytes, stopped)) => {
+                let pause = stopped.elapsed();
+                let finishing = stopped.saturating_duration_since(paused_at);
                 count("sent");
                 tracing::info!(
                     event = "handed_over",
                     members,
                     snapshot_bytes = bytes,
                     pause_ms = pause.as_secs_f64() * 1e3,
-                    "handed over to the new process: {members} member(s), a {bytes}-byte snapshot, reading paused {:.1} ms here; exiting without bye",
-                    pause.as_secs_f64() * 1e3
+                    finishing_ms = finishing.as_secs_f64() * 1e3,
+                    "handed over to the new process: {members} member(s), a {bytes}-byte snapshot, reading paused {:.1} ms here (after {:.1} ms finishing the batch in hand); exiting without bye",
+                    pause.as_secs_f64() * 1e3,
+                    finishing.as_secs_f64() * 1e3
                 );
                 for l in loops {
                     l.command(PauseCommand::Exit);
@@ -385,14 +388,15 @@ impl Control {
 
     /// Pauses the loops, sends their state and sockets, waits for the new
     /// process to serve and lets go. Returns the members and snapshot
-    /// bytes sent, or why the loops must resume.
+    /// bytes sent and when the first loop stopped reading, or why the
+    /// loops must resume.
     fn offer(
         &self,
         stream: &mut UnixStream,
         loops: &[PauseHandle],
         reports: &Receiver<PauseReport>,
         started: Instant,
-    ) -> Result<(usize, usize), String> {
+    ) -> Result<(usize, usize, Instant), String> {
         let deadline = started + STEP_TIMEOUT;
         // Leftovers of an earlier attempt that timed out mean nothing now.
         while reports.try_recv().is_ok() {}
@@ -400,12 +404,17 @@ impl Control {
             l.pause();
         }
         let mut paused = 0;
+        let mut stopped = None;
         while paused < loops.len() {
             match recv_until(reports, deadline)? {
-                PauseReport::Paused(_) => paused += 1,
+                PauseReport::Paused(_) => {
+                    stopped.get_or_insert_with(Instant::now);
+                    paused += 1;
+                }
                 PauseReport::Exported(..) => {}
             }
         }
+        let stopped = stopped.unwrap_or(started);
         for l in loops {
             l.command(PauseCommand::Export);
         }
@@ -467,7 +476,7 @@ impl Control {
             }
         }
         write_frame(stream, ACK, &[]).map_err(|e| format!("the new process is gone: {e}"))?;
-        Ok((members, bytes.len()))
+        Ok((members, bytes.len(), stopped))
     }
 }
 
