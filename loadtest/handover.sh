@@ -48,7 +48,7 @@ fanout)
     ;;
 storm)
     secs=$((WARMUP + HANDOVERS * GAP + 60))
-    "$lt" join-storm --relay "$udp" --clients "$CLIENTS" --duration "${secs}s" --json \
+    "$lt" join-storm --relay "$udp" --clients "$CLIENTS" --heartbeat "${HEARTBEAT:-1s}" --duration "${secs}s" --json \
         >"$OUT/load.json" 2>"$OUT/load.log" &
     ;;
 esac

@@ -658,7 +658,10 @@ impl Hub {
                 tokens: if limited { c.tokens } else { f32::MAX },
             })
             .collect();
-        LoopState { members }
+        LoopState {
+            members,
+            kernel_drops: 0,
+        }
     }
 
     /// Verify mode's cookie key as a hand-over passes it on, if on.

@@ -16,7 +16,7 @@
 //! header   magic "UDPHUBSN" | version u16 | loops u16 | flags u32
 //!          | members u64 | body_len u64 | checksum u64 (FNV-1a of the body)
 //! body     [cookie: key [32] | age_ms u64]   (flags bit 0)
-//!          per loop: count u32, then count members:
+//!          per loop: count u32 | kernel_drops u32, then count members:
 //!            family u8 (4|6) | ip [4|16] | port u16 | [scope_id u32 (v6)]
 //!            | silent_ms u32 | tokens f32 | room_len u8 | room [room_len]
 //! ```
@@ -78,6 +78,10 @@ impl std::fmt::Debug for CookieState {
 pub struct LoopState {
     /// Its live members.
     pub members: Vec<Member>,
+    /// The socket's cumulative kernel drop counter (SO_RXQ_OVFL) as this
+    /// loop last counted it: the new process counts from there, so drops
+    /// are neither counted twice nor missed across the hand-over.
+    pub kernel_drops: u32,
 }
 
 /// Everything a relay hands over: one [`LoopState`] per loop, in socket
@@ -148,13 +152,14 @@ const CHECKSUM_AT: usize = HEADER_LEN - 8;
 /// a room name longer than [`MAX_NAME_LEN`] cannot occur in a hub.
 pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
     let members = snapshot.members();
-    let mut body = Vec::with_capacity(40 + snapshot.loops.len() * 4 + members * 32);
+    let mut body = Vec::with_capacity(40 + snapshot.loops.len() * 8 + members * 32);
     if let Some(c) = &snapshot.cookie {
         body.extend_from_slice(&c.key);
         body.extend_from_slice(&millis(c.age).to_le_bytes());
     }
     for l in &snapshot.loops {
         body.extend_from_slice(&(l.members.len() as u32).to_le_bytes());
+        body.extend_from_slice(&l.kernel_drops.to_le_bytes());
         for m in &l.members {
             match m.addr {
                 SocketAddr::V4(a) => {
@@ -243,7 +248,7 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
             "{members} members, more than --max-clients {max_members}: start the new process with --max-clients {members} or more"
         )));
     }
-    let most = 40 + loops * 4 + (members as usize).saturating_mul(MAX_MEMBER_LEN);
+    let most = 40 + loops * 8 + (members as usize).saturating_mul(MAX_MEMBER_LEN);
     if body_len > most as u64 {
         return Err(SnapshotError::Length(format!(
             "a body of {body_len} bytes for {members} members (at most {most})"
@@ -293,6 +298,7 @@ pub fn decode(bytes: &[u8], max_members: usize) -> Result<Snapshot, SnapshotErro
     let mut total = 0u64;
     for _ in 0..head.loops {
         let count = r.u32()? as usize;
+        let kernel_drops = r.u32()?;
         total += count as u64;
         if total > head.members {
             return Err(SnapshotError::Record(format!(
@@ -310,7 +316,10 @@ pub fn decode(bytes: &[u8], max_members: usize) -> Result<Snapshot, SnapshotErro
         for _ in 0..count {
             members.push(r.member()?);
         }
-        loops.push(LoopState { members });
+        loops.push(LoopState {
+            members,
+            kernel_drops,
+        });
     }
     if total != head.members {
         return Err(SnapshotError::Record(format!(
@@ -433,6 +442,7 @@ mod tests {
                             tokens: 0.0,
                         },
                     ],
+                    kernel_drops: 7,
                 },
                 LoopState::default(),
             ],
@@ -525,7 +535,7 @@ mod tests {
     fn snapshot() -> impl Strategy<Value = Snapshot> {
         (
             prop::option::of((any::<[u8; 32]>(), 0u64..1 << 40)),
-            prop::collection::vec(prop::collection::vec(member(), 0..8), 1..4),
+            prop::collection::vec((prop::collection::vec(member(), 0..8), any::<u32>()), 1..4),
         )
             .prop_map(|(cookie, loops)| Snapshot {
                 cookie: cookie.map(|(key, ms)| CookieState {
@@ -534,7 +544,10 @@ mod tests {
                 }),
                 loops: loops
                     .into_iter()
-                    .map(|members| LoopState { members })
+                    .map(|(members, kernel_drops)| LoopState {
+                        members,
+                        kernel_drops,
+                    })
                     .collect(),
             })
     }

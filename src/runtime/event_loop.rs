@@ -385,6 +385,12 @@ impl<S: Service> EventLoop<S> {
         })
     }
 
+    /// Counts the socket's kernel drops from `seen` on (the value the
+    /// process that handed the socket over had counted up to).
+    pub fn kernel_drops_counted(&mut self, seen: u32) {
+        self.kernel_drops_seen = seen;
+    }
+
     /// Lets the supervisor pause this loop (loop `index`) for a hand-over:
     /// the loop reports to `reports`, and takes commands through the
     /// returned handle.
@@ -440,7 +446,18 @@ impl<S: Service> EventLoop<S> {
                         received_at: Instant::now(),
                         unix_secs: unix_now(),
                     };
-                    let exported = self.service.export(&mut io);
+                    let mut exported = self.service.export(&mut io);
+                    // Counted up to now here; the new process counts on.
+                    if let Ok(total) = batch_io::socket_drops(self.socket.as_fd()) {
+                        observe_kernel_drops(
+                            &mut self.kernel_drops_seen,
+                            total,
+                            &mut self.metrics.counts,
+                        );
+                    }
+                    if let Some(e) = exported.as_mut() {
+                        e.state.kernel_drops = self.kernel_drops_seen;
+                    }
                     self.flush();
                     let exported = match (exported, self.socket.as_fd().try_clone_to_owned()) {
                         (Some(e), Ok(fd)) => Some((e, fd)),

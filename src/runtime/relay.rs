@@ -218,6 +218,7 @@ pub fn adopt(
     let mut loops = build(config, members, Some((snapshot, now)))?;
     let mut restored = 0;
     for (lp, state) in loops.iter_mut().zip(&snapshot.loops) {
+        lp.kernel_drops_counted(state.kernel_drops);
         restored += lp
             .service_mut()
             .restore(state, now)
