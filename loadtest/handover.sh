@@ -79,8 +79,13 @@ if [ "$LOAD" = storm ]; then
     kill "$load" 2>/dev/null || true
 fi
 wait "$load" || true
+# The kernel's own count of datagrams dropped on the relay's socket(s) over
+# their whole life, every process included (/proc/net/udp, last column).
+port=$(printf '%04X' "${udp##*:}")
+drops=$(awk -v p=":$port" '$2 ~ p"$" {d += $NF} END {print d + 0}' /proc/net/udp)
 kill -TERM "$pid"
 wait "$pid" || true
+echo "kernel receive drops on the relay's socket(s), whole run: $drops"
 
 echo "| hand-over | members | snapshot bytes | pause ms (old: stopped reading → let go) | finishing the batch in hand ms | new: took ms |"
 echo "| ---: | ---: | ---: | ---: | ---: | ---: |"

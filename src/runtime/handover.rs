@@ -438,6 +438,7 @@ impl Control {
             states.push(e.state);
             fds.push(fd);
         }
+        let exported = started.elapsed();
         let snapshot = Snapshot {
             cookie,
             loops: states,
@@ -456,6 +457,12 @@ impl Control {
             .write_all(&head[sent..])
             .and_then(|()| stream.write_all(&bytes))
             .map_err(|e| format!("cannot send the snapshot: {e}"))?;
+        tracing::info!(
+            event = "handover_sent",
+            "hand-over: loops paused and exported in {:.1} ms, snapshot encoded and sent in {:.1} ms; waiting for the new process",
+            exported.as_secs_f64() * 1e3,
+            (started.elapsed() - exported).as_secs_f64() * 1e3
+        );
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));

@@ -216,6 +216,7 @@ pub fn adopt(
     let socket::Group { members, claim } = socket::adopt_group(config.bind, fds)?;
     let now = Instant::now();
     let mut loops = build(config, members, Some((snapshot, now)))?;
+    let built = now.elapsed();
     let mut restored = 0;
     for (lp, state) in loops.iter_mut().zip(&snapshot.loops) {
         lp.kernel_drops_counted(state.kernel_drops);
@@ -224,6 +225,11 @@ pub fn adopt(
             .restore(state, now)
             .map_err(|e| Error::Config(format!("cannot take the members over: {e}")))?;
     }
+    tracing::debug!(
+        "take-over: loops built in {:.1} ms, {restored} members registered in {:.1} ms",
+        built.as_secs_f64() * 1e3,
+        (now.elapsed() - built).as_secs_f64() * 1e3
+    );
     Ok((loops, claim, restored))
 }
 

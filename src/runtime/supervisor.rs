@@ -148,6 +148,7 @@ fn take_over(
         .transpose()?;
     let mut offer = handover::request(path, &Identity::of(config), config.max_clients)?;
     let fds = std::mem::take(&mut offer.fds);
+    let received = started.elapsed();
     let (relays, claim, restored) = match relay::adopt(config, fds, &offer.snapshot) {
         Ok(adopted) => adopted,
         Err(e) => {
@@ -156,7 +157,14 @@ fn take_over(
         }
     };
     let (members, bytes) = (offer.snapshot.members(), offer.bytes);
+    let built = started.elapsed();
     offer.confirm()?;
+    tracing::info!(
+        event = "took_over_steps",
+        "take-over: offer received and decoded after {:.1} ms, loops built and members registered in {:.1} ms",
+        received.as_secs_f64() * 1e3,
+        (built - received).as_secs_f64() * 1e3
+    );
     tracing::info!(
         event = "took_over",
         members = restored,
