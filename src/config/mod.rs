@@ -346,8 +346,8 @@ mod tests {
             assert!(!s.paragraphs().is_empty(), "{} has no help", s.key());
         }
         let flags = cmd.get_arguments().filter_map(|a| a.get_long()).count();
-        // The settings, --config and --check-config.
-        assert_eq!(flags, settings::ALL.len() + 2);
+        // The settings, --config, --check-config and --takeover.
+        assert_eq!(flags, settings::ALL.len() + 3);
     }
 
     #[test]
