@@ -360,3 +360,36 @@ fn verify_mode_cookies_stay_valid_across_a_hand_over() {
     assert_eq!(a.recv(), b"hi");
     assert_eq!(b.recv(), b"hi");
 }
+
+/// A new process whose own --control path is unusable says so before it
+/// asks for anything: the old one is never paused and serves on.
+#[test]
+fn a_bad_control_path_for_the_new_process_is_refused_before_the_hand_over() {
+    let ctl = control_path("badnew");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 1);
+    let file = util::temp_path("not-a-socket-new");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(relay.addr.to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .arg("--control")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--control"), "{stderr}");
+    clients[0].send_to(b"still mine", relay.addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = clients[0].recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"still mine");
+    assert_eq!(relay.metric("udphub_handovers_total{result=\"sent\"}"), 0.0);
+    assert_eq!(
+        relay.metric("udphub_handovers_total{result=\"refused\"}"),
+        0.0
+    );
+}

@@ -303,10 +303,7 @@ impl Control {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    let Ok(stream) = into_std(stream) else {
-                        continue;
-                    };
-                    outcome = self.hand_over(stream, loops, reports);
+                    outcome = self.hand_over(UnixStream::from(stream), loops, reports);
                     if outcome == Outcome::HandedOver {
                         return outcome;
                     }
@@ -492,10 +489,6 @@ fn recv_until(reports: &Receiver<PauseReport>, deadline: Instant) -> Result<Paus
     reports
         .recv_timeout(left)
         .map_err(|_| format!("the loops did not pause and export within {STEP_TIMEOUT:?}"))
-}
-
-fn into_std(stream: mio::net::UnixStream) -> io::Result<UnixStream> {
-    Ok(UnixStream::from(stream))
 }
 
 // ---------------------------------------------------------------------------

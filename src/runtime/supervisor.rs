@@ -16,6 +16,7 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
@@ -83,15 +84,27 @@ pub fn serve(args: ServeArgs, config: Config) -> Result<(), Error> {
         .map(EventLoop::local_addr)
         .unwrap_or(config.bind);
     let metrics = metrics.map(|m| m.local_addr);
+    // Once a process has taken over, the old one is gone: nothing but a
+    // signal may stop this one now, whatever else fails.
+    let taken_over = args.takeover.is_some();
     if let Some(path) = &config.control {
-        let replace_live = args.takeover.is_some();
-        supervisor.control(Control::bind(path, &config, local, replace_live)?);
+        match Control::bind(path, &config, local, taken_over) {
+            Ok(control) => supervisor.control(control),
+            Err(e) if taken_over => {
+                tracing::error!("serving on without a control socket: {e}")
+            }
+            Err(e) => return Err(e),
+        }
     }
     if let Some(addr) = metrics {
         tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
     if let Some(path) = &config.ready_file {
-        write_ready_file(path, "udp", local, metrics)?;
+        match write_ready_file(path, "udp", local, metrics) {
+            Ok(()) => {}
+            Err(e) if taken_over => tracing::error!("serving on: {e}"),
+            Err(e) => return Err(e),
+        }
     }
     metrics::describe_counter!(
         "udphub_config_reloads_total",
@@ -137,6 +150,15 @@ fn take_over(
         return Err(Error::Config(
             "--takeover with --cluster is not supported yet: restart a cluster relay instead (its rooms live on in the other relays)".into(),
         ));
+    }
+    if let Some(control) = config.control.as_deref() {
+        // Refused now, while the old relay can still serve on.
+        if std::fs::symlink_metadata(control).is_ok_and(|m| !m.file_type().is_socket()) {
+            return Err(Error::Config(format!(
+                "--control {}: the path exists and is not a socket; remove it or choose another path",
+                control.display()
+            )));
+        }
     }
     let started = Instant::now();
     // The recorder before the loops register their metrics; the endpoint
