@@ -300,6 +300,15 @@ fn rows(files: &Files) -> Vec<Row> {
             flag: (Flag::Value(s(&files.ready[2])), s(&files.ready[2])),
             needs: &[],
         },
+        // Paths only: `--check-config` binds no control socket either.
+        Row {
+            key: "control",
+            default: Some("none"),
+            file: (quoted(&files.ready[0]), s(&files.ready[0])),
+            env: (s(&files.ready[1]), s(&files.ready[1])),
+            flag: (Flag::Value(s(&files.ready[2])), s(&files.ready[2])),
+            needs: &[],
+        },
     ];
     // Yes-or-no settings: each pair of sources disagrees in one of the
     // three, and an explicit false always beats a lower true.

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub check_config: bool,
 
+    /// Take over from the udphub serving on this --control socket: its UDP sockets and members pass to this process, which then serves with its own settings (the same --bind and --threads) while the other exits without a goodbye
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
+
     /// The settings the flags and their environment variables give.
     #[command(flatten)]
     pub settings: Layer,
@@ -342,8 +346,8 @@ mod tests {
             assert!(!s.paragraphs().is_empty(), "{} has no help", s.key());
         }
         let flags = cmd.get_arguments().filter_map(|a| a.get_long()).count();
-        // The settings, --config and --check-config.
-        assert_eq!(flags, settings::ALL.len() + 2);
+        // The settings, --config, --check-config and --takeover.
+        assert_eq!(flags, settings::ALL.len() + 3);
     }
 
     #[test]

@@ -419,6 +419,22 @@ declare_settings! {
             check: any,
             reload: Restart,
         }
+        /// Unix socket a new udphub process takes this one over through
+        /// (`udphub serve --takeover PATH`), or none.
+        ///
+        /// Created mode 0600: only the relay's user can take it over. A
+        /// stale socket a crashed relay left at PATH is replaced; anything
+        /// else there is refused. A hand-over passes the UDP sockets and
+        /// every member to the new process, which may be a newer binary
+        /// (docs/OPERATIONS.md, "Upgrading without a restart").
+        control: PathBuf {
+            env: "UDPHUB_CONTROL",
+            value: "PATH",
+            parse: parse_path,
+            default: none("none"),
+            check: any,
+            reload: Restart,
+        }
     }
     loaded {
         /// The room secret, read from `room_secret_file` when the settings

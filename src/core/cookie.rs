@@ -43,6 +43,10 @@ pub struct CookieKey {
     /// HMAC keyed with the secret and fed the domain label: the state every
     /// cookie's MAC starts from.
     keyed: Hmac<Sha256>,
+    /// The secret itself, kept only to hand it to a new process
+    /// ([`CookieKey::export`]): cookies handed out stay valid across a
+    /// hand-over.
+    secret: [u8; 32],
     /// When epoch 0 began.
     born: Instant,
 }
@@ -62,7 +66,18 @@ impl CookieKey {
             Err(_) => unreachable!("HMAC accepts any key length"),
         };
         keyed.update(b"udphub cookie v1");
-        CookieKey { keyed, born }
+        CookieKey {
+            keyed,
+            secret: bytes,
+            born,
+        }
+    }
+
+    /// The secret and how long ago epoch 0 began at `now`: what a new
+    /// process needs to make and check the same cookies
+    /// (`CookieKey::new(secret, now - age)` there).
+    pub fn export(&self, now: Instant) -> ([u8; 32], std::time::Duration) {
+        (self.secret, now.saturating_duration_since(self.born))
     }
 
     /// The epoch `now` falls in.

@@ -27,6 +27,7 @@ use crate::core::cookie::CookieKey;
 use crate::core::counts::{Counts, Refusal};
 use crate::core::protocol::{self, Kind, Proven, Template};
 use crate::core::rooms::{self, RoomId, Rooms, LOBBY};
+use crate::core::snapshot::{CookieState, LoopState, Member};
 use crate::core::table::{Due, Recipients, Table};
 use crate::core::token::{self, RoomSecret, TokenError};
 use crate::core::wheel::{Entry, Wheel};
@@ -636,6 +637,89 @@ impl Hub {
     pub fn clients(&self) -> usize {
         self.table.len()
     }
+
+    /// The members live at `now`, for a hand-over: address, room, how long
+    /// since each last proved itself alive, its rate-limit tokens.
+    pub fn export(&self, now: Instant) -> LoopState {
+        let tick = self.clock.tick_at(now);
+        // Unlimited here: a full bucket wherever it goes (the receiver
+        // caps it at its burst), as a reload that turns limits on gives.
+        let limited = self.admission.limits_clients();
+        let members = self
+            .table
+            .live_with_rooms(tick)
+            .map(|(c, silent, room)| Member {
+                addr: c.addr.to_socket_addr(),
+                room: room.into(),
+                silent: self
+                    .clock
+                    .tick()
+                    .saturating_mul(u32::try_from(silent).unwrap_or(u32::MAX)),
+                tokens: if limited { c.tokens } else { f32::MAX },
+            })
+            .collect();
+        LoopState {
+            members,
+            kernel_drops: 0,
+        }
+    }
+
+    /// Verify mode's cookie key as a hand-over passes it on, if on.
+    pub fn export_cookie(&self, now: Instant) -> Option<CookieState> {
+        self.admission.cookie_key().map(|k| {
+            let (key, age) = k.export(now);
+            CookieState { key, age }
+        })
+    }
+
+    /// The instant a hub that will [`restore`](Self::restore) members
+    /// handed over at `now` should start its clock at: one timeout (and a
+    /// tick) back, so that every live member's last-seen tick is a tick of
+    /// this clock. `now` itself if the monotonic clock is younger.
+    pub fn resume_start(config: &HubConfig, now: Instant) -> Instant {
+        let back = config.timeout.saturating_add(Duration::from_millis(200));
+        now.checked_sub(back).unwrap_or(now)
+    }
+
+    /// Registers the members another process handed over (a fresh hub
+    /// made with [`resume_start`](Self::resume_start), before it reads a
+    /// datagram): each in its room, seen as long ago as it was there, with
+    /// its tokens. Members silent past this hub's timeout are left out.
+    /// Returns how many were registered, or why the state does not fit
+    /// (then this hub must be dropped, never used).
+    pub fn restore(&mut self, state: &LoopState, now: Instant) -> Result<usize, String> {
+        if !self.table.is_empty() {
+            return Err("restore into a hub that already has clients".into());
+        }
+        let tick = self.clock.tick_at(now);
+        let tick_ns = self.clock.tick().as_nanos().max(1);
+        let mut restored = 0;
+        for m in &state.members {
+            let addr = RawAddr::from_socket_addr(m.addr);
+            if self.table.find(&addr).is_some() {
+                return Err(format!("{} is in the snapshot twice", m.addr));
+            }
+            let silent = u64::try_from(m.silent.as_nanos() / tick_ns).unwrap_or(u64::MAX);
+            let last_seen = tick.saturating_sub(silent);
+            if self.table.deadline(last_seen) <= tick {
+                continue;
+            }
+            let joined = self
+                .table
+                .insert_into(addr, last_seen, &m.room)
+                .map_err(|_| {
+                    format!(
+                        "room {:?} does not fit this relay's --max-rooms / --max-room-clients",
+                        String::from_utf8_lossy(&m.room)
+                    )
+                })?;
+            self.wheel
+                .schedule(joined.key, joined.generation, joined.due);
+            self.table.set_bucket(joined.key, m.tokens, tick);
+            restored += 1;
+        }
+        Ok(restored)
+    }
 }
 
 #[cfg(test)]
@@ -712,6 +796,86 @@ mod tests {
             let now = self.t0 + Duration::from_millis(ms);
             fanout(self.hub.handle(now, arrival, &mut self.counts))
         }
+    }
+
+    /// A hub's members, exported and restored into a fresh hub (a hand-over),
+    /// keep their rooms and their deadlines: the new hub relays to them at
+    /// once, and expires each when the old one would have.
+    #[test]
+    fn exported_members_are_restored_with_their_rooms_and_deadlines() {
+        let mut f = Fixture::new(config());
+        f.at(0, from(1, b"^join^red"));
+        f.at(0, from(2, b"^join^red"));
+        f.at(4_000, from(3, b"^hb^"));
+        let handed = f.t0 + Duration::from_millis(5_000);
+        let state = f.hub.export(handed);
+        assert_eq!(state.members.len(), 3);
+        assert_eq!(f.hub.export_cookie(handed), None);
+
+        let start = Hub::resume_start(&config(), handed);
+        let mut hub = Hub::new(&config(), start);
+        assert_eq!(hub.restore(&state, handed), Ok(3));
+        assert_eq!(
+            hub.restore(&state, handed),
+            Err("restore into a hub that already has clients".into())
+        );
+        let mut counts = Counts::default();
+        let (_, to) = fanout(hub.handle(handed, from(1, b"hi"), &mut counts)).unwrap();
+        assert_eq!(to, vec![1, 2], "room kept, no re-registration");
+        assert_eq!(counts.clients_joined, 0);
+        // Port 2 was last seen at 0 ms: it expires at 10 s, port 1 spoke at
+        // 5 s and port 3 at 4 s.
+        hub.expire(
+            f.t0 + Duration::from_millis(10_500),
+            usize::MAX,
+            &mut counts,
+        );
+        assert_eq!((hub.clients(), counts.clients_expired), (2, 1));
+        hub.expire(
+            f.t0 + Duration::from_millis(14_500),
+            usize::MAX,
+            &mut counts,
+        );
+        assert_eq!((hub.clients(), counts.clients_expired), (1, 2));
+    }
+
+    /// A member's rate-limit bucket passes over: one that spent its burst
+    /// is still limited in the new hub, not handed a fresh one.
+    #[test]
+    fn rate_buckets_pass_over() {
+        let mut limited = config();
+        limited.client_rate = Some((1.0, 2.0));
+        let mut f = Fixture::new(limited.clone());
+        for _ in 0..5 {
+            f.at(0, from(1, b"m"));
+        }
+        let dropped = |c: &Counts| c.dropped[DropReason::RateLimited.index()];
+        assert!(dropped(&f.counts) >= 1);
+        let state = f.hub.export(f.t0);
+        let mut hub = Hub::new(&limited, Hub::resume_start(&limited, f.t0));
+        hub.restore(&state, f.t0).unwrap();
+        let mut counts = Counts::default();
+        hub.handle(f.t0, from(1, b"m"), &mut counts);
+        assert_eq!(dropped(&counts), 1, "still limited");
+    }
+
+    /// A state that does not fit the new settings is refused as a whole.
+    #[test]
+    fn a_state_that_does_not_fit_is_refused() {
+        let mut f = Fixture::new(config());
+        f.at(0, from(1, b"^join^red"));
+        f.at(0, from(2, b"^join^blue"));
+        let mut state = f.hub.export(f.t0);
+        let mut small = config();
+        small.max_rooms = 1;
+        let mut hub = Hub::new(&small, Hub::resume_start(&small, f.t0));
+        assert!(hub
+            .restore(&state, f.t0)
+            .unwrap_err()
+            .contains("--max-rooms"));
+        state.members.push(state.members[0].clone());
+        let mut hub = Hub::new(&config(), Hub::resume_start(&config(), f.t0));
+        assert!(hub.restore(&state, f.t0).unwrap_err().contains("twice"));
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! - [`census`]: the relay-wide counts the caps are checked against: the
 //!   [`census::Census`] interface and its plain local implementation
 //!   (the loops of `--threads` share the runtime's).
+//! - [`snapshot`]: the state a hand-over passes on, as bounded bytes.
 //! - [`hub`]: the relay's state machine, which ties them together.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
@@ -81,6 +82,7 @@ pub mod hub;
 pub mod limits;
 pub mod protocol;
 pub mod rooms;
+pub mod snapshot;
 pub mod table;
 pub mod token;
 pub mod wheel;

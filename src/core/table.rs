@@ -379,6 +379,27 @@ impl Table {
         }
     }
 
+    /// Sets the rate-limit bucket of the client in slot `key` (a member
+    /// handed over from another process): `tokens`, last charged at `now`.
+    pub fn set_bucket(&mut self, key: u32, tokens: f32, now: u64) {
+        if let Some(c) = self.clients.get_mut(key as usize) {
+            // Unlimited here (no burst): the tokens mean nothing until a
+            // reload turns limits on, which fills every bucket.
+            c.tokens = tokens.min(self.burst);
+            c.charged = now as u32;
+        }
+    }
+
+    /// Every client live at tick `now`, with the ticks since it was last
+    /// seen and its room's name: what a hand-over exports.
+    pub fn live_with_rooms(&self, now: u64) -> impl Iterator<Item = (&Client, u64, &[u8])> + '_ {
+        let timeout = self.timeout;
+        self.clients
+            .iter()
+            .filter(move |(_, c)| live(c, timeout, now))
+            .map(move |(_, c)| (c, ticks_since(now, c.last_seen), self.rooms.name(c.room)))
+    }
+
     /// Removes the client at `addr` (a `quit`). Returns whether it was one.
     pub fn remove(&mut self, addr: &RawAddr) -> bool {
         let hash = self.hasher.hash_one(addr);

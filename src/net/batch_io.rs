@@ -20,11 +20,13 @@
 //!   bound to a wildcard address otherwise sends from whatever address the
 //!   route picks, which a client with a connected socket drops).
 //!
-//! Two sections at the end hold the unsafe calls that are not batched
+//! Sections at the end hold the unsafe calls that are not batched
 //! syscalls: [`attach_reuseport_cbpf`], the setsockopt that gives the
-//! loops' SO_REUSEPORT group its steering program, and
-//! [`adopt_listen_fds`], which takes ownership of the sockets a service
-//! manager passed (socket activation).
+//! loops' SO_REUSEPORT group its steering program; [`adopt_listen_fds`],
+//! which takes ownership of the sockets a service manager passed (socket
+//! activation); and [`send_with_fds`]/[`recv_with_fds`], which pass the
+//! relay's sockets to a new process (SCM_RIGHTS) and adopt the
+//! descriptors received.
 //!
 //! Why libc and not nix: nix's `MultiHeaders` re-encodes every destination
 //! from a `SockaddrLike` on each call and its `recvmmsg` returns an iterator
@@ -1404,5 +1406,127 @@ mod inherited_tests {
         // Too many: refused before anything is touched.
         let err = adopt_listen_fds(MAX_LISTEN_FDS + 1).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Passing sockets to another process (a hand-over, `serve --takeover`).
+//
+// nix builds and parses the SCM_RIGHTS control message; what it cannot do
+// safely is the one step that makes a descriptor number the kernel just
+// installed in this process into an owned descriptor: that is here.
+
+/// The most descriptors one hand-over message carries: the loops' cap
+/// (one socket per loop).
+pub const MAX_PASSED_FDS: usize = 64;
+
+/// Sends `bytes` over the Unix stream socket `sock` with `fds` attached
+/// (SCM_RIGHTS): the receiver gets its own descriptors for the same open
+/// sockets. Returns how many of `bytes` were sent (the descriptors go with
+/// the first byte).
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} descriptors, at most {MAX_PASSED_FDS}", fds.len()),
+        ));
+    }
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [io::IoSlice::new(bytes)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
+}
+
+/// Receives into `buf` from the Unix stream socket `sock`, with any
+/// descriptors attached (at most [`MAX_PASSED_FDS`], close-on-exec).
+/// Returns the bytes read (0: the peer closed) and the descriptors, owned:
+/// dropping them closes them. A message whose descriptors did not fit is
+/// an error.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut space = nix::cmsg_space!([i32; MAX_PASSED_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    let mut owned = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel has just installed `fd` in this
+                // process's table for this message (SCM_RIGHTS), and
+                // nothing else in the process knows its number yet: it is
+                // open and owned by no one, so one `OwnedFd` taking it is
+                // the only owner, and closes it exactly once.
+                owned.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((n, owned))
+}
+
+#[cfg(test)]
+mod fd_passing_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A UDP socket passed over a Unix socket arrives as a working socket
+    /// bound to the same address: a datagram sent to it is read through
+    /// the received descriptor.
+    #[test]
+    fn a_passed_udp_socket_reads_what_was_sent_to_the_original() {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            send_with_fds(a.as_fd(), b"sock", &[udp.as_fd(), udp.as_fd()]).unwrap(),
+            4
+        );
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"sock"[..], 2));
+        drop(udp);
+        let mut fds = fds.into_iter();
+        let got = std::net::UdpSocket::from(fds.next().unwrap());
+        assert_eq!(got.local_addr().unwrap(), addr);
+        got.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hello", addr).unwrap();
+        let mut data = [0u8; 16];
+        let (n, _) = got.recv_from(&mut data).unwrap();
+        assert_eq!(&data[..n], b"hello");
+    }
+
+    /// Plain bytes carry no descriptors; a closed peer reads as 0 bytes;
+    /// too many descriptors are refused before anything is sent.
+    #[test]
+    fn no_descriptors_and_a_closed_peer() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_with_fds(a.as_fd(), b"x", &[]).unwrap();
+        let mut buf = [0u8; 4];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (1, 0));
+        let many: Vec<_> = (0..=MAX_PASSED_FDS).map(|_| a.as_fd()).collect();
+        assert!(send_with_fds(a.as_fd(), b"x", &many).is_err());
+        drop(a);
+        assert_eq!(recv_with_fds(b.as_fd(), &mut buf).unwrap().0, 0);
     }
 }

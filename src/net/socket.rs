@@ -186,6 +186,61 @@ pub struct Group {
     pub claim: Claim,
 }
 
+/// The sockets another udphub process handed over (`serve --takeover`),
+/// as the group it bound: each must be a UDP socket bound to `addr` (the
+/// same port, or any port when `addr`'s is 0). They keep every option the
+/// old process set (buffers, SO_RXQ_OVFL, packet info, the group's
+/// steering program), and their queues: nothing that waited in them is
+/// lost.
+pub fn adopt_group(addr: SocketAddr, fds: Vec<std::os::fd::OwnedFd>) -> Result<Group, Error> {
+    let what = "relay socket";
+    let mut members = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let socket = Socket::from(fd);
+        let fail = |reason: String| Error::Bind { what, addr, reason };
+        match socket.r#type() {
+            Ok(Type::DGRAM) => {}
+            _ => return Err(fail("a descriptor handed over is not a UDP socket".into())),
+        }
+        let local_addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| fail("a socket handed over is not bound to an IP address".into()))?;
+        if local_addr.ip() != addr.ip() || (addr.port() != 0 && local_addr.port() != addr.port()) {
+            return Err(fail(format!(
+                "the socket handed over is bound to {local_addr}: start the new process with --bind {local_addr}"
+            )));
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("set O_NONBLOCK", e))?;
+        let recv_buffer = socket.recv_buffer_size().unwrap_or(0) / 2;
+        let send_buffer = socket.send_buffer_size().unwrap_or(0) / 2;
+        let std_socket: std::net::UdpSocket = socket.into();
+        members.push(Bound {
+            socket: mio::net::UdpSocket::from_std(std_socket),
+            local_addr,
+            recv_buffer,
+            send_buffer,
+            pktinfo: local_addr.ip().to_canonical().is_unspecified(),
+        });
+    }
+    let first = members.first().map_or(addr, |m| m.local_addr);
+    let v6only = first.is_ipv6()
+        && members
+            .first()
+            .is_some_and(|m| socket2::SockRef::from(&m.socket).only_v6().unwrap_or(false));
+    let inodes = members
+        .iter()
+        .map(|m| holders::socket_inode(m.socket.as_fd()))
+        .collect::<Result<Vec<u64>, _>>();
+    Ok(Group {
+        members,
+        claim: Claim::new(first, v6only, inodes.ok()),
+    })
+}
+
 /// Binds `n` sockets for `n` loops on `addr` (see [`bind`] for the rest).
 ///
 /// The first socket is bound *without* SO_REUSEPORT, so a socket that

@@ -24,6 +24,10 @@
 //!    address it was sent to, see [`crate::net::local_addrs`]);
 //! 4. runs the service's timers;
 //! 5. flushes the counts to the metrics facade (also after every batch).
+//!
+//! A hand-over pauses the loop between two passes ([`PauseHandle`]): it
+//! reads nothing until the supervisor says to export its state, resume, or
+//! return without a goodbye.
 
 use std::io;
 use std::net::SocketAddr;
@@ -95,6 +99,13 @@ pub trait Service {
     /// Says goodbye at shutdown.
     fn shutdown(&mut self, _io: &mut Io<'_>) {}
 
+    /// A hand-over: every loop has stopped reading; finishes what other
+    /// loops handed this one and returns the state the new process takes
+    /// over, or `None` if this service has none to hand over.
+    fn export(&mut self, _io: &mut Io<'_>) -> Option<Exported> {
+        None
+    }
+
     /// Clients now, this loop's share of the `udphub_clients` gauge.
     fn clients(&self) -> usize {
         0
@@ -128,6 +139,85 @@ pub struct Io<'a> {
     pub received_at: Instant,
     /// The wall-clock time then, in unix seconds (for token expiry).
     pub unix_secs: u64,
+}
+
+/// What a loop's service hands over ([`Service::export`]).
+#[derive(Debug)]
+pub struct Exported {
+    /// Its members.
+    pub state: crate::core::snapshot::LoopState,
+    /// Verify mode's cookie key (the same in every loop).
+    pub cookie: Option<crate::core::snapshot::CookieState>,
+}
+
+/// What the supervisor tells a loop paused for a hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCommand {
+    /// Every loop has paused: finish the work between loops, then report
+    /// the service's state and a duplicate of the socket.
+    Export,
+    /// The hand-over failed: read again, with everything kept.
+    Resume,
+    /// The new process serves: return without a goodbye.
+    Exit,
+}
+
+/// What a loop tells the supervisor during a hand-over.
+#[derive(Debug)]
+pub enum PauseReport {
+    /// Loop `index` stopped reading, at a batch boundary.
+    Paused(usize),
+    /// Loop `index`'s state and its socket (a duplicate descriptor, for
+    /// the new process), or `None` if its service hands nothing over.
+    Exported(usize, Option<(Exported, std::os::fd::OwnedFd)>),
+}
+
+/// The supervisor's end of a loop's hand-over pause.
+#[derive(Debug)]
+pub struct PauseHandle {
+    /// Set before waking the loop.
+    requested: Arc<AtomicBool>,
+    /// Wakes the loop's poll.
+    waker: Arc<Waker>,
+    /// Commands to the paused loop.
+    commands: std::sync::mpsc::Sender<PauseCommand>,
+}
+
+impl PauseHandle {
+    /// Asks the loop to stop reading at its next batch boundary; it
+    /// reports [`PauseReport::Paused`] and waits for commands.
+    pub fn pause(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            tracing::error!("cannot wake the loop: {e}");
+        }
+    }
+
+    /// Sends a command to the paused loop (ignored if it has ended).
+    pub fn command(&self, command: PauseCommand) {
+        let _ = self.commands.send(command);
+    }
+}
+
+/// The loop's end of it.
+#[derive(Debug)]
+struct PausePort {
+    /// This loop's index, in its reports.
+    index: usize,
+    /// Set by [`PauseHandle::pause`].
+    requested: Arc<AtomicBool>,
+    /// From the supervisor.
+    commands: std::sync::mpsc::Receiver<PauseCommand>,
+    /// To the supervisor.
+    reports: std::sync::mpsc::Sender<PauseReport>,
+}
+
+/// How a pause ended.
+enum Unpaused {
+    /// Read again.
+    Resume,
+    /// Return from `run` without a goodbye.
+    Exit,
 }
 
 /// Stops a running loop from another thread.
@@ -261,6 +351,8 @@ pub struct EventLoop<S> {
     /// Told once, after the first pass (polled and drained): `/readyz`
     /// waits for every loop's.
     readiness: Option<Readiness>,
+    /// How the supervisor pauses this loop for a hand-over, if it can.
+    pause: Option<PausePort>,
 }
 
 impl<S: Service> EventLoop<S> {
@@ -294,7 +386,104 @@ impl<S: Service> EventLoop<S> {
             service,
             pin: None,
             readiness: None,
+            pause: None,
         })
+    }
+
+    /// Counts the socket's kernel drops from `seen` on (the value the
+    /// process that handed the socket over had counted up to).
+    pub fn kernel_drops_counted(&mut self, seen: u32) {
+        self.kernel_drops_seen = seen;
+    }
+
+    /// Lets the supervisor pause this loop (loop `index`) for a hand-over:
+    /// the loop reports to `reports`, and takes commands through the
+    /// returned handle.
+    pub fn pause_handle(
+        &mut self,
+        index: usize,
+        reports: std::sync::mpsc::Sender<PauseReport>,
+    ) -> PauseHandle {
+        let requested = Arc::new(AtomicBool::new(false));
+        let (commands_tx, commands) = std::sync::mpsc::channel();
+        self.pause = Some(PausePort {
+            index,
+            requested: Arc::clone(&requested),
+            commands,
+            reports,
+        });
+        PauseHandle {
+            requested,
+            waker: Arc::clone(&self.shutdown.waker),
+            commands: commands_tx,
+        }
+    }
+
+    /// Whether a hand-over is waiting for this loop (without taking the
+    /// request: [`pause_requested`](Self::pause_requested) does).
+    fn pause_pending(&self) -> bool {
+        self.pause
+            .as_ref()
+            .is_some_and(|p| p.requested.load(Ordering::Relaxed))
+    }
+
+    /// Whether a hand-over asked this loop to pause.
+    fn pause_requested(&self) -> bool {
+        self.pause
+            .as_ref()
+            .is_some_and(|p| p.requested.swap(false, Ordering::SeqCst))
+    }
+
+    /// Paused at a batch boundary: nothing is read (datagrams wait in the
+    /// kernel's queue) until the supervisor says to resume or to exit.
+    fn paused(&mut self) -> Unpaused {
+        let Some(port) = self.pause.take() else {
+            return Unpaused::Resume;
+        };
+        let _ = port.reports.send(PauseReport::Paused(port.index));
+        let outcome = loop {
+            match port.commands.recv() {
+                Ok(PauseCommand::Export) => {
+                    let mut io = Io {
+                        fd: self.socket.as_fd(),
+                        sources: sources(&self.locals),
+                        counts: &mut self.metrics.counts,
+                        received_at: Instant::now(),
+                        unix_secs: unix_now(),
+                    };
+                    let mut exported = self.service.export(&mut io);
+                    // Counted up to now here; the new process counts on.
+                    if let Ok(total) = batch_io::socket_drops(self.socket.as_fd()) {
+                        observe_kernel_drops(
+                            &mut self.kernel_drops_seen,
+                            total,
+                            &mut self.metrics.counts,
+                        );
+                    }
+                    if let Some(e) = exported.as_mut() {
+                        e.state.kernel_drops = self.kernel_drops_seen;
+                    }
+                    self.flush();
+                    let exported = match (exported, self.socket.as_fd().try_clone_to_owned()) {
+                        (Some(e), Ok(fd)) => Some((e, fd)),
+                        (_, Err(e)) => {
+                            tracing::error!("hand-over: cannot duplicate the socket: {e}");
+                            None
+                        }
+                        (None, _) => None,
+                    };
+                    let _ = port
+                        .reports
+                        .send(PauseReport::Exported(port.index, exported));
+                }
+                Ok(PauseCommand::Resume) => break Unpaused::Resume,
+                Ok(PauseCommand::Exit) => break Unpaused::Exit,
+                // The supervisor is gone: keep serving.
+                Err(_) => break Unpaused::Resume,
+            }
+        };
+        self.pause = Some(port);
+        outcome
     }
 
     /// The address the socket is bound to.
@@ -397,6 +586,20 @@ impl<S: Service> EventLoop<S> {
             if let Some(readiness) = self.readiness.take() {
                 readiness.loop_polled();
             }
+            if self.pause_requested() {
+                match self.paused() {
+                    Unpaused::Resume => {
+                        // Whatever arrived meanwhile is in the queue, and
+                        // its readiness edge may be gone: read.
+                        drained = Drained::More;
+                        continue;
+                    }
+                    Unpaused::Exit => {
+                        self.flush();
+                        return Ok(());
+                    }
+                }
+            }
             if stop {
                 let mut io = Io {
                     fd: self.socket.as_fd(),
@@ -434,6 +637,11 @@ impl<S: Service> EventLoop<S> {
         mut read: impl FnMut(&mut RecvBatch, BorrowedFd<'_>) -> io::Result<usize>,
     ) -> Result<Drained, Error> {
         for _ in 0..MAX_BATCHES_PER_PASS {
+            // A hand-over waits for no more than the batch in hand: a
+            // pass of big fan-outs under a closed loop can last seconds.
+            if self.pause_pending() {
+                return Ok(Drained::More);
+            }
             match read(&mut self.recv, self.socket.as_fd()) {
                 Ok(n) => {
                     self.recv_errors.success();

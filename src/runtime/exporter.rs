@@ -77,12 +77,70 @@ pub fn start(addr: SocketAddr) -> Result<Exporter, Error> {
 
 /// [`start`], with `/healthz` and `/readyz` answered from `health`.
 pub fn start_with(addr: SocketAddr, health: Option<Readiness>) -> Result<Exporter, Error> {
-    let bind_error = |reason: String| Error::Bind {
+    // Bound first, so a taken port is reported before anything else.
+    let listener = bind(addr)?;
+    let recorder = install(addr)?;
+    spawn(listener, recorder, health)
+}
+
+/// The installed recorder, waiting for its endpoint ([`serve_at`]).
+pub struct Recorder(PrometheusHandle);
+
+/// Installs the Prometheus recorder as the process's global one, without
+/// an endpoint yet: a process taking over from another installs it before
+/// its loops register their metrics, and binds `addr` (which the other
+/// may still hold) once that one has let go ([`serve_at`]).
+pub fn install(addr: SocketAddr) -> Result<Recorder, Error> {
+    let fail = |reason: String| Error::Bind {
         what: "metrics listener",
         addr,
         reason,
     };
-    let mut listener = TcpListener::bind(addr).map_err(|e| bind_error(e.to_string()))?;
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Recorder(handle))
+}
+
+/// Binds `addr` for `recorder`'s endpoint, retrying while the address is
+/// in use for up to `patience` (the process handing over lets go of it
+/// as it exits), and serves `/metrics` from a thread.
+pub fn serve_at(
+    addr: SocketAddr,
+    recorder: Recorder,
+    patience: Duration,
+    health: Option<Readiness>,
+) -> Result<Exporter, Error> {
+    let deadline = Instant::now() + patience;
+    let listener = loop {
+        match bind(addr) {
+            Ok(l) => break l,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e),
+        }
+    };
+    spawn(listener, recorder, health)
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).map_err(|e| Error::Bind {
+        what: "metrics listener",
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+fn spawn(
+    mut listener: TcpListener,
+    Recorder(handle): Recorder,
+    health: Option<Readiness>,
+) -> Result<Exporter, Error> {
     let local_addr = listener
         .local_addr()
         .map_err(|e| Error::io("metrics listener address", e))?;
@@ -90,15 +148,6 @@ pub fn start_with(addr: SocketAddr, health: Option<Readiness>) -> Result<Exporte
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(|e| Error::io("register the metrics listener", e))?;
-    let mut builder = PrometheusBuilder::new();
-    for (name, buckets) in HISTOGRAMS {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
-            .map_err(|e| bind_error(e.to_string()))?;
-    }
-    let handle = builder
-        .install_recorder()
-        .map_err(|e| bind_error(e.to_string()))?;
     describe_counter!(
         "udphub_metrics_connections_dropped_total",
         "Connections to the metrics endpoint closed unanswered, by reason: deadline (request and answer not done within 5 s), max_connections (the oldest, closed to make room for a new one)"

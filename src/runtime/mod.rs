@@ -7,6 +7,8 @@
 //!   (the caps are the relay's).
 //! - [`supervisor`]: signals, the ready file, and the loop threads;
 //!   [`supervisor::serve`] is `udphub serve`.
+//! - [`handover`]: passing the sockets and the members to a new process
+//!   (`--control`, `serve --takeover`).
 //! - [`shards`]: several loops on one port (`--threads`): the queues and
 //!   wake-ups between them.
 //! - [`reload`]: what SIGHUP changes in a running relay, and what it
@@ -25,6 +27,7 @@
 pub mod census;
 pub mod event_loop;
 pub mod exporter;
+pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -185,9 +185,11 @@ impl Readiness {
             && self.0.ended.load(Ordering::Acquire) == 0
     }
 
-    /// `/readyz`: serving, and healthy.
+    /// `/readyz`: serving, healthy, and no hand-over under way
+    /// ([`crate::runtime::handover::in_progress`]: the old process's loops
+    /// are paused, or the new one has not confirmed yet).
     pub fn ready(&self) -> bool {
-        self.phase() == Phase::Serving && self.healthy()
+        self.phase() == Phase::Serving && self.healthy() && !crate::runtime::handover::in_progress()
     }
 
     fn move_phase(&self, from: Phase, to: Phase) -> bool {

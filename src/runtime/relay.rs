@@ -15,12 +15,13 @@ use crate::core::admission::Arrival;
 use crate::core::counts::Counts;
 use crate::core::hub::{Effect, Hub, HubConfig};
 use crate::core::rooms::RoomChange;
+use crate::core::snapshot::Snapshot;
 use crate::error::Error;
 use crate::net::fanout::{FanoutSender, Report};
 use crate::net::holders::Claim;
 use crate::net::socket;
 use crate::runtime::census::SharedCensus;
-use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
+use crate::runtime::event_loop::{EventLoop, Exported, Io, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
 use crate::runtime::shards::{self, Siblings};
@@ -64,8 +65,15 @@ pub struct Relay {
 impl Relay {
     /// A relay service around a new hub whose clock starts now.
     pub fn new(config: &HubConfig) -> Relay {
+        Relay::starting_at(config, Instant::now())
+    }
+
+    /// A relay service around a new hub whose clock starts at `start`
+    /// (earlier than now for one that takes over members:
+    /// [`Hub::resume_start`]).
+    pub fn starting_at(config: &HubConfig, start: Instant) -> Relay {
         Relay {
-            hub: Hub::new(config, Instant::now()),
+            hub: Hub::new(config, start),
             fanout: FanoutSender::default(),
             replies: Replies::new(64),
             send_errors: RateLimitedLog::default(),
@@ -114,6 +122,26 @@ impl Relay {
         self.cluster = Some(bus);
     }
 
+    /// Registers the members a hand-over passed this loop (before it
+    /// reads a datagram), and tells the other loops which rooms now have
+    /// members here, so that their first messages reach them. Returns how
+    /// many were registered.
+    pub fn restore(
+        &mut self,
+        state: &crate::core::snapshot::LoopState,
+        now: Instant,
+    ) -> Result<usize, String> {
+        let restored = self.hub.restore(state, now)?;
+        if let Some(siblings) = &mut self.siblings {
+            for change in self.hub.take_room_changes() {
+                if let RoomChange::Opened(name) = change {
+                    siblings.room_opened(&name);
+                }
+            }
+        }
+        Ok(restored)
+    }
+
     /// The cluster keys, with `--cluster`: a reload rotates them.
     pub fn cluster_keys(&self) -> Option<crate::cluster::keys::Keys> {
         self.cluster.as_ref().map(Bus::keys)
@@ -160,8 +188,6 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
 /// passed ([`crate::net::activation`]), one socket per loop.
 pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>, Claim), Error> {
     let socket::Group { members, claim } = group;
-    let threads = members.len().max(1);
-    let reuse = threads > 1;
     if let Some(first) = members.first() {
         socket::report_buffers(
             first,
@@ -171,6 +197,59 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
                 || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
         );
     }
+    Ok((build(config, members, None)?, claim))
+}
+
+/// Takes over from another udphub process (`serve --takeover`): its
+/// sockets (`fds`, one per loop, in loop order) and its members
+/// (`snapshot`, already decoded and checked), with `config`'s settings.
+/// Every loop's members are registered before any loop reads; an error
+/// leaves nothing running. Returns the loops, the claim, and how many
+/// members were taken over.
+pub fn adopt(
+    config: &Config,
+    fds: Vec<std::os::fd::OwnedFd>,
+    snapshot: &Snapshot,
+) -> Result<(Vec<RelayLoop>, Claim, usize), Error> {
+    let threads = config.loops();
+    if fds.len() != threads || snapshot.loops.len() != threads {
+        return Err(Error::Config(format!(
+            "--threads: the relay handed over {} socket(s) and {} loop state(s), this process runs {threads} loop(s): start it with --threads {}",
+            fds.len(),
+            snapshot.loops.len(),
+            fds.len()
+        )));
+    }
+    let socket::Group { members, claim } = socket::adopt_group(config.bind, fds)?;
+    let now = Instant::now();
+    let mut loops = build(config, members, Some((snapshot, now)))?;
+    let built = now.elapsed();
+    let mut restored = 0;
+    for (lp, state) in loops.iter_mut().zip(&snapshot.loops) {
+        lp.kernel_drops_counted(state.kernel_drops);
+        restored += lp
+            .service_mut()
+            .restore(state, now)
+            .map_err(|e| Error::Config(format!("cannot take the members over: {e}")))?;
+    }
+    tracing::debug!(
+        "take-over: loops built in {:.1} ms, {restored} members registered in {:.1} ms",
+        built.as_secs_f64() * 1e3,
+        (now.elapsed() - built).as_secs_f64() * 1e3
+    );
+    Ok((loops, claim, restored))
+}
+
+/// The loops over bound sockets: a fresh relay, or one resuming a
+/// snapshot taken at the instant given (its clock and cookie key set for
+/// the members it will restore).
+fn build(
+    config: &Config,
+    members: Vec<socket::Bound>,
+    resume: Option<(&Snapshot, Instant)>,
+) -> Result<Vec<RelayLoop>, Error> {
+    let threads = config.loops();
+    let reuse = threads > 1;
     let (addr, recv_buffer, send_buffer) = match members.first() {
         Some(b) => (b.local_addr, b.recv_buffer, b.send_buffer),
         None => (config.bind, 0, 0),
@@ -202,9 +281,20 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
         send_buffer,
     );
     let mut hub = config.hub();
+    let handed_key = resume.and_then(|(snapshot, now)| {
+        let c = snapshot.cookie.as_ref()?;
+        Some(crate::core::cookie::CookieKey::new(
+            c.key,
+            now.checked_sub(c.age).unwrap_or(now),
+        ))
+    });
     if config.verify_sources {
-        // One key for every loop: a cookie is valid whichever loop sees it.
-        hub.cookie_key = Some(random_cookie_key()?);
+        // One key for every loop: a cookie is valid whichever loop sees it
+        // (and, handed over, whichever process).
+        hub.cookie_key = Some(match handed_key {
+            Some(key) => key,
+            None => random_cookie_key()?,
+        });
         tracing::info!(
             event = "verify_mode",
             "verify mode: sources must prove their address with a cookie"
@@ -220,9 +310,17 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
             "{note}"
         );
     }
+    let start = match resume {
+        Some((_, now)) => Hub::resume_start(&hub, now),
+        None => Instant::now(),
+    };
     let mut loops = Vec::with_capacity(threads);
     for b in members {
-        loops.push(EventLoop::new(b, config.max_datagram, Relay::new(&hub))?);
+        loops.push(EventLoop::new(
+            b,
+            config.max_datagram,
+            Relay::starting_at(&hub, start),
+        )?);
     }
     if threads > 1 {
         let census = SharedCensus::default();
@@ -270,7 +368,7 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
             lp.service_mut().attach_cluster(bus);
         }
     }
-    Ok((loops, claim))
+    Ok(loops)
 }
 
 /// The CPUs this process may run on, in order (`--pin-threads` pins loop
@@ -441,6 +539,18 @@ impl Service for Relay {
         );
         count(report, io.counts, &mut self.send_errors);
         self.hub.clear();
+    }
+
+    /// A hand-over: fans out what the other loops handed this one before
+    /// they paused (so nothing is left in the queues between loops), then
+    /// exports the hub's members and the cookie key.
+    fn export(&mut self, io: &mut Io<'_>) -> Option<Exported> {
+        self.on_wake(io);
+        let now = Instant::now();
+        Some(Exported {
+            state: self.hub.export(now),
+            cookie: self.hub.export_cookie(now),
+        })
     }
 
     fn clients(&self) -> usize {

@@ -10,9 +10,13 @@
 //! them, and hands each loop its new hub settings through a channel and
 //! its waker. Between signals it runs what must happen every few seconds
 //! outside the loops ([`Supervisor::every`]: the relay's address watch).
+//! With `--control` it also serves hand-overs ([`Supervisor::control`],
+//! [`crate::runtime::handover`]): it pauses the loops, passes their sockets
+//! and state on, and lets them return without `bye` (or resume).
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
@@ -27,6 +31,7 @@ use crate::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::net::activation;
 use crate::runtime::event_loop::{EventLoop, Service, ShutdownHandle};
+use crate::runtime::handover::{self, Control, Identity, Outcome};
 use crate::runtime::notify::Notifier;
 use crate::runtime::readiness::Readiness;
 use crate::runtime::reload::{self, ReloadSender};
@@ -37,6 +42,8 @@ use crate::runtime::{exporter, relay};
 const SIGNALS: Token = Token(0);
 /// A loop thread ended (returned, failed or panicked).
 const EXITED: Token = Token(1);
+/// A connection on the hand-over control socket.
+const CONTROL: Token = Token(2);
 
 /// Exit status when a second signal interrupts a graceful shutdown
 /// (128 + SIGINT, what shells report for an interrupted command).
@@ -55,32 +62,46 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
     let mut supervisor = Supervisor::new()?;
     let readiness = Readiness::new(Notifier::from_env());
     supervisor.report_to(readiness.clone());
-    // The recorder must exist before the loop registers its metrics.
-    let metrics = config
-        .metrics
-        .addr()
-        .map(|addr| exporter::start_with(addr, Some(readiness.clone())))
-        .transpose()?;
     let activated = inherited.is_some();
-    let (mut relays, claim) = match inherited {
-        Some(inherited) => {
-            let group =
-                inherited.into_group(config.loops(), config.recv_buffer, config.send_buffer)?;
-            let addr = group.claim.addr();
-            tracing::info!(
-                event = "socket_activation",
-                addr = %addr,
-                sockets = group.members.len(),
-                "socket activation: relaying on the socket{} the service manager passed, bound to {addr} (--bind {} is not used)",
-                if group.members.len() == 1 { "" } else { "s" },
-                config.bind
-            );
-            // What the logs, the ready file and the exposure check report
-            // from here on: the socket's own address.
-            config.bind = addr;
-            relay::on_group(&config, group)?
+    let (mut relays, claim, metrics) = match (&args.takeover, inherited) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Config(
+                "--takeover under socket activation: the sockets come from the running relay, not from the service manager; start the new process without the .socket unit's descriptors (or restart the service: the socket unit keeps the socket)".into(),
+            ))
         }
-        None => relay::bind_claimed(&config)?,
+        (Some(path), None) => take_over(path, &config, &readiness)?,
+        (None, inherited) => {
+            // The recorder must exist before the loop registers its metrics.
+            let metrics = config
+                .metrics
+                .addr()
+                .map(|addr| exporter::start_with(addr, Some(readiness.clone())))
+                .transpose()?;
+            let (relays, claim) = match inherited {
+                Some(inherited) => {
+                    let group = inherited.into_group(
+                        config.loops(),
+                        config.recv_buffer,
+                        config.send_buffer,
+                    )?;
+                    let addr = group.claim.addr();
+                    tracing::info!(
+                        event = "socket_activation",
+                        addr = %addr,
+                        sockets = group.members.len(),
+                        "socket activation: relaying on the socket{} the service manager passed, bound to {addr} (--bind {} is not used)",
+                        if group.members.len() == 1 { "" } else { "s" },
+                        config.bind
+                    );
+                    // What the logs, the ready file and the exposure check
+                    // report from here on: the socket's own address.
+                    config.bind = addr;
+                    relay::on_group(&config, group)?
+                }
+                None => relay::bind_claimed(&config)?,
+            };
+            (relays, claim, metrics)
+        }
     };
     for lp in &mut relays {
         lp.report_readiness(readiness.clone());
@@ -106,11 +127,27 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
         .map(EventLoop::local_addr)
         .unwrap_or(config.bind);
     let metrics = metrics.map(|m| m.local_addr);
+    // Once a process has taken over, the old one is gone: nothing but a
+    // signal may stop this one now, whatever else fails.
+    let taken_over = args.takeover.is_some();
+    if let Some(path) = &config.control {
+        match Control::bind(path, &config, local, taken_over) {
+            Ok(control) => supervisor.control(control),
+            Err(e) if taken_over => {
+                tracing::error!("serving on without a control socket: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if let Some(addr) = metrics {
         tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
     if let Some(path) = &config.ready_file {
-        write_ready_file(path, "udp", local, metrics)?;
+        match write_ready_file(path, "udp", local, metrics) {
+            Ok(()) => {}
+            Err(e) if taken_over => tracing::error!("serving on: {e}"),
+            Err(e) => return Err(e),
+        }
     }
     metrics::describe_counter!(
         "udphub_config_reloads_total",
@@ -138,6 +175,93 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
         )
     };
     supervisor.run_reloading(relays, Some(Box::new(on_hup)))
+}
+
+/// How long a process that took over waits for the metrics address to be
+/// free (the old process lets go of it as it exits, a moment after the
+/// hand-over).
+const METRICS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// `serve --takeover PATH`: the running relay's sockets and members,
+/// taken over with `config`'s settings. The old relay resumes if anything
+/// here fails before the confirmation; after it, this process serves
+/// whatever else goes wrong (a metrics address still taken is logged).
+fn take_over(
+    path: &Path,
+    config: &Config,
+    readiness: &Readiness,
+) -> Result<
+    (
+        Vec<relay::RelayLoop>,
+        crate::net::holders::Claim,
+        Option<exporter::Exporter>,
+    ),
+    Error,
+> {
+    if config.cluster.is_some() {
+        return Err(Error::Config(
+            "--takeover with --cluster is not supported yet: restart a cluster relay instead (its rooms live on in the other relays)".into(),
+        ));
+    }
+    if let Some(control) = config.control.as_deref() {
+        // Refused now, while the old relay can still serve on.
+        if std::fs::symlink_metadata(control).is_ok_and(|m| !m.file_type().is_socket()) {
+            return Err(Error::Config(format!(
+                "--control {}: the path exists and is not a socket; remove it or choose another path",
+                control.display()
+            )));
+        }
+    }
+    let started = Instant::now();
+    // The recorder before the loops register their metrics; the endpoint
+    // once the old process has let go of its address.
+    let recorder = config
+        .metrics
+        .addr()
+        .map(|addr| exporter::install(addr).map(|r| (addr, r)))
+        .transpose()?;
+    let mut offer = handover::request(path, &Identity::of(config), config.max_clients)?;
+    let fds = std::mem::take(&mut offer.fds);
+    let received = started.elapsed();
+    let (relays, claim, restored) = match relay::adopt(config, fds, &offer.snapshot) {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            offer.fail(&e.to_string());
+            return Err(e);
+        }
+    };
+    let (members, bytes) = (offer.snapshot.members(), offer.bytes);
+    let built = started.elapsed();
+    offer.confirm()?;
+    tracing::info!(
+        event = "took_over_steps",
+        "take-over: offer received and decoded after {:.1} ms, loops built and members registered in {:.1} ms",
+        received.as_secs_f64() * 1e3,
+        (built - received).as_secs_f64() * 1e3
+    );
+    tracing::info!(
+        event = "took_over",
+        members = restored,
+        handed = members,
+        snapshot_bytes = bytes,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "took over from {}: {restored} member(s) of {members} handed over (the rest had timed out), a {bytes}-byte snapshot, in {:.1} ms",
+        path.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let metrics = match recorder {
+        Some((addr, recorder)) => {
+            match exporter::serve_at(addr, recorder, METRICS_PATIENCE, Some(readiness.clone())) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!("serving on without /metrics: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    Ok((relays, claim, metrics))
 }
 
 /// Exports the caps the saturation alerts divide by (`udphub_clients /
@@ -289,6 +413,8 @@ pub struct Supervisor {
     /// Told when loops start and end and when a signal stops them, if
     /// the server has probes.
     readiness: Option<Readiness>,
+    /// The hand-over control socket (`--control`), if any.
+    control: Option<Control>,
 }
 
 /// Something the supervisor runs every `interval` on its own thread.
@@ -312,6 +438,7 @@ impl Supervisor {
             signals,
             periodic: None,
             readiness: None,
+            control: None,
         })
     }
 
@@ -319,6 +446,12 @@ impl Supervisor {
     /// and when a signal stops them (the probes and systemd read it).
     pub fn report_to(&mut self, readiness: Readiness) {
         self.readiness = Some(readiness);
+    }
+
+    /// Serves hand-overs on `control` while the loops run: a new process
+    /// that takes over pauses them, and they exit (or resume if it fails).
+    pub fn control(&mut self, control: Control) {
+        self.control = Some(control);
     }
 
     /// Runs `task` every `interval` (first after one interval) on the
@@ -363,6 +496,7 @@ fn supervise<S: Service + Send + 'static>(
         mut signals,
         mut periodic,
         readiness,
+        mut control,
     } = sup;
     if let Some(r) = &readiness {
         r.expect_loops(loops.len());
@@ -370,9 +504,19 @@ fn supervise<S: Service + Send + 'static>(
     let exited =
         Arc::new(Waker::new(poll.registry(), EXITED).map_err(|e| Error::io("create waker", e))?);
     let (ended_tx, ended) = mpsc::channel();
+    let (reports_tx, reports) = mpsc::channel();
+    let mut pauses = Vec::new();
+    if let Some(c) = control.as_mut() {
+        poll.registry()
+            .register(c.listener_mut(), CONTROL, Interest::READABLE)
+            .map_err(|e| Error::io("register the control socket", e))?;
+    }
 
     let mut running = Vec::with_capacity(loops.len());
-    for (i, lp) in loops.into_iter().enumerate() {
+    for (i, mut lp) in loops.into_iter().enumerate() {
+        if control.is_some() {
+            pauses.push(lp.pause_handle(i, reports_tx.clone()));
+        }
         let shutdown = lp.shutdown_handle();
         let guard = NotifyOnExit {
             index: i,
@@ -398,6 +542,7 @@ fn supervise<S: Service + Send + 'static>(
 
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
+    let mut handed_over = false;
     let mut signals_seen = 0u32;
     let mut first_error = None;
     while running.iter().any(|r| r.thread.is_some()) {
@@ -415,6 +560,18 @@ fn supervise<S: Service + Send + 'static>(
         }
         let mut stop = false;
         for event in events.iter() {
+            if event.token() == CONTROL && !stopping {
+                if let Some(c) = control.as_mut() {
+                    if c.accept(&pauses, &reports) == Outcome::HandedOver {
+                        // The loops are returning without a goodbye.
+                        handed_over = true;
+                        stopping = true;
+                        if let Some(r) = &readiness {
+                            r.shutting_down();
+                        }
+                    }
+                }
+            }
             if event.token() == SIGNALS {
                 for sig in signals.pending() {
                     if sig == SIGHUP {
@@ -480,6 +637,9 @@ fn supervise<S: Service + Send + 'static>(
     }) {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(SECOND_SIGNAL_EXIT);
+    }
+    if let Some(c) = control.as_ref().filter(|_| !handed_over) {
+        c.remove();
     }
     match first_error {
         Some(e) => Err(e),

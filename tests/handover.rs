@@ -1,0 +1,426 @@
+//! Hand-over through the real binary on loopback: `serve --control PATH`
+//! hands its sockets and members to `serve --takeover PATH`; under a
+//! closed-loop load nothing is lost, duplicated or reordered and no member
+//! registers again; a new process that fails leaves the old one serving
+//! with everything; a changed `--bind` or `--threads` is refused.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{spawn_relay_on, udphub_bin, RelayProc, PATIENCE};
+
+/// A control socket path of this test's own.
+fn control_path(tag: &str) -> PathBuf {
+    util::temp_path(&format!("ctl-{tag}"))
+}
+
+/// The old relay: raw format (bodies arrive as sent), a control socket.
+fn old_relay(ctl: &Path, extra: &[&str]) -> RelayProc {
+    let mut args = vec!["--format", "raw", "--control", ctl.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let relay = spawn_relay_on("127.0.0.1:0", true, &args);
+    relay.expect_log("hand-over control socket");
+    relay
+}
+
+/// A new process taking `old` over through `ctl` (and serving hand-overs
+/// on it in turn); ready once it serves.
+fn take_over(old: &RelayProc, ctl: &Path, extra: &[&str]) -> RelayProc {
+    let ctl = ctl.to_str().unwrap();
+    let mut args = vec!["--format", "raw", "--takeover", ctl, "--control", ctl];
+    args.extend_from_slice(extra);
+    spawn_relay_on(&old.addr.to_string(), true, &args)
+}
+
+/// `n` clients joined to room `r`, each seen answered.
+fn members(relay: SocketAddr, n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            s.send_to(b"^join^r", relay).unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf).expect("a ^room^ answer");
+            assert_eq!(&buf[..n], b"^room^r");
+            s
+        })
+        .collect()
+}
+
+/// What the closed loop saw.
+#[derive(Debug, Default)]
+struct Tally {
+    rounds: usize,
+    received: usize,
+}
+
+/// Rounds of a closed loop: each member sends `i:k`, then every member
+/// must receive every sender's `i:k` of this round exactly once (in
+/// order per sender, since round `k` is sent only when `k - 1` is all
+/// in) before the next round. Runs until `stop` and at least `min`
+/// rounds; `round` counts finished rounds. Panics on anything lost,
+/// duplicated, out of order, or unexpected (a `bye` included).
+fn closed_loop(
+    relay: SocketAddr,
+    clients: Vec<UdpSocket>,
+    stop: Arc<AtomicBool>,
+    round: Arc<AtomicUsize>,
+    min: usize,
+) -> Tally {
+    let n = clients.len();
+    let mut tally = Tally::default();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for k in 0.. {
+        if (stop.load(Ordering::SeqCst) && k >= min) || Instant::now() > deadline {
+            break;
+        }
+        for (i, c) in clients.iter().enumerate() {
+            c.send_to(format!("{i}:{k}").as_bytes(), relay).unwrap();
+        }
+        for (j, c) in clients.iter().enumerate() {
+            let mut seen = vec![false; n];
+            for _ in 0..n {
+                let (len, _) = c
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("member {j}, round {k}: {e} (lost)"));
+                let text = String::from_utf8_lossy(&buf[..len]).to_string();
+                let (i, got_k) = text
+                    .split_once(':')
+                    .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
+                    .unwrap_or_else(|| panic!("member {j}: unexpected {text:?}"));
+                assert_eq!(got_k, k, "member {j}: {text:?} in round {k} (reordered)");
+                assert!(i < n && !seen[i], "member {j}: {text:?} twice (duplicated)");
+                seen[i] = true;
+                tally.received += 1;
+            }
+        }
+        tally.rounds = k + 1;
+        round.store(k + 1, Ordering::SeqCst);
+    }
+    tally
+}
+
+/// Waits (bounded) until the closed loop has finished `rounds` rounds.
+fn wait_rounds(round: &AtomicUsize, rounds: usize) {
+    let deadline = Instant::now() + PATIENCE * 4;
+    while round.load(Ordering::SeqCst) < rounds {
+        assert!(Instant::now() < deadline, "the closed loop stalled");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `handovers` hand-overs under a closed-loop load of `n` members, with
+/// `extra` settings on every process.
+fn hand_overs_under_load(tag: &str, n: usize, handovers: usize, extra: &[&str]) {
+    let ctl = control_path(tag);
+    let mut relay = old_relay(&ctl, extra);
+    let clients = members(relay.addr, n);
+    relay.wait_metric("udphub_clients", n as f64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let round = Arc::new(AtomicUsize::new(0));
+    let driver = {
+        let (stop, round, addr) = (Arc::clone(&stop), Arc::clone(&round), relay.addr);
+        thread::spawn(move || closed_loop(addr, clients, stop, round, 3))
+    };
+    for h in 0..handovers {
+        wait_rounds(&round, 3 * (h + 1));
+        let new = take_over(&relay, &ctl, extra);
+        relay.expect_log("handed over to the new process");
+        let status = relay.wait_exit();
+        assert_eq!(status.code(), Some(0), "the old process exits 0");
+        new.expect_log("took over from");
+        // Every member came across; none registered again.
+        new.wait_metric("udphub_clients", n as f64);
+        assert_eq!(new.metric("udphub_clients_joined_total"), 0.0);
+        assert_eq!(
+            new.metric("udphub_handovers_total{result=\"received\"}"),
+            1.0
+        );
+        relay = new;
+    }
+    let before = round.load(Ordering::SeqCst);
+    wait_rounds(&round, before + 3);
+    stop.store(true, Ordering::SeqCst);
+    let tally = driver.join().expect("the closed loop held");
+    assert!(tally.rounds >= 3 * handovers + 3, "{tally:?}");
+    assert_eq!(tally.received, tally.rounds * n * n, "{tally:?}");
+    assert_eq!(
+        util::metric_sum(&relay.scrape(), "udphub_dropped_total"),
+        0.0
+    );
+    relay.signal("TERM");
+    assert_eq!(relay.wait_exit().code(), Some(0));
+}
+
+/// Three hand-overs during a closed-loop load: every message of every
+/// round reaches every member exactly once and in order, each new process
+/// relays to members registered with an earlier one without them
+/// registering again, and each old process exits 0 without `bye`.
+#[test]
+fn hand_overs_under_load_lose_nothing_and_keep_every_member() {
+    hand_overs_under_load("load", 24, 3, &[]);
+}
+
+/// The same with `--threads 2`: both sockets pass over, in order, so each
+/// member stays with the loop that has it, and room interest crosses loops
+/// from the first datagram.
+#[test]
+fn hand_overs_with_two_threads() {
+    hand_overs_under_load("threads", 24, 2, &["--threads", "2"]);
+}
+
+/// A hello frame as `serve --takeover` sends it.
+fn hello(bind: SocketAddr, threads: u16) -> Vec<u8> {
+    let mut payload = b"UDPHUBHO".to_vec();
+    payload.extend_from_slice(&1u16.to_le_bytes());
+    payload.extend_from_slice(&threads.to_le_bytes());
+    payload.extend_from_slice(bind.to_string().as_bytes());
+    let mut frame = vec![b'H'];
+    frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// A new process that dies after the old one paused and sent it
+/// everything, before it confirmed: the old one resumes with every member,
+/// and what was sent during the pause (waiting in the kernel's queue) is
+/// relayed then.
+#[test]
+fn a_new_process_that_dies_mid_hand_over_leaves_the_old_one_serving() {
+    let ctl = control_path("dies");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 3);
+    let mut conn = UnixStream::connect(&ctl).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(&hello(relay.addr, 1)).unwrap();
+    // The offer: the loops are paused once it is sent.
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'O');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    let mut snapshot = vec![0u8; len as usize];
+    conn.read_exact(&mut snapshot).unwrap();
+    assert!(snapshot.starts_with(b"UDPHUBSN"));
+    // Paused for a hand-over: alive, but not ready.
+    let probes = relay.metrics.expect("a metrics listener");
+    util::http::wait_status(probes, "/readyz", 503);
+    util::http::wait_status(probes, "/healthz", 200);
+    clients[0]
+        .send_to(b"sent while paused", relay.addr)
+        .unwrap();
+    drop(conn);
+    relay.expect_log("hand-over failed");
+    util::http::wait_status(probes, "/readyz", 200);
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).expect("relayed after resuming");
+        assert_eq!(&buf[..n], b"sent while paused");
+    }
+    assert_eq!(
+        relay.metric("udphub_handovers_total{result=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(relay.metric("udphub_clients"), 3.0);
+    assert_eq!(relay.metric("udphub_clients_joined_total"), 3.0);
+}
+
+/// A real new process that cannot take the members (its --max-clients is
+/// below their number) says so, exits 2 naming the flag, and the old one
+/// resumes with everyone.
+#[test]
+fn a_new_process_that_cannot_take_the_members_leaves_the_old_one_serving() {
+    let ctl = control_path("small");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 3);
+    let out = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--max-clients", "2", "--bind"])
+        .arg(relay.addr.to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-clients 3"), "{stderr}");
+    relay.expect_log("hand-over failed");
+    clients[1].send_to(b"still here", relay.addr).unwrap();
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
+    }
+}
+
+/// A new process asking for another --threads or --bind is refused before
+/// anything pauses: it exits 2 with a message naming the flag, and the old
+/// one serves on.
+#[test]
+fn a_changed_bind_or_thread_count_is_refused() {
+    let ctl = control_path("refused");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 2);
+    let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let elsewhere = other.local_addr().unwrap().to_string();
+    let here = relay.addr.to_string();
+    let cases: [(Vec<&str>, &str); 2] = [
+        (vec!["--bind", &here, "--threads", "2"], "--threads 1"),
+        (vec!["--bind", &elsewhere], "--bind"),
+    ];
+    for (args, flag) in &cases {
+        let out = Command::new(udphub_bin())
+            .args(["serve", "--metrics", "off", "--takeover"])
+            .arg(&ctl)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("refused the hand-over") && stderr.contains(flag),
+            "{stderr}"
+        );
+    }
+    assert_eq!(
+        relay.metric("udphub_handovers_total{result=\"refused\"}"),
+        2.0
+    );
+    clients[0].send_to(b"serving on", relay.addr).unwrap();
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"serving on");
+    }
+}
+
+/// `--control` refuses a path that exists and is not a socket, naming the
+/// flag; --takeover with --cluster is refused with a message.
+#[test]
+fn control_and_takeover_misuse_get_clear_messages() {
+    let file = util::temp_path("not-a-socket");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(udphub_bin())
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--control",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--control") && stderr.contains("not a socket"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&file);
+    let out = Command::new(udphub_bin())
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--cluster",
+            "nats://127.0.0.1:1",
+            "--takeover",
+            "/nonexistent/ctl",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--takeover with --cluster"), "{stderr}");
+}
+
+/// In verify mode the cookie key passes over: a cookie handed out by the
+/// old process registers its holder with the new one, and the members
+/// verified with the old one are members of the new one.
+#[test]
+fn verify_mode_cookies_stay_valid_across_a_hand_over() {
+    let ctl = control_path("verify");
+    let mut relay = old_relay(&ctl, &["--verify-sources"]);
+    let a = util::Client::verified(&relay);
+    let b = util::Client::new(relay.addr);
+    let cookie = b.cookie();
+    let new = take_over(&relay, &ctl, &["--verify-sources"]);
+    assert_eq!(relay.wait_exit().code(), Some(0));
+    new.wait_metric("udphub_clients", 1.0);
+    b.send(&[&b"^cookie^"[..], &cookie].concat());
+    new.wait_metric("udphub_clients_joined_total", 1.0);
+    a.send(b"hi");
+    assert_eq!(a.recv(), b"hi");
+    assert_eq!(b.recv(), b"hi");
+}
+
+/// A new process whose own --control path is unusable says so before it
+/// asks for anything: the old one is never paused and serves on.
+#[test]
+fn a_bad_control_path_for_the_new_process_is_refused_before_the_hand_over() {
+    let ctl = control_path("badnew");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 1);
+    let file = util::temp_path("not-a-socket-new");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(relay.addr.to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .arg("--control")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--control"), "{stderr}");
+    clients[0].send_to(b"still mine", relay.addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = clients[0].recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"still mine");
+    assert_eq!(relay.metric("udphub_handovers_total{result=\"sent\"}"), 0.0);
+    assert_eq!(
+        relay.metric("udphub_handovers_total{result=\"refused\"}"),
+        0.0
+    );
+}
+
+/// After a hand-over the new process answers the probes: healthy and
+/// ready, its build announced, the hand-over counted.
+#[test]
+fn the_new_process_is_healthy_and_ready_after_a_hand_over() {
+    let ctl = control_path("probes");
+    let mut old = old_relay(&ctl, &[]);
+    util::http::wait_status(old.metrics.expect("metrics"), "/readyz", 200);
+    let _clients = members(old.addr, 2);
+    let new = take_over(&old, &ctl, &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while old.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old relay did not exit");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let probes = new.metrics.expect("metrics");
+    util::http::wait_status(probes, "/readyz", 200);
+    util::http::wait_status(probes, "/healthz", 200);
+    let text = util::http::wait_status(probes, "/metrics", 200);
+    assert!(text.contains("udphub_build_info{version="), "{text}");
+    assert!(
+        text.contains("udphub_handovers_total{result=\"received\"} 1"),
+        "{text}"
+    );
+    assert_eq!(new.metric("udphub_clients"), 2.0);
+}
