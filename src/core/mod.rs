@@ -31,6 +31,8 @@
 //!   [`census::Census`] interface and its plain local implementation
 //!   (the loops of `--threads` share the runtime's).
 //! - [`hub`]: the relay's state machine, which ties them together.
+//! - [`backlog`]: fan-outs a loop has yet to finish (sliced, or waiting for
+//!   the send buffer), per room in order, bounded in bytes.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
 /// `ALL`, `COUNT`, [`label`](DropReason::label) and an index for arrays of
@@ -73,6 +75,7 @@ pub(crate) use labelled_enum;
 
 pub mod addr;
 pub mod admission;
+pub mod backlog;
 pub mod census;
 pub mod clock;
 pub mod cookie;

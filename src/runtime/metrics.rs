@@ -12,7 +12,7 @@
 //! `sum(udphub_datagrams_received_total) = heartbeat + quit + message +
 //! join + dropped`, where `dropped = sum(udphub_dropped_total)`, and
 //! `udphub_fanout_recipients_total = udphub_deliveries_total +
-//! sum(udphub_delivery_dropped_total)` (reasons `buffer_full`,
+//! sum(udphub_delivery_dropped_total)` (reasons `backlog_full`, `shutdown`, `buffer_full`,
 //! `send_error` and, with `--threads`, `shard_queue_full`).
 
 use metrics::{
@@ -246,7 +246,7 @@ fn describe() {
     describe_counter!(
         "udphub_delivery_dropped_total",
         Unit::Count,
-        "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS), send_error, or shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members)."
+        "Deliveries dropped, by reason: backlog_full (a fan-out had to wait and --send-backlog was full), buffer_full (EAGAIN/ENOBUFS where nothing waits: replies, the bye), send_error, shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members), or shutdown (still parked at stop)."
     );
     describe_gauge!(
         "udphub_rooms",
