@@ -105,6 +105,13 @@ pub struct Counts {
     /// for (on a wildcard address): their replies leave from whatever
     /// address the route picks.
     pub local_addr_overflow: u64,
+    /// Fan-outs parked to finish on later passes: sliced, behind their
+    /// room's parked one, or stopped by a full send buffer
+    /// (`udphub_fanouts_parked_total`).
+    pub fanouts_parked: u64,
+    /// Times the send buffer was full mid fan-out and the loop waited for
+    /// it to be writable (`udphub_send_buffer_full_total`).
+    pub send_buffer_full: u64,
     /// Fan-out durations (seconds) since the last flush.
     pub fanout_seconds: Vec<f64>,
     /// recvmmsg batch sizes since the last flush.

@@ -219,6 +219,7 @@ impl Sending {
             started,
         };
         if self.blocked || self.backlog.has(id.room) {
+            io.counts.fanouts_parked += 1;
             if let Err(refused) = self.backlog.push(parked(false)) {
                 let owed = recipients.owed_from(recipients.next_position());
                 drop_owed(io.counts, DeliveryDrop::BacklogFull, owed);
@@ -239,10 +240,12 @@ impl Sending {
             }
             SliceEnd::Full(at) => {
                 self.blocked = true;
+                io.counts.send_buffer_full += 1;
                 at
             }
             SliceEnd::Sliced(at) => at,
         };
+        io.counts.fanouts_parked += 1;
         match self.backlog.push(parked(true)) {
             Ok(()) => Some(at),
             Err(_) => {
@@ -293,6 +296,7 @@ impl Sending {
                 SliceEnd::Full(at) => {
                     hub.set_fanout_cursor(id.room, Some(at));
                     self.blocked = true;
+                    io.counts.send_buffer_full += 1;
                     return Pending::Blocked;
                 }
                 SliceEnd::Sliced(at) => {
