@@ -14,7 +14,6 @@
 //! handled where the list is.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 use hashbrown::HashMap;
@@ -32,9 +31,9 @@ pub const ENTRY_COST: usize = 96;
 pub struct Parked {
     /// Its room, incarnation and the member it leaves out.
     pub id: FanoutId,
-    /// The bytes every recipient gets (shared with nobody: copied once,
-    /// when parked).
-    pub payload: Arc<[u8]>,
+    /// The bytes every recipient gets, copied once when parked (a `Box`,
+    /// not an `Arc`: one loop owns it, and the core keeps no atomics).
+    pub payload: Box<[u8]>,
     /// When the message was read, for the fan-out duration histogram.
     pub received_at: Instant,
     /// Whether it has begun: its room's cursor is its position. A message

@@ -21,7 +21,6 @@
 //!
 //! Data flows one way: socket → batch → admission → hub → effect → socket.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::Bus;
@@ -214,7 +213,7 @@ impl Sending {
     ) -> Option<u32> {
         let parked = |started| Parked {
             id,
-            payload: Arc::from(payload),
+            payload: Box::from(payload),
             received_at: io.received_at,
             started,
         };
@@ -273,7 +272,7 @@ impl Sending {
                 break;
             };
             head.started = true;
-            let (id, payload, received_at) = (head.id, Arc::clone(&head.payload), head.received_at);
+            let (id, received_at) = (head.id, head.received_at);
             let Some(mut recipients) = hub.resume_fanout(now, id) else {
                 // The room closed since: every member left, nobody is owed.
                 self.backlog.pop_front();
@@ -282,7 +281,7 @@ impl Sending {
             let visiting = recipients.remaining();
             let (report, end) =
                 self.fanout
-                    .send_slice(io.fd, io.sources, &payload, &mut recipients, budget);
+                    .send_slice(io.fd, io.sources, &head.payload, &mut recipients, budget);
             count(report, io.counts, &mut self.errors);
             match end {
                 SliceEnd::Done => {
