@@ -382,6 +382,13 @@ fn shards(c: &mut Criterion) {
             })
         });
     }
+    for size in [64usize, 1200] {
+        let payload = vec![b'x'; size];
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::new("handoff_new", size), |b| {
+            b.iter(|| shards::Handoff::new(black_box(b"room-42"), black_box(&payload)))
+        });
+    }
     let poll = mio::Poll::new().unwrap();
     let waker = mio::Waker::new(poll.registry(), mio::Token(1)).unwrap();
     g.bench_function("wake", |b| b.iter(|| waker.wake().unwrap()));

@@ -74,13 +74,12 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    /// Copies `name` and `payload` into one shared buffer.
+    /// Copies `name` and `payload` into one shared buffer, once: the
+    /// chained slices' exact length lets `Arc<[u8]>` allocate once and be
+    /// written in place (a `Vec` turned into an `Arc` is copied again).
     pub fn new(name: &[u8], payload: &[u8]) -> Handoff {
-        let mut bytes = Vec::with_capacity(name.len() + payload.len());
-        bytes.extend_from_slice(name);
-        bytes.extend_from_slice(payload);
         Handoff {
-            bytes: bytes.into(),
+            bytes: name.iter().chain(payload).copied().collect(),
             name_len: name.len(),
         }
     }
