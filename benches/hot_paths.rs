@@ -370,6 +370,10 @@ fn shards(c: &mut Criterion) {
             .collect();
         let mut counts = udphub::core::counts::Counts::default();
         let payload = [b'x'; 64];
+        // Every other loop has lobby members.
+        for s in sibs.iter_mut().skip(1) {
+            s.room_opened(b"");
+        }
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("hand_off_and_drain_per_message", n), |b| {
             b.iter(|| {
@@ -381,6 +385,34 @@ fn shards(c: &mut Criterion) {
                 }
             })
         });
+    }
+    // A lobby message on a loop whose siblings have no lobby member.
+    {
+        let polls: Vec<mio::Poll> = (0..8).map(|_| mio::Poll::new().unwrap()).collect();
+        let wakers: Vec<std::sync::Arc<mio::Waker>> = polls
+            .iter()
+            .map(|p| std::sync::Arc::new(mio::Waker::new(p.registry(), mio::Token(1)).unwrap()))
+            .collect();
+        let mut sibs: Vec<shards::Siblings> = shards::queues(8)
+            .into_iter()
+            .map(|u| u.wire(&wakers))
+            .collect();
+        let mut counts = udphub::core::counts::Counts::default();
+        let payload = [b'x'; 64];
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(
+            BenchmarkId::new("lobby_hand_off_no_members_elsewhere", 8),
+            |b| {
+                b.iter(|| {
+                    sibs[0].hand_off(b"", &payload, &mut counts);
+                    for s in sibs.iter_mut().skip(1) {
+                        s.drain(|_, p| {
+                            std::hint::black_box(p);
+                        });
+                    }
+                })
+            },
+        );
     }
     for size in [64usize, 1200] {
         let payload = vec![b'x'; size];

@@ -56,8 +56,12 @@ pub enum Full {
     Members,
 }
 
-/// A named room appearing or going away: what a cluster node subscribes
-/// to and unsubscribes from (see [`Rooms::track_changes`]).
+/// A room appearing or going away here: what a cluster node subscribes
+/// to and unsubscribes from, and what the other loops of the relay hand
+/// its messages by (see [`Rooms::track_changes`]). The lobby (the empty
+/// name) always exists, but it is reported too, as it gets its first
+/// member and loses its last: a loop whose lobby is empty needs none of
+/// the lobby's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomChange {
     /// The room got its first member here.
@@ -222,6 +226,11 @@ impl Rooms {
         }
         let list = &mut self.members[room.0 as usize];
         list.push(key);
+        if room == LOBBY && list.len() == 1 {
+            if let Some(changes) = &mut self.changes {
+                changes.push(RoomChange::Opened(Box::default()));
+            }
+        }
         (list.len() - 1) as u32
     }
 
@@ -259,6 +268,11 @@ impl Rooms {
         }
         if room != LOBBY {
             census.member_removed(&self.names[room.0 as usize]);
+        }
+        if list.is_empty() && room == LOBBY {
+            if let Some(changes) = &mut self.changes {
+                changes.push(RoomChange::Closed(Box::default()));
+            }
         }
         if list.is_empty() && room != LOBBY {
             let name = std::mem::take(&mut self.names[room.0 as usize]);
@@ -312,6 +326,9 @@ impl Rooms {
         }
         if let Some(changes) = &mut self.changes {
             changes.extend(self.by_name.keys().map(|n| RoomChange::Closed(n.clone())));
+            if !self.members[LOBBY.0 as usize].is_empty() {
+                changes.push(RoomChange::Closed(Box::default()));
+            }
         }
         self.members.truncate(1);
         self.members[0].clear();
@@ -369,6 +386,24 @@ mod tests {
                 RoomChange::Closed(b"quiet"[..].into())
             ]
         );
+    }
+
+    #[test]
+    fn the_lobby_is_reported_as_it_fills_and_empties() {
+        let mut r = Rooms::default();
+        let mut c = LocalCensus::default();
+        r.track_changes();
+        let a = r.add(LOBBY, 1, &mut c);
+        r.add(LOBBY, 2, &mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Opened(Box::default())]);
+        r.remove(LOBBY, a, &mut c);
+        assert!(r.take_changes().is_empty(), "one member left");
+        r.remove(LOBBY, 0, &mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Closed(Box::default())]);
+        r.add(LOBBY, 3, &mut c);
+        r.take_changes();
+        r.clear(&mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Closed(Box::default())]);
     }
 
     #[test]

@@ -547,11 +547,13 @@ impl Service for Relay {
         if self.cluster.is_some() || self.siblings.is_some() {
             for change in self.hub.take_room_changes() {
                 match change {
+                    // The lobby's news is for the other loops only: the
+                    // bridge subscribes to the lobby always.
                     RoomChange::Opened(name) => {
                         if let Some(s) = &mut self.siblings {
                             s.room_opened(&name);
                         }
-                        if let Some(bus) = &mut self.cluster {
+                        if let Some(bus) = self.cluster.as_mut().filter(|_| !name.is_empty()) {
                             bus.room_opened(&name);
                         }
                     }
@@ -559,7 +561,7 @@ impl Service for Relay {
                         if let Some(s) = &mut self.siblings {
                             s.room_closed(&name);
                         }
-                        if let Some(bus) = &mut self.cluster {
+                        if let Some(bus) = self.cluster.as_mut().filter(|_| !name.is_empty()) {
                             bus.room_closed(&name);
                         }
                     }
