@@ -41,6 +41,28 @@ fn protocol(c: &mut Criterion) {
     }
     g.finish();
 
+    // The sender's `ip:port` as the default template wrote it before
+    // issue 23 (`write!` through `fmt`), beside today's `render`, in one
+    // run: this machine's drift between runs is larger than the gain.
+    let mut g = c.benchmark_group("render_before_issue_23");
+    g.throughput(Throughput::Elements(1));
+    let from = addr(12345);
+    let mut out = Vec::with_capacity(2048);
+    for size in [64usize, 1472] {
+        let body = vec![b'b'; size];
+        g.bench_function(BenchmarkId::new("default_with_fmt", size), |b| {
+            b.iter(|| {
+                use std::io::Write as _;
+                let (body, from) = (black_box(&body), black_box(&from));
+                out.clear();
+                out.extend_from_slice(body);
+                out.extend_from_slice(b". from ");
+                let _ = write!(out, "{}:{}", from.display_ip(), from.port());
+            })
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("render");
     g.throughput(Throughput::Elements(1));
     let from = addr(12345);
@@ -370,6 +392,10 @@ fn shards(c: &mut Criterion) {
             .collect();
         let mut counts = udphub::core::counts::Counts::default();
         let payload = [b'x'; 64];
+        // Every other loop has lobby members.
+        for s in sibs.iter_mut().skip(1) {
+            s.room_opened(b"");
+        }
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("hand_off_and_drain_per_message", n), |b| {
             b.iter(|| {
@@ -379,6 +405,53 @@ fn shards(c: &mut Criterion) {
                         std::hint::black_box(p);
                     });
                 }
+            })
+        });
+    }
+    // A lobby message on a loop whose siblings have no lobby member.
+    {
+        let polls: Vec<mio::Poll> = (0..8).map(|_| mio::Poll::new().unwrap()).collect();
+        let wakers: Vec<std::sync::Arc<mio::Waker>> = polls
+            .iter()
+            .map(|p| std::sync::Arc::new(mio::Waker::new(p.registry(), mio::Token(1)).unwrap()))
+            .collect();
+        let mut sibs: Vec<shards::Siblings> = shards::queues(8)
+            .into_iter()
+            .map(|u| u.wire(&wakers))
+            .collect();
+        let mut counts = udphub::core::counts::Counts::default();
+        let payload = [b'x'; 64];
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(
+            BenchmarkId::new("lobby_hand_off_no_members_elsewhere", 8),
+            |b| {
+                b.iter(|| {
+                    sibs[0].hand_off(b"", &payload, &mut counts);
+                    for s in sibs.iter_mut().skip(1) {
+                        s.drain(|_, p| {
+                            std::hint::black_box(p);
+                        });
+                    }
+                })
+            },
+        );
+    }
+    for size in [64usize, 1200] {
+        let payload = vec![b'x'; size];
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::new("handoff_new", size), |b| {
+            b.iter(|| shards::Handoff::new(black_box(b"room-42"), black_box(&payload)))
+        });
+        // How a hand-off was built before issue 23, in the same run: a Vec
+        // copied again into an Arc<[u8]>.
+        g.bench_function(BenchmarkId::new("handoff_vec_into_arc_slice", size), |b| {
+            b.iter(|| {
+                let (name, payload) = (black_box(&b"room-42"[..]), black_box(&payload));
+                let mut bytes = Vec::with_capacity(name.len() + payload.len());
+                bytes.extend_from_slice(name);
+                bytes.extend_from_slice(payload);
+                let shared: std::sync::Arc<[u8]> = bytes.into();
+                shared
             })
         });
     }

@@ -133,6 +133,22 @@ fn rows(files: &Files) -> Vec<Row> {
             needs: &[],
         },
         Row {
+            key: "send-backlog",
+            default: Some("16777216"),
+            file: ("65536", "65536"),
+            env: ("131072", "131072"),
+            flag: (Flag::Value("262144"), "262144"),
+            needs: &[],
+        },
+        Row {
+            key: "fanout-slice",
+            default: Some("4096"),
+            file: ("64", "64"),
+            env: ("128", "128"),
+            flag: (Flag::Value("256"), "256"),
+            needs: &[],
+        },
+        Row {
             key: "log-level",
             default: Some("info"),
             file: ("\"warn\"", "warn"),

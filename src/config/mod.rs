@@ -41,7 +41,8 @@ pub use tls::ClusterTls;
 pub use validate::MAX_THREADS;
 pub use values::{
     parse_addr, parse_duration, parse_metrics, Lobby, MetricsAddr, NatsLogin, Threads,
-    DEFAULT_MAX_DATAGRAM, DEFAULT_SOCKET_BUFFER, MAX_UDP_PAYLOAD,
+    DEFAULT_FANOUT_SLICE, DEFAULT_MAX_DATAGRAM, DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER,
+    MAX_UDP_PAYLOAD,
 };
 
 use crate::core::hub::HubConfig;

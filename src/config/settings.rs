@@ -23,7 +23,8 @@ use super::validate::{
 use super::values::{
     parse_bind, parse_bool, parse_cluster_urls, parse_duration, parse_lobby, parse_metrics,
     parse_number, parse_path, parse_template, parse_text, parse_threads, parse_whole, Lobby,
-    MetricsAddr, NatsUrls, Threads, DEFAULT_MAX_DATAGRAM, DEFAULT_SOCKET_BUFFER,
+    MetricsAddr, NatsUrls, Threads, DEFAULT_FANOUT_SLICE, DEFAULT_MAX_DATAGRAM,
+    DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER,
 };
 use crate::core::admission::COOKIE_PREFIX_RATE;
 use crate::core::protocol::Template;
@@ -139,6 +140,38 @@ declare_settings! {
             parse: parse_whole::<usize>,
             default: value(DEFAULT_SOCKET_BUFFER),
             check: between(1, i32::MAX as usize),
+            reload: Restart,
+        }
+        /// Bytes of unfinished fan-outs each loop may park (at least
+        /// 65536): what a full send buffer or a sliced big room waits in.
+        ///
+        /// A fan-out the kernel's send buffer cannot take at once waits
+        /// here for the socket to be writable, and a message to a room
+        /// whose fan-out is parked waits behind it, so nothing is dropped
+        /// for a momentarily full buffer; only when this is full are the
+        /// deliveries a message had left dropped, counted `backlog_full`.
+        /// A parked message costs its size plus ~100 bytes.
+        send_backlog: usize {
+            env: "UDPHUB_SEND_BACKLOG",
+            value: "BYTES",
+            parse: parse_whole::<usize>,
+            default: value(DEFAULT_SEND_BACKLOG),
+            check: between(1 << 16, 1 << 40),
+            reload: Restart,
+        }
+        /// Members one fan-out sends to before the loop reads again (1 to
+        /// 16777216).
+        ///
+        /// A message to a bigger room is sent in slices of this many,
+        /// between reads, so heartbeats and other rooms never wait for a
+        /// huge room (4096 take 1–2 ms); its room's next messages wait
+        /// behind it, in order.
+        fanout_slice: usize {
+            env: "UDPHUB_FANOUT_SLICE",
+            value: "N",
+            parse: parse_whole::<usize>,
+            default: value(DEFAULT_FANOUT_SLICE),
+            check: between(1, 1 << 24),
             reload: Restart,
         }
         /// Log filter: `error`, `warn`, `info`, `debug`, `trace`, `off`, or

@@ -17,7 +17,9 @@ labelled_enum! {
     /// (`udphub_delivery_dropped_total{reason}`).
     pub enum DeliveryDrop {
         /// The socket's send buffer (or the device queue) was full:
-        /// `EAGAIN`/`ENOBUFS`. The rest of that message is dropped.
+        /// `EAGAIN`/`ENOBUFS`, where nothing can wait for it (the shutdown
+        /// `bye` after its patience). Fan-outs park and wait instead, see
+        /// `BacklogFull`.
         BufferFull => "buffer_full",
         /// Sending to that destination failed otherwise.
         SendError => "send_error",
@@ -25,6 +27,13 @@ labelled_enum! {
         /// members missed the message (counted once per loop, not per
         /// member: the sender's loop cannot know how many there are).
         ShardQueueFull => "shard_queue_full",
+        /// A fan-out had to wait (a full send buffer, or a slice of a big
+        /// room's) and the loop's backlog (`--send-backlog` bytes) had no
+        /// room for it: the deliveries it had left are dropped.
+        BacklogFull => "backlog_full",
+        /// Still parked in the backlog when the relay stopped: dropped so
+        /// that the `bye` goes out at once.
+        Shutdown => "shutdown",
     }
 }
 
@@ -96,6 +105,13 @@ pub struct Counts {
     /// for (on a wildcard address): their replies leave from whatever
     /// address the route picks.
     pub local_addr_overflow: u64,
+    /// Fan-outs parked to finish on later passes: sliced, behind their
+    /// room's parked one, or stopped by a full send buffer
+    /// (`udphub_fanouts_parked_total`).
+    pub fanouts_parked: u64,
+    /// Times the send buffer was full mid fan-out and the loop waited for
+    /// it to be writable (`udphub_send_buffer_full_total`).
+    pub send_buffer_full: u64,
     /// Fan-out durations (seconds) since the last flush.
     pub fanout_seconds: Vec<f64>,
     /// recvmmsg batch sizes since the last flush.

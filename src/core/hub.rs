@@ -95,6 +95,26 @@ pub struct Fanout<'a> {
     pub payload: &'a [u8],
     /// The live members of the room that receive it.
     pub recipients: Recipients<'a>,
+    /// The fan-out's room here and whom it leaves out, for a fan-out that
+    /// has to continue later ([`Hub::resume_fanout`]).
+    pub id: FanoutId,
+}
+
+/// Where a fan-out that continues over several loop passes is: its room
+/// (and the room's incarnation, so a room closed and its id reused is
+/// never mistaken for it) and whom it leaves out. The position in the
+/// room's member list is the room's cursor, kept by [`Hub`] (see
+/// [`crate::core::rooms`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutId {
+    /// The room.
+    pub room: RoomId,
+    /// Its incarnation when the message was sent.
+    pub incarnation: u32,
+    /// The member left out (the sender under `--no-echo`): slot and
+    /// generation, so a later part of the fan-out never leaves out a new
+    /// client in a reused slot.
+    pub skip: Option<(u32, u32)>,
 }
 
 /// The relay's state: clients, their rooms and deadlines, and the format.
@@ -356,10 +376,15 @@ impl Hub {
             &self.rendered
         };
         let skip = (!self.echo).then_some(sender);
+        let id = self.fanout_id(
+            room,
+            skip.and_then(|k| self.table.get(k).map(|c| (k, c.generation))),
+        );
         Effect::Fanout(Fanout {
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, skip),
+            id,
         })
     }
 
@@ -397,7 +422,46 @@ impl Hub {
             room_name: self.table.rooms().name(room),
             payload,
             recipients: self.table.recipients(room, tick, None),
+            id: self.fanout_id(room, None),
         }
+    }
+
+    /// Names a fan-out of `room` leaving out `skip`, to continue later.
+    pub fn fanout_id(&self, room: RoomId, skip: Option<(u32, u32)>) -> FanoutId {
+        FanoutId {
+            room,
+            incarnation: self.table.rooms().incarnation(room),
+            skip,
+        }
+    }
+
+    /// The recipients a parked fan-out has left at `now`: the live members
+    /// of its room from the room's cursor on (from the start if it has
+    /// none yet), or `None` if the room has closed since (nobody is owed
+    /// anything then: every member left).
+    pub fn resume_fanout(&self, now: Instant, id: FanoutId) -> Option<Recipients<'_>> {
+        let rooms = self.table.rooms();
+        if rooms.incarnation(id.room) != id.incarnation {
+            return None;
+        }
+        if id.room != rooms::LOBBY && rooms.members(id.room).is_empty() {
+            return None;
+        }
+        let skip = id.skip.and_then(|(key, generation)| {
+            self.table
+                .get(key)
+                .is_some_and(|c| c.generation == generation)
+                .then_some(key)
+        });
+        let from = rooms.cursor(id.room).unwrap_or(0);
+        let tick = self.clock.tick_at(now);
+        Some(self.table.recipients_from(id.room, from, tick, skip))
+    }
+
+    /// Starts or moves (`Some(position)`) the cursor of the fan-out in
+    /// progress in `room`, or ends it (`None`).
+    pub fn set_fanout_cursor(&mut self, room: RoomId, at: Option<u32>) {
+        self.table.rooms_mut().set_cursor(room, at);
     }
 
     /// The room called `name` here (empty: the lobby), if it has members.

@@ -32,6 +32,8 @@
 //!   (the loops of `--threads` share the runtime's).
 //! - [`snapshot`]: the state a hand-over passes on, as bounded bytes.
 //! - [`hub`]: the relay's state machine, which ties them together.
+//! - [`backlog`]: fan-outs a loop has yet to finish (sliced, or waiting for
+//!   the send buffer), per room in order, bounded in bytes.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
 /// `ALL`, `COUNT`, [`label`](DropReason::label) and an index for arrays of
@@ -74,6 +76,7 @@ pub(crate) use labelled_enum;
 
 pub mod addr;
 pub mod admission;
+pub mod backlog;
 pub mod census;
 pub mod clock;
 pub mod cookie;

@@ -301,22 +301,53 @@ impl Template {
             match segment {
                 Segment::Literal(bytes) => out.extend_from_slice(bytes),
                 Segment::Body => out.extend_from_slice(body),
-                // Writing to a Vec cannot fail.
-                Segment::Ip => {
-                    let _ = write!(out, "{}", from.display_ip());
-                }
+                Segment::Ip => push_ip(out, from.display_ip()),
                 Segment::IpBeforePort => match from.display_ip() {
-                    ip @ std::net::IpAddr::V4(_) => {
-                        let _ = write!(out, "{ip}");
-                    }
+                    ip @ std::net::IpAddr::V4(_) => push_ip(out, ip),
                     ip @ std::net::IpAddr::V6(_) => {
-                        let _ = write!(out, "[{ip}]");
+                        out.push(b'[');
+                        push_ip(out, ip);
+                        out.push(b']');
                     }
                 },
-                Segment::Port => {
-                    let _ = write!(out, "{}", from.port());
-                }
+                Segment::Port => push_decimal(out, from.port()),
             }
+        }
+    }
+}
+
+/// Appends `n` in decimal: what `write!(out, "{n}")` writes, without the
+/// formatting machinery (this runs for every message; caching the text
+/// per client instead would cost ~22 B of every client's memory).
+fn push_decimal(out: &mut Vec<u8>, mut n: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `ip` as `Display` writes it: an IPv4 address by hand (the common
+/// case, per message), an IPv6 one through `fmt` (its `::` compression).
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u16::from(octet));
+            }
+        }
+        // Writing to a Vec cannot fail.
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -335,6 +366,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::net::SocketAddr;
+
+    proptest! {
+        /// The hand-written address text is `Display`'s, for every IPv4
+        /// address and port, and for IPv6 (through `fmt`).
+        #[test]
+        fn addresses_render_as_display_writes_them(ip: u32, port: u16, v6: u128) {
+            let t = Template::parse("{ip} {port} {ip}:{port}").unwrap();
+            for ip in [
+                std::net::IpAddr::from(std::net::Ipv4Addr::from(ip)),
+                std::net::IpAddr::from(std::net::Ipv6Addr::from(v6)),
+            ] {
+                let from = SocketAddr::new(ip, port);
+                let mut out = Vec::new();
+                t.render(b"", &RawAddr::from(from), &mut out);
+                let shown = RawAddr::from(from).display_ip();
+                let want = match shown {
+                    std::net::IpAddr::V4(_) => format!("{shown} {port} {shown}:{port}"),
+                    std::net::IpAddr::V6(_) => format!("{shown} {port} [{shown}]:{port}"),
+                };
+                prop_assert_eq!(String::from_utf8(out).unwrap(), want);
+            }
+        }
+    }
 
     fn from(s: &str) -> RawAddr {
         s.parse::<SocketAddr>().unwrap().into()

@@ -12,6 +12,17 @@
 //! their ids are reused. Both caps (`--max-rooms`, `--max-room-clients`)
 //! are checked here, against the relay's counts ([`Census`]): every member
 //! added or removed here is told to it.
+//!
+//! A fan-out that spans several loop passes (sliced, or parked on a full
+//! send buffer: `runtime::relay`) walks its room's list by position, with a
+//! **cursor** kept here so that members leaving meanwhile never make it
+//! skip anyone: the list is kept as `[reached | not yet reached]`, and a
+//! member leaving the reached part is replaced by the last reached member,
+//! whose place the last member of the list takes (the cursor moves back by
+//! one). Members who join meanwhile are appended and may get the message
+//! too; nobody who left is reached; nobody is reached twice. Each room id
+//! also has an **incarnation**, bumped when a freed id is reused, so a
+//! parked fan-out never reaches the members of a newer room.
 
 use hashbrown::HashMap;
 
@@ -45,8 +56,12 @@ pub enum Full {
     Members,
 }
 
-/// A named room appearing or going away: what a cluster node subscribes
-/// to and unsubscribes from (see [`Rooms::track_changes`]).
+/// A room appearing or going away here: what a cluster node subscribes
+/// to and unsubscribes from, and what the other loops of the relay hand
+/// its messages by (see [`Rooms::track_changes`]). The lobby (the empty
+/// name) always exists, but it is reported too, as it gets its first
+/// member and loses its last: a loop whose lobby is empty needs none of
+/// the lobby's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomChange {
     /// The room got its first member here.
@@ -72,7 +87,23 @@ pub struct Rooms {
     max_members: usize,
     /// Rooms opened and closed since last taken, if tracked.
     changes: Option<Vec<RoomChange>>,
+    /// `cursors[room]`: where the fan-out in progress in the room has got
+    /// to (its members before it were reached), or [`NO_CURSOR`].
+    cursors: Vec<u32>,
+    /// `incarnations[room]`: a number new each time the id is given to a
+    /// room, so a parked fan-out can tell its room from a later one.
+    incarnations: Vec<u32>,
+    /// The next room's incarnation (wraps: a parked fan-out lives far
+    /// shorter than 2^32 rooms opening).
+    next_incarnation: u32,
 }
+
+/// No fan-out in progress in the room.
+const NO_CURSOR: u32 = u32::MAX;
+
+/// Members whose position in their room's list changed on a removal:
+/// `(slot, new position)`, at most two (see [`Rooms::remove`]).
+pub type Moved = [Option<(u32, u32)>; 2];
 
 impl Default for Rooms {
     fn default() -> Rooms {
@@ -92,6 +123,9 @@ impl Rooms {
             max_rooms,
             max_members,
             changes: None,
+            cursors: vec![NO_CURSOR],
+            incarnations: vec![0],
+            next_incarnation: 1,
         }
     }
 
@@ -155,14 +189,20 @@ impl Rooms {
             return Err(Full::Rooms);
         }
         let name: Box<[u8]> = name.into();
+        let incarnation = self.next_incarnation;
+        self.next_incarnation = incarnation.wrapping_add(1);
         let room = match self.free.pop() {
             Some(id) => {
                 self.names[id as usize] = name.clone();
+                self.cursors[id as usize] = NO_CURSOR;
+                self.incarnations[id as usize] = incarnation;
                 RoomId(id)
             }
             None => {
                 self.members.push(Vec::new());
                 self.names.push(name.clone());
+                self.cursors.push(NO_CURSOR);
+                self.incarnations.push(incarnation);
                 RoomId((self.members.len() - 1) as u32)
             }
         };
@@ -186,23 +226,53 @@ impl Rooms {
         }
         let list = &mut self.members[room.0 as usize];
         list.push(key);
+        if room == LOBBY && list.len() == 1 {
+            if let Some(changes) = &mut self.changes {
+                changes.push(RoomChange::Opened(Box::default()));
+            }
+        }
         (list.len() - 1) as u32
     }
 
     /// Removes the member at `position` of `room`, tells `census`, and
-    /// frees a named room left empty. Returns the slot of the member that
-    /// moved into that position, whose stored position must be updated to
-    /// `position`.
-    pub fn remove(&mut self, room: RoomId, position: u32, census: &mut dyn Census) -> Option<u32> {
-        let list = self.members.get_mut(room.0 as usize)?;
-        let position = position as usize;
-        if position >= list.len() {
-            return None;
+    /// frees a named room left empty. Returns the members that moved, with
+    /// their new positions, which the caller must store: one (the last
+    /// member, into the gap), or, when the room has a fan-out in progress
+    /// and the member leaving was already reached, two (the last reached
+    /// member into the gap, the last member into its place), so that the
+    /// members not yet reached all stay at or after the cursor.
+    pub fn remove(&mut self, room: RoomId, position: u32, census: &mut dyn Census) -> Moved {
+        let mut moved = [None, None];
+        let Some(list) = self.members.get_mut(room.0 as usize) else {
+            return moved;
+        };
+        let cursor = &mut self.cursors[room.0 as usize];
+        let mut at = position as usize;
+        if at >= list.len() {
+            return moved;
         }
-        list.swap_remove(position);
-        let moved = list.get(position).copied();
+        if *cursor != NO_CURSOR && position < *cursor {
+            // Keep [reached | not yet reached]: the last reached member
+            // takes the gap, the gap moves to the end of the reached part.
+            let last_reached = (*cursor - 1) as usize;
+            if at != last_reached {
+                list.swap(at, last_reached);
+                moved[0] = Some((list[at], position));
+            }
+            at = last_reached;
+            *cursor -= 1;
+        }
+        list.swap_remove(at);
+        if let Some(&key) = list.get(at) {
+            moved[1] = Some((key, at as u32));
+        }
         if room != LOBBY {
             census.member_removed(&self.names[room.0 as usize]);
+        }
+        if list.is_empty() && room == LOBBY {
+            if let Some(changes) = &mut self.changes {
+                changes.push(RoomChange::Closed(Box::default()));
+            }
         }
         if list.is_empty() && room != LOBBY {
             let name = std::mem::take(&mut self.names[room.0 as usize]);
@@ -210,11 +280,34 @@ impl Rooms {
             // Give the memory of a big room back; a small one keeps its Vec.
             list.shrink_to(16);
             self.free.push(room.0);
+            *cursor = NO_CURSOR;
             if let Some(changes) = &mut self.changes {
                 changes.push(RoomChange::Closed(name));
             }
         }
         moved
+    }
+
+    /// Where the fan-out in progress in `room` has got to, if one is.
+    pub fn cursor(&self, room: RoomId) -> Option<u32> {
+        match self.cursors.get(room.0 as usize) {
+            Some(&c) if c != NO_CURSOR => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Starts, advances (`Some`) or ends (`None`) the fan-out in progress
+    /// in `room`. A position past the list's end is kept as its end.
+    pub fn set_cursor(&mut self, room: RoomId, at: Option<u32>) {
+        let len = self.members(room).len() as u32;
+        if let Some(c) = self.cursors.get_mut(room.0 as usize) {
+            *c = at.map_or(NO_CURSOR, |at| at.min(len));
+        }
+    }
+
+    /// `room`'s incarnation: changes when its id is reused by a new room.
+    pub fn incarnation(&self, room: RoomId) -> u32 {
+        self.incarnations.get(room.0 as usize).copied().unwrap_or(0)
     }
 
     /// The slots of `room`'s members.
@@ -233,9 +326,15 @@ impl Rooms {
         }
         if let Some(changes) = &mut self.changes {
             changes.extend(self.by_name.keys().map(|n| RoomChange::Closed(n.clone())));
+            if !self.members[LOBBY.0 as usize].is_empty() {
+                changes.push(RoomChange::Closed(Box::default()));
+            }
         }
         self.members.truncate(1);
         self.members[0].clear();
+        self.cursors.truncate(1);
+        self.cursors[0] = NO_CURSOR;
+        self.incarnations.truncate(1);
         self.names.truncate(1);
         self.by_name.clear();
         self.free.clear();
@@ -290,18 +389,146 @@ mod tests {
     }
 
     #[test]
+    fn the_lobby_is_reported_as_it_fills_and_empties() {
+        let mut r = Rooms::default();
+        let mut c = LocalCensus::default();
+        r.track_changes();
+        let a = r.add(LOBBY, 1, &mut c);
+        r.add(LOBBY, 2, &mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Opened(Box::default())]);
+        r.remove(LOBBY, a, &mut c);
+        assert!(r.take_changes().is_empty(), "one member left");
+        r.remove(LOBBY, 0, &mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Closed(Box::default())]);
+        r.add(LOBBY, 3, &mut c);
+        r.take_changes();
+        r.clear(&mut c);
+        assert_eq!(r.take_changes(), vec![RoomChange::Closed(Box::default())]);
+    }
+
+    #[test]
     fn remove_moves_the_last_member_into_the_gap() {
         let mut r = Rooms::default();
         let mut c = LocalCensus::default();
         assert_eq!(r.add(LOBBY, 10, &mut c), 0);
         assert_eq!(r.add(LOBBY, 11, &mut c), 1);
         assert_eq!(r.add(LOBBY, 12, &mut c), 2);
-        assert_eq!(r.remove(LOBBY, 0, &mut c), Some(12));
+        assert_eq!(r.remove(LOBBY, 0, &mut c), [None, Some((12, 0))]);
         assert_eq!(r.members(LOBBY), &[12, 11]);
-        assert_eq!(r.remove(LOBBY, 1, &mut c), None);
+        assert_eq!(r.remove(LOBBY, 1, &mut c), [None, None]);
         assert_eq!(r.members(LOBBY), &[12]);
-        assert_eq!(r.remove(LOBBY, 5, &mut c), None);
+        assert_eq!(r.remove(LOBBY, 5, &mut c), [None, None]);
         assert_eq!(r.members(RoomId(9)), &[] as &[u32]);
+    }
+
+    /// Applies a removal's moves to a model of the clients' positions.
+    fn apply(pos: &mut std::collections::HashMap<u32, u32>, moved: Moved) {
+        for (key, at) in moved.into_iter().flatten() {
+            pos.insert(key, at);
+        }
+    }
+
+    #[test]
+    fn a_member_leaving_behind_the_cursor_never_makes_it_skip_anyone() {
+        let mut r = Rooms::default();
+        let mut c = LocalCensus::default();
+        let mut pos = std::collections::HashMap::new();
+        for key in 0..6 {
+            pos.insert(key, r.add(LOBBY, key, &mut c));
+        }
+        r.set_cursor(LOBBY, Some(3)); // 0, 1, 2 reached
+        let at = pos.remove(&0).unwrap();
+        apply(&mut pos, r.remove(LOBBY, at, &mut c));
+        // 2 (last reached) took 0's place, 5 (last) took 2's: [2 1 5 | 3 4]
+        assert_eq!(r.members(LOBBY), &[2, 1, 5, 3, 4]);
+        assert_eq!(r.cursor(LOBBY), Some(2));
+        for (&key, &at) in &pos {
+            assert_eq!(r.members(LOBBY)[at as usize], key);
+        }
+        // Leaving ahead of the cursor: the plain swap.
+        let at = pos.remove(&3).unwrap();
+        apply(&mut pos, r.remove(LOBBY, at, &mut c));
+        assert_eq!(r.members(LOBBY), &[2, 1, 5, 4]);
+        assert_eq!(r.cursor(LOBBY), Some(2));
+        r.set_cursor(LOBBY, None);
+        assert_eq!(r.cursor(LOBBY), None);
+    }
+
+    #[test]
+    fn a_reused_id_is_a_new_incarnation_without_a_cursor() {
+        let mut r = Rooms::default();
+        let mut c = LocalCensus::default();
+        let a = r.open(b"a", &c).unwrap();
+        r.add(a, 1, &mut c);
+        r.set_cursor(a, Some(1));
+        let first = r.incarnation(a);
+        r.remove(a, 0, &mut c);
+        let b = r.open(b"b", &c).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(r.incarnation(b), first);
+        assert_eq!(r.cursor(b), None);
+    }
+
+    proptest::proptest! {
+        /// A walk by cursor while members join and leave reaches every
+        /// member present from its start to its end exactly once, and
+        /// nobody after they left.
+        #[test]
+        fn a_cursor_walk_reaches_every_member_that_stays_once(
+            start in 1u32..40,
+            steps in proptest::collection::vec((0u8..4, 0u32..1000), 0..120),
+        ) {
+            let mut r = Rooms::default();
+            let mut c = LocalCensus::default();
+            let mut pos = std::collections::HashMap::new();
+            let mut next_key = 0u32;
+            for _ in 0..start {
+                pos.insert(next_key, r.add(LOBBY, next_key, &mut c));
+                next_key += 1;
+            }
+            let present_at_start: std::collections::HashSet<u32> = pos.keys().copied().collect();
+            let mut left = std::collections::HashSet::new();
+            let mut reached = Vec::new();
+            r.set_cursor(LOBBY, Some(0));
+            for (what, n) in steps {
+                match what {
+                    0 => {
+                        pos.insert(next_key, r.add(LOBBY, next_key, &mut c));
+                        next_key += 1;
+                    }
+                    1 if !pos.is_empty() => {
+                        let mut keys: Vec<u32> = pos.keys().copied().collect();
+                        keys.sort();
+                        let key = keys[n as usize % keys.len()];
+                        let at = pos.remove(&key).unwrap();
+                        apply(&mut pos, r.remove(LOBBY, at, &mut c));
+                        left.insert(key);
+                    }
+                    _ => {
+                        // Reach up to n % 4 members.
+                        let cur = r.cursor(LOBBY).unwrap();
+                        let list = r.members(LOBBY);
+                        let end = (cur as usize + n as usize % 4).min(list.len());
+                        reached.extend_from_slice(&list[cur as usize..end]);
+                        r.set_cursor(LOBBY, Some(end as u32));
+                    }
+                }
+                for (&key, &at) in &pos {
+                    proptest::prop_assert_eq!(r.members(LOBBY)[at as usize], key);
+                }
+            }
+            let cur = r.cursor(LOBBY).unwrap() as usize;
+            reached.extend_from_slice(&r.members(LOBBY)[cur..]);
+            let mut seen = std::collections::HashSet::new();
+            for key in &reached {
+                proptest::prop_assert!(seen.insert(*key), "{} reached twice", key);
+            }
+            for key in present_at_start {
+                if !left.contains(&key) {
+                    proptest::prop_assert!(seen.contains(&key), "{} missed", key);
+                }
+            }
+        }
     }
 
     #[test]

@@ -275,14 +275,10 @@ impl Table {
             return Ok(client.room);
         }
         let room = self.rooms.open(name, &*self.census)?;
-        if let Some(moved) = self
+        let moved = self
             .rooms
-            .remove(client.room, client.position, &mut *self.census)
-        {
-            if let Some(m) = self.clients.get_mut(moved as usize) {
-                m.position = client.position;
-            }
-        }
+            .remove(client.room, client.position, &mut *self.census);
+        self.reposition(moved);
         let position = self.rooms.add(room, key, &mut *self.census);
         if let Some(c) = self.clients.get_mut(key as usize) {
             c.room = room;
@@ -422,15 +418,20 @@ impl Table {
         let client = self.clients.try_remove(key as usize)?;
         let ip = self.counted_ip(&client.addr);
         self.census.client_left(ip);
-        if let Some(moved) = self
+        let moved = self
             .rooms
-            .remove(client.room, client.position, &mut *self.census)
-        {
-            if let Some(m) = self.clients.get_mut(moved as usize) {
-                m.position = client.position;
+            .remove(client.room, client.position, &mut *self.census);
+        self.reposition(moved);
+        Some(client)
+    }
+
+    /// Stores the new positions of members a removal moved.
+    fn reposition(&mut self, moved: crate::core::rooms::Moved) {
+        for (key, at) in moved.into_iter().flatten() {
+            if let Some(m) = self.clients.get_mut(key as usize) {
+                m.position = at;
             }
         }
-        Some(client)
     }
 
     /// Settles a wheel entry that came due at tick `now`.
@@ -460,8 +461,23 @@ impl Table {
     /// Members of `room` live at tick `now`, leaving out slot `skip` (the
     /// sender, under `--no-echo`). Costs O(members of the room).
     pub fn recipients(&self, room: RoomId, now: u64, skip: Option<u32>) -> Recipients<'_> {
+        self.recipients_from(room, 0, now, skip)
+    }
+
+    /// [`recipients`](Self::recipients) from position `from` of the room's
+    /// member list on (a fan-out resumed at its cursor).
+    pub fn recipients_from(
+        &self,
+        room: RoomId,
+        from: u32,
+        now: u64,
+        skip: Option<u32>,
+    ) -> Recipients<'_> {
+        let members = self.rooms.members(room);
+        let from = (from as usize).min(members.len());
         Recipients {
-            members: self.rooms.members(room).iter(),
+            members: members[from..].iter(),
+            end: members.len(),
             clients: &self.clients,
             timeout: self.timeout,
             now,
@@ -513,6 +529,8 @@ fn live(c: &Client, timeout: u64, now: u64) -> bool {
 pub struct Recipients<'a> {
     /// The room's member slots, yet to visit.
     members: std::slice::Iter<'a, u32>,
+    /// The length of the room's member list: positions count back from it.
+    end: usize,
     /// The table's clients.
     clients: &'a Slab<Client>,
     /// `--timeout` in ticks.
@@ -523,20 +541,52 @@ pub struct Recipients<'a> {
     skip: Option<u32>,
 }
 
-impl<'a> Iterator for Recipients<'a> {
-    type Item = &'a RawAddr;
+impl<'a> Recipients<'a> {
+    /// The position in the room's member list of the next member to visit.
+    pub fn next_position(&self) -> u32 {
+        (self.end - self.members.len()) as u32
+    }
 
-    fn next(&mut self) -> Option<&'a RawAddr> {
-        for &key in self.members.by_ref() {
+    /// Members left to visit, live or not (an upper bound on the
+    /// recipients left, known without walking them).
+    pub fn remaining(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Members from position `from` on, live or not, less the one left
+    /// out if it is among them: what a fan-out that stopped at `from` still
+    /// owes at most, known without walking them (to count them dropped).
+    pub fn owed_from(&self, from: u32) -> u64 {
+        let rest = self.end.saturating_sub(from as usize) as u64;
+        let skipped = self
+            .skip
+            .and_then(|skip| self.clients.get(skip as usize))
+            .is_some_and(|c| c.position >= from && (c.position as usize) < self.end);
+        rest - u64::from(skipped && rest > 0)
+    }
+
+    /// The next recipient, with its position in the member list.
+    pub fn next_at(&mut self) -> Option<(u32, &'a RawAddr)> {
+        while let Some(&key) = self.members.next() {
             if Some(key) == self.skip {
                 continue;
             }
             match self.clients.get(key as usize) {
-                Some(c) if live(c, self.timeout, self.now) => return Some(&c.addr),
+                Some(c) if live(c, self.timeout, self.now) => {
+                    return Some(((self.end - self.members.len() - 1) as u32, &c.addr))
+                }
                 _ => {}
             }
         }
         None
+    }
+}
+
+impl<'a> Iterator for Recipients<'a> {
+    type Item = &'a RawAddr;
+
+    fn next(&mut self) -> Option<&'a RawAddr> {
+        self.next_at().map(|(_, addr)| addr)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

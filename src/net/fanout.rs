@@ -2,9 +2,13 @@
 //!
 //! The payload is rendered once per message by the caller; here it is handed
 //! to the kernel with up to [`SEND_BATCH`] destinations per syscall. A full
-//! socket buffer never stalls or spins the loop: the deliveries the kernel
-//! would not take are dropped and counted, and the loop moves on. Only the
-//! shutdown `bye` ([`FanoutSender::send_patiently`]) waits for the buffer.
+//! socket buffer never stalls or spins the loop. A fan-out
+//! ([`FanoutSender::send_slice`]) sends at most one slice of its room and
+//! stops where the kernel's buffer filled, saying where it got to: the
+//! runtime parks the rest and resumes there when the socket is writable
+//! (`runtime::relay`). [`FanoutSender::send`] drops what a full buffer
+//! would not take; only the shutdown `bye`
+//! ([`FanoutSender::send_patiently`]) waits for the buffer in place.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::addr::RawAddr;
 use crate::core::counts::{Counts, DeliveryDrop};
+use crate::core::table::Recipients;
 use crate::net::batch_io::{SendBatch, SourceControl};
 
 /// Destinations per `sendmmsg`. 256 × 64-byte headers is 16 KiB, small
@@ -70,6 +75,21 @@ pub struct FanoutSender {
     /// Destinations of the batch being sent, copied out of the table so the
     /// table's iterator can be consumed lazily (32 bytes each).
     staging: Vec<RawAddr>,
+    /// The member-list position of each staged destination (sliced sends:
+    /// where to resume if the kernel stops taking them).
+    positions: Vec<u32>,
+}
+
+/// Where a [`FanoutSender::send_slice`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// Every recipient was delivered to (or dropped for its own error).
+    Done,
+    /// The kernel's buffer was full: resume at this position of the
+    /// member list once the socket is writable.
+    Full(u32),
+    /// The slice was used up: resume at this position on a later pass.
+    Sliced(u32),
 }
 
 impl Default for FanoutSender {
@@ -84,8 +104,39 @@ impl FanoutSender {
         let batch = SendBatch::new(batch);
         FanoutSender {
             staging: Vec::with_capacity(batch.capacity()),
+            positions: Vec::with_capacity(batch.capacity()),
             batch,
         }
+    }
+
+    /// Sends `payload` to the recipients `dests` has left, visiting at
+    /// most `slice` positions of the member list, and says where it
+    /// stopped. A full buffer stops it with nothing dropped: the
+    /// deliveries not taken are not counted here (they are still owed).
+    /// Any other error drops just that destination and the slice goes on.
+    pub fn send_slice(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        sources: &[SourceControl],
+        payload: &[u8],
+        dests: &mut Recipients<'_>,
+        slice: usize,
+    ) -> (Report, SliceEnd) {
+        let FanoutSender {
+            batch,
+            staging,
+            positions,
+        } = self;
+        let capacity = batch.capacity();
+        drive_slice(
+            staging,
+            positions,
+            capacity,
+            dests.next_position(),
+            std::iter::from_fn(|| dests.next_at()),
+            slice,
+            |chunk| batch.send(fd, sources, payload, chunk),
+        )
     }
 
     /// Sends `payload` to every address `dests` yields, each from the
@@ -142,7 +193,7 @@ impl FanoutSender {
         I: IntoIterator<Item = &'a RawAddr>,
         W: OnFull,
     {
-        let FanoutSender { batch, staging } = self;
+        let FanoutSender { batch, staging, .. } = self;
         let capacity = batch.capacity();
         drive(
             staging,
@@ -245,6 +296,76 @@ where
             out.recipients += rest;
             out.drop(DeliveryDrop::BufferFull, rest);
             return out;
+        }
+    }
+}
+
+/// The sliced fan-out policy, apart from the syscall so it can be tested
+/// with a fake kernel: stages up to `capacity` of the `(position,
+/// address)` pairs `dests` yields, in order, while their positions are
+/// within `slice` of `start`, and hands them to `send` (as [`drive`]).
+/// Stops at the first full buffer, reporting the position of the first
+/// destination the kernel did not take; those are neither recipients nor
+/// drops yet.
+fn drive_slice<'a, I, S>(
+    staging: &mut Vec<RawAddr>,
+    positions: &mut Vec<u32>,
+    capacity: usize,
+    start: u32,
+    dests: I,
+    slice: usize,
+    mut send: S,
+) -> (Report, SliceEnd)
+where
+    I: Iterator<Item = (u32, &'a RawAddr)>,
+    S: FnMut(&[RawAddr]) -> io::Result<usize>,
+{
+    let mut out = Report::default();
+    let mut dests = dests.peekable();
+    let end = u64::from(start) + slice as u64;
+    loop {
+        staging.clear();
+        positions.clear();
+        while staging.len() < capacity {
+            match dests.peek() {
+                Some(&(at, addr)) if u64::from(at) < end => {
+                    staging.push(*addr);
+                    positions.push(at);
+                    dests.next();
+                }
+                _ => break,
+            }
+        }
+        if staging.is_empty() {
+            return match dests.peek() {
+                Some(&(at, _)) => (out, SliceEnd::Sliced(at)),
+                None => (out, SliceEnd::Done),
+            };
+        }
+        let mut i = 0;
+        while i < staging.len() {
+            match send(&staging[i..]) {
+                Ok(0) => {
+                    out.recipients += 1;
+                    out.drop(DeliveryDrop::SendError, 1);
+                    i += 1;
+                }
+                Ok(n) => {
+                    let n = n.min(staging.len() - i);
+                    out.recipients += n as u64;
+                    out.delivered += n as u64;
+                    i += n;
+                }
+                Err(e) if is_buffer_full(&e) => {
+                    return (out, SliceEnd::Full(positions[i]));
+                }
+                Err(e) => {
+                    out.recipients += 1;
+                    out.drop(DeliveryDrop::SendError, 1);
+                    out.first_error.get_or_insert(e);
+                    i += 1;
+                }
+            }
         }
     }
 }
@@ -429,6 +550,116 @@ mod tests {
             counts.recipients,
             counts.delivered + counts.delivery_dropped.iter().sum::<u64>()
         );
+    }
+
+    /// `(position, address)` pairs at the given positions.
+    fn at(positions: &[u32], dests: &[RawAddr]) -> Vec<(u32, RawAddr)> {
+        positions
+            .iter()
+            .copied()
+            .zip(dests.iter().copied())
+            .collect()
+    }
+
+    fn slice_with(
+        dests: &[(u32, RawAddr)],
+        start: u32,
+        slice: usize,
+        send: impl FnMut(&[RawAddr]) -> io::Result<usize>,
+    ) -> (Report, SliceEnd) {
+        drive_slice(
+            &mut Vec::new(),
+            &mut Vec::new(),
+            4,
+            start,
+            dests.iter().map(|(p, a)| (*p, a)),
+            slice,
+            send,
+        )
+    }
+
+    #[test]
+    fn a_slice_stops_at_its_size_and_says_where_to_resume() {
+        // Positions 5..15, one dead member (9) skipped by the iterator.
+        let pos: Vec<u32> = (5..15).filter(|&p| p != 9).collect();
+        let dests = at(&pos, &addrs(10));
+        let mut sent = Vec::new();
+        let (out, end) = slice_with(&dests, 5, 6, |chunk| {
+            sent.push(chunk.len());
+            Ok(chunk.len())
+        });
+        // Positions 5, 6, 7, 8, 10 are within 6 of 5; 11 is where to go on.
+        assert_eq!(end, SliceEnd::Sliced(11));
+        assert_eq!((out.recipients, out.delivered), (5, 5));
+        assert_eq!(sent, vec![4, 1]);
+        let (out, end) = slice_with(&dests[5..], 11, 100, |chunk| Ok(chunk.len()));
+        assert_eq!(end, SliceEnd::Done);
+        assert_eq!(out.delivered, 4);
+    }
+
+    #[test]
+    fn a_full_buffer_parks_the_rest_without_dropping_or_counting_it() {
+        let pos: Vec<u32> = (0..10).collect();
+        let dests = at(&pos, &addrs(10));
+        let mut calls = 0;
+        let (out, end) = slice_with(&dests, 0, 100, |chunk| {
+            calls += 1;
+            match calls {
+                1 => Ok(chunk.len()),                                // 0..4
+                2 => Ok(1),                                          // 4
+                3 => Err(io::Error::from_raw_os_error(libc::EPERM)), // 5 fails
+                _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+            }
+        });
+        assert_eq!(end, SliceEnd::Full(6));
+        assert_eq!(calls, 4, "no retry after EAGAIN");
+        assert_eq!(
+            (
+                out.recipients,
+                out.delivered,
+                out.dropped[ERR],
+                out.dropped[FULL]
+            ),
+            (6, 5, 1, 0)
+        );
+    }
+
+    #[test]
+    fn enobufs_parks_too() {
+        let dests = at(&[3, 4], &addrs(2));
+        let (out, end) = slice_with(&dests, 3, 10, |_| {
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        });
+        assert_eq!((out.recipients, end), (0, SliceEnd::Full(3)));
+    }
+
+    #[test]
+    fn a_sliced_send_reaches_real_sockets() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sinks: Vec<UdpSocket> = (0..5)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let dests: Vec<(u32, RawAddr)> = sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u32, s.local_addr().unwrap().into()))
+            .collect();
+        let mut f = FanoutSender::new(2);
+        let (out, end) = drive_slice(
+            &mut f.staging,
+            &mut f.positions,
+            2,
+            0,
+            dests.iter().map(|(p, a)| (*p, a)),
+            3,
+            |chunk| f.batch.send(server.as_fd(), &[], b"m", chunk),
+        );
+        assert_eq!((out.delivered, end), (3, SliceEnd::Sliced(3)));
+        for s in &sinks[..3] {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 4];
+            assert_eq!(s.recv(&mut b).unwrap(), 1);
+        }
     }
 
     #[test]

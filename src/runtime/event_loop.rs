@@ -23,7 +23,12 @@
 //!    (on a wildcard address, its source first tagged with the local
 //!    address it was sent to, see [`crate::net::local_addrs`]);
 //! 4. runs the service's timers;
-//! 5. flushes the counts to the metrics facade (also after every batch).
+//! 5. lets the service resume work it parked (fan-outs sliced, or waiting
+//!    for room in the send buffer: [`Service::resume`]); while it waits for
+//!    the buffer, the socket is registered for WRITABLE too, and only then
+//!    (a UDP socket's write-space wake-ups would otherwise wake the loop for
+//!    every datagram the kernel sends);
+//! 6. flushes the counts to the metrics facade (also after every batch).
 //!
 //! A hand-over pauses the loop between two passes ([`PauseHandle`]): it
 //! reads nothing until the supervisor says to export its state, resume, or
@@ -70,6 +75,21 @@ const MAX_RECV_BACKOFF: Duration = Duration::from_millis(100);
 pub const KERNEL_DROPS_INTERVAL: Duration = Duration::from_secs(1);
 /// At most one log line per this interval for per-datagram errors.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// While parked work waits for the send buffer, the longest the loop waits
+/// for WRITABLE before trying again anyway: a device queue full (`ENOBUFS`)
+/// may never make the socket report writable. Long enough not to spin.
+pub const BLOCKED_RETRY: Duration = Duration::from_millis(5);
+
+/// What a service has left after [`Service::resume`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// Nothing parked.
+    Idle,
+    /// Work left that can go on now: the next pass does not wait.
+    More,
+    /// Work left that waits for room in the socket's send buffer.
+    Blocked,
+}
 
 /// What a server does with its datagrams. The loop calls it; it never
 /// polls or reads by itself.
@@ -90,6 +110,12 @@ pub trait Service {
     /// When the next timer is due, if any.
     fn next_timer(&self) -> Option<Instant> {
         None
+    }
+
+    /// Continues work parked on an earlier pass (a fan-out sliced, or
+    /// stopped by a full send buffer), once per pass, after the reads.
+    fn resume(&mut self, _io: &mut Io<'_>) -> Pending {
+        Pending::Idle
     }
 
     /// The loop's waker rang for something other than shutdown (e.g. the
@@ -353,6 +379,9 @@ pub struct EventLoop<S> {
     readiness: Option<Readiness>,
     /// How the supervisor pauses this loop for a hand-over, if it can.
     pause: Option<PausePort>,
+    /// Whether the socket is registered for WRITABLE too (only while the
+    /// service's parked work waits for the send buffer).
+    writable: bool,
 }
 
 impl<S: Service> EventLoop<S> {
@@ -387,6 +416,7 @@ impl<S: Service> EventLoop<S> {
             pin: None,
             readiness: None,
             pause: None,
+            writable: false,
         })
     }
 
@@ -535,12 +565,17 @@ impl<S: Service> EventLoop<S> {
         // Datagrams may have arrived before registration: drain first.
         let mut drained = Drained::More;
         let mut timers_pending = false;
+        let mut pending = Pending::Idle;
         loop {
             let timeout = match drained {
                 Drained::More => Duration::ZERO,
-                _ if timers_pending => Duration::ZERO,
+                _ if timers_pending || pending == Pending::More => Duration::ZERO,
                 Drained::Backoff(wait) => wait.min(self.sleep_limit()),
                 Drained::Empty => self.sleep_limit(),
+            };
+            let timeout = match pending {
+                Pending::Blocked => timeout.min(BLOCKED_RETRY),
+                _ => timeout,
             };
             match self.poll.poll(&mut self.events, Some(timeout)) {
                 Ok(()) => {}
@@ -552,7 +587,12 @@ impl<S: Service> EventLoop<S> {
             let mut woken = false;
             for event in self.events.iter() {
                 match event.token() {
-                    SOCKET => drained = Drained::More,
+                    // Writable alone means nothing to read: the resume
+                    // below runs on every pass anyway.
+                    SOCKET if event.is_readable() || !event.is_writable() => {
+                        drained = Drained::More;
+                    }
+                    SOCKET => {}
                     WAKER => {
                         woken = true;
                         stop |= self.shutdown.requested.load(Ordering::SeqCst);
@@ -579,6 +619,7 @@ impl<S: Service> EventLoop<S> {
             timers_pending = self
                 .service
                 .on_timer(Instant::now(), &mut self.metrics.counts);
+            pending = self.resume()?;
             self.check_kernel_drops();
             let counts = &mut self.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
@@ -586,7 +627,15 @@ impl<S: Service> EventLoop<S> {
             if let Some(readiness) = self.readiness.take() {
                 readiness.loop_polled();
             }
-            if self.pause_requested() {
+            // A hand-over waits for the fan-outs parked here (sliced, or
+            // for room in the send buffer): they go out before the state is
+            // exported, or they would be lost with this process, or overtaken
+            // by the new one. Nothing is read meanwhile; if the buffer stays
+            // full the hand-over times out and this loop resumes.
+            let finishing = pending != Pending::Idle && self.pause_pending();
+            if finishing {
+                drained = Drained::Empty;
+            } else if self.pause_requested() {
                 match self.paused() {
                     Unpaused::Resume => {
                         // Whatever arrived meanwhile is in the queue, and
@@ -613,6 +662,35 @@ impl<S: Service> EventLoop<S> {
                 return Ok(());
             }
         }
+    }
+
+    /// Lets the service resume its parked work, and registers WRITABLE
+    /// interest exactly while that work waits for the send buffer.
+    /// Re-registering also re-arms the edge: a socket writable by then is
+    /// reported at once, so no wake-up is lost between EAGAIN and here.
+    fn resume(&mut self) -> Result<Pending, Error> {
+        let mut io = Io {
+            fd: self.socket.as_fd(),
+            sources: sources(&self.locals),
+            counts: &mut self.metrics.counts,
+            received_at: Instant::now(),
+            unix_secs: unix_now(),
+        };
+        let pending = self.service.resume(&mut io);
+        let want = pending == Pending::Blocked;
+        if want != self.writable {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            self.poll
+                .registry()
+                .reregister(&mut self.socket, SOCKET, interest)
+                .map_err(|e| Error::io("register socket", e))?;
+            self.writable = want;
+        }
+        Ok(pending)
     }
 
     /// How long poll may sleep: until the next timer or drop-counter check.

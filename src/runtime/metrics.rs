@@ -12,7 +12,7 @@
 //! `sum(udphub_datagrams_received_total) = heartbeat + quit + message +
 //! join + dropped`, where `dropped = sum(udphub_dropped_total)`, and
 //! `udphub_fanout_recipients_total = udphub_deliveries_total +
-//! sum(udphub_delivery_dropped_total)` (reasons `buffer_full`,
+//! sum(udphub_delivery_dropped_total)` (reasons `backlog_full`, `shutdown`, `buffer_full`,
 //! `send_error` and, with `--threads`, `shard_queue_full`).
 
 use metrics::{
@@ -91,6 +91,8 @@ pub struct Metrics {
     kernel_rx_dropped: Counter,
     recv_errors: Counter,
     local_addr_overflow: Counter,
+    fanouts_parked: Counter,
+    send_buffer_full: Counter,
     clients: Gauge,
     /// This loop's client count at the last flush (its share of the gauge).
     clients_reported: usize,
@@ -162,6 +164,8 @@ impl Metrics {
             kernel_rx_dropped: metrics::counter!("udphub_kernel_rx_dropped_total"),
             recv_errors: metrics::counter!("udphub_recv_errors_total"),
             local_addr_overflow: metrics::counter!("udphub_local_address_overflow_total"),
+            fanouts_parked: metrics::counter!("udphub_fanouts_parked_total"),
+            send_buffer_full: metrics::counter!("udphub_send_buffer_full_total"),
             clients: metrics::gauge!("udphub_clients"),
             clients_reported: 0,
             fanout_seconds: metrics::histogram!("udphub_fanout_duration_seconds"),
@@ -229,6 +233,8 @@ impl Metrics {
         add(&self.kernel_rx_dropped, &mut c.kernel_rx_dropped);
         add(&self.recv_errors, &mut c.recv_errors);
         add(&self.local_addr_overflow, &mut c.local_addr_overflow);
+        add(&self.fanouts_parked, &mut c.fanouts_parked);
+        add(&self.send_buffer_full, &mut c.send_buffer_full);
         let held = c.fanout_seconds.len() + c.batch_sizes.len() + c.loop_seconds.len();
         if let Some(_gate) = samples_gate(held) {
             for s in c.fanout_seconds.drain(..) {
@@ -284,7 +290,7 @@ fn describe() {
     describe_counter!(
         "udphub_delivery_dropped_total",
         Unit::Count,
-        "Deliveries dropped, by reason: buffer_full (EAGAIN/ENOBUFS), send_error, or shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members)."
+        "Deliveries dropped, by reason: backlog_full (a fan-out had to wait and --send-backlog was full), buffer_full (EAGAIN/ENOBUFS where nothing waits: replies, the bye), send_error, shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members), or shutdown (still parked at stop)."
     );
     describe_gauge!(
         "udphub_rooms",
@@ -315,6 +321,16 @@ fn describe() {
         "udphub_recv_errors_total",
         Unit::Count,
         "recvmmsg calls that failed with an error other than EAGAIN (the loop backs off and retries)."
+    );
+    describe_counter!(
+        "udphub_fanouts_parked_total",
+        Unit::Count,
+        "Fan-outs finished on later loop passes: larger than --fanout-slice, queued behind their room's, or stopped by a full send buffer."
+    );
+    describe_counter!(
+        "udphub_send_buffer_full_total",
+        Unit::Count,
+        "Times the send buffer was full mid fan-out: the rest waited (parked) for the socket to be writable."
     );
     describe_counter!(
         "udphub_local_address_overflow_total",

@@ -5,6 +5,20 @@
 //! sends ([`FanoutSender`]), counting every delivery; it runs the hub's expiry in
 //! time slices; it says `bye` at shutdown.
 //!
+//! A fan-out sends at most `--fanout-slice` positions of its room's member
+//! list at once; the rest, and whatever a full send buffer would not take,
+//! is parked in the loop's [`Backlog`] (at most `--send-backlog` bytes)
+//! and resumed on the next passes, between reads — at once after a slice,
+//! when the socket is writable after a full buffer. A message to a room
+//! with a parked fan-out queues behind it, so each member gets its room's
+//! messages in order; other rooms, heartbeats and joins never wait for it.
+//! Who a parked fan-out reaches: the live members of the room when the
+//! fan-out reaches them (a member who left is not; one who joined meanwhile
+//! may be; nobody twice: the room's cursor, [`crate::core::rooms`]). Its
+//! deliveries are counted as they are sent; only when the backlog is full
+//! are the ones left dropped, counted `backlog_full` (or `shutdown`, for
+//! those still parked when the relay stops).
+//!
 //! Data flows one way: socket → batch → admission → hub → effect → socket.
 
 use std::time::{Duration, Instant};
@@ -12,16 +26,18 @@ use std::time::{Duration, Instant};
 use crate::cluster::Bus;
 use crate::config::Config;
 use crate::core::admission::Arrival;
-use crate::core::counts::Counts;
-use crate::core::hub::{Effect, Hub, HubConfig};
+use crate::core::backlog::{Backlog, Parked};
+use crate::core::counts::{Counts, DeliveryDrop};
+use crate::core::hub::{Effect, FanoutId, Hub, HubConfig};
 use crate::core::rooms::RoomChange;
 use crate::core::snapshot::Snapshot;
+use crate::core::table::Recipients;
 use crate::error::Error;
-use crate::net::fanout::{FanoutSender, Report};
+use crate::net::fanout::{FanoutSender, Report, SliceEnd};
 use crate::net::holders::Claim;
 use crate::net::socket;
 use crate::runtime::census::SharedCensus;
-use crate::runtime::event_loop::{EventLoop, Exported, Io, RateLimitedLog, Service};
+use crate::runtime::event_loop::{EventLoop, Exported, Io, Pending, RateLimitedLog, Service};
 use crate::runtime::reload::{ReloadReceiver, ReloadSender};
 use crate::runtime::replies::Replies;
 use crate::runtime::shards::{self, Siblings};
@@ -41,17 +57,34 @@ pub const BYE_PATIENCE: Duration = Duration::from_secs(1);
 /// The relay's loop: an [`EventLoop`] running a [`Relay`].
 pub type RelayLoop = EventLoop<Relay>;
 
+/// How a loop paces its fan-outs (`--fanout-slice`, `--send-backlog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutLimits {
+    /// Member-list positions one fan-out visits before the loop reads
+    /// again.
+    pub slice: usize,
+    /// Bytes of parked fan-outs a loop keeps (payloads and their entries).
+    pub backlog: usize,
+}
+
+impl Default for FanoutLimits {
+    fn default() -> FanoutLimits {
+        FanoutLimits {
+            slice: crate::config::DEFAULT_FANOUT_SLICE,
+            backlog: crate::config::DEFAULT_SEND_BACKLOG,
+        }
+    }
+}
+
 /// The relay service: a hub, and the means to carry out what it decides.
 pub struct Relay {
     /// The state machine.
     hub: Hub,
-    /// `sendmmsg` state for fan-outs.
-    fanout: FanoutSender,
+    /// Fan-outs: the syscalls, the backlog, the pacing.
+    sending: Sending,
     /// Answers queued in this batch (`^room^`, `^denied^`, `^timeout^`),
     /// sent together: a join storm answers 64 joins per syscall.
     replies: Replies,
-    /// Throttles send-error logging.
-    send_errors: RateLimitedLog,
     /// The cluster bridge, with `--cluster`.
     cluster: Option<Bus>,
     /// New settings from a reload (SIGHUP), once asked for.
@@ -74,14 +107,18 @@ impl Relay {
     pub fn starting_at(config: &HubConfig, start: Instant) -> Relay {
         Relay {
             hub: Hub::new(config, start),
-            fanout: FanoutSender::default(),
+            sending: Sending::new(FanoutLimits::default()),
             replies: Replies::new(64),
-            send_errors: RateLimitedLog::default(),
             cluster: None,
             reloads: None,
             siblings: None,
             census: None,
         }
+    }
+
+    /// Paces fan-outs by `limits` (call before any datagram).
+    pub fn set_fanout_limits(&mut self, limits: FanoutLimits) {
+        self.sending = Sending::new(limits);
     }
 
     /// Counts clients together with the other loops (the caps are the
@@ -152,6 +189,171 @@ impl Relay {
 fn count(report: Report, counts: &mut Counts, send_errors: &mut RateLimitedLog) {
     if let Some(e) = report.add_to(counts) {
         send_errors.warn("sendmmsg", &e);
+    }
+}
+
+/// Counts `n` deliveries a fan-out owed as dropped for `reason`.
+fn drop_owed(counts: &mut Counts, reason: DeliveryDrop, n: u64) {
+    counts.recipients += n;
+    counts.delivery_dropped[reason.index()] += n;
+}
+
+/// What fans messages out: the syscalls, the backlog of fan-outs not yet
+/// finished, and how they are paced. Apart from the hub, so the cluster's
+/// and the other loops' messages can be fanned out while the hub is
+/// borrowed for their recipients.
+struct Sending {
+    /// `sendmmsg` state.
+    fanout: FanoutSender,
+    /// Fan-outs parked: sliced, or stopped by a full buffer.
+    backlog: Backlog,
+    /// `--fanout-slice`.
+    slice: usize,
+    /// The kernel said its send buffer was full and the socket has not
+    /// been tried since: new fan-outs park at once rather than make a
+    /// syscall sure to fail.
+    blocked: bool,
+    /// Throttles send-error logging.
+    errors: RateLimitedLog,
+}
+
+impl Sending {
+    fn new(limits: FanoutLimits) -> Sending {
+        Sending {
+            fanout: FanoutSender::default(),
+            backlog: Backlog::new(limits.backlog),
+            slice: limits.slice.max(1),
+            blocked: false,
+            errors: RateLimitedLog::default(),
+        }
+    }
+
+    /// A new fan-out of `payload` to `recipients`: its first slice now,
+    /// unless its room has one parked (then it queues behind, in order) or
+    /// the buffer is known full; what is left is parked. Returns the
+    /// position to set the room's cursor to, if it was parked part-way.
+    fn start(
+        &mut self,
+        io: &mut Io<'_>,
+        id: FanoutId,
+        payload: &[u8],
+        recipients: &mut Recipients<'_>,
+    ) -> Option<u32> {
+        let parked = |started| Parked {
+            id,
+            payload: Box::from(payload),
+            received_at: io.received_at,
+            started,
+        };
+        if self.blocked || self.backlog.has(id.room) {
+            io.counts.fanouts_parked += 1;
+            if let Err(refused) = self.backlog.push(parked(false)) {
+                let owed = recipients.owed_from(recipients.next_position());
+                drop_owed(io.counts, DeliveryDrop::BacklogFull, owed);
+                drop(refused);
+            }
+            return None;
+        }
+        let (report, end) = self
+            .fanout
+            .send_slice(io.fd, io.sources, payload, recipients, self.slice);
+        count(report, io.counts, &mut self.errors);
+        let at = match end {
+            SliceEnd::Done => {
+                io.counts
+                    .fanout_seconds
+                    .push(io.received_at.elapsed().as_secs_f64());
+                return None;
+            }
+            SliceEnd::Full(at) => {
+                self.blocked = true;
+                io.counts.send_buffer_full += 1;
+                at
+            }
+            SliceEnd::Sliced(at) => at,
+        };
+        io.counts.fanouts_parked += 1;
+        match self.backlog.push(parked(true)) {
+            Ok(()) => Some(at),
+            Err(_) => {
+                drop_owed(
+                    io.counts,
+                    DeliveryDrop::BacklogFull,
+                    recipients.owed_from(at),
+                );
+                None
+            }
+        }
+    }
+
+    /// Continues the parked fan-outs, rooms in turn, for up to one slice
+    /// of member-list positions in all.
+    fn resume(&mut self, hub: &mut Hub, io: &mut Io<'_>) -> Pending {
+        if self.backlog.is_empty() {
+            return Pending::Idle;
+        }
+        self.blocked = false;
+        let now = Instant::now();
+        let mut budget = self.slice;
+        while budget > 0 {
+            let Some(head) = self.backlog.front() else {
+                break;
+            };
+            head.started = true;
+            let (id, received_at) = (head.id, head.received_at);
+            let Some(mut recipients) = hub.resume_fanout(now, id) else {
+                // The room closed since: every member left, nobody is owed.
+                self.backlog.pop_front();
+                continue;
+            };
+            let visiting = recipients.remaining();
+            let (report, end) =
+                self.fanout
+                    .send_slice(io.fd, io.sources, &head.payload, &mut recipients, budget);
+            count(report, io.counts, &mut self.errors);
+            match end {
+                SliceEnd::Done => {
+                    io.counts
+                        .fanout_seconds
+                        .push(received_at.elapsed().as_secs_f64());
+                    hub.set_fanout_cursor(id.room, None);
+                    self.backlog.pop_front();
+                    budget = budget.saturating_sub(visiting.max(1));
+                }
+                SliceEnd::Full(at) => {
+                    hub.set_fanout_cursor(id.room, Some(at));
+                    self.blocked = true;
+                    io.counts.send_buffer_full += 1;
+                    return Pending::Blocked;
+                }
+                SliceEnd::Sliced(at) => {
+                    hub.set_fanout_cursor(id.room, Some(at));
+                    self.backlog.next_turn();
+                    break;
+                }
+            }
+        }
+        if self.backlog.is_empty() {
+            Pending::Idle
+        } else {
+            Pending::More
+        }
+    }
+
+    /// Drops every parked fan-out (the relay is stopping), counting what
+    /// each still owed as `shutdown`. Returns how many deliveries.
+    fn abandon(&mut self, hub: &mut Hub, counts: &mut Counts) -> u64 {
+        let now = Instant::now();
+        let mut total = 0;
+        while let Some(parked) = self.backlog.pop_front() {
+            if let Some(recipients) = hub.resume_fanout(now, parked.id) {
+                let owed = recipients.owed_from(recipients.next_position());
+                drop_owed(counts, DeliveryDrop::Shutdown, owed);
+                total += owed;
+            }
+            hub.set_fanout_cursor(parked.id.room, None);
+        }
+        total
     }
 }
 
@@ -315,12 +517,14 @@ fn build(
         None => Instant::now(),
     };
     let mut loops = Vec::with_capacity(threads);
+    let limits = FanoutLimits {
+        slice: config.fanout_slice,
+        backlog: config.send_backlog,
+    };
     for b in members {
-        loops.push(EventLoop::new(
-            b,
-            config.max_datagram,
-            Relay::starting_at(&hub, start),
-        )?);
+        let mut relay = Relay::starting_at(&hub, start);
+        relay.set_fanout_limits(limits);
+        loops.push(EventLoop::new(b, config.max_datagram, relay)?);
     }
     if threads > 1 {
         let census = SharedCensus::default();
@@ -410,16 +614,12 @@ impl Service for Relay {
         self.hub.set_unix_time(io.unix_secs);
         match self.hub.handle(io.received_at, arrival, io.counts) {
             Effect::Nothing => {}
-            Effect::Fanout(out) => {
+            Effect::Fanout(mut out) => {
                 // Replies queued earlier in this batch go first, so none is
                 // overtaken by a later message to the same client.
-                self.replies.flush(io, &mut self.send_errors);
-                let (room, payload) = (out.room_name, out.payload);
-                let report = self.fanout.send(io.fd, io.sources, payload, out.recipients);
-                count(report, io.counts, &mut self.send_errors);
-                io.counts
-                    .fanout_seconds
-                    .push(io.received_at.elapsed().as_secs_f64());
+                self.replies.flush(io, &mut self.sending.errors);
+                let (room, payload, id) = (out.room_name, out.payload, out.id);
+                let cursor = self.sending.start(io, id, payload, &mut out.recipients);
                 // Rendered once, here; every other loop and node fans out
                 // these bytes.
                 if let Some(siblings) = &mut self.siblings {
@@ -428,9 +628,12 @@ impl Service for Relay {
                 if let Some(bus) = &mut self.cluster {
                     bus.publish(room, payload);
                 }
+                if let Some(at) = cursor {
+                    self.hub.set_fanout_cursor(id.room, Some(at));
+                }
             }
             Effect::Reply { to, bytes } => {
-                self.replies.push(to, bytes, io, &mut self.send_errors);
+                self.replies.push(to, bytes, io, &mut self.sending.errors);
             }
         }
     }
@@ -445,11 +648,13 @@ impl Service for Relay {
         if self.cluster.is_some() || self.siblings.is_some() {
             for change in self.hub.take_room_changes() {
                 match change {
+                    // The lobby's news is for the other loops only: the
+                    // bridge subscribes to the lobby always.
                     RoomChange::Opened(name) => {
                         if let Some(s) = &mut self.siblings {
                             s.room_opened(&name);
                         }
-                        if let Some(bus) = &mut self.cluster {
+                        if let Some(bus) = self.cluster.as_mut().filter(|_| !name.is_empty()) {
                             bus.room_opened(&name);
                         }
                     }
@@ -457,7 +662,7 @@ impl Service for Relay {
                         if let Some(s) = &mut self.siblings {
                             s.room_closed(&name);
                         }
-                        if let Some(bus) = &mut self.cluster {
+                        if let Some(bus) = self.cluster.as_mut().filter(|_| !name.is_empty()) {
                             bus.room_closed(&name);
                         }
                     }
@@ -471,7 +676,7 @@ impl Service for Relay {
         if let Some(bus) = &mut self.cluster {
             bus.flush();
         }
-        self.replies.flush(io, &mut self.send_errors);
+        self.replies.flush(io, &mut self.sending.errors);
     }
 
     /// New settings from a reload, applied between two batches; then
@@ -482,14 +687,16 @@ impl Service for Relay {
             self.hub.reconfigure(&config);
         }
         let now = Instant::now();
-        let (hub, fanout, errors) = (&self.hub, &mut self.fanout, &mut self.send_errors);
+        let (hub, sending) = (&mut self.hub, &mut self.sending);
         let mut fan_out = |room: &[u8], body: &[u8]| {
             let Some(room) = hub.find_room(room) else {
                 return;
             };
-            let out = hub.relay_from_elsewhere(now, room, body);
-            let report = fanout.send(io.fd, io.sources, out.payload, out.recipients);
-            count(report, io.counts, errors);
+            let mut out = hub.relay_from_elsewhere(now, room, body);
+            let id = out.id;
+            if let Some(at) = sending.start(io, id, out.payload, &mut out.recipients) {
+                hub.set_fanout_cursor(id.room, Some(at));
+            }
         };
         if let Some(siblings) = &mut self.siblings {
             siblings.drain(&mut fan_out);
@@ -515,13 +722,26 @@ impl Service for Relay {
         self.hub.next_timer()
     }
 
+    /// Continues the parked fan-outs for one slice.
+    fn resume(&mut self, io: &mut Io<'_>) -> Pending {
+        self.sending.resume(&mut self.hub, io)
+    }
+
     /// Sends `bye` to every live client and empties the table. A send
     /// buffer left full by the fan-out the signal interrupted is waited out
     /// (up to [`BYE_PATIENCE`] without progress): nothing is read any more,
     /// and every member is owed its one `bye`.
     fn shutdown(&mut self, io: &mut Io<'_>) {
+        let abandoned = self.sending.abandon(&mut self.hub, io.counts);
+        if abandoned > 0 {
+            tracing::info!(
+                event = "backlog_dropped",
+                deliveries = abandoned,
+                "dropped {abandoned} parked deliveries to say bye at once"
+            );
+        }
         let now = Instant::now();
-        let report = self.fanout.send_patiently(
+        let report = self.sending.fanout.send_patiently(
             io.fd,
             io.sources,
             self.hub.goodbye(),
@@ -537,7 +757,7 @@ impl Service for Relay {
             if report.delivered == 1 { "" } else { "s" },
             report.dropped.iter().sum::<u64>()
         );
-        count(report, io.counts, &mut self.send_errors);
+        count(report, io.counts, &mut self.sending.errors);
         self.hub.clear();
     }
 

@@ -6,7 +6,7 @@
 //! source to one socket, so a client belongs to one shard and nothing
 //! about it is shared. What crosses shards is a message for a room with
 //! members elsewhere: the shard that received it renders it once into a
-//! shared, immutable buffer ([`Handoff`], one allocation whatever the
+//! shared, immutable buffer ([`Handoff`], one copy whatever the
 //! number of shards) and queues a reference to it for every other shard
 //! that has members in that room, through a bounded single-producer queue
 //! per pair of shards, waking each such shard once per batch, not per
@@ -18,8 +18,10 @@
 //! room opens or closes says so to every other shard before it answers the
 //! joins, through an [`Interest`] per ordered pair (coalesced per room, so
 //! it is bounded by the rooms open and never loses an "opened"); every
-//! shard reads that news before each hand-off. The lobby counts as open
-//! everywhere. The caps are counted across shards by
+//! shard reads that news before each hand-off. The lobby is told the same
+//! way, as it gets its first member on a shard and loses its last, so a
+//! lobby message goes only to the shards with lobby members. The caps are
+//! counted across shards by
 //! [`crate::runtime::census::SharedCensus`].
 //!
 //! A full queue drops the message for that shard and counts it
@@ -67,20 +69,24 @@ pub const MAX_SHARDS: usize = 64;
 /// room's name (empty: the lobby) followed by the payload.
 #[derive(Debug, Clone)]
 pub struct Handoff {
-    /// `name ++ payload`, in one allocation.
-    bytes: Arc<[u8]>,
+    /// `name ++ payload`, written once.
+    bytes: Arc<Vec<u8>>,
     /// Where the name ends.
     name_len: usize,
 }
 
 impl Handoff {
-    /// Copies `name` and `payload` into one shared buffer.
+    /// Copies `name` and `payload` into one shared buffer, once: the `Vec`
+    /// moves into its `Arc` (24 bytes), where a `Vec` turned into an
+    /// `Arc<[u8]>` would be copied again, and collecting the two slices
+    /// straight into an `Arc<[u8]>` copies byte by byte (10x slower at
+    /// 1,200 B, docs/BENCHMARKS.md).
     pub fn new(name: &[u8], payload: &[u8]) -> Handoff {
         let mut bytes = Vec::with_capacity(name.len() + payload.len());
         bytes.extend_from_slice(name);
         bytes.extend_from_slice(payload);
         Handoff {
-            bytes: bytes.into(),
+            bytes: Arc::new(bytes),
             name_len: name.len(),
         }
     }
@@ -240,20 +246,16 @@ impl Siblings {
     }
 
     /// Queues `message` for every other shard with members in its room
-    /// (every one, for the lobby). A full queue drops it for that shard and
-    /// counts the drop as one recipient dropped, so the delivery invariant
-    /// still holds.
+    /// (the lobby included: only where it has members). A full queue drops
+    /// it for that shard and counts the drop as one recipient dropped, so
+    /// the delivery invariant still holds.
     pub fn hand_off(&mut self, room: &[u8], payload: &[u8], counts: &mut Counts) {
         // The latest news first (an empty channel costs a load): a room a
         // member just joined on another loop is sent to at once.
         self.take_news();
-        let mask = if room.is_empty() {
-            u64::MAX
-        } else {
-            match self.rooms.get(room) {
-                Some(&mask) => mask,
-                None => return,
-            }
+        let mask = match self.rooms.get(room) {
+            Some(&mask) => mask,
+            None => return,
         };
         let mut message = None;
         for peer in &mut self.peers {
@@ -381,14 +383,18 @@ mod tests {
     }
 
     #[test]
-    fn lobby_messages_go_to_every_other_shard_in_order() {
-        let (_polls, mut s) = wired(3);
+    fn lobby_messages_go_to_every_other_shard_with_lobby_members_in_order() {
+        let (_polls, mut s) = wired(4);
         let mut counts = Counts::default();
+        for other in [1, 2] {
+            s[other].room_opened(b"");
+        }
         for m in [&b"one"[..], b"two", b"three"] {
             s[0].hand_off(b"", m, &mut counts);
         }
         s[0].wake();
         assert!(drained(&mut s[0]).is_empty(), "never to itself");
+        assert!(drained(&mut s[3]).is_empty(), "no lobby member there");
         for other in [1, 2] {
             let got: Vec<Vec<u8>> = drained(&mut s[other]).into_iter().map(|m| m.1).collect();
             assert_eq!(
@@ -420,6 +426,7 @@ mod tests {
     fn a_full_queue_drops_and_counts_and_never_blocks() {
         let (_polls, mut s) = wired(2);
         let mut counts = Counts::default();
+        s[1].room_opened(b"");
         for i in 0..SHARD_QUEUE + 10 {
             s[0].hand_off(b"", format!("{i}").as_bytes(), &mut counts);
         }
@@ -435,6 +442,7 @@ mod tests {
     fn a_drain_stops_at_its_budget_and_takes_turns() {
         let (_polls, mut s) = wired(3);
         let mut counts = Counts::default();
+        s[2].room_opened(b"");
         for i in 0..DRAIN_BUDGET {
             s[0].hand_off(b"", format!("a{i}").as_bytes(), &mut counts);
             s[1].hand_off(b"", format!("b{i}").as_bytes(), &mut counts);
