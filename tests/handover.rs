@@ -424,3 +424,50 @@ fn the_new_process_is_healthy_and_ready_after_a_hand_over() {
     );
     assert_eq!(new.metric("udphub_clients"), 2.0);
 }
+
+/// How long the old relay gives a peer for one step (the hello):
+/// `udphub::runtime::handover::STEP_TIMEOUT`.
+const STEP: Duration = Duration::from_secs(5);
+
+/// A peer on the control socket that trickles its hello a byte at a
+/// time, each within the step's timeout, holds the old relay's supervisor
+/// no longer than one step: a SIGTERM sent meanwhile is honoured within
+/// it, not once the peer is done.
+#[test]
+fn a_hello_trickled_a_byte_at_a_time_holds_the_relay_one_step_at_most() {
+    let ctl = control_path("trickle");
+    let mut relay = old_relay(&ctl, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let (ctl, stop) = (ctl.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut conn = UnixStream::connect(&ctl).unwrap();
+            // A hello of 200 bytes, one every 300 ms: a minute in all.
+            let mut frame = vec![b'H'];
+            frame.extend_from_slice(&200u64.to_le_bytes());
+            frame.extend(std::iter::repeat_n(b'x', 200));
+            for b in frame {
+                if stop.load(Ordering::SeqCst) || conn.write_all(&[b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    relay.signal("TERM");
+    let deadline = Instant::now() + STEP + PATIENCE;
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!("a trickled hello kept the relay from honouring SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, Ordering::SeqCst);
+    assert!(status.success(), "{status}");
+    trickler.join().unwrap();
+}
