@@ -471,3 +471,57 @@ fn a_hello_trickled_a_byte_at_a_time_holds_the_relay_one_step_at_most() {
     assert!(status.success(), "{status}");
     trickler.join().unwrap();
 }
+
+/// Peers that keep the control socket busy (each connects, says nothing
+/// until the relay gives up on it, and connects again) cannot hold a
+/// SIGTERM back: the relay looks at its signals between two of them.
+#[test]
+fn peers_that_keep_connecting_cannot_hold_a_sigterm_back() {
+    let ctl = control_path("busy");
+    let mut relay = old_relay(&ctl, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let peers: Vec<_> = (0..3)
+        .map(|_| {
+            let (ctl, stop) = (ctl.clone(), Arc::clone(&stop));
+            let connected = Arc::clone(&connected);
+            thread::spawn(move || {
+                for _ in 0..20 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut conn) = UnixStream::connect(&ctl) else {
+                        return;
+                    };
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    conn.set_read_timeout(Some(STEP + PATIENCE)).unwrap();
+                    // Silent until the relay refuses and closes.
+                    let _ = conn.read_to_end(&mut Vec::new());
+                }
+            })
+        })
+        .collect();
+    // Every peer waiting (the relay busy with the first) when it is told.
+    let deadline = Instant::now() + PATIENCE;
+    while connected.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the peers never connected");
+        thread::sleep(Duration::from_millis(10));
+    }
+    relay.signal("TERM");
+    let deadline = Instant::now() + STEP + PATIENCE;
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!("peers on the control socket kept the relay from honouring SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, Ordering::SeqCst);
+    assert!(status.success(), "{status}");
+    for p in peers {
+        p.join().unwrap();
+    }
+}

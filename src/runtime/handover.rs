@@ -247,6 +247,9 @@ pub struct Control {
     threads: usize,
     /// With `--cluster`, hand-overs are refused (not supported yet).
     cluster: bool,
+    /// More connections may be waiting: [`Control::accept`] serves one
+    /// at a time, and the supervisor comes back for the next.
+    pending: bool,
 }
 
 /// How a hand-over attempt ended, for the supervisor.
@@ -318,6 +321,7 @@ impl Control {
             local,
             threads: config.loops(),
             cluster: config.cluster.is_some(),
+            pending: false,
         })
     }
 
@@ -353,26 +357,37 @@ impl Control {
         None
     }
 
-    /// Serves every connection waiting on the control socket; returns
-    /// [`Outcome::HandedOver`] as soon as one took the relay over.
+    /// Serves the next connection waiting on the control socket, if any.
+    /// One per call, so that the supervisor looks at its signals between
+    /// two (each may take up to [`STEP_TIMEOUT`]): peers that keep
+    /// connecting cannot hold a SIGTERM back. [`Control::pending`] says
+    /// whether to call again without waiting for the listener's next
+    /// readiness (edge-triggered: it comes only with a new connection).
     pub fn accept(&mut self, loops: &[PauseHandle], reports: &Receiver<PauseReport>) -> Outcome {
-        let mut outcome = Outcome::Refused;
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    outcome = self.hand_over(UnixStream::from(stream), loops, reports);
-                    if outcome == Outcome::HandedOver {
-                        return outcome;
-                    }
+                    self.pending = true;
+                    return self.hand_over(UnixStream::from(stream), loops, reports);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return outcome,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.pending = false;
+                    return Outcome::Refused;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    // Tried again at the next wake-up, not in a busy loop.
+                    self.pending = false;
                     tracing::warn!("control socket: accept failed: {e}");
-                    return outcome;
+                    return Outcome::Refused;
                 }
             }
         }
+    }
+
+    /// Whether more connections may be waiting (see [`Control::accept`]).
+    pub fn pending(&self) -> bool {
+        self.pending
     }
 
     fn hand_over(
