@@ -525,3 +525,61 @@ fn peers_that_keep_connecting_cannot_hold_a_sigterm_back() {
         p.join().unwrap();
     }
 }
+
+/// Another user's process cannot take the relay over, even where the
+/// control socket's mode lets it connect (an operator loosened it, or the
+/// moment between the bind and the chmod under a permissive umask): the
+/// old relay refuses it, naming its uid, and serves on; the new process
+/// (which checks the old one the same way) exits 2 saying why.
+#[test]
+fn another_users_process_cannot_take_the_relay_over() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a process as another user");
+        return;
+    }
+    let ctl = control_path("uid");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 2);
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut other = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(relay.addr.to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .uid(65534)
+        .gid(65534)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = other.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = other.kill();
+            let _ = other.wait();
+            panic!("another user's process took the relay over and serves");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    other
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("uid 0"), "{stderr}");
+    let refused = relay.expect_log("hand-over refused");
+    assert!(refused.contains("uid 65534"), "{refused}");
+    clients[0].send_to(b"still ours", relay.addr).unwrap();
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still ours");
+    }
+}

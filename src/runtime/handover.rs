@@ -222,6 +222,29 @@ fn write_all_by(stream: &mut UnixStream, buf: &[u8], deadline: Instant) -> io::R
     Ok(())
 }
 
+/// Checks that the process at the other end of `stream` runs as this
+/// process's user. The control socket's mode 0600 is the first guard, but
+/// it is set just after the bind (for that moment the socket follows the
+/// umask) and an operator may loosen it or its directory; and the new
+/// process connects to whatever listens at `--takeover PATH`. Another
+/// user's process would otherwise get the relay's sockets, its members
+/// and its cookie key, or feed a new process members and a key of its
+/// choosing.
+fn same_user(stream: &UnixStream) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials)
+        .map_err(|e| format!("cannot tell which user the other end runs as: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "the process at the other end runs as uid {}, this one as uid {me}: hand over only between processes of one user (run the new process as the relay's user)",
+            peer.uid()
+        ))
+    }
+}
+
 fn timeouts(stream: &UnixStream, step: Duration) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(step))?;
@@ -402,11 +425,12 @@ impl Control {
         }
         // The whole hello within one step, however it is sliced.
         let deadline = Instant::now() + STEP_TIMEOUT;
-        let peer = match read_frame(&mut stream, MAX_TEXT, deadline) {
-            Ok((HELLO, hello)) => Identity::decode(&hello),
-            Ok(_) => Err("not a hand-over hello".to_string()),
-            Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
-        };
+        let peer =
+            same_user(&stream).and_then(|()| match read_frame(&mut stream, MAX_TEXT, deadline) {
+                Ok((HELLO, hello)) => Identity::decode(&hello),
+                Ok(_) => Err("not a hand-over hello".to_string()),
+                Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
+            });
         let refusal = match &peer {
             Ok(peer) => self.refusal(peer),
             Err(why) => Some(why.clone()),
@@ -590,6 +614,12 @@ pub fn request(path: &Path, identity: &Identity, max_clients: usize) -> Result<O
         Error::Config(format!(
             "--takeover {}: cannot connect ({e}); is a udphub serving with --control {}?",
             path.display(),
+            path.display()
+        ))
+    })?;
+    same_user(&stream).map_err(|why| {
+        Error::Config(format!(
+            "--takeover {}: not taking over: {why}",
             path.display()
         ))
     })?;
