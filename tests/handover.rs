@@ -583,3 +583,60 @@ fn another_users_process_cannot_take_the_relay_over() {
         assert_eq!(&buf[..n], b"still ours");
     }
 }
+
+/// An offer whose sockets and loop states do not match (here: no socket
+/// at all for one loop) is refused as broken, without advice to change a
+/// setting that would not help (`--threads 0`); the old side is told.
+#[test]
+fn an_offer_without_sockets_is_refused_as_broken() {
+    use std::os::unix::net::UnixListener;
+    use udphub::core::snapshot::{encode, LoopState, Snapshot};
+    let ctl = control_path("broken");
+    let listener = UnixListener::bind(&ctl).unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut new = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(udp.local_addr().unwrap().to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'H');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    conn.read_exact(&mut vec![0u8; len as usize]).unwrap();
+    let snapshot = encode(&Snapshot {
+        cookie: None,
+        loops: vec![LoopState::default()],
+    });
+    let mut offer = vec![b'O'];
+    offer.extend_from_slice(&(snapshot.len() as u64).to_le_bytes());
+    offer.extend_from_slice(&snapshot);
+    conn.write_all(&offer).unwrap();
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'F', "the old side is told the new one failed");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = new.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the new process did not exit");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    new.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("broken offer") && !stderr.contains("--threads 0"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&ctl);
+}
