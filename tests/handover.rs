@@ -424,3 +424,219 @@ fn the_new_process_is_healthy_and_ready_after_a_hand_over() {
     );
     assert_eq!(new.metric("udphub_clients"), 2.0);
 }
+
+/// How long the old relay gives a peer for one step (the hello):
+/// `udphub::runtime::handover::STEP_TIMEOUT`.
+const STEP: Duration = Duration::from_secs(5);
+
+/// A peer on the control socket that trickles its hello a byte at a
+/// time, each within the step's timeout, holds the old relay's supervisor
+/// no longer than one step: a SIGTERM sent meanwhile is honoured within
+/// it, not once the peer is done.
+#[test]
+fn a_hello_trickled_a_byte_at_a_time_holds_the_relay_one_step_at_most() {
+    let ctl = control_path("trickle");
+    let mut relay = old_relay(&ctl, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let (ctl, stop) = (ctl.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut conn = UnixStream::connect(&ctl).unwrap();
+            // A hello of 200 bytes, one every 300 ms: a minute in all.
+            let mut frame = vec![b'H'];
+            frame.extend_from_slice(&200u64.to_le_bytes());
+            frame.extend(std::iter::repeat_n(b'x', 200));
+            for b in frame {
+                if stop.load(Ordering::SeqCst) || conn.write_all(&[b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    relay.signal("TERM");
+    let deadline = Instant::now() + STEP + PATIENCE;
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!("a trickled hello kept the relay from honouring SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, Ordering::SeqCst);
+    assert!(status.success(), "{status}");
+    trickler.join().unwrap();
+}
+
+/// Peers that keep the control socket busy (each connects, says nothing
+/// until the relay gives up on it, and connects again) cannot hold a
+/// SIGTERM back: the relay looks at its signals between two of them.
+#[test]
+fn peers_that_keep_connecting_cannot_hold_a_sigterm_back() {
+    let ctl = control_path("busy");
+    let mut relay = old_relay(&ctl, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let peers: Vec<_> = (0..3)
+        .map(|_| {
+            let (ctl, stop) = (ctl.clone(), Arc::clone(&stop));
+            let connected = Arc::clone(&connected);
+            thread::spawn(move || {
+                for _ in 0..20 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut conn) = UnixStream::connect(&ctl) else {
+                        return;
+                    };
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    conn.set_read_timeout(Some(STEP + PATIENCE)).unwrap();
+                    // Silent until the relay refuses and closes.
+                    let _ = conn.read_to_end(&mut Vec::new());
+                }
+            })
+        })
+        .collect();
+    // Every peer waiting (the relay busy with the first) when it is told.
+    let deadline = Instant::now() + PATIENCE;
+    while connected.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the peers never connected");
+        thread::sleep(Duration::from_millis(10));
+    }
+    relay.signal("TERM");
+    let deadline = Instant::now() + STEP + PATIENCE;
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!("peers on the control socket kept the relay from honouring SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, Ordering::SeqCst);
+    assert!(status.success(), "{status}");
+    for p in peers {
+        p.join().unwrap();
+    }
+}
+
+/// Another user's process cannot take the relay over, even where the
+/// control socket's mode lets it connect (an operator loosened it, or the
+/// moment between the bind and the chmod under a permissive umask): the
+/// old relay refuses it, naming its uid, and serves on; the new process
+/// (which checks the old one the same way) exits 2 saying why.
+#[test]
+fn another_users_process_cannot_take_the_relay_over() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a process as another user");
+        return;
+    }
+    let ctl = control_path("uid");
+    let relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 2);
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut other = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(relay.addr.to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .uid(65534)
+        .gid(65534)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = other.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = other.kill();
+            let _ = other.wait();
+            panic!("another user's process took the relay over and serves");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    other
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("uid 0"), "{stderr}");
+    let refused = relay.expect_log("hand-over refused");
+    assert!(refused.contains("uid 65534"), "{refused}");
+    clients[0].send_to(b"still ours", relay.addr).unwrap();
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still ours");
+    }
+}
+
+/// An offer whose sockets and loop states do not match (here: no socket
+/// at all for one loop) is refused as broken, without advice to change a
+/// setting that would not help (`--threads 0`); the old side is told.
+#[test]
+fn an_offer_without_sockets_is_refused_as_broken() {
+    use std::os::unix::net::UnixListener;
+    use udphub::core::snapshot::{encode, LoopState, Snapshot};
+    let ctl = control_path("broken");
+    let listener = UnixListener::bind(&ctl).unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut new = Command::new(udphub_bin())
+        .args(["serve", "--metrics", "off", "--bind"])
+        .arg(udp.local_addr().unwrap().to_string())
+        .arg("--takeover")
+        .arg(&ctl)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'H');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    conn.read_exact(&mut vec![0u8; len as usize]).unwrap();
+    let snapshot = encode(&Snapshot {
+        cookie: None,
+        loops: vec![LoopState::default()],
+    });
+    let mut offer = vec![b'O'];
+    offer.extend_from_slice(&(snapshot.len() as u64).to_le_bytes());
+    offer.extend_from_slice(&snapshot);
+    conn.write_all(&offer).unwrap();
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'F', "the old side is told the new one failed");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = new.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the new process did not exit");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    new.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("broken offer") && !stderr.contains("--threads 0"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&ctl);
+}

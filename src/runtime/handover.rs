@@ -139,18 +139,24 @@ impl Identity {
     }
 }
 
-fn write_frame(stream: &mut UnixStream, tag: u8, payload: &[u8]) -> io::Result<()> {
+/// Writes a frame, all of it by `deadline`.
+fn write_frame(
+    stream: &mut UnixStream,
+    tag: u8,
+    payload: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
     let mut frame = Vec::with_capacity(FRAME_HEAD + payload.len());
     frame.push(tag);
     frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     frame.extend_from_slice(payload);
-    stream.write_all(&frame)
+    write_all_by(stream, &frame, deadline)
 }
 
-/// Reads a frame of at most `max` bytes.
-fn read_frame(stream: &mut UnixStream, max: u64) -> io::Result<(u8, Vec<u8>)> {
+/// Reads a frame of at most `max` bytes, all of it by `deadline`.
+fn read_frame(stream: &mut UnixStream, max: u64, deadline: Instant) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; FRAME_HEAD];
-    stream.read_exact(&mut head)?;
+    read_exact_by(stream, &mut head, deadline)?;
     let len = u64::from_le_bytes([
         head[1], head[2], head[3], head[4], head[5], head[6], head[7], head[8],
     ]);
@@ -161,8 +167,82 @@ fn read_frame(stream: &mut UnixStream, max: u64) -> io::Result<(u8, Vec<u8>)> {
         ));
     }
     let mut payload = vec![0u8; len as usize];
-    stream.read_exact(&mut payload)?;
+    read_exact_by(stream, &mut payload, deadline)?;
     Ok((head[0], payload))
+}
+
+/// The time left until `deadline`, or a timeout error once it passed.
+fn left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer took longer than its step allows",
+        ));
+    }
+    Ok(left)
+}
+
+/// `read_exact`, done by `deadline`: the socket's timeout bounds each
+/// read, so a peer that trickles a byte at a time would otherwise hold
+/// the reader (the old relay's supervisor: signals wait, and the loops
+/// stay paused) for as many timeouts as it has bytes to send.
+fn read_exact_by(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        stream.set_read_timeout(Some(left(deadline)?))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all`, done by `deadline` (a peer that reads a little at a time
+/// holds the writer no longer than one that reads nothing).
+fn write_all_by(stream: &mut UnixStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        stream.set_write_timeout(Some(left(deadline)?))?;
+        match stream.write(&buf[sent..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the process at the other end of `stream` runs as this
+/// process's user. The control socket's mode 0600 is the first guard, but
+/// it is set just after the bind (for that moment the socket follows the
+/// umask) and an operator may loosen it or its directory; and the new
+/// process connects to whatever listens at `--takeover PATH`. Another
+/// user's process would otherwise get the relay's sockets, its members
+/// and its cookie key, or feed a new process members and a key of its
+/// choosing.
+fn same_user(stream: &UnixStream) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials)
+        .map_err(|e| format!("cannot tell which user the other end runs as: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "the process at the other end runs as uid {}, this one as uid {me}: hand over only between processes of one user (run the new process as the relay's user)",
+            peer.uid()
+        ))
+    }
 }
 
 fn timeouts(stream: &UnixStream, step: Duration) -> io::Result<()> {
@@ -190,6 +270,9 @@ pub struct Control {
     threads: usize,
     /// With `--cluster`, hand-overs are refused (not supported yet).
     cluster: bool,
+    /// More connections may be waiting: [`Control::accept`] serves one
+    /// at a time, and the supervisor comes back for the next.
+    pending: bool,
 }
 
 /// How a hand-over attempt ended, for the supervisor.
@@ -261,6 +344,7 @@ impl Control {
             local,
             threads: config.loops(),
             cluster: config.cluster.is_some(),
+            pending: false,
         })
     }
 
@@ -296,26 +380,37 @@ impl Control {
         None
     }
 
-    /// Serves every connection waiting on the control socket; returns
-    /// [`Outcome::HandedOver`] as soon as one took the relay over.
+    /// Serves the next connection waiting on the control socket, if any.
+    /// One per call, so that the supervisor looks at its signals between
+    /// two (each may take up to [`STEP_TIMEOUT`]): peers that keep
+    /// connecting cannot hold a SIGTERM back. [`Control::pending`] says
+    /// whether to call again without waiting for the listener's next
+    /// readiness (edge-triggered: it comes only with a new connection).
     pub fn accept(&mut self, loops: &[PauseHandle], reports: &Receiver<PauseReport>) -> Outcome {
-        let mut outcome = Outcome::Refused;
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    outcome = self.hand_over(UnixStream::from(stream), loops, reports);
-                    if outcome == Outcome::HandedOver {
-                        return outcome;
-                    }
+                    self.pending = true;
+                    return self.hand_over(UnixStream::from(stream), loops, reports);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return outcome,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.pending = false;
+                    return Outcome::Refused;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    // Tried again at the next wake-up, not in a busy loop.
+                    self.pending = false;
                     tracing::warn!("control socket: accept failed: {e}");
-                    return outcome;
+                    return Outcome::Refused;
                 }
             }
         }
+    }
+
+    /// Whether more connections may be waiting (see [`Control::accept`]).
+    pub fn pending(&self) -> bool {
+        self.pending
     }
 
     fn hand_over(
@@ -328,11 +423,14 @@ impl Control {
             tracing::warn!("control socket: {e}");
             return Outcome::Refused;
         }
-        let peer = match read_frame(&mut stream, MAX_TEXT) {
-            Ok((HELLO, hello)) => Identity::decode(&hello),
-            Ok(_) => Err("not a hand-over hello".to_string()),
-            Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
-        };
+        // The whole hello within one step, however it is sliced.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let peer =
+            same_user(&stream).and_then(|()| match read_frame(&mut stream, MAX_TEXT, deadline) {
+                Ok((HELLO, hello)) => Identity::decode(&hello),
+                Ok(_) => Err("not a hand-over hello".to_string()),
+                Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
+            });
         let refusal = match &peer {
             Ok(peer) => self.refusal(peer),
             Err(why) => Some(why.clone()),
@@ -340,7 +438,7 @@ impl Control {
         if let Some(why) = refusal {
             count("refused");
             tracing::warn!(event = "handover_refused", reason = %why, "hand-over refused, still serving: {why}");
-            let _ = write_frame(&mut stream, REFUSE, why.as_bytes());
+            let _ = write_frame(&mut stream, REFUSE, why.as_bytes(), deadline);
             return Outcome::Refused;
         }
         set_in_progress(true);
@@ -377,7 +475,9 @@ impl Control {
                     "hand-over failed ({why}); resumed serving after {:.1} ms, every member kept",
                     paused_at.elapsed().as_secs_f64() * 1e3
                 );
-                let _ = write_frame(&mut stream, REFUSE, why.as_bytes());
+                // Short: serving again, and the peer may read nothing.
+                let deadline = Instant::now() + Duration::from_millis(100);
+                let _ = write_frame(&mut stream, REFUSE, why.as_bytes(), deadline);
                 Outcome::Resumed
             }
         }
@@ -450,9 +550,8 @@ impl Control {
             .map_err(|e| format!("cannot pass the sockets: {e}"))?;
         drop(borrowed);
         drop(fds);
-        stream
-            .write_all(&head[sent..])
-            .and_then(|()| stream.write_all(&bytes))
+        write_all_by(stream, &head[sent..], deadline)
+            .and_then(|()| write_all_by(stream, &bytes, deadline))
             .map_err(|e| format!("cannot send the snapshot: {e}"))?;
         tracing::info!(
             event = "handover_sent",
@@ -460,11 +559,7 @@ impl Control {
             exported.as_secs_f64() * 1e3,
             (started.elapsed() - exported).as_secs_f64() * 1e3
         );
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let _ = stream.set_read_timeout(Some(left));
-        match read_frame(stream, MAX_TEXT) {
+        match read_frame(stream, MAX_TEXT, deadline) {
             Ok((SERVING, _)) => {}
             Ok((FAILED, why)) => {
                 return Err(format!(
@@ -479,7 +574,8 @@ impl Control {
                 ))
             }
         }
-        write_frame(stream, ACK, &[]).map_err(|e| format!("the new process is gone: {e}"))?;
+        write_frame(stream, ACK, &[], deadline)
+            .map_err(|e| format!("the new process is gone: {e}"))?;
         Ok((members, bytes.len(), stopped))
     }
 }
@@ -521,10 +617,18 @@ pub fn request(path: &Path, identity: &Identity, max_clients: usize) -> Result<O
             path.display()
         ))
     })?;
+    same_user(&stream).map_err(|why| {
+        Error::Config(format!(
+            "--takeover {}: not taking over: {why}",
+            path.display()
+        ))
+    })?;
     let fail = |context: &'static str| move |e: io::Error| Error::io(context, e);
     timeouts(&stream, STEP_TIMEOUT).map_err(fail("hand-over"))?;
     set_in_progress(true);
-    write_frame(&mut stream, HELLO, &identity.encode()).map_err(fail("hand-over hello"))?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    write_frame(&mut stream, HELLO, &identity.encode(), deadline)
+        .map_err(fail("hand-over hello"))?;
     // The sockets come with the offer's first bytes.
     let mut head = [0u8; FRAME_HEAD];
     let mut got = 0;
@@ -613,14 +717,17 @@ impl Offer {
     pub fn fail(mut self, why: &str) {
         count("failed");
         set_in_progress(false);
-        let _ = write_frame(&mut self.stream, FAILED, why.as_bytes());
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let _ = write_frame(&mut self.stream, FAILED, why.as_bytes(), deadline);
     }
 
     /// Tells the old relay this process is ready to serve, and waits for
     /// it to let go: from then on this process reads the sockets.
     pub fn confirm(mut self) -> Result<(), Error> {
-        write_frame(&mut self.stream, SERVING, &[]).map_err(|e| Error::io("hand-over", e))?;
-        match read_frame(&mut self.stream, MAX_TEXT) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        write_frame(&mut self.stream, SERVING, &[], deadline)
+            .map_err(|e| Error::io("hand-over", e))?;
+        match read_frame(&mut self.stream, MAX_TEXT, deadline) {
             Ok((ACK, _)) => {
                 count("received");
                 set_in_progress(false);

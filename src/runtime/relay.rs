@@ -414,11 +414,18 @@ pub fn adopt(
     snapshot: &Snapshot,
 ) -> Result<(Vec<RelayLoop>, Claim, usize), Error> {
     let threads = config.loops();
-    if fds.len() != threads || snapshot.loops.len() != threads {
-        return Err(Error::Config(format!(
-            "--threads: the relay handed over {} socket(s) and {} loop state(s), this process runs {threads} loop(s): start it with --threads {}",
+    if fds.len() != snapshot.loops.len() {
+        // Not a setting to change: the offer itself does not add up.
+        return Err(Error::Refused(format!(
+            "the running relay handed over {} socket(s) for {} loop state(s), one per loop expected: a broken offer, nothing taken over",
             fds.len(),
-            snapshot.loops.len(),
+            snapshot.loops.len()
+        )));
+    }
+    if fds.len() != threads {
+        return Err(Error::Config(format!(
+            "--threads: the relay handed over {} socket(s), one per loop, this process runs {threads} loop(s): start it with --threads {}",
+            fds.len(),
             fds.len()
         )));
     }

@@ -546,9 +546,13 @@ fn supervise<S: Service + Send + 'static>(
     let mut signals_seen = 0u32;
     let mut first_error = None;
     while running.iter().any(|r| r.thread.is_some()) {
-        let timeout = periodic
+        let mut timeout = periodic
             .as_ref()
             .map(|p| p.next.saturating_duration_since(Instant::now()));
+        if control.as_ref().is_some_and(Control::pending) && !stopping {
+            // Another connection may be waiting: look, after the signals.
+            timeout = Some(Duration::ZERO);
+        }
         match poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -559,18 +563,10 @@ fn supervise<S: Service + Send + 'static>(
             p.next = Instant::now() + p.interval;
         }
         let mut stop = false;
+        let mut control_ready = false;
         for event in events.iter() {
-            if event.token() == CONTROL && !stopping {
-                if let Some(c) = control.as_mut() {
-                    if c.accept(&pauses, &reports) == Outcome::HandedOver {
-                        // The loops are returning without a goodbye.
-                        handed_over = true;
-                        stopping = true;
-                        if let Some(r) = &readiness {
-                            r.shutting_down();
-                        }
-                    }
-                }
+            if event.token() == CONTROL {
+                control_ready = true;
             }
             if event.token() == SIGNALS {
                 for sig in signals.pending() {
@@ -596,6 +592,18 @@ fn supervise<S: Service + Send + 'static>(
                         "received signal {sig}; shutting down (again to exit at once)"
                     );
                     stop = true;
+                }
+            }
+        }
+        // A hand-over, after the signals: a stop asked for comes first.
+        if let Some(c) = control.as_mut().filter(|_| !stop && !stopping) {
+            if (control_ready || c.pending()) && c.accept(&pauses, &reports) == Outcome::HandedOver
+            {
+                // The loops are returning without a goodbye.
+                handed_over = true;
+                stopping = true;
+                if let Some(r) = &readiness {
+                    r.shutting_down();
                 }
             }
         }
