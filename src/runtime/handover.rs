@@ -245,6 +245,31 @@ fn same_user(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
+/// Under systemd (this process was started as a service: `INVOCATION_ID`
+/// is set), checks that the process at the other end runs in this
+/// service's cgroup. A new process started by hand outside it would be
+/// unknown to systemd: when this one exits 0, systemd takes the service
+/// for stopped, removes its runtime directory (the new control socket with
+/// it), no longer reaches the relay with `systemctl stop`, and with
+/// udphub.socket starts a second relay on the next datagram.
+fn same_service(stream: &UnixStream) -> Result<(), String> {
+    if std::env::var_os("INVOCATION_ID").is_none() {
+        return Ok(());
+    }
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials)
+        .map_err(|e| format!("cannot tell which process is at the other end: {e}"))?;
+    let cgroup = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+    let (mine, theirs) = (cgroup("self"), cgroup(&peer.pid().to_string()));
+    if mine.is_some() && mine == theirs {
+        return Ok(());
+    }
+    Err(format!(
+        "this relay runs as a systemd service and process {} is outside its cgroup: systemd would take the service for stopped once this process exits; upgrade with `systemctl restart udphub` instead (udphub.socket keeps the socket, so no datagram is refused; see OPERATIONS.md, \"Upgrade under systemd\")",
+        peer.pid()
+    ))
+}
+
 fn timeouts(stream: &UnixStream, step: Duration) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(step))?;
@@ -425,8 +450,9 @@ impl Control {
         }
         // The whole hello within one step, however it is sliced.
         let deadline = Instant::now() + STEP_TIMEOUT;
-        let peer =
-            same_user(&stream).and_then(|()| match read_frame(&mut stream, MAX_TEXT, deadline) {
+        let peer = same_user(&stream)
+            .and_then(|()| same_service(&stream))
+            .and_then(|()| match read_frame(&mut stream, MAX_TEXT, deadline) {
                 Ok((HELLO, hello)) => Identity::decode(&hello),
                 Ok(_) => Err("not a hand-over hello".to_string()),
                 Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
