@@ -37,7 +37,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,29 +199,41 @@ pub enum PauseReport {
 }
 
 /// The supervisor's end of a loop's hand-over pause.
+///
+/// Each pause is an attempt with a number of its own, and every command
+/// carries it: a loop that paused late (after its attempt timed out and
+/// was resumed) skips the commands of an attempt it no longer serves, so
+/// a stale `Resume` can never set it reading while a later attempt hands
+/// its socket on.
 #[derive(Debug)]
 pub struct PauseHandle {
-    /// Set before waking the loop.
-    requested: Arc<AtomicBool>,
+    /// The attempt the loop is asked to pause for (0: none), set before
+    /// waking the loop.
+    requested: Arc<AtomicU64>,
+    /// The latest attempt's number.
+    attempt: std::cell::Cell<u64>,
     /// Wakes the loop's poll.
     waker: Arc<Waker>,
-    /// Commands to the paused loop.
-    commands: std::sync::mpsc::Sender<PauseCommand>,
+    /// Commands to the paused loop, with their attempt.
+    commands: std::sync::mpsc::Sender<(u64, PauseCommand)>,
 }
 
 impl PauseHandle {
-    /// Asks the loop to stop reading at its next batch boundary; it
-    /// reports [`PauseReport::Paused`] and waits for commands.
+    /// Asks the loop to stop reading at its next batch boundary (a new
+    /// attempt); it reports [`PauseReport::Paused`] and waits for commands.
     pub fn pause(&self) {
-        self.requested.store(true, Ordering::SeqCst);
+        let attempt = self.attempt.get().wrapping_add(1).max(1);
+        self.attempt.set(attempt);
+        self.requested.store(attempt, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
             tracing::error!("cannot wake the loop: {e}");
         }
     }
 
-    /// Sends a command to the paused loop (ignored if it has ended).
+    /// Sends a command of the latest attempt to the paused loop (ignored
+    /// if it has ended).
     pub fn command(&self, command: PauseCommand) {
-        let _ = self.commands.send(command);
+        let _ = self.commands.send((self.attempt.get(), command));
     }
 }
 
@@ -230,10 +242,10 @@ impl PauseHandle {
 struct PausePort {
     /// This loop's index, in its reports.
     index: usize,
-    /// Set by [`PauseHandle::pause`].
-    requested: Arc<AtomicBool>,
-    /// From the supervisor.
-    commands: std::sync::mpsc::Receiver<PauseCommand>,
+    /// Set by [`PauseHandle::pause`]: the attempt (0: none).
+    requested: Arc<AtomicU64>,
+    /// From the supervisor, with their attempt.
+    commands: std::sync::mpsc::Receiver<(u64, PauseCommand)>,
     /// To the supervisor.
     reports: std::sync::mpsc::Sender<PauseReport>,
 }
@@ -434,7 +446,7 @@ impl<S: Service> EventLoop<S> {
         index: usize,
         reports: std::sync::mpsc::Sender<PauseReport>,
     ) -> PauseHandle {
-        let requested = Arc::new(AtomicBool::new(false));
+        let requested = Arc::new(AtomicU64::new(0));
         let (commands_tx, commands) = std::sync::mpsc::channel();
         self.pause = Some(PausePort {
             index,
@@ -444,6 +456,7 @@ impl<S: Service> EventLoop<S> {
         });
         PauseHandle {
             requested,
+            attempt: std::cell::Cell::new(0),
             waker: Arc::clone(&self.shutdown.waker),
             commands: commands_tx,
         }
@@ -454,26 +467,29 @@ impl<S: Service> EventLoop<S> {
     fn pause_pending(&self) -> bool {
         self.pause
             .as_ref()
-            .is_some_and(|p| p.requested.load(Ordering::Relaxed))
+            .is_some_and(|p| p.requested.load(Ordering::Relaxed) != 0)
     }
 
-    /// Whether a hand-over asked this loop to pause.
-    fn pause_requested(&self) -> bool {
+    /// The attempt a hand-over asked this loop to pause for, taken.
+    fn pause_requested(&self) -> Option<u64> {
         self.pause
             .as_ref()
-            .is_some_and(|p| p.requested.swap(false, Ordering::SeqCst))
+            .map(|p| p.requested.swap(0, Ordering::SeqCst))
+            .filter(|&attempt| attempt != 0)
     }
 
     /// Paused at a batch boundary: nothing is read (datagrams wait in the
     /// kernel's queue) until the supervisor says to resume or to exit.
-    fn paused(&mut self) -> Unpaused {
+    fn paused(&mut self, attempt: u64) -> Unpaused {
         let Some(port) = self.pause.take() else {
             return Unpaused::Resume;
         };
         let _ = port.reports.send(PauseReport::Paused(port.index));
         let outcome = loop {
             match port.commands.recv() {
-                Ok(PauseCommand::Export) => {
+                // An earlier attempt's, which this loop paused too late for.
+                Ok((of, _)) if of != attempt => {}
+                Ok((_, PauseCommand::Export)) => {
                     let mut io = Io {
                         fd: self.socket.as_fd(),
                         sources: sources(&self.locals),
@@ -506,8 +522,8 @@ impl<S: Service> EventLoop<S> {
                         .reports
                         .send(PauseReport::Exported(port.index, exported));
                 }
-                Ok(PauseCommand::Resume) => break Unpaused::Resume,
-                Ok(PauseCommand::Exit) => break Unpaused::Exit,
+                Ok((_, PauseCommand::Resume)) => break Unpaused::Resume,
+                Ok((_, PauseCommand::Exit)) => break Unpaused::Exit,
                 // The supervisor is gone: keep serving.
                 Err(_) => break Unpaused::Resume,
             }
@@ -635,8 +651,8 @@ impl<S: Service> EventLoop<S> {
             let finishing = pending != Pending::Idle && self.pause_pending();
             if finishing {
                 drained = Drained::Empty;
-            } else if self.pause_requested() {
-                match self.paused() {
+            } else if let Some(attempt) = self.pause_requested() {
+                match self.paused(attempt) {
                     Unpaused::Resume => {
                         // Whatever arrived meanwhile is in the queue, and
                         // its readiness edge may be gone: read.
@@ -904,6 +920,30 @@ mod tests {
         };
         assert_eq!(lp.drain_with(endless).unwrap(), Drained::More);
         assert_eq!(calls, MAX_BATCHES_PER_PASS);
+    }
+
+    /// A loop that pauses only after its attempt timed out and was told
+    /// to resume skips that attempt's stale `Resume` and `Export`: it
+    /// serves the later attempt it paused for, and resumes or exits on
+    /// that attempt's word alone.
+    #[test]
+    fn a_late_pause_skips_an_earlier_attempts_commands() {
+        let mut lp = test_loop();
+        let (reports_tx, reports) = std::sync::mpsc::channel();
+        let handle = lp.pause_handle(0, reports_tx);
+        // Attempt 1: the loop never got to pause; the supervisor gave up.
+        handle.pause();
+        handle.command(PauseCommand::Export);
+        handle.command(PauseCommand::Resume);
+        // Attempt 2, before the loop looked.
+        handle.pause();
+        let attempt = lp.pause_requested().expect("a pause asked");
+        handle.command(PauseCommand::Exit);
+        assert!(matches!(lp.paused(attempt), Unpaused::Exit));
+        // It reported its pause, and exported nothing for attempt 1.
+        assert!(matches!(reports.try_recv(), Ok(PauseReport::Paused(0))));
+        assert!(reports.try_recv().is_err());
+        assert_eq!(lp.pause_requested(), None);
     }
 
     #[test]
