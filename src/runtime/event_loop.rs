@@ -490,13 +490,7 @@ impl<S: Service> EventLoop<S> {
                 // An earlier attempt's, which this loop paused too late for.
                 Ok((of, _)) if of != attempt => {}
                 Ok((_, PauseCommand::Export)) => {
-                    let mut io = Io {
-                        fd: self.socket.as_fd(),
-                        sources: sources(&self.locals),
-                        counts: &mut self.metrics.counts,
-                        received_at: Instant::now(),
-                        unix_secs: unix_now(),
-                    };
+                    let mut io = io_now(&self.socket, &self.locals, &mut self.metrics.counts);
                     let mut exported = self.service.export(&mut io);
                     // Counted up to now here; the new process counts on.
                     if let Ok(total) = batch_io::socket_drops(self.socket.as_fd()) {
@@ -620,13 +614,7 @@ impl<S: Service> EventLoop<S> {
             // The wake first: a reload sent before a datagram arrived
             // applies to that datagram.
             if woken {
-                let mut io = Io {
-                    fd: self.socket.as_fd(),
-                    sources: sources(&self.locals),
-                    counts: &mut self.metrics.counts,
-                    received_at: Instant::now(),
-                    unix_secs: unix_now(),
-                };
+                let mut io = io_now(&self.socket, &self.locals, &mut self.metrics.counts);
                 self.service.on_wake(&mut io);
             }
             if drained != Drained::Empty {
@@ -666,13 +654,7 @@ impl<S: Service> EventLoop<S> {
                 }
             }
             if stop {
-                let mut io = Io {
-                    fd: self.socket.as_fd(),
-                    sources: sources(&self.locals),
-                    counts: &mut self.metrics.counts,
-                    received_at: Instant::now(),
-                    unix_secs: unix_now(),
-                };
+                let mut io = io_now(&self.socket, &self.locals, &mut self.metrics.counts);
                 self.service.shutdown(&mut io);
                 self.flush();
                 return Ok(());
@@ -685,13 +667,7 @@ impl<S: Service> EventLoop<S> {
     /// Re-registering also re-arms the edge: a socket writable by then is
     /// reported at once, so no wake-up is lost between EAGAIN and here.
     fn resume(&mut self) -> Result<Pending, Error> {
-        let mut io = Io {
-            fd: self.socket.as_fd(),
-            sources: sources(&self.locals),
-            counts: &mut self.metrics.counts,
-            received_at: Instant::now(),
-            unix_secs: unix_now(),
-        };
+        let mut io = io_now(&self.socket, &self.locals, &mut self.metrics.counts);
         let pending = self.service.resume(&mut io);
         let want = pending == Pending::Blocked;
         if want != self.writable {
@@ -779,13 +755,7 @@ impl<S: Service> EventLoop<S> {
             }
         }
         let tagged = locals.is_some();
-        let mut io = Io {
-            fd: socket.as_fd(),
-            sources: sources(locals),
-            counts: &mut metrics.counts,
-            received_at: Instant::now(),
-            unix_secs: unix_now(),
-        };
+        let mut io = io_now(socket, locals, &mut metrics.counts);
         io.counts.batch_sizes.push(n as f64);
         for i in 0..n {
             let d = recv.get(i);
@@ -820,6 +790,22 @@ impl<S: Service> EventLoop<S> {
     fn flush(&mut self) {
         self.metrics
             .flush(self.service.clients(), self.service.rooms());
+    }
+}
+
+/// What a service call gets: the socket, the send sources, the counts,
+/// and the time now.
+fn io_now<'a>(
+    socket: &'a mio::net::UdpSocket,
+    locals: &'a Option<LocalAddrs>,
+    counts: &'a mut Counts,
+) -> Io<'a> {
+    Io {
+        fd: socket.as_fd(),
+        sources: sources(locals),
+        counts,
+        received_at: Instant::now(),
+        unix_secs: unix_now(),
     }
 }
 
