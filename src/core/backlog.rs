@@ -34,8 +34,10 @@ pub struct Parked {
     /// The bytes every recipient gets, copied once when parked (a `Box`,
     /// not an `Arc`: one loop owns it, and the core keeps no atomics).
     pub payload: Box<[u8]>,
-    /// When the message was read, for the fan-out duration histogram.
-    pub received_at: Instant,
+    /// When this loop read the message, for the fan-out duration
+    /// histogram; `None` for a message from elsewhere (another loop or
+    /// node), whose receipt the loop that read it times.
+    pub received_at: Option<Instant>,
     /// Whether it has begun: its room's cursor is its position. A message
     /// queued behind another starts from the beginning when its turn comes.
     pub started: bool,
@@ -158,7 +160,7 @@ mod tests {
                 skip: None,
             },
             payload: payload.into(),
-            received_at: Instant::now(),
+            received_at: Some(Instant::now()),
             started: false,
         }
     }

@@ -232,17 +232,21 @@ impl Sending {
     /// unless its room has one parked (then it queues behind, in order) or
     /// the buffer is known full; what is left is parked. Returns the
     /// position to set the room's cursor to, if it was parked part-way.
+    /// `local`: this loop read the message (one fan-out sample a message:
+    /// the loop that read it records it, not every loop that fans it out).
     fn start(
         &mut self,
         io: &mut Io<'_>,
         id: FanoutId,
         payload: &[u8],
         recipients: &mut Recipients<'_>,
+        local: bool,
     ) -> Option<u32> {
+        let received_at = local.then_some(io.received_at);
         let parked = |started| Parked {
             id,
             payload: Box::from(payload),
-            received_at: io.received_at,
+            received_at,
             started,
         };
         if self.blocked || self.backlog.has(id.room) {
@@ -260,9 +264,9 @@ impl Sending {
         count(report, io.counts, &mut self.errors);
         let at = match end {
             SliceEnd::Done => {
-                io.counts
-                    .fanout_seconds
-                    .push(io.received_at.elapsed().as_secs_f64());
+                if let Some(t) = received_at {
+                    io.counts.fanout_seconds.push(t.elapsed().as_secs_f64());
+                }
                 return None;
             }
             SliceEnd::Full(at) => {
@@ -313,9 +317,9 @@ impl Sending {
             count(report, io.counts, &mut self.errors);
             match end {
                 SliceEnd::Done => {
-                    io.counts
-                        .fanout_seconds
-                        .push(received_at.elapsed().as_secs_f64());
+                    if let Some(t) = received_at {
+                        io.counts.fanout_seconds.push(t.elapsed().as_secs_f64());
+                    }
                     hub.set_fanout_cursor(id.room, None);
                     self.backlog.pop_front();
                     budget = budget.saturating_sub(visiting.max(1));
@@ -626,7 +630,9 @@ impl Service for Relay {
                 // overtaken by a later message to the same client.
                 self.replies.flush(io, &mut self.sending.errors);
                 let (room, payload, id) = (out.room_name, out.payload, out.id);
-                let cursor = self.sending.start(io, id, payload, &mut out.recipients);
+                let cursor = self
+                    .sending
+                    .start(io, id, payload, &mut out.recipients, true);
                 // Rendered once, here; every other loop and node fans out
                 // these bytes.
                 if let Some(siblings) = &mut self.siblings {
@@ -701,7 +707,7 @@ impl Service for Relay {
             };
             let mut out = hub.relay_from_elsewhere(now, room, body);
             let id = out.id;
-            if let Some(at) = sending.start(io, id, out.payload, &mut out.recipients) {
+            if let Some(at) = sending.start(io, id, out.payload, &mut out.recipients, false) {
                 hub.set_fanout_cursor(id.room, Some(at));
             }
         };
