@@ -5,10 +5,13 @@
 //! all, reporting the relay's longest loop iterations meanwhile.
 //!
 //! Sources are `127.x.y.z:port`: a few sockets bound to ephemeral ports on
-//! 0.0.0.0, each sending from many loopback addresses chosen per datagram
-//! with IP_PKTINFO (every 127/8 address is local on Linux). Heartbeats get
-//! no reply; in verify mode (`--verify`) the cookies come back to those
-//! addresses, and IP_PKTINFO on receive says which source each is for.
+//! 127.0.0.1, each sending from many loopback addresses chosen per datagram
+//! with IP_PKTINFO (every 127/8 address is local on Linux, and the kernel
+//! takes a PKTINFO source even on a bound socket). Heartbeats get no reply.
+//! Only in verify mode (`--verify`) must the cookies that come back to
+//! those addresses be read: then the sockets are bound on 0.0.0.0 (the
+//! only bind that receives for every 127/8 address), and IP_PKTINFO on
+//! receive says which source each is for.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -78,6 +81,12 @@ pub struct JoinStormArgs {
     #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
     pub verify_timeout: Duration,
 
+    /// How long to wait, after the joins are sent, for the relay to count
+    /// every source (needs --metrics-url); the wait ends early when the
+    /// relay's kernel drops account for the sources still missing
+    #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
+    pub register_timeout: Duration,
+
     /// Worker threads for the joins and the heartbeats, the --ports sockets
     /// dealt over them (at most one per socket; `auto`: one per core). The
     /// verify handshake stays on one thread
@@ -94,6 +103,10 @@ pub struct JoinStormReport {
     pub clients: u32,
     /// Seconds to send one heartbeat from every source.
     pub join_seconds: f64,
+    /// Seconds from the first join until the relay counted every source
+    /// (`udphub_clients`, with --metrics-url); `None` if it never did within
+    /// --register-timeout.
+    pub registered_seconds: Option<f64>,
     /// Heartbeats loadtest sent during the steady phase, per second.
     pub heartbeats_sent_per_s: f64,
     /// Heartbeats the relay counted in the steady phase, per second.
@@ -157,7 +170,7 @@ struct Storm {
 }
 
 impl Storm {
-    fn new(relay: SocketAddr, clients: u32, ports: u32) -> Result<Storm, String> {
+    fn new(relay: SocketAddr, clients: u32, ports: u32, receive: bool) -> Result<Storm, String> {
         let SocketAddr::V4(v4) = relay else {
             return Err("join-storm needs an IPv4 relay address (sources are 127.x.y.z)".into());
         };
@@ -165,13 +178,18 @@ impl Storm {
             return Err("too many clients for the loopback range; add --ports".into());
         }
         let mut socks = Vec::new();
+        // Sending from any 127/8 address works from a socket bound to
+        // 127.0.0.1; receiving what comes back to them needs the wildcard.
+        let local = if receive { "0.0.0.0:0" } else { "127.0.0.1:0" };
         for _ in 0..ports {
-            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            let s = UdpSocket::bind(local).map_err(|e| format!("bind {local}: {e}"))?;
             let _ = socket2::SockRef::from(&s).set_send_buffer_size(4 << 20);
             let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20);
-            // Which of our 127.x addresses a reply (a cookie) went to.
-            setsockopt(&s, sockopt::Ipv4PacketInfo, &true)
-                .map_err(|e| format!("IP_PKTINFO: {e}"))?;
+            if receive {
+                // Which of our 127.x addresses a reply (a cookie) went to.
+                setsockopt(&s, sockopt::Ipv4PacketInfo, &true)
+                    .map_err(|e| format!("IP_PKTINFO: {e}"))?;
+            }
             s.set_nonblocking(true).map_err(|e| e.to_string())?;
             socks.push(s);
         }
@@ -331,7 +349,12 @@ impl Storm {
 /// Runs the scenario.
 pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     let c = &args.common;
-    let mut storm = Storm::new(c.relay_addr()?, args.clients, args.ports.max(1))?;
+    let mut storm = Storm::new(
+        c.relay_addr()?,
+        args.clients,
+        args.ports.max(1),
+        args.verify,
+    )?;
     if args.hello {
         storm.beat = b"^hello^".to_vec();
         storm.beat.resize(64, b' ');
@@ -380,19 +403,13 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         })?;
     }
     let join_seconds = t0.elapsed().as_secs_f64();
-    if let (Some(before), false) = (&scrape0, args.verify) {
-        // The steady phase's count starts once the relay has counted the
-        // joins (bounded): otherwise the last of them, still queued, count
-        // as steady heartbeats.
-        let want = before.get("udphub_clients") + f64::from(args.clients);
-        let until = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < until
-            && c.scrape_optional()?
-                .is_some_and(|s| s.get("udphub_clients") < want)
-        {
-            std::thread::sleep(Duration::from_millis(20));
+    // (In verify mode the handshake already waited for every proof.)
+    let registered_seconds = match (&scrape0, args.verify) {
+        (Some(before), false) => {
+            wait_registered(c, before, args.clients, args.register_timeout, t0)?
         }
-    }
+        _ => None,
+    };
 
     // Phase 2: keep every source alive for --duration.
     let progress = Progress::new(c, c.duration);
@@ -405,8 +422,19 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         let mut sent = 0u64;
         let mut round_start = Instant::now();
         let mut ks = share(t);
+        // Each round is spread over the interval (a chunk of 256 at a
+        // time), as real clients' heartbeats are, not sent as one burst.
+        let per_round = share(t).count().max(1) as f64;
+        let mut in_round = 0u64;
         while t1.elapsed() < c.duration {
+            if !per_heartbeat.is_zero() && in_round % 256 == 0 {
+                let due = per_heartbeat.mul_f64(in_round as f64 / per_round);
+                if let Some(wait) = due.checked_sub(round_start.elapsed()) {
+                    std::thread::sleep(wait.min(c.duration.saturating_sub(t1.elapsed())));
+                }
+            }
             let Some(k) = ks.next() else {
+                in_round = 0;
                 ks = share(t);
                 total.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
                 sent = 0;
@@ -426,6 +454,7 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
             };
             storm.heartbeat(k)?;
             sent += 1;
+            in_round += 1;
         }
         Ok(sent)
     })? + total.load(std::sync::atomic::Ordering::Relaxed);
@@ -461,6 +490,7 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         scenario: "join-storm".into(),
         clients: args.clients,
         join_seconds,
+        registered_seconds,
         heartbeats_sent_per_s: sent as f64 / steady.max(1e-9),
         heartbeats_ingested_per_s: ingested,
         relay_cpu_ns_per_heartbeat: cpu_ns_per_heartbeat,
@@ -476,6 +506,38 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         expiry,
         verified,
     })
+}
+
+/// Waits (up to `limit`) for the relay to count `clients` more clients
+/// than `before`, and returns the seconds since `t0` when it did. The
+/// steady phase's count starts only then: otherwise the last joins, still
+/// queued, count as steady heartbeats. The wait ends early (`None`) when
+/// the relay's kernel queue dropped at least as many datagrams as sources
+/// are missing: those joins will not come.
+fn wait_registered(
+    c: &Common,
+    before: &Scrape,
+    clients: u32,
+    limit: Duration,
+    t0: Instant,
+) -> Result<Option<f64>, String> {
+    let want = before.get("udphub_clients") + f64::from(clients);
+    let dropped0 = before.get("udphub_kernel_rx_dropped_total");
+    let until = Instant::now() + limit;
+    loop {
+        let Some(now) = c.scrape_optional()? else {
+            return Ok(None);
+        };
+        let missing = want - now.get("udphub_clients");
+        if missing <= 0.0 {
+            return Ok(Some(t0.elapsed().as_secs_f64()));
+        }
+        let dropped = now.get("udphub_kernel_rx_dropped_total") - dropped0;
+        if dropped >= missing || Instant::now() >= until {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs `work(t)` for `t` in `0..threads`, each on a thread of its own
@@ -565,6 +627,15 @@ impl JoinStormReport {
                 f64::from(self.clients) / self.join_seconds.max(1e-9)
             ),
         );
+        if self.relay_clients.is_some() && self.verified.is_none() {
+            row(
+                "registered",
+                self.registered_seconds.map_or_else(
+                    || "not every source (see kernel rx drops)".into(),
+                    |s| format!("{s:.2} s until the relay counted every source"),
+                ),
+            );
+        }
         row(
             "heartbeats sent",
             format!("{:.0}/s", self.heartbeats_sent_per_s),
