@@ -9,6 +9,8 @@
 #   CLIENTS="64" ROUNDS=5 SECS=10s bash loadtest/compare.sh
 #   RELAYS="baseline udphub udphub-raw" bash loadtest/compare.sh   # + udphub --format raw
 #   RELAYS="baseline udphub udphub-verify" bash loadtest/compare.sh   # + verify mode, --client-rate set
+#   RELAYS="baseline udphub udphub-v2" bash loadtest/compare.sh       # + every v2 feature on: verify mode,
+#                                                   # rate limits, every client in one named room
 #   RELAYS="baseline udphub udphub-t2" bash loadtest/compare.sh       # + --threads 2 (closed loop: see shards.sh)
 #   UDPHUB_REF=/path/to/older/udphub RELAYS="baseline udphub udphub-ref" bash loadtest/compare.sh
 #                                                   # A/B against another build of udphub
@@ -53,6 +55,10 @@ start_relay() {
     udphub-verify) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --verify-sources --client-rate 100000 --cookie-rate 100000 2>/dev/null &
         loadtest_extra=(--verify) ;;
+    udphub-v2) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
+        --timeout 60s --log-level warn --verify-sources --client-rate 100000 --cookie-rate 100000 \
+        --max-clients-per-ip 100000 --max-room-clients 100000 2>/dev/null &
+        loadtest_extra=(--verify --rooms 1) ;;
     udphub-noecho) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
         --timeout 60s --log-level warn --no-echo 2>/dev/null &
         loadtest_extra=(--no-echo) ;;
