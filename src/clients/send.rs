@@ -134,7 +134,7 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
         // cookie in verify mode, the room), and reads the replies.
         let wait = args.wait.max(Duration::from_secs(1));
         let options = args.room.options(None, wait)?;
-        let client = Client::connect_with(server, &options).map_err(|e| args.room.error(e))?;
+        let client = args.room.connect(server, &options)?;
         client.send(&message).map_err(|e| args.room.error(e))?;
         match replies_as_member(&client, args.wait, &mut print)? {
             Some(n) => n,
