@@ -210,6 +210,34 @@ fn check_config_validates_and_exits() {
     );
 }
 
+/// `serve --check-config` shows the warning a start would log: a bind
+/// other hosts can reach, without `--public`, is named with the flag that
+/// fixes it (nothing is bound: the check never binds). Loopback and
+/// `--public` check quietly.
+#[test]
+fn check_config_shows_the_exposure_warning() {
+    let (code, out, err) = udphub_out(&["serve", "--check-config", "--bind", "0.0.0.0:9999"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("valid"), "{out}");
+    assert!(
+        err.contains("warning")
+            && err.contains("0.0.0.0:9999")
+            && err.contains("other hosts can reach")
+            && err.contains("--public"),
+        "{err}"
+    );
+    for quiet in [
+        &["--bind", "127.0.0.1:9999"][..],
+        &["--bind", "0.0.0.0:9999", "--public"][..],
+    ] {
+        let mut args = vec!["serve", "--check-config"];
+        args.extend_from_slice(quiet);
+        let (code, _, err) = udphub_out(&args);
+        assert_eq!(code, Some(0), "{quiet:?}: {err}");
+        assert!(!err.contains("warning"), "{quiet:?}: {err}");
+    }
+}
+
 /// `--log-format json`: every stderr line is one JSON object with named
 /// fields.
 #[test]
