@@ -290,6 +290,71 @@ fn json_logs_are_one_object_per_line() {
     );
 }
 
+/// `--log-format json` lines beyond the start carry their values as
+/// fields too, not only in `message`: the NATS server it cannot reach
+/// (`url`, `reason`), the token a relay without a secret ignored, and a
+/// reload's notes (each setting by name, with its running and wanted
+/// values).
+#[test]
+fn json_logs_carry_each_events_values_as_fields() {
+    let json = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let config = util::temp_path("json.toml");
+    std::fs::write(&config, "timeout = \"3s\"\n").unwrap();
+    let relay = util::spawn_relay(&[
+        "--log-format",
+        "json",
+        "--cluster",
+        &url,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let line = relay.expect_log("cannot connect to NATS");
+    let v = json(&line);
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert_eq!(v["event"], "cluster_unreachable", "{line}");
+    assert_eq!(v["url"], url.as_str(), "{line}");
+    assert!(
+        v["reason"].as_str().is_some_and(|r| r.contains("is nats-server running")),
+        "{line}"
+    );
+    assert!(v["message"].as_str().unwrap().contains(&url), "{line}");
+
+    let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.send_to(b"^join^red^not.checked.here                 ", relay.addr)
+        .unwrap();
+    let line = relay.expect_log("tokens are not checked");
+    assert_eq!(json(&line)["event"], "tokens_ignored", "{line}");
+
+    std::fs::write(&config, "timeout = \"5s\"\nmax-datagram = 512\n").unwrap();
+    relay.signal("HUP");
+    let line = relay.expect_log("needs a restart");
+    let v = json(&line);
+    assert_eq!(
+        (v["event"].as_str(), v["setting"].as_str()),
+        (Some("reload_refused"), Some("max-datagram")),
+        "{line}"
+    );
+    assert_eq!(
+        (v["running"].as_str(), v["wanted"].as_str()),
+        (Some("1472"), Some("512")),
+        "{line}"
+    );
+    let line = relay.expect_log("reload: applied");
+    let v = json(&line);
+    assert_eq!(v["event"], "reload_applied", "{line}");
+    assert_eq!(v["settings"], "timeout", "{line}");
+    assert_eq!(v["changed"], "timeout 3s → 5s", "{line}");
+}
+
 /// Shell completions and the man page come from the same definitions as
 /// `--help`: every subcommand and flag is in them.
 #[test]
