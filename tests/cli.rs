@@ -323,7 +323,9 @@ fn json_logs_carry_each_events_values_as_fields() {
     assert_eq!(v["event"], "cluster_unreachable", "{line}");
     assert_eq!(v["url"], url.as_str(), "{line}");
     assert!(
-        v["reason"].as_str().is_some_and(|r| r.contains("is nats-server running")),
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is nats-server running")),
         "{line}"
     );
     assert!(v["message"].as_str().unwrap().contains(&url), "{line}");

@@ -197,11 +197,22 @@ async fn run(mut b: Bridge) {
                         gauge.set(if up { 1.0 } else { 0.0 });
                         if let Ok(mut l) = log.lock() {
                             let (event, text) = if up {
-                                ("cluster_connected", format!("connected to NATS ({servers})"))
+                                (
+                                    "cluster_connected",
+                                    format!("connected to NATS ({servers})"),
+                                )
                             } else {
                                 ("cluster_lost", format!("lost NATS ({servers}); local rooms go on, publishes are dropped and counted until it is back"))
                             };
-                            l.log(up, Line { event, url: &servers, reason: None, text: &text });
+                            l.log(
+                                up,
+                                Line {
+                                    event,
+                                    url: &servers,
+                                    reason: None,
+                                    text: &text,
+                                },
+                            );
                         }
                     }
                     // A failed attempt (retried every second at most): with
@@ -218,7 +229,15 @@ async fn run(mut b: Bridge) {
                         if let Ok(mut l) = failed.lock() {
                             let text = format!("cannot connect to NATS at {servers}: {why}");
                             let reason = Some(why.as_str());
-                            l.log(false, Line { event: "cluster_unreachable", url: &servers, reason, text: &text });
+                            l.log(
+                                false,
+                                Line {
+                                    event: "cluster_unreachable",
+                                    url: &servers,
+                                    reason,
+                                    text: &text,
+                                },
+                            );
                         }
                     }
                     // The server's complaints (a permissions violation comes
@@ -228,7 +247,15 @@ async fn run(mut b: Bridge) {
                         if let Ok(mut l) = said.lock() {
                             let what = event.to_string();
                             let text = format!("NATS says {what}");
-                            l.log(false, Line { event: "cluster_nats_says", url: &servers, reason: Some(&what), text: &text });
+                            l.log(
+                                false,
+                                Line {
+                                    event: "cluster_nats_says",
+                                    url: &servers,
+                                    reason: Some(&what),
+                                    text: &text,
+                                },
+                            );
                         }
                     }
                 }

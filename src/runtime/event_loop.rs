@@ -345,7 +345,9 @@ fn pin_current_thread(cpu: usize) {
         .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set));
     match pinned {
         Ok(()) => tracing::info!(event = "pinned", cpu, "loop pinned to CPU {cpu}"),
-        Err(e) => tracing::warn!(event = "pin_failed", cpu, error = %e, "cannot pin the loop to CPU {cpu} ({e}); it runs unpinned"),
+        Err(e) => {
+            tracing::warn!(event = "pin_failed", cpu, error = %e, "cannot pin the loop to CPU {cpu} ({e}); it runs unpinned")
+        }
     }
 }
 

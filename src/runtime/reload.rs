@@ -96,15 +96,16 @@ pub fn plan(running: &Config, wanted: Config) -> Plan {
     let mut config = wanted;
     config.keep_restart_only(running);
     let (was, is) = (&running.room_secret, &config.room_secret);
-    let secret = |text: &str| secret_change("room-secret-file", was.is_some(), is.is_some(), text.into());
+    let secret =
+        |text: &str| secret_change("room-secret-file", was.is_some(), is.is_some(), text.into());
     match (was, is) {
         (None, None) => {}
         (Some(a), Some(b)) if a.same_as(b) => {}
         // Never the secret itself, nor anything derived from it.
         (None, Some(_)) => changed.push(secret("room secret: set (named rooms now need a token)")),
-        (Some(_), None) => {
-            changed.push(secret("room secret: removed (named rooms are open to anyone)"))
-        }
+        (Some(_), None) => changed.push(secret(
+            "room secret: removed (named rooms are open to anyone)",
+        )),
         (Some(_), Some(_)) => changed.push(secret(
             "room secret: replaced (tokens signed with the old one are refused from now on)",
         )),

@@ -145,7 +145,9 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
     if let Some(path) = &config.ready_file {
         match write_ready_file(path, "udp", local, metrics) {
             Ok(()) => {}
-            Err(e) if taken_over => tracing::error!(event = "ready_file_failed", error = %e, "serving on: {e}"),
+            Err(e) if taken_over => {
+                tracing::error!(event = "ready_file_failed", error = %e, "serving on: {e}")
+            }
             Err(e) => return Err(e),
         }
     }
