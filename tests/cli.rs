@@ -210,6 +210,34 @@ fn check_config_validates_and_exits() {
     );
 }
 
+/// `serve --check-config` shows the warning a start would log: a bind
+/// other hosts can reach, without `--public`, is named with the flag that
+/// fixes it (nothing is bound: the check never binds). Loopback and
+/// `--public` check quietly.
+#[test]
+fn check_config_shows_the_exposure_warning() {
+    let (code, out, err) = udphub_out(&["serve", "--check-config", "--bind", "0.0.0.0:9999"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("valid"), "{out}");
+    assert!(
+        err.contains("warning")
+            && err.contains("0.0.0.0:9999")
+            && err.contains("other hosts can reach")
+            && err.contains("--public"),
+        "{err}"
+    );
+    for quiet in [
+        &["--bind", "127.0.0.1:9999"][..],
+        &["--bind", "0.0.0.0:9999", "--public"][..],
+    ] {
+        let mut args = vec!["serve", "--check-config"];
+        args.extend_from_slice(quiet);
+        let (code, _, err) = udphub_out(&args);
+        assert_eq!(code, Some(0), "{quiet:?}: {err}");
+        assert!(!err.contains("warning"), "{quiet:?}: {err}");
+    }
+}
+
 /// `--log-format json`: every stderr line is one JSON object with named
 /// fields.
 #[test]
@@ -260,6 +288,73 @@ fn json_logs_are_one_object_per_line() {
         &["serve", "--log-format", "yaml"],
         &["--log-format", "text"],
     );
+}
+
+/// `--log-format json` lines beyond the start carry their values as
+/// fields too, not only in `message`: the NATS server it cannot reach
+/// (`url`, `reason`), the token a relay without a secret ignored, and a
+/// reload's notes (each setting by name, with its running and wanted
+/// values).
+#[test]
+fn json_logs_carry_each_events_values_as_fields() {
+    let json = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let config = util::temp_path("json.toml");
+    std::fs::write(&config, "timeout = \"3s\"\n").unwrap();
+    let relay = util::spawn_relay(&[
+        "--log-format",
+        "json",
+        "--cluster",
+        &url,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let line = relay.expect_log("cannot connect to NATS");
+    let v = json(&line);
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert_eq!(v["event"], "cluster_unreachable", "{line}");
+    assert_eq!(v["url"], url.as_str(), "{line}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is nats-server running")),
+        "{line}"
+    );
+    assert!(v["message"].as_str().unwrap().contains(&url), "{line}");
+
+    let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.send_to(b"^join^red^not.checked.here                 ", relay.addr)
+        .unwrap();
+    let line = relay.expect_log("tokens are not checked");
+    assert_eq!(json(&line)["event"], "tokens_ignored", "{line}");
+
+    std::fs::write(&config, "timeout = \"5s\"\nmax-datagram = 512\n").unwrap();
+    relay.signal("HUP");
+    let line = relay.expect_log("needs a restart");
+    let v = json(&line);
+    assert_eq!(
+        (v["event"].as_str(), v["setting"].as_str()),
+        (Some("reload_refused"), Some("max-datagram")),
+        "{line}"
+    );
+    assert_eq!(
+        (v["running"].as_str(), v["wanted"].as_str()),
+        (Some("1472"), Some("512")),
+        "{line}"
+    );
+    let line = relay.expect_log("reload: applied");
+    let v = json(&line);
+    assert_eq!(v["event"], "reload_applied", "{line}");
+    assert_eq!(v["settings"], "timeout", "{line}");
+    assert_eq!(v["changed"], "timeout 3s → 5s", "{line}");
 }
 
 /// Shell completions and the man page come from the same definitions as

@@ -576,10 +576,12 @@ fn send_and_chat_name_verify_mode() {
     );
 }
 
-/// Two silent drops made audible: `chat` without `--room` against a closed
-/// lobby stops with a line naming `--lobby closed` and `--room`; an
-/// unpadded `^join^` refused in silence (`^denied^token` is longer than
-/// it) gets `send` to say why and what to do.
+/// Three silent drops made audible: `chat` without `--room` against a
+/// closed lobby stops with a line naming `--lobby closed` and `--room`;
+/// `send --expect-reply` there says after its silence that the lobby is
+/// closed and to pass `--room`; an unpadded `^join^` refused in silence
+/// (`^denied^token` is longer than it) gets `send` to say why and what to
+/// do.
 #[test]
 fn a_closed_lobby_and_a_short_join_are_explained() {
     let secret = util::temp_path("secret");
@@ -598,6 +600,19 @@ fn a_closed_lobby_and_a_short_join_are_explained() {
         stderr.contains("closed lobby")
             && stderr.contains("--lobby closed")
             && stderr.contains("--room ROOM --token"),
+        "{stderr}"
+    );
+
+    let out = Command::new(udphub_bin())
+        .args(["send", "--server", &server, "hello", "--expect-reply"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no reply from {server} within 1s"))
+            && stderr.contains("closed lobby")
+            && stderr.contains("--room ROOM --token TOKEN"),
         "{stderr}"
     );
 

@@ -478,8 +478,8 @@ fn the_documented_snippets_mint_tokens_that_join_and_send_explains_refusals() {
 }
 
 /// A relay without a room secret admits any token: it counts that and
-/// logs it once, and `udphub chat --token` warns that the room is not
-/// private; with a secret, chat joins quietly.
+/// logs it once, and `udphub chat --token` and `udphub send --token` warn
+/// that the room is not private; with a secret, both join quietly.
 #[test]
 fn a_token_to_a_relay_without_a_secret_is_counted_logged_and_warned_about() {
     let relay = spawn_relay(&[]);
@@ -509,6 +509,13 @@ fn a_token_to_a_relay_without_a_secret_is_counted_logged_and_warned_about() {
     // was let in): the three joins above.
     relay.wait_metric("udphub_room_tokens_ignored_total", 3.0);
     relay.expect_log("no --room-secret-file: tokens are not checked");
+    // `send` says the same, in the same words, and still sends.
+    let (code, err) = send(&relay, "red", &token);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("the room is not private") && err.contains("set --room-secret-file"),
+        "{err}"
+    );
 
     let secret = secret_file();
     let private = spawn_relay(&["--room-secret-file", secret.to_str().unwrap()]);
@@ -525,6 +532,9 @@ fn a_token_to_a_relay_without_a_secret_is_counted_logged_and_warned_about() {
     ]);
     private.wait_metric("udphub_room_joins_total", 1.0);
     let (code, err) = chat.wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("not private"), "{err}");
+    let (code, err) = send(&private, "red", &token);
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("not private"), "{err}");
 }

@@ -917,7 +917,7 @@ pub fn parse_payload(s: &str) -> Result<usize, String> {
 /// polling the relay's gauge) until `udphub_clients` is back where it was
 /// before the run; returns how many of ours it still has then, if any
 /// (`None` when it is back, or cannot be read).
-fn wait_left(
+pub(crate) fn wait_left(
     c: &crate::report::Common,
     before: &Option<metrics::Scrape>,
     limit: Duration,
@@ -949,14 +949,10 @@ pub fn run(args: &FanoutArgs) -> Result<FanoutReport, String> {
         return Err("--room-prefix names rooms: add --rooms K".into());
     }
     let before = c.scrape_optional()?;
-    if let Some(already) = before
-        .as_ref()
-        .map(|b| b.get("udphub_clients"))
-        .filter(|n| *n > 0.0)
-    {
-        eprintln!(
-            "loadtest: warning: the relay already has {} (udphub_clients) before this run: a previous run's (within the relay's --timeout) or someone else's; their share of the fan-out shows up here as relay deliveries \"lost after the relay\". Wait for them to expire, or restart the relay, for a clean measurement",
-            crate::report::plural(already as usize, "client")
+    if let Some(before) = &before {
+        crate::report::warn_occupied(
+            before,
+            "their share of the fan-out shows up here as relay deliveries \"lost after the relay\"",
         );
     }
     // One engine per worker, registered one after the other (a worker's

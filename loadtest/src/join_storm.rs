@@ -12,12 +12,19 @@
 //! those addresses be read: then the sockets are bound on 0.0.0.0 (the
 //! only bind that receives for every 127/8 address), and IP_PKTINFO on
 //! receive says which source each is for.
+//!
+//! At the end every source leaves with a `quit` (in verify mode the proven
+//! `^cookie^C^quit`, with the cookie kept from its handshake: 16 bytes a
+//! source), paced as the joins were, so the relay is left as it was found;
+//! except with `--expire`, which measures the relay expiring them all.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use clap::Args;
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -131,6 +138,14 @@ pub struct JoinStormReport {
     pub expiry: Option<ExpiryReport>,
     /// With `--verify`: sources that got a cookie and proved their address.
     pub verified: Option<u32>,
+    /// `quit`s sent at the end (proven with each source's cookie in verify
+    /// mode), so the relay is left as it was found; 0 with `--expire`.
+    pub quits_sent: u64,
+    /// With `--metrics-url`: sources of this run the relay still had when
+    /// loadtest stopped waiting for the quits to land (they expire after
+    /// its `--timeout`); absent when every one left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients_left_behind: Option<u64>,
 }
 
 /// How the relay handled every client expiring at once.
@@ -159,6 +174,68 @@ fn source_ip(k: u32, ports: u32) -> Ipv4Addr {
 fn source_index(ip: Ipv4Addr, ports: u32, port_index: u32) -> Option<u32> {
     let a = (u32::from(ip) & 0x00ff_ffff).checked_sub(65_536)?;
     a.checked_mul(ports)?.checked_add(port_index)
+}
+
+/// Bytes of a cookie's MAC: the relay's 22 base64url characters, decoded.
+/// Kept that way (16 bytes a source, not 22) because a storm may have
+/// millions of sources.
+const COOKIE_TAG: usize = 16;
+
+/// Verify mode: each source's cookie, kept for its proven `quit`.
+struct Cookies {
+    /// Source `k`'s cookie, decoded; meaningful only where `proven[k]`.
+    tags: Vec<[u8; COOKIE_TAG]>,
+    /// Whether source `k` proved its address (holds a cookie).
+    proven: Vec<bool>,
+    /// When the handshake began: every cookie is younger. A cookie is
+    /// accepted through the epoch after the one it was made in, so for at
+    /// least one epoch (two minutes) after it was sent.
+    since: Instant,
+}
+
+impl Cookies {
+    fn new(clients: u32) -> Cookies {
+        Cookies {
+            tags: vec![[0; COOKIE_TAG]; clients as usize],
+            proven: vec![false; clients as usize],
+            since: Instant::now(),
+        }
+    }
+
+    /// Whether every kept cookie is still accepted (with a margin for the
+    /// quits' own sending time).
+    fn fresh(&self) -> bool {
+        self.since.elapsed() + Duration::from_secs(20)
+            < Duration::from_secs(udphub::core::cookie::EPOCH_SECS)
+    }
+
+    /// Source `k`'s proven quit, `^cookie^C^quit`, if it holds a cookie.
+    fn quit(&self, k: u32) -> Option<Vec<u8>> {
+        let k = k as usize;
+        if !self.proven.get(k).copied().unwrap_or(false) {
+            return None;
+        }
+        let mut q = b"^cookie^".to_vec();
+        q.extend_from_slice(URL_SAFE_NO_PAD.encode(self.tags[k]).as_bytes());
+        q.extend_from_slice(b"^quit");
+        Some(q)
+    }
+}
+
+/// The MAC in the relay's `^cookie^C`, decoded; `None` if it is not one.
+fn cookie_tag(datagram: &[u8]) -> Option<[u8; COOKIE_TAG]> {
+    let text = datagram.strip_prefix(b"^cookie^")?;
+    let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
+    bytes.try_into().ok()
+}
+
+/// What a source sends with its cookie when the relay answers its hello.
+#[derive(Debug, Clone, Copy)]
+enum Proof {
+    /// Register: `^cookie^C`, or `^cookie^C^join^r{k mod rooms}`.
+    Register { rooms: u32 },
+    /// Leave: `^cookie^C^quit` (when the kept cookies have aged out).
+    Quit,
 }
 
 struct Storm {
@@ -202,11 +279,18 @@ impl Storm {
     }
 
     /// Verify mode: every source asks for a cookie (`^hello^`), and
-    /// answers it with `^cookie^C` (or `^cookie^C^join^r{k mod rooms}`);
-    /// hellos are repeated for the sources still without one, until all
-    /// are proven or `limit` passes. Returns how many were proven.
-    fn verify(&self, rooms: u32, rate: Option<f64>, limit: Duration) -> Result<u32, String> {
-        let mut proven = vec![false; self.clients as usize];
+    /// answers it as `then` says, keeping the cookie in `cookies`; hellos
+    /// are repeated for the sources still without one, until all are
+    /// proven or `limit` passes. Returns how many were proven.
+    fn verify(
+        &self,
+        then: Proof,
+        cookies: &mut Cookies,
+        rate: Option<f64>,
+        limit: Duration,
+    ) -> Result<u32, String> {
+        cookies.proven.fill(false);
+        cookies.since = Instant::now();
         let mut left = self.clients;
         let hello = crate::member::hello();
         let t0 = Instant::now();
@@ -216,7 +300,7 @@ impl Storm {
             let round = Instant::now();
             let mut asked = 0u64;
             for k in 0..self.clients {
-                if proven[k as usize] {
+                if cookies.proven[k as usize] {
                     continue;
                 }
                 if let Some(rate) = rate.filter(|r| *r > 0.0) {
@@ -230,19 +314,19 @@ impl Storm {
                 self.send(k, &hello)?;
                 asked += 1;
                 if asked % 64 == 0 {
-                    left -= self.prove(&mut proven, &mut buf, &mut proof, rooms)?;
+                    left -= self.prove(cookies, &mut buf, &mut proof, then)?;
                 }
             }
             // Keep the proven alive while the others wait for a cookie.
             for k in 0..self.clients {
-                if proven[k as usize] {
+                if cookies.proven[k as usize] && matches!(then, Proof::Register { .. }) {
                     self.heartbeat(k)?;
                 }
             }
             // Let the last answers arrive (and a starved cookie budget refill).
             let settle = Instant::now();
             while settle.elapsed() < Duration::from_millis(500) {
-                let got = self.prove(&mut proven, &mut buf, &mut proof, rooms)?;
+                let got = self.prove(cookies, &mut buf, &mut proof, then)?;
                 left -= got;
                 if got == 0 {
                     std::thread::sleep(Duration::from_millis(5));
@@ -253,13 +337,14 @@ impl Storm {
     }
 
     /// Reads the cookies waiting on every socket and answers each (once
-    /// per source). Returns how many sources were newly proven.
+    /// per source) as `then` says, keeping it. Returns how many sources
+    /// were newly proven.
     fn prove(
         &self,
-        proven: &mut [bool],
+        cookies: &mut Cookies,
         buf: &mut [u8],
         proof: &mut Vec<u8>,
-        rooms: u32,
+        then: Proof,
     ) -> Result<u32, String> {
         let ports = self.socks.len() as u32;
         let mut got = 0;
@@ -290,16 +375,25 @@ impl Storm {
                 let Some(k) = source_index(ip, ports, i as u32) else {
                     continue;
                 };
-                if k >= self.clients || proven[k as usize] {
+                if k >= self.clients || cookies.proven[k as usize] {
                     continue;
                 }
+                let cookie = buf[..n].trim_ascii_end();
+                let Some(tag) = cookie_tag(cookie) else {
+                    continue;
+                };
                 proof.clear();
-                proof.extend_from_slice(&buf[..n]);
-                if rooms > 0 {
-                    proof.extend_from_slice(format!("^join^r{}", k % rooms).as_bytes());
+                proof.extend_from_slice(cookie);
+                match then {
+                    Proof::Register { rooms } if rooms > 0 => {
+                        proof.extend_from_slice(format!("^join^r{}", k % rooms).as_bytes())
+                    }
+                    Proof::Register { .. } => {}
+                    Proof::Quit => proof.extend_from_slice(b"^quit"),
                 }
                 self.send(k, proof)?;
-                proven[k as usize] = true;
+                cookies.tags[k as usize] = tag;
+                cookies.proven[k as usize] = true;
                 got += 1;
             }
         }
@@ -361,13 +455,24 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     }
     let rss_before = c.relay_pid.and_then(procfs::rss_bytes);
     let scrape0 = c.scrape_optional()?;
+    if let Some(before) = &scrape0 {
+        crate::report::warn_occupied(
+            before,
+            "they count in this run's relay clients and RSS per client",
+        );
+    }
 
     // Phase 1: every source joins once, as fast as the relay takes it.
     let t0 = Instant::now();
-    let verified = if args.verify {
-        Some(storm.verify(args.rooms, args.join_rate, args.verify_timeout)?)
-    } else {
-        None
+    let mut cookies = args.verify.then(|| Cookies::new(args.clients));
+    let verified = match &mut cookies {
+        Some(cookies) => Some(storm.verify(
+            Proof::Register { rooms: args.rooms },
+            cookies,
+            args.join_rate,
+            args.verify_timeout,
+        )?),
+        None => None,
     };
     // Each worker sends for the sources of its own sockets.
     let threads = args.threads.clamp(1, storm.socks.len());
@@ -376,28 +481,12 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         (0..storm.clients).filter(move |k| (k % ports) % n == t as u32)
     };
     if !args.verify {
-        let rate = args
-            .join_rate
-            .filter(|r| *r > 0.0)
-            .map(|r| r / threads as f64);
-        on_threads(threads, |t| {
-            let mut join = Vec::with_capacity(32);
-            for (i, k) in share(t).enumerate() {
-                if let Some(rate) = rate {
-                    if i % 256 == 0 {
-                        let due = Duration::from_secs_f64(i as f64 / rate);
-                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
-                }
-                if args.rooms > 0 {
-                    join.clear();
-                    join.extend_from_slice(format!("^join^r{}", k % args.rooms).as_bytes());
-                    storm.send(k, &join)?;
-                } else {
-                    storm.heartbeat(k)?;
-                }
+        storm.each_source(threads, args.join_rate, |k| {
+            if args.rooms > 0 {
+                let join = format!("^join^r{}", k % args.rooms);
+                storm.send(k, join.as_bytes())?;
+            } else {
+                storm.heartbeat(k)?;
             }
             Ok(0)
         })?;
@@ -486,6 +575,18 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         (Some(_), None) => return Err("--expire needs --metrics-url".into()),
         _ => None,
     };
+    // Phase 3 (not with --expire, which watched the relay expire them):
+    // every source leaves, so the relay is left as it was found.
+    let (quits_sent, clients_left_behind) = if args.expire.is_some() {
+        (0, None)
+    } else {
+        let sent = storm.leave_all(cookies.as_mut(), args, threads)?;
+        let left = c
+            .metrics_url
+            .as_ref()
+            .and_then(|_| crate::fanout::wait_left(c, &scrape0, QUIT_SETTLE));
+        (sent, left)
+    };
     Ok(JoinStormReport {
         scenario: "join-storm".into(),
         clients: args.clients,
@@ -505,7 +606,75 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
         },
         expiry,
         verified,
+        quits_sent,
+        clients_left_behind,
     })
+}
+
+/// How long to wait, after the last quit, for the relay to count them.
+const QUIT_SETTLE: Duration = Duration::from_secs(5);
+
+impl Storm {
+    /// Every source leaves: `quit`, or in verify mode `^cookie^C^quit`
+    /// with the cookie kept from its handshake (an unproven quit is
+    /// ignored there). Paced as the joins were (`--join-rate`), on the
+    /// same threads, each send retried while the socket buffer is full.
+    /// Cookies that may have aged out (a run longer than a cookie epoch)
+    /// are not used: each source then asks for a fresh cookie and quits
+    /// with it, as it registered. Returns how many quits were sent.
+    fn leave_all(
+        &self,
+        cookies: Option<&mut Cookies>,
+        args: &JoinStormArgs,
+        threads: usize,
+    ) -> Result<u64, String> {
+        if let Some(cookies) = cookies {
+            if !cookies.fresh() {
+                let quit = Proof::Quit;
+                return self
+                    .verify(quit, cookies, args.join_rate, args.verify_timeout)
+                    .map(u64::from);
+            }
+            return self.each_source(threads, args.join_rate, |k| match cookies.quit(k) {
+                Some(q) => self.send(k, &q).map(|()| 1),
+                None => Ok(0),
+            });
+        }
+        self.each_source(threads, args.join_rate, |k| {
+            self.send(k, b"quit").map(|()| 1)
+        })
+    }
+
+    /// Runs `one(k)` for every source, the sources of each socket on
+    /// thread `socket mod threads`, paced to `rate` a second in all (in
+    /// chunks of 256); sums what it returns.
+    fn each_source(
+        &self,
+        threads: usize,
+        rate: Option<f64>,
+        one: impl Fn(u32) -> Result<u64, String> + Sync,
+    ) -> Result<u64, String> {
+        let threads = threads.clamp(1, self.socks.len());
+        let rate = rate.filter(|r| *r > 0.0).map(|r| r / threads as f64);
+        let (ports, n) = (self.socks.len() as u32, threads as u32);
+        let t0 = Instant::now();
+        on_threads(threads, |t| {
+            let mut sum = 0;
+            let mine = (0..self.clients).filter(|k| (k % ports) % n == t as u32);
+            for (i, k) in mine.enumerate() {
+                if let Some(rate) = rate {
+                    if i % 256 == 0 {
+                        let due = Duration::from_secs_f64(i as f64 / rate);
+                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+                sum += one(k)?;
+            }
+            Ok(sum)
+        })
+    }
 }
 
 /// Waits (up to `limit`) for the relay to count `clients` more clients
@@ -672,6 +841,9 @@ impl JoinStormReport {
         if let Some(p) = self.rss_bytes_per_client {
             row("RSS per client", format!("{p:.0} bytes"));
         }
+        if self.expiry.is_none() {
+            crate::report::left_row(self.quits_sent, self.clients_left_behind);
+        }
         if let Some(e) = &self.expiry {
             row(
                 "expiry",
@@ -704,5 +876,25 @@ mod tests {
             assert!(seen.insert((ip, k % 16)));
             assert_eq!(source_index(ip, 16, k % 16), Some(k));
         }
+    }
+
+    /// A cookie kept in 16 bytes is the relay's cookie again in the quit.
+    #[test]
+    fn a_kept_cookie_quits_with_the_relays_own_bytes() {
+        use udphub::core::addr::RawAddr;
+        use udphub::core::cookie::CookieKey;
+        let key = CookieKey::new([7; 32], Instant::now());
+        let addr = RawAddr::from_socket_addr("127.1.2.3:4000".parse().unwrap());
+        let c = key.make(&addr, Instant::now());
+        let datagram = [&b"^cookie^"[..], &c].concat();
+        let mut cookies = Cookies::new(3);
+        cookies.tags[1] = cookie_tag(&datagram).expect("a cookie");
+        cookies.proven[1] = true;
+        assert_eq!(cookies.quit(1), Some([&datagram[..], b"^quit"].concat()));
+        assert_eq!(cookies.quit(0), None, "no cookie, no quit");
+        assert_eq!(cookies.quit(9), None);
+        assert!(cookie_tag(b"^cookie^short").is_none());
+        assert!(cookie_tag(b"^room^x").is_none());
+        assert!(cookies.fresh());
     }
 }

@@ -479,22 +479,40 @@ impl FanoutReport {
                 row("LOADTEST LIMITED", d.clone());
             }
         }
-        match self.clients_left_behind {
-            Some(n) => row(
-                "left",
-                format!(
-                    "{} quits sent; the relay still has {n} of this run's clients (they expire after its --timeout)",
-                    self.quits_sent
-                ),
-            ),
-            None => row("left", format!("{} quits sent", self.quits_sent)),
-        }
+        left_row(self.quits_sent, self.clients_left_behind);
         if self.relay_said_bye {
             row(
                 "note",
                 "the relay said bye (shut down) during the run".into(),
             );
         }
+    }
+}
+
+/// The `left` row: the quits sent at the end, and how many of this run's
+/// clients the relay still had when loadtest stopped waiting for them.
+pub fn left_row(quits_sent: u64, left_behind: Option<u64>) {
+    match left_behind {
+        Some(n) => row(
+            "left",
+            format!(
+                "{quits_sent} quits sent; the relay still has {n} of this run's clients (they expire after its --timeout)"
+            ),
+        ),
+        None => row("left", format!("{quits_sent} quits sent")),
+    }
+}
+
+/// Warns (on stderr) when the relay already has clients before a run
+/// starts: a previous run's, within the relay's `--timeout`, or someone
+/// else's. `skews` says what they do to this run's figures.
+pub fn warn_occupied(before: &metrics::Scrape, skews: &str) {
+    let already = before.get("udphub_clients");
+    if already > 0.0 {
+        eprintln!(
+            "loadtest: warning: the relay already has {} (udphub_clients) before this run: a previous run's (within the relay's --timeout) or someone else's; {skews}. Wait for them to expire, or restart the relay, for a clean measurement",
+            plural(already as usize, "client")
+        );
     }
 }
 

@@ -1,6 +1,8 @@
 //! `loadtest soak`: a mixed load for a long time — clients heartbeating,
 //! senders at a steady rate — sampling the relay's RSS and counters every
-//! few seconds, to show growth that a short run can't.
+//! few seconds, to show growth that a short run can't. At the end every
+//! client quits (proven with its cookie in verify mode), so the relay is
+//! left as it was found.
 
 use std::time::{Duration, Instant};
 
@@ -79,6 +81,13 @@ pub struct SoakReport {
     pub rss_growth_bytes: Option<i64>,
     /// Final loss ratio.
     pub loss_ratio: f64,
+    /// `quit`s sent at the end (proven with the cookie in verify mode).
+    pub quits_sent: u64,
+    /// With `--metrics-url`: clients of this run the relay still had when
+    /// loadtest stopped waiting (2 s) for the quits to land; absent when
+    /// every one left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients_left_behind: Option<u64>,
 }
 
 /// Runs the soak.
@@ -88,6 +97,10 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     let relay = c.relay.clone();
     let threads = args.threads.min(args.clients.max(1));
     let tag = crate::fanout::run_tag();
+    let before = c.scrape_optional()?;
+    if let Some(before) = &before {
+        crate::report::warn_occupied(before, "they count in the samples' relay clients and RSS");
+    }
     let mut engines = Vec::with_capacity(threads);
     for index in 0..threads {
         let mut e = Engine::new_part(
@@ -169,7 +182,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
     // The first sample before any message, as the workers start.
     sample(&shared, false);
     let mut last_taken = false;
-    workers::run_all(
+    let mut finished = workers::run_all(
         engines,
         &plan,
         &shared,
@@ -182,6 +195,12 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
         },
         || {},
     )?;
+    // After the last sample: leave the relay as we found it.
+    let quits_sent: u64 = finished.iter_mut().map(|f| f.engine.leave_all()).sum();
+    let clients_left_behind = c
+        .metrics_url
+        .as_ref()
+        .and_then(|_| crate::fanout::wait_left(c, &before, Duration::from_secs(2)));
     if let Some(e) = failed {
         return Err(e);
     }
@@ -203,6 +222,8 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport, String> {
             missing as f64 / expected as f64
         },
         samples,
+        quits_sent,
+        clients_left_behind,
     })
 }
 
@@ -227,5 +248,6 @@ impl SoakReport {
             row("RSS growth", format!("{g} bytes"));
         }
         row("loss", format!("{:.4}%", self.loss_ratio * 100.0));
+        crate::report::left_row(self.quits_sent, self.clients_left_behind);
     }
 }

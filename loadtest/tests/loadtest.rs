@@ -1211,3 +1211,132 @@ fn a_join_storm_of_a_million_sources_is_accounted_for() {
     }
     assert!(r["rss_bytes_per_client"].as_f64().is_some(), "{r}");
 }
+
+/// One metric's value from a relay's `/metrics` (0 when absent).
+fn metric(url: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let host = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut s = std::net::TcpStream::connect(host).expect("connect to /metrics");
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits (polling, at most 10 s) for the relay's `udphub_clients` to be
+/// `want`; returns the last value read.
+fn wait_clients(url: &str, want: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(url, "udphub_clients");
+        if now == want || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `soak` and `join-storm` leave the relay clean: every client they
+/// registered quits at the end (with its cookie in verify mode: the
+/// join-storm keeps each source's), so `udphub_clients` is back to 0 well
+/// within the relay's `--timeout`; with `--expire` the storm sends no
+/// quit (the relay expires them). A client already there is named in a
+/// warning at start.
+#[test]
+fn soak_and_join_storm_leave_the_relay_clean() {
+    for (serve, extra) in [
+        (&[][..], &[][..]),
+        (
+            &["--verify-sources", "--cookie-rate", "100000"][..],
+            &["--verify"][..],
+        ),
+    ] {
+        let Some((child, addr, url)) = spawn_udphub(serve) else {
+            return;
+        };
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _relay = Kill(child);
+        let common = ["--relay", &addr, "--metrics-url", &url, "--json"];
+        let mut soak = vec!["soak", "--clients", "8", "--duration", "500ms"];
+        soak.extend_from_slice(&["--sample-every", "200ms"]);
+        soak.extend_from_slice(extra);
+        soak.extend_from_slice(&common);
+        let (code, stdout, stderr) = loadtest(&soak);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("already has"), "{stderr}");
+        let r: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["quits_sent"], 8, "{r}");
+        assert!(r.get("clients_left_behind").is_none(), "{r}");
+        assert_eq!(wait_clients(&url, 0.0), 0.0, "soak left clients: {r}");
+
+        if serve.is_empty() {
+            let storm = |more: &[&str]| {
+                let mut a = vec!["join-storm", "--clients", "2000", "--ports", "4"];
+                a.extend_from_slice(&["--duration", "300ms", "--join-rate", "50000"]);
+                a.extend_from_slice(more);
+                a.extend_from_slice(&common);
+                loadtest(&a)
+            };
+            let (code, stdout, stderr) = storm(&[]);
+            assert_eq!(code, Some(0), "{stderr}");
+            assert!(!stderr.contains("already has"), "{stderr}");
+            let r: Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(r["relay_clients"].as_f64(), Some(2000.0), "{r}");
+            assert_eq!(r["quits_sent"], 2000, "{r}");
+            assert!(r.get("clients_left_behind").is_none(), "{r}");
+            assert_eq!(wait_clients(&url, 0.0), 0.0, "join-storm left: {r}");
+
+            // Someone else's client, named at the start of the next run.
+            let stray = UdpSocket::bind("127.0.0.1:0").unwrap();
+            stray.send_to(b"^hb^", &addr).unwrap();
+            assert_eq!(wait_clients(&url, 1.0), 1.0);
+            let (code, stdout, stderr) = storm(&["--expire", "200ms"]);
+            assert_eq!(code, Some(0), "{stderr}");
+            assert!(
+                stderr.contains("warning: the relay already has 1 client (udphub_clients)"),
+                "{stderr}"
+            );
+            // --expire measures the relay expiring them: no quit.
+            let r: Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(r["quits_sent"], 0, "{r}");
+            assert_eq!(
+                metric(&url, "udphub_datagrams_received_total{kind=\"quit\"}"),
+                2008.0
+            );
+        }
+    }
+    // Verify mode: each source's quit carries the cookie it registered
+    // with (the storm binds the wildcard to read cookies: its own netns).
+    let Some(ns) = Netns::new("quit") else {
+        return;
+    };
+    let r = run_against_udphub_in(
+        Some(&ns),
+        &["--verify-sources", "--cookie-rate", "100000"],
+        &[
+            "join-storm",
+            "--verify",
+            "--clients",
+            "600",
+            "--duration",
+            "300ms",
+        ],
+    );
+    if r.is_null() {
+        return;
+    }
+    assert_eq!(r["verified"], 600, "{r}");
+    assert_eq!(r["quits_sent"], 600, "{r}");
+    // loadtest waited on the relay's udphub_clients: back to 0.
+    assert!(r.get("clients_left_behind").is_none(), "{r}");
+}

@@ -62,6 +62,11 @@ pub fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
             if args.check_config {
+                // A check shows what a start would warn about (on stderr:
+                // stdout stays the one summary line scripts read).
+                if let Some(warning) = config.exposure_warning() {
+                    eprintln!("udphub: warning: {warning}");
+                }
                 print_out(format!("{}\n", config.summary()).as_bytes())?;
                 return Ok(Exit::Done);
             }

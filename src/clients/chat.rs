@@ -23,7 +23,7 @@ use clap::Args;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter as _;
 
-use crate::client::{Client, ClientError, Event, Options};
+use crate::client::{Client, ClientError, Event};
 use crate::clients::room::{RoomArgs, JOIN_WAIT};
 use crate::config::{parse_duration, MAX_UDP_PAYLOAD};
 use crate::core::protocol;
@@ -140,34 +140,12 @@ pub fn run(args: &ChatArgs) -> Result<(), Error> {
     .run()
 }
 
-/// Connects to the relay and joins `--room`. With a token, first asks to
-/// join without it: a relay that lets us in has no room secret, so the
-/// token is not checked and the room is open to anyone, which the user
-/// must hear (a relay that does check tokens counts that first ask as one
-/// refusal, `missing`).
+/// Connects to the relay and joins `--room` (warning when the relay
+/// does not check the token: [`RoomArgs::connect`]).
 fn connect(args: &ChatArgs, server: SocketAddr) -> Result<Client, Error> {
     let options = args.room.options(Some(args.heartbeat), JOIN_WAIT)?;
-    if let (Some(room), Some(token)) = (&options.room, &options.token) {
-        let without = Options {
-            token: None,
-            wait: PROBE_WAIT,
-            ..options.clone()
-        };
-        if let Ok(client) = Client::connect_with(server, &without) {
-            eprintln!(
-                "udphub: warning: the relay let us into room {room:?} without the token: it has no --room-secret-file, so tokens are not checked and anyone can join {room:?}; the room is not private (whoever runs the relay: set --room-secret-file)"
-            );
-            client
-                .join(room, Some(token))
-                .map_err(|e| args.room.error(e))?;
-            return Ok(client);
-        }
-    }
-    Client::connect_with(server, &options).map_err(|e| args.room.error(e))
+    args.room.connect(server, &options)
 }
-
-/// How long to wait for the relay to answer the first datagram.
-const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// Resolves `--server` (`host:port` or an address literal) to its first
 /// address, saying which part is wrong if it can't.

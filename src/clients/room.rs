@@ -1,14 +1,16 @@
 //! Joining a room from the command line (wire protocol v2): the `--room`,
 //! `--token`, `--token-file` flags `chat` and `send` share, turned into
 //! the client library's [`Options`], and its errors said with the flags
-//! that fix them. (The join itself is [`crate::client`]'s.)
+//! that fix them; a token a relay does not check is said to be no
+//! privacy. (The join itself is [`crate::client`]'s.)
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::client::{ClientError, Options, Refusal};
+use crate::client::{Client, ClientError, Options, Refusal};
 use crate::config::MAX_UDP_PAYLOAD;
 use crate::error::Error;
 
@@ -59,6 +61,30 @@ impl RoomArgs {
         })
     }
 
+    /// Connects to the relay at `server` with `options` (these flags'),
+    /// joining the room. With a token, first asks to join without it: a
+    /// relay that lets us in has no room secret, so the token is not
+    /// checked and the room is open to anyone, which the user must hear
+    /// (a relay that does check tokens counts that first ask as one
+    /// refusal, `missing`). `chat` and `send` both connect this way.
+    pub(crate) fn connect(&self, server: SocketAddr, options: &Options) -> Result<Client, Error> {
+        if let (Some(room), Some(token)) = (&options.room, &options.token) {
+            let without = Options {
+                token: None,
+                wait: PROBE_WAIT,
+                ..options.clone()
+            };
+            if let Ok(client) = Client::connect_with(server, &without) {
+                eprintln!(
+                    "udphub: warning: the relay let us into room {room:?} without the token: it has no --room-secret-file, so tokens are not checked and anyone can join {room:?}; the room is not private (whoever runs the relay: set --room-secret-file)"
+                );
+                client.join(room, Some(token)).map_err(|e| self.error(e))?;
+                return Ok(client);
+            }
+        }
+        Client::connect_with(server, options).map_err(|e| self.error(e))
+    }
+
     /// A client library error as the command line says it: the same
     /// words, with the flags that fix it (`--token`, `--room`), as a usage
     /// error (exit 2), a refusal (exit 1) or an I/O error.
@@ -87,6 +113,9 @@ impl RoomArgs {
         }
     }
 }
+
+/// How long the token-less first ask of [`RoomArgs::connect`] waits.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// How long to wait for the relay to answer a join.
 pub(crate) const JOIN_WAIT: Duration = Duration::from_secs(2);

@@ -134,7 +134,7 @@ pub fn run(args: &SendArgs) -> Result<Sent, Error> {
         // cookie in verify mode, the room), and reads the replies.
         let wait = args.wait.max(Duration::from_secs(1));
         let options = args.room.options(None, wait)?;
-        let client = Client::connect_with(server, &options).map_err(|e| args.room.error(e))?;
+        let client = args.room.connect(server, &options)?;
         client.send(&message).map_err(|e| args.room.error(e))?;
         match replies_as_member(&client, args.wait, &mut print)? {
             Some(n) => n,
@@ -236,19 +236,25 @@ fn replies_as_member(
 /// After silence: why, if the relay will tell. A relay in verify mode
 /// answers nobody unproven except a padded question (its cookie, never
 /// more bytes than it was sent), so one client library probe tells verify
-/// mode apart from a relay that had nothing to say. A `^join^` shorter
-/// than its refusal (`^denied^token` is 14 bytes) is refused in silence,
-/// by the same rule.
+/// mode apart from a relay that had nothing to say; the same probe hears
+/// a closed lobby refuse it (that relay drops what non-members send
+/// outside a room). A `^join^` shorter than its refusal (`^denied^token`
+/// is 13 bytes) is refused in silence, by the same rule.
 fn why_silent(server: SocketAddr, message: &[u8], proving: bool) -> Option<String> {
+    let mut lobby_closed = false;
     if !proving {
         let options = Options {
             wait: PROBE_WAIT,
             ..Options::default()
         };
-        if Client::connect_with(server, &options).is_ok_and(|c| c.verified()) {
-            return Some(format!(
-                "the relay at {server} is in verify mode (--public / --verify-sources): it ignores every datagram until the sender proves its address with the cookie handshake; add --verify (or --room ROOM), or see docs/PROTOCOL.md \"Verify mode\" for a plain client"
-            ));
+        match Client::connect_with(server, &options) {
+            Ok(c) if c.verified() => {
+                return Some(format!(
+                    "the relay at {server} is in verify mode (--public / --verify-sources): it ignores every datagram until the sender proves its address with the cookie handshake; add --verify (or --room ROOM), or see docs/PROTOCOL.md \"Verify mode\" for a plain client"
+                ));
+            }
+            Err(ClientError::LobbyClosed(_)) => lobby_closed = true,
+            _ => {}
         }
     }
     let body = message.trim_ascii();
@@ -257,6 +263,11 @@ fn why_silent(server: SocketAddr, message: &[u8], proving: bool) -> Option<Strin
             "a refused join is answered only when `^denied^REASON` fits in the request (the relay never sends more bytes than it got), so this {}-byte join may have been refused in silence; use --room ROOM [--token TOKEN], or pad the join with spaces to {} bytes",
             message.len(),
             protocol::TIMEOUT_QUERY_LEN
+        ));
+    }
+    if lobby_closed {
+        return Some(format!(
+            "the relay at {server} has a closed lobby (serve --lobby closed): it drops what is sent outside a room; pass --room ROOM --token TOKEN (whoever runs the relay mints tokens with `udphub token`)"
         ));
     }
     None

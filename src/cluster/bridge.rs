@@ -97,8 +97,21 @@ pub fn spawn(bridge: Bridge) -> Result<(), Error> {
 /// publishes must not flood the log), saying how many were held back.
 struct ChangeLog(crate::throttle::Throttle);
 
+/// One line of a [`ChangeLog`]: its text, and the values it names as
+/// fields (for `--log-format json`).
+struct Line<'a> {
+    /// The `event` field: what happened.
+    event: &'static str,
+    /// The NATS URL(s) of `--cluster` (never a password).
+    url: &'a str,
+    /// Why, when the line says why.
+    reason: Option<&'a str>,
+    /// The human text, after `cluster: `.
+    text: &'a str,
+}
+
 impl ChangeLog {
-    fn log(&mut self, connected: bool, what: &str) {
+    fn log(&mut self, connected: bool, line: Line<'_>) {
         let Some(held) = self.0.admit(Instant::now()) else {
             return;
         };
@@ -107,10 +120,30 @@ impl ChangeLog {
         } else {
             String::new()
         };
+        let Line {
+            event,
+            url,
+            reason,
+            text,
+        } = line;
+        macro_rules! say {
+            ($level:ident) => {
+                match reason {
+                    Some(reason) => tracing::$level!(
+                        event,
+                        url,
+                        reason,
+                        held_back = held,
+                        "cluster: {text}{note}"
+                    ),
+                    None => tracing::$level!(event, url, held_back = held, "cluster: {text}{note}"),
+                }
+            };
+        }
         if connected {
-            tracing::info!("cluster: {what}{note}");
+            say!(info);
         } else {
-            tracing::warn!("cluster: {what}{note}");
+            say!(warn);
         }
     }
 }
@@ -163,12 +196,23 @@ async fn run(mut b: Bridge) {
                         connected.store(up, Ordering::SeqCst);
                         gauge.set(if up { 1.0 } else { 0.0 });
                         if let Ok(mut l) = log.lock() {
-                            let what = if up {
-                                format!("connected to NATS ({servers})")
+                            let (event, text) = if up {
+                                (
+                                    "cluster_connected",
+                                    format!("connected to NATS ({servers})"),
+                                )
                             } else {
-                                format!("lost NATS ({servers}); local rooms go on, publishes are dropped and counted until it is back")
+                                ("cluster_lost", format!("lost NATS ({servers}); local rooms go on, publishes are dropped and counted until it is back"))
                             };
-                            l.log(up, &what);
+                            l.log(
+                                up,
+                                Line {
+                                    event,
+                                    url: &servers,
+                                    reason: None,
+                                    text: &text,
+                                },
+                            );
                         }
                     }
                     // A failed attempt (retried every second at most): with
@@ -183,9 +227,16 @@ async fn run(mut b: Bridge) {
                             format!("{event}; is nats-server running there, and is the --cluster URL right? Retrying every second; local rooms go on")
                         });
                         if let Ok(mut l) = failed.lock() {
+                            let text = format!("cannot connect to NATS at {servers}: {why}");
+                            let reason = Some(why.as_str());
                             l.log(
                                 false,
-                                &format!("cannot connect to NATS at {servers}: {why}"),
+                                Line {
+                                    event: "cluster_unreachable",
+                                    url: &servers,
+                                    reason,
+                                    text: &text,
+                                },
                             );
                         }
                     }
@@ -194,7 +245,17 @@ async fn run(mut b: Bridge) {
                     // so neither kind of line hides the other.
                     None => {
                         if let Ok(mut l) = said.lock() {
-                            l.log(false, &format!("NATS says {event}"));
+                            let what = event.to_string();
+                            let text = format!("NATS says {what}");
+                            l.log(
+                                false,
+                                Line {
+                                    event: "cluster_nats_says",
+                                    url: &servers,
+                                    reason: Some(&what),
+                                    text: &text,
+                                },
+                            );
                         }
                     }
                 }
@@ -225,7 +286,7 @@ async fn run(mut b: Bridge) {
             // (announced as a bare HOST:PORT) is never tried in the clear.
             Ok(client) => options = options.tls_client_config(client).require_tls(true),
             Err(e) => {
-                tracing::error!("cluster: {e}; the cluster is off");
+                tracing::error!(event = "cluster_off", error = %e, "cluster: {e}; the cluster is off");
                 return;
             }
         }
@@ -235,6 +296,9 @@ async fn run(mut b: Bridge) {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(
+                    event = "cluster_off",
+                    path = %path.display(),
+                    error = %e,
                     "cluster: cannot read the credentials file {}: {e}; the cluster is off",
                     path.display()
                 );
@@ -245,9 +309,12 @@ async fn run(mut b: Bridge) {
     let client = match options.connect(b.config.servers.clone()).await {
         Ok(c) => c,
         Err(e) => {
+            let url = b.config.servers.join(",");
             tracing::error!(
-                "cluster: cannot use {servers}: {e}; the cluster is off",
-                servers = b.config.servers.join(",")
+                event = "cluster_off",
+                url = %url,
+                error = %e,
+                "cluster: cannot use {url}: {e}; the cluster is off"
             );
             return;
         }
@@ -299,7 +366,7 @@ async fn run(mut b: Bridge) {
                             let task = tokio::spawn(forward(sub, inbox, b.keys.clone(), to_loops, b.metrics.clone()));
                             subscriptions.insert(subject, Subscription { task, loops });
                         }
-                        Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
+                        Err(e) => tracing::warn!(event = "cluster_subscribe_failed", subject = %subject, error = %e, "cluster: cannot subscribe to {subject}: {e}"),
                     }
                 }
             },

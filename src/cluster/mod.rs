@@ -194,7 +194,7 @@ impl LoopInbox {
         }
         if !self.wake_pending.swap(true, Ordering::SeqCst) {
             if let Err(e) = self.waker.wake() {
-                tracing::warn!("cluster: cannot wake a loop: {e}");
+                tracing::warn!(event = "wake_failed", error = %e, "cluster: cannot wake a loop: {e}");
             }
         }
         true
@@ -645,7 +645,7 @@ impl Bus {
     pub fn drain(&mut self, deliver: impl FnMut(&[u8], &[u8])) {
         if self.drain_up_to(DRAIN_BUDGET, deliver) {
             if let Err(e) = self.own_waker.wake() {
-                tracing::error!("cluster: cannot wake loop {}: {e}", self.index);
+                tracing::error!(event = "wake_failed", loop_index = self.index, error = %e, "cluster: cannot wake loop {}: {e}", self.index);
             }
         }
     }

@@ -95,6 +95,8 @@ pub fn take_from_env() -> Result<Option<Inherited>, Error> {
         Passed::Nothing => Ok(None),
         Passed::ForAnother(pid) => {
             tracing::info!(
+                event = "activation_ignored",
+                listen_pid = pid,
                 "LISTEN_PID={pid} names another process: ignoring LISTEN_FDS and binding --bind"
             );
             Ok(None)

@@ -81,6 +81,9 @@ impl LocalAddrs {
             if !self.warned {
                 self.warned = true;
                 tracing::warn!(
+                    event = "local_addresses_overflow",
+                    max = MAX_LOCAL_ADDRS,
+                    local = %local.ip,
                     "clients talk to more than {MAX_LOCAL_ADDRS} local addresses; those to {} and later ones are answered from whatever address the route picks (counted in udphub_local_address_overflow_total); bind a specific address with --bind to avoid this",
                     local.ip
                 );

@@ -84,7 +84,7 @@ pub fn bind(
 /// socket's address if the kernel cannot say it.
 pub(crate) fn prepare(socket: Socket, addr: SocketAddr) -> Bound {
     if let Err(e) = batch_io::enable_rxq_ovfl(socket.as_fd()) {
-        tracing::warn!("SO_RXQ_OVFL unavailable ({e}): udphub_kernel_rx_dropped_total will stay 0");
+        tracing::warn!(event = "rxq_ovfl_unavailable", error = %e, "SO_RXQ_OVFL unavailable ({e}): udphub_kernel_rx_dropped_total will stay 0");
     }
     // On a wildcard address the kernel would answer from whatever address
     // the route picks; bound to one address, the source is right already
@@ -94,6 +94,8 @@ pub(crate) fn prepare(socket: Socket, addr: SocketAddr) -> Bound {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(
+                    event = "pktinfo_unavailable",
+                    error = %e,
                     "cannot learn each datagram's local address ({e}): on a host with several addresses, replies leave from whatever address the route picks; bind a specific address with --bind"
                 );
                 false
@@ -303,7 +305,7 @@ pub fn bind_group(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!("udphub cannot check that no other process shares {addr}: {e}")
+                tracing::warn!(event = "holders_unreadable", addr = %addr, error = %e, "udphub cannot check that no other process shares {addr}: {e}")
             }
         }
     }

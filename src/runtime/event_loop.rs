@@ -226,7 +226,7 @@ impl PauseHandle {
         self.attempt.set(attempt);
         self.requested.store(attempt, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
-            tracing::error!("cannot wake the loop: {e}");
+            tracing::error!(event = "wake_failed", error = %e, "cannot wake the loop: {e}");
         }
     }
 
@@ -272,7 +272,7 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         self.requested.store(true, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
-            tracing::error!("cannot wake the loop: {e}");
+            tracing::error!(event = "wake_failed", error = %e, "cannot wake the loop: {e}");
         }
     }
 }
@@ -293,6 +293,10 @@ impl RateLimitedLog {
     pub(crate) fn warn(&mut self, what: &str, err: &io::Error) {
         if let Some(suppressed) = self.0.admit(Instant::now()) {
             tracing::warn!(
+                event = "io_error",
+                doing = what,
+                error = %err,
+                suppressed,
                 "{what}: {err} ({suppressed} similar errors suppressed since the last report)"
             );
         }
@@ -340,8 +344,10 @@ fn pin_current_thread(cpu: usize) {
         .set(cpu)
         .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set));
     match pinned {
-        Ok(()) => tracing::info!("loop pinned to CPU {cpu}"),
-        Err(e) => tracing::warn!("cannot pin the loop to CPU {cpu} ({e}); it runs unpinned"),
+        Ok(()) => tracing::info!(event = "pinned", cpu, "loop pinned to CPU {cpu}"),
+        Err(e) => {
+            tracing::warn!(event = "pin_failed", cpu, error = %e, "cannot pin the loop to CPU {cpu} ({e}); it runs unpinned")
+        }
     }
 }
 
@@ -507,7 +513,7 @@ impl<S: Service> EventLoop<S> {
                     let exported = match (exported, self.socket.as_fd().try_clone_to_owned()) {
                         (Some(e), Ok(fd)) => Some((e, fd)),
                         (_, Err(e)) => {
-                            tracing::error!("hand-over: cannot duplicate the socket: {e}");
+                            tracing::error!(event = "handover_failed", error = %e, "hand-over: cannot duplicate the socket: {e}");
                             None
                         }
                         (None, _) => None,

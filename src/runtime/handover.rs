@@ -426,7 +426,7 @@ impl Control {
                 Err(e) => {
                     // Tried again at the next wake-up, not in a busy loop.
                     self.pending = false;
-                    tracing::warn!("control socket: accept failed: {e}");
+                    tracing::warn!(event = "control_failed", error = %e, "control socket: accept failed: {e}");
                     return Outcome::Refused;
                 }
             }
@@ -445,7 +445,7 @@ impl Control {
         reports: &Receiver<PauseReport>,
     ) -> Outcome {
         if let Err(e) = timeouts(&stream, STEP_TIMEOUT) {
-            tracing::warn!("control socket: {e}");
+            tracing::warn!(event = "control_failed", error = %e, "control socket: {e}");
             return Outcome::Refused;
         }
         // The whole hello within one step, however it is sliced.

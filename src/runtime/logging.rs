@@ -82,7 +82,7 @@ pub fn init_logging(spec: &str, format: LogFormat) -> Result<(), Error> {
         }));
     }
     if let Some(note) = note {
-        tracing::warn!("{note}");
+        tracing::warn!(event = "log_level_lowered", log_level = spec, "{note}");
     }
     Ok(())
 }

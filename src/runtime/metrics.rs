@@ -211,6 +211,7 @@ impl Metrics {
         }
         if c.tokens_ignored > 0 && !TOKEN_IGNORED_TOLD.swap(true, Ordering::Relaxed) {
             tracing::warn!(
+                event = "tokens_ignored",
                 "a client joined a room with a token, but this relay has no --room-secret-file: tokens are not checked and every room is open to anyone; set --room-secret-file to make rooms private (further ones are counted in udphub_room_tokens_ignored_total, not logged)"
             );
         }

@@ -40,6 +40,10 @@ impl Notifier {
         };
         if let Err(e) = send(target, state.as_bytes()) {
             tracing::warn!(
+                event = "notify_failed",
+                state = %state,
+                notify_socket = %target.to_string_lossy(),
+                error = %e,
                 "cannot tell systemd {state:?} through NOTIFY_SOCKET {}: {e}",
                 target.to_string_lossy()
             );

@@ -27,11 +27,42 @@ use crate::core::hub::HubConfig;
 pub struct Plan {
     /// The running configuration with the live changes applied.
     pub config: Config,
-    /// The live changes, in words (`timeout 10s → 5s`).
-    pub changed: Vec<String>,
-    /// The changes that need a restart, in words, each kept at its running
-    /// value.
-    pub refused: Vec<String>,
+    /// The live changes (`timeout 10s → 5s`).
+    pub changed: Vec<Change>,
+    /// The changes that need a restart, each kept at its running value.
+    pub refused: Vec<Change>,
+}
+
+/// One setting a reload changes or refuses: in words for the text log,
+/// and by name and values for the JSON log's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The setting's key (`timeout`, `room-secret-file`).
+    pub key: String,
+    /// Its running value, in words (never a secret: `set`, `unset`).
+    pub from: String,
+    /// The value the reload read, in words.
+    pub to: String,
+    /// The whole note (`timeout 10s → 5s`).
+    pub text: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A [`Change`] of a secret (the room secret, the cluster key): never the
+/// secret itself, nor anything derived from it; only whether it is set.
+fn secret_change(key: &str, from: bool, to: bool, text: String) -> Change {
+    let said = |set: bool| if set { "set" } else { "unset" };
+    Change {
+        key: key.to_string(),
+        from: said(from).to_string(),
+        to: if from && to { "replaced" } else { said(to) }.to_string(),
+        text,
+    }
 }
 
 impl Plan {
@@ -48,43 +79,54 @@ pub fn plan(running: &Config, wanted: Config) -> Plan {
     let mut changed = Vec::new();
     let mut refused = Vec::new();
     for d in running.differences(&wanted) {
+        let change = |text: String| Change {
+            key: d.key.to_string(),
+            from: d.from.to_string(),
+            to: d.to.to_string(),
+            text,
+        };
         match d.reload {
-            Reload::Live => changed.push(format!("{} {} → {}", d.key, d.from, d.to)),
-            Reload::Restart => refused.push(format!(
+            Reload::Live => changed.push(change(format!("{} {} → {}", d.key, d.from, d.to))),
+            Reload::Restart => refused.push(change(format!(
                 "{} {} → {} needs a restart; keeping {}",
                 d.key, d.from, d.to, d.from
-            )),
+            ))),
         }
     }
     let mut config = wanted;
     config.keep_restart_only(running);
-    match (&running.room_secret, &config.room_secret) {
+    let (was, is) = (&running.room_secret, &config.room_secret);
+    let secret =
+        |text: &str| secret_change("room-secret-file", was.is_some(), is.is_some(), text.into());
+    match (was, is) {
         (None, None) => {}
         (Some(a), Some(b)) if a.same_as(b) => {}
         // Never the secret itself, nor anything derived from it.
-        (None, Some(_)) => changed.push("room secret: set (named rooms now need a token)".into()),
-        (Some(_), None) => {
-            changed.push("room secret: removed (named rooms are open to anyone)".into())
-        }
-        (Some(_), Some(_)) => changed.push(
-            "room secret: replaced (tokens signed with the old one are refused from now on)".into(),
-        ),
+        (None, Some(_)) => changed.push(secret("room secret: set (named rooms now need a token)")),
+        (Some(_), None) => changed.push(secret(
+            "room secret: removed (named rooms are open to anyone)",
+        )),
+        (Some(_), Some(_)) => changed.push(secret(
+            "room secret: replaced (tokens signed with the old one are refused from now on)",
+        )),
     }
-    match (&running.cluster_key, &config.cluster_key) {
+    let (was, is) = (&running.cluster_key, &config.cluster_key);
+    let key = |text: String| secret_change("cluster-key-file", was.is_some(), is.is_some(), text);
+    match (was, is) {
         (None, None) => {}
         (Some(a), Some(b)) if a.same_as(b) => {}
-        (None, Some(_)) => changed.push(format!(
+        (None, Some(_)) => changed.push(key(format!(
             "cluster key: set (batches are signed from now on; unsigned ones are still accepted for {}s)",
             KEY_GRACE.as_secs()
-        )),
-        (Some(_), None) => changed.push(format!(
+        ))),
+        (Some(_), None) => changed.push(key(format!(
             "cluster key: removed (batches go unsigned; signed ones are still checked for {}s, then taken unchecked)",
             KEY_GRACE.as_secs()
-        )),
-        (Some(_), Some(_)) => changed.push(format!(
+        ))),
+        (Some(_), Some(_)) => changed.push(key(format!(
             "cluster key: replaced (the new one signs; the old one is still accepted for {}s)",
             KEY_GRACE.as_secs()
-        )),
+        ))),
     }
     Plan {
         config,
@@ -149,8 +191,9 @@ mod tests {
             ..Config::default()
         };
         let plan = plan(&running, wanted);
+        let text = |c: &[Change]| c.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
-            plan.changed,
+            text(&plan.changed),
             vec![
                 "timeout 10s → 5s".to_string(),
                 "max-clients 1000000 → 10".to_string(),
@@ -159,8 +202,16 @@ mod tests {
             ]
         );
         assert_eq!(plan.refused.len(), 2, "{:?}", plan.refused);
-        assert!(plan.refused[0].starts_with("bind 127.0.0.1:9999 → 127.0.0.1:1234 needs a restart"));
-        assert!(plan.refused[1].contains("max-datagram 1472 → 512"));
+        assert!(plan.refused[0]
+            .text
+            .starts_with("bind 127.0.0.1:9999 → 127.0.0.1:1234 needs a restart"));
+        assert!(plan.refused[1].text.contains("max-datagram 1472 → 512"));
+        // By name and values too, for the JSON log's fields.
+        let bind = &plan.refused[0];
+        assert_eq!(
+            (bind.key.as_str(), bind.from.as_str(), bind.to.as_str()),
+            ("bind", "127.0.0.1:9999", "127.0.0.1:1234")
+        );
         assert_eq!(plan.config.bind, running.bind);
         assert_eq!(plan.config.max_datagram, 1472);
         assert_eq!(plan.config.timeout, Duration::from_secs(5));
@@ -175,7 +226,7 @@ mod tests {
         );
         assert_eq!(plan.config.loops(), 1);
         assert_eq!(
-            plan.refused,
+            text(&plan.refused),
             vec!["threads 1 → 4 needs a restart; keeping 1".to_string()]
         );
     }
@@ -204,7 +255,12 @@ mod tests {
             },
         );
         assert_eq!(rotated.changed.len(), 1);
-        assert!(rotated.changed[0].starts_with("room secret: replaced"));
-        assert!(!rotated.changed[0].contains("bbbb"));
+        let c = &rotated.changed[0];
+        assert!(c.text.starts_with("room secret: replaced"));
+        assert_eq!(
+            (c.key.as_str(), c.from.as_str(), c.to.as_str()),
+            ("room-secret-file", "set", "replaced")
+        );
+        assert!(!format!("{c:?}").contains("bbbb"));
     }
 }

@@ -296,7 +296,7 @@ impl Siblings {
         for peer in &mut self.peers {
             if std::mem::take(&mut peer.wake) {
                 if let Err(e) = peer.waker.wake() {
-                    tracing::error!("cannot wake loop {}: {e}", peer.index);
+                    tracing::error!(event = "wake_failed", loop_index = peer.index, error = %e, "cannot wake loop {}: {e}", peer.index);
                 }
             }
         }
@@ -310,7 +310,7 @@ impl Siblings {
         if self.drain_up_to(DRAIN_BUDGET, fan_out) {
             if let Some(w) = &self.own_waker {
                 if let Err(e) = w.wake() {
-                    tracing::error!("cannot wake loop {}: {e}", self.index);
+                    tracing::error!(event = "wake_failed", loop_index = self.index, error = %e, "cannot wake loop {}: {e}", self.index);
                 }
             }
         }

@@ -134,7 +134,7 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
         match Control::bind(path, &config, local, taken_over) {
             Ok(control) => supervisor.control(control),
             Err(e) if taken_over => {
-                tracing::error!("serving on without a control socket: {e}")
+                tracing::error!(event = "control_failed", error = %e, "serving on without a control socket: {e}")
             }
             Err(e) => return Err(e),
         }
@@ -145,7 +145,9 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
     if let Some(path) = &config.ready_file {
         match write_ready_file(path, "udp", local, metrics) {
             Ok(()) => {}
-            Err(e) if taken_over => tracing::error!("serving on: {e}"),
+            Err(e) if taken_over => {
+                tracing::error!(event = "ready_file_failed", error = %e, "serving on: {e}")
+            }
             Err(e) => return Err(e),
         }
     }
@@ -254,7 +256,7 @@ fn take_over(
             match exporter::serve_at(addr, recorder, METRICS_PATIENCE, Some(readiness.clone())) {
                 Ok(m) => Some(m),
                 Err(e) => {
-                    tracing::error!("serving on without /metrics: {e}");
+                    tracing::error!(event = "metrics_failed", error = %e, "serving on without /metrics: {e}");
                     None
                 }
             }
@@ -310,7 +312,13 @@ fn reload_now(
     };
     let plan = reload::plan(running, wanted);
     for refused in &plan.refused {
-        tracing::warn!(event = "reload_refused", setting = %refused, "reload: {refused}");
+        tracing::warn!(
+            event = "reload_refused",
+            setting = %refused.key,
+            running = %refused.from,
+            wanted = %refused.to,
+            "reload: {refused}"
+        );
     }
     if let Some(keys) = cluster_keys {
         keys.rotate(plan.config.cluster_key.clone(), Instant::now());
@@ -327,19 +335,32 @@ fn reload_now(
         tracing::info!(
             event = "reload_applied",
             changed = "",
+            settings = "",
             "reload: nothing to change"
         );
     } else {
-        let changed = plan.changed.join("; ");
-        tracing::info!(event = "reload_applied", changed = %changed, "reload: applied {changed}");
+        let text: Vec<String> = plan.changed.iter().map(ToString::to_string).collect();
+        let changed = text.join("; ");
+        let settings: Vec<&str> = plan.changed.iter().map(|c| c.key.as_str()).collect();
+        let settings = settings.join(",");
+        tracing::info!(
+            event = "reload_applied",
+            changed = %changed,
+            settings = %settings,
+            "reload: applied {changed}"
+        );
     }
     // Last, so that the lines above are logged at the level they were
     // asked at.
     if plan.log_level_changed(running) {
         match crate::runtime::logging::set_log_level(&plan.config.log_level) {
-            Ok(Some(note)) => tracing::warn!("{note}"),
+            Ok(Some(note)) => tracing::warn!(
+                event = "log_level_lowered",
+                log_level = %plan.config.log_level,
+                "{note}"
+            ),
             Ok(None) => {}
-            Err(e) => tracing::error!("reload: {e}"),
+            Err(e) => tracing::error!(event = "reload_failed", error = %e, "reload: {e}"),
         }
     }
     publish_limits(&plan.config);
@@ -583,7 +604,7 @@ fn supervise<S: Service + Send + 'static>(
                         // The handlers' own check (see install_signals) can
                         // miss when two signals land on two threads at the
                         // same instant; this count cannot.
-                        tracing::warn!("second signal ({sig}): exiting at once");
+                        tracing::warn!(event = "signal", signal = %sig, "second signal ({sig}): exiting at once");
                         std::process::exit(SECOND_SIGNAL_EXIT);
                     }
                     tracing::info!(
@@ -619,7 +640,7 @@ fn supervise<S: Service + Send + 'static>(
                     None => Ok(()),
                 };
                 if let Err(e) = result {
-                    tracing::error!("{e}");
+                    tracing::error!(event = "loop_failed", error = %e, "{e}");
                     first_error.get_or_insert(e);
                     stop = true;
                 }

@@ -64,6 +64,9 @@ impl AddressWatch {
             Err(e) => {
                 if !std::mem::replace(&mut self.unreadable_said, true) {
                     tracing::warn!(
+                        event = "holders_unreadable",
+                        addr = %self.claim.addr(),
+                        error = %e,
                         "udphub cannot check that no other process shares {}: {e}",
                         self.claim.addr()
                     );
@@ -79,10 +82,14 @@ impl AddressWatch {
             .cloned()
             .collect();
         if !new.is_empty() {
+            let holders = holders::describe(&new, true);
             tracing::warn!(
+                event = "shared_address",
+                addr = %self.claim.addr(),
+                holders = %holders,
                 "another process holds a socket on the relay's address {}: {} (it may take datagrams meant for the relay: stop it, and run the relay as a user of its own; see docs/SECURITY.md)",
                 self.claim.addr(),
-                holders::describe(&new, true)
+                holders
             );
         }
         self.known = foreign.into_iter().map(|e| e.inode).collect();

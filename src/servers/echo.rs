@@ -157,12 +157,15 @@ pub fn run(args: &EchoArgs) -> Result<(), Error> {
     )?;
     socket::report_buffers(&bound, DEFAULT_SOCKET_BUFFER, DEFAULT_SOCKET_BUFFER, false);
     tracing::info!(
+        event = "start",
+        addr = %bound.local_addr,
+        upper = args.upper,
         "udphub echo on {}{}",
         bound.local_addr,
         if args.upper { " (upper-casing)" } else { "" }
     );
     if let Some(addr) = metrics {
-        tracing::info!("metrics on http://{addr}/metrics");
+        tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
     if let Some(path) = &args.ready_file {
         supervisor::write_ready_file(path, "udp", bound.local_addr, metrics)?;
@@ -195,7 +198,7 @@ fn run_tcp(args: &EchoArgs) -> Result<(), Error> {
         MetricsAddr::Off => None,
     };
     if let Some(addr) = metrics {
-        tracing::info!("metrics on http://{addr}/metrics");
+        tracing::info!(event = "metrics", addr = %addr, "metrics on http://{addr}/metrics");
     }
     let config = tcp_echo::TcpEchoConfig {
         bind: args.bind,

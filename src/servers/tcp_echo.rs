@@ -585,6 +585,12 @@ pub fn run(
         .register(&mut signals, SIGNALS, Interest::READABLE)
         .map_err(|e| Error::io("register signals", e))?;
     tracing::info!(
+        event = "start",
+        addr = %local,
+        upper = config.upper,
+        max_connections = config.max_connections,
+        idle_timeout_ms = config.idle_timeout.as_millis() as u64,
+        max_buffer_bytes = config.max_buffer_bytes,
         "udphub echo on tcp://{local}{} (max {} connections, idle timeout {}, max {} buffered bytes)",
         if config.upper { " (upper-casing)" } else { "" },
         config.max_connections,
@@ -637,7 +643,7 @@ pub fn run(
                         if sig == SIGHUP {
                             tracing::info!("SIGHUP: the echo server has no settings to reload");
                         } else {
-                            tracing::info!("received signal {sig}; closing {} connections (again to exit at once)", server.conns.len());
+                            tracing::info!(event = "signal", signal = %sig, connections = server.conns.len(), "received signal {sig}; closing {} connections (again to exit at once)", server.conns.len());
                             stop = true;
                         }
                     }
@@ -691,6 +697,9 @@ fn raise_fd_limit(max_connections: usize) {
     };
     if got < want {
         tracing::warn!(
+            event = "open_files_limited",
+            limit = got,
+            want,
             "open files limited to {got} (want {want} for --max-connections {max_connections}); raise LimitNOFILE or `ulimit -n`"
         );
     }
