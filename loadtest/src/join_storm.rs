@@ -211,13 +211,22 @@ impl Cookies {
 
     /// Source `k`'s proven quit, `^cookie^C^quit`, if it holds a cookie.
     fn quit(&self, k: u32) -> Option<Vec<u8>> {
+        let mut q = self.heartbeat(k)?;
+        q.extend_from_slice(b"^quit");
+        Some(q)
+    }
+
+    /// Source `k`'s proven heartbeat, `^cookie^C`, if it holds a cookie.
+    /// (The relay answers one that carries last epoch's cookie with a
+    /// fresh one, which the steady phase does not read: a storm's
+    /// heartbeats prove their sources for at least one epoch, two minutes.)
+    fn heartbeat(&self, k: u32) -> Option<Vec<u8>> {
         let k = k as usize;
         if !self.proven.get(k).copied().unwrap_or(false) {
             return None;
         }
         let mut q = b"^cookie^".to_vec();
         q.extend_from_slice(URL_SAFE_NO_PAD.encode(self.tags[k]).as_bytes());
-        q.extend_from_slice(b"^quit");
         Some(q)
     }
 }
@@ -507,6 +516,7 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
     let t1 = Instant::now();
     let per_heartbeat = args.heartbeat;
     let total = std::sync::atomic::AtomicU64::new(0);
+    let kept = cookies.as_ref();
     let sent = on_threads(threads, |t| {
         let mut sent = 0u64;
         let mut round_start = Instant::now();
@@ -541,7 +551,14 @@ pub fn run(args: &JoinStormArgs) -> Result<JoinStormReport, String> {
                 round_start = Instant::now();
                 continue;
             };
-            storm.heartbeat(k)?;
+            // In verify mode only the cookie keeps a member alive: its
+            // proven heartbeat is `^cookie^C` (a source without one sends
+            // nothing: it was never registered).
+            match kept.map(|kept| kept.heartbeat(k)) {
+                None => storm.heartbeat(k)?,
+                Some(Some(beat)) => storm.send(k, &beat)?,
+                Some(None) => continue,
+            }
             sent += 1;
             in_round += 1;
         }

@@ -552,19 +552,23 @@ pub fn settle(c: &Common, wait: Duration) -> Result<(), String> {
         std::thread::sleep(wait);
         return Ok(());
     };
+    // What it read and what it sent (a loop starved of CPU publishes its
+    // counts late: the sends count too, and twice unchanged in a row).
     let seen = |s: &Scrape| {
-        s.sum("udphub_datagrams_received_total")
-            + s.sum("udphub_dropped_total")
-            + s.get("udphub_kernel_rx_dropped_total")
+        (
+            s.sum("udphub_datagrams_received_total")
+                + s.sum("udphub_dropped_total")
+                + s.get("udphub_kernel_rx_dropped_total"),
+            s.sum("udphub_deliveries_total") + s.sum("udphub_delivery_dropped_total"),
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = seen(&crate::metrics::scrape_all(url)?);
-    while Instant::now() < deadline {
+    let mut unchanged = 0;
+    while Instant::now() < deadline && unchanged < 2 {
         std::thread::sleep(Duration::from_millis(200));
         let now = seen(&crate::metrics::scrape_all(url)?);
-        if now == last {
-            break;
-        }
+        unchanged = if now == last { unchanged + 1 } else { 0 };
         last = now;
     }
     Ok(())

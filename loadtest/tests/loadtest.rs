@@ -750,6 +750,9 @@ fn every_scenario_has_verify() {
     }
     assert_eq!(r["verified"], 600, "{r}");
     assert_eq!(r["relay_clients"].as_f64(), Some(600.0), "{r}");
+    // Its steady-phase heartbeats carry the cookie: ingested as heartbeats,
+    // not dropped as unproven.
+    assert!(r["heartbeats_ingested_per_s"].as_f64() > Some(0.0), "{r}");
     let r = run_against_udphub(
         &verify,
         &[
