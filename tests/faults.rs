@@ -1,7 +1,8 @@
 //! The relay under conditions loopback alone cannot make.
 //!
 //! - A full send buffer: a network namespace this test creates (never the
-//!   host's network), whose loopback gets a slow queueing discipline.
+//!   host's network), whose loopback gets a slow queueing discipline:
+//!   the relay's fan-outs, and its answers to a join storm, wait for it.
 //! - A bad network between `udphub chat` and the relay: 20 % loss,
 //!   duplication, reordering, 200 ms delay, and a NAT that changes the
 //!   client's port. This kernel has no `sch_netem` (nor the tc actions that
@@ -228,6 +229,141 @@ fn a_full_send_buffer_parks_and_every_member_gets_every_message_in_order() {
     assert!(order.trim().ends_with("in order 20"), "{order}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
     assert_eq!(byes.trim(), "byes 20", "{log}");
+}
+
+/// Joins `CLIENTS` sockets at once (to eight rooms, none reading until
+/// all are sent), then reads each one's answer; waits (bounded) for the
+/// relay to have counted every answer, and prints the scrape and how many
+/// were answered right.
+const JOIN_DRIVER: &str = r#"
+import socket, sys, time, urllib.request
+udp_host, udp_port = sys.argv[1].rsplit(":", 1)
+relay = (udp_host, int(udp_port))
+metrics = "http://%s/metrics" % sys.argv[2]
+CLIENTS = 400
+
+def scrape():
+    return urllib.request.urlopen(metrics, timeout=5).read().decode()
+
+def value(text, series):
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+socks = []
+for _ in range(CLIENTS):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+for i, s in enumerate(socks):
+    s.sendto(b"^join^r%d" % (i % 8), relay)
+answered = 0
+deadline = time.time() + 30
+for i, s in enumerate(socks):
+    s.settimeout(max(0.01, deadline - time.time()))
+    try:
+        got = s.recv(2048)
+        if got == b"^room^r%d" % (i % 8):
+            answered += 1
+        else:
+            print("client %d got %r" % (i, got))
+    except socket.timeout:
+        print("client %d got no answer" % i)
+# The relay counts an answer after handing it to the kernel: wait for the
+# count, so the scrape has them all.
+deadline = time.time() + 10
+text = scrape()
+while value(text, "udphub_fanout_recipients_total") < CLIENTS and time.time() < deadline:
+    time.sleep(0.005)
+    text = scrape()
+print(text)
+print("---")
+print("answered %d" % answered)
+"#;
+
+/// Replies wait for a full send buffer too: 400 clients join at once
+/// through a slow loopback, so the relay's answers fill its 4 KiB send
+/// buffer; every join is answered (`^room^`, from the address it was sent
+/// to), none dropped, and the answers did wait (parked, and the buffer
+/// was full).
+#[test]
+fn a_full_send_buffer_parks_replies_and_every_join_is_answered() {
+    for tool in ["ip", "tc", "python3"] {
+        if !util::require_tool(tool) {
+            return;
+        }
+    }
+    let ns = Netns(format!("udphub-rf-{}", std::process::id()));
+    if let Err(e) = run("ip", &["netns", "add", &ns.0]) {
+        if std::env::var_os("CI").is_some() {
+            panic!("network namespaces are required under CI: {e}");
+        }
+        eprintln!("skipping: cannot create a network namespace ({e})");
+        return;
+    }
+    run("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).unwrap();
+    // UDP only through 4 Mbit/s with a deep queue (as above): the joins
+    // wait in the qdisc, and the answers queue behind them, still charged
+    // to the relay's small send buffer, which fills every few answers.
+    let tc = |args: &str| {
+        let mut all = vec!["-n", &ns.0];
+        all.extend(args.split_whitespace());
+        run("tc", &all).unwrap();
+    };
+    tc("qdisc add dev lo root handle 1: htb default 20");
+    tc("class add dev lo parent 1: classid 1:10 htb rate 4mbit burst 4kb");
+    tc("class add dev lo parent 1: classid 1:20 htb rate 1gbit quantum 60000");
+    tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
+    tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
+
+    let ready = util::temp_path("rf-ready");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, udphub_bin(), "serve"])
+        .args(["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .args(["--send-buffer", "4096", "--ready-file"])
+        .arg(&ready);
+    let (mut relay, log, addrs) = util::spawn_until_ready(cmd, &ready);
+    let metrics = addrs.metrics.expect("metrics on").to_string();
+    let out = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.0,
+            "python3",
+            "-c",
+            JOIN_DRIVER,
+            &addrs.udp.to_string(),
+            &metrics,
+        ],
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let log: Vec<String> = log.try_iter().collect();
+    let out = out.unwrap_or_else(|e| panic!("{e}\n{}", log.join("\n")));
+    let Some((text, answered)) = out.split_once("---") else {
+        panic!("the driver's two parts:\n{out}");
+    };
+
+    assert_eq!(answered.trim(), "answered 400", "{out}");
+    assert_eq!(metric(text, "udphub_room_joins_total"), 400.0, "{text}");
+    assert_eq!(
+        metric(text, "udphub_fanout_recipients_total"),
+        400.0,
+        "{text}"
+    );
+    assert_eq!(metric(text, "udphub_deliveries_total"), 400.0, "{text}");
+    assert_eq!(
+        metric_sum(text, "udphub_delivery_dropped_total"),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        metric(text, "udphub_replies_parked_total") > 0.0
+            && metric(text, "udphub_send_buffer_full_total") > 0.0,
+        "the answers never waited for the send buffer:\n{text}"
+    );
 }
 
 /// Every datagram `c` receives until it has been quiet for `quiet`.

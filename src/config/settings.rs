@@ -142,15 +142,19 @@ declare_settings! {
             check: between(1, i32::MAX as usize),
             reload: Restart,
         }
-        /// Bytes of unfinished fan-outs each loop may park (at least
-        /// 65536): what a full send buffer or a sliced big room waits in.
+        /// Bytes of unfinished fan-outs and replies each loop may park (at
+        /// least 65536): what a full send buffer or a sliced big room
+        /// waits in.
         ///
         /// A fan-out the kernel's send buffer cannot take at once waits
         /// here for the socket to be writable, and a message to a room
         /// whose fan-out is parked waits behind it, so nothing is dropped
         /// for a momentarily full buffer; only when this is full are the
         /// deliveries a message had left dropped, counted `backlog_full`.
-        /// A parked message costs its size plus ~100 bytes.
+        /// A parked message costs its size plus ~100 bytes. Replies
+        /// (`^room^`, `^denied^`, …) wait the same way, first, in a
+        /// sixteenth of this (at most 1 MiB: ~10,000 answers; a reply costs
+        /// its size plus ~50 bytes); the fan-outs get the rest.
         send_backlog: usize {
             env: "UDPHUB_SEND_BACKLOG",
             value: "BYTES",

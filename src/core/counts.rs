@@ -18,8 +18,8 @@ labelled_enum! {
     pub enum DeliveryDrop {
         /// The socket's send buffer (or the device queue) was full:
         /// `EAGAIN`/`ENOBUFS`, where nothing can wait for it (the shutdown
-        /// `bye` after its patience). Fan-outs park and wait instead, see
-        /// `BacklogFull`.
+        /// `bye` after its patience). Fan-outs and replies park and wait
+        /// instead, see `BacklogFull`.
         BufferFull => "buffer_full",
         /// Sending to that destination failed otherwise.
         SendError => "send_error",
@@ -29,10 +29,13 @@ labelled_enum! {
         ShardQueueFull => "shard_queue_full",
         /// A fan-out had to wait (a full send buffer, or a slice of a big
         /// room's) and the loop's backlog (`--send-backlog` bytes) had no
-        /// room for it: the deliveries it had left are dropped.
+        /// room for it: the deliveries it had left are dropped. Likewise a
+        /// reply that had to wait for the send buffer when the replies'
+        /// share of the backlog was full.
         BacklogFull => "backlog_full",
-        /// Still parked in the backlog when the relay stopped: dropped so
-        /// that the `bye` goes out at once.
+        /// Still parked in the backlog (a fan-out's deliveries, or a
+        /// reply) when the server stopped: dropped so that the `bye` goes
+        /// out at once.
         Shutdown => "shutdown",
     }
 }
@@ -109,9 +112,14 @@ pub struct Counts {
     /// room's parked one, or stopped by a full send buffer
     /// (`udphub_fanouts_parked_total`).
     pub fanouts_parked: u64,
-    /// Times the send buffer was full mid fan-out and the loop waited for
-    /// it to be writable (`udphub_send_buffer_full_total`).
+    /// Times the send buffer was full mid fan-out or mid reply batch and
+    /// the loop waited for it to be writable
+    /// (`udphub_send_buffer_full_total`).
     pub send_buffer_full: u64,
+    /// Replies (and echoes) parked to go out when the send buffer has
+    /// room: stopped by a full buffer, or queued behind parked ones
+    /// (`udphub_replies_parked_total`).
+    pub replies_parked: u64,
     /// Fan-out durations (seconds) since the last flush.
     pub fanout_seconds: Vec<f64>,
     /// recvmmsg batch sizes since the last flush.

@@ -34,6 +34,8 @@
 //! - [`hub`]: the relay's state machine, which ties them together.
 //! - [`backlog`]: fan-outs a loop has yet to finish (sliced, or waiting for
 //!   the send buffer), per room in order, bounded in bytes.
+//! - [`reply_backlog`]: replies a full send buffer would not take, in
+//!   order until it has room, bounded in bytes.
 
 /// Declares a fieldless enum whose variants each carry a metric label, with
 /// `ALL`, `COUNT`, [`label`](DropReason::label) and an index for arrays of
@@ -84,6 +86,7 @@ pub mod counts;
 pub mod hub;
 pub mod limits;
 pub mod protocol;
+pub mod reply_backlog;
 pub mod rooms;
 pub mod snapshot;
 pub mod table;

@@ -414,6 +414,39 @@ where
     BatchEnd::Done
 }
 
+/// [`deliver`] for messages that can wait (the replies,
+/// `runtime::replies`): stops at the first full buffer and returns the
+/// index of the first message the kernel did not take, which is neither
+/// delivered nor dropped (still owed: the caller parks it and the rest).
+/// `None`: every message was delivered or dropped alone. Like `deliver`,
+/// adds to `out`'s delivered/dropped counts only.
+pub fn deliver_until_full<S>(len: usize, out: &mut Report, mut send: S) -> Option<usize>
+where
+    S: FnMut(usize) -> io::Result<usize>,
+{
+    let mut i = 0;
+    while i < len {
+        match send(i) {
+            Ok(0) => {
+                out.drop(DeliveryDrop::SendError, 1);
+                i += 1;
+            }
+            Ok(n) => {
+                let n = n.min(len - i);
+                out.delivered += n as u64;
+                i += n;
+            }
+            Err(e) if is_buffer_full(&e) => return Some(i),
+            Err(e) => {
+                out.drop(DeliveryDrop::SendError, 1);
+                out.first_error.get_or_insert(e);
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
 /// `EAGAIN`/`EWOULDBLOCK` (socket send buffer full) or `ENOBUFS` (device
 /// queue full): both mean "not now", not "not to this destination".
 fn is_buffer_full(e: &io::Error) -> bool {
@@ -520,6 +553,39 @@ mod tests {
             Impatient,
         );
         assert_eq!((out.recipients, out.dropped[FULL]), (3, 3));
+    }
+
+    /// Messages that can wait: a full buffer stops the send at the first
+    /// message not taken, which is neither delivered nor dropped; other
+    /// errors drop their message alone, as in `deliver`.
+    #[test]
+    fn delivering_until_full_leaves_the_rest_owed() {
+        let mut out = Report::default();
+        let mut calls = 0;
+        let stopped = deliver_until_full(10, &mut out, |i| {
+            calls += 1;
+            match calls {
+                1 => Ok(3),                                          // 0..3
+                2 => Err(io::Error::from_raw_os_error(libc::EPERM)), // 3 fails
+                3 => Ok(0),                                          // 4 dropped
+                4 => Ok(10 - i),                                     // 5.. clamped below
+                _ => unreachable!(),
+            }
+        });
+        assert_eq!(stopped, None);
+        assert_eq!((out.delivered, out.dropped[ERR], calls), (8, 2, 4));
+        let mut out = Report::default();
+        let mut calls = 0;
+        let stopped = deliver_until_full(10, &mut out, |_| {
+            calls += 1;
+            match calls {
+                1 => Ok(4),
+                _ => Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+            }
+        });
+        assert_eq!(stopped, Some(4));
+        assert_eq!(calls, 2, "no retry after a full buffer");
+        assert_eq!((out.delivered, out.dropped.iter().sum::<u64>()), (4, 0));
     }
 
     #[test]

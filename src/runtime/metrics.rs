@@ -93,6 +93,7 @@ pub struct Metrics {
     local_addr_overflow: Counter,
     fanouts_parked: Counter,
     send_buffer_full: Counter,
+    replies_parked: Counter,
     clients: Gauge,
     /// This loop's client count at the last flush (its share of the gauge).
     clients_reported: usize,
@@ -166,6 +167,7 @@ impl Metrics {
             local_addr_overflow: metrics::counter!("udphub_local_address_overflow_total"),
             fanouts_parked: metrics::counter!("udphub_fanouts_parked_total"),
             send_buffer_full: metrics::counter!("udphub_send_buffer_full_total"),
+            replies_parked: metrics::counter!("udphub_replies_parked_total"),
             clients: metrics::gauge!("udphub_clients"),
             clients_reported: 0,
             fanout_seconds: metrics::histogram!("udphub_fanout_duration_seconds"),
@@ -236,6 +238,7 @@ impl Metrics {
         add(&self.local_addr_overflow, &mut c.local_addr_overflow);
         add(&self.fanouts_parked, &mut c.fanouts_parked);
         add(&self.send_buffer_full, &mut c.send_buffer_full);
+        add(&self.replies_parked, &mut c.replies_parked);
         let held = c.fanout_seconds.len() + c.batch_sizes.len() + c.loop_seconds.len();
         if let Some(_gate) = samples_gate(held) {
             for s in c.fanout_seconds.drain(..) {
@@ -291,7 +294,7 @@ fn describe() {
     describe_counter!(
         "udphub_delivery_dropped_total",
         Unit::Count,
-        "Deliveries dropped, by reason: backlog_full (a fan-out had to wait and --send-backlog was full), buffer_full (EAGAIN/ENOBUFS where nothing waits: replies, the bye), send_error, shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members), or shutdown (still parked at stop)."
+        "Deliveries dropped, by reason: backlog_full (a fan-out or a reply had to wait and its share of --send-backlog was full), buffer_full (EAGAIN/ENOBUFS where nothing waits: the bye), send_error, shard_queue_full (--threads: another loop's queue was full; counted once for that loop's members), or shutdown (still parked at stop)."
     );
     describe_gauge!(
         "udphub_rooms",
@@ -331,7 +334,12 @@ fn describe() {
     describe_counter!(
         "udphub_send_buffer_full_total",
         Unit::Count,
-        "Times the send buffer was full mid fan-out: the rest waited (parked) for the socket to be writable."
+        "Times the send buffer was full mid fan-out or mid reply batch: the rest waited (parked) for the socket to be writable."
+    );
+    describe_counter!(
+        "udphub_replies_parked_total",
+        Unit::Count,
+        "Replies (^room^, ^denied^, ^timeout^, ^cookie^, echoes) that waited for room in the send buffer: stopped by a full buffer, or queued behind waiting ones."
     );
     describe_counter!(
         "udphub_local_address_overflow_total",

@@ -19,6 +19,12 @@
 //! are the ones left dropped, counted `backlog_full` (or `shutdown`, for
 //! those still parked when the relay stops).
 //!
+//! Answers (`^room^`, `^denied^`, …) that a full send buffer would not take
+//! wait the same way ([`Replies`], in a share of `--send-backlog`), and go
+//! first when the socket has room: while some wait, new fan-outs park
+//! behind them, so a client told `^room^R` never gets R's messages before
+//! that answer.
+//!
 //! Data flows one way: socket → batch → admission → hub → effect → socket.
 
 use std::time::{Duration, Instant};
@@ -29,6 +35,7 @@ use crate::core::admission::Arrival;
 use crate::core::backlog::{Backlog, Parked};
 use crate::core::counts::{Counts, DeliveryDrop};
 use crate::core::hub::{Effect, FanoutId, Hub, HubConfig};
+use crate::core::reply_backlog;
 use crate::core::rooms::RoomChange;
 use crate::core::snapshot::Snapshot;
 use crate::core::table::Recipients;
@@ -63,7 +70,8 @@ pub struct FanoutLimits {
     /// Member-list positions one fan-out visits before the loop reads
     /// again.
     pub slice: usize,
-    /// Bytes of parked fan-outs a loop keeps (payloads and their entries).
+    /// Bytes a loop may park (`--send-backlog`): replies waiting for the
+    /// send buffer get [`reply_backlog::share_of`] it, fan-outs the rest.
     pub backlog: usize,
 }
 
@@ -83,7 +91,8 @@ pub struct Relay {
     /// Fan-outs: the syscalls, the backlog, the pacing.
     sending: Sending,
     /// Answers queued in this batch (`^room^`, `^denied^`, `^timeout^`),
-    /// sent together: a join storm answers 64 joins per syscall.
+    /// sent together: a join storm answers 64 joins per syscall; and those
+    /// waiting for room in the send buffer.
     replies: Replies,
     /// The cluster bridge, with `--cluster`.
     cluster: Option<Bus>,
@@ -108,7 +117,10 @@ impl Relay {
         Relay {
             hub: Hub::new(config, start),
             sending: Sending::new(FanoutLimits::default()),
-            replies: Replies::new(64),
+            replies: Replies::new(
+                64,
+                reply_backlog::share_of(crate::config::DEFAULT_SEND_BACKLOG),
+            ),
             cluster: None,
             reloads: None,
             siblings: None,
@@ -119,6 +131,16 @@ impl Relay {
     /// Paces fan-outs by `limits` (call before any datagram).
     pub fn set_fanout_limits(&mut self, limits: FanoutLimits) {
         self.sending = Sending::new(limits);
+        self.replies = Replies::new(64, reply_backlog::share_of(limits.backlog));
+    }
+
+    /// While replies wait for the send buffer, fan-outs wait behind them
+    /// (parked, as for a full buffer): a member must not get a room's
+    /// messages before the `^room^` that told it it is in the room. Called
+    /// after every send of replies; [`Service::resume`] resumes the
+    /// fan-outs only once every reply is out.
+    fn fanouts_behind_replies(&mut self) {
+        self.sending.blocked |= self.replies.parked();
     }
 
     /// Counts clients together with the other loops (the caps are the
@@ -211,7 +233,8 @@ struct Sending {
     slice: usize,
     /// The kernel said its send buffer was full and the socket has not
     /// been tried since: new fan-outs park at once rather than make a
-    /// syscall sure to fail.
+    /// syscall sure to fail. Also set while replies wait for the buffer,
+    /// so that fan-outs go behind them (`Relay::fanouts_behind_replies`).
     blocked: bool,
     /// Throttles send-error logging.
     errors: RateLimitedLog,
@@ -221,7 +244,8 @@ impl Sending {
     fn new(limits: FanoutLimits) -> Sending {
         Sending {
             fanout: FanoutSender::default(),
-            backlog: Backlog::new(limits.backlog),
+            // Replies get their share first (`FanoutLimits::backlog`).
+            backlog: Backlog::new(limits.backlog - reply_backlog::share_of(limits.backlog)),
             slice: limits.slice.max(1),
             blocked: false,
             errors: RateLimitedLog::default(),
@@ -293,10 +317,12 @@ impl Sending {
     /// Continues the parked fan-outs, rooms in turn, for up to one slice
     /// of member-list positions in all.
     fn resume(&mut self, hub: &mut Hub, io: &mut Io<'_>) -> Pending {
+        // The socket is tried now (or, with nothing parked, by the next
+        // fan-out).
+        self.blocked = false;
         if self.backlog.is_empty() {
             return Pending::Idle;
         }
-        self.blocked = false;
         let now = Instant::now();
         let mut budget = self.slice;
         while budget > 0 {
@@ -629,6 +655,8 @@ impl Service for Relay {
                 // Replies queued earlier in this batch go first, so none is
                 // overtaken by a later message to the same client.
                 self.replies.flush(io, &mut self.sending.errors);
+                // (Not the method: the hub is borrowed for `out`.)
+                self.sending.blocked |= self.replies.parked();
                 let (room, payload, id) = (out.room_name, out.payload, out.id);
                 let cursor = self
                     .sending
@@ -647,6 +675,7 @@ impl Service for Relay {
             }
             Effect::Reply { to, bytes } => {
                 self.replies.push(to, bytes, io, &mut self.sending.errors);
+                self.fanouts_behind_replies();
             }
         }
     }
@@ -690,6 +719,7 @@ impl Service for Relay {
             bus.flush();
         }
         self.replies.flush(io, &mut self.sending.errors);
+        self.fanouts_behind_replies();
     }
 
     /// New settings from a reload, applied between two batches; then
@@ -735,8 +765,13 @@ impl Service for Relay {
         self.hub.next_timer()
     }
 
-    /// Continues the parked fan-outs for one slice.
+    /// Sends the replies waiting for the send buffer, then, once none
+    /// waits, continues the parked fan-outs for one slice.
     fn resume(&mut self, io: &mut Io<'_>) -> Pending {
+        if self.replies.resume(io, &mut self.sending.errors) == Pending::Blocked {
+            // The fan-outs stay behind them (`blocked` is still set).
+            return Pending::Blocked;
+        }
         self.sending.resume(&mut self.hub, io)
     }
 
@@ -746,11 +781,13 @@ impl Service for Relay {
     /// and every member is owed its one `bye`.
     fn shutdown(&mut self, io: &mut Io<'_>) {
         let abandoned = self.sending.abandon(&mut self.hub, io.counts);
-        if abandoned > 0 {
+        let replies = self.replies.abandon(io.counts);
+        if abandoned + replies > 0 {
             tracing::info!(
                 event = "backlog_dropped",
                 deliveries = abandoned,
-                "dropped {abandoned} parked deliveries to say bye at once"
+                replies,
+                "dropped {abandoned} parked deliveries and {replies} parked replies to say bye at once"
             );
         }
         let now = Instant::now();

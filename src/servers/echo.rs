@@ -13,11 +13,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{self, MetricsAddr, DEFAULT_SOCKET_BUFFER};
+use crate::config::{self, MetricsAddr, DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER};
 use crate::core::admission::{Admission, Arrival};
+use crate::core::reply_backlog;
 use crate::error::Error;
 use crate::net::socket;
-use crate::runtime::event_loop::{EventLoop, Io, RateLimitedLog, Service};
+use crate::runtime::event_loop::{EventLoop, Io, Pending, RateLimitedLog, Service};
 use crate::runtime::exporter;
 use crate::runtime::replies::Replies;
 use crate::runtime::supervisor::{self, Supervisor};
@@ -93,7 +94,9 @@ pub struct EchoArgs {
 pub struct Echo {
     /// `--upper`.
     upper: bool,
-    /// This batch's replies, sent together at its end.
+    /// This batch's replies, sent together at its end; and those waiting
+    /// for room in the send buffer (up to the relay's default share of
+    /// `--send-backlog`, which the echo server has no flag for).
     replies: Replies,
     /// Throttles send-error logging.
     send_errors: RateLimitedLog,
@@ -104,7 +107,7 @@ impl Echo {
     pub fn new(upper: bool, max_datagram: usize) -> Echo {
         Echo {
             upper,
-            replies: Replies::new(max_datagram),
+            replies: Replies::new(max_datagram, reply_backlog::share_of(DEFAULT_SEND_BACKLOG)),
             send_errors: RateLimitedLog::default(),
         }
     }
@@ -133,6 +136,23 @@ impl Service for Echo {
             .fanout_seconds
             .extend(std::iter::repeat_n(elapsed, self.replies.len()));
         self.replies.flush(io, &mut self.send_errors);
+    }
+
+    /// Sends the echoes that waited for room in the send buffer.
+    fn resume(&mut self, io: &mut Io<'_>) -> Pending {
+        self.replies.resume(io, &mut self.send_errors)
+    }
+
+    /// Drops the echoes still waiting, counted `shutdown`.
+    fn shutdown(&mut self, io: &mut Io<'_>) {
+        let dropped = self.replies.abandon(io.counts);
+        if dropped > 0 {
+            tracing::info!(
+                event = "backlog_dropped",
+                replies = dropped,
+                "dropped {dropped} parked replies at shutdown"
+            );
+        }
     }
 }
 
