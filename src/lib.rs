@@ -22,11 +22,32 @@
 //! - [`error`]: the typed start-up error.
 //! - [`throttle`]: a log line at most once per interval, for the loops and
 //!   the cluster bridge.
+//! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
+//!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
+//!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
+//!   [`core::addr`], [`core::counts`], [`core::cookie`] and
+//!   [`core::limits`] (verify mode's cookies and their budget),
+//!   [`core::token`] (room tokens), [`core::census`] (what the relay-wide
+//!   caps are checked against), [`core::backlog`] (fan-outs sliced or
+//!   waiting for the send buffer), [`core::reply_backlog`] (replies waiting
+//!   for it), [`core::snapshot`] (the members a hand-over passes on).
+//! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
+//!   the only `unsafe` code), [`net::fanout`], [`net::local_addrs`] (which
+//!   of the relay's addresses a reply leaves from), [`net::socket`] (one
+//!   socket, or the loops' group), [`net::activation`] (the sockets a
+//!   service manager passes), [`net::steering`] (which loop a source
+//!   goes to), [`net::holders`] (who else holds an address).
+//! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
+//!   each one once (where a new setting goes); flags, environment, the
+//!   TOML file, defaults, checks, reload and the docs table follow;
+//!   [`config::tls`] reads the TLS files for NATS at start.
 //! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
 //!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
 //!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
-//!   service that executes the hub's effects), [`runtime::shards`] (several
+//!   service that executes the hub's effects), `runtime::replies` (the
+//!   replies of a batch, sent together), [`runtime::shards`] (several
 //!   loops on one port) and [`runtime::census`] (the counts they share),
+//!   [`runtime::handover`] (passing sockets and members to a new process),
 //!   [`runtime::reload`] (SIGHUP), [`runtime::metrics`],
 //!   [`runtime::exporter`] (`/metrics`, `/healthz`, `/readyz`),
 //!   [`runtime::readiness`] (the phase the probes and systemd read),
@@ -38,31 +59,6 @@
 //!   that sign them, each room's [`cluster::inbox`], the
 //!   [`cluster::interest`] in rooms, and the bridge's [`cluster::tls`]
 //!   client.
-//! - [`core`]: no I/O, no locks, no threads — [`core::admission`] (every
-//!   drop reason), [`core::hub`] (the state machine), [`core::protocol`],
-//!   [`core::table`], [`core::rooms`], [`core::wheel`], [`core::clock`],
-//!   [`core::addr`], [`core::counts`], [`core::cookie`] and
-//!   [`core::limits`] (verify mode's cookies and their budget),
-//!   [`core::token`] (room tokens), [`core::census`] (what the relay-wide
-//!   caps are checked against).
-//! - [`net`]: the system calls — [`net::batch_io`] (`recvmmsg`/`sendmmsg`,
-//!   the only `unsafe` code), [`net::fanout`], [`net::local_addrs`] (which
-//!   of the relay's addresses a reply leaves from), [`net::socket`] (one
-//!   socket, or the loops' group), [`net::activation`] (the sockets a
-//!   service manager passes), [`net::steering`] (which loop a source
-//!   goes to), [`net::holders`] (who else holds an address).
-//! - [`config`]: `udphub serve`'s settings — [`config::settings`] declares
-//!   each one once (where a new setting goes); flags, environment, the
-//!   TOML file, defaults, checks, reload and the docs table follow;
-//!   [`config::tls`] reads the TLS files for NATS at start.
-//! - [`cluster`]: relays sharing rooms over NATS.
-//! - [`runtime`]: threads and loops — [`runtime::supervisor`] (signals,
-//!   metrics endpoint, ready file; `udphub serve`), [`runtime::event_loop`]
-//!   (the mio loop and its `Service` trait), [`runtime::relay`] (the relay
-//!   service that executes the hub's effects), [`runtime::shards`]
-//!   (several loops on one port), [`runtime::reload`], [`runtime::logging`],
-//!   [`runtime::metrics`], [`runtime::exporter`] and [`runtime::watch`]
-//!   (no stranger on the relay's address).
 //! - [`client`]: the client library — connect, join, send, receive,
 //!   heartbeats and verify mode's handshake ([`client::Client`] over a
 //!   sans-I/O [`client::Session`]).

@@ -509,7 +509,7 @@ impl<S: Service> EventLoop<S> {
                     if let Some(e) = exported.as_mut() {
                         e.state.kernel_drops = self.kernel_drops_seen;
                     }
-                    self.flush();
+                    self.flush_all();
                     let exported = match (exported, self.socket.as_fd().try_clone_to_owned()) {
                         (Some(e), Ok(fd)) => Some((e, fd)),
                         (_, Err(e)) => {
@@ -633,7 +633,15 @@ impl<S: Service> EventLoop<S> {
             self.check_kernel_drops();
             let counts = &mut self.metrics.counts;
             counts.loop_seconds.push(busy_since.elapsed().as_secs_f64());
-            self.flush();
+            // A loop about to sleep publishes every sample it holds (a busy
+            // one, every few milliseconds: see `Metrics::flush`).
+            let about_to_sleep =
+                drained != Drained::More && !timers_pending && pending != Pending::More;
+            if about_to_sleep {
+                self.flush_all();
+            } else {
+                self.flush();
+            }
             if let Some(readiness) = self.readiness.take() {
                 readiness.loop_polled();
             }
@@ -654,7 +662,7 @@ impl<S: Service> EventLoop<S> {
                         continue;
                     }
                     Unpaused::Exit => {
-                        self.flush();
+                        self.flush_all();
                         return Ok(());
                     }
                 }
@@ -662,7 +670,7 @@ impl<S: Service> EventLoop<S> {
             if stop {
                 let mut io = io_now(&self.socket, &self.locals, &mut self.metrics.counts);
                 self.service.shutdown(&mut io);
-                self.flush();
+                self.flush_all();
                 return Ok(());
             }
         }
@@ -796,6 +804,13 @@ impl<S: Service> EventLoop<S> {
     fn flush(&mut self) {
         self.metrics
             .flush(self.service.clients(), self.service.rooms());
+    }
+
+    /// [`flush`](Self::flush), histogram samples included whatever their
+    /// age: before the loop sleeps, hands over or stops.
+    fn flush_all(&mut self) {
+        self.metrics
+            .flush_all(self.service.clients(), self.service.rooms());
     }
 }
 

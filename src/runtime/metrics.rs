@@ -21,6 +21,7 @@ use metrics::{
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
 
 use crate::core::counts::{Counts, DeliveryDrop, Refusal};
 use crate::core::token::TokenError;
@@ -50,6 +51,16 @@ pub fn draining<R>(f: impl FnOnce() -> R) -> R {
     let _gate = SAMPLES.lock().unwrap_or_else(PoisonError::into_inner);
     f()
 }
+
+/// How often a busy loop publishes its histogram samples (counters go out
+/// with every flush): the gate is then touched at most this often, not once
+/// a batch. A loop about to sleep publishes what it holds at once
+/// ([`Metrics::flush_all`]), so an idle relay's scrape is complete.
+const SAMPLES_EVERY: Duration = Duration::from_millis(20);
+
+/// Held samples past which a flush publishes them without waiting for
+/// [`SAMPLES_EVERY`] (a bound on the loop's memory, not a timing).
+const SAMPLES_SOON: usize = 4_096;
 
 /// The samples gate for a flush holding `held` samples: taken if free;
 /// waited for only when the loop already holds too many (a loop never
@@ -103,6 +114,8 @@ pub struct Metrics {
     /// With several loops: this loop's clients, labelled with its index
     /// (how evenly the kernel spreads sources over the loops).
     shard_clients: Option<Gauge>,
+    /// When this loop last published its histogram samples.
+    samples_published: Instant,
 }
 
 /// Buckets for `udphub_fanout_duration_seconds`: 5 µs (a small loopback
@@ -174,6 +187,7 @@ impl Metrics {
             batch_size: metrics::histogram!("udphub_recv_batch_size"),
             loop_seconds: metrics::histogram!("udphub_loop_iteration_seconds"),
             shard_clients: None,
+            samples_published: Instant::now(),
         }
     }
 
@@ -189,8 +203,49 @@ impl Metrics {
     }
 
     /// Publishes the local counts and this loop's client and room counts,
-    /// then resets the counts.
+    /// then resets the counts; histogram samples go out at most every
+    /// [`SAMPLES_EVERY`] (or when many are held).
     pub fn flush(&mut self, clients: usize, rooms: usize) {
+        self.flush_counts(clients, rooms);
+        let c = &self.counts;
+        let held = c.fanout_seconds.len() + c.batch_sizes.len() + c.loop_seconds.len();
+        if held >= SAMPLES_SOON || self.samples_published.elapsed() >= SAMPLES_EVERY {
+            self.flush_samples(held);
+        }
+    }
+
+    /// [`flush`](Self::flush), with every held sample published now: for a
+    /// loop about to sleep, hand over or stop.
+    pub fn flush_all(&mut self, clients: usize, rooms: usize) {
+        self.flush_counts(clients, rooms);
+        let c = &self.counts;
+        let held = c.fanout_seconds.len() + c.batch_sizes.len() + c.loop_seconds.len();
+        self.flush_samples(held);
+    }
+
+    /// Records the held histogram samples, if the gate is free (or too
+    /// many are held to wait).
+    fn flush_samples(&mut self, held: usize) {
+        if held == 0 {
+            return;
+        }
+        let c = &mut self.counts;
+        if let Some(_gate) = samples_gate(held) {
+            for s in c.fanout_seconds.drain(..) {
+                self.fanout_seconds.record(s);
+            }
+            for s in c.batch_sizes.drain(..) {
+                self.batch_size.record(s);
+            }
+            for s in c.loop_seconds.drain(..) {
+                self.loop_seconds.record(s);
+            }
+            self.samples_published = Instant::now();
+        }
+    }
+
+    /// Publishes the counters and gauges (plain atomics, no gate).
+    fn flush_counts(&mut self, clients: usize, rooms: usize) {
         let c = &mut self.counts;
         let add = |counter: &Counter, v: &mut u64| {
             if *v > 0 {
@@ -239,18 +294,6 @@ impl Metrics {
         add(&self.fanouts_parked, &mut c.fanouts_parked);
         add(&self.send_buffer_full, &mut c.send_buffer_full);
         add(&self.replies_parked, &mut c.replies_parked);
-        let held = c.fanout_seconds.len() + c.batch_sizes.len() + c.loop_seconds.len();
-        if let Some(_gate) = samples_gate(held) {
-            for s in c.fanout_seconds.drain(..) {
-                self.fanout_seconds.record(s);
-            }
-            for s in c.batch_sizes.drain(..) {
-                self.batch_size.record(s);
-            }
-            for s in c.loop_seconds.drain(..) {
-                self.loop_seconds.record(s);
-            }
-        }
         move_gauge(&self.clients, &mut self.clients_reported, clients);
         if let Some(g) = &self.shard_clients {
             g.set(clients as f64);
@@ -455,7 +498,7 @@ mod tests {
         }
         done.store(true, Ordering::Relaxed);
         drainer.join().expect("the drainer");
-        m.flush(0, 0); // what was held back while the drainer held the gate
+        m.flush_all(0, 0); // what was held back while the drainer held the gate
         let text = handle.render();
         assert_eq!(
             sample(&text, "udphub_fanout_duration_seconds_count"),
