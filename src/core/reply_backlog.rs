@@ -18,6 +18,10 @@ use std::ops::Range;
 
 use crate::core::addr::RawAddr;
 
+/// Arena bytes an emptied backlog keeps for the next full buffer.
+const KEPT_BYTES: usize = 16 * 1024;
+/// Entries an emptied backlog keeps.
+const KEPT_ENTRIES: usize = 256;
 /// What a parked reply costs the backlog besides its bytes: its entry (its
 /// range and its destination), so that empty replies are bounded too.
 pub const ENTRY_COST: usize = size_of::<(Range<usize>, RawAddr)>();
@@ -120,6 +124,10 @@ impl ReplyBacklog {
             self.bytes.clear();
             self.entries.clear();
             self.head = 0;
+            // After a spike, give back what the vectors grew to: an idle
+            // loop keeps a little room, not the spike's high-water mark.
+            self.bytes.shrink_to(KEPT_BYTES);
+            self.entries.shrink_to(KEPT_ENTRIES);
         } else if self.head >= self.len() {
             let offset = self.entries[self.head].0.start;
             self.bytes.drain(..offset);

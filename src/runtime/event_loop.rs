@@ -231,9 +231,18 @@ impl PauseHandle {
     }
 
     /// Sends a command of the latest attempt to the paused loop (ignored
-    /// if it has ended).
+    /// if it has ended). A `Resume` also withdraws the request if the loop
+    /// has not taken it yet: a loop still finishing its parked work for a
+    /// hand-over that has since failed (its send buffer stayed full) reads
+    /// again, rather than waiting for that work to drain.
     pub fn command(&self, command: PauseCommand) {
-        let _ = self.commands.send((self.attempt.get(), command));
+        let attempt = self.attempt.get();
+        if matches!(command, PauseCommand::Resume) {
+            let _ = self
+                .requested
+                .compare_exchange(attempt, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        let _ = self.commands.send((attempt, command));
     }
 }
 

@@ -60,6 +60,9 @@ pub const EXPIRY_SLICE: Duration = Duration::from_millis(1);
 /// the last delivery the kernel took, so a big table is never cut short
 /// while the buffer drains; a peer that cannot drain it costs at most this.
 pub const BYE_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a hand-over's export waits for the send buffer to take what
+/// the loops' last hand-offs parked (within the supervisor's step timeout).
+const EXPORT_PATIENCE: Duration = Duration::from_millis(500);
 
 /// The relay's loop: an [`EventLoop`] running a [`Relay`].
 pub type RelayLoop = EventLoop<Relay>;
@@ -816,6 +819,28 @@ impl Service for Relay {
     /// exports the hub's members and the cookie key.
     fn export(&mut self, io: &mut Io<'_>) -> Option<Exported> {
         self.on_wake(io);
+        // What that fan-out parked (a full send buffer) goes out now, with
+        // a little patience; what still cannot is counted as dropped, never
+        // lost uncounted with this process.
+        let until = Instant::now() + EXPORT_PATIENCE;
+        loop {
+            match self.resume(io) {
+                Pending::Idle => break,
+                _ if Instant::now() >= until => {
+                    let deliveries = self.sending.abandon(&mut self.hub, io.counts);
+                    let replies = self.replies.abandon(io.counts);
+                    tracing::warn!(
+                        event = "backlog_dropped",
+                        deliveries,
+                        replies,
+                        "hand-over: dropped {deliveries} parked deliveries and {replies} parked replies the send buffer would not take"
+                    );
+                    break;
+                }
+                Pending::More => {}
+                Pending::Blocked => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
         let now = Instant::now();
         Some(Exported {
             state: self.hub.export(now),
