@@ -28,6 +28,7 @@ THREADS="${THREADS:-1}"
 HEARTBEAT="${HEARTBEAT:-60s}"
 TALK_ROOMS="${TALK_ROOMS:-1000}"
 LOBBY_EVERY="${LOBBY_EVERY:-5}"
+JOIN_RATE="${JOIN_RATE:-200000}"   # joins (and the final quits) paced: the relay's queue is 4 MiB
 PHASES="${PHASES:-rooms lobby}"
 OUT="${OUT:-target/tenmillion}"
 
@@ -137,7 +138,7 @@ if [[ " $PHASES " == *" rooms "* ]]; then
     # The storm's steady phase outlasts both windows below; then it goes
     # silent and watches the relay expire everyone.
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
-        --clients "$CLIENTS" --rooms "$ROOMS" --heartbeat "$HEARTBEAT" \
+        --clients "$CLIENTS" --rooms "$ROOMS" --heartbeat "$HEARTBEAT" --join-rate "$JOIN_RATE" \
         --register-timeout 600s --duration 90s --expire 300s --json \
         >"$OUT/storm.rooms.json" 2>"$OUT/storm.rooms.log" &
     storm=$!
@@ -170,11 +171,15 @@ fi
 if [[ " $PHASES " == *" lobby "* ]]; then
     start_relay lobby
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
-        --clients "$CLIENTS" --heartbeat "$HEARTBEAT" --register-timeout 600s \
+        --clients "$CLIENTS" --heartbeat "$HEARTBEAT" --join-rate "$JOIN_RATE" --register-timeout 600s \
         --duration 60s --json >"$OUT/storm.lobby.json" 2>"$OUT/storm.lobby.log" &
     storm=$!
     wait_clients "$CLIENTS"
     sleep 5
+    # The probe alone first: its round trip with ten million heartbeating
+    # members and no lobby traffic, the same run's baseline.
+    "$lt" fanout --relay "$udp" --rooms 1 --clients 1 --rate 200 --room-prefix quiet \
+        --duration 10s --json >"$OUT/probe-quiet.json" 2>"$OUT/probe-quiet.log"
     scrape "$OUT/l1"
     # One lobby message every LOBBY_EVERY s from a plain client, while a
     # probe in a room of its own measures its echo.
@@ -194,12 +199,14 @@ EOF
     wait "$talker"
     scrape "$OUT/l2"
     delta "$OUT/l1" "$OUT/l2" lobby-fanout+probe >>"$summary"
-    python3 - "$OUT/probe.json" >>"$summary" <<'EOF'
+    for probe in probe-quiet probe; do
+        python3 - "$OUT/$probe.json" "$probe" >>"$summary" <<'EOF'
 import json, sys
 p = json.load(open(sys.argv[1]))
-print(json.dumps({'window': 'probe (loadtest)', 'probe_latency_us': p.get('latency_us'),
+print(json.dumps({'window': sys.argv[2] + ' (loadtest)', 'probe_latency_us': p.get('latency_us'),
     'probe_lost': p.get('lost'), 'probe_deliveries': p.get('deliveries')}))
 EOF
+    done
     wait "$storm" || true
     kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true; relay_pid=
 fi
