@@ -28,7 +28,14 @@ THREADS="${THREADS:-1}"
 HEARTBEAT="${HEARTBEAT:-60s}"
 TALK_ROOMS="${TALK_ROOMS:-1000}"
 LOBBY_EVERY="${LOBBY_EVERY:-5}"
-JOIN_RATE="${JOIN_RATE:-200000}"   # joins (and the final quits) paced: the relay's queue is 4 MiB
+# Joins paced to what the relay ingests (each join into a room is answered:
+# ~90k/s on a busy 2-core VM); lobby members register by heartbeat, unanswered.
+JOIN_RATE="${JOIN_RATE:-100000}"
+# The relay's --timeout outlasts the registration plus a heartbeat interval
+# (a source that expired before its first heartbeat would come back in the
+# lobby, not its room).
+TIMEOUT="${TIMEOUT:-200}"
+LOBBY_JOIN_RATE="${LOBBY_JOIN_RATE:-$((JOIN_RATE * 2))}"
 PHASES="${PHASES:-rooms lobby}"
 OUT="${OUT:-target/tenmillion}"
 
@@ -49,7 +56,7 @@ start_relay() { # $1: tag; sets udp, metrics, relay_pid
     "$bin" serve --bind 127.0.0.1:0 --metrics 127.0.0.1:0 --log-level warn \
         --threads "$THREADS" --max-clients $((CLIENTS + CLIENTS / 5 + 10000)) \
         --expect-clients "$CLIENTS" --max-rooms $((ROOMS + TALK_ROOMS + 10)) \
-        --timeout 120s --ready-file "$OUT/ready.$1" 2>"$OUT/relay.$1.log" &
+        --timeout "${TIMEOUT}s" --ready-file "$OUT/ready.$1" 2>"$OUT/relay.$1.log" &
     relay_pid=$!
     for _ in $(seq 600); do
         [ -s "$OUT/ready.$1" ] && grep -q '^metrics=' "$OUT/ready.$1" && break
@@ -139,7 +146,7 @@ if [[ " $PHASES " == *" rooms "* ]]; then
     # silent and watches the relay expire everyone.
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
         --clients "$CLIENTS" --rooms "$ROOMS" --heartbeat "$HEARTBEAT" --join-rate "$JOIN_RATE" \
-        --register-timeout 600s --duration 90s --expire 300s --json \
+        --register-timeout 600s --duration 90s --expire "$((TIMEOUT + 120))s" --json \
         >"$OUT/storm.rooms.json" 2>"$OUT/storm.rooms.log" &
     storm=$!
     wait_clients "$CLIENTS"
@@ -171,7 +178,7 @@ fi
 if [[ " $PHASES " == *" lobby "* ]]; then
     start_relay lobby
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
-        --clients "$CLIENTS" --heartbeat "$HEARTBEAT" --join-rate "$JOIN_RATE" --register-timeout 600s \
+        --clients "$CLIENTS" --heartbeat "$HEARTBEAT" --join-rate "$LOBBY_JOIN_RATE" --register-timeout 600s \
         --duration 60s --json >"$OUT/storm.lobby.json" 2>"$OUT/storm.lobby.log" &
     storm=$!
     wait_clients "$CLIENTS"
@@ -207,7 +214,9 @@ print(json.dumps({'window': sys.argv[2] + ' (loadtest)', 'probe_latency_us': p.g
     'probe_lost': p.get('lost'), 'probe_deliveries': p.get('deliveries')}))
 EOF
     done
-    wait "$storm" || true
+    # (The relay goes next: no need for the storm's ten million quits.)
+    kill "$storm" 2>/dev/null || true
+    wait "$storm" 2>/dev/null || true
     kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true; relay_pid=
 fi
 cat "$summary"

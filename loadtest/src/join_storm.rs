@@ -694,12 +694,14 @@ impl Storm {
     }
 }
 
-/// Waits (up to `limit`) for the relay to count `clients` more clients
-/// than `before`, and returns the seconds since `t0` when it did. The
-/// steady phase's count starts only then: otherwise the last joins, still
-/// queued, count as steady heartbeats. The wait ends early (`None`) when
-/// the relay's kernel queue dropped at least as many datagrams as sources
-/// are missing: those joins will not come.
+/// Waits (up to `limit`) for the relay to register `clients` more
+/// clients than `before` (`udphub_clients_joined_total`: registrations,
+/// not the clients there now, since a storm's first sources may expire
+/// before its last one joins), and returns the seconds since `t0` when it
+/// did. The steady phase's count starts only then: otherwise the last
+/// joins, still queued, count as steady heartbeats. The wait ends early
+/// (`None`) when the relay's kernel queue dropped at least as many
+/// datagrams as sources are missing: those joins will not come.
 fn wait_registered(
     c: &Common,
     before: &Scrape,
@@ -707,14 +709,14 @@ fn wait_registered(
     limit: Duration,
     t0: Instant,
 ) -> Result<Option<f64>, String> {
-    let want = before.get("udphub_clients") + f64::from(clients);
+    let want = before.get("udphub_clients_joined_total") + f64::from(clients);
     let dropped0 = before.get("udphub_kernel_rx_dropped_total");
     let until = Instant::now() + limit;
     loop {
         let Some(now) = c.scrape_optional()? else {
             return Ok(None);
         };
-        let missing = want - now.get("udphub_clients");
+        let missing = want - now.get("udphub_clients_joined_total");
         if missing <= 0.0 {
             return Ok(Some(t0.elapsed().as_secs_f64()));
         }
