@@ -36,7 +36,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::core::snapshot::{self, Snapshot};
+use crate::core::snapshot::{self, Received};
 use crate::error::Error;
 use crate::net::batch_io;
 use crate::runtime::event_loop::{PauseCommand, PauseHandle, PauseReport};
@@ -562,13 +562,10 @@ impl Control {
             fds.push(fd);
         }
         let exported = started.elapsed();
-        let snapshot = Snapshot {
-            cookie,
-            loops: states,
-        };
-        let members = snapshot.members();
-        let bytes = snapshot::encode(&snapshot);
-        drop(snapshot);
+        let members = states.iter().map(snapshot::EncodedLoop::members).sum();
+        let bytes = snapshot::encode_loops(cookie.as_ref(), &states);
+        drop(states);
+        widen_send_buffer(stream, bytes.len());
         let mut head = vec![OFFER];
         head.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
@@ -606,6 +603,27 @@ impl Control {
     }
 }
 
+/// The most send buffer asked for the snapshot: a million members' 16 MB
+/// and room to spare.
+const MAX_SEND_BUFFER: usize = 64 << 20;
+
+/// Makes `stream`'s send buffer big enough for `bytes` at once (up to
+/// [`MAX_SEND_BUFFER`]), so the snapshot leaves in a few large writes
+/// instead of ~80 turns of a 208 KB default buffer, each waiting for the
+/// new process to be scheduled and read (on a busy machine, most of the
+/// time spent sending). As root the system's cap (`net.core.wmem_max`)
+/// is passed over (SO_SNDBUFFORCE), otherwise the buffer is as big as that
+/// cap allows. Best effort: a smaller buffer only makes the send slower.
+fn widen_send_buffer(stream: &UnixStream, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // The kernel doubles what it is given (bookkeeping) and a Unix
+    // stream charges each write's overhead too: a quarter more.
+    let want = bytes.saturating_add(bytes / 4).min(MAX_SEND_BUFFER);
+    if setsockopt(stream, sockopt::SndBufForce, &want).is_err() {
+        let _ = setsockopt(stream, sockopt::SndBuf, &want);
+    }
+}
+
 fn recv_until(reports: &Receiver<PauseReport>, deadline: Instant) -> Result<PauseReport, String> {
     let left = deadline.saturating_duration_since(Instant::now());
     reports
@@ -623,10 +641,8 @@ pub struct Offer {
     stream: UnixStream,
     /// One socket per loop, in loop order.
     pub fds: Vec<OwnedFd>,
-    /// The members, decoded in full.
-    pub snapshot: Snapshot,
-    /// The snapshot's size in bytes.
-    pub bytes: usize,
+    /// The members, checked in full.
+    pub snapshot: Received,
 }
 
 /// Connects to the relay serving on the control socket `path`, asks to
@@ -690,55 +706,55 @@ pub fn request(path: &Path, identity: &Identity, max_clients: usize) -> Result<O
             head[0] as char
         )));
     }
-    let mut offer = Offer {
-        stream,
-        fds,
-        snapshot: Snapshot::default(),
-        bytes: 0,
-    };
-    match offer.read_snapshot(len, max_clients) {
-        Ok(snapshot) => {
-            offer.snapshot = snapshot;
-            offer.bytes = len as usize;
-            Ok(offer)
-        }
+    match read_snapshot(&mut stream, len, max_clients) {
+        Ok(snapshot) => Ok(Offer {
+            stream,
+            fds,
+            snapshot,
+        }),
         Err(e) => {
             let why = e.to_string();
-            offer.fail(&why);
+            Offer {
+                stream,
+                fds,
+                snapshot: Received::default(),
+            }
+            .fail(&why);
             Err(e)
         }
     }
 }
 
-impl Offer {
-    fn read_snapshot(&mut self, len: u64, max_clients: usize) -> Result<Snapshot, Error> {
-        let mut bytes = vec![0u8; snapshot::HEADER_LEN];
-        if len < bytes.len() as u64 {
-            return Err(Error::Refused(format!("a snapshot of {len} bytes")));
-        }
-        self.stream
-            .read_exact(&mut bytes)
-            .map_err(|e| Error::io("hand-over snapshot", e))?;
-        // Too many members for this process's settings is the user's to
-        // fix (exit 2); anything else is a damaged or foreign snapshot.
-        let refused = |e: snapshot::SnapshotError| match e {
-            snapshot::SnapshotError::TooBig(_) => Error::Config(format!("cannot take over: {e}")),
-            e => Error::Refused(format!("snapshot refused: {e}")),
-        };
-        let head = snapshot::header(&bytes, max_clients).map_err(refused)?;
-        if head.total_len as u64 != len {
-            return Err(Error::Refused(format!(
-                "snapshot refused: the frame says {len} bytes, the snapshot {}",
-                head.total_len
-            )));
-        }
-        bytes.resize(head.total_len, 0);
-        self.stream
-            .read_exact(&mut bytes[snapshot::HEADER_LEN..])
-            .map_err(|e| Error::io("hand-over snapshot", e))?;
-        snapshot::decode(&bytes, max_clients).map_err(refused)
+/// Reads the snapshot of `len` bytes the offer carries, and checks it.
+fn read_snapshot(stream: &mut UnixStream, len: u64, max_clients: usize) -> Result<Received, Error> {
+    let mut bytes = vec![0u8; snapshot::HEADER_LEN];
+    if len < bytes.len() as u64 {
+        return Err(Error::Refused(format!("a snapshot of {len} bytes")));
     }
+    stream
+        .read_exact(&mut bytes)
+        .map_err(|e| Error::io("hand-over snapshot", e))?;
+    // Too many members for this process's settings is the user's to
+    // fix (exit 2); anything else is a damaged or foreign snapshot.
+    let refused = |e: snapshot::SnapshotError| match e {
+        snapshot::SnapshotError::TooBig(_) => Error::Config(format!("cannot take over: {e}")),
+        e => Error::Refused(format!("snapshot refused: {e}")),
+    };
+    let head = snapshot::header(&bytes, max_clients).map_err(refused)?;
+    if head.total_len as u64 != len {
+        return Err(Error::Refused(format!(
+            "snapshot refused: the frame says {len} bytes, the snapshot {}",
+            head.total_len
+        )));
+    }
+    bytes.resize(head.total_len, 0);
+    stream
+        .read_exact(&mut bytes[snapshot::HEADER_LEN..])
+        .map_err(|e| Error::io("hand-over snapshot", e))?;
+    Received::check(bytes, max_clients).map_err(refused)
+}
 
+impl Offer {
     /// Tells the old relay this process cannot serve (it resumes).
     pub fn fail(mut self, why: &str) {
         count("failed");
