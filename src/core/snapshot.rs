@@ -17,8 +17,8 @@
 //! thread), and the new process registers members from the checked bytes
 //! ([`Received::members_of`], borrowed [`MemberRef`]s).
 //!
-//! Layout (version 2; version 1 summed the same bytes with byte-wise
-//! FNV-1a):
+//! Layout (version 2; version 1, still read, summed the same bytes with
+//! byte-wise FNV-1a):
 //!
 //! ```text
 //! header   magic "UDPHUBSN" | version u16 | loops u16 | flags u32
@@ -38,9 +38,12 @@ use crate::core::rooms::{valid_name, MAX_NAME_LEN};
 
 /// The first bytes of every snapshot.
 pub const MAGIC: &[u8; 8] = b"UDPHUBSN";
-/// The format written here; a decoder refuses any other (a new binary
-/// that changes the layout bumps it, and an old one then refuses).
+/// The format written here (a new binary that changes the layout bumps
+/// it, and an old one then refuses it, saying so).
 pub const VERSION: u16 = 2;
+/// The older format still read: the same layout summed byte by byte, so a
+/// relay of the release before this one hands over to this one.
+const VERSION_1: u16 = 1;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 8 + 8 + 8;
 /// The most loops a snapshot may carry (the relay's `--threads` cap).
@@ -198,6 +201,16 @@ fn checksum(head: &[u8], body: &[u8]) -> u64 {
     h.update(head);
     h.update(body);
     h.finish()
+}
+
+/// Version 1's checksum: FNV-1a byte by byte over the same bytes.
+fn checksum_v1(head: &[u8], body: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in head.iter().chain(body) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// [`checksum`] fed in pieces of any size (a receiver sums the bytes as
@@ -403,6 +416,8 @@ pub struct Header {
     pub members: u64,
     /// Header and body together.
     pub total_len: usize,
+    /// The format's version ([`VERSION`], or the older one still read).
+    pub version: u16,
 }
 
 /// Reads and checks the header alone: magic, version, at most
@@ -415,9 +430,9 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
         return Err(SnapshotError::Format("wrong magic".into()));
     }
     let version = r.u16()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(SnapshotError::Format(format!(
-            "version {version}, this udphub reads version {VERSION}: take over with a binary of the same snapshot version"
+            "version {version}, this udphub reads versions {VERSION_1} and {VERSION}: take over with a binary that reads it (the same release or a newer one), or restart"
         )));
     }
     let loops = usize::from(r.u16()?);
@@ -447,6 +462,7 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
         loops,
         members,
         total_len: HEADER_LEN + body_len as usize,
+        version,
     })
 }
 
@@ -575,7 +591,12 @@ fn check(
             .map_err(|_| SnapshotError::Length("short header".into()))?,
     );
     let body = &bytes[HEADER_LEN..];
-    if checksum(&bytes[..CHECKSUM_AT], body) != sum {
+    let summed = if head.version == VERSION_1 {
+        checksum_v1(&bytes[..CHECKSUM_AT], body)
+    } else {
+        checksum(&bytes[..CHECKSUM_AT], body)
+    };
+    if summed != sum {
         return Err(SnapshotError::Checksum);
     }
     let mut r = Reader { bytes: body, at: 0 };
@@ -800,6 +821,21 @@ mod tests {
         }
     }
 
+    /// A version 1 snapshot (the release before: the same layout, summed
+    /// byte by byte) is still read, and damage to it still refused.
+    #[test]
+    fn a_version_1_snapshot_is_read() {
+        let s = sample();
+        let mut bytes = encode(&s);
+        bytes[8..10].copy_from_slice(&VERSION_1.to_le_bytes());
+        let sum = checksum_v1(&bytes[..CHECKSUM_AT], &bytes[HEADER_LEN..]);
+        bytes[CHECKSUM_AT..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(decode(&bytes, 2).unwrap(), s);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(decode(&bytes, 2), Err(SnapshotError::Checksum));
+    }
+
     /// The checksum fed in pieces of any size is the checksum of the whole.
     #[test]
     fn a_checksum_in_pieces_is_the_whole_one() {
@@ -845,7 +881,7 @@ mod tests {
     #[test]
     fn another_version_is_refused() {
         let mut bytes = encode(&sample());
-        for other in [1, 3] {
+        for other in [0, 3] {
             bytes[8] = other;
             let err = decode(&bytes, 100).unwrap_err();
             assert!(
