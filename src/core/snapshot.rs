@@ -341,35 +341,92 @@ impl From<&LoopState> for EncodedLoop {
 }
 
 /// Encodes a snapshot of `loops` (in loop order) and verify mode's
-/// `cookie`: the header, then the loops' records copied in once, into one
-/// buffer sized up front.
+/// `cookie` into one buffer ([`Encoded::pieces`], joined).
 pub fn encode_loops(cookie: Option<&CookieState>, loops: &[EncodedLoop]) -> Vec<u8> {
-    let members: u64 = loops.iter().map(|l| u64::from(l.count)).sum();
-    let records: usize = loops.iter().map(|l| l.records.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + 40 + loops.len() * 8 + records);
-    out.resize(HEADER_LEN, 0);
-    if let Some(c) = cookie {
-        out.extend_from_slice(&c.key);
-        out.extend_from_slice(&millis(c.age).to_le_bytes());
+    let encoded = Encoded::new(cookie, loops);
+    let mut out = Vec::with_capacity(encoded.len());
+    for piece in encoded.pieces() {
+        out.extend_from_slice(piece);
     }
-    for l in loops {
-        out.extend_from_slice(&l.count.to_le_bytes());
-        out.extend_from_slice(&l.kernel_drops.to_le_bytes());
-        out.extend_from_slice(&l.records);
-    }
-    let body_len = (out.len() - HEADER_LEN) as u64;
-    let flags = if cookie.is_some() { FLAG_COOKIE } else { 0 };
-    let mut head = [0u8; HEADER_LEN];
-    head[..8].copy_from_slice(MAGIC);
-    head[8..10].copy_from_slice(&VERSION.to_le_bytes());
-    head[10..12].copy_from_slice(&(loops.len() as u16).to_le_bytes());
-    head[12..16].copy_from_slice(&flags.to_le_bytes());
-    head[16..24].copy_from_slice(&members.to_le_bytes());
-    head[24..32].copy_from_slice(&body_len.to_le_bytes());
-    let sum = checksum(&head[..CHECKSUM_AT], &out[HEADER_LEN..]);
-    head[CHECKSUM_AT..].copy_from_slice(&sum.to_le_bytes());
-    out[..HEADER_LEN].copy_from_slice(&head);
     out
+}
+
+/// A snapshot of the loops' records, encoded in pieces: the header and
+/// cookie, then each loop's count and its records where the loop wrote
+/// them. A hand-over writes the pieces to the socket one after another,
+/// so 16 MB of records are not first copied into one buffer (and its
+/// pages faulted in) while nobody reads.
+#[derive(Debug)]
+pub struct Encoded<'a> {
+    /// The header (checksum included) and the cookie.
+    head: Vec<u8>,
+    /// Each loop's count and kernel drops.
+    loop_heads: Vec<[u8; 8]>,
+    /// The loops.
+    loops: &'a [EncodedLoop],
+}
+
+impl<'a> Encoded<'a> {
+    /// The snapshot of `loops` (in loop order) and verify mode's `cookie`.
+    pub fn new(cookie: Option<&CookieState>, loops: &'a [EncodedLoop]) -> Encoded<'a> {
+        let members: u64 = loops.iter().map(|l| u64::from(l.count)).sum();
+        let mut head = vec![0u8; HEADER_LEN];
+        if let Some(c) = cookie {
+            head.extend_from_slice(&c.key);
+            head.extend_from_slice(&millis(c.age).to_le_bytes());
+        }
+        let loop_heads: Vec<[u8; 8]> = loops
+            .iter()
+            .map(|l| {
+                let mut h = [0u8; 8];
+                h[..4].copy_from_slice(&l.count.to_le_bytes());
+                h[4..].copy_from_slice(&l.kernel_drops.to_le_bytes());
+                h
+            })
+            .collect();
+        let records: usize = loops.iter().map(|l| l.records.len()).sum();
+        let body_len = (head.len() - HEADER_LEN + loops.len() * 8 + records) as u64;
+        let flags = if cookie.is_some() { FLAG_COOKIE } else { 0 };
+        head[..8].copy_from_slice(MAGIC);
+        head[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        head[10..12].copy_from_slice(&(loops.len() as u16).to_le_bytes());
+        head[12..16].copy_from_slice(&flags.to_le_bytes());
+        head[16..24].copy_from_slice(&members.to_le_bytes());
+        head[24..32].copy_from_slice(&body_len.to_le_bytes());
+        let mut sum = Checksum::new();
+        sum.update(&head[..CHECKSUM_AT]);
+        sum.update(&head[HEADER_LEN..]);
+        for (h, l) in loop_heads.iter().zip(loops) {
+            sum.update(h);
+            sum.update(&l.records);
+        }
+        head[CHECKSUM_AT..HEADER_LEN].copy_from_slice(&sum.finish().to_le_bytes());
+        Encoded {
+            head,
+            loop_heads,
+            loops,
+        }
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.pieces().map(<[u8]>::len).sum()
+    }
+
+    /// Whether there are none (never: there is a header).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The snapshot's bytes, in order, in pieces.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        std::iter::once(&self.head[..]).chain(
+            self.loop_heads
+                .iter()
+                .zip(self.loops)
+                .flat_map(|(h, l)| [&h[..], &l.records[..]]),
+        )
+    }
 }
 
 /// Appends `m`'s record, built on the stack and copied in once.
