@@ -623,8 +623,8 @@ const MAX_SEND_BUFFER: usize = 64 << 20;
 /// cap allows. Best effort: a smaller buffer only makes the send slower.
 fn widen_send_buffer(stream: &UnixStream, bytes: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
-    // The kernel doubles what it is given (bookkeeping) and a Unix
-    // stream charges each write's overhead too: a quarter more.
+    // A quarter more than the bytes: each queued buffer is charged its
+    // own overhead as well. Bounded, and held only while handing over.
     let want = bytes.saturating_add(bytes / 4).min(MAX_SEND_BUFFER);
     if setsockopt(stream, sockopt::SndBufForce, &want).is_err() {
         let _ = setsockopt(stream, sockopt::SndBuf, &want);
