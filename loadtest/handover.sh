@@ -22,7 +22,7 @@ EXTRA="${EXTRA:-}"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*
-bin=target/release/udphub
+bin="${BIN:-target/release/udphub}"
 lt=target/release/loadtest
 ctl="$OUT/control"
 

@@ -54,9 +54,19 @@ impl PartialEq for RawAddr {
 impl Eq for RawAddr {}
 
 impl std::hash::Hash for RawAddr {
+    /// The same bytes `eq` compares, as two 128-bit words: the table's
+    /// hasher (foldhash) takes a word in one multiply, where a 28-byte
+    /// slice goes its long path behind a length prefix (a quarter of the
+    /// time a hand-over spent registering a million members).
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.bytes.hash(state);
-        self.len.hash(state);
+        let b = &self.bytes;
+        let mut lo = [0u8; 16];
+        lo.copy_from_slice(&b[..16]);
+        let mut hi = [0u8; 16];
+        hi[..12].copy_from_slice(&b[16..]);
+        hi[12] = self.len;
+        state.write_u128(u128::from_ne_bytes(lo));
+        state.write_u128(u128::from_ne_bytes(hi));
     }
 }
 

@@ -27,8 +27,8 @@ use crate::core::cookie::CookieKey;
 use crate::core::counts::{Counts, Refusal};
 use crate::core::protocol::{self, Kind, Proven, Template};
 use crate::core::rooms::{self, RoomId, Rooms, LOBBY};
-use crate::core::snapshot::{CookieState, LoopState, Member};
-use crate::core::table::{Due, Recipients, Table};
+use crate::core::snapshot::{CookieState, EncodedLoop, LoopState, MemberRef};
+use crate::core::table::{Due, NotRestored, Recipients, Restored, Table};
 use crate::core::token::{self, RoomSecret, TokenError};
 use crate::core::wheel::{Entry, Wheel};
 
@@ -705,27 +705,38 @@ impl Hub {
     /// The members live at `now`, for a hand-over: address, room, how long
     /// since each last proved itself alive, its rate-limit tokens.
     pub fn export(&self, now: Instant) -> LoopState {
+        LoopState {
+            members: self.live_members(now).map(MemberRef::to_owned).collect(),
+            kernel_drops: 0,
+        }
+    }
+
+    /// [`export`](Self::export), encoded as a snapshot carries it (what a
+    /// hand-over sends: no [`Member`](crate::core::snapshot::Member) made
+    /// on the way).
+    pub fn export_encoded(&self, now: Instant) -> EncodedLoop {
+        let mut out = EncodedLoop::with_capacity(self.table.len());
+        for m in self.live_members(now) {
+            out.push(m);
+        }
+        out
+    }
+
+    /// The members live at `now`, as a hand-over passes them on.
+    fn live_members(&self, now: Instant) -> impl Iterator<Item = MemberRef<'_>> + '_ {
         let tick = self.clock.tick_at(now);
+        let unit = self.clock.tick();
         // Unlimited here: a full bucket wherever it goes (the receiver
         // caps it at its burst), as a reload that turns limits on gives.
         let limited = self.admission.limits_clients();
-        let members = self
-            .table
+        self.table
             .live_with_rooms(tick)
-            .map(|(c, silent, room)| Member {
+            .map(move |(c, silent, room)| MemberRef {
                 addr: c.addr.to_socket_addr(),
-                room: room.into(),
-                silent: self
-                    .clock
-                    .tick()
-                    .saturating_mul(u32::try_from(silent).unwrap_or(u32::MAX)),
+                room,
+                silent: unit.saturating_mul(u32::try_from(silent).unwrap_or(u32::MAX)),
                 tokens: if limited { c.tokens } else { f32::MAX },
             })
-            .collect();
-        LoopState {
-            members,
-            kernel_drops: 0,
-        }
     }
 
     /// Verify mode's cookie key as a hand-over passes it on, if on.
@@ -751,37 +762,46 @@ impl Hub {
     /// its tokens. Members silent past this hub's timeout are left out.
     /// Returns how many were registered, or why the state does not fit
     /// (then this hub must be dropped, never used).
-    pub fn restore(&mut self, state: &LoopState, now: Instant) -> Result<usize, String> {
+    pub fn restore<'m>(
+        &mut self,
+        members: impl IntoIterator<Item = MemberRef<'m>>,
+        now: Instant,
+    ) -> Result<usize, String> {
         if !self.table.is_empty() {
             return Err("restore into a hub that already has clients".into());
         }
         let tick = self.clock.tick_at(now);
-        let tick_ns = self.clock.tick().as_nanos().max(1);
-        let mut restored = 0;
-        for m in &state.members {
-            let addr = RawAddr::from_socket_addr(m.addr);
-            if self.table.find(&addr).is_some() {
-                return Err(format!("{} is in the snapshot twice", m.addr));
+        // u64 nanoseconds: a u128 division per member is measurable at a
+        // million (a tick is 1–100 ms; a member's silence is < 2^32 ms).
+        let tick_ns = (self.clock.tick().as_nanos() as u64).max(1);
+        let members = members.into_iter().map(|m| {
+            let silent_ns = m
+                .silent
+                .as_secs()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(m.silent.subsec_nanos()));
+            let last_seen = tick.saturating_sub(silent_ns / tick_ns);
+            Restored {
+                addr: RawAddr::from_socket_addr(m.addr),
+                last_seen,
+                room: m.room,
+                tokens: m.tokens,
             }
-            let silent = u64::try_from(m.silent.as_nanos() / tick_ns).unwrap_or(u64::MAX);
-            let last_seen = tick.saturating_sub(silent);
-            if self.table.deadline(last_seen) <= tick {
-                continue;
-            }
-            let joined = self
-                .table
-                .insert_into(addr, last_seen, &m.room)
-                .map_err(|_| {
-                    format!(
-                        "room {:?} does not fit this relay's --max-rooms / --max-room-clients",
-                        String::from_utf8_lossy(&m.room)
-                    )
-                })?;
-            self.wheel
-                .schedule(joined.key, joined.generation, joined.due);
-            self.table.set_bucket(joined.key, m.tokens, tick);
-            restored += 1;
-        }
+        });
+        let wheel = &mut self.wheel;
+        let restored = self
+            .table
+            .restore(members, tick, |j| {
+                wheel.schedule(j.key, j.generation, j.due)
+            })
+            .map_err(|e| match e {
+                NotRestored::Twice(Some(addr)) => format!("{addr} is in the snapshot twice"),
+                NotRestored::Twice(None) => "a member is in the snapshot twice".into(),
+                NotRestored::Full(room) => format!(
+                    "room {:?} does not fit this relay's --max-rooms / --max-room-clients",
+                    String::from_utf8_lossy(&room)
+                ),
+            })?;
         Ok(restored)
     }
 }
@@ -878,9 +898,9 @@ mod tests {
 
         let start = Hub::resume_start(&config(), handed);
         let mut hub = Hub::new(&config(), start);
-        assert_eq!(hub.restore(&state, handed), Ok(3));
+        assert_eq!(hub.restore(state.iter(), handed), Ok(3));
         assert_eq!(
-            hub.restore(&state, handed),
+            hub.restore(state.iter(), handed),
             Err("restore into a hub that already has clients".into())
         );
         let mut counts = Counts::default();
@@ -917,7 +937,7 @@ mod tests {
         assert!(dropped(&f.counts) >= 1);
         let state = f.hub.export(f.t0);
         let mut hub = Hub::new(&limited, Hub::resume_start(&limited, f.t0));
-        hub.restore(&state, f.t0).unwrap();
+        hub.restore(state.iter(), f.t0).unwrap();
         let mut counts = Counts::default();
         hub.handle(f.t0, from(1, b"m"), &mut counts);
         assert_eq!(dropped(&counts), 1, "still limited");
@@ -934,12 +954,15 @@ mod tests {
         small.max_rooms = 1;
         let mut hub = Hub::new(&small, Hub::resume_start(&small, f.t0));
         assert!(hub
-            .restore(&state, f.t0)
+            .restore(state.iter(), f.t0)
             .unwrap_err()
             .contains("--max-rooms"));
         state.members.push(state.members[0].clone());
         let mut hub = Hub::new(&config(), Hub::resume_start(&config(), f.t0));
-        assert!(hub.restore(&state, f.t0).unwrap_err().contains("twice"));
+        assert!(hub
+            .restore(state.iter(), f.t0)
+            .unwrap_err()
+            .contains("twice"));
     }
 
     #[test]

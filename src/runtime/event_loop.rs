@@ -170,8 +170,8 @@ pub struct Io<'a> {
 /// What a loop's service hands over ([`Service::export`]).
 #[derive(Debug)]
 pub struct Exported {
-    /// Its members.
-    pub state: crate::core::snapshot::LoopState,
+    /// Its members, encoded in the loop's own thread.
+    pub state: crate::core::snapshot::EncodedLoop,
     /// Verify mode's cookie key (the same in every loop).
     pub cookie: Option<crate::core::snapshot::CookieState>,
 }

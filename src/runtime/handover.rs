@@ -36,7 +36,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::core::snapshot::{self, Snapshot};
+use crate::core::snapshot::{self, Received};
 use crate::error::Error;
 use crate::net::batch_io;
 use crate::runtime::event_loop::{PauseCommand, PauseHandle, PauseReport};
@@ -562,23 +562,27 @@ impl Control {
             fds.push(fd);
         }
         let exported = started.elapsed();
-        let snapshot = Snapshot {
-            cookie,
-            loops: states,
-        };
-        let members = snapshot.members();
-        let bytes = snapshot::encode(&snapshot);
-        drop(snapshot);
+        let members = states.iter().map(snapshot::EncodedLoop::members).sum();
+        // The loops' records go out where the loops wrote them.
+        let encoded = snapshot::Encoded::new(cookie.as_ref(), &states);
+        let bytes = encoded.len();
+        widen_send_buffer(stream, bytes);
         let mut head = vec![OFFER];
-        head.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(bytes as u64).to_le_bytes());
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
         let sent = batch_io::send_with_fds(stream.as_fd(), &head, &borrowed)
             .map_err(|e| format!("cannot pass the sockets: {e}"))?;
         drop(borrowed);
         drop(fds);
         write_all_by(stream, &head[sent..], deadline)
-            .and_then(|()| write_all_by(stream, &bytes, deadline))
+            .and_then(|()| {
+                encoded
+                    .pieces()
+                    .try_for_each(|piece| write_all_by(stream, piece, deadline))
+            })
             .map_err(|e| format!("cannot send the snapshot: {e}"))?;
+        drop(encoded);
+        drop(states);
         tracing::info!(
             event = "handover_sent",
             "hand-over: loops paused and exported in {:.1} ms, snapshot encoded and sent in {:.1} ms; waiting for the new process",
@@ -602,7 +606,28 @@ impl Control {
         }
         write_frame(stream, ACK, &[], deadline)
             .map_err(|e| format!("the new process is gone: {e}"))?;
-        Ok((members, bytes.len(), stopped))
+        Ok((members, bytes, stopped))
+    }
+}
+
+/// The most send buffer asked for the snapshot: a million members' 16 MB
+/// and room to spare.
+const MAX_SEND_BUFFER: usize = 64 << 20;
+
+/// Makes `stream`'s send buffer big enough for `bytes` at once (up to
+/// [`MAX_SEND_BUFFER`]), so the snapshot leaves in a few large writes
+/// instead of ~80 turns of a 208 KB default buffer, each waiting for the
+/// new process to be scheduled and read (on a busy machine, most of the
+/// time spent sending). As root the system's cap (`net.core.wmem_max`)
+/// is passed over (SO_SNDBUFFORCE), otherwise the buffer is as big as that
+/// cap allows. Best effort: a smaller buffer only makes the send slower.
+fn widen_send_buffer(stream: &UnixStream, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // A quarter more than the bytes: each queued buffer is charged its
+    // own overhead as well. Bounded, and held only while handing over.
+    let want = bytes.saturating_add(bytes / 4).min(MAX_SEND_BUFFER);
+    if setsockopt(stream, sockopt::SndBufForce, &want).is_err() {
+        let _ = setsockopt(stream, sockopt::SndBuf, &want);
     }
 }
 
@@ -623,10 +648,8 @@ pub struct Offer {
     stream: UnixStream,
     /// One socket per loop, in loop order.
     pub fds: Vec<OwnedFd>,
-    /// The members, decoded in full.
-    pub snapshot: Snapshot,
-    /// The snapshot's size in bytes.
-    pub bytes: usize,
+    /// The members, checked in full.
+    pub snapshot: Received,
 }
 
 /// Connects to the relay serving on the control socket `path`, asks to
@@ -690,55 +713,68 @@ pub fn request(path: &Path, identity: &Identity, max_clients: usize) -> Result<O
             head[0] as char
         )));
     }
-    let mut offer = Offer {
-        stream,
-        fds,
-        snapshot: Snapshot::default(),
-        bytes: 0,
-    };
-    match offer.read_snapshot(len, max_clients) {
-        Ok(snapshot) => {
-            offer.snapshot = snapshot;
-            offer.bytes = len as usize;
-            Ok(offer)
-        }
+    match read_snapshot(&mut stream, len, max_clients) {
+        Ok(snapshot) => Ok(Offer {
+            stream,
+            fds,
+            snapshot,
+        }),
         Err(e) => {
             let why = e.to_string();
-            offer.fail(&why);
+            Offer {
+                stream,
+                fds,
+                snapshot: Received::default(),
+            }
+            .fail(&why);
             Err(e)
         }
     }
 }
 
-impl Offer {
-    fn read_snapshot(&mut self, len: u64, max_clients: usize) -> Result<Snapshot, Error> {
-        let mut bytes = vec![0u8; snapshot::HEADER_LEN];
-        if len < bytes.len() as u64 {
-            return Err(Error::Refused(format!("a snapshot of {len} bytes")));
-        }
-        self.stream
-            .read_exact(&mut bytes)
-            .map_err(|e| Error::io("hand-over snapshot", e))?;
-        // Too many members for this process's settings is the user's to
-        // fix (exit 2); anything else is a damaged or foreign snapshot.
-        let refused = |e: snapshot::SnapshotError| match e {
-            snapshot::SnapshotError::TooBig(_) => Error::Config(format!("cannot take over: {e}")),
-            e => Error::Refused(format!("snapshot refused: {e}")),
-        };
-        let head = snapshot::header(&bytes, max_clients).map_err(refused)?;
-        if head.total_len as u64 != len {
-            return Err(Error::Refused(format!(
-                "snapshot refused: the frame says {len} bytes, the snapshot {}",
-                head.total_len
-            )));
-        }
-        bytes.resize(head.total_len, 0);
-        self.stream
-            .read_exact(&mut bytes[snapshot::HEADER_LEN..])
-            .map_err(|e| Error::io("hand-over snapshot", e))?;
-        snapshot::decode(&bytes, max_clients).map_err(refused)
+/// Reads the snapshot of `len` bytes the offer carries, and checks it.
+fn read_snapshot(stream: &mut UnixStream, len: u64, max_clients: usize) -> Result<Received, Error> {
+    let mut bytes = vec![0u8; snapshot::HEADER_LEN];
+    if len < bytes.len() as u64 {
+        return Err(Error::Refused(format!("a snapshot of {len} bytes")));
     }
+    stream
+        .read_exact(&mut bytes)
+        .map_err(|e| Error::io("hand-over snapshot", e))?;
+    // Too many members for this process's settings is the user's to
+    // fix (exit 2); anything else is a damaged or foreign snapshot.
+    let refused = |e: snapshot::SnapshotError| match e {
+        snapshot::SnapshotError::TooBig(_) => Error::Config(format!("cannot take over: {e}")),
+        e => Error::Refused(format!("snapshot refused: {e}")),
+    };
+    let head = snapshot::header(&bytes, max_clients).map_err(refused)?;
+    if head.total_len as u64 != len {
+        return Err(Error::Refused(format!(
+            "snapshot refused: the frame says {len} bytes, the snapshot {}",
+            head.total_len
+        )));
+    }
+    // Read into reserved room, not a zero-filled buffer: 16 MB less to
+    // write at a million members.
+    let rest = (head.total_len - snapshot::HEADER_LEN) as u64;
+    bytes.reserve_exact(rest as usize);
+    let got = (&mut *stream)
+        .take(rest)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io("hand-over snapshot", e))?;
+    if got as u64 != rest {
+        return Err(Error::io(
+            "hand-over snapshot",
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the running relay closed the connection {got} bytes into a {rest}-byte snapshot"),
+            ),
+        ));
+    }
+    Received::check(bytes, max_clients).map_err(refused)
+}
 
+impl Offer {
     /// Tells the old relay this process cannot serve (it resumes).
     pub fn fail(mut self, why: &str) {
         count("failed");

@@ -37,7 +37,7 @@ use crate::core::counts::{Counts, DeliveryDrop};
 use crate::core::hub::{Effect, FanoutId, Hub, HubConfig};
 use crate::core::reply_backlog;
 use crate::core::rooms::RoomChange;
-use crate::core::snapshot::Snapshot;
+use crate::core::snapshot::Received;
 use crate::core::table::Recipients;
 use crate::error::Error;
 use crate::net::fanout::{FanoutSender, Report, SliceEnd};
@@ -188,12 +188,12 @@ impl Relay {
     /// reads a datagram), and tells the other loops which rooms now have
     /// members here, so that their first messages reach them. Returns how
     /// many were registered.
-    pub fn restore(
+    pub fn restore<'m>(
         &mut self,
-        state: &crate::core::snapshot::LoopState,
+        members: impl IntoIterator<Item = crate::core::snapshot::MemberRef<'m>>,
         now: Instant,
     ) -> Result<usize, String> {
-        let restored = self.hub.restore(state, now)?;
+        let restored = self.hub.restore(members, now)?;
         if let Some(siblings) = &mut self.siblings {
             for change in self.hub.take_room_changes() {
                 if let RoomChange::Opened(name) = change {
@@ -444,15 +444,15 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
 pub fn adopt(
     config: &Config,
     fds: Vec<std::os::fd::OwnedFd>,
-    snapshot: &Snapshot,
+    snapshot: &Received,
 ) -> Result<(Vec<RelayLoop>, Claim, usize), Error> {
     let threads = config.loops();
-    if fds.len() != snapshot.loops.len() {
+    if fds.len() != snapshot.loops() {
         // Not a setting to change: the offer itself does not add up.
         return Err(Error::Refused(format!(
             "the running relay handed over {} socket(s) for {} loop state(s), one per loop expected: a broken offer, nothing taken over",
             fds.len(),
-            snapshot.loops.len()
+            snapshot.loops()
         )));
     }
     if fds.len() != threads {
@@ -467,11 +467,11 @@ pub fn adopt(
     let mut loops = build(config, members, Some((snapshot, now)))?;
     let built = now.elapsed();
     let mut restored = 0;
-    for (lp, state) in loops.iter_mut().zip(&snapshot.loops) {
-        lp.kernel_drops_counted(state.kernel_drops);
+    for (i, lp) in loops.iter_mut().enumerate() {
+        lp.kernel_drops_counted(snapshot.kernel_drops(i));
         restored += lp
             .service_mut()
-            .restore(state, now)
+            .restore(snapshot.members_of(i), now)
             .map_err(|e| Error::Config(format!("cannot take the members over: {e}")))?;
     }
     tracing::debug!(
@@ -488,7 +488,7 @@ pub fn adopt(
 fn build(
     config: &Config,
     members: Vec<socket::Bound>,
-    resume: Option<(&Snapshot, Instant)>,
+    resume: Option<(&Received, Instant)>,
 ) -> Result<Vec<RelayLoop>, Error> {
     let threads = config.loops();
     let reuse = threads > 1;
@@ -524,7 +524,7 @@ fn build(
     );
     let mut hub = config.hub();
     let handed_key = resume.and_then(|(snapshot, now)| {
-        let c = snapshot.cookie.as_ref()?;
+        let c = snapshot.cookie()?;
         Some(crate::core::cookie::CookieKey::new(
             c.key,
             now.checked_sub(c.age).unwrap_or(now),
@@ -843,7 +843,7 @@ impl Service for Relay {
         }
         let now = Instant::now();
         Some(Exported {
-            state: self.hub.export(now),
+            state: self.hub.export_encoded(now),
             cookie: self.hub.export_cookie(now),
         })
     }

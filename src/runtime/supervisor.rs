@@ -232,7 +232,7 @@ fn take_over(
             return Err(e);
         }
     };
-    let (members, bytes) = (offer.snapshot.members(), offer.bytes);
+    let (members, bytes) = (offer.snapshot.members(), offer.snapshot.len());
     let built = started.elapsed();
     offer.confirm()?;
     tracing::info!(
