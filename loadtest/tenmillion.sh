@@ -35,7 +35,7 @@ JOIN_RATE="${JOIN_RATE:-100000}"
 # (a source that expired before its first heartbeat would come back in the
 # lobby, not its room).
 TIMEOUT="${TIMEOUT:-200}"
-LOBBY_JOIN_RATE="${LOBBY_JOIN_RATE:-$((JOIN_RATE * 2))}"
+LOBBY_JOIN_RATE="${LOBBY_JOIN_RATE:-$((JOIN_RATE * 3 / 2))}"
 PHASES="${PHASES:-rooms lobby}"
 OUT="${OUT:-target/tenmillion}"
 
@@ -142,11 +142,12 @@ summary="$OUT/summary.jsonl"
 if [[ " $PHASES " == *" rooms "* ]]; then
     start_relay rooms
     scrape "$OUT/s0"
-    # The storm's steady phase outlasts both windows below; then it goes
-    # silent and watches the relay expire everyone.
+    # The storm's steady phase outlasts both windows below (150 s from its
+    # registration); then it goes silent and watches the relay expire
+    # everyone.
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
         --clients "$CLIENTS" --rooms "$ROOMS" --heartbeat "$HEARTBEAT" --join-rate "$JOIN_RATE" \
-        --register-timeout 600s --duration 90s --expire "$((TIMEOUT + 120))s" --json \
+        --register-timeout 600s --duration 150s --expire "$((TIMEOUT + 120))s" --json \
         >"$OUT/storm.rooms.json" 2>"$OUT/storm.rooms.log" &
     storm=$!
     wait_clients "$CLIENTS"
@@ -179,7 +180,7 @@ if [[ " $PHASES " == *" lobby "* ]]; then
     start_relay lobby
     "$lt" join-storm --relay "$udp" --metrics-url "$metrics" --relay-pid "$relay_pid" \
         --clients "$CLIENTS" --heartbeat "$HEARTBEAT" --join-rate "$LOBBY_JOIN_RATE" --register-timeout 600s \
-        --duration 60s --json >"$OUT/storm.lobby.json" 2>"$OUT/storm.lobby.log" &
+        --duration 120s --expire 1s --json >"$OUT/storm.lobby.json" 2>"$OUT/storm.lobby.log" &
     storm=$!
     wait_clients "$CLIENTS"
     sleep 5
