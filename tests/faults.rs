@@ -49,6 +49,36 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// A network namespace of the test's own whose loopback sends UDP through
+/// `rate` with a deep queue (sent datagrams wait in the qdisc, still
+/// charged to the sender's socket, as on a NIC), everything else at
+/// 1 Gbit/s; `None` (a skip) only outside CI.
+fn shaped_netns(tag: &str, rate: &str) -> Option<Netns> {
+    let ns = Netns(format!("udphub-{tag}-{}", std::process::id()));
+    if let Err(e) = run("ip", &["netns", "add", &ns.0]) {
+        if std::env::var_os("CI").is_some() {
+            panic!("network namespaces are required under CI: {e}");
+        }
+        eprintln!("skipping: cannot create a network namespace ({e})");
+        return None;
+    }
+    run("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).unwrap();
+    let tc = |args: &str| {
+        let mut all = vec!["-n", &ns.0];
+        all.extend(args.split_whitespace());
+        run("tc", &all).unwrap();
+    };
+    // (htb and u32: the qdiscs a container's kernel is most likely to have.)
+    tc("qdisc add dev lo root handle 1: htb default 20");
+    tc(&format!(
+        "class add dev lo parent 1: classid 1:10 htb rate {rate} burst 4kb"
+    ));
+    tc("class add dev lo parent 1: classid 1:20 htb rate 1gbit quantum 60000");
+    tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
+    tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
+    Some(ns)
+}
+
 /// Drives the relay from inside the namespace: registers `CLIENTS` sockets
 /// that do not read until the end, has one send `MESSAGES` messages, waits
 /// (bounded) for the relay to have delivered them all, prints the final
@@ -146,31 +176,14 @@ fn a_full_send_buffer_parks_and_every_member_gets_every_message_in_order() {
             return;
         }
     }
-    let ns = Netns(format!("udphub-bf-{}", std::process::id()));
-    if let Err(e) = run("ip", &["netns", "add", &ns.0]) {
-        if std::env::var_os("CI").is_some() {
-            panic!("network namespaces are required under CI: {e}");
-        }
-        eprintln!("skipping: cannot create a network namespace ({e})");
-        return;
-    }
-    run("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).unwrap();
     // UDP only (the metrics scrape is TCP and must not queue behind it)
     // through 8 Mbit/s with a deep queue: sent datagrams wait in the
     // qdisc, still charged to the relay's socket, so its small send buffer
     // fills every few datagrams (1.2 MB of fan-out take a second and a
     // half).
-    let tc = |args: &str| {
-        let mut all = vec!["-n", &ns.0];
-        all.extend(args.split_whitespace());
-        run("tc", &all).unwrap();
+    let Some(ns) = shaped_netns("bf", "8mbit") else {
+        return;
     };
-    // (htb and u32: the qdiscs a container's kernel is most likely to have.)
-    tc("qdisc add dev lo root handle 1: htb default 20");
-    tc("class add dev lo parent 1: classid 1:10 htb rate 8mbit burst 4kb");
-    tc("class add dev lo parent 1: classid 1:20 htb rate 1gbit quantum 60000");
-    tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
-    tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
 
     let ready = util::temp_path("bf-ready");
     let mut cmd = Command::new("ip");
@@ -294,28 +307,12 @@ fn a_full_send_buffer_parks_replies_and_every_join_is_answered() {
             return;
         }
     }
-    let ns = Netns(format!("udphub-rf-{}", std::process::id()));
-    if let Err(e) = run("ip", &["netns", "add", &ns.0]) {
-        if std::env::var_os("CI").is_some() {
-            panic!("network namespaces are required under CI: {e}");
-        }
-        eprintln!("skipping: cannot create a network namespace ({e})");
-        return;
-    }
-    run("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).unwrap();
     // UDP only through 4 Mbit/s with a deep queue (as above): the joins
     // wait in the qdisc, and the answers queue behind them, still charged
     // to the relay's small send buffer, which fills every few answers.
-    let tc = |args: &str| {
-        let mut all = vec!["-n", &ns.0];
-        all.extend(args.split_whitespace());
-        run("tc", &all).unwrap();
+    let Some(ns) = shaped_netns("rf", "4mbit") else {
+        return;
     };
-    tc("qdisc add dev lo root handle 1: htb default 20");
-    tc("class add dev lo parent 1: classid 1:10 htb rate 4mbit burst 4kb");
-    tc("class add dev lo parent 1: classid 1:20 htb rate 1gbit quantum 60000");
-    tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
-    tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
 
     let ready = util::temp_path("rf-ready");
     let mut cmd = Command::new("ip");

@@ -310,6 +310,17 @@ fn in_netns(ns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> Command
     }
 }
 
+/// A relay process, killed on drop, so a failed assertion leaves no relay
+/// behind.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The real udphub (built by `cargo test --workspace`), started on loopback.
 fn spawn_udphub(serve_flags: &[&str]) -> Option<(std::process::Child, String, String)> {
     spawn_udphub_in(None, serve_flags)
@@ -1097,13 +1108,6 @@ fn a_second_run_finds_the_relay_clean() {
             return;
         };
         // Killed on drop, so a failed assertion leaves no relay behind.
-        struct Kill(std::process::Child);
-        impl Drop for Kill {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
         let _relay = Kill(child);
         let mut args = vec![
             "--relay",
@@ -1261,13 +1265,6 @@ fn soak_and_join_storm_leave_the_relay_clean() {
         let Some((child, addr, url)) = spawn_udphub(serve) else {
             return;
         };
-        struct Kill(std::process::Child);
-        impl Drop for Kill {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
         let _relay = Kill(child);
         let common = ["--relay", &addr, "--metrics-url", &url, "--json"];
         let mut soak = vec!["soak", "--clients", "8", "--duration", "500ms"];

@@ -244,7 +244,12 @@ impl Checksum {
     }
 
     fn word(&mut self, w: [u8; 8]) {
-        self.h = (self.h ^ u64::from_le_bytes(w)).wrapping_mul(Self::PRIME);
+        // A multiply only carries changes upward (bit k of the product
+        // depends on bits 0..=k alone), so the high half is folded back
+        // down each step: otherwise the same top-bit flip in two words
+        // would cancel. Each step stays a bijection of the running value.
+        let h = (self.h ^ u64::from_le_bytes(w)).wrapping_mul(Self::PRIME);
+        self.h = h ^ (h >> 32);
     }
 
     /// Adds `bytes`.
@@ -509,16 +514,22 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
             "{members} members, more than --max-clients {max_members}: start the new process with --max-clients {members} or more"
         )));
     }
-    let most = 40 + loops * 8 + (members as usize).saturating_mul(MAX_MEMBER_LEN);
-    if body_len > most as u64 {
+    // (In u64: a crafted count must not overflow a 32-bit usize.)
+    let most = 40 + loops as u64 * 8 + members.saturating_mul(MAX_MEMBER_LEN as u64);
+    if body_len > most {
         return Err(SnapshotError::Length(format!(
             "a body of {body_len} bytes for {members} members (at most {most})"
         )));
     }
+    let total_len = usize::try_from(HEADER_LEN as u64 + body_len).map_err(|_| {
+        SnapshotError::TooBig(format!(
+            "a body of {body_len} bytes, more than this machine can hold"
+        ))
+    })?;
     Ok(Header {
         loops,
         members,
-        total_len: HEADER_LEN + body_len as usize,
+        total_len,
         version,
     })
 }
@@ -904,6 +915,22 @@ mod tests {
                 c.update(piece);
             }
             assert_eq!(c.finish(), whole, "pieces of {cut}");
+        }
+    }
+
+    /// The same bit flipped in two words is refused (a multiply alone
+    /// would let the two cancel).
+    #[test]
+    fn the_same_damage_in_two_words_is_refused() {
+        // Bit 63 flipped in two words (a multiply alone lets that cancel).
+        let bytes = encode(&sample());
+        for a in (HEADER_LEN..bytes.len() - 16).step_by(8) {
+            for bit in [7u8, 6] {
+                let mut b = bytes.clone();
+                b[a + 7] ^= 1 << bit;
+                b[a + 15] ^= 1 << bit;
+                assert!(decode(&b, 100).is_err(), "at {a}, bit {bit}");
+            }
         }
     }
 

@@ -385,30 +385,12 @@ where
     S: FnMut(usize) -> io::Result<usize>,
     W: OnFull,
 {
-    let mut i = 0;
-    while i < len {
-        match send(i) {
-            Ok(0) => {
-                // Not expected from sendmmsg; treat like an error on this
-                // message so the loop always progresses.
-                out.drop(DeliveryDrop::SendError, 1);
-                i += 1;
-            }
-            Ok(n) => {
-                let n = n.min(len - i);
-                out.delivered += n as u64;
-                i += n;
-            }
-            Err(e) if is_buffer_full(&e) && on_full.wait(out.delivered) => {}
-            Err(e) if is_buffer_full(&e) => {
-                out.drop(DeliveryDrop::BufferFull, (len - i) as u64);
-                return BatchEnd::BufferFull;
-            }
-            Err(e) => {
-                out.drop(DeliveryDrop::SendError, 1);
-                out.first_error.get_or_insert(e);
-                i += 1;
-            }
+    let mut from = 0;
+    while let Some(stopped) = deliver_until_full(len - from, out, |i| send(from + i)) {
+        from += stopped;
+        if !on_full.wait(out.delivered) {
+            out.drop(DeliveryDrop::BufferFull, (len - from) as u64);
+            return BatchEnd::BufferFull;
         }
     }
     BatchEnd::Done

@@ -757,7 +757,13 @@ fn read_snapshot(stream: &mut UnixStream, len: u64, max_clients: usize) -> Resul
     // Read into reserved room, not a zero-filled buffer: 16 MB less to
     // write at a million members.
     let rest = (head.total_len - snapshot::HEADER_LEN) as u64;
-    bytes.reserve_exact(rest as usize);
+    // The header's count is bounded by --max-clients only: a room that
+    // cannot be had is a refusal, not an abort.
+    bytes.try_reserve_exact(rest as usize).map_err(|e| {
+        Error::Refused(format!(
+            "snapshot refused: cannot set aside {rest} bytes for it ({e})"
+        ))
+    })?;
     let got = (&mut *stream)
         .take(rest)
         .read_to_end(&mut bytes)
