@@ -121,6 +121,7 @@ impl FanoutSender {
         payload: &[u8],
         dests: &mut Recipients<'_>,
         slice: usize,
+        deadline: Instant,
     ) -> (Report, SliceEnd) {
         let FanoutSender {
             batch,
@@ -132,9 +133,12 @@ impl FanoutSender {
             staging,
             positions,
             capacity,
-            dests.next_position(),
+            SliceLimit {
+                start: dests.next_position(),
+                slice,
+                deadline,
+            },
             std::iter::from_fn(|| dests.next_at()),
-            slice,
             |chunk| batch.send(fd, sources, payload, chunk),
         )
     }
@@ -300,6 +304,15 @@ where
     }
 }
 
+/// Where a slice stops: `slice` member-list positions past `start`, or at
+/// `deadline` once it has made progress, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+struct SliceLimit {
+    start: u32,
+    slice: usize,
+    deadline: Instant,
+}
+
 /// The sliced fan-out policy, apart from the syscall so it can be tested
 /// with a fake kernel: stages up to `capacity` of the `(position,
 /// address)` pairs `dests` yields, in order, while their positions are
@@ -311,19 +324,33 @@ fn drive_slice<'a, I, S>(
     staging: &mut Vec<RawAddr>,
     positions: &mut Vec<u32>,
     capacity: usize,
-    start: u32,
+    limit: SliceLimit,
     dests: I,
-    slice: usize,
     mut send: S,
 ) -> (Report, SliceEnd)
 where
     I: Iterator<Item = (u32, &'a RawAddr)>,
     S: FnMut(&[RawAddr]) -> io::Result<usize>,
 {
+    let SliceLimit {
+        start,
+        slice,
+        deadline,
+    } = limit;
     let mut out = Report::default();
     let mut dests = dests.peekable();
     let end = u64::from(start) + slice as u64;
     loop {
+        // Bounded in time too (once it has made progress): a delivery's
+        // cost varies with the path (from ~1 µs to several where the
+        // kernel answers an unreachable port), so a slice's size alone
+        // does not bound how long the loop goes without reading.
+        if out.recipients > 0 && Instant::now() >= deadline {
+            return match dests.peek() {
+                Some(&(at, _)) => (out, SliceEnd::Sliced(at)),
+                None => (out, SliceEnd::Done),
+            };
+        }
         staging.clear();
         positions.clear();
         while staging.len() < capacity {
@@ -619,11 +646,40 @@ mod tests {
             &mut Vec::new(),
             &mut Vec::new(),
             4,
-            start,
+            SliceLimit {
+                start,
+                slice,
+                deadline: Instant::now() + Duration::from_secs(3600),
+            },
             dests.iter().map(|(p, a)| (*p, a)),
-            slice,
             send,
         )
+    }
+
+    #[test]
+    fn a_slice_past_its_deadline_sends_one_batch_and_says_where_to_resume() {
+        let pos: Vec<u32> = (0..10).collect();
+        let dests = at(&pos, &addrs(10));
+        let mut sent = Vec::new();
+        let (out, end) = drive_slice(
+            &mut Vec::new(),
+            &mut Vec::new(),
+            4,
+            SliceLimit {
+                start: 0,
+                slice: 100,
+                deadline: Instant::now(),
+            },
+            dests.iter().map(|(p, a)| (*p, a)),
+            |chunk| {
+                sent.push(chunk.len());
+                Ok(chunk.len())
+            },
+        );
+        // Progress first (one batch of 4), then the time is up.
+        assert_eq!(end, SliceEnd::Sliced(4));
+        assert_eq!((out.recipients, out.delivered), (4, 4));
+        assert_eq!(sent, vec![4]);
     }
 
     #[test]
@@ -697,9 +753,12 @@ mod tests {
             &mut f.staging,
             &mut f.positions,
             2,
-            0,
+            SliceLimit {
+                start: 0,
+                slice: 3,
+                deadline: Instant::now() + Duration::from_secs(3600),
+            },
             dests.iter().map(|(p, a)| (*p, a)),
-            3,
             |chunk| f.batch.send(server.as_fd(), &[], b"m", chunk),
         );
         assert_eq!((out.delivered, end), (3, SliceEnd::Sliced(3)));

@@ -60,6 +60,10 @@ pub const EXPIRY_SLICE: Duration = Duration::from_millis(1);
 /// the last delivery the kernel took, so a big table is never cut short
 /// while the buffer drains; a peer that cannot drain it costs at most this.
 pub const BYE_PATIENCE: Duration = Duration::from_secs(1);
+/// The longest one slice of a fan-out runs (besides `--fanout-slice`
+/// deliveries), so the loop reads again within a few milliseconds whatever
+/// a delivery costs.
+pub const SLICE_TIME: Duration = Duration::from_millis(2);
 /// How long a hand-over's export waits for the send buffer to take what
 /// the loops' last hand-offs parked (within the supervisor's step timeout).
 const EXPORT_PATIENCE: Duration = Duration::from_millis(500);
@@ -285,9 +289,10 @@ impl Sending {
             }
             return None;
         }
+        let deadline = Instant::now() + SLICE_TIME;
         let (report, end) = self
             .fanout
-            .send_slice(io.fd, io.sources, payload, recipients, self.slice);
+            .send_slice(io.fd, io.sources, payload, recipients, self.slice, deadline);
         count(report, io.counts, &mut self.errors);
         let at = match end {
             SliceEnd::Done => {
@@ -327,8 +332,9 @@ impl Sending {
             return Pending::Idle;
         }
         let now = Instant::now();
+        let deadline = now + SLICE_TIME;
         let mut budget = self.slice;
-        while budget > 0 {
+        while budget > 0 && Instant::now() < deadline {
             let Some(head) = self.backlog.front() else {
                 break;
             };
@@ -340,9 +346,14 @@ impl Sending {
                 continue;
             };
             let visiting = recipients.remaining();
-            let (report, end) =
-                self.fanout
-                    .send_slice(io.fd, io.sources, &head.payload, &mut recipients, budget);
+            let (report, end) = self.fanout.send_slice(
+                io.fd,
+                io.sources,
+                &head.payload,
+                &mut recipients,
+                budget,
+                deadline,
+            );
             count(report, io.counts, &mut self.errors);
             match end {
                 SliceEnd::Done => {
