@@ -70,6 +70,9 @@ scrape() { # $1: file; the relay's metrics plus its CPU seconds and RSS
     curl -s --max-time 5 "$metrics" >"$1"
     awk '{print "relay_cpu_seconds", ($14 + $15) / 100}' "/proc/$relay_pid/stat" >>"$1"
     awk '/^VmRSS/ {print "relay_rss_bytes", $2 * 1024}' "/proc/$relay_pid/status" >>"$1"
+    # CPU time the hypervisor took from this VM (all CPUs): a pass that
+    # "took" 5 ms may have been stolen, not spent.
+    awk '/^cpu / {print "host_steal_seconds", $9 / 100}' /proc/stat >>"$1"
 }
 
 wait_clients() { # $1: at least this many clients (bounded: 10 minutes)
@@ -125,6 +128,7 @@ print(json.dumps({
     'clients': b.get('udphub_clients'),
     'rss_bytes': b.get('relay_rss_bytes'),
     'relay_cpu_s': secs,
+    'host_steal_s': d('host_steal_seconds'),
     'heartbeats': hb,
     'relay_cpu_ns_per_heartbeat': secs * 1e9 / hb if hb else None,
     'deliveries': total('udphub_deliveries_total'),
