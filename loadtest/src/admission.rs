@@ -219,6 +219,7 @@ pub fn run(c: &Common, plan: &Plan, newcomers: NewcomerPlan) -> Result<Admission
     // tap saw is in the scrape taken after it (under load a straggling
     // reply after the scrape would otherwise be seen but not counted).
     let tap = tap.stop();
+    crate::spoof::passes_after(c, 2)?;
     settle(c, plan.wait)?;
     let after = c.scrape_optional()?;
     let rss_after = c.relay_pid.and_then(procfs::rss_bytes);

@@ -545,8 +545,31 @@ pub fn ratio(got: u64, sent: u64) -> f64 {
     }
 }
 
+/// Waits (up to 5 s) until the relay has ended `n` more loop passes than
+/// now (`udphub_loop_iteration_seconds_count`, summed over loops): a pass
+/// publishes its counts before its own sample, so every datagram the relay
+/// sent before this call is in its counters afterwards, however long the
+/// scheduler kept the loop from its flush. (An idle loop still ends a pass
+/// at least every second.)
+pub fn passes_after(c: &Common, n: u64) -> Result<(), String> {
+    let Some(url) = &c.metrics_url else {
+        return Ok(());
+    };
+    let passes = |s: &Scrape| s.sum("udphub_loop_iteration_seconds_count");
+    let want = passes(&crate::metrics::scrape_all(url)?) + n as f64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if passes(&crate::metrics::scrape_all(url)?) >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Waits (bounded) until the relay has taken everything: its datagram
-/// counters stop moving for 200 ms. Without `--metrics-url`, waits `wait`.
+/// and delivery counters stay unchanged over two 200 ms looks. Without
+/// `--metrics-url`, waits `wait`.
 pub fn settle(c: &Common, wait: Duration) -> Result<(), String> {
     let Some(url) = &c.metrics_url else {
         std::thread::sleep(wait);
