@@ -16,7 +16,8 @@
 #                                                   # A/B against another build of udphub
 #   RELAYS="baseline udphub-noecho udpexchange" bash loadtest/compare.sh
 #                                                   # against udpexchange 0.1.1 (crates.io), which
-#                                                   # sends to every other client: udphub --no-echo
+#                                                   # sends every datagram as is to every other client:
+#                                                   # udphub --no-echo --format raw
 #                                                   # does the same (installed into target/ if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +61,7 @@ start_relay() {
         --max-clients-per-ip 100000 --max-room-clients 100000 2>/dev/null &
         loadtest_extra=(--verify --rooms 1) ;;
     udphub-noecho) target/release/udphub serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
-        --timeout 60s --log-level warn --no-echo 2>/dev/null &
+        --timeout 60s --log-level warn --no-echo --format raw 2>/dev/null &
         loadtest_extra=(--no-echo) ;;
     udpexchange) "$UDPEXCHANGE" -t 60 "127.0.0.1:$PORT" >/dev/null 2>&1 &
         loadtest_extra=(--no-echo) ;;

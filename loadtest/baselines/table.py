@@ -43,7 +43,7 @@ print("| clients | relay | deliveries/s | relay CPU ns/delivery | loss | p50 µs
 print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for clients in sorted({c for c, _ in runs}):
     base = runs.get((clients, "baseline"), {})
-    for relay in ["baseline", "udphub", "udphub-t2", "udphub-verify", "udphub-ref", "udphub-raw", "udphub-noecho", "udpexchange", "seed"]:
+    for relay in ["baseline", "udphub", "udphub-v2", "udphub-t2", "udphub-verify", "udphub-ref", "udphub-raw", "udphub-noecho", "udpexchange", "seed"]:
         rounds = runs.get((clients, relay))
         if not rounds:
             continue
