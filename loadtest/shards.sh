@@ -40,7 +40,7 @@ start_relay() {
             bin="${UDPHUB_REF:?rN needs UDPHUB_REF=/path/to/udphub}"
         fi
         "$bin" serve --bind "127.0.0.1:$PORT" --metrics "127.0.0.1:$((PORT + 1))" \
-            --timeout 60s --log-level warn --threads "${1#t}" "${pin[@]}" 2>/dev/null &
+            --timeout 60s --log-level warn --threads "${1:1}" "${pin[@]}" 2>/dev/null &
         metrics=(--metrics-url "http://127.0.0.1:$((PORT + 1))/metrics") ;;
     baseline)
         [ -x "$baseline_bin" ] || { echo "shards.sh: baseline_relay bench binary not found" >&2; exit 1; }
