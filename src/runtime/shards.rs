@@ -362,7 +362,34 @@ impl Siblings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::limits::CookieBudget;
     use mio::{Poll, Token};
+
+    /// The loops share one cookie budget: what one loop spends on a prefix
+    /// another loop cannot spend again (a flood split over the loops' sockets
+    /// gets the relay's allowance, not one per loop).
+    #[test]
+    fn loops_spend_one_cookie_budget() {
+        let mut loop_a = SharedBudget::new(10.0);
+        let mut loop_b = loop_a.clone();
+        let now = std::time::Instant::now();
+        let from =
+            |port: u16| crate::core::addr::RawAddr::from_socket_addr(([127, 9, 9, 9], port).into());
+        // Loop A spends the prefix's whole allowance at one instant.
+        let mut allowed_a = 0;
+        for port in 1..=1000 {
+            allowed_a += usize::from(loop_a.allow(&from(port), now));
+        }
+        assert!(allowed_a > 0 && allowed_a < 1000, "{allowed_a}");
+        // Loop B, same prefix, same instant: nothing left.
+        let allowed_b = (1001..=2000)
+            .filter(|&p| loop_b.allow(&from(p), now))
+            .count();
+        assert_eq!(allowed_b, 0);
+        // Apart, each loop would have had its own allowance.
+        let mut apart = SharedBudget::new(10.0);
+        assert!(apart.allow(&from(1), now));
+    }
 
     fn wired(n: usize) -> (Vec<Poll>, Vec<Siblings>) {
         let polls: Vec<Poll> = (0..n).map(|_| Poll::new().unwrap()).collect();
