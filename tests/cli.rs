@@ -300,13 +300,7 @@ fn json_logs_carry_each_events_values_as_fields() {
     let json = |line: &str| -> serde_json::Value {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
     };
-    // A port nothing listens on: bound, then closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    let url = closed_nats_url();
     let config = util::temp_path("json.toml");
     std::fs::write(&config, "timeout = \"3s\"\n").unwrap();
     let relay = util::spawn_relay(&[
@@ -575,16 +569,21 @@ fn the_start_log_says_private_rooms_and_no_buffer_warnings() {
     );
 }
 
-/// `--cluster` to a NATS that is not running: the line names the URL and
-/// asks whether nats-server runs there and whether the URL is right.
-#[test]
-fn a_cluster_without_nats_says_where_and_what_to_check() {
+/// A NATS URL on a loopback port nothing listens on (bound, then closed).
+fn closed_nats_url() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    format!("nats://127.0.0.1:{port}")
+}
+
+/// `--cluster` to a NATS that is not running: the line names the URL and
+/// asks whether nats-server runs there and whether the URL is right.
+#[test]
+fn a_cluster_without_nats_says_where_and_what_to_check() {
+    let url = closed_nats_url();
     let relay = spawn_relay(&["--cluster", &url]);
     let line = relay.expect_log("cannot connect to NATS");
     assert!(
