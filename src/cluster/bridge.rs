@@ -26,15 +26,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::frame::BatchWriter;
+use super::handover::Request;
 use super::inbox::Inbox;
 use super::keys::Keys;
 use super::{
     BusDrop, ClusterConfig, ClusterMetrics, Control, Inbound, InboundBytes, LoopInbox, Publish,
 };
 use crate::config::ClusterKey;
+use crate::core::snapshot::{RoomStreams, StreamPosition};
 use crate::error::Error;
 
 /// The most messages one pass takes from the publish queue before it
@@ -77,6 +79,11 @@ pub struct Bridge {
     pub connected: Arc<AtomicBool>,
     /// Counters.
     pub metrics: ClusterMetrics,
+    /// A hand-over's requests ([`super::handover`]).
+    pub requests: tokio::sync::mpsc::Receiver<Request>,
+    /// The positions a hand-over passed on, by room: each such room's
+    /// first inbox starts from them.
+    pub resumed: HashMap<Box<[u8]>, Vec<StreamPosition>>,
 }
 
 /// Starts the bridge thread. It ends when every loop has dropped its side.
@@ -148,14 +155,28 @@ impl ChangeLog {
     }
 }
 
-async fn run(mut b: Bridge) {
+async fn run(b: Bridge) {
+    let Some(client) = connect(&b.config, &b.metrics, &b.connected).await else {
+        return;
+    };
+    serve(b, client, None).await;
+}
+
+/// Makes the NATS client for `config` (it connects, and reconnects, by
+/// itself; `connected` and the gauge follow it). `None` if the settings
+/// cannot work (TLS files, credentials), said in the log.
+pub(super) async fn connect(
+    config: &ClusterConfig,
+    metrics: &ClusterMetrics,
+    connected: &Arc<AtomicBool>,
+) -> Option<async_nats::Client> {
     let log = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
         Duration::from_secs(1),
     ))));
-    let connected = Arc::clone(&b.connected);
-    let gauge = b.metrics.connected.clone();
+    let connected = Arc::clone(connected);
+    let gauge = metrics.connected.clone();
     // Never a password: the configuration keeps it out of the URLs.
-    let servers = b.config.servers.join(",");
+    let servers = config.servers.join(",");
     let trouble = super::tls::TlsTrouble::default();
     let said = Arc::new(Mutex::new(ChangeLog(crate::throttle::Throttle::new(
         Duration::from_secs(1),
@@ -166,7 +187,7 @@ async fn run(mut b: Bridge) {
     let events = {
         let log = Arc::clone(&log);
         let trouble = trouble.clone();
-        let metrics = b.metrics.clone();
+        let metrics = metrics.clone();
         move |event: async_nats::Event| {
             let (connected, log, failed, said, gauge, servers, trouble) = (
                 Arc::clone(&connected),
@@ -263,7 +284,7 @@ async fn run(mut b: Bridge) {
         }
     };
     let mut options = async_nats::ConnectOptions::new()
-        .name(&b.config.node_id)
+        .name(&config.node_id)
         .no_echo()
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .client_capacity(CLIENT_CAPACITY)
@@ -277,21 +298,21 @@ async fn run(mut b: Bridge) {
             Duration::from_millis((100u64 << attempt.min(4)).min(1_000))
         })
         .event_callback(events);
-    if let Some(login) = &b.config.login {
+    if let Some(login) = &config.login {
         options = options.user_and_password(login.user.clone(), login.password.clone());
     }
-    if let Some(tls) = &b.config.tls {
+    if let Some(tls) = &config.tls {
         match super::tls::client_config(tls, &trouble) {
             // Required, to every server: one learnt from the cluster
             // (announced as a bare HOST:PORT) is never tried in the clear.
             Ok(client) => options = options.tls_client_config(client).require_tls(true),
             Err(e) => {
                 tracing::error!(event = "cluster_off", error = %e, "cluster: {e}; the cluster is off");
-                return;
+                return None;
             }
         }
     }
-    if let Some(path) = &b.config.credentials {
+    if let Some(path) = &config.credentials {
         options = match options.credentials_file(path).await {
             Ok(o) => o,
             Err(e) => {
@@ -302,71 +323,116 @@ async fn run(mut b: Bridge) {
                     "cluster: cannot read the credentials file {}: {e}; the cluster is off",
                     path.display()
                 );
-                return;
+                return None;
             }
         };
     }
-    let client = match options.connect(b.config.servers.clone()).await {
-        Ok(c) => c,
+    match options.connect(config.servers.clone()).await {
+        Ok(c) => Some(c),
         Err(e) => {
-            let url = b.config.servers.join(",");
+            let url = config.servers.join(",");
             tracing::error!(
                 event = "cluster_off",
                 url = %url,
                 error = %e,
                 "cluster: cannot use {url}: {e}; the cluster is off"
             );
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Whether the rooms hand messages to the loops ([`super::handover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// They do.
+    Running,
+    /// A hand-over froze them (its attempt's number): each hands on what
+    /// its subscription holds, says so, and waits.
+    Frozen(u64),
+}
+
+/// What every room's task shares.
+#[derive(Clone)]
+struct Shared {
+    keys: Keys,
+    metrics: ClusterMetrics,
+    flow: tokio::sync::watch::Receiver<Flow>,
+    /// Where a frozen room says it stopped (the attempt's number).
+    stopped: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+/// Runs the bridge with a connected `client` until every loop is gone;
+/// `catchup` when this process is taking over ([`super::handover`]).
+pub(super) async fn serve(
+    mut b: Bridge,
+    client: async_nats::Client,
+    mut catchup: Option<super::handover::Catchup>,
+) {
     let mut subscriptions: HashMap<String, Subscription> = HashMap::new();
+    let (flow, flow_rx) = tokio::sync::watch::channel(Flow::Running);
+    let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    let shared = Shared {
+        keys: b.keys.clone(),
+        metrics: b.metrics.clone(),
+        flow: flow_rx,
+        stopped: stopped_tx,
+    };
+    let mut attempt = 0u64;
+    let mut requests_open = true;
     loop {
         tokio::select! {
             biased;
-            () = b.control.changed.notified() => {
-                let mut changes = Vec::new();
-                for (index, rooms) in b.control.rooms.iter().enumerate() {
-                    rooms.take(|room, open| changes.push((index, room, open)));
+            request = b.requests.recv(), if requests_open => match request {
+                Some(Request::Freeze(reply)) => {
+                    attempt += 1;
+                    let answer = freeze(&client, &subscriptions, &flow, &mut stopped, attempt).await;
+                    if answer.is_err() {
+                        flow.send_replace(Flow::Running);
+                    }
+                    let _ = reply.send(answer);
                 }
-                // Opens first: a room that closed on one loop and opened on
-                // another since the last look keeps its subscription.
-                changes.sort_by_key(|&(_, _, open)| !open);
-                for (index, room, open) in changes {
-                    let subject = super::subject(&b.config.name, &room);
-                    let bit = 1u64 << index;
-                    if !open {
-                        let left = subscriptions
-                            .get(&subject)
-                            .map(|s| s.loops.fetch_and(!bit, Ordering::SeqCst) & !bit);
-                        if left == Some(0) {
-                            // No loop has it open: dropping the subscriber
-                            // (with its task) unsubscribes.
-                            if let Some(s) = subscriptions.remove(&subject) {
-                                s.task.abort();
-                            }
-                        }
-                        continue;
+                Some(Request::Flush(reply)) => {
+                    while let Ok(pass) = b.publish.try_recv() {
+                        let cost = InboundBytes::pass_cost(&pass);
+                        publish_pass(&client, pass, &b.keys, &b.metrics).await;
+                        b.publish_bytes.release_cost(cost);
                     }
-                    if let Some(s) = subscriptions.get(&subject) {
-                        // Subscribed for another loop already: from the
-                        // next message on, this one gets them too.
-                        s.loops.fetch_or(bit, Ordering::SeqCst);
-                        continue;
+                    let answer = match tokio::time::timeout(super::handover::REQUEST_PATIENCE, client.flush()).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(format!("cannot flush to NATS: {e}")),
+                        Err(_) => Err("NATS did not confirm the last publishes in time".to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Some(Request::Thaw) => {
+                    flow.send_replace(Flow::Running);
+                }
+                Some(Request::CatchUp(reply)) => {
+                    let answer = match catchup.take() {
+                        Some(c) => catch_up(&mut b, &client, &mut subscriptions, &shared, c).await,
+                        None => Ok(super::handover::CaughtUp::default()),
+                    };
+                    let _ = reply.send(answer);
+                }
+                None => requests_open = false,
+            },
+            // Taking over: keep what the whole cluster sends until the
+            // members are here ([`super::handover`]).
+            message = async { catchup.as_mut().map(|c| c.subscription.next()).expect("guarded").await }, if catchup.is_some() => match message {
+                Some(message) => {
+                    if let Some(c) = catchup.as_mut() {
+                        c.kept.keep(message, &b.metrics);
                     }
-                    match client.subscribe(subject.clone()).await {
-                        Ok(sub) => {
-                            let room: Arc<[u8]> = room.into();
-                            let loops = Arc::new(AtomicU64::new(bit));
-                            let inbox = Inbox::new(subject.clone(), b.max_body);
-                            let to_loops = ToLoops {
-                                room,
-                                loops: Arc::clone(&b.loops),
-                                mask: Arc::clone(&loops),
-                            };
-                            let task = tokio::spawn(forward(sub, inbox, b.keys.clone(), to_loops, b.metrics.clone()));
-                            subscriptions.insert(subject, Subscription { task, loops });
-                        }
-                        Err(e) => tracing::warn!(event = "cluster_subscribe_failed", subject = %subject, error = %e, "cluster: cannot subscribe to {subject}: {e}"),
+                }
+                None => catchup = None,
+            },
+            // (Not while taking over: the rooms opened meanwhile are
+            // subscribed to, and replayed, by the catch-up.)
+            () = b.control.changed.notified(), if catchup.is_none() => {
+                for (subject, sub) in apply_changes(&b, &client, &mut subscriptions).await {
+                    if let Some(s) = subscriptions.get_mut(&subject) {
+                        s.start(sub, &shared);
                     }
                 }
             },
@@ -390,13 +456,232 @@ async fn run(mut b: Bridge) {
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
 }
 
+/// Applies the loops' interest changes: subscribes to rooms newly open on
+/// some loop (returning their subscribers, not yet read: the caller starts
+/// their tasks), unsubscribes from rooms no loop has open any more.
+async fn apply_changes(
+    b: &Bridge,
+    client: &async_nats::Client,
+    subscriptions: &mut HashMap<String, Subscription>,
+) -> Vec<(String, async_nats::Subscriber)> {
+    let mut changes = Vec::new();
+    for (index, rooms) in b.control.rooms.iter().enumerate() {
+        rooms.take(|room, open| changes.push((index, room, open)));
+    }
+    // Opens first: a room that closed on one loop and opened on
+    // another since the last look keeps its subscription.
+    changes.sort_by_key(|&(_, _, open)| !open);
+    let mut fresh = Vec::new();
+    for (index, room, open) in changes {
+        let subject = super::subject(&b.config.name, &room);
+        let bit = 1u64 << index;
+        if !open {
+            let left = subscriptions
+                .get(&subject)
+                .map(|s| s.loops.fetch_and(!bit, Ordering::SeqCst) & !bit);
+            if left == Some(0) {
+                // No loop has it open: dropping the subscriber
+                // (with its task) unsubscribes.
+                if let Some(s) = subscriptions.remove(&subject) {
+                    if let Some(task) = s.task {
+                        task.abort();
+                    }
+                }
+                fresh.retain(|(s, _)| s != &subject);
+            }
+            continue;
+        }
+        if let Some(s) = subscriptions.get(&subject) {
+            // Subscribed for another loop already: from the
+            // next message on, this one gets them too.
+            s.loops.fetch_or(bit, Ordering::SeqCst);
+            continue;
+        }
+        match client.subscribe(subject.clone()).await {
+            Ok(sub) => {
+                let loops = Arc::new(AtomicU64::new(bit));
+                let inbox = match b.resumed.get(&room[..]) {
+                    Some(positions) => Inbox::resumed(subject.clone(), b.max_body, positions),
+                    None => Inbox::new(subject.clone(), b.max_body),
+                };
+                let room: Arc<[u8]> = room.into();
+                let to_loops = ToLoops {
+                    room,
+                    loops: Arc::clone(&b.loops),
+                    mask: Arc::clone(&loops),
+                };
+                subscriptions.insert(
+                    subject.clone(),
+                    Subscription {
+                        task: None,
+                        loops,
+                        inbox: Arc::new(Mutex::new(inbox)),
+                        to_loops: Arc::new(to_loops),
+                    },
+                );
+                fresh.push((subject, sub));
+            }
+            Err(e) => {
+                tracing::warn!(event = "cluster_subscribe_failed", subject = %subject, error = %e, "cluster: cannot subscribe to {subject}: {e}")
+            }
+        }
+    }
+    fresh
+}
+
+/// Old process, step 2 of [`super::handover`]: proves with a PING/PONG
+/// that every message the server sent is in the subscriptions, has each
+/// room hand those on and stop, and returns where each room is.
+async fn freeze(
+    client: &async_nats::Client,
+    subscriptions: &HashMap<String, Subscription>,
+    flow: &tokio::sync::watch::Sender<Flow>,
+    stopped: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+    attempt: u64,
+) -> Result<Vec<RoomStreams>, String> {
+    let patience = super::handover::REQUEST_PATIENCE;
+    match tokio::time::timeout(patience, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("cluster: cannot reach NATS to hand over ({e})")),
+        Err(_) => return Err("cluster: NATS did not answer in time to hand over".into()),
+    }
+    // A message another connection's publish matched before the new
+    // process's subscription existed may still be on its way here after
+    // the PONG (the server matches and queues in the publisher's
+    // goroutine): forwarded as usual for a moment more.
+    tokio::time::sleep(super::handover::GRACE).await;
+    flow.send_replace(Flow::Frozen(attempt));
+    let mut waiting = subscriptions
+        .values()
+        .filter(|s| s.task.as_ref().is_some_and(|t| !t.is_finished()))
+        .count();
+    let deadline = tokio::time::Instant::now() + patience;
+    while waiting > 0 {
+        match tokio::time::timeout_at(deadline, stopped.recv()).await {
+            Ok(Some(a)) if a == attempt => waiting -= 1,
+            Ok(Some(_)) => {}
+            _ => return Err("cluster: a room did not stop in time to hand over".into()),
+        }
+    }
+    Ok(subscriptions
+        .values()
+        .map(|s| RoomStreams {
+            room: s.to_loops.room.as_ref().into(),
+            streams: s.inbox.lock().map(|i| i.positions()).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// New process, step 4 of [`super::handover`]: subscribes to the rooms the
+/// members are in, proves it, drops the catch-all subscription, replays
+/// what it kept through the rooms' inboxes and only then starts the rooms.
+async fn catch_up(
+    b: &mut Bridge,
+    client: &async_nats::Client,
+    subscriptions: &mut HashMap<String, Subscription>,
+    shared: &Shared,
+    mut c: super::handover::Catchup,
+) -> Result<super::handover::CaughtUp, String> {
+    let mut fresh = apply_changes(b, client, subscriptions).await;
+    let proven = tokio::time::timeout(super::handover::REQUEST_PATIENCE, client.flush()).await;
+    // Whatever happens, the rooms start: this process serves on.
+    let result = match proven {
+        Ok(Ok(())) => {
+            // Every message published from now on reaches the rooms'
+            // subscriptions; one published before may still come on the
+            // catch-all after the PONG (the server matches and queues it
+            // in the publisher's goroutine), so both are read for a grace
+            // period, and each stream is replayed in order of its seqs
+            // from both: the copies are duplicates, nothing is missed.
+            let until = tokio::time::Instant::now() + super::handover::GRACE;
+            let mut held: Vec<(async_nats::Subject, bytes::Bytes)> = Vec::new();
+            loop {
+                while let Some(Some(message)) = c.subscription.next().now_or_never() {
+                    c.kept.keep(message, &b.metrics);
+                }
+                for (_, sub) in &mut fresh {
+                    while let Some(Some(message)) = sub.next().now_or_never() {
+                        held.push((message.subject, message.payload));
+                    }
+                }
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(c.subscription);
+            let mut done = super::handover::CaughtUp {
+                kept: c.kept.messages.len(),
+                dropped: c.kept.dropped,
+                ..Default::default()
+            };
+            let mut all = c.kept.messages;
+            all.extend(held);
+            // Within a stream, by seq (a stable sort: what cannot be parsed
+            // stays where it was, and is refused by the inbox).
+            all.sort_by_key(|(subject, payload)| {
+                super::frame::parse(payload).map(|b| {
+                    (
+                        subject.to_string(),
+                        b.first.epoch,
+                        b.first.stream,
+                        b.first.seq,
+                    )
+                })
+            });
+            for (subject, payload) in all {
+                match subscriptions.get(subject.as_str()) {
+                    Some(s) => {
+                        let t = take(&payload, &s.inbox, &s.to_loops, &shared.keys, &b.metrics);
+                        done.delivered += t.delivered;
+                        done.duplicate += t.duplicate;
+                    }
+                    None => done.elsewhere += 1,
+                }
+            }
+            for s in subscriptions.values() {
+                if let Ok(mut inbox) = s.inbox.lock() {
+                    inbox.settle();
+                }
+            }
+            Ok(done)
+        }
+        Ok(Err(e)) => Err(format!("cannot confirm the subscriptions with NATS: {e}")),
+        Err(_) => Err("NATS did not confirm the subscriptions in time".into()),
+    };
+    for (subject, sub) in fresh {
+        if let Some(s) = subscriptions.get_mut(&subject) {
+            s.start(sub, shared);
+        }
+    }
+    result
+}
+
 /// One subscribed room.
 struct Subscription {
-    /// The task forwarding its messages (aborting it unsubscribes).
-    task: tokio::task::JoinHandle<()>,
+    /// The task forwarding its messages (aborting it unsubscribes); none
+    /// until it is started.
+    task: Option<tokio::task::JoinHandle<()>>,
     /// The loops with members in it: bit `i` for loop `i` (at most 64
     /// loops, `--threads`' limit). Read by the task per message.
     loops: Arc<AtomicU64>,
+    /// Its receiving state (the task's; a hand-over reads it while the
+    /// task is frozen).
+    inbox: Arc<Mutex<Inbox>>,
+    /// Where its messages go.
+    to_loops: Arc<ToLoops>,
+}
+
+impl Subscription {
+    /// Starts the task that reads `sub`.
+    fn start(&mut self, sub: async_nats::Subscriber, shared: &Shared) {
+        self.task = Some(tokio::spawn(forward(
+            sub,
+            Arc::clone(&self.inbox),
+            Arc::clone(&self.to_loops),
+            shared.clone(),
+        )));
+    }
 }
 
 /// The open batch of one subject in a pass.
@@ -537,34 +822,96 @@ fn fan(
     alive || mask == 0
 }
 
-/// Checks one room's NATS messages ([`Inbox`]) and forwards their new
-/// messages to the loops with members in the room.
+/// Checks one NATS message of a room ([`Inbox`]) and forwards its new
+/// messages to the loops with members in the room; counts the rest.
+/// Returns the tally (`delivered` 0 and `open` false once the loops are
+/// gone).
+fn take(
+    payload: &bytes::Bytes,
+    inbox: &Mutex<Inbox>,
+    to_loops: &ToLoops,
+    keys: &Keys,
+    metrics: &ClusterMetrics,
+) -> Taken {
+    metrics.nats_in.increment(1);
+    metrics.bytes_in.increment(payload.len() as u64);
+    let mut open = true;
+    let Ok(mut inbox) = inbox.lock() else {
+        return Taken::default();
+    };
+    let checked = inbox.accept(payload, keys, Instant::now(), unix_now(), |body| {
+        open = open && to_loops.send(&payload.slice(body), metrics);
+    });
+    let mut taken = Taken {
+        open,
+        ..Taken::default()
+    };
+    match checked {
+        Ok(t) => {
+            metrics.drop_n(BusDrop::Duplicate, t.duplicate);
+            metrics.drop_n(BusDrop::Oversized, t.oversized);
+            metrics.gap.increment(t.gap);
+            metrics.stream_resets.increment(t.resets);
+            taken.delivered = t.delivered;
+            taken.duplicate = t.duplicate;
+        }
+        Err(reason) => metrics.drop_one(reason),
+    }
+    taken
+}
+
+/// What [`take`] did with one NATS message.
+#[derive(Debug, Default)]
+struct Taken {
+    /// Messages handed to the loops.
+    delivered: u64,
+    /// Messages seen already.
+    duplicate: u64,
+    /// False once the loops are gone.
+    open: bool,
+}
+
+/// Reads one room's subscription, hands each NATS message to [`take`];
+/// when a hand-over freezes the rooms, hands on what the subscription
+/// holds, says so and waits ([`super::handover`]).
 async fn forward(
     mut sub: async_nats::Subscriber,
-    mut inbox: Inbox,
-    keys: Keys,
-    to_loops: ToLoops,
-    metrics: ClusterMetrics,
+    inbox: Arc<Mutex<Inbox>>,
+    to_loops: Arc<ToLoops>,
+    mut shared: Shared,
 ) {
-    while let Some(message) = sub.next().await {
-        let payload = message.payload;
-        metrics.nats_in.increment(1);
-        metrics.bytes_in.increment(payload.len() as u64);
-        let mut open = true;
-        let checked = inbox.accept(&payload, &keys, Instant::now(), unix_now(), |body| {
-            open = open && to_loops.send(&payload.slice(body), &metrics);
-        });
-        match checked {
-            Ok(t) => {
-                metrics.drop_n(BusDrop::Duplicate, t.duplicate);
-                metrics.drop_n(BusDrop::Oversized, t.oversized);
-                metrics.gap.increment(t.gap);
-                metrics.stream_resets.increment(t.resets);
+    let handle = |payload: &bytes::Bytes, shared: &Shared| {
+        take(payload, &inbox, &to_loops, &shared.keys, &shared.metrics).open
+    };
+    loop {
+        let state = *shared.flow.borrow_and_update();
+        if let Flow::Frozen(attempt) = state {
+            while let Some(Some(message)) = sub.next().now_or_never() {
+                if !handle(&message.payload, &shared) {
+                    return;
+                }
             }
-            Err(reason) => metrics.drop_one(reason),
+            let _ = shared.stopped.send(attempt);
+            if shared.flow.changed().await.is_err() {
+                return;
+            }
+            continue;
         }
-        if !open {
-            return;
+        tokio::select! {
+            biased;
+            changed = shared.flow.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            message = sub.next() => match message {
+                Some(message) => {
+                    if !handle(&message.payload, &shared) {
+                        return;
+                    }
+                }
+                None => return,
+            },
         }
     }
 }

@@ -43,6 +43,7 @@ use std::ops::Range;
 use hmac::Mac;
 
 use crate::config::ClusterKey;
+use crate::core::snapshot::StreamPosition;
 
 /// The header's length.
 pub const HEADER_LEN: usize = 28;
@@ -318,6 +319,11 @@ struct Seen {
     used: u64,
     /// Whether `last` came in a batch a key verified.
     verified: bool,
+    /// Up to here (within [`SEQ_WINDOW`]) is a duplicate whatever
+    /// `verified` says: what a hand-over said the old process delivered,
+    /// and what the new one replayed ([`Streams::settle`]). Never set by
+    /// a frame of the bus alone.
+    floor: u64,
 }
 
 /// The last seq seen per stream, for one room at one receiver, bounded
@@ -356,6 +362,7 @@ impl Streams {
                     last: stamp.seq,
                     used: now,
                     verified,
+                    floor: 0,
                 },
             );
             // A stream joined midway (we subscribed late): no history.
@@ -366,6 +373,9 @@ impl Streams {
             };
         };
         seen.used = now;
+        if stamp.seq <= seen.floor && seen.floor - stamp.seq < SEQ_WINDOW {
+            return Order::Duplicate;
+        }
         if stamp.seq <= seen.last {
             let window = if seen.verified {
                 SEQ_WINDOW
@@ -396,6 +406,53 @@ impl Streams {
         self.last.len()
     }
 
+    /// Where each stream is: what a hand-over passes on
+    /// ([`crate::core::snapshot::RoomStreams`]), least recently heard
+    /// from first.
+    pub fn positions(&self) -> Vec<StreamPosition> {
+        let mut seen: Vec<_> = self.last.iter().collect();
+        seen.sort_by_key(|(_, s)| s.used);
+        seen.into_iter()
+            .map(|(&(epoch, stream), s)| StreamPosition {
+                epoch,
+                stream,
+                last: s.last,
+                verified: s.verified,
+            })
+            .collect()
+    }
+
+    /// The state a hand-over passed on ([`positions`](Self::positions)):
+    /// what was delivered already is a duplicate here too. At most
+    /// [`MAX_STREAMS`] (the most recently heard from, which come last).
+    pub fn from_positions(positions: &[StreamPosition]) -> Streams {
+        let mut streams = Streams::default();
+        let keep = positions.len().saturating_sub(MAX_STREAMS);
+        for p in &positions[keep..] {
+            streams.clock += 1;
+            streams.last.insert(
+                (p.epoch, p.stream),
+                Seen {
+                    last: p.last,
+                    used: streams.clock,
+                    verified: p.verified,
+                    floor: p.last,
+                },
+            );
+        }
+        streams
+    }
+
+    /// Makes everything seen so far a duplicate from now on, however far
+    /// behind it comes (within [`SEQ_WINDOW`]): after a hand-over's
+    /// replay, the same messages arrive again on the room's own
+    /// subscription, maybe more than [`UNVERIFIED_WINDOW`] of them.
+    pub fn settle(&mut self) {
+        for seen in self.last.values_mut() {
+            seen.floor = seen.floor.max(seen.last);
+        }
+    }
+
     /// Whether none is tracked.
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
@@ -405,6 +462,45 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hand-over's positions carry the dedup state: what the old process
+    /// delivered is a duplicate in the new one, the next one is next, and
+    /// the bound per room is the snapshot's.
+    #[test]
+    fn positions_carry_what_was_delivered() {
+        assert_eq!(MAX_STREAMS, crate::core::snapshot::MAX_ROOM_STREAMS);
+        let st = |stream, seq| Stamp {
+            epoch: 5,
+            stream,
+            seq,
+        };
+        let mut old = Streams::default();
+        for seq in 1..=10 {
+            old.check(st(1, seq), true);
+        }
+        old.check(st(2, 4), false);
+        let mut new = Streams::from_positions(&old.positions());
+        assert_eq!(new.check(st(1, 10), true), Order::Duplicate);
+        assert_eq!(new.check(st(1, 11), true), Order::Next);
+        assert_eq!(new.check(st(2, 4), true), Order::Duplicate);
+        assert_eq!(new.check(st(2, 6), true), Order::After { missed: 1 });
+        assert_eq!(
+            new.check(st(3, 1), true),
+            Order::Next,
+            "a stream not passed on"
+        );
+        // Unverified positions still hold far behind: the old process's
+        // word, not a stranger's frame.
+        let mut far = Streams::default();
+        far.check(st(4, 1_000), false);
+        let mut far = Streams::from_positions(&far.positions());
+        assert_eq!(far.check(st(4, 1), false), Order::Duplicate);
+        // Replayed, then settled: the same again is a duplicate too.
+        far.check(st(4, 2_000), false);
+        far.settle();
+        assert_eq!(far.check(st(4, 1_500), false), Order::Duplicate);
+        assert_eq!(far.check(st(4, 2_001), false), Order::Next);
+    }
 
     fn key(b: u8) -> ClusterKey {
         ClusterKey::new(vec![b; 32]).unwrap()

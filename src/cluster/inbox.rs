@@ -15,6 +15,7 @@ use std::time::Instant;
 use super::frame::{self, Order, Streams};
 use super::keys::{Keys, Refusal};
 use super::BusDrop;
+use crate::core::snapshot::StreamPosition;
 
 /// What became of one NATS message's bodies.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +98,27 @@ impl Inbox {
             deliver(body);
         }
         Ok(tally)
+    }
+
+    /// The inbox of a room a hand-over passed on: what the old process
+    /// delivered (`positions`) is a duplicate here.
+    pub fn resumed(subject: String, max_body: usize, positions: &[StreamPosition]) -> Inbox {
+        Inbox {
+            subject,
+            streams: Streams::from_positions(positions),
+            max_body,
+        }
+    }
+
+    /// After a hand-over's replay: what was seen is a duplicate from now
+    /// on ([`Streams::settle`]).
+    pub fn settle(&mut self) {
+        self.streams.settle();
+    }
+
+    /// Where each stream is, for a hand-over.
+    pub fn positions(&self) -> Vec<StreamPosition> {
+        self.streams.positions()
     }
 
     /// Streams tracked.

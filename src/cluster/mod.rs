@@ -40,6 +40,7 @@
 
 pub mod bridge;
 pub mod frame;
+pub mod handover;
 pub mod inbox;
 pub mod interest;
 pub mod keys;
@@ -469,23 +470,40 @@ pub struct Bus {
     max_body: usize,
     /// The keys the bridge signs and checks with (a reload rotates them).
     keys: keys::Keys,
+    /// The bridge's side of a hand-over.
+    handover: handover::HandoverPort,
 }
 
 impl Bus {
     /// Starts the one bridge thread of the process for `config`, and
     /// returns one `Bus` per loop, in the order of `wakers` (loop `i`'s
     /// waker, rung when messages from the bus wait for it). `epoch` is
-    /// random per process.
+    /// random per process. A process taking over passes the bridge it
+    /// started early and the positions the old process handed over
+    /// ([`handover`]).
     pub fn start(
         config: &ClusterConfig,
         wakers: &[Arc<mio::Waker>],
         epoch: u64,
+        resume: Option<(handover::Early, &[crate::core::snapshot::RoomStreams])>,
     ) -> Result<Vec<Bus>, Error> {
-        let metrics = ClusterMetrics::register();
+        let (early, positions) = match resume {
+            Some((early, positions)) => (Some(early), positions),
+            None => (None, &[][..]),
+        };
+        let metrics = match &early {
+            Some(e) => e.metrics.clone(),
+            None => ClusterMetrics::register(),
+        };
+        let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
+        let port = handover::HandoverPort { requests };
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
         let publish_bytes = Arc::new(InboundBytes::with_limit(PUBLISH_BYTES));
         let control = Arc::new(Control::new(wakers.len()));
-        let connected = Arc::new(AtomicBool::new(false));
+        let connected = match &early {
+            Some(e) => Arc::clone(&e.connected),
+            None => Arc::new(AtomicBool::new(false)),
+        };
         let keys = keys::Keys::new(config.key.clone());
         let max_body = max_body(config.max_datagram);
         let capacity = inbound_capacity(wakers.len());
@@ -520,9 +538,10 @@ impl Bus {
                 metrics: metrics.clone(),
                 max_body,
                 keys: keys.clone(),
+                handover: port.clone(),
             });
         }
-        bridge::spawn(bridge::Bridge {
+        let bridge = bridge::Bridge {
             config: config.clone(),
             publish: publish_rx,
             publish_bytes,
@@ -532,7 +551,16 @@ impl Bus {
             max_body,
             connected,
             metrics,
-        })?;
+            requests: requests_rx,
+            resumed: positions
+                .iter()
+                .map(|r| (r.room.clone(), r.streams.clone()))
+                .collect(),
+        };
+        match early {
+            Some(early) => early.start(bridge)?,
+            None => bridge::spawn(bridge)?,
+        }
         for bus in &mut buses {
             // The lobby spans the cluster and every loop: always subscribed.
             bus.room_opened(b"");
@@ -544,6 +572,34 @@ impl Bus {
     /// ([`keys::Keys::rotate`]).
     pub fn keys(&self) -> keys::Keys {
         self.keys.clone()
+    }
+
+    /// The bridge's side of a hand-over ([`handover`]).
+    pub fn handover(&self) -> handover::HandoverPort {
+        self.handover.clone()
+    }
+
+    /// Where this loop's own streams are: per room, the last seq it
+    /// published (a hand-over passes them on, [`handover`]).
+    pub fn published_positions(&self) -> Vec<crate::core::snapshot::RoomStreams> {
+        self.outgoing
+            .iter()
+            .map(|(room, out)| crate::core::snapshot::RoomStreams {
+                room: room.clone(),
+                streams: vec![crate::core::snapshot::StreamPosition {
+                    epoch: self.epoch,
+                    stream: out.stream,
+                    last: out.seq,
+                    // This process's own word, not a stranger's frame.
+                    verified: true,
+                }],
+            })
+            .collect()
+    }
+
+    /// Whether the bus queued messages this loop has not fanned out yet.
+    pub fn has_inbound(&self) -> bool {
+        self.inbound_bytes.queued() > 0
     }
 
     /// A room got its first member on this loop: subscribe to it (if no
@@ -700,6 +756,9 @@ mod tests {
             metrics: ClusterMetrics::register(),
             max_body: 2048,
             keys: keys::Keys::new(None),
+            handover: handover::HandoverPort {
+                requests: tokio::sync::mpsc::channel(1).0,
+            },
         };
         (bus, queue)
     }

@@ -24,10 +24,20 @@
 //! header   magic "UDPHUBSN" | version u16 | loops u16 | flags u32
 //!          | members u64 | body_len u64 | checksum u64 (word-wise FNV-1a)
 //! body     [cookie: key [32] | age_ms u64]   (flags bit 0)
+//!          [streams: rooms u32, then per room:  (flags bit 1)
+//!            room_len u8 | room [room_len] | count u16, then count of
+//!            epoch u64 | stream u32 | last u64 | verified u8 (0|1)]
 //!          per loop: count u32 | kernel_drops u32, then count members:
 //!            family u8 (4|6) | ip [4|16] | port u16 | [scope_id u32 (v6)]
 //!            | silent_ms u32 | tokens f32 | room_len u8 | room [room_len]
 //! ```
+//!
+//! The streams section is a clustered relay's receiving positions: per
+//! room it is subscribed to, the last seq it delivered of each origin
+//! stream, so that the process taking over drops what was delivered
+//! already and delivers the rest (no gap, no duplicate: docs/CLUSTER.md,
+//! "Hand-over"). A relay without `--cluster` writes none, and its snapshot
+//! is the version-2 one the release before this reads.
 //!
 //! Pure: no I/O, no clock (ages are durations the caller measured).
 
@@ -55,6 +65,50 @@ const MIN_MEMBER_LEN: usize = 1 + 4 + 2 + 4 + 4 + 1;
 pub const MAX_MEMBER_LEN: usize = 1 + 16 + 2 + 4 + 4 + 4 + 1 + MAX_NAME_LEN;
 /// Flag: the body starts with verify mode's cookie key.
 const FLAG_COOKIE: u32 = 1;
+/// Flag: the body holds a streams section (a clustered relay's positions).
+const FLAG_STREAMS: u32 = 2;
+/// The most origin streams one room's positions hold: the cluster's own
+/// bound per room (`cluster::frame::MAX_STREAMS`, which the cluster checks
+/// is the same).
+pub const MAX_ROOM_STREAMS: usize = 256;
+/// The most rooms a streams section holds (a relay subscribed to more
+/// hands over the first this many; the rest start afresh).
+pub const MAX_STREAM_ROOMS: usize = 1 << 20;
+/// The most positions a streams section holds in all rooms together.
+pub const MAX_STREAM_POSITIONS: usize = 1 << 20;
+/// Bytes of one position record.
+const POSITION_LEN: usize = 8 + 4 + 8 + 1;
+/// Bytes of the smallest room entry in a streams section (the lobby, no
+/// streams).
+const MIN_ROOM_ENTRY: usize = 1 + 2;
+/// The most bytes a streams section can take.
+const MAX_STREAMS_SECTION: u64 = 4
+    + (MAX_STREAM_ROOMS * (MIN_ROOM_ENTRY + MAX_NAME_LEN)) as u64
+    + (MAX_STREAM_POSITIONS * POSITION_LEN) as u64;
+
+/// Where a clustered relay is in one origin stream of one room: the last
+/// seq it delivered (the cluster's dedup state, handed over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The origin process's epoch.
+    pub epoch: u64,
+    /// The stream (one room's life at the origin).
+    pub stream: u32,
+    /// The highest seq delivered.
+    pub last: u64,
+    /// Whether `last` came in a batch a cluster key verified.
+    pub verified: bool,
+}
+
+/// One room's positions ([`StreamPosition`]), at most
+/// [`MAX_ROOM_STREAMS`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RoomStreams {
+    /// The room (empty: the lobby).
+    pub room: Box<[u8]>,
+    /// Its origin streams' positions.
+    pub streams: Vec<StreamPosition>,
+}
 
 /// One member, as the new process needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +201,8 @@ pub struct LoopState {
 pub struct Snapshot {
     /// The cookie key, in verify mode.
     pub cookie: Option<CookieState>,
+    /// A clustered relay's receiving positions (none without `--cluster`).
+    pub streams: Vec<RoomStreams>,
     /// Each loop's state.
     pub loops: Vec<LoopState>,
 }
@@ -295,7 +351,12 @@ const CHECKSUM_AT: usize = HEADER_LEN - 8;
 /// a room name longer than [`MAX_NAME_LEN`] cannot occur in a hub.
 pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
     let loops: Vec<EncodedLoop> = snapshot.loops.iter().map(EncodedLoop::from).collect();
-    encode_loops(snapshot.cookie.as_ref(), &loops)
+    let encoded = Encoded::with_streams(snapshot.cookie.as_ref(), &snapshot.streams, &loops);
+    let mut out = Vec::with_capacity(encoded.len());
+    for piece in encoded.pieces() {
+        out.extend_from_slice(piece);
+    }
+    out
 }
 
 /// One loop's state encoded as a snapshot carries it: what a loop exports
@@ -374,11 +435,27 @@ pub struct Encoded<'a> {
 impl<'a> Encoded<'a> {
     /// The snapshot of `loops` (in loop order) and verify mode's `cookie`.
     pub fn new(cookie: Option<&CookieState>, loops: &'a [EncodedLoop]) -> Encoded<'a> {
+        Encoded::with_streams(cookie, &[], loops)
+    }
+
+    /// [`new`](Self::new), with a clustered relay's positions (`streams`;
+    /// none writes no section). Beyond [`MAX_STREAM_ROOMS`] rooms,
+    /// [`MAX_ROOM_STREAMS`] streams a room or [`MAX_STREAM_POSITIONS`] in
+    /// all, the rest is left out (those streams start afresh at the
+    /// receiver); a room name longer than [`MAX_NAME_LEN`] cannot occur.
+    pub fn with_streams(
+        cookie: Option<&CookieState>,
+        streams: &[RoomStreams],
+        loops: &'a [EncodedLoop],
+    ) -> Encoded<'a> {
         let members: u64 = loops.iter().map(|l| u64::from(l.count)).sum();
         let mut head = vec![0u8; HEADER_LEN];
         if let Some(c) = cookie {
             head.extend_from_slice(&c.key);
             head.extend_from_slice(&millis(c.age).to_le_bytes());
+        }
+        if !streams.is_empty() {
+            put_streams(&mut head, streams);
         }
         let loop_heads: Vec<[u8; 8]> = loops
             .iter()
@@ -391,7 +468,10 @@ impl<'a> Encoded<'a> {
             .collect();
         let records: usize = loops.iter().map(|l| l.records.len()).sum();
         let body_len = (head.len() - HEADER_LEN + loops.len() * 8 + records) as u64;
-        let flags = if cookie.is_some() { FLAG_COOKIE } else { 0 };
+        let mut flags = if cookie.is_some() { FLAG_COOKIE } else { 0 };
+        if !streams.is_empty() {
+            flags |= FLAG_STREAMS;
+        }
         head[..8].copy_from_slice(MAGIC);
         head[8..10].copy_from_slice(&VERSION.to_le_bytes());
         head[10..12].copy_from_slice(&(loops.len() as u16).to_le_bytes());
@@ -432,6 +512,35 @@ impl<'a> Encoded<'a> {
                 .flat_map(|(h, l)| [&h[..], &l.records[..]]),
         )
     }
+}
+
+/// Appends a streams section (see the module's layout), bounded.
+fn put_streams(out: &mut Vec<u8>, streams: &[RoomStreams]) {
+    let count_at = out.len();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let (mut rooms, mut positions) = (0u32, 0usize);
+    for r in streams.iter().take(MAX_STREAM_ROOMS) {
+        if r.room.len() > MAX_NAME_LEN {
+            continue;
+        }
+        let n = r
+            .streams
+            .len()
+            .min(MAX_ROOM_STREAMS)
+            .min(MAX_STREAM_POSITIONS - positions);
+        out.push(r.room.len() as u8);
+        out.extend_from_slice(&r.room);
+        out.extend_from_slice(&(n as u16).to_le_bytes());
+        for p in &r.streams[..n] {
+            out.extend_from_slice(&p.epoch.to_le_bytes());
+            out.extend_from_slice(&p.stream.to_le_bytes());
+            out.extend_from_slice(&p.last.to_le_bytes());
+            out.push(u8::from(p.verified));
+        }
+        positions += n;
+        rooms += 1;
+    }
+    out[count_at..count_at + 4].copy_from_slice(&rooms.to_le_bytes());
 }
 
 /// Appends `m`'s record, built on the stack and copied in once.
@@ -506,7 +615,7 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
             "{loops} loops (1 to {MAX_LOOPS})"
         )));
     }
-    if flags & !FLAG_COOKIE != 0 {
+    if flags & !(FLAG_COOKIE | FLAG_STREAMS) != 0 {
         return Err(SnapshotError::Format(format!("unknown flags {flags:#x}")));
     }
     if members > max_members as u64 {
@@ -515,7 +624,12 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
         )));
     }
     // (In u64: a crafted count must not overflow a 32-bit usize.)
-    let most = 40 + loops as u64 * 8 + members.saturating_mul(MAX_MEMBER_LEN as u64);
+    let streams = if flags & FLAG_STREAMS != 0 {
+        MAX_STREAMS_SECTION
+    } else {
+        0
+    };
+    let most = 40 + streams + loops as u64 * 8 + members.saturating_mul(MAX_MEMBER_LEN as u64);
     if body_len > most {
         return Err(SnapshotError::Length(format!(
             "a body of {body_len} bytes for {members} members (at most {most})"
@@ -538,7 +652,11 @@ pub fn header(bytes: &[u8], max_members: usize) -> Result<Header, SnapshotError>
 /// see the module's layout. Never panics, whatever `bytes` holds; nothing
 /// is allocated beyond what the bytes present can fill.
 pub fn decode(bytes: &[u8], max_members: usize) -> Result<Snapshot, SnapshotError> {
-    let (cookie, parts) = check(bytes, max_members)?;
+    let Checked {
+        cookie,
+        streams,
+        parts,
+    } = check(bytes, max_members)?;
     let loops = parts
         .iter()
         .map(|p| LoopState {
@@ -546,7 +664,11 @@ pub fn decode(bytes: &[u8], max_members: usize) -> Result<Snapshot, SnapshotErro
             kernel_drops: p.kernel_drops,
         })
         .collect();
-    Ok(Snapshot { cookie, loops })
+    Ok(Snapshot {
+        cookie,
+        streams,
+        loops,
+    })
 }
 
 /// A snapshot checked in full, every record of it, and kept as the bytes
@@ -561,6 +683,8 @@ pub struct Received {
     bytes: Vec<u8>,
     /// The cookie key, in verify mode.
     cookie: Option<CookieState>,
+    /// A clustered relay's receiving positions.
+    streams: Vec<RoomStreams>,
     /// Where each loop's records lie in `bytes`.
     parts: Vec<Part>,
 }
@@ -579,12 +703,23 @@ struct Part {
 impl Received {
     /// Checks `bytes` as [`decode`] does, and keeps them.
     pub fn check(bytes: Vec<u8>, max_members: usize) -> Result<Received, SnapshotError> {
-        let (cookie, parts) = check(&bytes, max_members)?;
+        let Checked {
+            cookie,
+            streams,
+            parts,
+        } = check(&bytes, max_members)?;
         Ok(Received {
             bytes,
             cookie,
+            streams,
             parts,
         })
+    }
+
+    /// A clustered relay's receiving positions (none from a relay without
+    /// `--cluster`).
+    pub fn streams(&self) -> &[RoomStreams] {
+        &self.streams
     }
 
     /// The cookie key, in verify mode.
@@ -638,12 +773,16 @@ fn part_members<'a>(bytes: &'a [u8], part: &Part) -> impl Iterator<Item = Member
     (0..part.count).map_while(move |_| r.member().ok())
 }
 
+/// What [`check`] found.
+struct Checked {
+    cookie: Option<CookieState>,
+    streams: Vec<RoomStreams>,
+    parts: Vec<Part>,
+}
+
 /// Checks a whole snapshot, every record of it (see [`decode`]), and
-/// returns its cookie and where each loop's records lie.
-fn check(
-    bytes: &[u8],
-    max_members: usize,
-) -> Result<(Option<CookieState>, Vec<Part>), SnapshotError> {
+/// returns its cookie, its positions and where each loop's records lie.
+fn check(bytes: &[u8], max_members: usize) -> Result<Checked, SnapshotError> {
     let head = header(bytes, max_members)?;
     if bytes.len() != head.total_len {
         return Err(SnapshotError::Length(format!(
@@ -677,6 +816,11 @@ fn check(
         })
     } else {
         None
+    };
+    let streams = if flags & FLAG_STREAMS != 0 {
+        r.streams()?
+    } else {
+        Vec::new()
     };
     let mut parts = Vec::with_capacity(head.loops);
     let mut total = 0u64;
@@ -718,7 +862,11 @@ fn check(
             r.left()
         )));
     }
-    Ok((cookie, parts))
+    Ok(Checked {
+        cookie,
+        streams,
+        parts,
+    })
 }
 
 /// A bounds-checked cursor.
@@ -760,6 +908,63 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, SnapshotError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A streams section, checked: counts within the bounds and the bytes
+    /// present, valid room names, each room once, flags 0 or 1.
+    fn streams(&mut self) -> Result<Vec<RoomStreams>, SnapshotError> {
+        let rooms = self.u32()? as usize;
+        if rooms > MAX_STREAM_ROOMS || rooms.saturating_mul(MIN_ROOM_ENTRY) > self.left() {
+            return Err(SnapshotError::Length(format!(
+                "{rooms} rooms of positions in {} bytes (at most {MAX_STREAM_ROOMS})",
+                self.left()
+            )));
+        }
+        let mut out: Vec<RoomStreams> = Vec::with_capacity(rooms);
+        let mut seen = std::collections::HashSet::with_capacity(rooms);
+        let mut positions = 0usize;
+        for _ in 0..rooms {
+            let len = usize::from(self.array::<1>()?[0]);
+            let room = self.take(len)?;
+            if !room.is_empty() && !valid_name(room) {
+                return Err(bad_record(format_args!("a bad room name in the positions")));
+            }
+            if !seen.insert(room) {
+                return Err(bad_record(format_args!("a room twice in the positions")));
+            }
+            let count = usize::from(self.u16()?);
+            positions += count;
+            if count > MAX_ROOM_STREAMS || positions > MAX_STREAM_POSITIONS {
+                return Err(SnapshotError::TooBig(format!(
+                    "{count} streams in a room (at most {MAX_ROOM_STREAMS}), {positions} in all (at most {MAX_STREAM_POSITIONS})"
+                )));
+            }
+            if count * POSITION_LEN > self.left() {
+                return Err(SnapshotError::Length("positions cut short".into()));
+            }
+            let mut streams = Vec::with_capacity(count);
+            for _ in 0..count {
+                let epoch = self.u64()?;
+                let stream = self.u32()?;
+                let last = self.u64()?;
+                let verified = match self.array::<1>()?[0] {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad_record(format_args!("a position flag {v}"))),
+                };
+                streams.push(StreamPosition {
+                    epoch,
+                    stream,
+                    last,
+                    verified,
+                });
+            }
+            out.push(RoomStreams {
+                room: room.into(),
+                streams,
+            });
+        }
+        Ok(out)
     }
 
     /// One member record. Read twice a hand-over (checked, then
@@ -831,6 +1036,21 @@ mod tests {
                 key: [7; 32],
                 age: Duration::from_millis(123_456),
             }),
+            streams: vec![
+                RoomStreams {
+                    room: Box::from(&b""[..]),
+                    streams: vec![StreamPosition {
+                        epoch: u64::MAX,
+                        stream: 3,
+                        last: 99,
+                        verified: true,
+                    }],
+                },
+                RoomStreams {
+                    room: Box::from(&b"general"[..]),
+                    streams: vec![],
+                },
+            ],
             loops: vec![
                 LoopState {
                     members: vec![
@@ -862,6 +1082,7 @@ mod tests {
         assert_eq!(decode(&bytes, 2).unwrap(), s);
         let empty = Snapshot {
             cookie: None,
+            streams: vec![],
             loops: vec![LoopState::default()],
         };
         assert_eq!(decode(&encode(&empty), 0).unwrap(), empty);
@@ -961,6 +1182,61 @@ mod tests {
         assert!(err.to_string().contains("header says 3"), "{err}");
     }
 
+    /// A streams section that does not add up is refused, whatever its
+    /// checksum: a bad position flag, a room twice, a bad room name, more
+    /// streams than a room may have. A relay without `--cluster` writes
+    /// no section (the flag clear), as the release before this did.
+    #[test]
+    fn bad_positions_are_refused() {
+        let reseal = |bytes: &mut Vec<u8>| {
+            let sum = checksum(&bytes[..CHECKSUM_AT], &bytes[HEADER_LEN..]);
+            bytes[CHECKSUM_AT..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
+        };
+        let s = sample();
+        let good = encode(&s);
+        // The section starts after the cookie (40 bytes): rooms u32, then
+        // the lobby: len 0 | count 1 | epoch | stream | last | verified.
+        let at = HEADER_LEN + 40;
+        assert_eq!(&good[at..at + 4], &2u32.to_le_bytes());
+        let flag = at + 4 + 1 + 2 + 20;
+        assert_eq!(good[flag], 1);
+        let mut bytes = good.clone();
+        bytes[flag] = 2;
+        reseal(&mut bytes);
+        assert!(decode(&bytes, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("position flag 2"));
+        // The second room renamed to the first's name (the lobby: len 0 is
+        // shorter, so rename the lobby's entry instead: "general" twice).
+        let twice = Snapshot {
+            streams: vec![s.streams[1].clone(), s.streams[1].clone()],
+            ..s.clone()
+        };
+        let err = decode(&encode(&twice), 100).unwrap_err();
+        assert!(err.to_string().contains("room twice"), "{err}");
+        let bad_name = Snapshot {
+            streams: vec![RoomStreams {
+                room: Box::from(&b"a b"[..]),
+                streams: vec![],
+            }],
+            ..s.clone()
+        };
+        let err = decode(&encode(&bad_name), 100).unwrap_err();
+        assert!(err.to_string().contains("bad room name"), "{err}");
+        let mut bytes = good.clone();
+        bytes[at + 5..at + 7].copy_from_slice(&(MAX_ROOM_STREAMS as u16 + 1).to_le_bytes());
+        reseal(&mut bytes);
+        assert!(decode(&bytes, 100).is_err());
+        let none = Snapshot {
+            streams: vec![],
+            ..s
+        };
+        let bytes = encode(&none);
+        assert_eq!(bytes[12] & FLAG_STREAMS as u8, 0);
+        assert_eq!(decode(&bytes, 100).unwrap(), none);
+    }
+
     /// A snapshot from another version is refused, saying so.
     #[test]
     fn another_version_is_refused() {
@@ -1000,16 +1276,43 @@ mod tests {
             })
     }
 
+    fn room_streams() -> impl Strategy<Value = Vec<RoomStreams>> {
+        let position = (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(epoch, stream, last, verified)| StreamPosition {
+                epoch,
+                stream,
+                last,
+                verified,
+            },
+        );
+        prop::collection::vec(prop::collection::vec(position, 0..4), 0..4).prop_map(|rooms| {
+            rooms
+                .into_iter()
+                .enumerate()
+                .map(|(i, streams)| RoomStreams {
+                    room: if i == 0 {
+                        Box::from(&b""[..])
+                    } else {
+                        format!("r{i}").into_bytes().into()
+                    },
+                    streams,
+                })
+                .collect()
+        })
+    }
+
     fn snapshot() -> impl Strategy<Value = Snapshot> {
         (
             prop::option::of((any::<[u8; 32]>(), 0u64..1 << 40)),
+            room_streams(),
             prop::collection::vec((prop::collection::vec(member(), 0..8), any::<u32>()), 1..4),
         )
-            .prop_map(|(cookie, loops)| Snapshot {
+            .prop_map(|(cookie, streams, loops)| Snapshot {
                 cookie: cookie.map(|(key, ms)| CookieState {
                     key,
                     age: Duration::from_millis(ms),
                 }),
+                streams,
                 loops: loops
                     .into_iter()
                     .map(|(members, kernel_drops)| LoopState {
@@ -1042,8 +1345,13 @@ mod tests {
                 prop_assert_eq!(&members, &l.members);
                 prop_assert_eq!(received.kernel_drops(i), l.kernel_drops);
             }
+            prop_assert_eq!(received.streams(), &s.streams[..]);
             let parts: Vec<EncodedLoop> = s.loops.iter().map(EncodedLoop::from).collect();
-            prop_assert_eq!(encode_loops(s.cookie.as_ref(), &parts), bytes);
+            let pieces = Encoded::with_streams(s.cookie.as_ref(), &s.streams, &parts);
+            prop_assert_eq!(pieces.pieces().collect::<Vec<_>>().concat(), bytes);
+            if s.streams.is_empty() {
+                prop_assert_eq!(encode_loops(s.cookie.as_ref(), &parts), encode(&s));
+            }
         }
 
         /// A damaged snapshot is refused by the in-place check too.

@@ -174,6 +174,11 @@ pub struct Exported {
     pub state: crate::core::snapshot::EncodedLoop,
     /// Verify mode's cookie key (the same in every loop).
     pub cookie: Option<crate::core::snapshot::CookieState>,
+    /// With `--cluster`, where this loop's own streams are (the last seq
+    /// it published per room): the process taking over hears those
+    /// messages from its catch-all subscription and must not deliver
+    /// them again.
+    pub published: Vec<crate::core::snapshot::RoomStreams>,
 }
 
 /// What the supervisor tells a loop paused for a hand-over.

@@ -293,8 +293,9 @@ pub struct Control {
     local: SocketAddr,
     /// Loops.
     threads: usize,
-    /// With `--cluster`, hand-overs are refused (not supported yet).
-    cluster: bool,
+    /// With `--cluster`, the bridge's side of a hand-over
+    /// ([`crate::cluster::handover`]).
+    cluster: Option<crate::cluster::handover::HandoverPort>,
     /// More connections may be waiting: [`Control::accept`] serves one
     /// at a time, and the supervisor comes back for the next.
     pending: bool,
@@ -368,9 +369,16 @@ impl Control {
             bind: config.bind,
             local,
             threads: config.loops(),
-            cluster: config.cluster.is_some(),
+            cluster: None,
             pending: false,
         })
+    }
+
+    /// With `--cluster`: hand-overs take the bus's messages across too
+    /// ([`crate::cluster::handover`]).
+    pub fn with_cluster(mut self, port: Option<crate::cluster::handover::HandoverPort>) -> Control {
+        self.cluster = port;
+        self
     }
 
     /// The listener, to register with a poll.
@@ -385,11 +393,6 @@ impl Control {
 
     /// Why a process that is `peer` cannot take this one over, if it can't.
     fn refusal(&self, peer: &Identity) -> Option<String> {
-        if self.cluster {
-            return Some(
-                "--cluster: a relay in a cluster cannot hand over yet; restart it instead".into(),
-            );
-        }
         if peer.threads != self.threads {
             return Some(format!(
                 "--threads: this relay runs {} loop(s), the new process asks for {}; the sockets are handed over as they are: start it with --threads {} (a restart changes the count)",
@@ -493,6 +496,10 @@ impl Control {
                 for l in loops {
                     l.command(PauseCommand::Resume);
                 }
+                if let Some(port) = &self.cluster {
+                    // What waited in the subscriptions goes out now.
+                    port.thaw();
+                }
                 set_in_progress(false);
                 count("failed");
                 tracing::warn!(
@@ -523,6 +530,13 @@ impl Control {
         let deadline = started + STEP_TIMEOUT;
         // Leftovers of an earlier attempt that timed out mean nothing now.
         while reports.try_recv().is_ok() {}
+        // With --cluster, the bus stops first: from here on what other
+        // nodes publish is the new process's to deliver (it subscribed
+        // before its hello), and the loops fan out what came before.
+        let mut positions = match &self.cluster {
+            Some(port) => port.freeze()?,
+            None => Vec::new(),
+        };
         for l in loops {
             l.pause();
         }
@@ -553,6 +567,11 @@ impl Control {
                 }
             }
         }
+        if let Some(port) = &self.cluster {
+            // What the loops published is at the server before the new
+            // process can publish anything.
+            port.flush()?;
+        }
         let mut cookie = None;
         let mut states = Vec::with_capacity(loops.len());
         let mut fds: Vec<OwnedFd> = Vec::with_capacity(loops.len());
@@ -560,11 +579,12 @@ impl Control {
             cookie = cookie.or(e.cookie);
             states.push(e.state);
             fds.push(fd);
+            merge_positions(&mut positions, e.published);
         }
         let exported = started.elapsed();
         let members = states.iter().map(snapshot::EncodedLoop::members).sum();
         // The loops' records go out where the loops wrote them.
-        let encoded = snapshot::Encoded::new(cookie.as_ref(), &states);
+        let encoded = snapshot::Encoded::with_streams(cookie.as_ref(), &positions, &states);
         let bytes = encoded.len();
         widen_send_buffer(stream, bytes);
         let mut head = vec![OFFER];
@@ -607,6 +627,20 @@ impl Control {
         write_frame(stream, ACK, &[], deadline)
             .map_err(|e| format!("the new process is gone: {e}"))?;
         Ok((members, bytes, stopped))
+    }
+}
+
+/// Adds a loop's own streams (`published`) to the bridge's positions, in
+/// each room's entry (made if the bridge had none for it).
+fn merge_positions(
+    positions: &mut Vec<snapshot::RoomStreams>,
+    published: Vec<snapshot::RoomStreams>,
+) {
+    for p in published {
+        match positions.iter_mut().find(|r| r.room == p.room) {
+            Some(r) => r.streams.extend(p.streams),
+            None => positions.push(p),
+        }
     }
 }
 

@@ -198,14 +198,25 @@ impl Relay {
         now: Instant,
     ) -> Result<usize, String> {
         let restored = self.hub.restore(members, now)?;
-        if let Some(siblings) = &mut self.siblings {
+        if self.siblings.is_some() || self.cluster.is_some() {
             for change in self.hub.take_room_changes() {
                 if let RoomChange::Opened(name) = change {
-                    siblings.room_opened(&name);
+                    if let Some(siblings) = &mut self.siblings {
+                        siblings.room_opened(&name);
+                    }
+                    // The lobby is always subscribed.
+                    if let Some(bus) = self.cluster.as_mut().filter(|_| !name.is_empty()) {
+                        bus.room_opened(&name);
+                    }
                 }
             }
         }
         Ok(restored)
+    }
+
+    /// The cluster bridge's side of a hand-over, with `--cluster`.
+    pub fn cluster_handover(&self) -> Option<crate::cluster::handover::HandoverPort> {
+        self.cluster.as_ref().map(Bus::handover)
     }
 
     /// The cluster keys, with `--cluster`: a reload rotates them.
@@ -443,7 +454,7 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
                 || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
         );
     }
-    Ok((build(config, members, None)?, claim))
+    Ok((build(config, members, None, None)?, claim))
 }
 
 /// Takes over from another udphub process (`serve --takeover`): its
@@ -456,6 +467,7 @@ pub fn adopt(
     config: &Config,
     fds: Vec<std::os::fd::OwnedFd>,
     snapshot: &Received,
+    early: Option<crate::cluster::handover::Early>,
 ) -> Result<(Vec<RelayLoop>, Claim, usize), Error> {
     let threads = config.loops();
     if fds.len() != snapshot.loops() {
@@ -475,7 +487,7 @@ pub fn adopt(
     }
     let socket::Group { members, claim } = socket::adopt_group(config.bind, fds)?;
     let now = Instant::now();
-    let mut loops = build(config, members, Some((snapshot, now)))?;
+    let mut loops = build(config, members, Some((snapshot, now)), early)?;
     let built = now.elapsed();
     let mut restored = 0;
     for (i, lp) in loops.iter_mut().enumerate() {
@@ -500,6 +512,7 @@ fn build(
     config: &Config,
     members: Vec<socket::Bound>,
     resume: Option<(&Received, Instant)>,
+    early: Option<crate::cluster::handover::Early>,
 ) -> Result<Vec<RelayLoop>, Error> {
     let threads = config.loops();
     let reuse = threads > 1;
@@ -603,7 +616,8 @@ fn build(
         // publishes through it and gets the bus's messages for its rooms.
         let epoch = u64::from_be_bytes(random_bytes::<8>()?);
         let wakers: Vec<_> = loops.iter().map(EventLoop::waker).collect();
-        let buses = Bus::start(&cluster, &wakers, epoch)?;
+        let positions = resume.map_or(&[][..], |(snapshot, _)| snapshot.streams());
+        let buses = Bus::start(&cluster, &wakers, epoch, early.map(|e| (e, positions)))?;
         tracing::info!(
             event = "cluster",
             cluster = %cluster.name,
@@ -830,6 +844,17 @@ impl Service for Relay {
     /// exports the hub's members and the cookie key.
     fn export(&mut self, io: &mut Io<'_>) -> Option<Exported> {
         self.on_wake(io);
+        // With --cluster the bridge is frozen by now: what it queued here
+        // is all there is, and every message of it is fanned out before
+        // the export (the new process takes the bus up after it).
+        // (Bounded: a full queue is this many wake-ups' worth.)
+        let most = crate::cluster::INBOUND_QUEUE / crate::cluster::DRAIN_BUDGET + 1;
+        for _ in 0..most {
+            if !self.cluster.as_ref().is_some_and(Bus::has_inbound) {
+                break;
+            }
+            self.on_wake(io);
+        }
         // What that fan-out parked (a full send buffer) goes out now, with
         // a little patience; what still cannot is counted as dropped, never
         // lost uncounted with this process.
@@ -856,6 +881,11 @@ impl Service for Relay {
         Some(Exported {
             state: self.hub.export_encoded(now),
             cookie: self.hub.export_cookie(now),
+            published: self
+                .cluster
+                .as_ref()
+                .map(Bus::published_positions)
+                .unwrap_or_default(),
         })
     }
 

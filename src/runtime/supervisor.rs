@@ -131,8 +131,11 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
     // signal may stop this one now, whatever else fails.
     let taken_over = args.takeover.is_some();
     if let Some(path) = &config.control {
+        let cluster = relays
+            .first_mut()
+            .and_then(|lp| lp.service_mut().cluster_handover());
         match Control::bind(path, &config, local, taken_over) {
-            Ok(control) => supervisor.control(control),
+            Ok(control) => supervisor.control(control.with_cluster(cluster)),
             Err(e) if taken_over => {
                 tracing::error!(event = "control_failed", error = %e, "serving on without a control socket: {e}")
             }
@@ -200,11 +203,6 @@ fn take_over(
     ),
     Error,
 > {
-    if config.cluster.is_some() {
-        return Err(Error::Config(
-            "--takeover with --cluster is not supported yet: restart a cluster relay instead (its rooms live on in the other relays)".into(),
-        ));
-    }
     if let Some(control) = config.control.as_deref() {
         // Refused now, while the old relay can still serve on.
         if std::fs::symlink_metadata(control).is_ok_and(|m| !m.file_type().is_socket()) {
@@ -222,16 +220,59 @@ fn take_over(
         .addr()
         .map(|addr| exporter::install(addr).map(|r| (addr, r)))
         .transpose()?;
+    // With --cluster, subscribed to the whole cluster before the old
+    // relay stops taking messages from it: nothing published meanwhile is
+    // missed (crate::cluster::handover).
+    let early = match config.cluster() {
+        Some(c) => {
+            // Not worth a NATS connection if nobody serves there.
+            if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                return Err(Error::Config(format!(
+                    "--takeover {}: no control socket there; is a udphub serving with --control {}?",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            Some(crate::cluster::handover::Early::connect(
+                &c,
+                handover::STEP_TIMEOUT,
+            )?)
+        }
+        None => None,
+    };
     let mut offer = handover::request(path, &Identity::of(config), config.max_clients)?;
     let fds = std::mem::take(&mut offer.fds);
     let received = started.elapsed();
-    let (relays, claim, restored) = match relay::adopt(config, fds, &offer.snapshot) {
+    let (mut relays, claim, restored) = match relay::adopt(config, fds, &offer.snapshot, early) {
         Ok(adopted) => adopted,
         Err(e) => {
             offer.fail(&e.to_string());
             return Err(e);
         }
     };
+    // Connected and caught up with the bus before it says it serves.
+    let port = relays
+        .first_mut()
+        .and_then(|lp| lp.service_mut().cluster_handover());
+    if let Some(port) = port {
+        match port.catch_up() {
+            Ok(c) => tracing::info!(
+                event = "cluster_caught_up",
+                kept = c.kept,
+                delivered = c.delivered,
+                duplicate = c.duplicate,
+                elsewhere = c.elsewhere,
+                dropped = c.dropped,
+                "take-over: caught up with the cluster: {} NATS message(s) kept while taking over, {} message(s) new to the members delivered, {} the old relay had delivered dropped, {} of rooms with no member here, {} over the bound dropped",
+                c.kept, c.delivered, c.duplicate, c.elsewhere, c.dropped
+            ),
+            Err(why) => {
+                let e = Error::Refused(format!("cluster: {why}"));
+                offer.fail(&e.to_string());
+                return Err(e);
+            }
+        }
+    }
     let (members, bytes) = (offer.snapshot.members(), offer.snapshot.len());
     let built = started.elapsed();
     offer.confirm()?;
