@@ -26,7 +26,8 @@
 //!    PING/PONG, drops the catch-all subscription and replays what it
 //!    kept through the inboxes ([`HandoverPort::catch_up`]): what the old
 //!    process delivered is a duplicate and dropped, the rest is delivered,
-//!    in order. Only then does it tell the old process it serves.
+//!    in order. Its loops read from the moment the old process lets go;
+//!    the bus's messages reach them once this is done.
 //!
 //! A message published during the overlap of the catch-all and a room's
 //! own subscription arrives twice; the second is dropped as `duplicate`
@@ -132,9 +133,16 @@ impl HandoverPort {
     }
 
     /// New process: picks the bus up where the old process left it
-    /// (step 4). Call once, after every loop registered its members.
-    pub fn catch_up(&self) -> Result<CaughtUp, String> {
-        self.ask(Request::CatchUp)
+    /// (step 4). Call once, after every loop registered its members and
+    /// before any reads (the rooms replayed are those they opened). It
+    /// does not wait: the loops may serve meanwhile (the bus's messages
+    /// reach them once it is done); the answer comes on the receiver.
+    pub fn start_catch_up(&self) -> mpsc::Receiver<Result<CaughtUp, String>> {
+        let (tx, rx) = mpsc::channel();
+        if let Err(e) = self.requests.try_send(Request::CatchUp(tx.clone())) {
+            let _ = tx.send(Err(format!("the cluster bridge is not answering ({e})")));
+        }
+        rx
     }
 }
 

@@ -250,32 +250,19 @@ fn take_over(
             return Err(e);
         }
     };
-    // Connected and caught up with the bus before it says it serves.
-    let port = relays
+    // Subscribed on NATS since before the hello; the catch-up (the
+    // rooms' own subscriptions, the replay) runs in the bridge while the
+    // confirmation goes out and the loops start: it is not in the pause.
+    let catch_up = relays
         .first_mut()
-        .and_then(|lp| lp.service_mut().cluster_handover());
-    if let Some(port) = port {
-        match port.catch_up() {
-            Ok(c) => tracing::info!(
-                event = "cluster_caught_up",
-                kept = c.kept,
-                delivered = c.delivered,
-                duplicate = c.duplicate,
-                elsewhere = c.elsewhere,
-                dropped = c.dropped,
-                "take-over: caught up with the cluster: {} NATS message(s) kept while taking over, {} message(s) new to the members delivered, {} the old relay had delivered dropped, {} of rooms with no member here, {} over the bound dropped",
-                c.kept, c.delivered, c.duplicate, c.elsewhere, c.dropped
-            ),
-            Err(why) => {
-                let e = Error::Refused(format!("cluster: {why}"));
-                offer.fail(&e.to_string());
-                return Err(e);
-            }
-        }
-    }
+        .and_then(|lp| lp.service_mut().cluster_handover())
+        .map(|port| port.start_catch_up());
     let (members, bytes) = (offer.snapshot.members(), offer.snapshot.len());
     let built = started.elapsed();
     offer.confirm()?;
+    if let Some(answer) = catch_up {
+        log_catch_up(answer);
+    }
     tracing::info!(
         event = "took_over_steps",
         "take-over: offer received and decoded after {:.1} ms, loops built and members registered in {:.1} ms",
@@ -305,6 +292,31 @@ fn take_over(
         None => None,
     };
     Ok((relays, claim, metrics))
+}
+
+/// Logs how the cluster catch-up of a process that took over went, from a
+/// thread of its own (the loops serve meanwhile).
+fn log_catch_up(answer: mpsc::Receiver<Result<crate::cluster::handover::CaughtUp, String>>) {
+    let patience = crate::cluster::handover::REQUEST_PATIENCE * 2;
+    let spawned = std::thread::Builder::new()
+        .name("udphub-catchup".into())
+        .spawn(move || match answer.recv_timeout(patience) {
+            Ok(Ok(c)) => tracing::info!(
+                event = "cluster_caught_up",
+                kept = c.kept,
+                delivered = c.delivered,
+                duplicate = c.duplicate,
+                elsewhere = c.elsewhere,
+                dropped = c.dropped,
+                "take-over: caught up with the cluster: {} NATS message(s) kept while taking over, {} message(s) new to the members delivered, {} the old relay had delivered dropped, {} of rooms with no member here, {} over the bound dropped",
+                c.kept, c.delivered, c.duplicate, c.elsewhere, c.dropped
+            ),
+            Ok(Err(why)) => tracing::error!(event = "cluster_catch_up_failed", reason = %why, "take-over: the cluster catch-up failed ({why}); serving on, messages of other nodes from before the rooms' subscriptions may be missed (counted as gaps)"),
+            Err(_) => tracing::error!(event = "cluster_catch_up_failed", "take-over: the cluster bridge did not report its catch-up within {patience:?}; serving on"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(event = "cluster_catch_up_failed", error = %e, "take-over: cannot watch the cluster catch-up: {e}");
+    }
 }
 
 /// Exports the caps the saturation alerts divide by (`udphub_clients /
