@@ -489,13 +489,40 @@ pub fn adopt(
     let now = Instant::now();
     let mut loops = build(config, members, Some((snapshot, now)), early)?;
     let built = now.elapsed();
-    let mut restored = 0;
-    for (i, lp) in loops.iter_mut().enumerate() {
+    // Each loop registers its own members, on a thread of its own with
+    // `--threads` (every loop is paused in the old process meanwhile: the
+    // registration is most of the pause at a million members).
+    let register = |i: usize, lp: &mut RelayLoop| {
         lp.kernel_drops_counted(snapshot.kernel_drops(i));
-        restored += lp
-            .service_mut()
-            .restore(snapshot.members_of(i), now)
-            .map_err(|e| Error::Config(format!("cannot take the members over: {e}")))?;
+        lp.service_mut().restore(snapshot.members_of(i), now)
+    };
+    let counts: Vec<Result<usize, String>> = if loops.len() == 1 {
+        loops
+            .iter_mut()
+            .enumerate()
+            .map(|(i, lp)| register(i, lp))
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = loops
+                .iter_mut()
+                .enumerate()
+                .map(|(i, lp)| scope.spawn(move || register(i, lp)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err("a loop failed while registering its members".into())
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut restored = 0;
+    for count in counts {
+        restored +=
+            count.map_err(|e| Error::Config(format!("cannot take the members over: {e}")))?;
     }
     tracing::debug!(
         "take-over: loops built in {:.1} ms, {restored} members registered in {:.1} ms",
