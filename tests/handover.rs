@@ -786,3 +786,175 @@ fn cluster_hand_overs(tag: &str, more: &[&str]) {
     b.signal("TERM");
     assert_eq!(b.wait_exit().code(), Some(0));
 }
+
+/// A hand-over with `--cluster` that fails after the old relay froze its
+/// bus and paused: what node a published meanwhile (1,500 messages, far
+/// more than a subscription's 256) waits in the frozen rooms and reaches
+/// the old relay's member once it resumes, none dropped.
+#[test]
+fn a_failed_cluster_hand_over_delivers_what_waited() {
+    use util::cluster::{member, until_connected};
+    let nats = util::nats::Nats::start();
+    let url = nats.url();
+    let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
+    a.wait_metric("udphub_cluster_connected", 1.0);
+    let ctl = control_path("failed-cluster");
+    let extra = ["--cluster", url.as_str(), "--node-id", "b"];
+    let b = old_relay(&ctl, &extra);
+    b.wait_metric("udphub_cluster_connected", 1.0);
+    let from_a = member(&a, "r");
+    let on_b = member(&b, "r");
+    until_connected(&from_a, &[&on_b]);
+    let mut conn = UnixStream::connect(&ctl).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(&hello(b.addr, 1)).unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'O');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    let mut snapshot = vec![0u8; len as usize];
+    conn.read_exact(&mut snapshot).unwrap();
+    // b is frozen and paused now, waiting for SERVING (5 s at most).
+    let n = 1500;
+    for i in 0..n {
+        from_a.send(format!("a {i}").as_bytes());
+        thread::sleep(Duration::from_micros(700));
+    }
+    let received = b.metric("udphub_cluster_received_total");
+    drop(conn);
+    b.expect_log("hand-over failed");
+    // Counted at the relay: the member's own socket buffer is no bound
+    // of the relay's.
+    b.wait_metric("udphub_cluster_received_total", received + n as f64);
+    for reason in ["slow_consumer", "inbound_full"] {
+        assert_eq!(
+            b.metric(&format!(
+                "udphub_cluster_dropped_total{{reason=\"{reason}\"}}"
+            )),
+            0.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(b.metric("udphub_cluster_gap_total"), 0.0);
+}
+
+/// In a cluster without a key, a stranger who may publish sends one frame
+/// with a seq far ahead on node a's stream: b delivers a's next messages
+/// anyway (the stream starts again, as without a hand-over), and does so
+/// after a hand-over too: the positions passed over silence nothing once
+/// the new process's replay is over.
+#[test]
+fn a_strangers_frame_silences_no_stream_across_a_hand_over() {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpStream;
+    use udphub::cluster::frame::{parse, Stamp, SEQ_WINDOW};
+    use util::cluster::{member, until_connected};
+    let nats = util::nats::Nats::start();
+    let url = nats.url();
+    let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
+    a.wait_metric("udphub_cluster_connected", 1.0);
+    let ctl = control_path("floor");
+    let extra = ["--cluster", url.as_str(), "--node-id", "b"];
+    let mut b = old_relay(&ctl, &extra);
+    b.wait_metric("udphub_cluster_connected", 1.0);
+    let from_a = member(&a, "r");
+    let on_b = member(&b, "r");
+    until_connected(&from_a, &[&on_b]);
+    // The stranger: a raw NATS client.
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // INFO
+    w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB > 1\r\nPING\r\n")
+        .unwrap();
+    let next_msg = |r: &mut BufReader<TcpStream>| -> (String, Vec<u8>) {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let parts: Vec<&str> = line.trim_end().split(' ').collect();
+            if parts[0] == "MSG" {
+                let len: usize = parts.last().unwrap().parse().unwrap();
+                let mut p = vec![0u8; len + 2];
+                r.read_exact(&mut p).unwrap();
+                p.truncate(len);
+                return (parts[1].to_string(), p);
+            }
+        }
+    };
+    let drain = |c: &util::Client| {
+        let mut n = 0;
+        while c.recv_within(Duration::from_millis(300)).is_some() {
+            n += 1;
+        }
+        n
+    };
+    // Learn a's stream.
+    from_a.send(b"learn");
+    let (subject, payload) = loop {
+        let (s, p) = next_msg(&mut r);
+        if s.ends_with(".room.r") {
+            break (s, p);
+        }
+    };
+    let first = parse(&payload).unwrap().first;
+    drain(&on_b);
+    let stranger = |seq: u64, w: &mut TcpStream| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as u32;
+        let packed = udphub::cluster::bridge::pack(
+            vec![udphub::cluster::Publish {
+                subject: subject.clone().into(),
+                stamp: Stamp {
+                    epoch: first.epoch,
+                    stream: first.stream,
+                    seq,
+                },
+                body: bytes::Bytes::from_static(b"stranger"),
+            }],
+            None,
+            now,
+        );
+        for p in packed {
+            w.write_all(format!("PUB {} {}\r\n", subject, p.msg.len()).as_bytes())
+                .unwrap();
+            w.write_all(&p.msg).unwrap();
+            w.write_all(b"\r\n").unwrap();
+        }
+    };
+    let send_real = |tag: &str| {
+        for i in 0..50 {
+            from_a.send(format!("{tag} {i}").as_bytes());
+            thread::sleep(Duration::from_millis(3));
+        }
+    };
+    // Without a hand-over.
+    stranger(first.seq + 100 + SEQ_WINDOW - 1_000, &mut w);
+    assert_eq!(
+        on_b.recv_within(PATIENCE).as_deref(),
+        Some(&b"stranger"[..])
+    );
+    send_real("plain");
+    let plain = drain(&on_b);
+    // Right before a hand-over.
+    stranger(first.seq + 200 + SEQ_WINDOW - 1_000, &mut w);
+    assert_eq!(
+        on_b.recv_within(PATIENCE).as_deref(),
+        Some(&b"stranger"[..])
+    );
+    let new = take_over(&b, &ctl, &extra);
+    assert_eq!(b.wait_exit().code(), Some(0));
+    new.expect_log("caught up with the cluster");
+    new.wait_metric("udphub_cluster_connected", 1.0);
+    b = new;
+    send_real("after");
+    let after = drain(&on_b);
+    assert_eq!(plain, 50, "without a hand-over");
+    assert_eq!(after, 50, "after a hand-over");
+    b.signal("TERM");
+    assert_eq!(b.wait_exit().code(), Some(0));
+}

@@ -84,6 +84,8 @@ pub struct Bridge {
     /// The positions a hand-over passed on, by room: each such room's
     /// first inbox starts from them.
     pub resumed: HashMap<Box<[u8]>, Vec<StreamPosition>>,
+    /// A failed hand-over's thaw ([`super::handover::HandoverPort::thaw`]).
+    pub thaw: Arc<super::handover::Thaw>,
 }
 
 /// Starts the bridge thread. It ends when every loop has dropped its side.
@@ -348,9 +350,15 @@ enum Flow {
     /// They do.
     Running,
     /// A hand-over froze them (its attempt's number): each hands on what
-    /// its subscription holds, says so, and waits.
+    /// its subscription holds, says so, and keeps what comes after
+    /// (bounded) until the flow changes.
     Frozen(u64),
 }
+
+/// The most bytes of NATS messages frozen rooms keep together, for a
+/// hand-over that fails (they are handed on when the rooms thaw); beyond
+/// it they are dropped and counted (`inbound_full`).
+const FROZEN_BYTES: usize = 16 << 20;
 
 /// What every room's task shares.
 #[derive(Clone)]
@@ -360,6 +368,8 @@ struct Shared {
     flow: tokio::sync::watch::Receiver<Flow>,
     /// Where a frozen room says it stopped (the attempt's number).
     stopped: tokio::sync::mpsc::UnboundedSender<u64>,
+    /// Bytes the frozen rooms keep, together ([`FROZEN_BYTES`]).
+    frozen_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Runs the bridge with a connected `client` until every loop is gone;
@@ -377,20 +387,39 @@ pub(super) async fn serve(
         metrics: b.metrics.clone(),
         flow: flow_rx,
         stopped: stopped_tx,
+        frozen_bytes: Arc::default(),
     };
+    let thaw = Arc::clone(&b.thaw);
     let mut attempt = 0u64;
     let mut requests_open = true;
     loop {
         tokio::select! {
             biased;
+            // A failed hand-over: the rooms thaw (a flag, not a queued
+            // request, so that it is never lost behind others).
+            () = thaw.wanted.notified() => {
+                if thaw.pending.swap(false, Ordering::SeqCst) {
+                    flow.send_replace(Flow::Running);
+                }
+            }
             request = b.requests.recv(), if requests_open => match request {
                 Some(Request::Freeze(reply)) => {
                     attempt += 1;
-                    let answer = freeze(&client, &subscriptions, &flow, &mut stopped, attempt).await;
-                    if answer.is_err() {
+                    // A thaw asked for before this freeze is moot.
+                    thaw.pending.store(false, Ordering::SeqCst);
+                    let patience = super::handover::REQUEST_PATIENCE;
+                    let answer = tokio::time::timeout(
+                        patience,
+                        freeze(&client, &b.connected, &subscriptions, &flow, &mut stopped, attempt),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(format!("cluster: the bus did not stop within {patience:?}")));
+                    let failed = answer.is_err();
+                    // Nobody waiting any more (the supervisor gave up):
+                    // thaw, or the rooms would stay frozen.
+                    if reply.send(answer).is_err() || failed {
                         flow.send_replace(Flow::Running);
                     }
-                    let _ = reply.send(answer);
                 }
                 Some(Request::Flush(reply)) => {
                     while let Ok(pass) = b.publish.try_recv() {
@@ -405,9 +434,6 @@ pub(super) async fn serve(
                     };
                     let _ = reply.send(answer);
                 }
-                Some(Request::Thaw) => {
-                    flow.send_replace(Flow::Running);
-                }
                 Some(Request::CatchUp(reply)) => {
                     let answer = match catchup.take() {
                         Some(c) => catch_up(&mut b, &client, &mut subscriptions, &shared, c).await,
@@ -417,20 +443,10 @@ pub(super) async fn serve(
                 }
                 None => requests_open = false,
             },
-            // Taking over: keep what the whole cluster sends until the
-            // members are here ([`super::handover`]).
-            message = async { catchup.as_mut().map(|c| c.subscription.next()).expect("guarded").await }, if catchup.is_some() => match message {
-                Some(message) => {
-                    if let Some(c) = catchup.as_mut() {
-                        c.kept.keep(message, &b.metrics);
-                    }
-                }
-                None => catchup = None,
-            },
             // (Not while taking over: the rooms opened meanwhile are
             // subscribed to, and replayed, by the catch-up.)
             () = b.control.changed.notified(), if catchup.is_none() => {
-                for (subject, sub) in apply_changes(&b, &client, &mut subscriptions).await {
+                for (subject, sub) in apply_changes(&mut b, &client, &mut subscriptions).await {
                     if let Some(s) = subscriptions.get_mut(&subject) {
                         s.start(sub, &shared);
                     }
@@ -458,9 +474,10 @@ pub(super) async fn serve(
 
 /// Applies the loops' interest changes: subscribes to rooms newly open on
 /// some loop (returning their subscribers, not yet read: the caller starts
-/// their tasks), unsubscribes from rooms no loop has open any more.
+/// their tasks), unsubscribes from rooms no loop has open any more. A
+/// room a hand-over passed positions for starts from them, once.
 async fn apply_changes(
-    b: &Bridge,
+    b: &mut Bridge,
     client: &async_nats::Client,
     subscriptions: &mut HashMap<String, Subscription>,
 ) -> Vec<(String, async_nats::Subscriber)> {
@@ -500,8 +517,10 @@ async fn apply_changes(
         match client.subscribe(subject.clone()).await {
             Ok(sub) => {
                 let loops = Arc::new(AtomicU64::new(bit));
-                let inbox = match b.resumed.get(&room[..]) {
-                    Some(positions) => Inbox::resumed(subject.clone(), b.max_body, positions),
+                // The positions are the first subscription's only: a room
+                // that empties and fills again later starts afresh.
+                let inbox = match b.resumed.remove(&room[..]) {
+                    Some(positions) => Inbox::resumed(subject.clone(), b.max_body, &positions),
                     None => Inbox::new(subject.clone(), b.max_body),
                 };
                 let room: Arc<[u8]> = room.into();
@@ -530,24 +549,29 @@ async fn apply_changes(
 }
 
 /// Old process, step 2 of [`super::handover`]: proves with a PING/PONG
-/// that every message the server sent is in the subscriptions, has each
-/// room hand those on and stop, and returns where each room is.
+/// that every message the server sent is in the subscriptions, forwards
+/// for a grace period, has each room hand on what it holds and stop, and
+/// returns where each room is.
 async fn freeze(
     client: &async_nats::Client,
+    connected: &AtomicBool,
     subscriptions: &HashMap<String, Subscription>,
     flow: &tokio::sync::watch::Sender<Flow>,
     stopped: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
     attempt: u64,
 ) -> Result<Vec<RoomStreams>, String> {
     let patience = super::handover::REQUEST_PATIENCE;
+    if !connected.load(Ordering::SeqCst) {
+        return Err("cluster: this relay is not connected to NATS, so its bus cannot be handed over without a gap; try again once udphub_cluster_connected is 1, or restart it (its rooms live on in the other nodes)".into());
+    }
     match tokio::time::timeout(patience, client.flush()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(format!("cluster: cannot reach NATS to hand over ({e})")),
-        Err(_) => return Err("cluster: NATS did not answer in time to hand over".into()),
+        Ok(Err(e)) => return Err(format!("cluster: cannot reach NATS to hand over ({e}); try again once udphub_cluster_connected is 1")),
+        Err(_) => return Err("cluster: NATS did not answer in time to hand over; try again".into()),
     }
     // A message another connection's publish matched before the new
     // process's subscription existed may still be on its way here after
-    // the PONG (the server matches and queues in the publisher's
+    // the PONG (the server matches and queues it in the publisher's
     // goroutine): forwarded as usual for a moment more.
     tokio::time::sleep(super::handover::GRACE).await;
     flow.send_replace(Flow::Frozen(attempt));
@@ -555,32 +579,43 @@ async fn freeze(
         .values()
         .filter(|s| s.task.as_ref().is_some_and(|t| !t.is_finished()))
         .count();
-    let deadline = tokio::time::Instant::now() + patience;
     while waiting > 0 {
-        match tokio::time::timeout_at(deadline, stopped.recv()).await {
-            Ok(Some(a)) if a == attempt => waiting -= 1,
-            Ok(Some(_)) => {}
-            _ => return Err("cluster: a room did not stop in time to hand over".into()),
+        match stopped.recv().await {
+            Some(a) if a == attempt => waiting -= 1,
+            Some(_) => {}
+            None => return Err("cluster: the rooms are gone".into()),
         }
     }
-    Ok(subscriptions
-        .values()
-        .map(|s| RoomStreams {
+    // Bounded as the snapshot is (beyond, the rest would be cut anyway).
+    let mut left = crate::core::snapshot::MAX_STREAM_POSITIONS;
+    let mut positions = Vec::new();
+    for s in subscriptions.values() {
+        if positions.len() >= crate::core::snapshot::MAX_STREAM_ROOMS {
+            break;
+        }
+        let mut streams = s.inbox.lock().map(|i| i.positions()).unwrap_or_default();
+        let cut = streams.len().saturating_sub(left);
+        streams.drain(..cut);
+        left -= streams.len();
+        positions.push(RoomStreams {
             room: s.to_loops.room.as_ref().into(),
-            streams: s.inbox.lock().map(|i| i.positions()).unwrap_or_default(),
-        })
-        .collect())
+            streams,
+        });
+    }
+    Ok(positions)
 }
 
 /// New process, step 4 of [`super::handover`]: subscribes to the rooms the
-/// members are in, proves it, drops the catch-all subscription, replays
-/// what it kept through the rooms' inboxes and only then starts the rooms.
+/// members are in, proves it, reads both those and the catch-all for a
+/// grace period, drops the catch-all, replays what it kept through the
+/// rooms' inboxes (each stream in seq order) and only then starts the
+/// rooms.
 async fn catch_up(
     b: &mut Bridge,
     client: &async_nats::Client,
     subscriptions: &mut HashMap<String, Subscription>,
     shared: &Shared,
-    mut c: super::handover::Catchup,
+    c: super::handover::Catchup,
 ) -> Result<super::handover::CaughtUp, String> {
     let mut fresh = apply_changes(b, client, subscriptions).await;
     let proven = tokio::time::timeout(super::handover::REQUEST_PATIENCE, client.flush()).await;
@@ -594,14 +629,10 @@ async fn catch_up(
             // period, and each stream is replayed in order of its seqs
             // from both: the copies are duplicates, nothing is missed.
             let until = tokio::time::Instant::now() + super::handover::GRACE;
-            let mut held: Vec<(async_nats::Subject, bytes::Bytes)> = Vec::new();
             loop {
-                while let Some(Some(message)) = c.subscription.next().now_or_never() {
-                    c.kept.keep(message, &b.metrics);
-                }
                 for (_, sub) in &mut fresh {
                     while let Some(Some(message)) = sub.next().now_or_never() {
-                        held.push((message.subject, message.payload));
+                        c.keep(message, &b.metrics);
                     }
                 }
                 if tokio::time::Instant::now() >= until {
@@ -609,17 +640,16 @@ async fn catch_up(
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            drop(c.subscription);
+            let kept = c.finish(&b.metrics).await;
             let mut done = super::handover::CaughtUp {
-                kept: c.kept.messages.len(),
-                dropped: c.kept.dropped,
+                kept: kept.messages.len(),
+                dropped: kept.dropped,
                 ..Default::default()
             };
-            let mut all = c.kept.messages;
-            all.extend(held);
+            let mut all = kept.messages;
             // Within a stream, by seq (a stable sort: what cannot be parsed
             // stays where it was, and is refused by the inbox).
-            all.sort_by_key(|(subject, payload)| {
+            all.sort_by_cached_key(|(subject, payload)| {
                 super::frame::parse(payload).map(|b| {
                     (
                         subject.to_string(),
@@ -639,16 +669,16 @@ async fn catch_up(
                     None => done.elsewhere += 1,
                 }
             }
-            for s in subscriptions.values() {
-                if let Ok(mut inbox) = s.inbox.lock() {
-                    inbox.settle();
-                }
-            }
             Ok(done)
         }
         Ok(Err(e)) => Err(format!("cannot confirm the subscriptions with NATS: {e}")),
         Err(_) => Err("NATS did not confirm the subscriptions in time".into()),
     };
+    for s in subscriptions.values() {
+        if let Ok(mut inbox) = s.inbox.lock() {
+            inbox.end_replay();
+        }
+    }
     for (subject, sub) in fresh {
         if let Some(s) = subscriptions.get_mut(&subject) {
             s.start(sub, shared);
@@ -871,9 +901,12 @@ struct Taken {
     open: bool,
 }
 
-/// Reads one room's subscription, hands each NATS message to [`take`];
-/// when a hand-over freezes the rooms, hands on what the subscription
-/// holds, says so and waits ([`super::handover`]).
+/// Reads one room's subscription, hands each NATS message to [`take`].
+/// When a hand-over freezes the rooms it hands on what the subscription
+/// holds, says so, and keeps what comes after (bounded by
+/// [`FROZEN_BYTES`] for all rooms) until the flow changes: a thaw (the
+/// hand-over failed) hands those on first, in order; a successful
+/// hand-over ends the process with them (the new one delivers them).
 async fn forward(
     mut sub: async_nats::Subscriber,
     inbox: Arc<Mutex<Inbox>>,
@@ -883,8 +916,19 @@ async fn forward(
     let handle = |payload: &bytes::Bytes, shared: &Shared| {
         take(payload, &inbox, &to_loops, &shared.keys, &shared.metrics).open
     };
+    let mut waiting: std::collections::VecDeque<bytes::Bytes> = Default::default();
     loop {
         let state = *shared.flow.borrow_and_update();
+        // What waited while frozen goes first, in order (thawed, or frozen
+        // again: then it is handed on before this room says it stopped).
+        while let Some(payload) = waiting.pop_front() {
+            shared
+                .frozen_bytes
+                .fetch_sub(payload.len(), Ordering::SeqCst);
+            if !handle(&payload, &shared) {
+                return;
+            }
+        }
         if let Flow::Frozen(attempt) = state {
             while let Some(Some(message)) = sub.next().now_or_never() {
                 if !handle(&message.payload, &shared) {
@@ -892,8 +936,29 @@ async fn forward(
                 }
             }
             let _ = shared.stopped.send(attempt);
-            if shared.flow.changed().await.is_err() {
-                return;
+            loop {
+                tokio::select! {
+                    biased;
+                    changed = shared.flow.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    message = sub.next() => match message {
+                        Some(message) => {
+                            let len = message.payload.len();
+                            let held = shared.frozen_bytes.fetch_add(len, Ordering::SeqCst);
+                            if held + len > FROZEN_BYTES {
+                                shared.frozen_bytes.fetch_sub(len, Ordering::SeqCst);
+                                shared.metrics.drop_one(BusDrop::InboundFull);
+                            } else {
+                                waiting.push_back(message.payload);
+                            }
+                        }
+                        None => return,
+                    },
+                }
             }
             continue;
         }

@@ -320,9 +320,11 @@ struct Seen {
     /// Whether `last` came in a batch a key verified.
     verified: bool,
     /// Up to here (within [`SEQ_WINDOW`]) is a duplicate whatever
-    /// `verified` says: what a hand-over said the old process delivered,
-    /// and what the new one replayed ([`Streams::settle`]). Never set by
-    /// a frame of the bus alone.
+    /// `verified` says: what a hand-over said the old process delivered.
+    /// Held only while the new process replays what it kept
+    /// ([`Streams::end_replay`] drops it), so a stranger's frame that
+    /// raised an unverified `last` in the old process silences no more
+    /// than that replay. Never set by a frame of the bus.
     floor: u64,
 }
 
@@ -422,12 +424,18 @@ impl Streams {
             .collect()
     }
 
-    /// The state a hand-over passed on ([`positions`](Self::positions)):
-    /// what was delivered already is a duplicate here too. At most
-    /// [`MAX_STREAMS`] (the most recently heard from, which come last).
+    /// The state a hand-over passed on ([`positions`](Self::positions),
+    /// then the old process's own streams): what was delivered already is
+    /// a duplicate here too, however far behind, until
+    /// [`end_replay`](Self::end_replay). At most
+    /// [`crate::core::snapshot::MAX_ROOM_STREAMS`], the last ones (the most
+    /// recently heard from, and the old process's own, come last); the
+    /// first new stream after that evicts as usual.
     pub fn from_positions(positions: &[StreamPosition]) -> Streams {
         let mut streams = Streams::default();
-        let keep = positions.len().saturating_sub(MAX_STREAMS);
+        let keep = positions
+            .len()
+            .saturating_sub(crate::core::snapshot::MAX_ROOM_STREAMS);
         for p in &positions[keep..] {
             streams.clock += 1;
             streams.last.insert(
@@ -443,13 +451,11 @@ impl Streams {
         streams
     }
 
-    /// Makes everything seen so far a duplicate from now on, however far
-    /// behind it comes (within [`SEQ_WINDOW`]): after a hand-over's
-    /// replay, the same messages arrive again on the room's own
-    /// subscription, maybe more than [`UNVERIFIED_WINDOW`] of them.
-    pub fn settle(&mut self) {
+    /// The hand-over's replay is over: the positions passed on count as
+    /// any other `last` from now on (the usual windows).
+    pub fn end_replay(&mut self) {
         for seen in self.last.values_mut() {
-            seen.floor = seen.floor.max(seen.last);
+            seen.floor = 0;
         }
     }
 
@@ -468,7 +474,10 @@ mod tests {
     /// the bound per room is the snapshot's.
     #[test]
     fn positions_carry_what_was_delivered() {
-        assert_eq!(MAX_STREAMS, crate::core::snapshot::MAX_ROOM_STREAMS);
+        const _: () = assert!(
+            MAX_STREAMS + crate::core::snapshot::MAX_LOOPS
+                <= crate::core::snapshot::MAX_ROOM_STREAMS
+        );
         let st = |stream, seq| Stamp {
             epoch: 5,
             stream,
@@ -495,11 +504,32 @@ mod tests {
         far.check(st(4, 1_000), false);
         let mut far = Streams::from_positions(&far.positions());
         assert_eq!(far.check(st(4, 1), false), Order::Duplicate);
-        // Replayed, then settled: the same again is a duplicate too.
-        far.check(st(4, 2_000), false);
-        far.settle();
-        assert_eq!(far.check(st(4, 1_500), false), Order::Duplicate);
-        assert_eq!(far.check(st(4, 2_001), false), Order::Next);
+        // Once the replay is over, an unverified position is any other
+        // unverified `last`: a stranger's frame that raised it in the old
+        // process silences no more than the usual window.
+        far.end_replay();
+        assert_eq!(far.check(st(4, 2), false), Order::Restarted);
+        assert_eq!(far.check(st(4, 3), false), Order::Next);
+        // A room's streams and the old process's own, past MAX_STREAMS:
+        // the last ones (its own) are kept.
+        let many: Vec<StreamPosition> = (0..crate::core::snapshot::MAX_ROOM_STREAMS as u32 + 5)
+            .map(|i| StreamPosition {
+                epoch: 9,
+                stream: i,
+                last: 10,
+                verified: true,
+            })
+            .collect();
+        let mut kept = Streams::from_positions(&many);
+        let own = many.last().unwrap();
+        assert_eq!(
+            kept.check(st_of(own.epoch, own.stream, 10), true),
+            Order::Duplicate
+        );
+    }
+
+    fn st_of(epoch: u64, stream: u32, seq: u64) -> Stamp {
+        Stamp { epoch, stream, seq }
     }
 
     fn key(b: u8) -> ClusterKey {

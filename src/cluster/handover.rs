@@ -31,16 +31,19 @@
 //!
 //! A message published during the overlap of the catch-all and a room's
 //! own subscription arrives twice; the second is dropped as `duplicate`
-//! (`udphub_cluster_dropped_total`), never delivered twice. If the
-//! hand-over fails, the old bridge thaws ([`HandoverPort::thaw`]) and
-//! forwards what waited in its subscriptions meanwhile.
+//! (`udphub_cluster_dropped_total`), never delivered twice. The positions
+//! hold only through the replay (and only for each room's first
+//! subscription): then they are any other last seq, with the usual
+//! windows. If the hand-over fails, the old bridge thaws
+//! ([`HandoverPort::thaw`]) and forwards what its frozen rooms kept
+//! meanwhile (bounded), in order.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::bridge::{self, Bridge};
 use super::{BusDrop, ClusterConfig, ClusterMetrics};
@@ -53,7 +56,7 @@ use crate::error::Error;
 /// counted (`inbound_full`).
 pub const CATCHUP_MESSAGES: usize = 65_536;
 /// The most bytes of NATS messages kept from the catch-all subscription.
-pub const CATCHUP_BYTES: usize = 64 << 20;
+pub const CATCHUP_BYTES: usize = 16 << 20;
 /// How long, after a PING/PONG proved a subscription, messages that were
 /// matched before it may still arrive on the old way (the NATS server
 /// matches and queues a message in its publisher's goroutine, so the PONG
@@ -73,8 +76,6 @@ pub enum Request {
     Freeze(mpsc::Sender<Result<Vec<RoomStreams>, String>>),
     /// Old process: publish what waits and flush it to the server.
     Flush(mpsc::Sender<Result<(), String>>),
-    /// Old process: the hand-over failed; forward again.
-    Thaw,
     /// New process: the members are registered; subscribe to their rooms
     /// and replay what the catch-all subscription kept.
     CatchUp(mpsc::Sender<Result<CaughtUp, String>>),
@@ -100,6 +101,17 @@ pub struct CaughtUp {
 #[derive(Debug, Clone)]
 pub struct HandoverPort {
     pub(super) requests: tokio::sync::mpsc::Sender<Request>,
+    /// A thaw, apart from the queue (never lost behind other requests).
+    pub(super) thaw: Arc<Thaw>,
+}
+
+/// A thaw asked for: a flag and the bridge's wake-up.
+#[derive(Debug, Default)]
+pub struct Thaw {
+    /// Set by [`HandoverPort::thaw`], taken by the bridge.
+    pub(super) pending: AtomicBool,
+    /// Wakes the bridge.
+    pub(super) wanted: tokio::sync::Notify,
 }
 
 impl HandoverPort {
@@ -129,7 +141,10 @@ impl HandoverPort {
 
     /// The hand-over failed: forward again, starting with what waited.
     pub fn thaw(&self) {
-        let _ = self.requests.try_send(Request::Thaw);
+        self.thaw
+            .pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thaw.wanted.notify_one();
     }
 
     /// New process: picks the bus up where the old process left it
@@ -171,12 +186,66 @@ impl Kept {
     }
 }
 
-/// The catch-all subscription of a process taking over, and what it kept.
+/// The catch-all subscription of a process taking over, read by a task of
+/// its own into a bounded [`Kept`] until the catch-up ends it.
 pub(super) struct Catchup {
-    /// `NAME.>`.
-    pub(super) subscription: async_nats::Subscriber,
-    /// What it delivered so far.
-    pub(super) kept: Kept,
+    /// What was kept (the task's and the catch-up's).
+    kept: Arc<std::sync::Mutex<Kept>>,
+    /// Ends the reading task, which returns the subscription.
+    stop: tokio::sync::oneshot::Sender<()>,
+    /// The reading task.
+    reader: tokio::task::JoinHandle<Option<async_nats::Subscriber>>,
+}
+
+impl Catchup {
+    /// Starts reading `subscription` (`NAME.>`) into a bounded buffer.
+    fn start(mut subscription: async_nats::Subscriber, metrics: ClusterMetrics) -> Catchup {
+        let kept = Arc::new(std::sync::Mutex::new(Kept::default()));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let into = Arc::clone(&kept);
+        let reader = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => return Some(subscription),
+                    message = subscription.next() => match message {
+                        Some(message) => {
+                            if let Ok(mut k) = into.lock() {
+                                k.keep(message, &metrics);
+                            }
+                        }
+                        None => return None,
+                    },
+                }
+            }
+        });
+        Catchup { kept, stop, reader }
+    }
+
+    /// Keeps a message of a room's own subscription with the catch-all's
+    /// (the same bound).
+    pub(super) fn keep(&self, message: async_nats::Message, metrics: &ClusterMetrics) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.keep(message, metrics);
+        }
+    }
+
+    /// Stops reading, takes what the subscription still holds, drops it
+    /// (unsubscribes) and returns everything kept.
+    pub(super) async fn finish(self, metrics: &ClusterMetrics) -> Kept {
+        let Catchup { kept, stop, reader } = self;
+        let _ = stop.send(());
+        if let Ok(Some(mut subscription)) = reader.await {
+            while let Some(Some(message)) = subscription.next().now_or_never() {
+                if let Ok(mut k) = kept.lock() {
+                    k.keep(message, metrics);
+                }
+            }
+        }
+        kept.lock()
+            .map(|mut k| std::mem::take(&mut *k))
+            .unwrap_or_default()
+    }
 }
 
 /// A process taking over, connected to NATS and subscribed to the whole
@@ -243,23 +312,11 @@ impl Early {
                             return;
                         }
                     }
-                    let mut catchup = Catchup {
-                        subscription,
-                        kept: Kept::default(),
-                    };
-                    let mut bridge_rx = bridge_rx;
-                    let bridge = loop {
-                        tokio::select! {
-                            b = &mut bridge_rx => match b {
-                                Ok(b) => break b,
-                                // The take-over failed: nothing to serve.
-                                Err(_) => return,
-                            },
-                            message = catchup.subscription.next() => match message {
-                                Some(message) => catchup.kept.keep(message, &m),
-                                None => return,
-                            },
-                        }
+                    let catchup = Catchup::start(subscription, m.clone());
+                    // The take-over failed (the sender dropped): nothing
+                    // to serve.
+                    let Ok(bridge) = bridge_rx.await else {
+                        return;
                     };
                     bridge::serve(bridge, client, Some(catchup)).await;
                 });

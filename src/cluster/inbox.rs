@@ -110,10 +110,9 @@ impl Inbox {
         }
     }
 
-    /// After a hand-over's replay: what was seen is a duplicate from now
-    /// on ([`Streams::settle`]).
-    pub fn settle(&mut self) {
-        self.streams.settle();
+    /// A hand-over's replay is over ([`Streams::end_replay`]).
+    pub fn end_replay(&mut self) {
+        self.streams.end_replay();
     }
 
     /// Where each stream is, for a hand-over.

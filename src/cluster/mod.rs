@@ -496,7 +496,11 @@ impl Bus {
             None => ClusterMetrics::register(),
         };
         let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
-        let port = handover::HandoverPort { requests };
+        let thaw = Arc::new(handover::Thaw::default());
+        let port = handover::HandoverPort {
+            requests,
+            thaw: Arc::clone(&thaw),
+        };
         let (publish, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE / PUBLISH_PASS);
         let publish_bytes = Arc::new(InboundBytes::with_limit(PUBLISH_BYTES));
         let control = Arc::new(Control::new(wakers.len()));
@@ -556,6 +560,7 @@ impl Bus {
                 .iter()
                 .map(|r| (r.room.clone(), r.streams.clone()))
                 .collect(),
+            thaw,
         };
         match early {
             Some(early) => early.start(bridge)?,
@@ -758,6 +763,7 @@ mod tests {
             keys: keys::Keys::new(None),
             handover: handover::HandoverPort {
                 requests: tokio::sync::mpsc::channel(1).0,
+                thaw: Arc::default(),
             },
         };
         (bus, queue)

@@ -68,9 +68,9 @@ const FLAG_COOKIE: u32 = 1;
 /// Flag: the body holds a streams section (a clustered relay's positions).
 const FLAG_STREAMS: u32 = 2;
 /// The most origin streams one room's positions hold: the cluster's own
-/// bound per room (`cluster::frame::MAX_STREAMS`, which the cluster checks
-/// is the same).
-pub const MAX_ROOM_STREAMS: usize = 256;
+/// bound per room (`cluster::frame::MAX_STREAMS`, 256) and the old
+/// process's own streams, one per loop ([`MAX_LOOPS`]).
+pub const MAX_ROOM_STREAMS: usize = 256 + MAX_LOOPS;
 /// The most rooms a streams section holds (a relay subscribed to more
 /// hands over the first this many; the rest start afresh).
 pub const MAX_STREAM_ROOMS: usize = 1 << 20;
@@ -531,7 +531,9 @@ fn put_streams(out: &mut Vec<u8>, streams: &[RoomStreams]) {
         out.push(r.room.len() as u8);
         out.extend_from_slice(&r.room);
         out.extend_from_slice(&(n as u16).to_le_bytes());
-        for p in &r.streams[..n] {
+        // The last ones: the most recently heard from, and the old
+        // process's own streams, come last.
+        for p in &r.streams[r.streams.len() - n..] {
             out.extend_from_slice(&p.epoch.to_le_bytes());
             out.extend_from_slice(&p.stream.to_le_bytes());
             out.extend_from_slice(&p.last.to_le_bytes());

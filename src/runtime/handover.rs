@@ -575,12 +575,14 @@ impl Control {
         let mut cookie = None;
         let mut states = Vec::with_capacity(loops.len());
         let mut fds: Vec<OwnedFd> = Vec::with_capacity(loops.len());
+        let mut published = Vec::new();
         for (e, fd) in exported.into_iter().flatten() {
             cookie = cookie.or(e.cookie);
             states.push(e.state);
             fds.push(fd);
-            merge_positions(&mut positions, e.published);
+            published.extend(e.published);
         }
+        merge_positions(&mut positions, published);
         let exported = started.elapsed();
         let members = states.iter().map(snapshot::EncodedLoop::members).sum();
         // The loops' records go out where the loops wrote them.
@@ -631,15 +633,25 @@ impl Control {
 }
 
 /// Adds a loop's own streams (`published`) to the bridge's positions, in
-/// each room's entry (made if the bridge had none for it).
+/// each room's entry (made if the bridge had none for it), after the
+/// bridge's streams (the receiver keeps the last ones). One pass over
+/// each, indexed by room: the loops are paused while this runs.
 fn merge_positions(
     positions: &mut Vec<snapshot::RoomStreams>,
     published: Vec<snapshot::RoomStreams>,
 ) {
+    let mut at: std::collections::HashMap<Box<[u8]>, usize> = positions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.room.clone(), i))
+        .collect();
     for p in published {
-        match positions.iter_mut().find(|r| r.room == p.room) {
-            Some(r) => r.streams.extend(p.streams),
-            None => positions.push(p),
+        match at.get(&p.room) {
+            Some(&i) => positions[i].streams.extend(p.streams),
+            None => {
+                at.insert(p.room.clone(), positions.len());
+                positions.push(p);
+            }
         }
     }
 }
