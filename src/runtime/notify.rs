@@ -43,6 +43,15 @@ impl Notifier {
         }
     }
 
+    /// A notifier that tells the socket at `path` (tests).
+    #[cfg(test)]
+    pub(crate) fn at(path: &std::path::Path) -> Notifier {
+        Notifier {
+            target: Some(path.as_os_str().to_owned()),
+            successor: false,
+        }
+    }
+
     /// The same, for a process that takes over (`--takeover`): its
     /// [`ready`](Self::ready) says `MAINPID=<pid>` first.
     pub fn successor(self) -> Notifier {

@@ -256,6 +256,34 @@ mod tests {
         assert!(!r.hand_over_started());
     }
 
+    /// After a hand-over systemd hears the successor's pid, and never
+    /// STOPPING=1 (not even from a signal while this process exits).
+    #[test]
+    fn a_hand_over_names_the_successor_and_never_says_stopping() {
+        let dir = std::env::temp_dir().join(format!("udphub-readiness-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let r = Readiness::new(Notifier::at(&path));
+        r.expect_loops(1);
+        r.loop_started();
+        assert!(r.loop_polled());
+        assert!(r.hand_over_started());
+        r.handed_over(Some(4242));
+        assert_eq!(r.phase(), Phase::ShuttingDown);
+        assert!(!r.ready());
+        r.shutting_down();
+        listener.set_nonblocking(true).unwrap();
+        let mut notes = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = listener.recv(&mut buf) {
+            notes.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert_eq!(notes, ["READY=1", "MAINPID=4242"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_loop_that_ends_makes_the_relay_unhealthy() {
         let r = Readiness::default();

@@ -622,10 +622,14 @@ fn supervise<S: Service + Send + 'static>(
                     if sig == SIGUSR2 {
                         match upgrade.as_mut() {
                             Some(u) if !stopping => u.start(),
-                            Some(_) => tracing::info!("SIGUSR2 while shutting down: ignored"),
-                            None => {
-                                tracing::info!("SIGUSR2: this server cannot hand over; ignored")
-                            }
+                            Some(_) => tracing::info!(
+                                event = "upgrade_ignored",
+                                "SIGUSR2 while shutting down: ignored"
+                            ),
+                            None => tracing::info!(
+                                event = "upgrade_ignored",
+                                "SIGUSR2: this server cannot hand over; ignored"
+                            ),
                         }
                         continue;
                     }

@@ -136,6 +136,7 @@ impl Upgrade {
             Err(why) => {
                 tracing::error!(
                     event = "upgrade_failed",
+                    error = %why,
                     "SIGUSR2: cannot upgrade: {why}; serving on (restart the service instead)"
                 );
                 return;
@@ -191,6 +192,7 @@ impl Upgrade {
             event = "upgrade",
             pid,
             exe = %exe.display(),
+            control = %control.display(),
             "SIGUSR2: upgrading: started {} as process {pid} to take over through --control {}",
             exe.display(),
             control.display()
@@ -229,12 +231,14 @@ fn watch(mut child: Child) {
         // within its own steps.
         if Instant::now() >= deadline && !crate::runtime::handover::in_progress() {
             let _ = child.kill();
-            let status = child.wait();
+            let status = child
+                .wait()
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
             tracing::warn!(
                 event = "upgrade_failed",
                 pid,
-                "upgrade: process {pid} neither took over nor exited within {UPGRADE_PATIENCE:?}: killed ({}); serving on",
-                status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                status = %status,
+                "upgrade: process {pid} neither took over nor exited within {UPGRADE_PATIENCE:?}: killed ({status}); serving on"
             );
             return;
         }
