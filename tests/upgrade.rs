@@ -34,6 +34,8 @@ struct Start<'a> {
     extra: &'a [&'a str],
     /// A cgroup (v2 directory) to run in from the first instruction.
     cgroup: Option<&'a Path>,
+    /// The path to start udphub as (its `argv[0]`), if not the build's.
+    program: Option<&'a Path>,
 }
 
 /// Starts `udphub serve` on 127.0.0.1:0 with metrics, raw format, and
@@ -56,6 +58,7 @@ fn spawn(start: &Start<'_>) -> RelayProc {
     .collect();
     args.push(start.ready.to_str().unwrap().to_string());
     args.extend(start.extra.iter().map(|s| s.to_string()));
+    let program = start.program.unwrap_or(Path::new(udphub_bin()));
     let mut cmd = match start.cgroup {
         // The shell moves itself into the cgroup, then becomes udphub: the
         // relay never runs anywhere else.
@@ -66,12 +69,12 @@ fn spawn(start: &Start<'_>) -> RelayProc {
                     "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
                     cg.display()
                 ))
-                .arg(udphub_bin())
+                .arg(program)
                 .args(&args);
             cmd
         }
         None => {
-            let mut cmd = Command::new(udphub_bin());
+            let mut cmd = Command::new(program);
             cmd.args(&args);
             cmd
         }
@@ -209,6 +212,7 @@ fn sigusr2_upgrades_under_load_losing_nothing() {
         env: &[],
         extra: &["--control", ctl_arg, "--threads", "2"],
         cgroup: None,
+        program: None,
     });
     old.expect_log("hand-over control socket");
     let old_pid = old.child.id();
@@ -296,6 +300,7 @@ fn sigusr2_tells_systemd_the_new_main_pid() {
         ],
         extra: &["--control", ctl.to_str().unwrap()],
         cgroup: None,
+        program: None,
     });
     let first = notes_until(&notify, |n| n == "READY=1");
     assert_eq!(first, ["READY=1"]);
@@ -328,6 +333,7 @@ fn sigusr2_without_control_warns_and_serves_on() {
         env: &[],
         extra: &[],
         cgroup: None,
+        program: None,
     });
     relay.signal("USR2");
     let line = relay.expect_log("SIGUSR2");
@@ -337,6 +343,36 @@ fn sigusr2_without_control_warns_and_serves_on() {
     assert_eq!(c.recv(), b"still here");
     relay.signal("TERM");
     assert_eq!(relay.wait_exit().code(), Some(0));
+}
+
+/// The binary the relay was started as is gone (here: the symlink it was
+/// started through): SIGUSR2 says so, naming the path, starts nothing,
+/// and the relay serves on.
+#[test]
+fn sigusr2_with_the_binary_gone_says_so_and_serves_on() {
+    let dir = util::temp_path("gone");
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("udphub");
+    std::os::unix::fs::symlink(udphub_bin(), &link).unwrap();
+    let ready = dir.join("ready");
+    let ctl = dir.join("ctl");
+    let mut relay = spawn(&Start {
+        ready: &ready,
+        env: &[],
+        extra: &["--control", ctl.to_str().unwrap()],
+        cgroup: None,
+        program: Some(&link),
+    });
+    std::fs::remove_file(&link).unwrap();
+    relay.signal("USR2");
+    let line = relay.expect_log("no longer exists");
+    assert!(line.contains(link.to_str().unwrap()), "{line}");
+    let c = Client::new(relay.addr);
+    c.send(b"still here");
+    assert_eq!(c.recv(), b"still here");
+    relay.signal("TERM");
+    assert_eq!(relay.wait_exit().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Writes `text` to the FIFO at `path` once a reader opens it (on a
@@ -374,6 +410,7 @@ fn a_second_sigusr2_is_ignored_and_a_failed_successor_is_reaped() {
             ctl.to_str().unwrap(),
         ],
         cgroup: None,
+        program: None,
     });
     feeder.join().unwrap();
     let c = Client::new(old.addr);
@@ -452,6 +489,7 @@ fn the_cgroup_guard_refuses_a_peer_outside_the_service_only() {
         env: &[("INVOCATION_ID", "0123456789abcdef0123456789abcdef")],
         extra: &["--control", ctl_arg],
         cgroup: Some(&a.0),
+        program: None,
     });
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", old.child.id())).unwrap();
     assert!(own.contains(&format!("{tag}-service")), "{own}");

@@ -1,6 +1,7 @@
 //! The in-place upgrade (SIGUSR2): a relay serving hand-overs (`--control`)
 //! starts its successor itself — the binary at the path it was started
-//! from, with its own command line plus `--takeover` — as its own child,
+//! from (resolved at start: after an upgrade the file there is the new
+//! binary), with its own command line plus `--takeover` — as its own child,
 //! so that under systemd the successor runs in the service's cgroup and
 //! systemd follows it as the service's main process (`MAINPID=`, see
 //! [`crate::runtime::readiness`]). The child takes over through the
@@ -86,9 +87,13 @@ impl Upgrade {
     /// Resolves this process's binary and command line (call it at
     /// start); `control` is `--control`.
     pub fn prepare(control: Option<&Path>) -> Upgrade {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot tell which binary this process runs: {e}"));
-        Upgrade::new(exe, std::env::args_os().skip(1), control)
+        let mut args = std::env::args_os();
+        let exe = binary_path(
+            args.next().as_deref(),
+            std::env::current_dir().ok().as_deref(),
+            std::env::current_exe,
+        );
+        Upgrade::new(exe, args, control)
     }
 
     fn new(
@@ -246,6 +251,31 @@ fn watch(mut child: Child) {
     }
 }
 
+/// The path this process was started from: its `argv[0]` when that names
+/// a path (`/usr/local/bin/udphub` as `ExecStart=` says it; a relative
+/// one made absolute against `cwd`, the directory at start), else what
+/// the kernel says it runs (`current_exe`, a name found on `PATH`). The
+/// argument first: where the installed path is a symlink to a versioned
+/// file, an upgrade repoints the symlink, and `current_exe` would name the
+/// old file.
+fn binary_path(
+    argv0: Option<&OsStr>,
+    cwd: Option<&Path>,
+    current_exe: impl FnOnce() -> std::io::Result<PathBuf>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(argv0) = argv0.filter(|a| a.as_bytes().contains(&b'/')) {
+        let path = Path::new(argv0);
+        if path.is_absolute() {
+            return Ok(path.to_path_buf());
+        }
+        if let Some(cwd) = cwd {
+            return Ok(cwd.join(path));
+        }
+    }
+    current_exe().map_err(|e| format!("cannot tell which binary this process runs: {e}"))
+}
+
 /// `args` without `--takeover PATH` or `--takeover=PATH` (a process that
 /// took over once is upgraded the same way again; clap refuses the flag
 /// twice). Nothing after `--` is touched.
@@ -317,6 +347,26 @@ mod tests {
             without_takeover(os(&["serve", "--", "--takeover", "x"])),
             os(&["serve", "--", "--takeover", "x"])
         );
+    }
+
+    /// The binary is the path the process was started as (made absolute
+    /// at start), else the kernel's.
+    #[test]
+    fn the_binary_is_the_path_started_from() {
+        let kernel = || Ok(PathBuf::from("/opt/udphub-1.2/udphub"));
+        let cwd = Some(Path::new("/srv"));
+        let path = |argv0: Option<&str>| binary_path(argv0.map(OsStr::new), cwd, kernel);
+        assert_eq!(
+            path(Some("/usr/local/bin/udphub")),
+            Ok("/usr/local/bin/udphub".into())
+        );
+        assert_eq!(path(Some("./bin/udphub")), Ok("/srv/./bin/udphub".into()));
+        assert_eq!(path(Some("udphub")), Ok("/opt/udphub-1.2/udphub".into()));
+        assert_eq!(path(None), Ok("/opt/udphub-1.2/udphub".into()));
+        let gone = binary_path(Some(OsStr::new("udphub")), cwd, || {
+            Err(std::io::Error::other("no /proc"))
+        });
+        assert!(gone.unwrap_err().contains("no /proc"));
     }
 
     /// A child of the service shares its cgroups; a process elsewhere (or
