@@ -2,10 +2,12 @@
 //! a relay serving `--control` start its successor itself (same binary
 //! path, same command line, `--takeover`), as its child, which takes over
 //! through the ordinary hand-over. Under a closed-loop load nothing is
-//! lost; under systemd's notify protocol the successor says
+//! lost and only the UDP sockets pass (nothing is inherited past exec);
+//! the successor rebinds the old metrics address and reads the config
+//! file again; under systemd's notify protocol the successor says
 //! `MAINPID=`/`READY=1` and the old process never `STOPPING=1`; a second
 //! SIGUSR2 meanwhile is ignored, a successor that fails is reaped and its
-//! status logged; under systemd (`INVOCATION_ID`) a `--takeover` from
+//! status logged; a binary gone is said so; under systemd (`INVOCATION_ID`) a `--takeover` from
 //! another cgroup is refused while the successor in the same one is not.
 
 mod util;
@@ -36,6 +38,8 @@ struct Start<'a> {
     cgroup: Option<&'a Path>,
     /// The path to start udphub as (its `argv[0]`), if not the build's.
     program: Option<&'a Path>,
+    /// `--metrics 127.0.0.1:0` on the command line (else the file says).
+    metrics_flag: bool,
 }
 
 /// Starts `udphub serve` on 127.0.0.1:0 with metrics, raw format, and
@@ -44,8 +48,6 @@ fn spawn(start: &Start<'_>) -> RelayProc {
     let mut args: Vec<String> = [
         "serve",
         "--bind",
-        "127.0.0.1:0",
-        "--metrics",
         "127.0.0.1:0",
         "--log-level",
         "info",
@@ -57,6 +59,9 @@ fn spawn(start: &Start<'_>) -> RelayProc {
     .map(|s| s.to_string())
     .collect();
     args.push(start.ready.to_str().unwrap().to_string());
+    if start.metrics_flag {
+        args.extend(["--metrics".to_string(), "127.0.0.1:0".to_string()]);
+    }
     args.extend(start.extra.iter().map(|s| s.to_string()));
     let program = start.program.unwrap_or(Path::new(udphub_bin()));
     let mut cmd = match start.cgroup {
@@ -213,6 +218,7 @@ fn sigusr2_upgrades_under_load_losing_nothing() {
         extra: &["--control", ctl_arg, "--threads", "2"],
         cgroup: None,
         program: None,
+        metrics_flag: true,
     });
     old.expect_log("hand-over control socket");
     let old_pid = old.child.id();
@@ -301,6 +307,7 @@ fn sigusr2_tells_systemd_the_new_main_pid() {
         extra: &["--control", ctl.to_str().unwrap()],
         cgroup: None,
         program: None,
+        metrics_flag: true,
     });
     let first = notes_until(&notify, |n| n == "READY=1");
     assert_eq!(first, ["READY=1"]);
@@ -334,6 +341,7 @@ fn sigusr2_without_control_warns_and_serves_on() {
         extra: &[],
         cgroup: None,
         program: None,
+        metrics_flag: true,
     });
     relay.signal("USR2");
     let line = relay.expect_log("SIGUSR2");
@@ -362,6 +370,7 @@ fn sigusr2_with_the_binary_gone_says_so_and_serves_on() {
         extra: &["--control", ctl.to_str().unwrap()],
         cgroup: None,
         program: Some(&link),
+        metrics_flag: true,
     });
     std::fs::remove_file(&link).unwrap();
     relay.signal("USR2");
@@ -372,6 +381,57 @@ fn sigusr2_with_the_binary_gone_says_so_and_serves_on() {
     assert_eq!(c.recv(), b"still here");
     relay.signal("TERM");
     assert_eq!(relay.wait_exit().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Under a service manager the metrics address is fixed: the successor
+/// binds the very address the old process lets go of as it exits, and
+/// reads the `--config` file again, so a setting changed there applies.
+#[test]
+fn the_successor_rebinds_the_metrics_address_and_reads_the_config_again() {
+    let dir = util::temp_path("rebind");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("udphub.toml");
+    std::fs::write(&file, "metrics = \"127.0.0.1:0\"\nmax-clients = 100\n").unwrap();
+    let ready = dir.join("ready");
+    let ctl = dir.join("ctl");
+    let mut old = spawn(&Start {
+        ready: &ready,
+        env: &[],
+        extra: &[
+            "--config",
+            file.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        cgroup: None,
+        program: None,
+        metrics_flag: false,
+    });
+    let metrics = old.metrics.expect("metrics from the file");
+    assert_eq!(old.metric("udphub_max_clients"), 100.0);
+    let c = Client::new(old.addr);
+    c.send(b"^join^r");
+    assert_eq!(c.recv(), b"^room^r");
+    // The address the kernel gave, fixed from now on.
+    std::fs::write(
+        &file,
+        format!("metrics = \"{metrics}\"\nmax-clients = 200\n"),
+    )
+    .unwrap();
+    let new = upgrade(&mut old, &ready);
+    assert_eq!(new.metrics, metrics, "the same metrics address");
+    util::http::wait_status(metrics, "/readyz", 200);
+    let scrape = util::scrape(metrics);
+    assert_eq!(
+        util::metric(&scrape, "udphub_handovers_total{result=\"received\"}"),
+        1.0
+    );
+    assert_eq!(util::metric(&scrape, "udphub_max_clients"), 200.0);
+    assert_eq!(util::metric(&scrape, "udphub_clients"), 1.0);
+    c.send(b"served by the successor");
+    assert_eq!(c.recv(), b"served by the successor");
+    new.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -411,6 +471,7 @@ fn a_second_sigusr2_is_ignored_and_a_failed_successor_is_reaped() {
         ],
         cgroup: None,
         program: None,
+        metrics_flag: true,
     });
     feeder.join().unwrap();
     let c = Client::new(old.addr);
@@ -490,6 +551,7 @@ fn the_cgroup_guard_refuses_a_peer_outside_the_service_only() {
         extra: &["--control", ctl_arg],
         cgroup: Some(&a.0),
         program: None,
+        metrics_flag: true,
     });
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", old.child.id())).unwrap();
     assert!(own.contains(&format!("{tag}-service")), "{own}");
