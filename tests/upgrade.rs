@@ -7,8 +7,9 @@
 //! file again; under systemd's notify protocol the successor says
 //! `MAINPID=`/`READY=1` and the old process never `STOPPING=1`; a second
 //! SIGUSR2 meanwhile is ignored, a successor that fails is reaped and its
-//! status logged; a binary gone is said so; under systemd (`INVOCATION_ID`) a `--takeover` from
-//! another cgroup is refused while the successor in the same one is not.
+//! status logged; a binary gone is said so; under systemd
+//! (`INVOCATION_ID`) a `--takeover` from another cgroup is refused while
+//! the successor in the same one is not.
 
 mod util;
 
