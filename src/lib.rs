@@ -48,6 +48,7 @@
 //!   replies of a batch, sent together), [`runtime::shards`] (several
 //!   loops on one port) and [`runtime::census`] (the counts they share),
 //!   [`runtime::handover`] (passing sockets and members to a new process),
+//!   [`runtime::upgrade`] (SIGUSR2: the relay starts its successor),
 //!   [`runtime::reload`] (SIGHUP), [`runtime::metrics`],
 //!   [`runtime::exporter`] (`/metrics`, `/healthz`, `/readyz`),
 //!   [`runtime::readiness`] (the phase the probes and systemd read),

@@ -109,6 +109,8 @@ fn the_socket_unit_verifies_beside_the_service() {
     );
     for directive in [
         "Type=notify",
+        // The successor of an in-place upgrade (SIGUSR2) says MAINPID=.
+        "NotifyAccess=all",
         "RuntimeDirectory=udphub",
         "RuntimeDirectoryMode=0700",
         "--control /run/udphub/control",

@@ -167,7 +167,7 @@ pub fn man_page(cmd: clap::Command, out: &mut dyn std::io::Write) -> std::io::Re
     }
     writeln!(
         out,
-        ".SH FILES\nA TOML file for \\fBudphub serve \\-\\-config\\fR: its keys are the flag names. SIGHUP re-reads it.\n.SH \"SEE ALSO\"\ndocs/OPERATIONS.md, docs/PROTOCOL.md, docs/SECURITY.md, docs/CLUSTER.md"
+        ".SH SIGNALS\nSIGTERM, SIGINT: say bye to every client and exit 0 (a second one exits at once, 130). SIGHUP: re-read the settings. SIGUSR2 (with \\fB\\-\\-control\\fR): upgrade in place: start the binary at the path the relay was started from, with the same arguments and \\fB\\-\\-takeover\\fR, which takes the sockets and members over.\n.SH FILES\nA TOML file for \\fBudphub serve \\-\\-config\\fR: its keys are the flag names. SIGHUP re-reads it.\n.SH \"SEE ALSO\"\ndocs/OPERATIONS.md, docs/PROTOCOL.md, docs/SECURITY.md, docs/CLUSTER.md"
     )?;
     man.render_version_section(out)
 }

@@ -463,8 +463,10 @@ declare_settings! {
         /// Created mode 0600: only the relay's user can take it over. A
         /// stale socket a crashed relay left at PATH is replaced; anything
         /// else there is refused. A hand-over passes the UDP sockets and
-        /// every member to the new process, which may be a newer binary
-        /// (docs/OPERATIONS.md, "Upgrading without a restart").
+        /// every member to the new process, which may be a newer binary;
+        /// SIGUSR2 makes the relay start it itself, as its child, with
+        /// the same binary path and arguments (docs/OPERATIONS.md,
+        /// "Upgrading without a restart").
         control: PathBuf {
             env: "UDPHUB_CONTROL",
             value: "PATH",

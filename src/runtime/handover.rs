@@ -252,20 +252,24 @@ fn same_user(stream: &UnixStream) -> Result<(), String> {
 /// for stopped, removes its runtime directory (the new control socket with
 /// it), no longer reaches the relay with `systemctl stop`, and with
 /// udphub.socket starts a second relay on the next datagram.
+/// A child this relay started on SIGUSR2 ([`crate::runtime::upgrade`])
+/// shares the cgroup. The peer's pid is noted for systemd's `MAINPID=`.
 fn same_service(stream: &UnixStream) -> Result<(), String> {
-    if std::env::var_os("INVOCATION_ID").is_none() {
-        return Ok(());
-    }
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let peer = getsockopt(stream, PeerCredentials)
         .map_err(|e| format!("cannot tell which process is at the other end: {e}"))?;
-    let cgroup = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+    crate::runtime::upgrade::note_peer(peer.pid().unsigned_abs());
+    if std::env::var_os("INVOCATION_ID").is_none() {
+        return Ok(());
+    }
+    let cgroup =
+        |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let (mine, theirs) = (cgroup("self"), cgroup(&peer.pid().to_string()));
-    if mine.is_some() && mine == theirs {
+    if crate::runtime::upgrade::same_cgroup(&mine, &theirs) {
         return Ok(());
     }
     Err(format!(
-        "this relay runs as a systemd service and process {} is outside its cgroup: systemd would take the service for stopped once this process exits; upgrade with `systemctl restart udphub` instead (udphub.socket keeps the socket, so no datagram is refused; see OPERATIONS.md, \"Upgrade under systemd\")",
+        "this relay runs as a systemd service and process {} is outside its cgroup: systemd would take the service for stopped once this process exits; upgrade with `systemctl kill -s SIGUSR2 --kill-whom=main udphub` instead (the relay starts its successor inside the service; see OPERATIONS.md, \"Upgrade under systemd\")",
         peer.pid()
     ))
 }
@@ -451,15 +455,18 @@ impl Control {
             tracing::warn!(event = "control_failed", error = %e, "control socket: {e}");
             return Outcome::Refused;
         }
-        // The whole hello within one step, however it is sliced.
+        // The whole hello within one step, however it is sliced. Read
+        // even from a peer that is refused (bounded, and only parsed): a
+        // refusal sent before the peer wrote its hello would meet a closed
+        // connection there (EPIPE), and the peer would never read why.
         let deadline = Instant::now() + STEP_TIMEOUT;
-        let peer = same_user(&stream)
-            .and_then(|()| same_service(&stream))
-            .and_then(|()| match read_frame(&mut stream, MAX_TEXT, deadline) {
-                Ok((HELLO, hello)) => Identity::decode(&hello),
-                Ok(_) => Err("not a hand-over hello".to_string()),
-                Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
-            });
+        let checked = same_user(&stream).and_then(|()| same_service(&stream));
+        let hello = match read_frame(&mut stream, MAX_TEXT, deadline) {
+            Ok((HELLO, hello)) => Identity::decode(&hello),
+            Ok(_) => Err("not a hand-over hello".to_string()),
+            Err(e) => Err(format!("no hello within {STEP_TIMEOUT:?}: {e}")),
+        };
+        let peer = checked.and(hello);
         let refusal = match &peer {
             Ok(peer) => self.refusal(peer),
             Err(why) => Some(why.clone()),

@@ -20,7 +20,10 @@
 //!   with the probes `/healthz` and `/readyz`.
 //! - [`readiness`]: what the relay is doing (starting, serving, handing
 //!   over, shutting down), for the probes and systemd.
-//! - [`notify`]: systemd's `READY=1`/`STOPPING=1` (`NOTIFY_SOCKET`).
+//! - [`notify`]: systemd's `READY=1`/`STOPPING=1`/`MAINPID=`
+//!   (`NOTIFY_SOCKET`).
+//! - [`upgrade`]: SIGUSR2 — the relay starts the process that takes it
+//!   over, as its child (inside a systemd service's cgroup).
 //! - [`watch`]: the periodic check that no other process shares the
 //!   relay's address.
 
@@ -37,6 +40,7 @@ pub mod reload;
 pub(crate) mod replies;
 pub mod shards;
 pub mod supervisor;
+pub mod upgrade;
 pub mod watch;
 
 // The configuration's cap on loops is the runtime's and net's: a room's

@@ -1,7 +1,11 @@
 //! systemd's readiness protocol (`sd_notify`): under `Type=notify` the
 //! service manager passes `NOTIFY_SOCKET`, a Unix datagram socket, and
 //! waits for `READY=1` before it calls the service started; `STOPPING=1`
-//! says the service is shutting down.
+//! says the service is shutting down. After a hand-over inside the
+//! service (SIGUSR2, [`crate::runtime::upgrade`]) the process that took
+//! over says `MAINPID=<its pid>` with its `READY=1`, and the one that
+//! handed over names it as `MAINPID=` before it exits (never
+//! `STOPPING=1`: the service goes on).
 //!
 //! Written by hand rather than with the `sd-notify` crate: it is one
 //! datagram to one address. Bounded: the socket is non-blocking, each
@@ -17,6 +21,9 @@ use std::os::unix::net::UnixDatagram;
 pub struct Notifier {
     /// `NOTIFY_SOCKET` as given: a path, or `@name` for an abstract socket.
     target: Option<OsString>,
+    /// This process took over from the service's main process: its
+    /// `READY=1` comes with `MAINPID=` (systemd then follows it).
+    successor: bool,
 }
 
 impl Notifier {
@@ -24,12 +31,46 @@ impl Notifier {
     pub fn from_env() -> Notifier {
         Notifier {
             target: std::env::var_os("NOTIFY_SOCKET").filter(|t| !t.is_empty()),
+            successor: false,
         }
     }
 
     /// A notifier that tells nobody.
     pub fn none() -> Notifier {
-        Notifier { target: None }
+        Notifier {
+            target: None,
+            successor: false,
+        }
+    }
+
+    /// A notifier that tells the socket at `path` (tests).
+    #[cfg(test)]
+    pub(crate) fn at(path: &std::path::Path) -> Notifier {
+        Notifier {
+            target: Some(path.as_os_str().to_owned()),
+            successor: false,
+        }
+    }
+
+    /// The same, for a process that takes over (`--takeover`): its
+    /// [`ready`](Self::ready) says `MAINPID=<pid>` first.
+    pub fn successor(self) -> Notifier {
+        Notifier {
+            successor: true,
+            ..self
+        }
+    }
+
+    /// `READY=1`; from a successor, `MAINPID=<pid>` and `READY=1` in one
+    /// datagram (systemd reads `MAINPID=` first, and needs
+    /// `NotifyAccess=all` to take it from a process that is not yet the
+    /// main one).
+    pub fn ready(&self) {
+        if self.successor {
+            self.notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        } else {
+            self.notify("READY=1");
+        }
     }
 
     /// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=…`), if systemd
@@ -84,11 +125,18 @@ mod tests {
         let listener = UnixDatagram::bind(&path).unwrap();
         let n = Notifier {
             target: Some(path.clone().into_os_string()),
+            successor: false,
         };
-        n.notify("READY=1");
+        n.ready();
         let mut buf = [0u8; 64];
         let got = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..got], b"READY=1");
+        n.successor().ready();
+        let got = listener.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..got],
+            format!("MAINPID={}\nREADY=1", std::process::id()).as_bytes()
+        );
 
         use std::os::linux::net::SocketAddrExt;
         let name = format!("udphub-notify-test-{}", std::process::id());
@@ -96,6 +144,7 @@ mod tests {
         let abstract_listener = UnixDatagram::bind_addr(&addr).unwrap();
         let n = Notifier {
             target: Some(format!("@{name}").into()),
+            successor: false,
         };
         n.notify("STOPPING=1");
         let got = abstract_listener.recv(&mut buf).unwrap();
@@ -104,6 +153,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         Notifier {
             target: Some(path.into_os_string()),
+            successor: false,
         }
         .notify("READY=1");
         Notifier::none().notify("READY=1");

@@ -78,7 +78,8 @@ struct Inner {
     started: AtomicUsize,
     /// Loop threads ended (returned, failed or panicked).
     ended: AtomicUsize,
-    /// systemd, told `READY=1` on serving and `STOPPING=1` on going away.
+    /// systemd, told `READY=1` on serving, `STOPPING=1` on a shutdown and
+    /// `MAINPID=` on a hand-over.
     notifier: Notifier,
 }
 
@@ -135,7 +136,7 @@ impl Readiness {
                 event = "serving",
                 "serving: every loop is reading its socket"
             );
-            self.0.notifier.notify("READY=1");
+            self.0.notifier.ready();
         }
         serving
     }
@@ -150,17 +151,30 @@ impl Readiness {
 
     /// **The hand-over ended**: `resumed` — it failed or was refused, the
     /// loops read again: serving; otherwise the new process serves and
-    /// this one is going away: shutting down
-    /// (`STOPPING=1` to systemd). Does nothing unless a hand-over was
-    /// under way.
+    /// this one is going away: shutting down (systemd is told nothing:
+    /// see [`handed_over`](Self::handed_over)). Does nothing unless a
+    /// hand-over was under way.
     pub fn hand_over_ended(&self, resumed: bool) {
         let to = if resumed {
             Phase::Serving
         } else {
             Phase::ShuttingDown
         };
-        if self.move_phase(Phase::HandingOver, to) && !resumed {
-            self.0.notifier.notify("STOPPING=1");
+        self.move_phase(Phase::HandingOver, to);
+    }
+
+    /// The sockets and members went to `successor` (its pid, if known),
+    /// which serves now: this process is going away, not ready from now
+    /// on. systemd is told `MAINPID=<successor>` — before this process
+    /// exits, so that it follows the service's new main process rather
+    /// than take the service for ended — and never `STOPPING=1` (that
+    /// would stop the service, the successor with it).
+    pub fn handed_over(&self, successor: Option<u32>) {
+        self.0
+            .phase
+            .store(Phase::ShuttingDown as u8, Ordering::Release);
+        if let Some(pid) = successor {
+            self.0.notifier.notify(&format!("MAINPID={pid}"));
         }
     }
 
@@ -240,6 +254,34 @@ mod tests {
         r.hand_over_ended(true);
         assert_eq!(r.phase(), Phase::ShuttingDown);
         assert!(!r.hand_over_started());
+    }
+
+    /// After a hand-over systemd hears the successor's pid, and never
+    /// STOPPING=1 (not even from a signal while this process exits).
+    #[test]
+    fn a_hand_over_names_the_successor_and_never_says_stopping() {
+        let dir = std::env::temp_dir().join(format!("udphub-readiness-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let r = Readiness::new(Notifier::at(&path));
+        r.expect_loops(1);
+        r.loop_started();
+        assert!(r.loop_polled());
+        assert!(r.hand_over_started());
+        r.handed_over(Some(4242));
+        assert_eq!(r.phase(), Phase::ShuttingDown);
+        assert!(!r.ready());
+        r.shutting_down();
+        listener.set_nonblocking(true).unwrap();
+        let mut notes = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = listener.recv(&mut buf) {
+            notes.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert_eq!(notes, ["READY=1", "MAINPID=4242"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! outside the loops ([`Supervisor::every`]: the relay's address watch).
 //! With `--control` it also serves hand-overs ([`Supervisor::control`],
 //! [`crate::runtime::handover`]): it pauses the loops, passes their sockets
-//! and state on, and lets them return without `bye` (or resume).
+//! and state on, and lets them return without `bye` (or resume); SIGUSR2
+//! starts the process that takes over ([`crate::runtime::upgrade`]).
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{Config, ServeArgs};
@@ -35,10 +36,11 @@ use crate::runtime::handover::{self, Control, Identity, Outcome};
 use crate::runtime::notify::Notifier;
 use crate::runtime::readiness::Readiness;
 use crate::runtime::reload::{self, ReloadSender};
+use crate::runtime::upgrade::{self, Upgrade};
 use crate::runtime::watch::{self, AddressWatch};
 use crate::runtime::{exporter, relay};
 
-/// SIGINT/SIGTERM/SIGHUP, through signal-hook-mio's self-pipe.
+/// SIGINT/SIGTERM/SIGHUP/SIGUSR2, through signal-hook-mio's self-pipe.
 const SIGNALS: Token = Token(0);
 /// A loop thread ended (returned, failed or panicked).
 const EXITED: Token = Token(1);
@@ -60,7 +62,14 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
     // Signals next: from the moment the ready file says so, a SIGTERM
     // must mean a graceful shutdown, not the default kill.
     let mut supervisor = Supervisor::new()?;
-    let readiness = Readiness::new(Notifier::from_env());
+    // SIGUSR2's successor runs the binary at the path this one was
+    // started from: resolved now, before an upgrade replaces the file.
+    let upgrade = Upgrade::prepare(config.control.as_deref());
+    let notifier = match args.takeover {
+        Some(_) => Notifier::from_env().successor(),
+        None => Notifier::from_env(),
+    };
+    let readiness = Readiness::new(notifier);
     supervisor.report_to(readiness.clone());
     let activated = inherited.is_some();
     let (mut relays, claim, metrics) = match (&args.takeover, inherited) {
@@ -169,6 +178,7 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
         metrics::counter!("udphub_config_reloads_total", "result" => result).absolute(0);
     }
     publish_limits(&config);
+    supervisor.upgrade(upgrade);
     let mut running = config;
     let on_hup = move || {
         reload_now(
@@ -489,6 +499,8 @@ pub struct Supervisor {
     readiness: Option<Readiness>,
     /// The hand-over control socket (`--control`), if any.
     control: Option<Control>,
+    /// What SIGUSR2 starts (`udphub serve` only; other servers log it).
+    upgrade: Option<Upgrade>,
 }
 
 /// Something the supervisor runs every `interval` on its own thread.
@@ -513,6 +525,7 @@ impl Supervisor {
             periodic: None,
             readiness: None,
             control: None,
+            upgrade: None,
         })
     }
 
@@ -526,6 +539,12 @@ impl Supervisor {
     /// that takes over pauses them, and they exit (or resume if it fails).
     pub fn control(&mut self, control: Control) {
         self.control = Some(control);
+    }
+
+    /// Starts `upgrade` on each SIGUSR2 (a successor that takes over
+    /// through the control socket, or a log line saying why not).
+    pub fn upgrade(&mut self, upgrade: Upgrade) {
+        self.upgrade = Some(upgrade);
     }
 
     /// Runs `task` every `interval` (first after one interval) on the
@@ -571,6 +590,7 @@ fn supervise<S: Service + Send + 'static>(
         mut periodic,
         readiness,
         mut control,
+        mut upgrade,
     } = sup;
     if let Some(r) = &readiness {
         r.expect_loops(loops.len());
@@ -652,6 +672,20 @@ fn supervise<S: Service + Send + 'static>(
                         }
                         continue;
                     }
+                    if sig == SIGUSR2 {
+                        match upgrade.as_mut() {
+                            Some(u) if !stopping => u.start(),
+                            Some(_) => tracing::info!(
+                                event = "upgrade_ignored",
+                                "SIGUSR2 while shutting down: ignored"
+                            ),
+                            None => tracing::info!(
+                                event = "upgrade_ignored",
+                                "SIGUSR2: this server cannot hand over; ignored"
+                            ),
+                        }
+                        continue;
+                    }
                     signals_seen += 1;
                     if signals_seen >= 2 {
                         // The handlers' own check (see install_signals) can
@@ -673,11 +707,12 @@ fn supervise<S: Service + Send + 'static>(
         if let Some(c) = control.as_mut().filter(|_| !stop && !stopping) {
             if (control_ready || c.pending()) && c.accept(&pauses, &reports) == Outcome::HandedOver
             {
-                // The loops are returning without a goodbye.
+                // The loops are returning without a goodbye; the service
+                // goes on in the successor (no STOPPING=1).
                 handed_over = true;
                 stopping = true;
                 if let Some(r) = &readiness {
-                    r.shutting_down();
+                    r.handed_over(upgrade::successor());
                 }
             }
         }
@@ -713,7 +748,7 @@ fn supervise<S: Service + Send + 'static>(
     // came with the first (both pending when a stopped relay resumes, their
     // handlers on two threads at once): one last look before saying all
     // went well.
-    if signals.pending().filter(|&sig| sig != SIGHUP).any(|_| {
+    if signals.pending().filter(|&sig| is_stop(sig)).any(|_| {
         signals_seen += 1;
         signals_seen >= 2
     }) {
@@ -729,8 +764,13 @@ fn supervise<S: Service + Send + 'static>(
     }
 }
 
-/// SIGINT/SIGTERM/SIGHUP for the poll, and the second-signal escape hatch
-/// (SIGINT/SIGTERM only).
+/// Whether `sig` asks the process to stop (SIGHUP and SIGUSR2 do not).
+fn is_stop(sig: i32) -> bool {
+    sig != SIGHUP && sig != SIGUSR2
+}
+
+/// SIGINT/SIGTERM/SIGHUP/SIGUSR2 for the poll, and the second-signal
+/// escape hatch (SIGINT/SIGTERM only).
 pub(crate) fn install_signals() -> Result<Signals, Error> {
     let fail = |e| Error::io("install signal handler", e);
     let second = Arc::new(AtomicBool::new(false));
@@ -745,7 +785,7 @@ pub(crate) fn install_signals() -> Result<Signals, Error> {
         // …which the first signal does (handlers run in registration order).
         signal_hook::flag::register(sig, Arc::clone(&second)).map_err(fail)?;
     }
-    Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(fail)
+    Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2]).map_err(fail)
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
-use signal_hook::consts::SIGHUP;
+use signal_hook::consts::{SIGHUP, SIGUSR2};
 use slab::Slab;
 
 use crate::error::Error;
@@ -47,7 +47,7 @@ use crate::runtime::event_loop::RateLimitedLog;
 
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
-/// SIGINT/SIGTERM/SIGHUP.
+/// SIGINT/SIGTERM/SIGHUP/SIGUSR2.
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// Bytes one read takes (the seed's `recv(1024)`, larger: the echo is per
 /// read either way).
@@ -642,6 +642,8 @@ pub fn run(
                     for sig in signals.pending() {
                         if sig == SIGHUP {
                             tracing::info!("SIGHUP: the echo server has no settings to reload");
+                        } else if sig == SIGUSR2 {
+                            tracing::info!("SIGUSR2: the echo server cannot hand over; ignored");
                         } else {
                             tracing::info!(event = "signal", signal = %sig, connections = server.conns.len(), "received signal {sig}; closing {} connections (again to exit at once)", server.conns.len());
                             stop = true;

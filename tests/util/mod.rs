@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod closed_loop;
 pub mod cluster;
 pub mod http;
 pub mod impair;
