@@ -881,3 +881,61 @@ fn a_strangers_frame_silences_no_stream_across_a_hand_over() {
     b.signal("TERM");
     assert_eq!(b.wait_exit().code(), Some(0));
 }
+
+/// A SIGTERM that arrives while a hand-over is under way (the supervisor
+/// reads signals only between two) is obeyed: the old relay does not let
+/// go when the new process says it serves, but tells it no, resumes and
+/// shuts down as asked, every member told `bye`; the stop is never lost
+/// to a successor serving on unasked.
+#[test]
+fn a_stop_during_a_hand_over_is_obeyed_not_handed_on() {
+    let ctl = control_path("stop");
+    let mut relay = old_relay(&ctl, &[]);
+    let clients = members(relay.addr, 2);
+    let mut conn = UnixStream::connect(&ctl).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(&hello(relay.addr, 1)).unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'O');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    conn.read_exact(&mut vec![0u8; len as usize]).unwrap();
+    relay.signal("TERM");
+    // The relay's log cannot show it yet (the supervisor is busy with this
+    // connection): wait until the kernel no longer holds SIGTERM pending
+    // for it, i.e. its handler ran.
+    let status = format!("/proc/{}/status", relay.child.id());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let pending = text
+            .lines()
+            .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+            .any(|mask| mask & (1 << (15 - 1)) != 0);
+        if !pending {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM stayed pending");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let mut serving = vec![b'S'];
+    serving.extend_from_slice(&0u64.to_le_bytes());
+    conn.write_all(&serving).unwrap();
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'R', "the new process is told no");
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    let mut why = vec![0u8; len as usize];
+    conn.read_exact(&mut why).unwrap();
+    assert!(
+        String::from_utf8_lossy(&why).contains("stop signal"),
+        "{}",
+        String::from_utf8_lossy(&why)
+    );
+    assert_eq!(relay.wait_exit().code(), Some(0));
+    for c in &clients {
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).expect("a bye");
+        assert_eq!(&buf[..n], b"bye");
+    }
+}

@@ -360,6 +360,46 @@ enum Flow {
 /// it they are dropped and counted (`inbound_full`).
 const FROZEN_BYTES: usize = 16 << 20;
 
+/// What a frozen room keeps, charged to every room's [`FROZEN_BYTES`]
+/// (each message its payload, its subject and [`super::INBOUND_OVERHEAD`],
+/// so that empty ones are not free), given back as they are handed on or
+/// when the room's task ends (aborted with its subscription, say).
+struct Waiting {
+    /// The NATS messages' payloads, each with its charge.
+    messages: std::collections::VecDeque<(bytes::Bytes, usize)>,
+    /// The charges of every frozen room.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Waiting {
+    /// Keeps `payload` (of a subject `subject_len` long) if the budget
+    /// allows; false if not.
+    fn push(&mut self, payload: bytes::Bytes, subject_len: usize) -> bool {
+        let cost = payload.len() + subject_len + super::INBOUND_OVERHEAD;
+        let held = self.bytes.fetch_add(cost, Ordering::SeqCst);
+        if held + cost > FROZEN_BYTES {
+            self.bytes.fetch_sub(cost, Ordering::SeqCst);
+            return false;
+        }
+        self.messages.push_back((payload, cost));
+        true
+    }
+
+    /// The oldest kept, its charge given back.
+    fn pop(&mut self) -> Option<bytes::Bytes> {
+        let (payload, cost) = self.messages.pop_front()?;
+        self.bytes.fetch_sub(cost, Ordering::SeqCst);
+        Some(payload)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let held: usize = self.messages.iter().map(|(_, cost)| cost).sum();
+        self.bytes.fetch_sub(held, Ordering::SeqCst);
+    }
+}
+
 /// What every room's task shares.
 #[derive(Clone)]
 struct Shared {
@@ -445,7 +485,9 @@ pub(super) async fn serve(
             },
             // (Not while taking over: the rooms opened meanwhile are
             // subscribed to, and replayed, by the catch-up.)
-            () = b.control.changed.notified(), if catchup.is_none() => {
+            // Nor while frozen: a room opened meanwhile is the new
+            // process's (it has the member), or subscribed at the thaw.
+            () = b.control.changed.notified(), if catchup.is_none() && *flow.borrow() == Flow::Running => {
                 for (subject, sub) in apply_changes(&mut b, &client, &mut subscriptions).await {
                     if let Some(s) = subscriptions.get_mut(&subject) {
                         s.start(sub, &shared);
@@ -647,8 +689,8 @@ async fn catch_up(
                 ..Default::default()
             };
             let mut all = kept.messages;
-            // Within a stream, by seq (a stable sort: what cannot be parsed
-            // stays where it was, and is refused by the inbox).
+            // Within a stream, by seq (what cannot be parsed sorts first,
+            // and is refused by the inbox).
             all.sort_by_cached_key(|(subject, payload)| {
                 super::frame::parse(payload).map(|b| {
                     (
@@ -679,6 +721,9 @@ async fn catch_up(
             inbox.end_replay();
         }
     }
+    // Positions of rooms nobody here is in any more are moot: a later
+    // subscription to one starts afresh.
+    b.resumed = HashMap::new();
     for (subject, sub) in fresh {
         if let Some(s) = subscriptions.get_mut(&subject) {
             s.start(sub, shared);
@@ -916,15 +961,15 @@ async fn forward(
     let handle = |payload: &bytes::Bytes, shared: &Shared| {
         take(payload, &inbox, &to_loops, &shared.keys, &shared.metrics).open
     };
-    let mut waiting: std::collections::VecDeque<bytes::Bytes> = Default::default();
+    let mut waiting = Waiting {
+        messages: Default::default(),
+        bytes: Arc::clone(&shared.frozen_bytes),
+    };
     loop {
         let state = *shared.flow.borrow_and_update();
         // What waited while frozen goes first, in order (thawed, or frozen
         // again: then it is handed on before this room says it stopped).
-        while let Some(payload) = waiting.pop_front() {
-            shared
-                .frozen_bytes
-                .fetch_sub(payload.len(), Ordering::SeqCst);
+        while let Some(payload) = waiting.pop() {
             if !handle(&payload, &shared) {
                 return;
             }
@@ -947,13 +992,8 @@ async fn forward(
                     }
                     message = sub.next() => match message {
                         Some(message) => {
-                            let len = message.payload.len();
-                            let held = shared.frozen_bytes.fetch_add(len, Ordering::SeqCst);
-                            if held + len > FROZEN_BYTES {
-                                shared.frozen_bytes.fetch_sub(len, Ordering::SeqCst);
+                            if !waiting.push(message.payload, message.subject.len()) {
                                 shared.metrics.drop_one(BusDrop::InboundFull);
-                            } else {
-                                waiting.push_back(message.payload);
                             }
                         }
                         None => return,

@@ -633,6 +633,11 @@ impl Control {
                 ))
             }
         }
+        // A stop asked for meanwhile is this relay's to obey (it resumes,
+        // then shuts down as asked): the successor, told no, never reads.
+        if crate::runtime::supervisor::stop_asked() {
+            return Err("a stop signal arrived during the hand-over; shutting down as asked instead of handing over".into());
+        }
         write_frame(stream, ACK, &[], deadline)
             .map_err(|e| format!("the new process is gone: {e}"))?;
         Ok((members, bytes, stopped))

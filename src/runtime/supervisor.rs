@@ -769,11 +769,26 @@ fn is_stop(sig: i32) -> bool {
     sig != SIGHUP && sig != SIGUSR2
 }
 
+/// Set by the first SIGINT/SIGTERM (in the handler, before the poll sees
+/// it): what the second-signal escape hatch checks, and what a hand-over
+/// checks before it lets go ([`stop_asked`]).
+fn stop_flag() -> &'static Arc<AtomicBool> {
+    static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Whether a SIGINT/SIGTERM has arrived: a hand-over under way when it
+/// does (the supervisor reads signals only between two) must not hand
+/// the relay on to a successor that would serve on unasked.
+pub(crate) fn stop_asked() -> bool {
+    stop_flag().load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// SIGINT/SIGTERM/SIGHUP/SIGUSR2 for the poll, and the second-signal
 /// escape hatch (SIGINT/SIGTERM only).
 pub(crate) fn install_signals() -> Result<Signals, Error> {
     let fail = |e| Error::io("install signal handler", e);
-    let second = Arc::new(AtomicBool::new(false));
+    let second = Arc::clone(stop_flag());
     for sig in [SIGINT, SIGTERM] {
         // Exits at once if `second` is already set when the signal arrives…
         signal_hook::flag::register_conditional_shutdown(

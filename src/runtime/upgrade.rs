@@ -91,6 +91,7 @@ impl Upgrade {
         let exe = binary_path(
             args.next().as_deref(),
             std::env::current_dir().ok().as_deref(),
+            std::env::var_os("PATH").as_deref(),
             std::env::current_exe,
         );
         Upgrade::new(exe, args, control)
@@ -127,6 +128,13 @@ impl Upgrade {
             );
             return;
         };
+        if std::process::id() == 1 {
+            tracing::error!(
+                event = "upgrade_refused",
+                "SIGUSR2: this relay is process 1 (a container without an init): once it handed over and exited, the kernel would end every process of the container, its successor and all the members with it; upgrade by replacing the container (a rolling restart) instead; serving on"
+            );
+            return;
+        }
         let running = self.running.load(Ordering::SeqCst);
         if running != 0 {
             tracing::info!(
@@ -162,10 +170,13 @@ impl Upgrade {
         let watcher = thread::Builder::new()
             .name("udphub-upgrade".into())
             .spawn(move || {
+                // No child (the spawn failed): `running` was never set,
+                // and a later attempt's pid must not be cleared.
                 if let Ok(child) = child_rx.recv() {
+                    let pid = child.id();
                     watch(child);
+                    let _ = running.compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
                 }
-                running.store(0, Ordering::SeqCst);
             });
         if let Err(e) = watcher {
             tracing::error!(event = "upgrade_failed", error = %e, "SIGUSR2: cannot start the thread that watches the new process ({e}); serving on");
@@ -253,14 +264,16 @@ fn watch(mut child: Child) {
 
 /// The path this process was started from: its `argv[0]` when that names
 /// a path (`/usr/local/bin/udphub` as `ExecStart=` says it; a relative
-/// one made absolute against `cwd`, the directory at start), else what
-/// the kernel says it runs (`current_exe`, a name found on `PATH`). The
-/// argument first: where the installed path is a symlink to a versioned
-/// file, an upgrade repoints the symlink, and `current_exe` would name the
-/// old file.
+/// one made absolute against `cwd`, the directory at start), a bare name
+/// as the shell found it on `path` (`PATH` at start, absolute directories
+/// only), else what the kernel says it runs (`current_exe`). The argument
+/// first: where the installed path is a symlink to a versioned file, an
+/// upgrade repoints the symlink, and `current_exe` would name the old
+/// file (symlinks resolved).
 fn binary_path(
     argv0: Option<&OsStr>,
     cwd: Option<&Path>,
+    path: Option<&OsStr>,
     current_exe: impl FnOnce() -> std::io::Result<PathBuf>,
 ) -> Result<PathBuf, String> {
     use std::os::unix::ffi::OsStrExt;
@@ -271,6 +284,15 @@ fn binary_path(
         }
         if let Some(cwd) = cwd {
             return Ok(cwd.join(path));
+        }
+    }
+    if let (Some(name), Some(path)) = (argv0.filter(|a| !a.is_empty()), path) {
+        let found = std::env::split_paths(path)
+            .filter(|dir| dir.is_absolute())
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file());
+        if let Some(found) = found {
+            return Ok(found);
         }
     }
     current_exe().map_err(|e| format!("cannot tell which binary this process runs: {e}"))
@@ -350,12 +372,12 @@ mod tests {
     }
 
     /// The binary is the path the process was started as (made absolute
-    /// at start), else the kernel's.
+    /// at start), a bare name as found on `PATH`, else the kernel's.
     #[test]
     fn the_binary_is_the_path_started_from() {
         let kernel = || Ok(PathBuf::from("/opt/udphub-1.2/udphub"));
         let cwd = Some(Path::new("/srv"));
-        let path = |argv0: Option<&str>| binary_path(argv0.map(OsStr::new), cwd, kernel);
+        let path = |argv0: Option<&str>| binary_path(argv0.map(OsStr::new), cwd, None, kernel);
         assert_eq!(
             path(Some("/usr/local/bin/udphub")),
             Ok("/usr/local/bin/udphub".into())
@@ -363,10 +385,31 @@ mod tests {
         assert_eq!(path(Some("./bin/udphub")), Ok("/srv/./bin/udphub".into()));
         assert_eq!(path(Some("udphub")), Ok("/opt/udphub-1.2/udphub".into()));
         assert_eq!(path(None), Ok("/opt/udphub-1.2/udphub".into()));
-        let gone = binary_path(Some(OsStr::new("udphub")), cwd, || {
+        let gone = binary_path(Some(OsStr::new("udphub")), cwd, None, || {
             Err(std::io::Error::other("no /proc"))
         });
         assert!(gone.unwrap_err().contains("no /proc"));
+        // A bare name is looked up on PATH (absolute directories only),
+        // not resolved through symlinks by the kernel.
+        let dir = std::env::temp_dir().join(format!("udphub-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("udphub-x"), b"").unwrap();
+        let search = std::env::join_paths([
+            "relative/bin".into(),
+            PathBuf::from("/nonexistent"),
+            dir.clone(),
+        ])
+        .unwrap();
+        assert_eq!(
+            binary_path(Some(OsStr::new("udphub-x")), cwd, Some(&search), kernel),
+            Ok(dir.join("udphub-x"))
+        );
+        assert_eq!(
+            binary_path(Some(OsStr::new("udphub-y")), cwd, Some(&search), kernel),
+            Ok("/opt/udphub-1.2/udphub".into()),
+            "not on PATH: the kernel's"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A child of the service shares its cgroups; a process elsewhere (or
