@@ -123,17 +123,8 @@ fn a_new_process_that_dies_mid_hand_over_leaves_the_old_one_serving() {
     let ctl = control_path("dies");
     let relay = old_relay(&ctl, &[]);
     let clients = members(relay.addr, 3);
-    let mut conn = UnixStream::connect(&ctl).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    conn.write_all(&hello(relay.addr, 1)).unwrap();
     // The offer: the loops are paused once it is sent.
-    let mut head = [0u8; 9];
-    conn.read_exact(&mut head).unwrap();
-    assert_eq!(head[0], b'O');
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
-    let mut snapshot = vec![0u8; len as usize];
-    conn.read_exact(&mut snapshot).unwrap();
-    assert!(snapshot.starts_with(b"UDPHUBSN"));
+    let conn = paused_by_hand(&ctl, relay.addr);
     // Paused for a hand-over: alive, but not ready.
     let probes = relay.metrics.expect("a metrics listener");
     util::http::wait_status(probes, "/readyz", 503);
@@ -568,6 +559,66 @@ fn an_offer_without_sockets_is_refused_as_broken() {
     let _ = std::fs::remove_file(&ctl);
 }
 
+/// Says hello to the relay at `ctl` by hand (a new process that is only
+/// this test) and reads its offer: once it is in, the relay's loops are
+/// paused and, with `--cluster`, its bus frozen, until the connection
+/// says serving (or fails, or closes).
+fn paused_by_hand(ctl: &Path, relay: SocketAddr) -> UnixStream {
+    let mut conn = UnixStream::connect(ctl).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(&hello(relay, 1)).unwrap();
+    let mut head = [0u8; 9];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], b'O');
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    let mut snapshot = vec![0u8; len as usize];
+    conn.read_exact(&mut snapshot).unwrap();
+    assert!(snapshot.starts_with(b"UDPHUBSN"));
+    conn
+}
+
+/// A two-node cluster for the hand-over tests: NATS, node a, and node b
+/// with a control socket and `more` settings, both connected.
+struct TwoNodes {
+    /// Kept alive for the test.
+    _nats: util::nats::Nats,
+    a: RelayProc,
+    b: RelayProc,
+    ctl: PathBuf,
+    /// b's settings, for a process taking it over.
+    b_args: Vec<String>,
+}
+
+impl TwoNodes {
+    fn start(tag: &str, more: &[&str]) -> TwoNodes {
+        let nats = util::nats::Nats::start();
+        let url = nats.url();
+        let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
+        a.wait_metric("udphub_cluster_connected", 1.0);
+        let ctl = control_path(tag);
+        let mut b_args: Vec<String> = ["--cluster", url.as_str(), "--node-id", "b"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        b_args.extend(more.iter().map(ToString::to_string));
+        let b = old_relay(&ctl, &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+        b.wait_metric("udphub_cluster_connected", 1.0);
+        TwoNodes {
+            _nats: nats,
+            a,
+            b,
+            ctl,
+            b_args,
+        }
+    }
+
+    /// A new process taking b over (and serving hand-overs in turn).
+    fn take_b_over(&self) -> RelayProc {
+        let args: Vec<&str> = self.b_args.iter().map(String::as_str).collect();
+        take_over(&self.b, &self.ctl, &args)
+    }
+}
+
 /// What one member heard: each sender's numbers, in arrival order, until
 /// every sender's end marker (bounded in time).
 fn hear(c: util::Client, senders: usize) -> std::collections::HashMap<String, Vec<usize>> {
@@ -614,19 +665,11 @@ fn cluster_hand_overs_with_two_threads() {
 
 fn cluster_hand_overs(tag: &str, more: &[&str]) {
     use util::cluster::{member, until_connected};
-    let nats = util::nats::Nats::start();
-    let url = nats.url();
-    let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
-    a.wait_metric("udphub_cluster_connected", 1.0);
-    let ctl = control_path(tag);
-    let mut extra = vec!["--cluster", url.as_str(), "--node-id", "b"];
-    extra.extend_from_slice(more);
-    let mut b = old_relay(&ctl, &extra);
-    b.wait_metric("udphub_cluster_connected", 1.0);
-    let from_a = member(&a, "r");
-    let from_b = member(&b, "r");
-    let on_a: Vec<util::Client> = (0..2).map(|_| member(&a, "r")).collect();
-    let on_b: Vec<util::Client> = (0..4).map(|_| member(&b, "r")).collect();
+    let mut nodes = TwoNodes::start(tag, more);
+    let from_a = member(&nodes.a, "r");
+    let from_b = member(&nodes.b, "r");
+    let on_a: Vec<util::Client> = (0..2).map(|_| member(&nodes.a, "r")).collect();
+    let on_b: Vec<util::Client> = (0..4).map(|_| member(&nodes.b, "r")).collect();
     for (sender, other) in [(&from_a, &from_b), (&from_b, &from_a)] {
         let everyone: Vec<&util::Client> = on_a.iter().chain(&on_b).chain([other]).collect();
         until_connected(sender, &everyone);
@@ -666,13 +709,17 @@ fn cluster_hand_overs(tag: &str, more: &[&str]) {
     };
     for h in 0..3 {
         wait_sent(100 * (h + 1) + sent.load(Ordering::SeqCst));
-        let new = take_over(&b, &ctl, &extra);
-        b.expect_log("handed over to the new process");
-        assert_eq!(b.wait_exit().code(), Some(0), "the old process exits 0");
+        let new = nodes.take_b_over();
+        nodes.b.expect_log("handed over to the new process");
+        assert_eq!(
+            nodes.b.wait_exit().code(),
+            Some(0),
+            "the old process exits 0"
+        );
         let caught = new.expect_log("caught up with the cluster");
         eprintln!("hand-over {h}: {caught}");
         new.wait_metric("udphub_cluster_connected", 1.0);
-        b = new;
+        nodes.b = new;
     }
     wait_sent(sent.load(Ordering::SeqCst) + 200);
     stop.store(true, Ordering::SeqCst);
@@ -699,15 +746,15 @@ fn cluster_hand_overs(tag: &str, more: &[&str]) {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    for relay in [&a, &b] {
+    for relay in [&nodes.a, &nodes.b] {
         assert_eq!(relay.metric("udphub_cluster_gap_total"), 0.0);
         assert_eq!(
             relay.metric("udphub_cluster_dropped_total{reason=\"inbound_full\"}"),
             0.0
         );
     }
-    b.signal("TERM");
-    assert_eq!(b.wait_exit().code(), Some(0));
+    nodes.b.signal("TERM");
+    assert_eq!(nodes.b.wait_exit().code(), Some(0));
 }
 
 /// A hand-over with `--cluster` that fails after the old relay froze its
@@ -717,26 +764,17 @@ fn cluster_hand_overs(tag: &str, more: &[&str]) {
 #[test]
 fn a_failed_cluster_hand_over_delivers_what_waited() {
     use util::cluster::{member, until_connected};
-    let nats = util::nats::Nats::start();
-    let url = nats.url();
-    let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
-    a.wait_metric("udphub_cluster_connected", 1.0);
-    let ctl = control_path("failed-cluster");
-    let extra = ["--cluster", url.as_str(), "--node-id", "b"];
-    let b = old_relay(&ctl, &extra);
-    b.wait_metric("udphub_cluster_connected", 1.0);
+    let TwoNodes {
+        _nats: _alive,
+        a,
+        b,
+        ctl,
+        ..
+    } = TwoNodes::start("failed-cluster", &[]);
     let from_a = member(&a, "r");
     let on_b = member(&b, "r");
     until_connected(&from_a, &[&on_b]);
-    let mut conn = UnixStream::connect(&ctl).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    conn.write_all(&hello(b.addr, 1)).unwrap();
-    let mut head = [0u8; 9];
-    conn.read_exact(&mut head).unwrap();
-    assert_eq!(head[0], b'O');
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
-    let mut snapshot = vec![0u8; len as usize];
-    conn.read_exact(&mut snapshot).unwrap();
+    let conn = paused_by_hand(&ctl, b.addr);
     // b is frozen and paused now, waiting for SERVING (5 s at most).
     let n = 1500;
     for i in 0..n {
@@ -772,16 +810,10 @@ fn a_strangers_frame_silences_no_stream_across_a_hand_over() {
     use std::net::TcpStream;
     use udphub::cluster::frame::{parse, Stamp, SEQ_WINDOW};
     use util::cluster::{member, until_connected};
-    let nats = util::nats::Nats::start();
-    let url = nats.url();
-    let a = util::spawn_relay(&["--cluster", &url, "--node-id", "a", "--format", "raw"]);
-    a.wait_metric("udphub_cluster_connected", 1.0);
-    let ctl = control_path("floor");
-    let extra = ["--cluster", url.as_str(), "--node-id", "b"];
-    let mut b = old_relay(&ctl, &extra);
-    b.wait_metric("udphub_cluster_connected", 1.0);
-    let from_a = member(&a, "r");
-    let on_b = member(&b, "r");
+    let mut nodes = TwoNodes::start("floor", &[]);
+    let url = nodes._nats.url();
+    let from_a = member(&nodes.a, "r");
+    let on_b = member(&nodes.b, "r");
     until_connected(&from_a, &[&on_b]);
     // The stranger: a raw NATS client.
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
@@ -793,6 +825,14 @@ fn a_strangers_frame_silences_no_stream_across_a_hand_over() {
     r.read_line(&mut line).unwrap(); // INFO
     w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB > 1\r\nPING\r\n")
         .unwrap();
+    // Subscribed once the server answers the PING (in order).
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line.starts_with("PONG") {
+            break;
+        }
+    }
     let next_msg = |r: &mut BufReader<TcpStream>| -> (String, Vec<u8>) {
         loop {
             let mut line = String::new();
@@ -869,17 +909,17 @@ fn a_strangers_frame_silences_no_stream_across_a_hand_over() {
         on_b.recv_within(PATIENCE).as_deref(),
         Some(&b"stranger"[..])
     );
-    let new = take_over(&b, &ctl, &extra);
-    assert_eq!(b.wait_exit().code(), Some(0));
+    let new = nodes.take_b_over();
+    assert_eq!(nodes.b.wait_exit().code(), Some(0));
     new.expect_log("caught up with the cluster");
     new.wait_metric("udphub_cluster_connected", 1.0);
-    b = new;
+    nodes.b = new;
     send_real("after");
     let after = drain(&on_b);
     assert_eq!(plain, 50, "without a hand-over");
     assert_eq!(after, 50, "after a hand-over");
-    b.signal("TERM");
-    assert_eq!(b.wait_exit().code(), Some(0));
+    nodes.b.signal("TERM");
+    assert_eq!(nodes.b.wait_exit().code(), Some(0));
 }
 
 /// A SIGTERM that arrives while a hand-over is under way (the supervisor
@@ -892,14 +932,7 @@ fn a_stop_during_a_hand_over_is_obeyed_not_handed_on() {
     let ctl = control_path("stop");
     let mut relay = old_relay(&ctl, &[]);
     let clients = members(relay.addr, 2);
-    let mut conn = UnixStream::connect(&ctl).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    conn.write_all(&hello(relay.addr, 1)).unwrap();
-    let mut head = [0u8; 9];
-    conn.read_exact(&mut head).unwrap();
-    assert_eq!(head[0], b'O');
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
-    conn.read_exact(&mut vec![0u8; len as usize]).unwrap();
+    let mut conn = paused_by_hand(&ctl, relay.addr);
     relay.signal("TERM");
     // The relay's log cannot show it yet (the supervisor is busy with this
     // connection): wait until the kernel no longer holds SIGTERM pending
@@ -922,6 +955,7 @@ fn a_stop_during_a_hand_over_is_obeyed_not_handed_on() {
     let mut serving = vec![b'S'];
     serving.extend_from_slice(&0u64.to_le_bytes());
     conn.write_all(&serving).unwrap();
+    let mut head = [0u8; 9];
     conn.read_exact(&mut head).unwrap();
     assert_eq!(head[0], b'R', "the new process is told no");
     let len = u64::from_le_bytes(head[1..].try_into().unwrap());
