@@ -7,6 +7,8 @@
 //! profile between its runs (`perf record`).
 //!
 //! `cargo run --release --example handover_phases -- [MEMBERS] [ROUNDS]`
+//! (`PREFAULT=1`: the new hub's table is written once before the clock
+//! starts, as `serve --takeover` does with `--expect-clients`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -96,15 +98,21 @@ fn main() {
         let (bytes, encode) = timed(|| snapshot::encode_loops(None, &[state]));
         let (decoded, decode) =
             timed(|| snapshot::Received::check(bytes.clone(), n).expect("a valid snapshot"));
-        let ((new, restored), restore) = timed(|| {
-            let mut new = Hub::new(&cfg, Hub::resume_start(&cfg, now));
-            let restored = new.restore(decoded.members_of(0), now).expect("restore");
-            (new, restored)
+        // Made (and, with PREFAULT=1, its memory written once) before the
+        // clock starts: what a process taking over does before its hello.
+        let mut table = Hub::table_for(&cfg);
+        let (_, prefault) = timed(|| {
+            if std::env::var_os("PREFAULT").is_some_and(|v| v == "1") {
+                table.prefault();
+            }
         });
+        let mut new = Hub::with_table(&cfg, Hub::resume_start(&cfg, now), table);
+        let (restored, restore) =
+            timed(|| new.restore(decoded.members_of(0), now).expect("restore"));
         drop(decoded);
         drop(old);
         println!(
-            "round {round}: {restored} members, {} B: export {export}, encode {encode}, check {decode} (with a copy of the bytes), new hub + restore {restore}",
+            "round {round}: {restored} members, {} B: export {export}, encode {encode}, check {decode} (with a copy of the bytes), restore {restore} (prefault before: {prefault})",
             bytes.len(),
         );
         old = new;

@@ -99,7 +99,14 @@ fn hand_overs_under_load_lose_nothing_and_keep_every_member() {
 /// from the first datagram.
 #[test]
 fn hand_overs_with_two_threads() {
-    hand_overs_under_load("threads", 24, 2, &["--threads", "2"]);
+    // With --expect-clients: the new processes make and prefault their
+    // tables before they ask for the hand-over.
+    hand_overs_under_load(
+        "threads",
+        24,
+        2,
+        &["--threads", "2", "--expect-clients", "64"],
+    );
 }
 
 /// A hello frame as `serve --takeover` sends it.

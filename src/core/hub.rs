@@ -152,18 +152,31 @@ pub struct Hub {
 impl Hub {
     /// An empty hub whose clock starts at `now`.
     pub fn new(config: &HubConfig, now: Instant) -> Hub {
+        Hub::with_table(config, now, Hub::table_for(config))
+    }
+
+    /// The empty table a hub for `config` starts with (room for
+    /// `--expect-clients`): what a process taking over makes, and
+    /// [prefaults](Table::prefault), before it asks for the hand-over.
+    pub fn table_for(config: &HubConfig) -> Table {
+        let (_, timeout_ticks) = Clock::for_timeout(config.timeout, Instant::now());
+        let reserve = config.expect_clients.min(config.max_clients);
+        Table::with_rooms(
+            timeout_ticks,
+            reserve,
+            Rooms::new(config.max_rooms, config.max_room_clients, reserve),
+        )
+    }
+
+    /// An empty hub whose clock starts at `now`, around `table` (empty,
+    /// made by [`table_for`](Self::table_for) with the same `config`).
+    pub fn with_table(config: &HubConfig, now: Instant, mut table: Table) -> Hub {
         let (clock, timeout_ticks) = Clock::for_timeout(config.timeout, now);
         // One turn of the ring covers the timeout, so an entry is looked at
         // about once per timeout; capped to bound the ring's memory.
         let slots = (timeout_ticks as usize + 2).min(1 << 16);
-        let reserve = config.expect_clients.min(config.max_clients);
         let lobby_open = config.lobby_open || config.room_secret.is_none();
         let mut admission = Admission::new(config.max_clients, lobby_open);
-        let mut table = Table::with_rooms(
-            timeout_ticks,
-            reserve,
-            Rooms::new(config.max_rooms, config.max_room_clients, reserve),
-        );
         if let Some(key) = &config.cookie_key {
             admission = admission.verify_sources(Verify::new(
                 key.clone(),

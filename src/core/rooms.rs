@@ -129,6 +129,16 @@ impl Rooms {
         }
     }
 
+    /// Writes once over the lobby's member list up to its capacity (see
+    /// [`crate::core::table::Table::prefault`]); only while it is empty.
+    pub fn prefault_lobby(&mut self) {
+        if let Some(list) = self.members.first_mut().filter(|l| l.is_empty()) {
+            let capacity = list.capacity();
+            list.resize(capacity, 0);
+            list.clear();
+        }
+    }
+
     /// Changes the caps of a running relay: rooms and members beyond new,
     /// lower caps stay; only joins are refused.
     pub fn set_limits(&mut self, max_rooms: usize, max_members: usize) {

@@ -121,8 +121,13 @@ impl Relay {
     /// (earlier than now for one that takes over members:
     /// [`Hub::resume_start`]).
     pub fn starting_at(config: &HubConfig, start: Instant) -> Relay {
+        Relay::around(Hub::new(config, start))
+    }
+
+    /// A relay service around `hub` (new, empty).
+    fn around(hub: Hub) -> Relay {
         Relay {
-            hub: Hub::new(config, start),
+            hub,
             sending: Sending::new(FanoutLimits::default()),
             replies: Replies::new(
                 64,
@@ -454,7 +459,7 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
                 || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
         );
     }
-    Ok((build(config, members, None, None)?, claim))
+    Ok((build(config, members, None, None, Vec::new())?, claim))
 }
 
 /// Takes over from another udphub process (`serve --takeover`): its
@@ -468,6 +473,7 @@ pub fn adopt(
     fds: Vec<std::os::fd::OwnedFd>,
     snapshot: &Received,
     early: Option<crate::cluster::handover::Early>,
+    warm: Vec<crate::core::table::Table>,
 ) -> Result<(Vec<RelayLoop>, Claim, usize), Error> {
     let threads = config.loops();
     if fds.len() != snapshot.loops() {
@@ -487,7 +493,7 @@ pub fn adopt(
     }
     let socket::Group { members, claim } = socket::adopt_group(config.bind, fds)?;
     let now = Instant::now();
-    let mut loops = build(config, members, Some((snapshot, now)), early)?;
+    let mut loops = build(config, members, Some((snapshot, now)), early, warm)?;
     let built = now.elapsed();
     // Each loop registers its own members, on a thread of its own with
     // `--threads` (every loop is paused in the old process meanwhile: the
@@ -532,6 +538,27 @@ pub fn adopt(
     Ok((loops, claim, restored))
 }
 
+/// Empty tables for the loops of `config`, each with room for its share
+/// of `--expect-clients` and that memory written once ([`Table::prefault`]):
+/// what a process taking over makes before it asks for the hand-over, so
+/// that registering the members (while the old relay is paused) faults in
+/// no page. None without `--expect-clients`.
+///
+/// [`Table::prefault`]: crate::core::table::Table::prefault
+pub fn warm_tables(config: &Config) -> Vec<crate::core::table::Table> {
+    if config.expect_clients == 0 {
+        return Vec::new();
+    }
+    let hub = config.hub();
+    (0..config.loops())
+        .map(|_| {
+            let mut table = Hub::table_for(&hub);
+            table.prefault();
+            table
+        })
+        .collect()
+}
+
 /// The loops over bound sockets: a fresh relay, or one resuming a
 /// snapshot taken at the instant given (its clock and cookie key set for
 /// the members it will restore).
@@ -540,6 +567,7 @@ fn build(
     members: Vec<socket::Bound>,
     resume: Option<(&Received, Instant)>,
     early: Option<crate::cluster::handover::Early>,
+    mut warm: Vec<crate::core::table::Table>,
 ) -> Result<Vec<RelayLoop>, Error> {
     let threads = config.loops();
     let reuse = threads > 1;
@@ -613,7 +641,11 @@ fn build(
         backlog: config.send_backlog,
     };
     for b in members {
-        let mut relay = Relay::starting_at(&hub, start);
+        // A table made (and written once) before the hand-over, if any.
+        let mut relay = match warm.pop() {
+            Some(table) => Relay::around(Hub::with_table(&hub, start, table)),
+            None => Relay::starting_at(&hub, start),
+        };
         relay.set_fanout_limits(limits);
         loops.push(EventLoop::new(b, config.max_datagram, relay)?);
     }
