@@ -221,7 +221,21 @@ pub fn run(c: &Common, plan: &Plan, newcomers: NewcomerPlan) -> Result<Admission
     let tap = tap.stop();
     crate::spoof::passes_after(c, 2)?;
     settle(c, plan.wait)?;
-    let after = c.scrape_optional()?;
+    // A loop publishes its counts in batches (and, starved of CPU, late):
+    // the last scrape is the first, within a bound, whose deliveries
+    // account for every datagram the tap saw. One that never does (a
+    // datagram sent but not counted) is reported as it is.
+    let seen = tap.datagrams + tap.dropped;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut after = c.scrape_optional()?;
+    while let (Some(b), Some(a)) = (&before, &after) {
+        let counted = Scrape::delta(b, a).get("udphub_deliveries_total");
+        if counted >= seen as f64 || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        after = c.scrape_optional()?;
+    }
     let rss_after = c.relay_pid.and_then(procfs::rss_bytes);
     let host_backlog_drops = crate::sink::backlog_drops().saturating_sub(backlog_before);
     arrivals.leave();
