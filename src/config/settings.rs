@@ -115,7 +115,10 @@ declare_settings! {
         /// and copy), long enough to overflow the receive buffer. Reserved
         /// memory becomes resident only as clients arrive (a client costs
         /// ~135 B of RSS in all); with several loops it is split between
-        /// them.
+        /// them. A process taking over (`--takeover`) writes it once before
+        /// it asks for the hand-over, so that registering the members faults
+        /// in no page while the old relay is paused: there it is resident
+        /// from the start.
         expect_clients: usize {
             env: "UDPHUB_EXPECT_CLIENTS",
             value: "N",
