@@ -38,6 +38,8 @@ TIMEOUT="${TIMEOUT:-200}"
 LOBBY_JOIN_RATE="${LOBBY_JOIN_RATE:-$((JOIN_RATE * 3 / 2))}"
 PHASES="${PHASES:-rooms lobby}"
 OUT="${OUT:-target/tenmillion}"
+# More relay flags, e.g. RELAY_ARGS="--recv-buffer 41943040".
+RELAY_ARGS="${RELAY_ARGS:-}"
 
 mkdir -p "$OUT"
 bin=target/release/udphub
@@ -56,7 +58,7 @@ start_relay() { # $1: tag; sets udp, metrics, relay_pid
     "$bin" serve --bind 127.0.0.1:0 --metrics 127.0.0.1:0 --log-level warn \
         --threads "$THREADS" --max-clients $((CLIENTS + CLIENTS / 5 + 10000)) \
         --expect-clients "$CLIENTS" --max-rooms $((ROOMS + TALK_ROOMS + 10)) \
-        --timeout "${TIMEOUT}s" --ready-file "$OUT/ready.$1" 2>"$OUT/relay.$1.log" &
+        --timeout "${TIMEOUT}s" --ready-file "$OUT/ready.$1" $RELAY_ARGS 2>"$OUT/relay.$1.log" &
     relay_pid=$!
     for _ in $(seq 600); do
         [ -s "$OUT/ready.$1" ] && grep -q '^metrics=' "$OUT/ready.$1" && break
@@ -73,6 +75,10 @@ scrape() { # $1: file; the relay's metrics plus its CPU seconds and RSS
     # CPU time the hypervisor took from this VM (all CPUs): a pass that
     # "took" 5 ms may have been stolen, not spent.
     awk '/^cpu / {print "host_steal_seconds", $9 / 100}' /proc/stat >>"$1"
+    # Time the relay's threads were runnable but waited for a CPU (other
+    # processes on it): the guest's share of a long pass, beside the steal.
+    cat /proc/"$relay_pid"/task/*/schedstat 2>/dev/null |
+        awk '{w += $2} END {print "relay_runqueue_wait_seconds", w / 1e9}' >>"$1"
 }
 
 wait_clients() { # $1: at least this many clients (bounded: 10 minutes)
@@ -129,6 +135,7 @@ print(json.dumps({
     'rss_bytes': b.get('relay_rss_bytes'),
     'relay_cpu_s': secs,
     'host_steal_s': d('host_steal_seconds'),
+    'relay_runqueue_wait_s': d('relay_runqueue_wait_seconds'),
     'heartbeats': hb,
     'relay_cpu_ns_per_heartbeat': secs * 1e9 / hb if hb else None,
     'deliveries': total('udphub_deliveries_total'),

@@ -366,3 +366,61 @@ fn two_inherited_sockets_run_two_loops() {
         assert_eq!(c.recv(), want);
     }
 }
+
+/// Launches its arguments (udphub) with one inherited UDP socket whose
+/// receive buffer the "service manager" set big: forced to 12 MiB past
+/// net.core.rmem_max where it may (as systemd does for `ReceiveBuffer=`),
+/// else 1 MiB. It says what it set on stderr before the exec.
+const ONE_BIG_BUFFER: &str = r#"
+import fcntl, os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.setsockopt(socket.SOL_SOCKET, 33, 12 << 20)  # SO_RCVBUFFORCE
+except PermissionError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.bind(("127.0.0.1", 0))
+print("inherited SO_RCVBUF", s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2, file=sys.stderr, flush=True)
+high = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 100)
+s.close()
+os.dup2(high, 3)
+os.close(high)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+/// A receive buffer the service manager made bigger than udphub asks for
+/// is kept, not lowered (systemd forces `ReceiveBuffer=8M` past a 4 MiB
+/// net.core.rmem_max; asking for the size again without force would cap
+/// it).
+#[test]
+fn an_inherited_bigger_buffer_is_kept() {
+    assert!(require_tool("python3"));
+    let ready = temp_path("big-buffer-ready");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(ONE_BIG_BUFFER)
+        .arg(udphub_bin())
+        .args(["serve", "--threads", "1", "--metrics", "off"])
+        .args([
+            "--recv-buffer",
+            "65536",
+            "--log-level",
+            "info",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .env_remove("RUST_LOG")
+        .env_remove("UDPHUB_THREADS");
+    let (child, log, addrs) = spawn_until_ready(cmd, &ready);
+    let relay = RelayProc {
+        child,
+        addr: addrs.udp,
+        metrics: None,
+        log,
+    };
+    let set = relay.expect_log("inherited SO_RCVBUF");
+    let set: usize = set.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(set >= 1 << 20, "{set}");
+    let start = relay.expect_log("udphub relaying on");
+    assert!(start.contains(&format!("SO_RCVBUF {set} B,")), "{start}");
+}

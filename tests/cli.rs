@@ -569,6 +569,103 @@ fn the_start_log_says_private_rooms_and_no_buffer_warnings() {
     );
 }
 
+/// One of net.core's buffer caps, in bytes.
+fn core_sysctl(name: &str) -> usize {
+    let path = format!("/proc/sys/net/core/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Whether this process has CAP_NET_ADMIN (bit 12 of CapEff).
+fn has_net_admin() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff in /proc/self/status")
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 12) != 0
+}
+
+/// Starts `udphub serve` through `wrapper` (none, or setpriv) asking for
+/// `asked` bytes of both buffers; returns the log lines up to and with the
+/// start line.
+fn start_lines(wrapper: &[&str], asked: usize) -> Vec<String> {
+    let ready = util::temp_path("buffers-ready");
+    let asked = asked.to_string();
+    let mut cmd = Command::new(wrapper.first().copied().unwrap_or(udphub_bin()));
+    if !wrapper.is_empty() {
+        cmd.args(&wrapper[1..]).arg("--").arg(udphub_bin());
+    }
+    cmd.args(["serve", "--bind", "127.0.0.1:0", "--metrics", "off"])
+        .args(["--log-level", "info", "--recv-buffer", &asked])
+        .args(["--send-buffer", &asked, "--ready-file"])
+        .arg(&ready)
+        .env_remove("RUST_LOG");
+    let (mut child, log, _) = util::spawn_until_ready(cmd, &ready);
+    let mut lines = Vec::new();
+    loop {
+        let line = log.recv_timeout(util::PATIENCE).expect("a start line");
+        let last = line.contains("relaying on");
+        lines.push(line);
+        if last {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+/// Socket buffers past net.core.{r,w}mem_max: a relay with CAP_NET_ADMIN
+/// gets what it asked for (SO_RCVBUFFORCE / SO_SNDBUFFORCE) and says
+/// nothing of a cap; one without it (setpriv drops the capability) is
+/// capped, says so at WARN and names the sysctl that lifts the cap.
+#[test]
+fn socket_buffers_are_forced_with_cap_net_admin_and_capped_without() {
+    if !util::require_tool("setpriv") {
+        return;
+    }
+    let (rmem, wmem) = (core_sysctl("rmem_max"), core_sysctl("wmem_max"));
+    let asked = rmem.max(wmem) + (1 << 20);
+    let granted = |lines: &[String]| {
+        let start = lines.last().unwrap();
+        (
+            start.contains(&format!("SO_RCVBUF {asked} B,")),
+            start.contains(&format!("SO_SNDBUF {asked} B")),
+        )
+    };
+    let said_capped = |lines: &[String]| {
+        lines.iter().any(|l| {
+            l.contains("WARN")
+                && l.contains("capped by the kernel")
+                && l.contains("net.core.rmem_max")
+        })
+    };
+    if has_net_admin() {
+        let lines = start_lines(&[], asked);
+        assert_eq!(granted(&lines), (true, true), "{lines:#?}");
+        assert!(!lines.iter().any(|l| l.contains("capped")), "{lines:#?}");
+    }
+    let lines = start_lines(
+        &[
+            "setpriv",
+            "--inh-caps=-net_admin",
+            "--bounding-set=-net_admin",
+        ],
+        asked,
+    );
+    assert_eq!(granted(&lines), (false, false), "{lines:#?}");
+    let start = lines.last().unwrap();
+    assert!(
+        start.contains(&format!("SO_RCVBUF {rmem} B, SO_SNDBUF {wmem} B")),
+        "{lines:#?}"
+    );
+    assert!(said_capped(&lines), "{lines:#?}");
+}
+
 /// A NATS URL on a loopback port nothing listens on (bound, then closed).
 fn closed_nats_url() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the real tools the tests drive (nc, socat,
 # prometheus and promtool, systemd-analyze and systemd-socket-activate,
-# tmux, ip, nats-server, openssl, python3, python3-pytest, nodejs and npm from Debian; PyJWT from PyPI;
+# tmux, ip, taskset and setpriv, nats-server, openssl, python3, python3-pytest, nodejs and npm from Debian; PyJWT from PyPI;
 # npm's jsonwebtoken and jose into target/npm) if they are missing, then
 # runs every test: cargo's, then the Python package's (clients/python).
 # Under CI=true a tool that is still missing fails its test; it never skips.
@@ -19,6 +19,9 @@ command -v python3 >/dev/null || missing+=(python3)
 { python3 -m pytest --version || /usr/bin/python3 -m pytest --version; } >/dev/null 2>&1 || missing+=(python3-pytest)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v ip >/dev/null || missing+=(iproute2)
+# taskset and setpriv (tests/faults.rs, tests/cli.rs): util-linux, on every
+# Debian, but a slim image may lack them.
+command -v taskset >/dev/null && command -v setpriv >/dev/null || missing+=(util-linux)
 command -v nats-server >/dev/null || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v node >/dev/null || missing+=(nodejs)

@@ -42,7 +42,7 @@ pub use validate::MAX_THREADS;
 pub use values::{
     parse_addr, parse_duration, parse_metrics, Lobby, MetricsAddr, NatsLogin, Threads,
     DEFAULT_FANOUT_SLICE, DEFAULT_MAX_DATAGRAM, DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER,
-    MAX_UDP_PAYLOAD,
+    MAX_UDP_PAYLOAD, RECV_BUFFER_PER_EXPECTED_CLIENT,
 };
 
 use crate::core::hub::HubConfig;
@@ -152,6 +152,20 @@ impl Config {
         self.threads.resolve().max(1)
     }
 
+    /// The SO_RCVBUF each loop's socket asks for: `--recv-buffer`, or,
+    /// left at its default, [`RECV_BUFFER_PER_EXPECTED_CLIENT`] bytes per
+    /// client the loop expects (`--expect-clients` split over the loops)
+    /// when that is more.
+    pub fn loop_recv_buffer(&self) -> usize {
+        if self.recv_buffer != DEFAULT_SOCKET_BUFFER {
+            return self.recv_buffer;
+        }
+        let expected = self.expect_clients.div_ceil(self.loops());
+        expected
+            .saturating_mul(RECV_BUFFER_PER_EXPECTED_CLIENT)
+            .clamp(DEFAULT_SOCKET_BUFFER, i32::MAX as usize)
+    }
+
     /// `--client-rate` with its burst (twice the rate unless
     /// `--client-burst` says), if clients are rate limited.
     pub fn client_rate(&self) -> Option<(f64, f64)> {
@@ -237,6 +251,25 @@ mod tests {
         assert_eq!(c.max_clients, 1_000_000);
         assert_eq!(c.loops(), 1);
         assert!(c.cluster().is_none() && c.client_rate().is_none());
+    }
+
+    /// The receive buffer grows with the clients a loop expects, only
+    /// while `--recv-buffer` is left at its default.
+    #[test]
+    fn the_receive_buffer_follows_the_expected_clients() {
+        let buffer = |a: &[&str]| Config::from_args(&args(a)).unwrap().loop_recv_buffer();
+        assert_eq!(buffer(&[]), 8 << 20);
+        assert_eq!(buffer(&["--expect-clients", "1000000"]), 8 << 20);
+        let big = ["--expect-clients", "10000000", "--max-clients", "12000000"];
+        assert_eq!(buffer(&big), 40_000_000);
+        let two: Vec<&str> = big.iter().copied().chain(["--threads", "2"]).collect();
+        assert_eq!(buffer(&two), 20_000_000);
+        let set: Vec<&str> = big
+            .iter()
+            .copied()
+            .chain(["--recv-buffer", "65536"])
+            .collect();
+        assert_eq!(buffer(&set), 65536);
     }
 
     /// A cluster node may use every core: `--cluster` with `--threads`

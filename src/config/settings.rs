@@ -127,7 +127,11 @@ declare_settings! {
             check: any,
             reload: Restart,
         }
-        /// SO_RCVBUF to request, in bytes.
+        /// SO_RCVBUF to request, in bytes. Left at 8 MiB, each loop asks
+        /// for 4 B per client it expects (--expect-clients) when that is
+        /// more: 40 MB for ten million on one loop. The kernel caps it at
+        /// net.core.rmem_max unless the relay has CAP_NET_ADMIN (root),
+        /// which forces it past the cap (SO_RCVBUFFORCE).
         recv_buffer: usize {
             env: "UDPHUB_RECV_BUFFER",
             value: "BYTES",
@@ -136,7 +140,8 @@ declare_settings! {
             check: between(1, i32::MAX as usize),
             reload: Restart,
         }
-        /// SO_SNDBUF to request, in bytes.
+        /// SO_SNDBUF to request, in bytes; past net.core.wmem_max only
+        /// with CAP_NET_ADMIN (SO_SNDBUFFORCE).
         send_buffer: usize {
             env: "UDPHUB_SEND_BUFFER",
             value: "BYTES",
@@ -172,7 +177,7 @@ declare_settings! {
         /// A message to a bigger room is sent in slices of this many,
         /// between reads, so heartbeats and other rooms never wait for a
         /// huge room (4096 take 1–2 ms); its room's next messages wait
-        /// behind it, in order. A slice also ends after 2 ms, whatever its
+        /// behind it, in order. A slice also ends after 1 ms, whatever its
         /// size, where deliveries cost more.
         fanout_slice: usize {
             env: "UDPHUB_FANOUT_SLICE",

@@ -22,6 +22,13 @@ pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
 /// Default socket buffer request: 8 MiB holds ~4 ms of a 10 Gbit/s burst or
 /// ~10k small datagrams, enough to ride out a scheduling hiccup.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
+/// Receive buffer asked for per client a loop expects (`--expect-clients`)
+/// when `--recv-buffer` is left at its default and this comes to more: a
+/// big table's heartbeats arrive at a rate that grows with it, and the
+/// queue must hold them while the loop is busy. A small datagram takes
+/// ~1.2 KB of the buffer on loopback, so ten million clients on one loop
+/// get 40 MB: ~33,000 datagrams, 200 ms of heartbeats every 60 s.
+pub const RECV_BUFFER_PER_EXPECTED_CLIENT: usize = 4;
 /// Default `--fanout-slice`: 4096 member-list positions take a loop about
 /// 1–2 ms to send (16 `sendmmsg` calls of 256), so it reads again well
 /// within 5 ms however big the room.

@@ -177,8 +177,9 @@ impl Inherited {
                 .map_err(|e| Error::io("set O_NONBLOCK on an inherited socket", e))?;
             // Not passed on to anything udphub starts.
             let _ = socket.set_cloexec(true);
-            let _ = socket.set_recv_buffer_size(recv_buffer);
-            let _ = socket.set_send_buffer_size(send_buffer);
+            // Never below what the service manager set (systemd forces
+            // ReceiveBuffer= past net.core.rmem_max).
+            socket::ask_buffers(&socket, recv_buffer, send_buffer, true);
             members.push(socket::prepare(socket, addr));
         }
         let addr = members

@@ -71,11 +71,38 @@ pub fn bind(
     if reuse_port {
         socket.set_reuse_port(true).map_err(bind_error)?;
     }
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = socket.set_recv_buffer_size(recv_buffer);
-    let _ = socket.set_send_buffer_size(send_buffer);
+    ask_buffers(&socket, recv_buffer, send_buffer, false);
     socket.bind(&addr.into()).map_err(bind_error)?;
     Ok(prepare(socket, addr))
+}
+
+/// Asks for socket buffers of `recv` and `send` bytes, best effort: the
+/// kernel caps them at net.core.{r,w}mem_max unless the process may force
+/// them past it (CAP_NET_ADMIN), as systemd's `ReceiveBuffer=` does, so an
+/// operator who asked for a size gets it where that is allowed. With
+/// `keep_bigger`, a buffer bigger already (a service manager forced it) is
+/// left as it is; otherwise a smaller size asked for is set.
+pub(crate) fn ask_buffers(socket: &Socket, recv: usize, send: usize, keep_bigger: bool) {
+    let keep =
+        |reported: std::io::Result<usize>, asked: usize| keep_bigger && granted(reported) >= asked;
+    if !keep(socket.recv_buffer_size(), recv) {
+        let _ = socket.set_recv_buffer_size(recv);
+        if granted(socket.recv_buffer_size()) < recv {
+            let _ = batch_io::force_buffer(socket.as_fd(), batch_io::Buffer::Recv, recv);
+        }
+    }
+    if !keep(socket.send_buffer_size(), send) {
+        let _ = socket.set_send_buffer_size(send);
+        if granted(socket.send_buffer_size()) < send {
+            let _ = batch_io::force_buffer(socket.as_fd(), batch_io::Buffer::Send, send);
+        }
+    }
+}
+
+/// What the kernel granted, from what it reports (twice the size, the
+/// doubled part being its bookkeeping), or 0 if it cannot say.
+fn granted(reported: std::io::Result<usize>) -> usize {
+    reported.unwrap_or(0) / 2
 }
 
 /// Makes a bound, non-blocking socket a [`Bound`]: asks for the kernel's
@@ -101,8 +128,8 @@ pub(crate) fn prepare(socket: Socket, addr: SocketAddr) -> Bound {
                 false
             }
         };
-    let got_recv = socket.recv_buffer_size().unwrap_or(0);
-    let got_send = socket.send_buffer_size().unwrap_or(0);
+    let got_recv = granted(socket.recv_buffer_size());
+    let got_send = granted(socket.send_buffer_size());
     let local_addr = socket
         .local_addr()
         .ok()
@@ -112,8 +139,8 @@ pub(crate) fn prepare(socket: Socket, addr: SocketAddr) -> Bound {
     Bound {
         socket: mio::net::UdpSocket::from_std(std_socket),
         local_addr,
-        recv_buffer: got_recv / 2,
-        send_buffer: got_send / 2,
+        recv_buffer: got_recv,
+        send_buffer: got_send,
         pktinfo,
     }
 }

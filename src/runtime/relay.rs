@@ -63,7 +63,7 @@ pub const BYE_PATIENCE: Duration = Duration::from_secs(1);
 /// The longest one slice of a fan-out runs (besides `--fanout-slice`
 /// deliveries), so the loop reads again within a few milliseconds whatever
 /// a delivery costs.
-pub const SLICE_TIME: Duration = Duration::from_millis(2);
+pub const SLICE_TIME: Duration = Duration::from_millis(1);
 /// How long a hand-over's export waits for the send buffer to take what
 /// the loops' last hand-offs parked (within the supervisor's step timeout).
 const EXPORT_PATIENCE: Duration = Duration::from_millis(500);
@@ -439,7 +439,7 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
     let group = socket::bind_group(
         config.bind,
         "relay socket",
-        config.recv_buffer,
+        config.loop_recv_buffer(),
         config.send_buffer,
         config.loops(),
     )?;
@@ -453,7 +453,7 @@ pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>
     if let Some(first) = members.first() {
         socket::report_buffers(
             first,
-            config.recv_buffer,
+            config.loop_recv_buffer(),
             config.send_buffer,
             config.recv_buffer != crate::config::DEFAULT_SOCKET_BUFFER
                 || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,

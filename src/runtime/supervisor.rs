@@ -90,7 +90,7 @@ pub fn serve(args: ServeArgs, mut config: Config) -> Result<(), Error> {
                 Some(inherited) => {
                     let group = inherited.into_group(
                         config.loops(),
-                        config.recv_buffer,
+                        config.loop_recv_buffer(),
                         config.send_buffer,
                     )?;
                     let addr = group.claim.addr();
