@@ -349,6 +349,28 @@ fn the_new_process_is_healthy_and_ready_after_a_hand_over() {
     assert_eq!(new.metric("udphub_clients"), 2.0);
 }
 
+/// The process taking over asks for its own socket buffers: a bigger
+/// receive buffer is granted on the sockets handed over (forced past
+/// net.core.rmem_max with CAP_NET_ADMIN), and a smaller one never lowers
+/// them (the start line says what each process has).
+#[test]
+fn the_new_process_asks_for_its_own_buffers_and_never_lowers_them() {
+    let ctl = control_path("buffers");
+    let old = old_relay(&ctl, &[]);
+    let bigger = 12usize << 20;
+    let want = if util::has_net_admin() {
+        bigger
+    } else {
+        bigger.min(util::core_sysctl("rmem_max"))
+    };
+    let new = take_over(&old, &ctl, &["--recv-buffer", &bigger.to_string()]);
+    let start = new.expect_log("udphub relaying on");
+    assert!(start.contains(&format!("SO_RCVBUF {want} B,")), "{start}");
+    let newer = take_over(&new, &ctl, &["--recv-buffer", "65536"]);
+    let start = newer.expect_log("udphub relaying on");
+    assert!(start.contains(&format!("SO_RCVBUF {want} B,")), "{start}");
+}
+
 /// How long the old relay gives a peer for one step (the hello):
 /// `udphub::runtime::handover::STEP_TIMEOUT`.
 const STEP: Duration = Duration::from_secs(5);

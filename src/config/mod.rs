@@ -42,7 +42,7 @@ pub use validate::MAX_THREADS;
 pub use values::{
     parse_addr, parse_duration, parse_metrics, Lobby, MetricsAddr, NatsLogin, Threads,
     DEFAULT_FANOUT_SLICE, DEFAULT_MAX_DATAGRAM, DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER,
-    MAX_UDP_PAYLOAD, RECV_BUFFER_PER_EXPECTED_CLIENT,
+    MAX_SOCKET_BUFFER, MAX_UDP_PAYLOAD, RECV_BUFFER_PER_EXPECTED_CLIENT,
 };
 
 use crate::core::hub::HubConfig;
@@ -163,7 +163,7 @@ impl Config {
         let expected = self.expect_clients.div_ceil(self.loops());
         expected
             .saturating_mul(RECV_BUFFER_PER_EXPECTED_CLIENT)
-            .clamp(DEFAULT_SOCKET_BUFFER, i32::MAX as usize)
+            .clamp(DEFAULT_SOCKET_BUFFER, MAX_SOCKET_BUFFER)
     }
 
     /// `--client-rate` with its burst (twice the rate unless

@@ -24,7 +24,7 @@ use super::values::{
     parse_bind, parse_bool, parse_cluster_urls, parse_duration, parse_lobby, parse_metrics,
     parse_number, parse_path, parse_template, parse_text, parse_threads, parse_whole, Lobby,
     MetricsAddr, NatsUrls, Threads, DEFAULT_FANOUT_SLICE, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER,
+    DEFAULT_SEND_BACKLOG, DEFAULT_SOCKET_BUFFER, MAX_SOCKET_BUFFER,
 };
 use crate::core::admission::COOKIE_PREFIX_RATE;
 use crate::core::protocol::Template;
@@ -137,17 +137,18 @@ declare_settings! {
             value: "BYTES",
             parse: parse_whole::<usize>,
             default: value(DEFAULT_SOCKET_BUFFER),
-            check: between(1, i32::MAX as usize),
+            check: between(1, MAX_SOCKET_BUFFER),
             reload: Restart,
         }
-        /// SO_SNDBUF to request, in bytes; past net.core.wmem_max only
-        /// with CAP_NET_ADMIN (SO_SNDBUFFORCE).
+        /// SO_SNDBUF to request, in bytes. Capped at net.core.wmem_max, and
+        /// never forced past it: a send queue the kernel pushes back on is
+        /// what parks a fan-out before a NIC's queue drops it unreported.
         send_buffer: usize {
             env: "UDPHUB_SEND_BUFFER",
             value: "BYTES",
             parse: parse_whole::<usize>,
             default: value(DEFAULT_SOCKET_BUFFER),
-            check: between(1, i32::MAX as usize),
+            check: between(1, MAX_SOCKET_BUFFER),
             reload: Restart,
         }
         /// Bytes of unfinished fan-outs and replies each loop may park (at

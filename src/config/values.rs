@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
 /// Default socket buffer request: 8 MiB holds ~4 ms of a 10 Gbit/s burst or
 /// ~10k small datagrams, enough to ride out a scheduling hiccup.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
+/// The most a socket buffer setting may ask for: Linux grants at most
+/// `i32::MAX / 2` (it doubles what it grants for its bookkeeping).
+pub const MAX_SOCKET_BUFFER: usize = (i32::MAX / 2) as usize;
 /// Receive buffer asked for per client a loop expects (`--expect-clients`)
 /// when `--recv-buffer` is left at its default and this comes to more: a
 /// big table's heartbeats arrive at a rate that grows with it, and the

@@ -20,7 +20,9 @@
 //! member leaving the reached part is replaced by the last reached member,
 //! whose place the last member of the list takes (the cursor moves back by
 //! one). Members who join meanwhile are appended and may get the message
-//! too; nobody who left is reached; nobody is reached twice. Each room id
+//! too; nobody who left is reached; no membership is reached twice (one
+//! reached who leaves and joins again meanwhile is appended as a new
+//! member, and may get the message again). Each room id
 //! also has an **incarnation**, bumped when a freed id is reused, so a
 //! parked fan-out never reaches the members of a newer room.
 

@@ -721,43 +721,6 @@ pub fn enable_rxq_ovfl(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// Which socket buffer [`force_buffer`] sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Buffer {
-    /// The receive queue (SO_RCVBUFFORCE).
-    Recv,
-    /// The send queue (SO_SNDBUFFORCE).
-    Send,
-}
-
-/// Sets a socket buffer to `bytes` past the `net.core.{r,w}mem_max` cap
-/// (SO_RCVBUFFORCE / SO_SNDBUFFORCE), as systemd's `ReceiveBuffer=` does.
-/// The kernel allows it only with CAP_NET_ADMIN; otherwise it fails with
-/// EPERM and the buffer keeps what the plain option granted.
-pub fn force_buffer(fd: BorrowedFd<'_>, which: Buffer, bytes: usize) -> io::Result<()> {
-    let name = match which {
-        Buffer::Recv => libc::SO_RCVBUFFORCE,
-        Buffer::Send => libc::SO_SNDBUFFORCE,
-    };
-    let value = libc::c_int::try_from(bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer size over i32::MAX"))?;
-    // SAFETY: the option value is a live c_int and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            (&value as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Asks the kernel to report each datagram's local address
 /// ([`Datagram::local`]): `IP_PKTINFO` on an IPv4 socket,
 /// `IPV6_RECVPKTINFO` on an IPv6 one (which reports IPv4 datagrams of a

@@ -76,27 +76,51 @@ pub fn bind(
     Ok(prepare(socket, addr))
 }
 
-/// Asks for socket buffers of `recv` and `send` bytes, best effort: the
-/// kernel caps them at net.core.{r,w}mem_max unless the process may force
-/// them past it (CAP_NET_ADMIN), as systemd's `ReceiveBuffer=` does, so an
-/// operator who asked for a size gets it where that is allowed. With
-/// `keep_bigger`, a buffer bigger already (a service manager forced it) is
-/// left as it is; otherwise a smaller size asked for is set.
+/// Asks for socket buffers of `recv` and `send` bytes, best effort.
+///
+/// The kernel caps both at net.core.{r,w}mem_max. The receive buffer is
+/// forced past its cap where the process may (CAP_NET_ADMIN), as systemd's
+/// `ReceiveBuffer=` does: it is what rides out a loop's stall, and an
+/// operator who asked for a size gets it. The send buffer is not forced:
+/// a queue the kernel pushes back on (EAGAIN) is what parks a fan-out,
+/// where a bigger one would let a NIC's queue overflow, and UDP does not
+/// report those drops to the sender.
+///
+/// With `keep_bigger` (a socket a service manager or the previous process
+/// set up) nothing is lowered: a buffer bigger than asked is left as it is,
+/// and the plain option, which would cap a forced buffer at the sysctl, is
+/// used only where that grows it. Otherwise (a socket just made) the sizes
+/// asked for are set, smaller ones too.
 pub(crate) fn ask_buffers(socket: &Socket, recv: usize, send: usize, keep_bigger: bool) {
-    let keep =
-        |reported: std::io::Result<usize>, asked: usize| keep_bigger && granted(reported) >= asked;
-    if !keep(socket.recv_buffer_size(), recv) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let recv_now = granted(socket.recv_buffer_size());
+    if !keep_bigger {
         let _ = socket.set_recv_buffer_size(recv);
         if granted(socket.recv_buffer_size()) < recv {
-            let _ = batch_io::force_buffer(socket.as_fd(), batch_io::Buffer::Recv, recv);
+            let _ = setsockopt(socket, sockopt::RcvBufForce, &recv);
         }
-    }
-    if !keep(socket.send_buffer_size(), send) {
         let _ = socket.set_send_buffer_size(send);
-        if granted(socket.send_buffer_size()) < send {
-            let _ = batch_io::force_buffer(socket.as_fd(), batch_io::Buffer::Send, send);
+    } else {
+        if recv_now < recv
+            && setsockopt(socket, sockopt::RcvBufForce, &recv).is_err()
+            && recv.min(core_cap("rmem_max")) > recv_now
+        {
+            let _ = socket.set_recv_buffer_size(recv);
+        }
+        let send_now = granted(socket.send_buffer_size());
+        if send.min(core_cap("wmem_max")) > send_now {
+            let _ = socket.set_send_buffer_size(send);
         }
     }
+}
+
+/// `net.core.NAME` (rmem_max, wmem_max): what a plain SO_RCVBUF/SO_SNDBUF
+/// grants at most; 0 if it cannot be read (then nothing is re-asked).
+fn core_cap(name: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What the kernel granted, from what it reports (twice the size, the
@@ -220,8 +244,14 @@ pub struct Group {
 /// same port, or any port when `addr`'s is 0). They keep every option the
 /// old process set (buffers, SO_RXQ_OVFL, packet info, the group's
 /// steering program), and their queues: nothing that waited in them is
-/// lost.
-pub fn adopt_group(addr: SocketAddr, fds: Vec<std::os::fd::OwnedFd>) -> Result<Group, Error> {
+/// lost. Buffers are asked for as this process's settings say
+/// (`recv_buffer`, `send_buffer`), never lowered.
+pub fn adopt_group(
+    addr: SocketAddr,
+    fds: Vec<std::os::fd::OwnedFd>,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> Result<Group, Error> {
     let what = "relay socket";
     let mut members = Vec::with_capacity(fds.len());
     for fd in fds {
@@ -244,14 +274,15 @@ pub fn adopt_group(addr: SocketAddr, fds: Vec<std::os::fd::OwnedFd>) -> Result<G
         socket
             .set_nonblocking(true)
             .map_err(|e| Error::io("set O_NONBLOCK", e))?;
-        let recv_buffer = socket.recv_buffer_size().unwrap_or(0) / 2;
-        let send_buffer = socket.send_buffer_size().unwrap_or(0) / 2;
+        ask_buffers(&socket, recv_buffer, send_buffer, true);
+        let recv_granted = granted(socket.recv_buffer_size());
+        let send_granted = granted(socket.send_buffer_size());
         let std_socket: std::net::UdpSocket = socket.into();
         members.push(Bound {
             socket: mio::net::UdpSocket::from_std(std_socket),
             local_addr,
-            recv_buffer,
-            send_buffer,
+            recv_buffer: recv_granted,
+            send_buffer: send_granted,
             pktinfo: local_addr.ip().to_canonical().is_unspecified(),
         });
     }

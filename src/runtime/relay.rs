@@ -451,15 +451,21 @@ pub fn bind_claimed(config: &Config) -> Result<(Vec<RelayLoop>, Claim), Error> {
 pub fn on_group(config: &Config, group: socket::Group) -> Result<(Vec<RelayLoop>, Claim), Error> {
     let socket::Group { members, claim } = group;
     if let Some(first) = members.first() {
-        socket::report_buffers(
-            first,
-            config.loop_recv_buffer(),
-            config.send_buffer,
-            config.recv_buffer != crate::config::DEFAULT_SOCKET_BUFFER
-                || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
-        );
+        report_buffers(first, config);
     }
     Ok((build(config, members, None, None, Vec::new())?, claim))
+}
+
+/// Says (once a process) if the kernel granted less buffer than
+/// `config` asks for; a size set other than the default is a warning.
+fn report_buffers(first: &socket::Bound, config: &Config) {
+    socket::report_buffers(
+        first,
+        config.loop_recv_buffer(),
+        config.send_buffer,
+        config.recv_buffer != crate::config::DEFAULT_SOCKET_BUFFER
+            || config.send_buffer != crate::config::DEFAULT_SOCKET_BUFFER,
+    );
 }
 
 /// Takes over from another udphub process (`serve --takeover`): its
@@ -491,7 +497,15 @@ pub fn adopt(
             fds.len()
         )));
     }
-    let socket::Group { members, claim } = socket::adopt_group(config.bind, fds)?;
+    let socket::Group { members, claim } = socket::adopt_group(
+        config.bind,
+        fds,
+        config.loop_recv_buffer(),
+        config.send_buffer,
+    )?;
+    if let Some(first) = members.first() {
+        report_buffers(first, config);
+    }
     let now = Instant::now();
     let mut loops = build(config, members, Some((snapshot, now)), early, warm)?;
     let built = now.elapsed();

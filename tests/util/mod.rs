@@ -458,3 +458,23 @@ pub fn socket_drops(addr: SocketAddr) -> Option<u64> {
         .find(|f| f.get(1) == Some(&local.as_str()))
         .and_then(|f| f.last()?.parse().ok())
 }
+
+/// One of net.core's buffer caps, in bytes.
+pub fn core_sysctl(name: &str) -> usize {
+    let path = format!("/proc/sys/net/core/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Whether this process has CAP_NET_ADMIN (bit 12 of CapEff).
+pub fn has_net_admin() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff in /proc/self/status")
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 12) != 0
+}
