@@ -22,8 +22,10 @@ fn the_probes_answer_while_serving_and_readiness_ends_at_shutdown() {
     for threads in ["1", "2"] {
         let mut relay = spawn_relay(&["--threads", threads]);
         let metrics = relay.metrics.expect("metrics");
-        assert_eq!(wait_status(metrics, "/healthz", 200), "ok: serving\n");
+        // Ready first: `/healthz` says 200 while the loops start too
+        // ("ok: starting"), so asking it first would race the start.
         assert_eq!(wait_status(metrics, "/readyz", 200), "ok: serving\n");
+        assert_eq!(wait_status(metrics, "/healthz", 200), "ok: serving\n");
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(
             relay.metric(&format!("udphub_build_info{{version=\"{version}\"}}")),
