@@ -329,29 +329,43 @@ os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="u
 os.execv(sys.argv[1], sys.argv[1:])
 "#;
 
-/// Two inherited sockets on one address run two loops (`--threads 2`):
-/// clients spread over both, and a message reaches every member
-/// whichever loop it landed on.
-#[test]
-fn two_inherited_sockets_run_two_loops() {
+/// `udphub serve` with `serve`'s flags (and info logs, a ready file)
+/// behind `launcher`, a Python script that sets up the sockets and execs
+/// its arguments: `wrapper` (e.g. setpriv), then udphub. Ready once it
+/// serves.
+fn launched(launcher: &str, wrapper: &[&str], serve: &[&str]) -> RelayProc {
     assert!(require_tool("python3"));
-    let ready = temp_path("two-sockets-ready");
+    let ready = temp_path("launched-ready");
     let mut cmd = Command::new("python3");
     cmd.arg("-c")
-        .arg(TWO_SOCKETS)
+        .arg(launcher)
+        .args(wrapper)
         .arg(udphub_bin())
-        .args(["serve", "--threads", "2", "--metrics", "127.0.0.1:0"])
+        .arg("serve")
+        .args(serve)
         .args(["--log-level", "info", "--ready-file"])
         .arg(&ready)
         .env_remove("RUST_LOG")
         .env_remove("UDPHUB_THREADS");
     let (child, log, addrs) = spawn_until_ready(cmd, &ready);
-    let relay = RelayProc {
+    RelayProc {
         child,
         addr: addrs.udp,
         metrics: addrs.metrics,
         log,
-    };
+    }
+}
+
+/// Two inherited sockets on one address run two loops (`--threads 2`):
+/// clients spread over both, and a message reaches every member
+/// whichever loop it landed on.
+#[test]
+fn two_inherited_sockets_run_two_loops() {
+    let relay = launched(
+        TWO_SOCKETS,
+        &[],
+        &["--threads", "2", "--metrics", "127.0.0.1:0"],
+    );
     relay.expect_log("socket activation: relaying on the sockets the service manager passed");
     relay.expect_log("2 loops on SO_REUSEPORT sockets");
     let clients: Vec<Client> = (0..20).map(|_| Client::joined(&relay)).collect();
@@ -395,7 +409,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 /// asks to grow past the cap: the plain option would shrink it to the cap.
 #[test]
 fn an_inherited_bigger_buffer_is_kept() {
-    assert!(require_tool("python3") && require_tool("setpriv"));
+    assert!(require_tool("setpriv"));
     let no_net_admin = [
         "/usr/bin/setpriv",
         "--inh-caps=-net_admin",
@@ -403,30 +417,8 @@ fn an_inherited_bigger_buffer_is_kept() {
     ];
     let bigger = (16usize << 20).to_string();
     for (wrapper, asked) in [(&[][..], "65536"), (&no_net_admin[..], bigger.as_str())] {
-        let ready = temp_path("big-buffer-ready");
-        let mut cmd = Command::new("python3");
-        cmd.arg("-c")
-            .arg(ONE_BIG_BUFFER)
-            .args(wrapper)
-            .arg(udphub_bin())
-            .args(["serve", "--threads", "1", "--metrics", "off"])
-            .args([
-                "--recv-buffer",
-                asked,
-                "--log-level",
-                "info",
-                "--ready-file",
-            ])
-            .arg(&ready)
-            .env_remove("RUST_LOG")
-            .env_remove("UDPHUB_THREADS");
-        let (child, log, addrs) = spawn_until_ready(cmd, &ready);
-        let relay = RelayProc {
-            child,
-            addr: addrs.udp,
-            metrics: None,
-            log,
-        };
+        let serve = ["--threads", "1", "--metrics", "off", "--recv-buffer", asked];
+        let relay = launched(ONE_BIG_BUFFER, wrapper, &serve);
         let set = relay.expect_log("inherited SO_RCVBUF");
         let set: usize = set.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(set >= 1 << 20, "{set}");

@@ -191,40 +191,31 @@ fn a_full_send_buffer_parks_and_every_member_gets_every_message_in_order() {
     // releases from timers on either CPU, so across two CPUs the kernel
     // itself can swap two datagrams the relay sent in order (seen once in
     // a loaded suite run). The order checked here is the relay's.
+    let on_cpu0 = ["-c", "0", "ip", "netns", "exec", &ns.0];
     let mut cmd = Command::new("taskset");
     // (`taskset` and `ip netns exec` exec the relay: the child's pid is
     // the relay's.)
-    cmd.args([
-        "-c",
-        "0",
-        "ip",
-        "netns",
-        "exec",
-        &ns.0,
-        udphub_bin(),
-        "serve",
-    ])
-    .args(["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-    .args(["--send-buffer", "4096", "--format", "raw", "--ready-file"])
-    .arg(&ready);
+    cmd.args(on_cpu0)
+        .args([udphub_bin(), "serve"])
+        .args(["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .args(["--send-buffer", "4096", "--format", "raw", "--ready-file"])
+        .arg(&ready);
     let (mut relay, log, addrs) = util::spawn_until_ready(cmd, &ready);
     let metrics = addrs.metrics.expect("metrics on").to_string();
     let out = run(
         "taskset",
         &[
-            "-c",
-            "0",
-            "ip",
-            "netns",
-            "exec",
-            &ns.0,
-            "python3",
-            "-c",
-            DRIVER,
-            &addrs.udp.to_string(),
-            &metrics,
-            &relay.id().to_string(),
-        ],
+            &on_cpu0[..],
+            &[
+                "python3",
+                "-c",
+                DRIVER,
+                &addrs.udp.to_string(),
+                &metrics,
+                &relay.id().to_string(),
+            ],
+        ]
+        .concat(),
     );
     let deadline = Instant::now() + PATIENCE;
     let status = loop {
